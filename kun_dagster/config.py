@@ -1,0 +1,278 @@
+"""KunConfig: the typed view of kun.yaml.
+
+Every field has the Kun method's default (reference/KUN_METHOD.md); a bad file fails at load with
+the key and the reason. Environment variables `KUN__section__key=value` override the file (the
+value is parsed as YAML), e.g. `KUN__storage__base_uri=s3://bucket/kun`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+# Instructions that point at context the reader will not have (KUN_METHOD.md, stage 2).
+KUN_INSTRUCTION_KEYWORDS = (
+    "新闻", "材料", "图片", "链接", "网址", "根据", "简历", "简介", "文章", "摘要", "文本", "提取", "关键词", "网站",
+)
+# Outputs that talk about themselves, their sources or their cut-off (stage 5).
+KUN_OUTPUT_KEYWORDS = ("作为", "根据", "知识库", "2023", "抱歉")
+
+CONFIG_ENV = "KUN_CONFIG"
+DEFAULT_CONFIG_NAME = "kun.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the key and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="partition key of the source")
+    uri: str = Field(description="file glob; relative to the config file unless absolute or a URL")
+    format: Literal["jsonl", "json", "parquet", "txt"]
+    text_field: str = "text"
+    id_field: str | None = Field(None, description="None: ids are '<file>:<row>'")
+    title_field: str | None = None
+    compression: Literal["infer", "gzip", "zstd", "none"] = "infer"
+
+
+class StorageConfig(_Section):
+    base_uri: str = Field(".kun/data", description="local folder or s3://bucket/prefix")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec")
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(0.5, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.2, gt=0)
+    max_tokens: int = Field(1024, ge=1)
+    seed: int = 0
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainSettings(_Section):
+    epochs: float = Field(6, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler: str = "linear"
+    weight_decay: float = Field(0.1, ge=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(2048, ge=16)
+    seed: int = 0
+    lora: LoraSettings | None = None
+
+
+class TinyBaseSettings(_Section):
+    """The embedded default's base model: a small Qwen2 trained here on the demo texts."""
+
+    vocab_size: int = Field(4096, ge=300)
+    hidden_size: int = Field(128, ge=32)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    max_position_embeddings: int = Field(2048, ge=128)
+    pretrain_epochs: float = Field(4, ge=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> TinyBaseSettings:
+        if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads < 32:
+            raise ValueError("hidden_size / num_heads must be a whole number >= 32 (vLLM's CPU backend needs head_dim >= 32)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        return self
+
+
+class EngineSettings(_Section):
+    backend: Literal["auto", "transformers"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(16, ge=1)
+
+
+class BaseModelConfig(EngineSettings):
+    path: str | None = Field(None, description="local checkpoint; None builds the tiny demo base")
+    tiny: TinyBaseSettings = TinyBaseSettings()
+
+
+class RoleConfig(EngineSettings):
+    path: str | None = Field(None, description="local checkpoint used as given; None fine-tunes the base on seed_data")
+    train: TrainSettings = TrainSettings()
+
+
+class ModelsConfig(_Section):
+    base: BaseModelConfig = BaseModelConfig()
+    label: RoleConfig = RoleConfig(train=TrainSettings(epochs=6))  # Kun: 6 epochs, lr 1e-5
+    chat: RoleConfig = RoleConfig(train=TrainSettings(epochs=4))  # Kun: 4 epochs, lr 1e-5
+
+
+class SeedConfig(_Section):
+    uri: str = Field(description="COIG-CQIA records as JSONL (instruction, input, output, ...)")
+    drop_multiple_choice: bool = True  # Kun drops seeds whose input holds all of A, B, C, D
+
+
+class FilterConfig(_Section):
+    max_tokens: int = Field(512, ge=1, description="under the label model's tokenizer")
+    perplexity_max: float | None = Field(10.0, gt=1, description="None disables the filter")
+    perplexity_model: Literal["base", "label", "chat"] = "base"
+    dedup: bool = True
+
+
+class LabelConfig(_Section):
+    banned_keywords: list[str] = Field(default_factory=lambda: list(KUN_INSTRUCTION_KEYWORDS))
+    whitespace_run: int = Field(5, ge=2, description="cut an instruction at a run of this many whitespace characters")
+
+
+class ScoreConfig(_Section):
+    method: Literal["kun_choice", "kun_freetext", "humpback_choice"] = "kun_choice"
+    threshold: float | None = Field(
+        None, description="kun_choice: P(【好】) >= threshold (0.5); humpback_choice: expected 1-5 score >= threshold (4.5); kun_freetext: ignored"
+    )
+
+    @model_validator(mode="after")
+    def _threshold(self) -> ScoreConfig:
+        default = {"kun_choice": 0.5, "kun_freetext": 1.0, "humpback_choice": 4.5}[self.method]
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", default)
+        lo, hi = (1.0, 5.0) if self.method == "humpback_choice" else (0.0, 1.0)
+        if not lo <= self.threshold <= hi:
+            raise ValueError(f"threshold {self.threshold} is outside [{lo}, {hi}] for method {self.method}")
+        return self
+
+
+class PolishConfig(_Section):
+    prompt_token_budget: int = Field(512, ge=16)
+    banned_keywords: list[str] = Field(default_factory=lambda: list(KUN_OUTPUT_KEYWORDS))
+    min_output_chars: int = Field(20, ge=0)
+    max_phrase_repeats: int = Field(6, ge=2, description="drop outputs that start with a phrase repeated this often")
+    dedup_outputs: bool = True  # Humpback dedups; Kun does not
+
+
+class DatasetConfig(_Section):
+    task_major: list[str] = Field(default_factory=lambda: ["问答"])
+    answer_from: str = "llm"
+    copyright: str = "Derived from the source corpus; check its licence before redistribution."
+
+
+class KunConfig(_Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    shards: int = Field(4, ge=1, le=4096)
+    storage: StorageConfig = StorageConfig()
+    seed: SeedConfig
+    models: ModelsConfig = ModelsConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    filter: FilterConfig = FilterConfig()
+    label: LabelConfig = LabelConfig()
+    score: ScoreConfig = ScoreConfig()
+    polish: PolishConfig = PolishConfig()
+    dataset: DatasetConfig = DatasetConfig()
+
+    _root: Path = PrivateAttr(default_factory=Path.cwd)
+    _origin: str = PrivateAttr(default="<memory>")
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> KunConfig:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @property
+    def origin(self) -> str:
+        return self._origin
+
+    def resolve(self, uri: str) -> str:
+        """A path in the config, made absolute against the config file's folder (URLs pass through)."""
+        if "://" in uri or Path(uri).is_absolute():
+            return uri
+        return str((self._root / uri).resolve())
+
+    @property
+    def base_uri(self) -> str:
+        return self.resolve(self.storage.base_uri).rstrip("/")
+
+    def source(self, name: str) -> SourceConfig:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(f"no source named {name!r} in {self._origin}; known: {[s.name for s in self.sources]}")
+
+    def shard_keys(self) -> list[str]:
+        return [str(i) for i in range(self.shards)]
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in sorted(env.items()):
+        if not key.startswith("KUN__"):
+            continue
+        parts = [p for p in key[5:].split("__") if p]
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def _describe(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(e["input"], dict) else ""
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], root: Path | str = ".", origin: str = "<memory>", env: dict[str, str] | None = None) -> KunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {origin}: the top level must be a mapping, got {type(data).__name__}")
+    data = _merge(data, _env_overrides(dict(os.environ) if env is None else env))
+    try:
+        cfg = KunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, origin)) from None
+    cfg._root = Path(root).resolve()
+    cfg._origin = origin
+    return cfg
+
+
+def config_path(path: str | os.PathLike | None = None) -> Path:
+    return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME).resolve()
+
+
+def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> KunConfig:
+    """Read kun.yaml (or $KUN_CONFIG); relative paths inside it resolve against its folder."""
+    p = config_path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (pass a path or set ${CONFIG_ENV})")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid config {p}: not valid YAML: {err}") from None
+    return parse_config(data, root=p.parent, origin=str(p), env=env)

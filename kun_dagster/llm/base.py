@@ -1,0 +1,66 @@
+"""The engine protocol (DESIGN.md, "LLM work").
+
+- generate(prompts, params): one completion per prompt, in order.
+- choice_probs(prompts, choices): for each prompt, the normalised probability of each answer
+  string as the prompt's continuation (【好】 vs 【差】, or 1..5): a reply that cannot be parsed
+  does not exist.
+- perplexity(texts): exp of the mean next-token negative log-likelihood of each text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+# Kun cuts generations at these, whatever the model's own EOS is.
+DEFAULT_STOPS = ("<|endoftext|>", "</s>", "<|im_end|>")
+
+
+class EngineError(RuntimeError):
+    """The model or the engine failed; a stage that meets it fails, it publishes nothing."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.5
+    top_p: float = 0.95
+    repetition_penalty: float = 1.2
+    max_tokens: int = 1024
+    seed: int = 0
+    stop: tuple[str, ...] = DEFAULT_STOPS
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@runtime_checkable
+class Engine(Protocol):
+    model_name: str
+    tokenizer: object  # a transformers tokenizer: chat template and token counts
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]: ...
+
+    def choice_probs(self, prompts: list[str], choices: list[str]) -> np.ndarray: ...
+
+    def perplexity(self, texts: list[str]) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class EngineSpec:
+    """What a resource hands to load_engine: the weights and how to run them."""
+
+    path: str
+    model_name: str
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 16
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,238 @@
+"""The Kun stages as plain functions over DataFrames: rows in, (rows kept, rows dropped, stats) out.
+
+No Dagster here: assets/ calls these once per partition. Every dropped row carries a reason code
+(and its doc id), so nothing disappears without a count.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from . import prompts, scoring
+from .config import KunConfig
+from .corpus import QUARANTINE_COLUMNS
+from .llm.base import Engine, EngineError, SamplingParams
+from .text import clean_text, cut_at_whitespace_run, dedup_key, find_keyword, repair_repeated_lines, starts_with_repeated_phrase
+
+# Drop reason codes after ingest.
+EMPTY_AFTER_CLEAN = "empty_after_clean"
+TOO_MANY_TOKENS = "too_many_tokens"
+DUPLICATE_TEXT = "duplicate_text"
+HIGH_PERPLEXITY = "high_perplexity"
+PERPLEXITY_UNDEFINED = "perplexity_undefined"
+EMPTY_GENERATION = "empty_generation"
+BANNED_KEYWORD = "banned_keyword"
+PROMPT_OVER_BUDGET = "prompt_over_budget"
+TOO_SHORT = "too_short"
+REPEATED_PHRASE = "repeated_phrase"
+DUPLICATE_OUTPUT = "duplicate_output"
+
+TRACE_COLUMNS = ["doc_id", "source", "shard", "file", "row"]
+
+
+@dataclass
+class StageResult:
+    rows: pd.DataFrame
+    dropped: pd.DataFrame
+    stats: dict = field(default_factory=dict)
+
+
+def sampling_params(cfg: KunConfig) -> SamplingParams:
+    s = cfg.sampling
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+                          max_tokens=s.max_tokens, seed=s.seed)
+
+
+def _dropped(df: pd.DataFrame, reasons: pd.Series, detail: pd.Series, sample_col: str) -> pd.DataFrame:
+    """Quarantine rows (the ingest columns) for the rows of df whose reason is set."""
+    mask = reasons.notna()
+    out = df.loc[mask, [c for c in TRACE_COLUMNS if c in df]].copy()
+    out["reason"] = reasons[mask]
+    out["detail"] = detail[mask].fillna("")
+    out["sample"] = df.loc[mask, sample_col].astype(str).str.slice(0, 200)
+    return out.reindex(columns=QUARANTINE_COLUMNS)
+
+
+def _summary(values, digits: int = 2) -> dict:
+    arr = np.asarray([v for v in values if v is not None and not np.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return {}
+    q = np.percentile(arr, [0, 50, 90, 100])
+    return {"min": round(q[0], digits), "p50": round(q[1], digits), "p90": round(q[2], digits), "max": round(q[3], digits)}
+
+
+def _stats(n_in: int, result_rows: int, reasons: pd.Series, **extra) -> dict:
+    counts = Counter(r for r in reasons if isinstance(r, str))
+    return {"rows_in": n_in, "rows_out": result_rows, "retention": round(result_rows / n_in, 4) if n_in else None,
+            "dropped": dict(sorted(counts.items())), **extra}
+
+
+def _require_text(gens, what: str, model: str) -> None:
+    if gens and not any(g.text for g in gens):
+        raise EngineError(f"{what}: model {model} returned empty text for all {len(gens)} prompts; nothing is published")
+
+
+# -- filtered_corpus -------------------------------------------------------------------------------
+def filter_corpus(docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg: KunConfig) -> StageResult:
+    """Clean, then drop: empty, over the token limit (label model's tokenizer), exact duplicates,
+    perplexity above the threshold (reference model). Dedup runs before perplexity to save work."""
+    df = docs.copy()
+    df["text"] = df["text"].map(clean_text)
+    reason = pd.Series([None] * len(df), index=df.index, dtype=object)
+    detail = pd.Series([None] * len(df), index=df.index, dtype=object)
+    reason[df["text"].str.len() == 0] = EMPTY_AFTER_CLEAN
+
+    df["n_tokens"] = [prompts.n_tokens(tokenizer, t) for t in df["text"]]
+    over = reason.isna() & (df["n_tokens"] > cfg.filter.max_tokens)
+    reason[over] = TOO_MANY_TOKENS
+    detail[over] = df.loc[over, "n_tokens"].map(lambda n: f"{n} tokens > {cfg.filter.max_tokens}")
+
+    if cfg.filter.dedup:
+        first: dict[str, str] = {}
+        for i in df.index[reason.isna()]:
+            key = dedup_key(df.at[i, "text"])
+            if key in first:
+                reason[i], detail[i] = DUPLICATE_TEXT, f"same text as {first[key]}"
+            else:
+                first[key] = df.at[i, "doc_id"]
+
+    df["perplexity"] = np.nan
+    if cfg.filter.perplexity_max is not None and ppl_engine is not None:
+        alive = df.index[reason.isna()]
+        if len(alive):
+            df.loc[alive, "perplexity"] = ppl_engine.perplexity(df.loc[alive, "text"].tolist())
+        ppl = df.loc[alive, "perplexity"]
+        undefined = alive[ppl.isna().to_numpy()]
+        high = alive[(ppl > cfg.filter.perplexity_max).to_numpy()]
+        reason[undefined] = PERPLEXITY_UNDEFINED
+        reason[high] = HIGH_PERPLEXITY
+        detail[high] = df.loc[high, "perplexity"].map(lambda p: f"perplexity {p:.1f} > {cfg.filter.perplexity_max}")
+
+    kept = df[reason.isna()].reset_index(drop=True)
+    return StageResult(
+        rows=kept,
+        dropped=_dropped(df, reason, detail, "text"),
+        stats=_stats(len(df), len(kept), reason, tokens=_summary(kept["n_tokens"], 0), perplexity=_summary(kept["perplexity"])),
+    )
+
+
+# -- labeled_pairs -----------------------------------------------------------------------------------
+def clean_instruction(text: str, whitespace_run: int) -> str:
+    return repair_repeated_lines(cut_at_whitespace_run(text, whitespace_run)).rstrip()
+
+
+def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
+    """The label model writes the instruction each text answers; instructions that point at
+    context the reader will not have (banned keywords) are dropped."""
+    df = docs.copy()
+    gens = engine.generate([prompts.render(engine.tokenizer, prompts.label_user(t)) for t in df["text"]], sampling_params(cfg))
+    _require_text(gens, "labeled_pairs", engine.model_name)
+    df["instruction"] = [clean_instruction(g.text, cfg.label.whitespace_run) for g in gens]
+    df["label_tokens"] = [g.num_tokens for g in gens]
+    df["label_finish"] = [g.finish_reason for g in gens]
+    reason = pd.Series([None] * len(df), index=df.index, dtype=object)
+    detail = pd.Series([None] * len(df), index=df.index, dtype=object)
+    reason[df["instruction"].str.len() == 0] = EMPTY_GENERATION
+    for i in df.index[reason.isna()]:
+        kw = find_keyword(df.at[i, "instruction"], cfg.label.banned_keywords)
+        if kw:
+            reason[i], detail[i] = BANNED_KEYWORD, f"instruction contains {kw!r}"
+    kept = df[reason.isna()].reset_index(drop=True)
+    return StageResult(
+        rows=kept,
+        dropped=_dropped(df, reason, detail, "instruction"),
+        stats=_stats(len(df), len(kept), reason, instruction_tokens=_summary(kept["label_tokens"], 0),
+                     truncated_at_max_tokens=int((df["label_finish"] == "length").sum())),
+    )
+
+
+# -- scored_pairs ------------------------------------------------------------------------------------
+def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
+    """Every row comes out with its score and keep flag (a new threshold needs no re-scoring)."""
+    df = pairs.copy()
+    method, tok = cfg.score.method, engine.tokenizer
+    df["score_reply"] = None
+    if method == "kun_choice":
+        probs = engine.choice_probs([prompts.render(tok, prompts.point_user(s)) for s in df["instruction"]],
+                                    [prompts.KUN_GOOD, prompts.KUN_BAD])
+        df["score"] = scoring.kun_choice_score(probs) if len(df) else []
+    elif method == "humpback_choice":
+        probs = engine.choice_probs(
+            [prompts.render(tok, prompts.humpback_user(s, t), prompts.HUMPBACK_PREFIX) for s, t in zip(df["instruction"], df["text"])],
+            list(prompts.HUMPBACK_SCORES))
+        df["score"] = scoring.humpback_expected_score(probs) if len(df) else []
+    else:  # kun_freetext: Kun's released behaviour, generate and parse
+        gens = engine.generate([prompts.render(tok, prompts.point_user(s)) for s in df["instruction"]], sampling_params(cfg))
+        _require_text(gens, "scored_pairs", engine.model_name)
+        df["score_reply"] = [g.text for g in gens]
+        df["score"] = [scoring.parse_kun_reply(g.text) for g in gens]
+    df["score"] = df["score"].astype(float)
+    df["keep"] = scoring.keep(df["score"].to_numpy(), cfg.score.threshold) if len(df) else []
+    df["score_method"] = method
+    lo, hi = (1, 5) if method == "humpback_choice" else (0, 1)
+    hist, edges = np.histogram(df["score"].dropna(), bins=10, range=(lo, hi))
+    stats = {"rows_in": len(df), "rows_out": len(df), "kept": int(df["keep"].sum()),
+             "keep_rate": round(float(df["keep"].mean()), 4) if len(df) else None,
+             "parse_failures": int(df["score"].isna().sum()), "threshold": cfg.score.threshold,
+             "histogram": {f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(h) for i, h in enumerate(hist)}}
+    empty = pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    return StageResult(rows=df.reset_index(drop=True), dropped=empty, stats=stats)
+
+
+# -- polished_pairs ----------------------------------------------------------------------------------
+def output_reason(output: str, cfg: KunConfig) -> tuple[str, str] | None:
+    """Kun's output filter: (reason, detail) to drop, or None to keep."""
+    p = cfg.polish
+    if not output:
+        return EMPTY_GENERATION, ""
+    kw = find_keyword(output, p.banned_keywords)
+    if kw:
+        return BANNED_KEYWORD, f"output contains {kw!r}"
+    if len(output) < p.min_output_chars:
+        return TOO_SHORT, f"{len(output)} characters < {p.min_output_chars}"
+    if starts_with_repeated_phrase(output, p.max_phrase_repeats):
+        return REPEATED_PHRASE, f"opens with a phrase repeated {p.max_phrase_repeats}+ times"
+    return None
+
+
+def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
+    """The chat model rewrites each kept text into an answer to its instruction (answer polishment)."""
+    df = scored[scored["keep"].astype(bool)].drop(columns=["keep", "score_reply"], errors="ignore").reset_index(drop=True)
+    reason = pd.Series([None] * len(df), index=df.index, dtype=object)
+    detail = pd.Series([None] * len(df), index=df.index, dtype=object)
+    built = [prompts.answer_prompt(engine.tokenizer, t, s, cfg.polish.prompt_token_budget) for t, s in zip(df["text"], df["instruction"])]
+    for i, b in enumerate(built):
+        if b is None:
+            reason[i], detail[i] = PROMPT_OVER_BUDGET, f"the text alone fills the {cfg.polish.prompt_token_budget}-token budget"
+    todo = [i for i in df.index if reason[i] is None]
+    gens = engine.generate([built[i][0] for i in todo], sampling_params(cfg))
+    _require_text(gens, "polished_pairs", engine.model_name)
+    df["output"], df["instruction_truncated"], df["polish_tokens"], df["polish_finish"] = "", False, 0, ""
+    for i, g in zip(todo, gens):
+        df.at[i, "output"] = repair_repeated_lines(g.text)
+        df.at[i, "instruction_truncated"] = built[i][1]
+        df.at[i, "polish_tokens"] = g.num_tokens
+        df.at[i, "polish_finish"] = g.finish_reason
+        why = output_reason(df.at[i, "output"], cfg)
+        if why:
+            reason[i], detail[i] = why
+    if cfg.polish.dedup_outputs:
+        first: dict[str, str] = {}
+        for i in df.index[reason.isna()]:
+            key = dedup_key(df.at[i, "output"])
+            if key in first:
+                reason[i], detail[i] = DUPLICATE_OUTPUT, f"same output as {first[key]}"
+            else:
+                first[key] = df.at[i, "doc_id"]
+    kept = df[reason.isna()].reset_index(drop=True)
+    return StageResult(
+        rows=kept,
+        dropped=_dropped(df, reason, detail, "output"),
+        stats=_stats(len(df), len(kept), reason, not_kept_by_score=int(len(scored) - len(df)),
+                     output_chars=_summary(kept["output"].str.len(), 0),
+                     truncated_at_max_tokens=int((df["polish_finish"] == "length").sum())),
+    )

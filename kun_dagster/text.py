@@ -1,0 +1,72 @@
+"""Pure text rules of the Kun method: cleaning, keyword filters, repetition rules, dedup keys.
+
+Each rule answers "keep" (None) or a drop reason code, so stages can count reasons and write the
+dropped rows aside (datatrove's filter interface).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+# Control characters other than tab and newline; they survive web scraping and break tokenizers.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """NFC (not NFKC: it would turn full-width Chinese punctuation into ASCII), no control
+    characters, Unix newlines, no trailing spaces, at most one blank line in a row."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+def dedup_key(text: str) -> str:
+    """Exact-duplicate key: the text with all whitespace removed, hashed."""
+    return hashlib.sha1(_SPACES.sub("", text).encode("utf-8")).hexdigest()
+
+
+def find_keyword(text: str, keywords: list[str] | tuple[str, ...]) -> str | None:
+    """The first banned keyword the text contains, or None."""
+    for kw in keywords:
+        if kw and kw in text:
+            return kw
+    return None
+
+
+def cut_at_whitespace_run(text: str, run: int = 5) -> str:
+    """Cut at the first run of `run` or more whitespace characters (Kun: degenerate instructions
+    such as '什么是 \\n \\n   -> 什么是' continue after such a run)."""
+    return re.split(r"\s{%d,}" % run, text, maxsplit=1)[0].rstrip()
+
+
+def repair_repeated_lines(text: str) -> str:
+    """Drop every non-blank line that repeats an earlier line (generation loops)."""
+    seen: set[str] = set()
+    out = []
+    for line in text.split("\n"):
+        key = line.strip()
+        if key and key in seen:
+            continue
+        seen.add(key)
+        out.append(line)
+    return _BLANK_LINES.sub("\n\n", "\n".join(out)).strip()
+
+
+def starts_with_repeated_phrase(text: str, times: int = 6, max_phrase: int = 50) -> bool:
+    """True when the text opens with one phrase said `times` or more times in a row."""
+    pattern = r"^(.{1,%d}?)\1{%d,}" % (max_phrase, times - 1)
+    return re.match(pattern, text.lstrip(), flags=re.DOTALL) is not None
+
+
+def strip_stop_strings(text: str, stops: tuple[str, ...]) -> str:
+    """Cut a generation at the first stop string (Kun cuts at <|endoftext|> and </s>)."""
+    for stop in stops:
+        idx = text.find(stop)
+        if idx >= 0:
+            text = text[:idx]
+    return text.strip()

@@ -1,0 +1,221 @@
+"""Models of the method: the tiny demo base, and the backward (label) and forward (chat) SFT.
+
+SFT runs on transformers' Trainer with the prompt tokens masked out of the labels, so the loss falls
+on the assistant turn only (KUN_METHOD.md); LoRA through peft is an option, merged before saving so
+every engine loads a plain checkpoint. (TRL's SFTTrainer does the same masking but patches in a
+chunked LM head that trains 7x slower on CPU: docs/ARCHITECTURE.md.) Checkpoints are written to a temporary folder and renamed into
+place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .config import TinyBaseSettings, TrainSettings
+from .prompts import label_user
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ChatML as Qwen2 writes it; the tiny base speaks it from the start.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+MODEL_CARD = "kun_model.json"
+
+
+@dataclass
+class TrainReport:
+    path: str
+    examples: int
+    final_loss: float | None
+    seconds: float
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished checkpoint folder into place (never a half-written one)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _staging(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (as Qwen2 uses): no text is ever out of vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def _training_args(out: Path, *, epochs: float, lr: float, batch: int, seed: int, settings: TrainSettings | None = None):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out / "_trainer"), num_train_epochs=epochs, learning_rate=lr,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps if settings else 1,
+        lr_scheduler_type=settings.lr_scheduler if settings else "cosine",
+        weight_decay=settings.weight_decay if settings else 0.0,
+        warmup_steps=0 if settings else 10, seed=seed, data_seed=seed, save_strategy="no", report_to=[],
+        logging_steps=10, disable_tqdm=True, use_cpu=not _cuda(), bf16=_cuda(),
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=None):
+    """Run the Trainer; returns (model ready to save, mean training loss)."""
+    from transformers import Trainer
+
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+    result = trainer.train()
+    model = trainer.model
+    if peft_config is not None:
+        model = model.merge_and_unload()
+    return model, float(result.training_loss) if result.training_loss is not None else None
+
+
+def sft_features(tokenizer, user: str, assistant: str, max_length: int) -> dict:
+    """input_ids of the rendered conversation, labels -100 over the prompt (loss on the reply only)."""
+    messages = [{"role": "user", "content": user}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": assistant}], tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with and without a reply; cannot mask it")
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = (p_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"])[:max_length]
+    return {"input_ids": ids, "labels": [-100] * min(len(p_ids), len(ids)) + ids[len(p_ids):]}
+
+
+def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSettings) -> TrainReport:
+    """The embedded default's base: a tokenizer trained on `texts`, a small Qwen2 config, and a
+    short language-model pre-training on the same texts so that perplexity means something."""
+    import time
+
+    import torch
+    from transformers import DataCollatorForLanguageModeling, Qwen2Config, Qwen2ForCausalLM
+
+    t0 = time.time()
+    final = Path(out_dir)
+    tmp = _staging(final)
+    torch.manual_seed(settings.seed)
+    tokenizer = train_tokenizer(texts, settings.vocab_size)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=settings.hidden_size, intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
+        num_key_value_heads=settings.num_kv_heads, max_position_embeddings=settings.max_position_embeddings,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    loss = None
+    if settings.pretrain_epochs > 0:
+        eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        examples = [{"input_ids": tokenizer(t)["input_ids"][: settings.max_position_embeddings - 1] + [eos]} for t in texts]
+        args = _training_args(tmp, epochs=settings.pretrain_epochs, lr=settings.learning_rate, batch=8, seed=settings.seed)
+        model, loss = _train(model, tokenizer, examples, args, DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+    report = TrainReport(path=str(final), examples=len(texts), final_loss=loss, seconds=round(time.time() - t0, 1))
+    (tmp / MODEL_CARD).write_text(json.dumps({"kind": "tiny_base", **report.__dict__}, ensure_ascii=False, indent=1))
+    _publish_dir(tmp, final)
+    return report
+
+
+# -- seed pairs ----------------------------------------------------------------------------------------
+def is_multiple_choice(record_input: str) -> bool:
+    """Kun drops seed items whose input holds all of A, B, C, D."""
+    return all(ch in (record_input or "") for ch in "ABCD")
+
+
+def _prompt_of(instruction: str, inp: str) -> str:
+    return f"{instruction}\n{inp}" if inp else instruction
+
+
+def label_examples(seeds: pd.DataFrame) -> list[tuple[str, str]]:
+    """Backward pairs: the seed output as the user turn (in the label prompt that inference uses),
+    instruction + input as the assistant turn."""
+    return [(label_user(o), _prompt_of(i, inp)) for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])]
+
+
+def chat_examples(seeds: pd.DataFrame) -> list[tuple[str, str]]:
+    """Forward pairs: instruction + input -> output."""
+    return [(_prompt_of(i, inp), o) for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])]
+
+
+def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[str, str]], settings: TrainSettings, role: str) -> TrainReport:
+    """SFT with the loss on the assistant turn only."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    if not examples:
+        raise ValueError(f"{role}: no training examples")
+    t0 = time.time()
+    final = Path(out_dir)
+    tmp = _staging(final)
+    torch.manual_seed(settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{role}: base model at {base_dir} has no chat template; give it one or use a chat-capable base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if _cuda() else torch.float32)
+    data = [sft_features(tokenizer, u, a, settings.max_length) for u, a in examples]
+    peft_config = None
+    if settings.lora:
+        from peft import LoraConfig
+
+        lo = settings.lora
+        peft_config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules, task_type="CAUSAL_LM")
+    args = _training_args(tmp, epochs=settings.epochs, lr=settings.learning_rate, batch=settings.batch_size,
+                          seed=settings.seed, settings=settings)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    model, loss = _train(model, tokenizer, data, args, collator, peft_config)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+    report = TrainReport(path=str(final), examples=len(examples), final_loss=loss, seconds=round(time.time() - t0, 1))
+    card = {"kind": f"{role}_sft", "base": str(base_dir), "settings": settings.model_dump(), **report.__dict__}
+    (tmp / MODEL_CARD).write_text(json.dumps(card, ensure_ascii=False, indent=1))
+    _publish_dir(tmp, final)
+    return report
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
