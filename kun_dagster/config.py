@@ -45,6 +45,7 @@ class SourceConfig(_Section):
 
 class StorageConfig(_Section):
     base_uri: str = Field(".kun/data", description="local folder or s3://bucket/prefix")
+    models_dir: str | None = Field(None, description="local folder for checkpoints; None: {base_uri}/models")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec")
 
 
@@ -129,7 +130,7 @@ class SeedConfig(_Section):
 class FilterConfig(_Section):
     max_tokens: int = Field(512, ge=1, description="under the label model's tokenizer")
     perplexity_max: float | None = Field(10.0, gt=1, description="None disables the filter")
-    perplexity_model: Literal["base", "label", "chat"] = "base"
+    perplexity_model: Literal["base", "label"] = "base"
     dedup: bool = True
 
 
@@ -206,6 +207,14 @@ class KunConfig(_Section):
     @property
     def base_uri(self) -> str:
         return self.resolve(self.storage.base_uri).rstrip("/")
+
+    @property
+    def models_dir(self) -> str:
+        """Checkpoints live on a local disk: engines memory-map them."""
+        path = self.resolve(self.storage.models_dir) if self.storage.models_dir else f"{self.base_uri}/models"
+        if "://" in path and not path.startswith("file://"):
+            raise ConfigError(f"{self._origin}: storage.models_dir must be a local folder when storage.base_uri is remote ({path})")
+        return path.removeprefix("file://")
 
     def source(self, name: str) -> SourceConfig:
         for s in self.sources:

@@ -30,6 +30,9 @@ PROMPT_OVER_BUDGET = "prompt_over_budget"
 TOO_SHORT = "too_short"
 REPEATED_PHRASE = "repeated_phrase"
 DUPLICATE_OUTPUT = "duplicate_output"
+BROKEN_TEXT = "broken_text"  # U+FFFD: the model emitted bytes that are not UTF-8
+
+REPLACEMENT_CHAR = "\ufffd"
 
 TRACE_COLUMNS = ["doc_id", "source", "shard", "file", "row"]
 
@@ -137,6 +140,7 @@ def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     reason = pd.Series([None] * len(df), index=df.index, dtype=object)
     detail = pd.Series([None] * len(df), index=df.index, dtype=object)
     reason[df["instruction"].str.len() == 0] = EMPTY_GENERATION
+    reason[reason.isna() & df["instruction"].str.contains(REPLACEMENT_CHAR, regex=False)] = BROKEN_TEXT
     for i in df.index[reason.isna()]:
         kw = find_keyword(df.at[i, "instruction"], cfg.label.banned_keywords)
         if kw:
@@ -189,6 +193,8 @@ def output_reason(output: str, cfg: KunConfig) -> tuple[str, str] | None:
     p = cfg.polish
     if not output:
         return EMPTY_GENERATION, ""
+    if REPLACEMENT_CHAR in output:
+        return BROKEN_TEXT, "output holds U+FFFD (bytes that are not UTF-8)"
     kw = find_keyword(output, p.banned_keywords)
     if kw:
         return BANNED_KEYWORD, f"output contains {kw!r}"

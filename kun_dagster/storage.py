@@ -27,10 +27,21 @@ def upath(uri: str, storage_options: Mapping | None = None) -> UPath:
 
 def partition_dir(base: UPath, asset: str, partition: Mapping[str, str]) -> UPath:
     """{base}/{asset}/k1=v1/k2=v2 in the mapping's order (source before shard)."""
-    path = base.joinpath(*asset.split("/"))
+    path = base.joinpath(*asset.split("/")) if asset else base
     for key, value in partition.items():
         path = path / f"{key}={value}"
     return path
+
+
+def partition_of(directory: UPath) -> dict[str, str]:
+    """The hive key=value segments at the end of a partition folder's path."""
+    out: dict[str, str] = {}
+    for part in reversed(directory.parts):
+        if "=" not in part:
+            break
+        key, value = part.split("=", 1)
+        out[key] = value
+    return dict(reversed(out.items()))
 
 
 def to_table(df: pd.DataFrame) -> pa.Table:
@@ -63,9 +74,10 @@ def parquet_bytes(df: pd.DataFrame) -> bytes:
 
 
 def write_partition(directory: UPath, df: pd.DataFrame) -> UPath:
-    """Publish a partition: replaces whatever the folder held, atomically."""
+    """Publish a partition: replaces whatever the folder held, atomically. Partition columns live
+    in the path only (as Hive and pyarrow.dataset expect), so they are dropped from the file."""
     final = directory / PART_NAME
-    write_atomic(final, parquet_bytes(df))
+    write_atomic(final, parquet_bytes(df.drop(columns=[c for c in partition_of(directory) if c in df])))
     for stale in directory.glob("part-*.parquet"):  # parts of an older, larger write
         if stale.name != PART_NAME:
             stale.unlink(missing_ok=True)
@@ -73,7 +85,8 @@ def write_partition(directory: UPath, df: pd.DataFrame) -> UPath:
 
 
 def read_partition(directory: UPath) -> pd.DataFrame:
-    """The published frame of a partition; FileNotFoundError if it was never published."""
+    """The published frame of a partition, its partition columns restored from the path (numbers
+    as int64); FileNotFoundError if it was never published."""
     parts = sorted(p for p in directory.glob("part-*.parquet")) if directory.exists() else []
     if not parts:
         raise FileNotFoundError(f"no published partition at {directory}")
@@ -81,7 +94,11 @@ def read_partition(directory: UPath) -> pd.DataFrame:
     for p in parts:
         with p.open("rb") as f:
             tables.append(pq.read_table(f))
-    return pa.concat_tables(tables, promote_options="default").to_pandas()
+    df = pa.concat_tables(tables, promote_options="default").to_pandas()
+    for i, (key, value) in enumerate(partition_of(directory).items()):
+        df.insert(i, key, pd.Series([int(value) if value.isdigit() else value] * len(df), index=df.index,
+                                    dtype="int64" if value.isdigit() else object))
+    return df
 
 
 def partition_rows(directory: UPath) -> int:

@@ -95,13 +95,14 @@ def _cuda() -> bool:
 
 def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=None):
     """Run the Trainer; returns (model ready to save, mean training loss)."""
-    from transformers import Trainer
+    from transformers import PrinterCallback, Trainer
 
     if peft_config is not None:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+    trainer.remove_callback(PrinterCallback)  # losses go to the log, not to stdout
     result = trainer.train()
     model = trainer.model
     if peft_config is not None:
@@ -219,3 +220,5 @@ def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[st
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+transformers_logging = __import__("transformers").utils.logging
+transformers_logging.disable_progress_bar()

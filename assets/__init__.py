@@ -1,0 +1,1 @@
+"""Dagster assets, one module per dataset version; each builds its assets from the config."""

@@ -1,0 +1,66 @@
+"""What every partitioned asset does around its stage: one frame per partition in and out,
+quarantine published beside the data, per-partition metadata for the UI."""
+
+import dagster as dg
+import pandas as pd
+
+from kun_dagster import storage
+from kun_dagster.stages import StageResult
+
+from .partitions import split_key
+
+GPU_POOL = "gpu"
+SINGLE_RUN = dg.BackfillPolicy.single_run()
+
+def by_partition(context: dg.AssetExecutionContext, value) -> dict[str, pd.DataFrame]:
+    """An upstream input as {partition key: frame}, whether the run covers one partition or many."""
+    keys = context.partition_keys
+    if isinstance(value, dict):
+        return {k: value[k] for k in keys}
+    return {keys[0]: value}
+
+def schema_of(df: pd.DataFrame) -> dg.TableSchema:
+    table = storage.to_table(df)
+    return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in table.schema])
+
+def preview_markdown(df: pd.DataFrame, rows: int = 5, width: int = 60) -> str:
+    """The first rows as a Markdown table, long texts cut, for the asset's page."""
+    head = df.head(rows).map(lambda v: (v[:width] + "…" if len(v) > width else v).replace("\n", " ") if isinstance(v, str) else v)
+    return head.to_markdown(index=False)
+
+def _flat(stats: dict) -> dict:
+    """Stage stats as UI metadata: numbers stay numbers, nested figures become JSON."""
+    out = {}
+    for k, v in stats.items():
+        if isinstance(v, bool) or v is None:
+            out[k] = dg.MetadataValue.text(str(v))
+        elif isinstance(v, (int, float)):
+            out[k] = v
+        else:
+            out[k] = dg.MetadataValue.json(v)
+    return out
+
+def publish_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, result: StageResult) -> pd.DataFrame:
+    """Publish the partition's quarantine, attach its metadata, and return its rows for the IO manager."""
+    source, shard = split_key(key)
+    part = {"source": source, "shard": str(shard)}
+    qdir = storage.partition_dir(kun.base, f"{storage.QUARANTINE}/{asset}", part)
+    storage.write_partition(qdir, result.dropped)
+    for reason, n in result.dropped["reason"].value_counts().items():
+        sample = result.dropped[result.dropped["reason"] == reason].iloc[0]
+        context.log.warning(f"{asset} {source}/{shard}: quarantined {n} row(s) as {reason}, e.g. "
+                            f"file {sample['file']} row {sample['row']}: {sample['detail']}")
+    df = result.rows
+    md = {
+        "dagster/row_count": len(df),
+        "dagster/column_schema": schema_of(df),
+        "path": dg.MetadataValue.path(str(storage.partition_dir(kun.base, asset, part))),
+        "quarantine_path": dg.MetadataValue.path(str(qdir)),
+        "quarantined": len(result.dropped),
+        **_flat(result.stats),
+    }
+    if len(df):
+        md["preview"] = dg.MetadataValue.md(preview_markdown(df))
+    context.add_asset_metadata(md, partition_key=key)
+    context.log.info(f"{asset} {source}/{shard}: {result.stats.get('rows_in')} in, {len(df)} out, {len(result.dropped)} quarantined")
+    return df

@@ -1,0 +1,92 @@
+"""Seed data and the models: the base, the backward label model, the forward chat model.
+
+With no path configured, the base is the tiny demo model built here and the label and chat models
+are fine-tuned from it on seed_data; with paths, the same assets fine-tune that base or register a
+given checkpoint as it is. Each model asset's value is a reference {name, path, ...}.
+"""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from kun_dagster import training
+from kun_dagster.config import KunConfig
+from kun_dagster.corpus import ingest_shard
+from resources import KunResource
+
+from .common import GPU_POOL, preview_markdown
+
+GROUP = "models"
+MODEL_IO = "model_io_manager"  # model assets are JSON references, not frames
+
+def _ref(role: str, path: str, origin: str) -> dict:
+    card = Path(path) / training.MODEL_CARD
+    return {"role": role, "name": f"{Path(path).name}" if origin == "given" else f"kun-{role}", "path": str(Path(path).resolve()),
+            "origin": origin, "card": json.loads(card.read_text()) if card.exists() else {}}
+
+def _given(role: str, path: str) -> dict:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise dg.Failure(f"{role} model path {path} is not a transformers checkpoint (no config.json)")
+    return _ref(role, str(p), "given")
+
+def _corpus_texts(cfg: KunConfig, limit: int) -> list[str]:
+    """Up to `limit` documents from every source, all shards (the tiny base's pre-training text)."""
+    texts: list[str] = []
+    for source in cfg.sources:
+        for shard in range(cfg.shards):
+            docs = ingest_shard(source, cfg.resolve(source.uri), shard, cfg.shards, cfg.storage.storage_options).docs
+            texts += docs["text"].tolist()
+    return texts[:limit]
+
+def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
+    @dg.asset(group_name=GROUP, kinds={"json", "parquet"})
+    def seed_data(context: dg.AssetExecutionContext, kun: KunResource) -> pd.DataFrame:
+        """COIG-CQIA seed records (instruction, input, output, ...); multiple-choice items dropped (Kun)."""
+        c = kun.config
+        uri = c.resolve(c.seed.uri)
+        seeds = pd.read_json(uri, lines=True, dtype=False, storage_options=c.storage.storage_options or None)
+        missing = {"instruction", "output"} - set(seeds.columns)
+        if missing:
+            raise dg.Failure(f"seed file {uri} lacks fields {sorted(missing)}")
+        seeds["input"] = seeds.get("input", pd.Series([""] * len(seeds))).fillna("").astype(str)
+        mc = seeds["input"].map(training.is_multiple_choice) if c.seed.drop_multiple_choice else pd.Series(False, index=seeds.index)
+        kept = seeds[~mc].reset_index(drop=True)
+        context.add_output_metadata({"dagster/row_count": len(kept), "dropped_multiple_choice": int(mc.sum()),
+                                     "source": dg.MetadataValue.path(uri), "preview": dg.MetadataValue.md(preview_markdown(kept[["instruction", "input", "output"]]))})
+        return kept
+
+    @dg.asset(group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO)
+    def base_model(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame) -> dict:
+        """The base model: a configured checkpoint, or the tiny Qwen2 of the embedded default
+        (tokenizer trained on the demo texts, short language-model pre-training)."""
+        c = kun.config
+        if c.models.base.path:
+            return _given("base", c.resolve(c.models.base.path))
+        texts = _corpus_texts(c, 20000) + seed_data["instruction"].tolist() + seed_data["output"].tolist()
+        report = training.build_tiny_base(texts, Path(c.models_dir) / "base", c.models.base.tiny)
+        context.add_output_metadata({"pretrain_texts": report.examples, "final_loss": report.final_loss or 0.0, "seconds": report.seconds})
+        return _ref("base", report.path, "tiny")
+
+    def _role_asset(role: str, examples, doc: str):
+        @dg.asset(name=f"{role}_model", group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO, description=doc)
+        def _asset(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dict:
+            c = kun.config
+            rc = getattr(c.models, role)
+            if rc.path:
+                return _given(role, c.resolve(rc.path))
+            report = training.fine_tune(base_model["path"], Path(c.models_dir) / role, examples(seed_data), rc.train, role)
+            context.add_output_metadata({"examples": report.examples, "final_loss": report.final_loss or 0.0,
+                                         "seconds": report.seconds, "base": base_model["name"]})
+            return _ref(role, report.path, "trained")
+
+        return _asset
+
+    label_model = _role_asset("label", training.label_examples,
+                              "Backward model p(instruction | text): the base fine-tuned on seeds with the output as the "
+                              "user turn and instruction + input as the reply (loss on the reply only); or a given checkpoint.")
+    chat_model = _role_asset("chat", training.chat_examples,
+                             "Forward chat model (instruction -> output on the seeds): scores instructions and polishes answers; or a given checkpoint.")
+    return [seed_data, base_model, label_model, chat_model]

@@ -1,0 +1,28 @@
+"""Partitions: source corpus x shard.
+
+Dagster orders a MultiPartitionsDefinition's dimensions by name and lists its keys with the first
+dimension outermost; a single-run backfill launches one run per contiguous key range. The shard
+dimension is named `source_shard` so that it sorts after `source`: all shards of one source are
+then one contiguous range, and a one-source backfill is one run that loads each model once.
+Storage still names the column `shard` (source=.../shard=...).
+"""
+
+import dagster as dg
+
+from kun_dagster.config import KunConfig
+
+SOURCE, SHARD = "source", "source_shard"
+
+def corpus_partitions(cfg: KunConfig) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition({
+        SOURCE: dg.StaticPartitionsDefinition([s.name for s in cfg.sources]),
+        SHARD: dg.StaticPartitionsDefinition(cfg.shard_keys()),
+    })
+
+def source_partitions(cfg: KunConfig) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition([s.name for s in cfg.sources])
+
+def split_key(key: str | dg.MultiPartitionKey) -> tuple[str, int]:
+    """(source, shard) of a corpus partition key."""
+    dims = key.keys_by_dimension if isinstance(key, dg.MultiPartitionKey) else dict(zip(sorted([SOURCE, SHARD]), key.split("|")))
+    return dims[SOURCE], int(dims[SHARD])

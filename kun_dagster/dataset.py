@@ -1,0 +1,103 @@
+"""The final dataset: COIG-CQIA records with provenance, the stage funnel, the dataset card."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pandas as pd
+import yaml
+from upath import UPath
+
+from . import storage
+from .config import KunConfig
+
+COIG_COLUMNS = ["instruction", "input", "output", "task_type", "domain", "answer_from", "human_verified", "copyright"]
+PROVENANCE_COLUMNS = ["source", "doc_id", "file", "row", "score", "score_method", "label_model", "chat_model"]
+# The partitioned stages, in order, as (asset, what its rows are).
+STAGES = [
+    ("raw_corpus", "documents read"),
+    ("filtered_corpus", "after cleaning, 512-token, perplexity and dedup filters"),
+    ("labeled_pairs", "instructions written, keyword filter passed"),
+    ("scored_pairs", "instructions scored (all rows kept with their score)"),
+    ("polished_pairs", "kept by score, polished, output filters passed"),
+]
+
+
+def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model: str) -> pd.DataFrame:
+    """COIG-CQIA records (instruction, input, output, task_type, domain, ...) plus provenance."""
+    d = cfg.dataset
+    out = pd.DataFrame({
+        "instruction": polished["instruction"].astype(str),
+        "input": "",
+        "output": polished["output"].astype(str),
+        "task_type": [{"major": list(d.task_major), "minor": [f"kun:{s}"]} for s in polished["source"]],
+        "domain": [["通用"]] * len(polished),
+        "answer_from": d.answer_from,
+        "human_verified": False,
+        "copyright": d.copyright,
+        "source": polished["source"].astype(str),
+        "doc_id": polished["doc_id"].astype(str),
+        "file": polished["file"].astype(str),
+        "row": polished["row"].astype("int64"),
+        "score": polished["score"].astype(float),
+        "score_method": polished["score_method"].astype(str),
+        "label_model": label_model,
+        "chat_model": chat_model,
+    })
+    return out.sort_values(["source", "doc_id"]).reset_index(drop=True)
+
+
+def funnel(base: UPath, source: str, shards: list[str]) -> dict:
+    """Rows per stage and quarantine reasons for one source, read from what is published."""
+    rows, quarantined = {}, {}
+    for asset, _ in STAGES:
+        rows[asset] = 0
+        reasons: Counter = Counter()
+        for shard in shards:
+            part = {"source": source, "shard": shard}
+            rows[asset] += storage.partition_rows(storage.partition_dir(base, asset, part))
+            qdir = storage.partition_dir(base, f"{storage.QUARANTINE}/{asset}", part)
+            if storage.partition_rows(qdir):
+                reasons.update(storage.read_partition(qdir)["reason"])
+        quarantined[asset] = dict(sorted(reasons.items()))
+    kept = 0
+    for shard in shards:
+        d = storage.partition_dir(base, "scored_pairs", {"source": source, "shard": shard})
+        if storage.partition_rows(d):
+            kept += int(storage.read_partition(d)["keep"].sum())
+    return {"rows": rows, "kept_by_score": kept, "quarantined": quarantined}
+
+
+def card(source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: str, chat_model: str) -> str:
+    """A dataset card (Markdown with YAML front matter, as HF datasets expect)."""
+    lines = [
+        "---", f"pretty_name: kun-{source}", "language: [zh]", "task_categories: [text-generation]",
+        f"size_categories: ['n<1K' ]" if n_records < 1000 else "size_categories: ['1K<n<1M']", "---", "",
+        f"# Kun instruction data from `{source}`", "",
+        f"{n_records} instruction/answer records in COIG-CQIA's schema, made from unlabeled `{source}` text by the "
+        "Kun method: a label model writes the instruction each text answers, the chat model scores the instruction "
+        "alone and rewrites the text into an answer (answer polishment). Every record names its source document "
+        "(`source`, `doc_id`, `file`, `row`), its score and the models that made it.", "",
+        f"- label model: `{label_model}`", f"- chat model: `{chat_model}`", f"- score: `{cfg.score.method}`, threshold {cfg.score.threshold}", "",
+        "## Funnel", "", "| stage | rows | dropped (reason: count) |", "|---|---:|---|",
+    ]
+    for asset, what in STAGES:
+        q = ", ".join(f"{k}: {v}" for k, v in fun["quarantined"].get(asset, {}).items()) or "-"
+        lines.append(f"| {asset} ({what}) | {fun['rows'][asset]} | {q} |")
+    lines += [f"| kept by score | {fun['kept_by_score']} | |", f"| **instruction_dataset** | **{n_records}** | |", "",
+              "## Config used", "", "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def release_dir(base: UPath, source: str) -> UPath:
+    return base / "release" / source
+
+
+def publish_release(base: UPath, source: str, recs: pd.DataFrame, card_md: str) -> UPath:
+    """{base}/release/{source}/train.jsonl and README.md (the Parquet copy is the asset's partition)."""
+    out = release_dir(base, source)
+    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs.to_dict(orient="records"))
+    storage.write_atomic(out / "train.jsonl", jsonl.encode("utf-8"))
+    storage.write_atomic(out / "README.md", card_md.encode("utf-8"))
+    return out

@@ -1,0 +1,34 @@
+"""The composition root: dg.Definitions built from the config ($KUN_CONFIG or ./kun.yaml)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import dagster as dg
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+
+from assets import corpus, dataset, models, pairs
+from resources import KunResource, LLMResource, ModelRefIOManager, ParquetIOManager
+
+from .config import config_path, load_config
+
+
+def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
+    cfg_file = config_path(path)
+    cfg = load_config(cfg_file)
+    store = dict(base_uri=cfg.base_uri, storage_options=cfg.storage.storage_options)
+    m = cfg.models
+    llm = {f"{role}_llm": LLMResource(role=role, backend=rc.backend, device=rc.device, dtype=rc.dtype, batch_size=rc.batch_size)
+           for role, rc in (("base", m.base), ("label", m.label), ("chat", m.chat))}
+    all_assets = models.build(cfg) + corpus.build(cfg) + pairs.build(cfg) + dataset.build(cfg)
+    return dg.Definitions(
+        assets=all_assets,
+        resources={"kun": KunResource(config_path=str(cfg_file)), "io_manager": ParquetIOManager(**store),
+                   models.MODEL_IO: ModelRefIOManager(**store), **llm},
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,79 @@
+"""IO managers on Dagster's UPathIOManager: hive-partitioned Parquet, and JSON model references.
+
+Partitions land at {base}/{asset}/source={s}/shard={k}/part-0.parquet and are published
+atomically (kun_dagster.storage). A single-run backfill hands the manager one frame per partition
+in a dict keyed by partition key; each is published on its own.
+"""
+
+import json
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+from upath import UPath
+
+from kun_dagster import storage
+
+# Dagster dimension name -> column name in storage (see assets/partitions.py for why they differ).
+HIVE_NAMES = {"source": "source", "source_shard": "shard"}
+
+def hive_partition(partitions_def: dg.PartitionsDefinition | None, partition: str) -> dict[str, str]:
+    """A slash-formatted partition (dimensions in name order, as UPathIOManager formats them) as
+    {hive column: value} in storage order."""
+    if isinstance(partitions_def, dg.MultiPartitionsDefinition):
+        values = dict(zip(sorted(partitions_def.partition_dimension_names), partition.split("/")))
+        return {HIVE_NAMES.get(k, k): values[k] for k in HIVE_NAMES if k in values}
+    return {"source": partition}
+
+class _ParquetUPathIOManager(dg.UPathIOManager):
+    extension = ""  # a partition is a folder of part files
+
+    def get_path_for_partition(self, context, path: UPath, partition: str) -> UPath:
+        return storage.partition_dir(path, "", hive_partition(context.asset_partitions_def, partition))
+
+    def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
+        storage.write_partition(path, obj)
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
+        return storage.read_partition(path)
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        if not context.has_asset_partitions:
+            return super().handle_output(context, obj)
+        paths = self._get_paths_for_partitions(context)
+        frames = obj if isinstance(obj, dict) else {next(iter(paths)): obj}
+        missing = sorted(set(paths) - set(frames))
+        if missing:
+            raise dg.Failure(f"{context.asset_key.to_user_string()}: no output for partitions {missing}")
+        for key, path in paths.items():
+            self.dump_to_path(context, frames[key], path)
+
+class ParquetIOManager(dg.ConfigurableIOManagerFactory):
+    """Parquet datasets under one base URI (a local folder or s3://bucket/prefix)."""
+
+    base_uri: str
+    storage_options: dict = {}
+
+    def create_io_manager(self, context) -> _ParquetUPathIOManager:
+        return _ParquetUPathIOManager(base_path=storage.upath(self.base_uri, self.storage_options))
+
+class _JsonUPathIOManager(dg.UPathIOManager):
+    extension = ".json"
+
+    def dump_to_path(self, context, obj: dict, path: UPath) -> None:
+        storage.write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8"))
+
+    def load_from_path(self, context, path: UPath) -> dict:
+        with path.open("r", encoding="utf-8") as f:
+            return json.load(f)
+
+class ModelRefIOManager(dg.ConfigurableIOManagerFactory):
+    """Model assets are references (name, local path, provenance); the weights stay where they are."""
+
+    base_uri: str
+    storage_options: dict = {}
+
+    def create_io_manager(self, context) -> _JsonUPathIOManager:
+        return _JsonUPathIOManager(base_path=storage.upath(self.base_uri, self.storage_options) / "models" / "refs")

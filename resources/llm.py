@@ -1,0 +1,37 @@
+"""The LLM engine of one model role (base, label, chat), loaded once per process.
+
+GPU assets run all their partitions in one step (single-run backfill), so one backfill loads each
+model once; the engine is closed when the step ends.
+"""
+
+from typing import Literal
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from kun_dagster.llm import Engine, load_engine
+from kun_dagster.llm.base import EngineSpec
+
+class LLMResource(dg.ConfigurableResource):
+    role: Literal["base", "label", "chat"]
+    backend: Literal["auto", "transformers"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = 16
+
+    _engines: dict = PrivateAttr(default_factory=dict)
+
+    def engine(self, model: dict) -> Engine:
+        """The engine for a model reference (the value of base_model, label_model or chat_model)."""
+        path = model["path"]
+        if path not in self._engines:
+            spec = EngineSpec(path=path, model_name=model["name"], backend=self.backend, device=self.device,
+                              dtype=self.dtype, batch_size=self.batch_size)
+            dg.get_dagster_logger().info(f"loading {self.role} model {model['name']} from {path} ({self.backend})")
+            self._engines[path] = load_engine(spec)
+        return self._engines[path]
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
