@@ -88,8 +88,19 @@ def _sample(raw: bytes | str | object, limit: int = 200) -> str:
 Record = tuple[int, dict | None, str | None, str, object]
 
 
+def _lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a binary stream read in chunks (some decompressors have no readline)."""
+    buf = b""
+    while data := f.read(chunk):
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        yield from lines
+    if buf:
+        yield buf
+
+
 def _read_jsonl(f) -> Iterator[Record]:
-    for row, line in enumerate(f, start=1):
+    for row, line in enumerate(_lines(f), start=1):
         if not line.strip():
             continue
         try:

@@ -1,0 +1,79 @@
+"""Shared fixtures: a test config over the demo corpora, and the tiny models built once per session."""
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", module="dagster")
+
+
+def write_config(tmp: Path, **overrides) -> Path:
+    """The repo's kun.yaml with absolute demo paths, local storage under tmp, and quick settings."""
+    cfg = yaml.safe_load((REPO / "kun.yaml").read_text())
+    for s in cfg["sources"]:
+        s["uri"] = str(REPO / s["uri"])
+    cfg["seed"]["uri"] = str(REPO / cfg["seed"]["uri"])
+    cfg["storage"] = {"base_uri": str(tmp / "data")}
+    cfg["models"]["base"]["tiny"]["pretrain_epochs"] = 4
+    cfg["models"]["label"]["train"]["epochs"] = 4
+    cfg["models"]["chat"]["train"]["epochs"] = 4
+    cfg["sampling"]["max_tokens"] = 48
+    for key, value in overrides.items():
+        node = cfg
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp / "kun.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path
+
+
+@pytest.fixture(scope="session")
+def planted() -> list[dict]:
+    return json.loads((REPO / "demo" / "planted.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def session_cfg_file(tmp_path_factory) -> Path:
+    return write_config(tmp_path_factory.mktemp("kun"))
+
+
+@pytest.fixture(scope="session")
+def models_run(session_cfg_file):
+    """seed_data, base_model, label_model and chat_model materialized once through Dagster."""
+    import dagster as dg
+
+    from kun_dagster.definitions import build_definitions
+
+    defs = build_definitions(session_cfg_file)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(list(defs.assets), selection=["seed_data", "base_model", "label_model", "chat_model"],
+                            resources=defs.resources, instance=instance)
+    assert result.success
+    refs = {k: result.output_for_node(k) for k in ("base_model", "label_model", "chat_model")}
+    return {"defs": defs, "instance": instance, "refs": refs, "cfg_file": session_cfg_file}
+
+
+@pytest.fixture(scope="session")
+def label_engine(models_run):
+    from kun_dagster.llm import load_engine
+    from kun_dagster.llm.base import EngineSpec
+
+    ref = models_run["refs"]["label_model"]
+    return load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], batch_size=8))
+
+
+@pytest.fixture(scope="session")
+def base_engine(models_run):
+    from kun_dagster.llm import load_engine
+    from kun_dagster.llm.base import EngineSpec
+
+    ref = models_run["refs"]["base_model"]
+    return load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], batch_size=8))

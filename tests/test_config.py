@@ -1,0 +1,71 @@
+import pytest
+import yaml
+
+from kun_dagster.config import KUN_INSTRUCTION_KEYWORDS, ConfigError, load_config, parse_config
+
+from .conftest import REPO
+
+MINIMAL = {"sources": [{"name": "web", "uri": "data/*.jsonl", "format": "jsonl"}], "seed": {"uri": "seed.jsonl"}}
+
+
+def test_repo_config_loads_with_kun_defaults():
+    cfg = load_config(REPO / "kun.yaml", env={})
+    assert [s.name for s in cfg.sources] == ["wudao", "wanjuan", "skypile"]
+    assert cfg.sampling.temperature == 0.5 and cfg.sampling.top_p == 0.95 and cfg.sampling.repetition_penalty == 1.2
+    assert cfg.filter.max_tokens == 512 and cfg.polish.prompt_token_budget == 512 and cfg.polish.min_output_chars == 20
+    assert tuple(cfg.label.banned_keywords) == KUN_INSTRUCTION_KEYWORDS
+    assert cfg.resolve("demo/seed") == str(REPO / "demo" / "seed")
+    assert cfg.models_dir == f"{REPO}/.kun/data/models"
+
+
+def test_defaults_are_kuns():
+    cfg = parse_config(MINIMAL, env={})
+    assert cfg.sampling.max_tokens == 1024
+    assert cfg.filter.perplexity_max == 10.0
+    assert cfg.models.label.train.epochs == 6 and cfg.models.chat.train.epochs == 4
+    assert cfg.models.label.train.learning_rate == 1e-5
+    assert cfg.polish.banned_keywords == ["作为", "根据", "知识库", "2023", "抱歉"]
+    assert cfg.score.method == "kun_choice" and cfg.score.threshold == 0.5
+    assert parse_config({**MINIMAL, "score": {"method": "humpback_choice"}}, env={}).score.threshold == 4.5
+
+
+@pytest.mark.parametrize("patch, key, words", [
+    ({"sources": [{"name": "web", "uri": "x", "format": "csv"}]}, "sources.0.format", "'csv'"),
+    ({"sources": [{"name": "Web!", "uri": "x", "format": "jsonl"}]}, "sources.0.name", "pattern"),
+    ({"shards": 0}, "shards", "greater than or equal to 1"),
+    ({"sampling": {"top_p": 1.5}}, "sampling.top_p", "less than or equal to 1"),
+    ({"filter": {"max_tokens": 512, "max_token": 3}}, "filter.max_token", "unknown key"),
+    ({"score": {"method": "kun_choice", "threshold": 3}}, "score", "outside [0.0, 1.0]"),
+    ({"models": {"base": {"tiny": {"hidden_size": 64, "num_heads": 4}}}}, "models.base.tiny", "head_dim >= 32"),
+    ({"sources": MINIMAL["sources"] * 2}, "(top level)", "repeated: web"),
+])
+def test_bad_config_names_key_and_reason(patch, key, words):
+    with pytest.raises(ConfigError) as err:
+        parse_config({**MINIMAL, **patch}, origin="kun.yaml", env={})
+    msg = str(err.value)
+    assert "invalid config kun.yaml" in msg and f"  {key}:" in msg and words in msg, msg
+
+
+def test_missing_required_key(tmp_path):
+    (tmp_path / "kun.yaml").write_text(yaml.safe_dump({"sources": MINIMAL["sources"]}))
+    with pytest.raises(ConfigError, match=r"seed: Field required"):
+        load_config(tmp_path / "kun.yaml", env={})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml", env={})
+    (tmp_path / "bad.yaml").write_text("sources: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml", env={})
+
+
+def test_env_overrides_and_relative_paths(tmp_path):
+    (tmp_path / "kun.yaml").write_text(yaml.safe_dump(MINIMAL))
+    cfg = load_config(tmp_path / "kun.yaml", env={"KUN__shards": "64", "KUN__storage__base_uri": "s3://bucket/kun",
+                                                    "KUN__storage__models_dir": "/models"})
+    assert cfg.shards == 64 and cfg.base_uri == "s3://bucket/kun" and cfg.models_dir == "/models"
+    assert cfg.resolve(cfg.sources[0].uri) == str(tmp_path / "data" / "*.jsonl")
+    remote = load_config(tmp_path / "kun.yaml", env={"KUN__storage__base_uri": "s3://bucket/kun"})
+    with pytest.raises(ConfigError, match="models_dir must be a local folder"):
+        remote.models_dir

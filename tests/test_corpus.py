@@ -1,0 +1,105 @@
+import gzip
+import json
+
+import pandas as pd
+import pytest
+import zstandard
+
+from kun_dagster.config import SourceConfig, load_config
+from kun_dagster.corpus import CorpusError, ingest_shard, list_files, shard_of
+
+from .conftest import REPO
+
+
+def _src(fmt, **kw):
+    return SourceConfig(name="t", uri="unused", format=fmt, **kw)
+
+
+def _all(source, uri):
+    return ingest_shard(source, uri, 0, 1)
+
+
+def test_jsonl_quarantines_each_bad_row_and_keeps_the_rest(tmp_path):
+    lines = [
+        json.dumps({"id": "a", "text": "第一段正文。"}, ensure_ascii=False).encode(),
+        b'{"id": "b", "text": "broken',
+        b'{"id": "c", "text": "' + "编码".encode("gbk") + b'"}',
+        json.dumps({"id": "d", "text": "  "}).encode(),
+        json.dumps({"id": "e"}).encode(),
+        json.dumps({"text": "无编号"}, ensure_ascii=False).encode(),
+        json.dumps({"id": "a", "text": "重复编号"}, ensure_ascii=False).encode(),
+        b"[1, 2]",
+        b"",
+        json.dumps({"id": "f", "text": "最后一段。"}, ensure_ascii=False).encode(),
+    ]
+    (tmp_path / "x.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    got = _all(_src("jsonl", id_field="id"), str(tmp_path / "*.jsonl"))
+    assert got.docs["doc_id"].tolist() == ["a", "f"]
+    assert got.docs["row"].tolist() == [1, 10]
+    q = got.quarantine.set_index("row")
+    assert q["reason"].to_dict() == {2: "invalid_json", 3: "invalid_utf8", 4: "empty_text", 5: "missing_text",
+                                     6: "missing_id", 7: "duplicate_id", 8: "not_an_object"}
+    assert set(q["file"]) == {"x.jsonl"}
+    assert "can't decode" in q.loc[3, "detail"] and "broken" in q.loc[2, "sample"]
+
+
+def test_json_array_gzip_and_ids_default_to_file_and_row(tmp_path):
+    recs = [{"content": "甲文。", "title": "甲"}, {"content": "乙文。", "title": "乙"}]
+    with gzip.open(tmp_path / "w.json.gz", "wt", encoding="utf-8") as f:
+        json.dump(recs, f, ensure_ascii=False)
+    got = _all(_src("json", text_field="content", title_field="title"), str(tmp_path / "*.json.gz"))
+    assert got.docs[["doc_id", "title", "text"]].values.tolist() == [["w.json.gz:1", "甲", "甲文。"], ["w.json.gz:2", "乙", "乙文。"]]
+
+
+def test_whole_file_json_error_is_one_quarantine_row(tmp_path):
+    (tmp_path / "bad.json").write_text('[{"content": "x"},', encoding="utf-8")
+    (tmp_path / "good.json").write_text('{"data": [{"content": "好"}]}', encoding="utf-8")
+    got = _all(_src("json", text_field="content"), str(tmp_path / "*.json"))
+    assert got.docs["text"].tolist() == ["好"]
+    assert got.quarantine[["file", "row", "reason"]].values.tolist() == [["bad.json", 0, "invalid_json"]]
+
+
+def test_txt_paragraphs_parquet_and_zstd(tmp_path):
+    (tmp_path / "a.txt").write_bytes("第一段。\n\n第二段。\n  \n".encode() + b"\xff\xfe\n\n" + "第三段。".encode())
+    got = _all(_src("txt"), str(tmp_path / "*.txt"))
+    assert got.docs["text"].tolist() == ["第一段。", "第二段。", "第三段。"]
+    assert got.docs["row"].tolist() == [1, 2, 4]
+    assert got.quarantine["reason"].tolist() == ["invalid_utf8"]
+    pd.DataFrame({"text": ["一", "二"], "uid": [7, 8]}).to_parquet(tmp_path / "p.parquet")
+    got = _all(_src("parquet", id_field="uid"), str(tmp_path / "*.parquet"))
+    assert got.docs["doc_id"].tolist() == ["7", "8"]
+    (tmp_path / "z.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress('{"text": "压缩"}\n'.encode()))
+    assert _all(_src("jsonl"), str(tmp_path / "*.jsonl.zst")).docs["text"].tolist() == ["压缩"]
+
+
+def test_shards_are_stable_and_partition_the_files(tmp_path):
+    for i in range(20):
+        (tmp_path / f"f{i:02d}.jsonl").write_text(json.dumps({"text": f"文{i}"}, ensure_ascii=False))
+    src, uri = _src("jsonl"), str(tmp_path / "*.jsonl")
+    by_shard = [set(ingest_shard(src, uri, k, 4).files) for k in range(4)]
+    assert set().union(*by_shard) == {f"f{i:02d}.jsonl" for i in range(20)}
+    assert sum(len(s) for s in by_shard) == 20 and all(by_shard)
+    (tmp_path / "new.jsonl").write_text('{"text": "新"}')  # adding a file never moves old ones
+    assert all(by_shard[k] <= set(ingest_shard(src, uri, k, 4).files) for k in range(4))
+    assert shard_of("a/b.jsonl", 7) == shard_of("a/b.jsonl", 7)
+    # relative to the glob root: the same corpus elsewhere keeps its shards
+    _, files = list_files(str(tmp_path / "*.jsonl"))
+    assert {rel for _, rel in files} >= {"f00.jsonl", "new.jsonl"}
+
+
+def test_no_matching_file_is_an_error_naming_the_glob(tmp_path):
+    with pytest.raises(CorpusError, match=r"source t: no file matches .*nothing-\*\.jsonl"):
+        _all(_src("jsonl"), str(tmp_path / "nothing-*.jsonl"))
+
+
+def test_demo_corpora_ingest_quarantines_exactly_the_planted_rows(planted):
+    cfg = load_config(REPO / "kun.yaml", env={})
+    rows, bad = 0, []
+    for s in cfg.sources:
+        for shard in range(cfg.shards):
+            got = ingest_shard(s, cfg.resolve(s.uri), shard, cfg.shards)
+            rows += len(got.docs)
+            bad += [(s.name, r.file, r.row, r.reason) for r in got.quarantine.itertuples()]
+    expected = sorted((p["source"], p["file"], p["row"], p["reason"]) for p in planted if p["stage"] == "raw_corpus")
+    assert sorted(bad) == expected
+    assert rows >= 150
