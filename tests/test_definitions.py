@@ -1,0 +1,61 @@
+"""The Dagster definitions: they load in `dagster`, and they are shaped for GPU backfills."""
+
+import os
+import subprocess
+import sys
+
+import dagster as dg
+import pytest
+
+from kun_dagster.definitions import build_definitions
+
+from .conftest import REPO, write_config
+
+GPU_ASSETS = ["base_model", "label_model", "chat_model", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]
+
+
+@pytest.fixture(scope="module")
+def defs(tmp_path_factory):
+    return build_definitions(write_config(tmp_path_factory.mktemp("defs"), shards=4))
+
+
+def test_dagster_definitions_validate_loads_the_workspace(tmp_path):
+    env = {**os.environ, "KUN_CONFIG": str(write_config(tmp_path)), "DAGSTER_HOME": str(tmp_path)}
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Validation successful" in out.stdout + out.stderr
+
+
+def test_a_one_source_backfill_is_one_run(defs):
+    pdef = defs.resolve_asset_graph().get(dg.AssetKey("labeled_pairs")).partitions_def
+    keys = [k for k in pdef.get_partition_keys() if k.keys_by_dimension["source"] == "wanjuan"]
+    assert len(keys) == 4
+    ranges = pdef.subset_with_partition_keys(keys).get_partition_key_ranges(pdef)
+    assert len(ranges) == 1  # contiguous: a single-run backfill launches one run for it
+
+
+def test_gpu_assets_share_the_pool_and_run_backfills_in_one_run(defs):
+    graph = defs.resolve_asset_graph()
+    for name in GPU_ASSETS:
+        node = graph.get(dg.AssetKey(name))
+        assert node.pools == {"gpu"}, name
+        if node.partitions_def is not None:
+            assert node.backfill_policy == dg.BackfillPolicy.single_run(), name
+    assert graph.get(dg.AssetKey("raw_corpus")).pools in (set(), None, frozenset())
+
+
+def test_asset_graph_shape(defs):
+    graph = defs.resolve_asset_graph()
+    parents = {k.to_user_string(): sorted(p.to_user_string() for p in graph.get(k).parent_keys) for k in graph.get_all_asset_keys()}
+    assert parents["labeled_pairs"] == ["filtered_corpus", "label_model"]
+    assert parents["scored_pairs"] == ["chat_model", "labeled_pairs"]
+    assert parents["instruction_dataset"] == ["chat_model", "label_model", "polished_pairs"]
+    assert parents["label_model"] == ["base_model", "seed_data"]
+
+
+def test_cli_validate_reports_bad_config(tmp_path):
+    bad = tmp_path / "kun.yaml"
+    bad.write_text("sources: [{name: web, uri: x, format: csv}]\nseed: {uri: s}\n")
+    out = subprocess.run([sys.executable, "-m", "kun_dagster.cli", "validate", "--config", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and "sources.0.format" in out.stderr

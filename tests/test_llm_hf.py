@@ -1,0 +1,57 @@
+"""The transformers engine on the tiny model built by the session (the reference engine)."""
+
+import numpy as np
+import pytest
+import torch
+
+from kun_dagster import prompts
+from kun_dagster.llm import EngineError, SamplingParams, load_engine
+from kun_dagster.llm.base import EngineSpec
+
+pytestmark = pytest.mark.slow
+
+
+def test_choice_probs_are_normalised_continuation_probabilities(label_engine):
+    eng = label_engine
+    ps = [prompts.render(eng.tokenizer, prompts.point_user(s)) for s in ("什么是复利？", "你认识黄丰吗？")]
+    probs = eng.choice_probs(ps, ["【好】", "【差】"])
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1.0)
+    # the same figure by hand: sum of the answer tokens' log-probs after the prompt
+    tok, model = eng.tokenizer, eng.model
+    lps = []
+    for choice in ("【好】", "【差】"):
+        p_ids = tok(ps[0], add_special_tokens=False)["input_ids"]
+        c_ids = tok(choice, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = model(torch.tensor([p_ids + c_ids])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        lps.append(sum(logp[len(p_ids) - 1 + i, t].item() for i, t in enumerate(c_ids)))
+    expected = np.exp(lps) / np.exp(lps).sum()
+    assert np.allclose(probs[0], expected, atol=1e-4)
+
+
+def test_perplexity_separates_text_from_noise(base_engine):
+    ppl = base_engine.perplexity(["复利是指把每一期获得的利息加入本金，在下一期一起计算利息。", "噢嗯 qz#@ 喵 x7 9&* 乒 乓 ¥ 〇", "一"])
+    assert 1 < ppl[0] < ppl[1]
+    assert np.isnan(ppl[2]) or ppl[2] > 1
+
+
+def test_generate_is_reproducible_and_stops(label_engine):
+    eng = label_engine
+    ps = [prompts.render(eng.tokenizer, prompts.label_user(t)) for t in ("复利是把利息计入本金的计息方式。", "蜜蜂分工明确。")]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    a, b = eng.generate(ps, greedy), eng.generate(ps[::-1], greedy)
+    assert [g.text for g in a] == [g.text for g in b[::-1]]  # order-independent, results in prompt order
+    sampled = SamplingParams(max_tokens=24, seed=7)
+    assert [g.text for g in eng.generate(ps, sampled)] == [g.text for g in eng.generate(ps, sampled)]
+    for g in a:
+        assert g.finish_reason in ("stop", "length") and 0 < g.num_tokens <= 24
+        assert "<|im_end|>" not in g.text and "<|endoftext|>" not in g.text
+
+
+def test_unloadable_model_is_a_clear_engine_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(EngineError, match=r"transformers could not load model broken from .*"):
+        load_engine(EngineSpec(path=str(tmp_path), model_name="broken"))
+    with pytest.raises(EngineError, match="unknown LLM backend 'tensorrt'"):
+        load_engine(EngineSpec(path=str(tmp_path), model_name="x", backend="tensorrt"))

@@ -1,0 +1,109 @@
+"""The whole graph on the tiny models, every partition of the demo corpora, through Dagster."""
+
+import json
+
+import dagster as dg
+import pyarrow.dataset as pads
+import pytest
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from kun_dagster import storage
+from kun_dagster.config import KUN_INSTRUCTION_KEYWORDS, load_config
+
+pytestmark = pytest.mark.slow
+CORPUS = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]
+
+
+def _materialize(run, selection, keys=None, partition_key=None):
+    defs = run["defs"]
+    tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]} if keys else None
+    return dg.materialize(list(defs.assets), selection=selection, resources=defs.resources, instance=run["instance"],
+                          tags=tags, partition_key=partition_key)
+
+
+@pytest.fixture(scope="module")
+def graph(models_run):
+    defs = models_run["defs"]
+    keys = defs.resolve_asset_graph().get(dg.AssetKey("raw_corpus")).partitions_def.get_partition_keys()
+    assert _materialize(models_run, CORPUS, keys).success  # one run, all partitions
+    assert _materialize(models_run, ["instruction_dataset"], ["wudao", "skypile"]).success  # wanjuan left out
+    cfg = load_config(models_run["cfg_file"])
+    return {**models_run, "cfg": cfg, "base": storage.upath(cfg.base_uri), "keys": keys}
+
+
+def _read(g, asset):
+    return pads.dataset(str(g["base"] / asset), partitioning="hive").to_table().to_pandas()
+
+
+def test_every_final_record_traces_to_a_source_document(graph):
+    final = _read(graph, "instruction_dataset")
+    raw = _read(graph, "raw_corpus")
+    assert len(final) > 0 and set(final["source"]) <= {"wudao", "skypile"}
+    joined = final.merge(raw, on=["source", "doc_id"], how="left", suffixes=("", "_raw"), indicator=True)
+    assert (joined["_merge"] == "both").all()
+    assert (joined["file"] == joined["file_raw"]).all() and (joined["row"] == joined["row_raw"]).all()
+    assert final["label_model"].eq("kun-label").all() and final["chat_model"].eq("kun-chat").all()
+    assert final["output"].str.len().ge(20).all() and final["input"].eq("").all()
+    assert {"major", "minor"} == set(final["task_type"].iloc[0])
+
+
+def test_no_instruction_holds_a_banned_keyword(graph):
+    for asset in ("labeled_pairs", "polished_pairs", "instruction_dataset"):
+        instructions = _read(graph, asset)["instruction"]
+        assert not any(kw in s for s in instructions for kw in KUN_INSTRUCTION_KEYWORDS), asset
+    labeled = _read(graph, "labeled_pairs")
+    assert len(labeled) > 0 and labeled["instruction"].str.len().gt(0).all()
+
+
+def test_quarantine_holds_exactly_the_planted_bad_rows(graph, planted):
+    found = []
+    for asset in ("raw_corpus", "filtered_corpus"):
+        q = _read(graph, f"quarantine/{asset}")
+        found += [(asset, r.source, r.file, int(r.row), r.reason) for r in q.itertuples()]
+    expected = [(p["stage"], p["source"], p["file"], p["row"], p["reason"]) for p in planted]
+    assert sorted(found) == sorted(expected)
+
+
+def test_scored_set_keeps_every_row_with_a_score(graph):
+    labeled, scored = _read(graph, "labeled_pairs"), _read(graph, "scored_pairs")
+    assert sorted(scored["doc_id"]) == sorted(labeled["doc_id"])
+    assert scored["score"].between(0, 1).all() and scored["keep"].eq(scored["score"] >= 0.5).all()
+
+
+def test_metadata_reports_rows_schema_and_stage_figures(graph):
+    inst = graph["instance"]
+    key = dg.MultiPartitionKey({"source": "skypile", "source_shard": "0"})
+    ev = inst.get_latest_materialization_event(dg.AssetKey("filtered_corpus"), partition=key) if hasattr(inst, "get_latest_materialization_event") else None
+    records = inst.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("filtered_corpus"), asset_partitions=[key]), limit=1).records
+    md = records[0].asset_materialization.metadata
+    rows = storage.partition_rows(storage.partition_dir(graph["base"], "filtered_corpus", {"source": "skypile", "shard": "0"}))
+    assert md["dagster/row_count"].value == rows and md["quarantined"].value == 1
+    assert md["dropped"].value == {"duplicate_text": 1}
+    assert {"doc_id", "text", "n_tokens", "perplexity"} <= {c.name for c in md["dagster/column_schema"].schema.columns}
+    assert ev is None or ev.asset_materialization.partition == key
+    scored = inst.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("scored_pairs"), asset_partitions=[key]), limit=1).records
+    assert sum(scored[0].asset_materialization.metadata["histogram"].value.values()) == scored[0].asset_materialization.metadata["rows_in"].value
+
+
+def test_dataset_card_and_jsonl_match_the_parquet(graph):
+    for source in ("wudao", "skypile"):
+        rel = graph["base"] / "release" / source
+        lines = [json.loads(x) for x in (rel / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+        parquet = storage.read_partition(storage.partition_dir(graph["base"], "instruction_dataset", {"source": source}))
+        assert [r["doc_id"] for r in lines] == parquet["doc_id"].tolist()
+        card = (rel / "README.md").read_text(encoding="utf-8")
+        assert f"**{len(lines)}**" in card and "| raw_corpus" in card and "```yaml" in card
+    assert not (graph["base"] / "release" / "wanjuan").exists()
+
+
+def test_rematerializing_a_partition_replaces_it(graph):
+    part = {"source": "wudao", "shard": "0"}
+    before = {a: storage.read_partition(storage.partition_dir(graph["base"], a, part)) for a in CORPUS}
+    key = dg.MultiPartitionKey({"source": "wudao", "source_shard": "0"})
+    assert _materialize(graph, CORPUS, partition_key=key).success
+    for asset in CORPUS:
+        d = storage.partition_dir(graph["base"], asset, part)
+        after = storage.read_partition(d)
+        assert len(after) == len(before[asset]) and after["doc_id"].is_unique, asset
+        assert [p.name for p in d.iterdir()] == ["part-0.parquet"], asset
+    assert storage.read_partition(storage.partition_dir(graph["base"], "quarantine/filtered_corpus", part))["reason"].tolist() == ["too_many_tokens"]
