@@ -84,7 +84,7 @@ def filter_corpus(docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg:
     """Clean, then drop: empty, over the token limit (label model's tokenizer), exact duplicates,
     perplexity above the threshold (reference model). Dedup runs before perplexity to save work."""
     df = docs.copy()
-    df["text"] = df["text"].map(clean_text)
+    df["text"] = df["text"].map(clean_text).astype(object)  # object even when empty, for .str
     reason = pd.Series([None] * len(df), index=df.index, dtype=object)
     detail = pd.Series([None] * len(df), index=df.index, dtype=object)
     reason[df["text"].str.len() == 0] = EMPTY_AFTER_CLEAN
@@ -134,7 +134,7 @@ def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     df = docs.copy()
     gens = engine.generate([prompts.render(engine.tokenizer, prompts.label_user(t)) for t in df["text"]], sampling_params(cfg))
     _require_text(gens, "labeled_pairs", engine.model_name)
-    df["instruction"] = [clean_instruction(g.text, cfg.label.whitespace_run) for g in gens]
+    df["instruction"] = pd.Series([clean_instruction(g.text, cfg.label.whitespace_run) for g in gens], index=df.index, dtype=object)
     df["label_tokens"] = [g.num_tokens for g in gens]
     df["label_finish"] = [g.finish_reason for g in gens]
     reason = pd.Series([None] * len(df), index=df.index, dtype=object)
@@ -217,7 +217,8 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     todo = [i for i in df.index if reason[i] is None]
     gens = engine.generate([built[i][0] for i in todo], sampling_params(cfg))
     _require_text(gens, "polished_pairs", engine.model_name)
-    df["output"], df["instruction_truncated"], df["polish_tokens"], df["polish_finish"] = "", False, 0, ""
+    df["output"] = pd.Series("", index=df.index, dtype=object)
+    df["instruction_truncated"], df["polish_tokens"], df["polish_finish"] = False, 0, ""
     for i, g in zip(todo, gens):
         df.at[i, "output"] = repair_repeated_lines(g.text)
         df.at[i, "instruction_truncated"] = built[i][1]
@@ -239,6 +240,6 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
         rows=kept,
         dropped=_dropped(df, reason, detail, "output"),
         stats=_stats(len(df), len(kept), reason, not_kept_by_score=int(len(scored) - len(df)),
-                     output_chars=_summary(kept["output"].str.len(), 0),
+                     output_chars=_summary(kept["output"].astype(str).str.len(), 0),
                      truncated_at_max_tokens=int((df["polish_finish"] == "length").sum())),
     )

@@ -21,7 +21,7 @@ def tokenizer():
 class ScriptedEngine:
     model_name = "scripted"
 
-    def __init__(self, replies=(), probs=None, ppl=None):
+    def __init__(self, replies=(), probs=(), ppl=()):
         self.tokenizer = tokenizer()
         self.replies, self.probs, self.ppl = list(replies), probs, ppl
         self.prompts: list[str] = []
@@ -34,7 +34,7 @@ class ScriptedEngine:
 
     def choice_probs(self, prompts, choices):
         self.prompts += prompts
-        return np.asarray(self.probs[: len(prompts)], dtype=float)
+        return np.asarray(self.probs[: len(prompts)], dtype=float).reshape(len(prompts), len(choices))
 
     def perplexity(self, texts):
         return np.asarray(self.ppl[: len(texts)], dtype=float)

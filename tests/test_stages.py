@@ -70,3 +70,16 @@ def test_polish_applies_output_filters_and_dedup():
         "d1": "too_short", "d2": "banned_keyword", "d3": "duplicate_output", "d4": "repeated_phrase"}
     assert res.stats["not_kept_by_score"] == 1
     assert eng.prompts[0] == prompts.render(eng.tokenizer, " 已知：\n甲文,请回答:问题")
+
+
+def test_an_empty_partition_flows_through_every_stage():
+    eng = ScriptedEngine()
+    empty = docs([])
+    filtered = stages.filter_corpus(empty, eng.tokenizer, eng, CFG)
+    labeled = stages.label(filtered.rows, eng, CFG)
+    scored = stages.score(labeled.rows, eng, CFG)
+    polished = stages.polish(scored.rows, eng, CFG)
+    for res in (filtered, labeled, scored, polished):
+        assert res.rows.empty and res.dropped.empty
+    assert {"instruction", "score", "keep"} <= set(scored.rows.columns)
+    assert {"instruction", "output", "score"} <= set(polished.rows.columns)
