@@ -67,7 +67,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             return _given("base", c.resolve(c.models.base.path))
         texts = _corpus_texts(c, 20000) + seed_data["instruction"].tolist() + seed_data["output"].tolist()
         report = training.build_tiny_base(texts, Path(c.models_dir) / "base", c.models.base.tiny)
-        context.add_output_metadata({"pretrain_texts": report.examples, "final_loss": report.final_loss or 0.0, "seconds": report.seconds})
+        context.add_output_metadata({"pretrain_texts": report.examples, "mean_loss": report.mean_loss or 0.0, "seconds": report.seconds,
+                                     "loss_curve": dg.MetadataValue.json(report.loss_curve)})
         return _ref("base", report.path, "tiny")
 
     def _role_asset(role: str, examples, doc: str):
@@ -78,8 +79,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             if rc.path:
                 return _given(role, c.resolve(rc.path))
             report = training.fine_tune(base_model["path"], Path(c.models_dir) / role, examples(seed_data), rc.train, role)
-            context.add_output_metadata({"examples": report.examples, "final_loss": report.final_loss or 0.0,
-                                         "seconds": report.seconds, "base": base_model["name"]})
+            context.add_output_metadata({"examples": report.examples, "mean_loss": report.mean_loss or 0.0, "seconds": report.seconds,
+                                         "base": base_model["name"], "loss_curve": dg.MetadataValue.json(report.loss_curve)})
             return _ref(role, report.path, "trained")
 
         return _asset

@@ -73,7 +73,7 @@ def card(source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: st
     """A dataset card (Markdown with YAML front matter, as HF datasets expect)."""
     lines = [
         "---", f"pretty_name: kun-{source}", "language: [zh]", "task_categories: [text-generation]",
-        f"size_categories: ['n<1K' ]" if n_records < 1000 else "size_categories: ['1K<n<1M']", "---", "",
+        "size_categories: [n<1K]" if n_records < 1000 else "size_categories: [1K<n<1M]", "---", "",
         f"# Kun instruction data from `{source}`", "",
         f"{n_records} instruction/answer records in COIG-CQIA's schema, made from unlabeled `{source}` text by the "
         "Kun method: a label model writes the instruction each text answers, the chat model scores the instruction "

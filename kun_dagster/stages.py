@@ -60,6 +60,23 @@ def _dropped(df: pd.DataFrame, reasons: pd.Series, detail: pd.Series, sample_col
     return out.reindex(columns=QUARANTINE_COLUMNS)
 
 
+def _no_reasons(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per-row (reason, detail), None = keep; a stage fills them in as its rules fire."""
+    return (pd.Series([None] * len(df), index=df.index, dtype=object),
+            pd.Series([None] * len(df), index=df.index, dtype=object))
+
+
+def _mark_duplicates(df: pd.DataFrame, column: str, reason: pd.Series, detail: pd.Series, code: str) -> None:
+    """Drop every later row whose `column` equals (up to whitespace) an earlier kept row's."""
+    first: dict[str, str] = {}
+    for i in df.index[reason.isna()]:
+        key = dedup_key(df.at[i, column])
+        if key in first:
+            reason[i], detail[i] = code, f"same {column} as {first[key]}"
+        else:
+            first[key] = df.at[i, "doc_id"]
+
+
 def _summary(values, digits: int = 2) -> dict:
     arr = np.asarray([v for v in values if v is not None and not np.isnan(v)], dtype=float)
     if arr.size == 0:
@@ -85,8 +102,7 @@ def filter_corpus(docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg:
     perplexity above the threshold (reference model). Dedup runs before perplexity to save work."""
     df = docs.copy()
     df["text"] = df["text"].map(clean_text).astype(object)  # object even when empty, for .str
-    reason = pd.Series([None] * len(df), index=df.index, dtype=object)
-    detail = pd.Series([None] * len(df), index=df.index, dtype=object)
+    reason, detail = _no_reasons(df)
     reason[df["text"].str.len() == 0] = EMPTY_AFTER_CLEAN
 
     df["n_tokens"] = [prompts.n_tokens(tokenizer, t) for t in df["text"]]
@@ -95,13 +111,7 @@ def filter_corpus(docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg:
     detail[over] = df.loc[over, "n_tokens"].map(lambda n: f"{n} tokens > {cfg.filter.max_tokens}")
 
     if cfg.filter.dedup:
-        first: dict[str, str] = {}
-        for i in df.index[reason.isna()]:
-            key = dedup_key(df.at[i, "text"])
-            if key in first:
-                reason[i], detail[i] = DUPLICATE_TEXT, f"same text as {first[key]}"
-            else:
-                first[key] = df.at[i, "doc_id"]
+        _mark_duplicates(df, "text", reason, detail, DUPLICATE_TEXT)
 
     df["perplexity"] = np.nan
     if cfg.filter.perplexity_max is not None and ppl_engine is not None:
@@ -137,8 +147,7 @@ def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     df["instruction"] = pd.Series([clean_instruction(g.text, cfg.label.whitespace_run) for g in gens], index=df.index, dtype=object)
     df["label_tokens"] = [g.num_tokens for g in gens]
     df["label_finish"] = [g.finish_reason for g in gens]
-    reason = pd.Series([None] * len(df), index=df.index, dtype=object)
-    detail = pd.Series([None] * len(df), index=df.index, dtype=object)
+    reason, detail = _no_reasons(df)
     reason[df["instruction"].str.len() == 0] = EMPTY_GENERATION
     reason[reason.isna() & df["instruction"].str.contains(REPLACEMENT_CHAR, regex=False)] = BROKEN_TEXT
     for i in df.index[reason.isna()]:
@@ -208,8 +217,7 @@ def output_reason(output: str, cfg: KunConfig) -> tuple[str, str] | None:
 def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     """The chat model rewrites each kept text into an answer to its instruction (answer polishment)."""
     df = scored[scored["keep"].astype(bool)].drop(columns=["keep", "score_reply"], errors="ignore").reset_index(drop=True)
-    reason = pd.Series([None] * len(df), index=df.index, dtype=object)
-    detail = pd.Series([None] * len(df), index=df.index, dtype=object)
+    reason, detail = _no_reasons(df)
     built = [prompts.answer_prompt(engine.tokenizer, t, s, cfg.polish.prompt_token_budget) for t, s in zip(df["text"], df["instruction"])]
     for i, b in enumerate(built):
         if b is None:
@@ -228,13 +236,7 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
         if why:
             reason[i], detail[i] = why
     if cfg.polish.dedup_outputs:
-        first: dict[str, str] = {}
-        for i in df.index[reason.isna()]:
-            key = dedup_key(df.at[i, "output"])
-            if key in first:
-                reason[i], detail[i] = DUPLICATE_OUTPUT, f"same output as {first[key]}"
-            else:
-                first[key] = df.at[i, "doc_id"]
+        _mark_duplicates(df, "output", reason, detail, DUPLICATE_OUTPUT)
     kept = df[reason.isna()].reset_index(drop=True)
     return StageResult(
         rows=kept,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from transformers.utils import logging as hf_logging
 
 from .config import TinyBaseSettings, TrainSettings
 from .prompts import label_user
@@ -32,14 +33,16 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 MODEL_CARD = "kun_model.json"
+hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run logs
 
 
 @dataclass
 class TrainReport:
     path: str
     examples: int
-    final_loss: float | None
+    mean_loss: float | None  # mean training loss over the run, as the Trainer reports it
     seconds: float
+    loss_curve: list[tuple[int, float]]  # (step, loss) every logging_steps
 
 
 def _publish_dir(tmp: Path, final: Path) -> None:
@@ -94,7 +97,7 @@ def _cuda() -> bool:
 
 
 def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=None):
-    """Run the Trainer; returns (model ready to save, mean training loss)."""
+    """Run the Trainer; returns (model ready to save, mean training loss, loss curve)."""
     from transformers import PrinterCallback, Trainer
 
     if peft_config is not None:
@@ -102,12 +105,15 @@ def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=N
 
         model = get_peft_model(model, peft_config)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
-    trainer.remove_callback(PrinterCallback)  # losses go to the log, not to stdout
+    trainer.remove_callback(PrinterCallback)  # losses go to the report and the log, not to stdout
     result = trainer.train()
+    curve = [(int(h["step"]), round(float(h["loss"]), 4)) for h in trainer.state.log_history if "loss" in h]
+    log.info("training loss by step: %s", curve)
     model = trainer.model
     if peft_config is not None:
         model = model.merge_and_unload()
-    return model, float(result.training_loss) if result.training_loss is not None else None
+    loss = float(result.training_loss) if result.training_loss is not None else None
+    return model, loss, curve
 
 
 def sft_features(tokenizer, user: str, assistant: str, max_length: int) -> dict:
@@ -143,18 +149,18 @@ def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSet
         pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(config)
-    loss = None
+    loss, curve = None, []
     if settings.pretrain_epochs > 0:
         eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         examples = [{"input_ids": tokenizer(t)["input_ids"][: settings.max_position_embeddings - 1] + [eos]} for t in texts]
         args = _training_args(tmp, epochs=settings.pretrain_epochs, lr=settings.learning_rate, batch=8, seed=settings.seed)
-        model, loss = _train(model, tokenizer, examples, args, DataCollatorForLanguageModeling(tokenizer, mlm=False))
+        model, loss, curve = _train(model, tokenizer, examples, args, DataCollatorForLanguageModeling(tokenizer, mlm=False))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(tmp / "_trainer", ignore_errors=True)
-    report = TrainReport(path=str(final), examples=len(texts), final_loss=loss, seconds=round(time.time() - t0, 1))
+    report = TrainReport(path=str(final), examples=len(texts), mean_loss=loss, seconds=round(time.time() - t0, 1), loss_curve=curve)
     (tmp / MODEL_CARD).write_text(json.dumps({"kind": "tiny_base", **report.__dict__}, ensure_ascii=False, indent=1))
     _publish_dir(tmp, final)
     return report
@@ -208,11 +214,11 @@ def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[st
     args = _training_args(tmp, epochs=settings.epochs, lr=settings.learning_rate, batch=settings.batch_size,
                           seed=settings.seed, settings=settings)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    model, loss = _train(model, tokenizer, data, args, collator, peft_config)
+    model, loss, curve = _train(model, tokenizer, data, args, collator, peft_config)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(tmp / "_trainer", ignore_errors=True)
-    report = TrainReport(path=str(final), examples=len(examples), final_loss=loss, seconds=round(time.time() - t0, 1))
+    report = TrainReport(path=str(final), examples=len(examples), mean_loss=loss, seconds=round(time.time() - t0, 1), loss_curve=curve)
     card = {"kind": f"{role}_sft", "base": str(base_dir), "settings": settings.model_dump(), **report.__dict__}
     (tmp / MODEL_CARD).write_text(json.dumps(card, ensure_ascii=False, indent=1))
     _publish_dir(tmp, final)
@@ -220,5 +226,3 @@ def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[st
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-transformers_logging = __import__("transformers").utils.logging
-transformers_logging.disable_progress_bar()

@@ -1,6 +1,7 @@
 """The whole graph on the tiny models, every partition of the demo corpora, through Dagster."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import pyarrow.dataset as pads
@@ -106,3 +107,14 @@ def test_rematerializing_a_partition_replaces_it(graph):
         assert len(after) == len(before[asset]) and after["doc_id"].is_unique, asset
         assert [p.name for p in d.iterdir()] == ["part-0.parquet"], asset
     assert storage.read_partition(storage.partition_dir(graph["base"], "quarantine/filtered_corpus", part))["reason"].tolist() == ["too_many_tokens"]
+
+
+def test_models_are_trained_and_their_loss_falls(models_run):
+    inst = models_run["instance"]
+    for name in ("base_model", "label_model", "chat_model"):
+        rec = inst.fetch_materializations(dg.AssetKey(name), limit=1).records[0]
+        curve = rec.asset_materialization.metadata["loss_curve"].value
+        assert len(curve) >= 2 and curve[-1][1] < curve[0][1], (name, curve)
+        ref = models_run["refs"][name]
+        assert (Path(ref["path"]) / "config.json").is_file() and ref["card"]["examples"] > 0
+    assert models_run["refs"]["label_model"]["card"]["examples"] == 104  # 106 seeds less 2 multiple-choice items

@@ -8,9 +8,12 @@ import math
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from ..text import strip_stop_strings
 from .base import EngineError, EngineSpec, Generation, SamplingParams
+
+hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run logs
 
 
 def _device(name: str) -> str:
