@@ -1,5 +1,6 @@
-"""What every partitioned asset does around its stage: one frame per partition in and out,
-quarantine published beside the data, per-partition metadata for the UI."""
+"""What every partitioned asset does around its stage: one frame per partition in, one
+StageResult per partition out (rows + quarantine, published by the IO manager), per-partition
+metadata for the UI."""
 
 import dagster as dg
 import pandas as pd
@@ -40,12 +41,14 @@ def _flat(stats: dict) -> dict:
             out[k] = dg.MetadataValue.json(v)
     return out
 
-def publish_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, result: StageResult) -> pd.DataFrame:
-    """Publish the partition's quarantine, attach its metadata, and return its rows for the IO manager."""
+
+
+def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, result: StageResult) -> StageResult:
+    """Log the partition's quarantine and attach its metadata; the IO manager then publishes the
+    rows and the quarantine together, after the whole step has succeeded."""
     source, shard = split_key(key)
     part = {"source": source, "shard": str(shard)}
     qdir = storage.partition_dir(kun.base, f"{storage.QUARANTINE}/{asset}", part)
-    storage.write_partition(qdir, result.dropped)
     for reason, n in result.dropped["reason"].value_counts().items():
         sample = result.dropped[result.dropped["reason"] == reason].iloc[0]
         context.log.warning(f"{asset} {source}/{shard}: quarantined {n} row(s) as {reason}, e.g. "
@@ -63,4 +66,4 @@ def publish_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, 
         md["preview"] = dg.MetadataValue.md(preview_markdown(df))
     context.add_asset_metadata(md, partition_key=key)
     context.log.info(f"{asset} {source}/{shard}: {result.stats.get('rows_in')} in, {len(df)} out, {len(result.dropped)} quarantined")
-    return df
+    return result

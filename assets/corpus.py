@@ -1,7 +1,6 @@
 """raw_corpus (ingest with quarantine) and filtered_corpus (clean, 512 tokens, perplexity, dedup)."""
 
 import dagster as dg
-import pandas as pd
 from transformers import AutoTokenizer
 
 from kun_dagster import stages
@@ -9,7 +8,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError, ingest_shard
 from resources import KunResource, LLMResource
 
-from .common import GPU_POOL, SINGLE_RUN, by_partition, publish_stage
+from .common import GPU_POOL, SINGLE_RUN, by_partition, report_stage
 from .partitions import corpus_partitions, split_key
 
 GROUP = "corpus"
@@ -18,7 +17,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
 
     @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, kinds={"parquet"})
-    def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource) -> dict[str, pd.DataFrame]:
+    def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource) -> dict[str, stages.StageResult]:
         """Every document of the partition's files (a file's shard is a stable hash of its path);
         unreadable rows go to the quarantine with a reason code, file and row."""
         c = kun.config
@@ -33,19 +32,19 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             result = stages.StageResult(rows=got.docs, dropped=got.quarantine,
                                         stats={"rows_in": len(got.docs) + len(got.quarantine), "rows_out": len(got.docs),
                                                "files": len(got.files), "dropped": got.quarantine["reason"].value_counts().to_dict()})
-            out[key] = publish_stage(context, kun, "raw_corpus", key, result)
+            out[key] = report_stage(context, kun, "raw_corpus", key, result)
         return out
 
     @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, kinds={"pytorch", "parquet"})
     def filtered_corpus(context: dg.AssetExecutionContext, kun: KunResource, base_llm: LLMResource,
-                        raw_corpus, base_model: dict, label_model: dict) -> dict[str, pd.DataFrame]:
+                        raw_corpus, base_model: dict, label_model: dict) -> dict[str, stages.StageResult]:
         """Cleaned text within 512 tokens of the label model's tokenizer, perplexity under the
         reference model at most the threshold, exact duplicates removed."""
         c = kun.config
         tokenizer = AutoTokenizer.from_pretrained(label_model["path"])
         reference = base_model if c.filter.perplexity_model == "base" else label_model
         engine = base_llm.engine(reference) if c.filter.perplexity_max is not None else None
-        return {key: publish_stage(context, kun, "filtered_corpus", key, stages.filter_corpus(df, tokenizer, engine, c))
+        return {key: report_stage(context, kun, "filtered_corpus", key, stages.filter_corpus(df, tokenizer, engine, c))
                 for key, df in by_partition(context, raw_corpus).items()}
 
     return [raw_corpus, filtered_corpus]

@@ -1,8 +1,10 @@
 """IO managers on Dagster's UPathIOManager: hive-partitioned Parquet, and JSON model references.
 
 Partitions land at {base}/{asset}/source={s}/shard={k}/part-0.parquet and are published
-atomically (kun_dagster.storage). A single-run backfill hands the manager one frame per partition
-in a dict keyed by partition key; each is published on its own.
+atomically (kun_dagster.storage). A stage hands over a StageResult: its dropped rows go to
+{base}/quarantine/{asset}/source=.../shard=.../ first, then its rows, so a partition's data and
+quarantine are always of the same run, and only once the whole step has succeeded. A single-run
+backfill hands the manager one value per partition in a dict keyed by partition key.
 """
 
 import json
@@ -13,6 +15,7 @@ import pandas as pd
 from upath import UPath
 
 from kun_dagster import storage
+from kun_dagster.stages import StageResult
 
 # Dagster dimension name -> column name in storage (see assets/partitions.py for why they differ).
 HIVE_NAMES = {"source": "source", "source_shard": "shard"}
@@ -31,7 +34,11 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
     def get_path_for_partition(self, context, path: UPath, partition: str) -> UPath:
         return storage.partition_dir(path, "", hive_partition(context.asset_partitions_def, partition))
 
-    def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
+    def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame | StageResult, path: UPath) -> None:
+        if isinstance(obj, StageResult):
+            relative = path.relative_to(self._base_path)
+            storage.write_partition(self._base_path / storage.QUARANTINE / relative, obj.dropped)
+            obj = obj.rows
         storage.write_partition(path, obj)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:

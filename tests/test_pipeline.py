@@ -118,3 +118,26 @@ def test_models_are_trained_and_their_loss_falls(models_run):
         ref = models_run["refs"][name]
         assert (Path(ref["path"]) / "config.json").is_file() and ref["card"]["examples"] > 0
     assert models_run["refs"]["label_model"]["card"]["examples"] == 104  # 106 seeds less 2 multiple-choice items
+
+
+def test_a_failing_model_publishes_nothing(graph):
+    from resources import LLMResource
+
+    from .fakes import ScriptedEngine
+
+    class SilentLLM(LLMResource):
+        def engine(self, model):
+            return ScriptedEngine(replies=[""] * 1000)  # the model answers every prompt with nothing
+
+    keys = [k for k in graph["keys"] if k.keys_by_dimension["source"] == "wudao"]
+    dirs = [storage.partition_dir(graph["base"], a, {"source": "wudao", "shard": str(k.keys_by_dimension["source_shard"])})
+            for a in ("labeled_pairs", "quarantine/labeled_pairs") for k in keys]
+    before = [(d / "part-0.parquet").read_bytes() for d in dirs]
+    defs = graph["defs"]
+    result = dg.materialize(list(defs.assets), selection=["labeled_pairs"], resources={**defs.resources, "label_llm": SilentLLM(role="label")},
+                            instance=graph["instance"], raise_on_error=False,
+                            tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]})
+    assert not result.success
+    failure = [e for e in result.all_events if e.is_step_failure][0]
+    assert "returned empty text for all" in failure.event_specific_data.error.message
+    assert [(d / "part-0.parquet").read_bytes() for d in dirs] == before
