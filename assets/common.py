@@ -13,6 +13,7 @@ from .partitions import split_key
 GPU_POOL = "gpu"
 SINGLE_RUN = dg.BackfillPolicy.single_run()
 
+
 def by_partition(context: dg.AssetExecutionContext, value) -> dict[str, pd.DataFrame]:
     """An upstream input as {partition key: frame}, whether the run covers one partition or many."""
     keys = context.partition_keys
@@ -20,14 +21,17 @@ def by_partition(context: dg.AssetExecutionContext, value) -> dict[str, pd.DataF
         return {k: value[k] for k in keys}
     return {keys[0]: value}
 
+
 def schema_of(df: pd.DataFrame) -> dg.TableSchema:
     table = storage.to_table(df)
     return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in table.schema])
+
 
 def preview_markdown(df: pd.DataFrame, rows: int = 5, width: int = 60) -> str:
     """The first rows as a Markdown table, long texts cut, for the asset's page."""
     head = df.head(rows).map(lambda v: (v[:width] + "…" if len(v) > width else v).replace("\n", " ") if isinstance(v, str) else v)
     return head.to_markdown(index=False)
+
 
 def _flat(stats: dict) -> dict:
     """Stage stats as UI metadata: numbers stay numbers, nested figures become JSON."""
@@ -42,7 +46,6 @@ def _flat(stats: dict) -> dict:
     return out
 
 
-
 def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, result: StageResult) -> StageResult:
     """Log the partition's quarantine and attach its metadata; the IO manager then publishes the
     rows and the quarantine together, after the whole step has succeeded."""
@@ -51,8 +54,10 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
     qdir = storage.partition_dir(kun.base, f"{storage.QUARANTINE}/{asset}", part)
     for reason, n in result.dropped["reason"].value_counts().items():
         sample = result.dropped[result.dropped["reason"] == reason].iloc[0]
-        context.log.warning(f"{asset} {source}/{shard}: quarantined {n} row(s) as {reason}, e.g. "
-                            f"file {sample['file']} row {sample['row']}: {sample['detail']}")
+        context.log.warning(
+            f"{asset} {source}/{shard}: quarantined {n} row(s) as {reason}, e.g. "
+            f"file {sample['file']} row {sample['row']}: {sample['detail']}"
+        )
     df = result.rows
     md = {
         "dagster/row_count": len(df),

@@ -13,6 +13,7 @@ from .partitions import corpus_partitions, split_key
 
 GROUP = "corpus"
 
+
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
 
@@ -29,22 +30,32 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
                 got = ingest_shard(source, c.resolve(source.uri), shard, c.shards, c.storage.storage_options)
             except CorpusError as e:
                 raise dg.Failure(str(e)) from e
-            result = stages.StageResult(rows=got.docs, dropped=got.quarantine,
-                                        stats={"rows_in": len(got.docs) + len(got.quarantine), "rows_out": len(got.docs),
-                                               "files": len(got.files), "dropped": got.quarantine["reason"].value_counts().to_dict()})
+            result = stages.StageResult(
+                rows=got.docs,
+                dropped=got.quarantine,
+                stats={
+                    "rows_in": len(got.docs) + len(got.quarantine),
+                    "rows_out": len(got.docs),
+                    "files": len(got.files),
+                    "dropped": got.quarantine["reason"].value_counts().to_dict(),
+                },
+            )
             out[key] = report_stage(context, kun, "raw_corpus", key, result)
         return out
 
     @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, kinds={"pytorch", "parquet"})
-    def filtered_corpus(context: dg.AssetExecutionContext, kun: KunResource, base_llm: LLMResource,
-                        raw_corpus, base_model: dict, label_model: dict) -> dict[str, stages.StageResult]:
+    def filtered_corpus(
+        context: dg.AssetExecutionContext, kun: KunResource, base_llm: LLMResource, raw_corpus, base_model: dict, label_model: dict
+    ) -> dict[str, stages.StageResult]:
         """Cleaned text within 512 tokens of the label model's tokenizer, perplexity under the
         reference model at most the threshold, exact duplicates removed."""
         c = kun.config
         tokenizer = AutoTokenizer.from_pretrained(label_model["path"])
         reference = base_model if c.filter.perplexity_model == "base" else label_model
         engine = base_llm.engine(reference) if c.filter.perplexity_max is not None else None
-        return {key: report_stage(context, kun, "filtered_corpus", key, stages.filter_corpus(df, tokenizer, engine, c))
-                for key, df in by_partition(context, raw_corpus).items()}
+        return {
+            key: report_stage(context, kun, "filtered_corpus", key, stages.filter_corpus(df, tokenizer, engine, c))
+            for key, df in by_partition(context, raw_corpus).items()
+        }
 
     return [raw_corpus, filtered_corpus]

@@ -12,13 +12,18 @@ from .partitions import SOURCE, source_partitions
 
 GROUP = "dataset"
 
+
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(
-        group_name=GROUP, partitions_def=source_partitions(cfg), backfill_policy=SINGLE_RUN, kinds={"parquet", "json"},
+        group_name=GROUP,
+        partitions_def=source_partitions(cfg),
+        backfill_policy=SINGLE_RUN,
+        kinds={"parquet", "json"},
         ins={"polished_pairs": dg.AssetIn(partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=SOURCE))},
     )
-    def instruction_dataset(context: dg.AssetExecutionContext, kun: KunResource, polished_pairs,
-                            label_model: dict, chat_model: dict) -> dg.MaterializeResult:
+    def instruction_dataset(
+        context: dg.AssetExecutionContext, kun: KunResource, polished_pairs, label_model: dict, chat_model: dict
+    ) -> dg.MaterializeResult:
         """COIG-CQIA records (instruction, input, output, task_type, domain, ...) with provenance
         (source, doc_id, file, row, score, models), as Parquet under instruction_dataset/source=...
         and as release/{source}/train.jsonl with a dataset card (counts, stage funnel, config)."""
@@ -27,19 +32,33 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         polished = pd.concat(list(frames.values()), ignore_index=True) if frames else pd.DataFrame()
         for source in context.partition_keys:
             mine = polished[polished["source"] == source] if len(polished) else polished
-            recs = dataset.records(mine, c, label_model["name"], chat_model["name"]) if len(mine) else pd.DataFrame(columns=dataset.COIG_COLUMNS + dataset.PROVENANCE_COLUMNS)
+            recs = (
+                dataset.records(mine, c, label_model["name"], chat_model["name"])
+                if len(mine)
+                else pd.DataFrame(columns=dataset.COIG_COLUMNS + dataset.PROVENANCE_COLUMNS)
+            )
             fun = dataset.funnel(kun.base, source, c.shard_keys())
             card = dataset.card(source, len(recs), fun, c, label_model["name"], chat_model["name"])
             parquet_dir = storage.partition_dir(kun.base, "instruction_dataset", {"source": source})
             storage.write_partition(parquet_dir, recs)
             release = dataset.publish_release(kun.base, source, recs, card)
             context.log.info(f"instruction_dataset {source}: {len(recs)} records -> {release}")
-            context.add_asset_metadata({
-                "dagster/row_count": len(recs), "dagster/column_schema": schema_of(recs),
-                "parquet": dg.MetadataValue.path(str(parquet_dir)), "release": dg.MetadataValue.path(str(release)),
-                "funnel": dg.MetadataValue.json(fun), "card": dg.MetadataValue.md(card),
-                **({"preview": dg.MetadataValue.md(preview_markdown(recs[["instruction", "output", "doc_id", "score"]]))} if len(recs) else {}),
-            }, partition_key=source)
+            context.add_asset_metadata(
+                {
+                    "dagster/row_count": len(recs),
+                    "dagster/column_schema": schema_of(recs),
+                    "parquet": dg.MetadataValue.path(str(parquet_dir)),
+                    "release": dg.MetadataValue.path(str(release)),
+                    "funnel": dg.MetadataValue.json(fun),
+                    "card": dg.MetadataValue.md(card),
+                    **(
+                        {"preview": dg.MetadataValue.md(preview_markdown(recs[["instruction", "output", "doc_id", "score"]]))}
+                        if len(recs)
+                        else {}
+                    ),
+                },
+                partition_key=source,
+            )
         return dg.MaterializeResult()
 
     return [instruction_dataset]

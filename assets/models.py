@@ -21,16 +21,24 @@ from .common import GPU_POOL, preview_markdown
 GROUP = "models"
 MODEL_IO = "model_io_manager"  # model assets are JSON references, not frames
 
+
 def _ref(role: str, path: str, origin: str) -> dict:
     card = Path(path) / training.MODEL_CARD
-    return {"role": role, "name": f"{Path(path).name}" if origin == "given" else f"kun-{role}", "path": str(Path(path).resolve()),
-            "origin": origin, "card": json.loads(card.read_text()) if card.exists() else {}}
+    return {
+        "role": role,
+        "name": f"{Path(path).name}" if origin == "given" else f"kun-{role}",
+        "path": str(Path(path).resolve()),
+        "origin": origin,
+        "card": json.loads(card.read_text()) if card.exists() else {},
+    }
+
 
 def _given(role: str, path: str) -> dict:
     p = Path(path)
     if not (p / "config.json").is_file():
         raise dg.Failure(f"{role} model path {path} is not a transformers checkpoint (no config.json)")
     return _ref(role, str(p), "given")
+
 
 def _corpus_texts(cfg: KunConfig, limit: int) -> list[str]:
     """Up to `limit` documents from every source, all shards (the tiny base's pre-training text)."""
@@ -40,6 +48,7 @@ def _corpus_texts(cfg: KunConfig, limit: int) -> list[str]:
             docs = ingest_shard(source, cfg.resolve(source.uri), shard, cfg.shards, cfg.storage.storage_options).docs
             texts += docs["text"].tolist()
     return texts[:limit]
+
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name=GROUP, kinds={"json", "parquet"})
@@ -54,8 +63,14 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         seeds["input"] = seeds.get("input", pd.Series([""] * len(seeds))).fillna("").astype(str)
         mc = seeds["input"].map(training.is_multiple_choice) if c.seed.drop_multiple_choice else pd.Series(False, index=seeds.index)
         kept = seeds[~mc].reset_index(drop=True)
-        context.add_output_metadata({"dagster/row_count": len(kept), "dropped_multiple_choice": int(mc.sum()),
-                                     "source": dg.MetadataValue.path(uri), "preview": dg.MetadataValue.md(preview_markdown(kept[["instruction", "input", "output"]]))})
+        context.add_output_metadata(
+            {
+                "dagster/row_count": len(kept),
+                "dropped_multiple_choice": int(mc.sum()),
+                "source": dg.MetadataValue.path(uri),
+                "preview": dg.MetadataValue.md(preview_markdown(kept[["instruction", "input", "output"]])),
+            }
+        )
         return kept
 
     @dg.asset(group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO)
@@ -67,8 +82,14 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             return _given("base", c.resolve(c.models.base.path))
         texts = _corpus_texts(c, 20000) + seed_data["instruction"].tolist() + seed_data["output"].tolist()
         report = training.build_tiny_base(texts, Path(c.models_dir) / "base", c.models.base.tiny)
-        context.add_output_metadata({"pretrain_texts": report.examples, "mean_loss": report.mean_loss or 0.0, "seconds": report.seconds,
-                                     "loss_curve": dg.MetadataValue.json(report.loss_curve)})
+        context.add_output_metadata(
+            {
+                "pretrain_texts": report.examples,
+                "mean_loss": report.mean_loss or 0.0,
+                "seconds": report.seconds,
+                "loss_curve": dg.MetadataValue.json(report.loss_curve),
+            }
+        )
         return _ref("base", report.path, "tiny")
 
     def _role_asset(role: str, examples, doc: str):
@@ -79,15 +100,28 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             if rc.path:
                 return _given(role, c.resolve(rc.path))
             report = training.fine_tune(base_model["path"], Path(c.models_dir) / role, examples(seed_data), rc.train, role)
-            context.add_output_metadata({"examples": report.examples, "mean_loss": report.mean_loss or 0.0, "seconds": report.seconds,
-                                         "base": base_model["name"], "loss_curve": dg.MetadataValue.json(report.loss_curve)})
+            context.add_output_metadata(
+                {
+                    "examples": report.examples,
+                    "mean_loss": report.mean_loss or 0.0,
+                    "seconds": report.seconds,
+                    "base": base_model["name"],
+                    "loss_curve": dg.MetadataValue.json(report.loss_curve),
+                }
+            )
             return _ref(role, report.path, "trained")
 
         return _asset
 
-    label_model = _role_asset("label", training.label_examples,
-                              "Backward model p(instruction | text): the base fine-tuned on seeds with the output as the "
-                              "user turn and instruction + input as the reply (loss on the reply only); or a given checkpoint.")
-    chat_model = _role_asset("chat", training.chat_examples,
-                             "Forward chat model (instruction -> output on the seeds): scores instructions and polishes answers; or a given checkpoint.")
+    label_model = _role_asset(
+        "label",
+        training.label_examples,
+        "Backward model p(instruction | text): the base fine-tuned on seeds with the output as the "
+        "user turn and instruction + input as the reply (loss on the reply only); or a given checkpoint.",
+    )
+    chat_model = _role_asset(
+        "chat",
+        training.chat_examples,
+        "Forward chat model (instruction -> output on the seeds): scores instructions and polishes answers; or a given checkpoint.",
+    )
     return [seed_data, base_model, label_model, chat_model]

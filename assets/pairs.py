@@ -13,6 +13,7 @@ from .partitions import corpus_partitions
 
 GROUP = "pairs"
 
+
 def _run(context, kun, asset: str, frames: dict, stage, engine) -> dict[str, StageResult]:
     out = {}
     for key, df in frames.items():
@@ -23,27 +24,31 @@ def _run(context, kun, asset: str, frames: dict, stage, engine) -> dict[str, Sta
         out[key] = report_stage(context, kun, asset, key, result)
     return out
 
+
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
     common = dict(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, kinds={"pytorch", "parquet"})
 
     @dg.asset(**common)
-    def labeled_pairs(context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource,
-                      filtered_corpus, label_model: dict) -> dict[str, StageResult]:
+    def labeled_pairs(
+        context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, filtered_corpus, label_model: dict
+    ) -> dict[str, StageResult]:
         """The label model writes the instruction each text answers (Kun's label prompt); instructions
         holding a banned keyword (新闻, 根据, 文章, ...) are quarantined."""
         return _run(context, kun, "labeled_pairs", by_partition(context, filtered_corpus), stages.label, label_llm.engine(label_model))
 
     @dg.asset(**common)
-    def scored_pairs(context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource,
-                     labeled_pairs, chat_model: dict) -> dict[str, StageResult]:
+    def scored_pairs(
+        context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, labeled_pairs, chat_model: dict
+    ) -> dict[str, StageResult]:
         """Every pair with the chat model's score of its instruction alone (P(【好】) by default) and a
         keep flag; a new threshold needs no re-scoring."""
         return _run(context, kun, "scored_pairs", by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
 
     @dg.asset(**common)
-    def polished_pairs(context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource,
-                       scored_pairs, chat_model: dict) -> dict[str, StageResult]:
+    def polished_pairs(
+        context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, scored_pairs, chat_model: dict
+    ) -> dict[str, StageResult]:
         """Kept pairs whose text the chat model rewrote into an answer (prompt within 512 tokens),
         through Kun's output filters and output dedup."""
         return _run(context, kun, "polished_pairs", by_partition(context, scored_pairs), stages.polish, chat_llm.engine(chat_model))

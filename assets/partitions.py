@@ -13,14 +13,19 @@ from kun_dagster.config import KunConfig
 
 SOURCE, SHARD = "source", "source_shard"
 
+
 def corpus_partitions(cfg: KunConfig) -> dg.MultiPartitionsDefinition:
-    return dg.MultiPartitionsDefinition({
-        SOURCE: dg.StaticPartitionsDefinition([s.name for s in cfg.sources]),
-        SHARD: dg.StaticPartitionsDefinition(cfg.shard_keys()),
-    })
+    return dg.MultiPartitionsDefinition(
+        {
+            SOURCE: dg.StaticPartitionsDefinition([s.name for s in cfg.sources]),
+            SHARD: dg.StaticPartitionsDefinition(cfg.shard_keys()),
+        }
+    )
+
 
 def source_partitions(cfg: KunConfig) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition([s.name for s in cfg.sources])
+
 
 def split_key(key: str | dg.MultiPartitionKey) -> tuple[str, int]:
     """(source, shard) of a corpus partition key."""

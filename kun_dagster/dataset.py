@@ -59,13 +59,13 @@ def funnel(base: UPath, source: str, shards: list[str]) -> dict:
             rows[asset] += storage.partition_rows(storage.partition_dir(base, asset, part))
             qdir = storage.partition_dir(base, f"{storage.QUARANTINE}/{asset}", part)
             if storage.partition_rows(qdir):
-                reasons.update(storage.read_partition(qdir)["reason"])
+                reasons.update(storage.read_partition(qdir, ["reason"])["reason"])
         quarantined[asset] = dict(sorted(reasons.items()))
     kept = 0
     for shard in shards:
         d = storage.partition_dir(base, "scored_pairs", {"source": source, "shard": shard})
         if storage.partition_rows(d):
-            kept += int(storage.read_partition(d)["keep"].sum())
+            kept += int(storage.read_partition(d, ["keep"])["keep"].sum())
     return {"rows": rows, "kept_by_score": kept, "quarantined": quarantined}
 
 

@@ -84,7 +84,7 @@ def write_partition(directory: UPath, df: pd.DataFrame) -> UPath:
     return final
 
 
-def read_partition(directory: UPath) -> pd.DataFrame:
+def read_partition(directory: UPath, columns: list[str] | None = None) -> pd.DataFrame:
     """The published frame of a partition, its partition columns restored from the path (numbers
     as int64); FileNotFoundError if it was never published."""
     parts = sorted(p for p in directory.glob("part-*.parquet")) if directory.exists() else []
@@ -93,7 +93,7 @@ def read_partition(directory: UPath) -> pd.DataFrame:
     tables = []
     for p in parts:
         with p.open("rb") as f:
-            tables.append(pq.read_table(f))
+            tables.append(pq.read_table(f, columns=columns))
     df = pa.concat_tables(tables, promote_options="default").to_pandas()
     for i, (key, value) in enumerate(partition_of(directory).items()):
         df.insert(i, key, pd.Series([int(value) if value.isdigit() else value] * len(df), index=df.index,

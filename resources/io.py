@@ -20,6 +20,7 @@ from kun_dagster.stages import StageResult
 # Dagster dimension name -> column name in storage (see assets/partitions.py for why they differ).
 HIVE_NAMES = {"source": "source", "source_shard": "shard"}
 
+
 def hive_partition(partitions_def: dg.PartitionsDefinition | None, partition: str) -> dict[str, str]:
     """A slash-formatted partition (dimensions in name order, as UPathIOManager formats them) as
     {hive column: value} in storage order."""
@@ -27,6 +28,7 @@ def hive_partition(partitions_def: dg.PartitionsDefinition | None, partition: st
         values = dict(zip(sorted(partitions_def.partition_dimension_names), partition.split("/")))
         return {HIVE_NAMES.get(k, k): values[k] for k in HIVE_NAMES if k in values}
     return {"source": partition}
+
 
 class _ParquetUPathIOManager(dg.UPathIOManager):
     extension = ""  # a partition is a folder of part files
@@ -57,6 +59,7 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
         for key, path in paths.items():
             self.dump_to_path(context, frames[key], path)
 
+
 class ParquetIOManager(dg.ConfigurableIOManagerFactory):
     """Parquet datasets under one base URI (a local folder or s3://bucket/prefix)."""
 
@@ -65,6 +68,7 @@ class ParquetIOManager(dg.ConfigurableIOManagerFactory):
 
     def create_io_manager(self, context) -> _ParquetUPathIOManager:
         return _ParquetUPathIOManager(base_path=storage.upath(self.base_uri, self.storage_options))
+
 
 class _JsonUPathIOManager(dg.UPathIOManager):
     extension = ".json"
@@ -75,6 +79,7 @@ class _JsonUPathIOManager(dg.UPathIOManager):
     def load_from_path(self, context, path: UPath) -> dict:
         with path.open("r", encoding="utf-8") as f:
             return json.load(f)
+
 
 class ModelRefIOManager(dg.ConfigurableIOManagerFactory):
     """Model assets are references (name, local path, provenance); the weights stay where they are."""

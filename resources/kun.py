@@ -8,9 +8,11 @@ from upath import UPath
 from kun_dagster import storage
 from kun_dagster.config import KunConfig, load_config
 
+
 @lru_cache(maxsize=8)
 def _load(path: str) -> KunConfig:
     return load_config(path)
+
 
 class KunResource(dg.ConfigurableResource):
     """kun.yaml, parsed once per process."""

@@ -12,6 +12,7 @@ from pydantic import PrivateAttr
 from kun_dagster.llm import Engine, load_engine
 from kun_dagster.llm.base import EngineSpec
 
+
 class LLMResource(dg.ConfigurableResource):
     role: Literal["base", "label", "chat"]
     backend: Literal["auto", "transformers"] = "auto"
@@ -25,8 +26,9 @@ class LLMResource(dg.ConfigurableResource):
         """The engine for a model reference (the value of base_model, label_model or chat_model)."""
         path = model["path"]
         if path not in self._engines:
-            spec = EngineSpec(path=path, model_name=model["name"], backend=self.backend, device=self.device,
-                              dtype=self.dtype, batch_size=self.batch_size)
+            spec = EngineSpec(
+                path=path, model_name=model["name"], backend=self.backend, device=self.device, dtype=self.dtype, batch_size=self.batch_size
+            )
             dg.get_dagster_logger().info(f"loading {self.role} model {model['name']} from {path} ({self.backend})")
             self._engines[path] = load_engine(spec)
         return self._engines[path]
