@@ -149,7 +149,8 @@ def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     df["label_finish"] = [g.finish_reason for g in gens]
     reason, detail = _no_reasons(df)
     reason[df["instruction"].str.len() == 0] = EMPTY_GENERATION
-    reason[reason.isna() & df["instruction"].str.contains(REPLACEMENT_CHAR, regex=False)] = BROKEN_TEXT
+    broken = reason.isna() & df["instruction"].str.contains(REPLACEMENT_CHAR, regex=False)
+    reason[broken], detail[broken] = BROKEN_TEXT, "instruction holds U+FFFD (bytes that are not UTF-8)"
     for i in df.index[reason.isna()]:
         kw = find_keyword(df.at[i, "instruction"], cfg.label.banned_keywords)
         if kw:

@@ -35,6 +35,7 @@ def test_label_uses_kun_prompt_cleans_and_filters_keywords():
     res = stages.label(docs(["甲", "乙", "丙", "丁", "戊"]), eng, CFG)
     assert res.rows["instruction"].tolist() == ["什么是复利？", "什么是蜜蜂？"]
     assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {"d1": "banned_keyword", "d2": "empty_generation", "d4": "broken_text"}
+    assert res.dropped.set_index("doc_id").loc["d4", "detail"].startswith("instruction holds U+FFFD")
     assert eng.prompts[0] == prompts.render(eng.tokenizer, "请直接告诉我，以下回复最有可能对应的指令是什么：\n甲")
 
 
