@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 
 from kun_dagster import stages
 from kun_dagster.config import KunConfig
-from kun_dagster.corpus import CorpusError, ingest_shard
+from kun_dagster.corpus import CorpusError
 from resources import KunResource, LLMResource
 
 from .common import GPU_POOL, SINGLE_RUN, by_partition, report_stage
@@ -21,25 +21,13 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource) -> dict[str, stages.StageResult]:
         """Every document of the partition's files (a file's shard is a stable hash of its path);
         unreadable rows go to the quarantine with a reason code, file and row."""
-        c = kun.config
         out = {}
         for key in context.partition_keys:
             source_name, shard = split_key(key)
-            source = c.source(source_name)
             try:
-                got = ingest_shard(source, c.resolve(source.uri), shard, c.shards, c.storage.storage_options)
+                result = stages.ingest(kun.config, source_name, shard)
             except CorpusError as e:
                 raise dg.Failure(str(e)) from e
-            result = stages.StageResult(
-                rows=got.docs,
-                dropped=got.quarantine,
-                stats={
-                    "rows_in": len(got.docs) + len(got.quarantine),
-                    "rows_out": len(got.docs),
-                    "files": len(got.files),
-                    "dropped": got.quarantine["reason"].value_counts().to_dict(),
-                },
-            )
             out[key] = report_stage(context, kun, "raw_corpus", key, result)
         return out
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from kun_dagster import training
+from kun_dagster import stages, training
 from kun_dagster.config import KunConfig
-from kun_dagster.corpus import ingest_shard
 from resources import KunResource
 
 from .common import GPU_POOL, preview_markdown
@@ -38,16 +37,6 @@ def _given(role: str, path: str) -> dict:
     if not (p / "config.json").is_file():
         raise dg.Failure(f"{role} model path {path} is not a transformers checkpoint (no config.json)")
     return _ref(role, str(p), "given")
-
-
-def _corpus_texts(cfg: KunConfig, limit: int) -> list[str]:
-    """Up to `limit` documents from every source, all shards (the tiny base's pre-training text)."""
-    texts: list[str] = []
-    for source in cfg.sources:
-        for shard in range(cfg.shards):
-            docs = ingest_shard(source, cfg.resolve(source.uri), shard, cfg.shards, cfg.storage.storage_options).docs
-            texts += docs["text"].tolist()
-    return texts[:limit]
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
@@ -80,7 +69,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         c = kun.config
         if c.models.base.path:
             return _given("base", c.resolve(c.models.base.path))
-        texts = _corpus_texts(c, 20000) + seed_data["instruction"].tolist() + seed_data["output"].tolist()
+        texts = stages.corpus_texts(c, 20000) + seed_data["instruction"].tolist() + seed_data["output"].tolist()
         report = training.build_tiny_base(texts, Path(c.models_dir) / "base", c.models.base.tiny)
         context.add_output_metadata(
             {

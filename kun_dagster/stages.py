@@ -14,7 +14,7 @@ import pandas as pd
 
 from . import prompts, scoring
 from .config import KunConfig
-from .corpus import QUARANTINE_COLUMNS
+from .corpus import QUARANTINE_COLUMNS, ingest_shard
 from .llm.base import Engine, EngineError, SamplingParams
 from .text import clean_text, cut_at_whitespace_run, dedup_key, find_keyword, repair_repeated_lines, starts_with_repeated_phrase
 
@@ -94,6 +94,26 @@ def _stats(n_in: int, result_rows: int, reasons: pd.Series, **extra) -> dict:
 def _require_text(gens, what: str, model: str) -> None:
     if gens and not any(g.text for g in gens):
         raise EngineError(f"{what}: model {model} returned empty text for all {len(gens)} prompts; nothing is published")
+
+
+# -- raw_corpus --------------------------------------------------------------------------------------
+def ingest(cfg: KunConfig, source_name: str, shard: int) -> StageResult:
+    """Every document of the source's files that fall in `shard`; unreadable rows quarantined."""
+    source = cfg.source(source_name)
+    got = ingest_shard(source, cfg.resolve(source.uri), shard, cfg.shards, cfg.storage.storage_options)
+    return StageResult(rows=got.docs, dropped=got.quarantine,
+                       stats=_stats(len(got.docs) + len(got.quarantine), len(got.docs), got.quarantine["reason"], files=len(got.files)))
+
+
+def corpus_texts(cfg: KunConfig, limit: int) -> list[str]:
+    """Up to `limit` documents across every source and shard (the tiny base's pre-training text)."""
+    texts: list[str] = []
+    for source in cfg.sources:
+        for shard in range(cfg.shards):
+            texts += ingest(cfg, source.name, shard).rows["text"].tolist()
+            if len(texts) >= limit:
+                return texts[:limit]
+    return texts
 
 
 # -- filtered_corpus -------------------------------------------------------------------------------
