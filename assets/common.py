@@ -46,7 +46,7 @@ def _flat(stats: dict) -> dict:
     return out
 
 
-def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, result: StageResult) -> StageResult:
+def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, result: StageResult, engine=None) -> StageResult:
     """Log the partition's quarantine and attach its metadata; the IO manager then publishes the
     rows and the quarantine together, after the whole step has succeeded."""
     source, shard = split_key(key)
@@ -67,6 +67,8 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
         "quarantined": len(result.dropped),
         **_flat(result.stats),
     }
+    if engine is not None:  # which engine wrote these rows: vllm or transformers, and the model
+        md["engine"] = f"{engine.backend}: {engine.model_name}"
     if len(df):
         md["preview"] = dg.MetadataValue.md(preview_markdown(df))
     context.add_asset_metadata(md, partition_key=key)

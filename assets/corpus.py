@@ -42,7 +42,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         reference = base_model if c.filter.perplexity_model == "base" else label_model
         engine = base_llm.engine(reference) if c.filter.perplexity_max is not None else None
         return {
-            key: report_stage(context, kun, "filtered_corpus", key, stages.filter_corpus(df, tokenizer, engine, c))
+            key: report_stage(context, kun, "filtered_corpus", key, stages.filter_corpus(df, tokenizer, engine, c), engine)
             for key, df in by_partition(context, raw_corpus).items()
         }
 

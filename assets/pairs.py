@@ -21,7 +21,7 @@ def _run(context, kun, asset: str, frames: dict, stage, engine) -> dict[str, Sta
             result = stage(df, engine, kun.config)
         except EngineError as e:  # the model failed: nothing of this run is published
             raise dg.Failure(f"{asset} {key}: {e}") from e
-        out[key] = report_stage(context, kun, asset, key, result)
+        out[key] = report_stage(context, kun, asset, key, result, engine)
     return out
 
 

@@ -99,11 +99,30 @@ class TinyBaseSettings(_Section):
         return self
 
 
+class VLLMSettings(_Section):
+    """vllm.LLM's engine arguments (the vLLM backend only); `engine_kwargs` passes any other one."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV cache size; None: gpu_memory_utilization sizes it on a GPU, 1 GiB on vLLM's CPU backend"
+    )
+    max_model_len: int | None = Field(None, ge=16, description="None: the model's own context length")
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    enable_prefix_caching: bool = True  # the scoring prompt's long shared head is computed once
+    seed: int = 0  # engine-level: one sampling stream for the whole engine, not one seed per request
+    enforce_eager: bool = False  # True skips torch.compile/CUDA graphs: quicker start, slower decode
+    quantization: str | None = None
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class EngineSettings(_Section):
-    backend: Literal["auto", "transformers"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vllm when it is installed")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="transformers only; vLLM runs on its build's platform")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="transformers only; vLLM schedules whole partitions itself")
+    vllm: VLLMSettings = VLLMSettings()
 
 
 class BaseModelConfig(EngineSettings):

@@ -21,7 +21,8 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
     cfg = load_config(cfg_file)
     store = dict(base_uri=cfg.base_uri, storage_options=cfg.storage.storage_options)
     m = cfg.models
-    llm = {f"{role}_llm": LLMResource(role=role, backend=rc.backend, device=rc.device, dtype=rc.dtype, batch_size=rc.batch_size)
+    llm = {f"{role}_llm": LLMResource(role=role, backend=rc.backend, device=rc.device, dtype=rc.dtype, batch_size=rc.batch_size,
+                                      vllm=rc.vllm.model_dump(exclude_none=True))  # Dagster config maps hold no nulls
            for role, rc in (("base", m.base), ("label", m.label), ("chat", m.chat))}
     all_assets = models.build(cfg) + corpus.build(cfg) + pairs.build(cfg) + dataset.build(cfg)
     return dg.Definitions(

@@ -4,21 +4,22 @@ GPU assets run all their partitions in one step (single-run backfill), so one ba
 model once; the engine is closed when the step ends.
 """
 
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import PrivateAttr
 
-from kun_dagster.llm import Engine, load_engine
+from kun_dagster.llm import Engine, load_engine, resolve_backend
 from kun_dagster.llm.base import EngineSpec
 
 
 class LLMResource(dg.ConfigurableResource):
     role: Literal["base", "label", "chat"]
-    backend: Literal["auto", "transformers"] = "auto"
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = 16
+    vllm: dict[str, Any] = {}  # kun_dagster.config.VLLMSettings fields (the vLLM backend's engine arguments)
 
     _engines: dict = PrivateAttr(default_factory=dict)
 
@@ -26,10 +27,10 @@ class LLMResource(dg.ConfigurableResource):
         """The engine for a model reference (the value of base_model, label_model or chat_model)."""
         path = model["path"]
         if path not in self._engines:
-            spec = EngineSpec(
-                path=path, model_name=model["name"], backend=self.backend, device=self.device, dtype=self.dtype, batch_size=self.batch_size
-            )
-            dg.get_dagster_logger().info(f"loading {self.role} model {model['name']} from {path} ({self.backend})")
+            spec = EngineSpec(path=path, model_name=model["name"], backend=self.backend, device=self.device, dtype=self.dtype,
+                              batch_size=self.batch_size, extra={"vllm": self.vllm})
+            backend = resolve_backend(self.backend)
+            dg.get_dagster_logger().info(f"loading {self.role} model {model['name']} from {path} on {backend} (backend: {self.backend})")
             self._engines[path] = load_engine(spec)
         return self._engines[path]
 

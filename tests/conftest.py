@@ -10,6 +10,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM's engine in-process: seconds, not a minute, to start
 warnings.filterwarnings("ignore", module="dagster")
 
 
@@ -23,6 +24,8 @@ def write_config(tmp: Path, **overrides) -> Path:
     cfg["models"]["base"]["tiny"]["pretrain_epochs"] = 8  # fewer than the demo's 20: a weaker but quicker base
     cfg["sampling"]["max_tokens"] = 64
     cfg["filter"]["perplexity_max"] = 1e5  # computed, but the weaker base must not drop real text
+    for role in ("base", "label", "chat"):  # the reference engine; tests/test_vllm.py runs the graph on vLLM
+        cfg["models"][role]["backend"] = "transformers"
     for key, value in overrides.items():
         node = cfg
         *path, last = key.split(".")
@@ -66,7 +69,7 @@ def label_engine(models_run):
     from kun_dagster.llm.base import EngineSpec
 
     ref = models_run["refs"]["label_model"]
-    return load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], batch_size=8))
+    return load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend="transformers", batch_size=8))
 
 
 @pytest.fixture(scope="session")
@@ -75,4 +78,4 @@ def base_engine(models_run):
     from kun_dagster.llm.base import EngineSpec
 
     ref = models_run["refs"]["base_model"]
-    return load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], batch_size=8))
+    return load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend="transformers", batch_size=8))

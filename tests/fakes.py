@@ -19,6 +19,7 @@ def tokenizer():
 
 
 class ScriptedEngine:
+    backend = "scripted"
     model_name = "scripted"
 
     def __init__(self, replies=(), probs=(), ppl=()):

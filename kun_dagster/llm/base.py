@@ -28,7 +28,7 @@ class SamplingParams:
     top_p: float = 0.95
     repetition_penalty: float = 1.2
     max_tokens: int = 1024
-    seed: int = 0
+    seed: int = 0  # the transformers engine seeds torch per call; vLLM uses its engine-level seed
     stop: tuple[str, ...] = DEFAULT_STOPS
 
 
@@ -41,6 +41,7 @@ class Generation:
 
 @runtime_checkable
 class Engine(Protocol):
+    backend: str  # "vllm" or "transformers"
     model_name: str
     tokenizer: object  # a transformers tokenizer: chat template and token counts
 
@@ -63,4 +64,4 @@ class EngineSpec:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 16
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # backend settings, e.g. {"vllm": VLLMSettings fields}

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from .base import Engine, EngineError, EngineSpec
 
-BACKENDS = ("transformers",)
+BACKENDS = ("vllm", "transformers")
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
 
 
 def resolve_backend(backend: str) -> str:
-    """`auto` is the transformers engine until another backend is installed beside it."""
+    """`auto` is vLLM wherever it is installed, else the transformers engine."""
     if backend == "auto":
-        return "transformers"
+        return "vllm" if vllm_installed() else "transformers"
     if backend not in BACKENDS:
         raise EngineError(f"unknown LLM backend {backend!r}; known: auto, {', '.join(BACKENDS)}")
     return backend
@@ -18,8 +24,10 @@ def resolve_backend(backend: str) -> str:
 
 def load_engine(spec: EngineSpec) -> Engine:
     backend = resolve_backend(spec.backend)
-    if backend == "transformers":
-        from .hf import HFEngine
+    if backend == "vllm":
+        from .vllm_engine import VLLMEngine
 
-        return HFEngine(spec)
-    raise EngineError(f"backend {backend!r} has no engine")  # pragma: no cover
+        return VLLMEngine(spec)
+    from .hf import HFEngine
+
+    return HFEngine(spec)

@@ -31,6 +31,8 @@ def _dtype(name: str, device: str) -> torch.dtype:
 
 
 class HFEngine:
+    backend = "transformers"
+
     def __init__(self, spec: EngineSpec):
         self.model_name = spec.model_name
         self.batch_size = spec.batch_size
@@ -52,11 +54,17 @@ class HFEngine:
         return [self.tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
 
     def _pad(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left padding (generation) repeats the row's own first token: the attention mask hides it
+        from the model, and transformers' repetition penalty, which also reads padding, then sees no
+        token the row does not have. With a shared pad token (<|endoftext|>, a stop token) that
+        token was penalised in padded rows only, so results depended on batching (and on vLLM)."""
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
             sl = slice(width - len(s), width) if left else slice(0, len(s))
+            if left and s:
+                ids[i, : width - len(s)] = s[0]
             ids[i, sl] = torch.tensor(s, dtype=torch.long)
             mask[i, sl] = 1
         return ids.to(self.device), mask.to(self.device)

