@@ -89,6 +89,27 @@ def test_choice_probs_are_not_degenerate_on_the_long_answers(engines):
     assert (probs.max(axis=1) < 0.999).all() and (np.sort(probs, axis=1)[:, -2] > 1e-2).all()
 
 
+def test_answer_rows_under_the_prefix_cache_are_recomputed(engines, monkeypatch):
+    """A prompt whose answer's first differing token sits right after a cached block boundary: vLLM
+    would not compute the rows we read, so that request is rerun without the cache."""
+    hf, vl = engines["label_hf"], engines["label_vllm"]
+    answers = vl._encode(["【好】", "【差】"], special=False)
+    common = next(k for k in range(len(answers[0])) if answers[0][k] != answers[1][k])
+    block = vl.llm.llm_engine.vllm_config.cache_config.block_size
+    head = vl._encode([prompts.render(vl.tokenizer, prompts.point_user("什么是复利？"))], special=False)[0]
+    n = len(head) // block * block - common
+    ids = head[:n]
+    assert (n + common) % block == 0
+    vl._answer_logprobs([ids], answers)  # fills the cache with these blocks
+    reads = []
+    real_run = vl._run
+    monkeypatch.setattr(vl, "_run", lambda p, params: reads.append(params.skip_reading_prefix_cache) or real_run(p, params))
+    got = vl._answer_logprobs([ids], answers)[0]
+    assert True in reads  # the rerun without the cache happened
+    want = [lp[n + common - 1:].sum() for lp in hf._token_logprobs([ids + a for a in answers])]
+    assert np.allclose(got, want, atol=1e-3)
+
+
 def test_perplexity_within_1pct_of_the_transformers_engine(engines):
     texts = _texts(10) + ["噢嗯 qz#@ 喵 x7 9&* 乒 乓 ¥ 〇", "一"]
     got, want = engines["base_vllm"].perplexity(texts), engines["base_hf"].perplexity(texts)

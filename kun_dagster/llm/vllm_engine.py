@@ -1,10 +1,9 @@
 """The vLLM engine: every LLM stage on one `vllm.LLM` per model, built once per process.
 
 - generate: a whole partition in one `LLM.generate` call; vLLM batches and schedules it.
-- choice_probs: one step per prompt for single-token answers (1..5) via `logprob_token_ids`; for
-  multi-token answers (【好】/【差】) the answers form a token trie, and each branch point is one
-  more max_tokens=1 request on prompt + answer prefix, which prefix caching serves (the prompt's
-  KV is computed once, the extra requests only compute the answer's few tokens).
+- choice_probs: single-token answers (1..5) in one step per prompt (`logprob_token_ids`);
+  multi-token answers (【好】/【差】) as prompt + answer, read from the prompt's own token logprobs,
+  with the prefix cache serving the prompt to every answer after the first.
 - perplexity: the prompt's own token logprobs (`prompt_logprobs=0`).
 
 Prompts go in as token ids from the same tokenizer the transformers engine uses, so both engines
@@ -161,55 +160,66 @@ class VLLMEngine:
         answers = self._encode(choices, special=False)
         if any(not a for a in answers):
             raise ValueError(f"every choice must have at least one token: {choices!r}")
-        # Tokens every answer shares add the same log-probability to each, which normalising
-        # cancels: scoring starts at the first token where the answers differ.
-        common = 0
-        while common < min(len(a) for a in answers) - 1 and len({a[common] for a in answers}) == 1:
-            common += 1
-        branches: dict[tuple[int, ...], set[int]] = {}
-        for a in answers:
-            for k in range(common, len(a)):
-                branches.setdefault(tuple(a[:k]), set()).add(a[k])
-        head = tuple(answers[0][:common])
-        rest = [b for b in branches if b != head]
         prompt_ids = self._encode(prompts, special=False)
-        scores = np.zeros((len(prompts), len(choices)))
-        step = self._chunk(prompt_ids)
-        for start in range(0, len(prompts), step):
-            rows = range(start, min(start + step, len(prompts)))
-            got: dict[tuple[int, tuple[int, ...]], dict] = {}
-            # The head round computes (and caches) each prompt; the rest reuse its KV.
-            for round_ in ([head], rest):
-                jobs = [(r, b) for r in rows for b in round_]
-                by_branch = {b: self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=sorted(branches[b]))
-                             for b in round_}
-                outs = self._run_mixed([(prompt_ids[r] + list(b), by_branch[b]) for r, b in jobs])
-                for (r, b), o in zip(jobs, outs):
-                    got[r, b] = {t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()}
-            for r in rows:
-                for c, a in enumerate(answers):
-                    scores[r, c] = sum(got[r, tuple(a[:k])][a[k]] for k in range(common, len(a)))
+        if all(len(a) == 1 for a in answers):
+            scores = self._next_token_logprobs(prompt_ids, [a[0] for a in answers])
+        else:
+            scores = self._answer_logprobs(prompt_ids, answers)
         scores -= scores.max(axis=1, keepdims=True)
         probs = np.exp(scores)
         return probs / probs.sum(axis=1, keepdims=True)
 
-    def _run_mixed(self, jobs: list[tuple[list[int], object]]) -> list:
-        """Like _run, with one SamplingParams per prompt."""
-        if not jobs:
-            return []
-        ids, params = zip(*jobs)
-        return self._run(list(ids), list(params))
+    def _next_token_logprobs(self, prompt_ids: list[list[int]], tokens: list[int]) -> np.ndarray:
+        """One step per prompt: the log-probability of each candidate next token."""
+        sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=tokens, detokenize=False)
+        outs = self._run(prompt_ids, sp)
+        return np.array([[o.outputs[0].logprobs[0][t].logprob for t in tokens] for o in outs])
+
+    def _answer_logprobs(self, prompt_ids: list[list[int]], answers: list[list[int]]) -> np.ndarray:
+        """Each answer appended to the prompt, read back from the prompt's own token logprobs.
+
+        Tokens every answer opens with add the same log-probability to each, which normalising
+        cancels, so only rows from the first differing token on are read. Prompt logprobs normally
+        bypass the prefix cache; here it is read on purpose (vLLM then computes rows only after the
+        cached blocks), so the first answer computes the prompt and the others reuse its KV. A
+        request whose needed rows fell inside the cache is rerun without it.
+        """
+        common = 0
+        while common < min(len(a) for a in answers) - 1 and len({a[common] for a in answers}) == 1:
+            common += 1
+        scores = np.zeros((len(prompt_ids), len(answers)))
+        step = self._chunk(prompt_ids)
+        for start in range(0, len(prompt_ids), step):
+            rows = range(start, min(start + step, len(prompt_ids)))
+            for round_ in ([0], range(1, len(answers))):  # the first answer's round fills the cache
+                jobs = [(r, c, prompt_ids[r] + answers[c]) for r in rows for c in round_]
+                outs = self._run([ids for *_, ids in jobs], self._prompt_logprob_params(read_cache=True))
+                for (r, c, ids), o in zip(jobs, outs):
+                    first = len(prompt_ids[r]) + common  # position of the first token that is read
+                    if o.num_cached_tokens > first - 1:
+                        o = self._run([ids], self._prompt_logprob_params(read_cache=False))[0]
+                    scores[r, c] = self._prompt_rows(o, ids, first).sum()
+        return scores
+
+    def _prompt_logprob_params(self, read_cache: bool):
+        # detokenize=False: no text wanted, and rows left uncomputed under the cache are never decoded
+        return self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, flat_logprobs=True,
+                                         detokenize=False, skip_reading_prefix_cache=not read_cache)
+
+    def _prompt_rows(self, out, ids: list[int], first: int) -> np.ndarray:
+        """log p(ids[k] | ids[:k]) for k >= first, from a prompt_logprobs=0 request."""
+        flat = out.prompt_logprobs  # position k holds exactly prompt token k (position 0 holds none)
+        at = flat.start_indices[first:]
+        if [flat.token_ids[i] for i in at] != ids[first:]:
+            raise EngineError(f"vLLM returned prompt logprobs for other tokens than the prompt's (model {self.model_name})")
+        return np.array([flat.logprobs[i] for i in at], dtype=float)
 
     def perplexity(self, texts: list[str]) -> np.ndarray:
         encoded = [ids[: self.max_len - 1] for ids in self._encode(texts, special=True)]  # room for the one sampled token
         out = np.full(len(texts), math.nan)
         idx = [i for i, ids in enumerate(encoded) if len(ids) >= 2]
-        sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, flat_logprobs=True)
-        for i, o in zip(idx, self._run([encoded[i] for i in idx], sp)):
-            flat = o.prompt_logprobs  # position 0 has none; then exactly the prompt's own token
-            if list(flat.token_ids) != encoded[i][1:]:
-                raise EngineError(f"vLLM returned prompt logprobs for other tokens than the prompt's (text {i})")
-            out[i] = float(np.exp(-np.mean(flat.logprobs)))
+        for i, o in zip(idx, self._run([encoded[i] for i in idx], self._prompt_logprob_params(read_cache=False))):
+            out[i] = float(np.exp(-self._prompt_rows(o, encoded[i], 1).mean()))
         return out
 
     def close(self) -> None:
