@@ -12,7 +12,6 @@ see identical inputs.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -231,8 +230,7 @@ class VLLMEngine:
         except Exception as e:  # noqa: BLE001 - closing must not mask the step's own outcome
             log.warning("vLLM shutdown of %s: %s", self.model_name, _short(e))
         del llm
-        gc.collect()
-        try:
+        try:  # frees the model's memory (one gc pass) and the distributed state, for the next engine
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
             cleanup_dist_env_and_memory()
