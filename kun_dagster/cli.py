@@ -66,6 +66,9 @@ def demo(args: argparse.Namespace) -> int:
 
     cfg_file = config_path(args.config)
     os.environ["KUN_CONFIG"] = str(cfg_file)
+    # The demo runs its steps in this process: vLLM's engine (where installed) starts in it too,
+    # in seconds, instead of in a new process that imports torch again.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(args.dagster_home).resolve())))
     home.mkdir(parents=True, exist_ok=True)
     cfg = load_config(cfg_file)

@@ -52,6 +52,6 @@ def test_generate_is_reproducible_and_stops(label_engine):
 def test_unloadable_model_is_a_clear_engine_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(EngineError, match=r"transformers could not load model broken from .*"):
-        load_engine(EngineSpec(path=str(tmp_path), model_name="broken"))
+        load_engine(EngineSpec(path=str(tmp_path), model_name="broken", backend="transformers"))
     with pytest.raises(EngineError, match="unknown LLM backend 'tensorrt'"):
         load_engine(EngineSpec(path=str(tmp_path), model_name="x", backend="tensorrt"))
