@@ -214,12 +214,14 @@ def main(argv: list[str] | None = None) -> None:
         point = [prompts.render(chat.tokenizer, prompts.point_user(s)) for s in instructions]
         chat.choice_probs(point[:4], [prompts.KUN_GOOD, prompts.KUN_BAD])  # warm both paths' kernels
         probs, t_choice = timed(lambda: chat.choice_probs(point, [prompts.KUN_GOOD, prompts.KUN_BAD]))
+        _, t_single = timed(lambda: chat.choice_probs(point, list(prompts.HUMPBACK_SCORES)))  # the one-step path
         free = SamplingParams(**{**params.__dict__, "max_tokens": args.kun_max_tokens})
         replies, t_free = timed(lambda: chat.generate(point, free))
         parsed = [scoring.parse_kun_reply(g.text) for g in replies]
         res["scoring"] = {
             "instructions": len(point), "choice_probs_s": round(t_choice, 3), "freetext_s": round(t_free, 3),
             "speedup": round(t_free / t_choice, 2), "freetext_max_tokens": args.kun_max_tokens,
+            "single_token_choice_s": round(t_single, 3), "single_token_speedup": round(t_free / t_single, 2),
             "freetext_output_tokens": sum(g.num_tokens for g in replies),
             "freetext_hit_max_tokens": sum(g.finish_reason == "length" for g in replies),
             "freetext_parse_failures": sum(p != p for p in parsed),

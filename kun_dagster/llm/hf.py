@@ -51,7 +51,7 @@ class HFEngine:
 
     # -- helpers -------------------------------------------------------------------------------
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
-        return [self.tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+        return self.tokenizer(list(texts), add_special_tokens=special)["input_ids"] if texts else []  # one batch call
 
     def _pad(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Left padding (generation) repeats the row's own first token: the attention mask hides it

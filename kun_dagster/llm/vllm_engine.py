@@ -110,7 +110,7 @@ class VLLMEngine:
 
     # -- helpers -------------------------------------------------------------------------------
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
-        return [self.tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+        return self.tokenizer(list(texts), add_special_tokens=special)["input_ids"] if texts else []  # one batch call
 
     def _run(self, token_prompts: list[list[int]], params) -> list:
         """One LLM.generate call; any request that did not finish normally fails the whole call."""
