@@ -18,6 +18,13 @@ import numpy as np
 DEFAULT_STOPS = ("<|endoftext|>", "</s>", "<|im_end|>")
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The token ids a generation ends at: the tokenizer's EOS and whichever of DEFAULT_STOPS it has."""
+    vocab = tokenizer.get_vocab()
+    ids = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in DEFAULT_STOPS if t in vocab}
+    return sorted(i for i in ids if i is not None)
+
+
 class EngineError(RuntimeError):
     """The model or the engine failed; a stage that meets it fails, it publishes nothing."""
 

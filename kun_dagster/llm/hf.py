@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..text import strip_stop_strings
-from .base import EngineError, EngineSpec, Generation, SamplingParams
+from .base import EngineError, EngineSpec, Generation, SamplingParams, stop_token_ids
 
 hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run logs
 
@@ -45,8 +45,7 @@ class HFEngine:
         self.model.to(self.device).eval()
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        stops = {tok.eos_token_id} | {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "</s>") if t in tok.get_vocab()}
-        self.eos_ids = sorted(i for i in stops if i is not None)
+        self.eos_ids = stop_token_ids(tok)
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 4096))
 
     # -- helpers -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from ..config import VLLMSettings
 from ..text import strip_stop_strings
-from .base import EngineError, EngineSpec, Generation, SamplingParams
+from .base import EngineError, EngineSpec, Generation, SamplingParams, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ class VLLMEngine:
                 "If vLLM cannot run this model here, set backend: transformers for its role"
             ) from e
         self._vllm = vllm
-        tok = self.tokenizer
-        stops = {tok.eos_token_id} | {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "</s>") if t in tok.get_vocab()}
-        self.eos_ids = sorted(i for i in stops if i is not None)
+        self.eos_ids = stop_token_ids(self.tokenizer)
         engine_cfg = self.llm.llm_engine.vllm_config
         self.max_len = int(engine_cfg.model_config.max_model_len)
         blocks = engine_cfg.cache_config.num_gpu_blocks
