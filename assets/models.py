@@ -45,7 +45,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         """COIG-CQIA seed records (instruction, input, output, ...); multiple-choice items dropped (Kun)."""
         c = kun.config
         uri = c.resolve(c.seed.uri)
-        seeds = pd.read_json(uri, lines=True, dtype=False, storage_options=c.storage.storage_options or None)
+        remote = "://" in uri  # pandas refuses storage_options for a local path (a local seed beside an s3:// base)
+        seeds = pd.read_json(uri, lines=True, dtype=False, storage_options=(c.storage.storage_options or None) if remote else None)
         missing = {"instruction", "output"} - set(seeds.columns)
         if missing:
             raise dg.Failure(f"seed file {uri} lacks fields {sorted(missing)}")
