@@ -16,7 +16,7 @@ from kun_dagster import prompts, storage
 from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 from kun_dagster.llm import EngineError, SamplingParams, load_engine, resolve_backend
-from kun_dagster.llm.base import EngineSpec
+from kun_dagster.llm.base import EngineSpec, encode
 
 from .conftest import REPO, write_config
 
@@ -93,10 +93,10 @@ def test_answer_rows_under_the_prefix_cache_are_recomputed(engines, monkeypatch)
     """A prompt whose answer's first differing token sits right after a cached block boundary: vLLM
     would not compute the rows we read, so that request is rerun without the cache."""
     hf, vl = engines["label_hf"], engines["label_vllm"]
-    answers = vl._encode(["【好】", "【差】"], special=False)
+    answers = encode(vl.tokenizer, ["【好】", "【差】"], special=False)
     common = next(k for k in range(len(answers[0])) if answers[0][k] != answers[1][k])
     block = vl.llm.llm_engine.vllm_config.cache_config.block_size
-    head = vl._encode([prompts.render(vl.tokenizer, prompts.point_user("什么是复利？"))], special=False)[0]
+    head = encode(vl.tokenizer, [prompts.render(vl.tokenizer, prompts.point_user("什么是复利？"))], special=False)[0]
     n = len(head) // block * block - common
     ids = head[:n]
     assert (n + common) % block == 0
@@ -117,22 +117,22 @@ def test_perplexity_within_1pct_of_the_transformers_engine(engines):
     assert np.allclose(got[:-1], want[:-1], rtol=0.01) and (got[:-1] > 1).all()
 
 
+def vllm_params(**kw):
+    import vllm
+
+    return vllm.SamplingParams(**kw)
+
+
 def test_the_scoring_prompt_shares_its_head_through_the_prefix_cache(engines):
     vl = engines["label_vllm"]
     ps = [prompts.render(vl.tokenizer, prompts.point_user(s)) for s in ("什么是复利？", "你认识黄丰吗？")]
-    ids = vl._encode(ps, special=False)
+    ids = encode(vl.tokenizer, ps, special=False)
     shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
     assert shared > 0.9 * len(ids[0])  # the long fixed instructions come first, the instruction last
     vl.generate(ps[:1], SamplingParams(temperature=0.0, max_tokens=1))
     out = vl.llm.generate([{"prompt_token_ids": ids[1]}], vllm_params(max_tokens=1), use_tqdm=False)[0]
     block = vl.llm.llm_engine.vllm_config.cache_config.block_size
     assert out.num_cached_tokens >= shared // block * block > 0
-
-
-def vllm_params(**kw):
-    import vllm
-
-    return vllm.SamplingParams(**kw)
 
 
 def test_a_model_vllm_cannot_serve_names_the_model_and_the_backend_to_use(tmp_path, models_run):

@@ -25,6 +25,17 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of each text, in one batch call: every engine feeds its model exactly these."""
+    return tokenizer(list(texts), add_special_tokens=special)["input_ids"] if texts else []
+
+
+def normalise(log_scores: np.ndarray) -> np.ndarray:
+    """Per-row softmax of summed answer log-probabilities: choice_probs' common last step."""
+    probs = np.exp(log_scores - log_scores.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
 class EngineError(RuntimeError):
     """The model or the engine failed; a stage that meets it fails, it publishes nothing."""
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..text import strip_stop_strings
-from .base import EngineError, EngineSpec, Generation, SamplingParams, stop_token_ids
+from .base import EngineError, EngineSpec, Generation, SamplingParams, encode, normalise, stop_token_ids
 
 hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run logs
 
@@ -49,9 +49,6 @@ class HFEngine:
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 4096))
 
     # -- helpers -------------------------------------------------------------------------------
-    def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=special)["input_ids"] if texts else []  # one batch call
-
     def _pad(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Left padding (generation) repeats the row's own first token: the attention mask hides it
         from the model, and transformers' repetition penalty, which also reads padding, then sees no
@@ -78,7 +75,7 @@ class HFEngine:
 
     # -- protocol ------------------------------------------------------------------------------
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
-        encoded = self._encode(prompts, special=False)
+        encoded = encode(self.tokenizer, prompts, special=False)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # less padding
         out: list[Generation | None] = [None] * len(prompts)
         torch.manual_seed(params.seed)
@@ -107,8 +104,8 @@ class HFEngine:
         """Sum of the answer's token log-probabilities after the prompt, normalised over the answers."""
         if not choices:
             raise ValueError("choice_probs needs at least one choice")
-        prompt_ids = self._encode(prompts, special=False)
-        choice_ids = self._encode(choices, special=False)
+        prompt_ids = encode(self.tokenizer, prompts, special=False)
+        choice_ids = encode(self.tokenizer, choices, special=False)
         scores = np.zeros((len(prompts), len(choices)))
         step = max(1, self.batch_size // len(choices))
         for start in range(0, len(prompts), step):
@@ -118,12 +115,10 @@ class HFEngine:
             for k, (r, c) in enumerate((r, c) for r in rows for c in range(len(choices))):
                 n = len(choice_ids[c])
                 scores[r, c] = float(logps[k][-n:].sum())
-        scores -= scores.max(axis=1, keepdims=True)
-        probs = np.exp(scores)
-        return probs / probs.sum(axis=1, keepdims=True)
+        return normalise(scores)
 
     def perplexity(self, texts: list[str]) -> np.ndarray:
-        encoded = [ids[: self.max_len] for ids in self._encode(texts, special=True)]
+        encoded = [ids[: self.max_len] for ids in encode(self.tokenizer, texts, special=True)]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         out = np.full(len(texts), math.nan)
         for start in range(0, len(order), self.batch_size):

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from ..config import VLLMSettings
 from ..text import strip_stop_strings
-from .base import EngineError, EngineSpec, Generation, SamplingParams, stop_token_ids
+from .base import EngineError, EngineSpec, Generation, SamplingParams, encode, normalise, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,6 @@ class VLLMEngine:
         self.kv_tokens = int(blocks * engine_cfg.cache_config.block_size) if blocks else None
 
     # -- helpers -------------------------------------------------------------------------------
-    def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=special)["input_ids"] if texts else []  # one batch call
-
     def _run(self, token_prompts: list[list[int]], params) -> list:
         """One LLM.generate call; any request that did not finish normally fails the whole call."""
         if not token_prompts:
@@ -142,7 +139,7 @@ class VLLMEngine:
             stop_token_ids=self.eos_ids, skip_special_tokens=False,
         )
         out = []
-        for o in self._run(self._encode(prompts, special=False), sp):
+        for o in self._run(encode(self.tokenizer, prompts, special=False), sp):
             c = o.outputs[0]
             tokens = list(c.token_ids)
             if tokens and tokens[-1] in self.eos_ids:
@@ -154,17 +151,15 @@ class VLLMEngine:
         """Sum of the answer's token log-probabilities after the prompt, normalised over the answers."""
         if not choices:
             raise ValueError("choice_probs needs at least one choice")
-        answers = self._encode(choices, special=False)
+        answers = encode(self.tokenizer, choices, special=False)
         if any(not a for a in answers):
             raise ValueError(f"every choice must have at least one token: {choices!r}")
-        prompt_ids = self._encode(prompts, special=False)
+        prompt_ids = encode(self.tokenizer, prompts, special=False)
         if all(len(a) == 1 for a in answers):
             scores = self._next_token_logprobs(prompt_ids, [a[0] for a in answers])
         else:
             scores = self._answer_logprobs(prompt_ids, answers)
-        scores -= scores.max(axis=1, keepdims=True)
-        probs = np.exp(scores)
-        return probs / probs.sum(axis=1, keepdims=True)
+        return normalise(scores)
 
     def _next_token_logprobs(self, prompt_ids: list[list[int]], tokens: list[int]) -> np.ndarray:
         """One step per prompt: the log-probability of each candidate next token."""
@@ -212,7 +207,7 @@ class VLLMEngine:
         return np.array([flat.logprobs[i] for i in at], dtype=float)
 
     def perplexity(self, texts: list[str]) -> np.ndarray:
-        encoded = [ids[: self.max_len - 1] for ids in self._encode(texts, special=True)]  # room for the one sampled token
+        encoded = [ids[: self.max_len - 1] for ids in encode(self.tokenizer, texts, special=True)]  # room for the one sampled token
         out = np.full(len(texts), math.nan)
         idx = [i for i, ids in enumerate(encoded) if len(ids) >= 2]
         for i, o in zip(idx, self._run([encoded[i] for i in idx], self._prompt_logprob_params(read_cache=False))):
