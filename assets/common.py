@@ -6,6 +6,7 @@ import dagster as dg
 import pandas as pd
 
 from kun_dagster import storage
+from kun_dagster.llm.checkpoint import Checkpointed
 from kun_dagster.stages import StageResult
 
 from .partitions import split_key
@@ -20,6 +21,18 @@ def by_partition(context: dg.AssetExecutionContext, value) -> dict[str, pd.DataF
     if isinstance(value, dict):
         return {k: value[k] for k in keys}
     return {keys[0]: value}
+
+
+def hive(key) -> dict[str, str]:
+    """A corpus partition key as its storage partition {source, shard}."""
+    source, shard = split_key(key)
+    return {"source": source, "shard": str(shard)}
+
+
+def checkpointed(kun, asset: str, key, engine) -> Checkpointed:
+    """The engine with per-batch checkpoints under the partition's staging folder: a rerun after a
+    crash resumes at the last finished batch (the IO manager clears the folder on publish)."""
+    return Checkpointed(engine, storage.staging_dir(kun.base, asset, hive(key)), kun.config.storage.checkpoint_rows)
 
 
 def schema_of(df: pd.DataFrame) -> dg.TableSchema:
@@ -49,9 +62,9 @@ def _flat(stats: dict) -> dict:
 def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, result: StageResult, engine=None) -> StageResult:
     """Log the partition's quarantine and attach its metadata; the IO manager then publishes the
     rows and the quarantine together, after the whole step has succeeded."""
-    source, shard = split_key(key)
-    part = {"source": source, "shard": str(shard)}
-    qdir = storage.partition_dir(kun.base, f"{storage.QUARANTINE}/{asset}", part)
+    part = hive(key)
+    source, shard = part["source"], part["shard"]
+    qdir = storage.quarantine_dir(kun.base, asset, part)
     for reason, n in result.dropped["reason"].value_counts().items():
         sample = result.dropped[result.dropped["reason"] == reason].iloc[0]
         context.log.warning(
@@ -69,6 +82,7 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
     }
     if engine is not None:  # which engine wrote these rows: vllm or transformers, and the model
         md["engine"] = f"{engine.backend}: {engine.model_name}"
+        md.update(getattr(engine, "stats", {}))  # checkpoint batches reused / computed
     if len(df):
         md["preview"] = dg.MetadataValue.md(preview_markdown(df))
     context.add_asset_metadata(md, partition_key=key)

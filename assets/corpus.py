@@ -8,7 +8,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
 from resources import KunResource, LLMResource
 
-from .common import GPU_POOL, SINGLE_RUN, by_partition, report_stage
+from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, report_stage
 from .partitions import corpus_partitions, split_key
 
 GROUP = "corpus"
@@ -41,9 +41,10 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         tokenizer = AutoTokenizer.from_pretrained(label_model["path"])
         reference = base_model if c.filter.perplexity_model == "base" else label_model
         engine = base_llm.engine(reference) if c.filter.perplexity_max is not None else None
-        return {
-            key: report_stage(context, kun, "filtered_corpus", key, stages.filter_corpus(df, tokenizer, engine, c), engine)
-            for key, df in by_partition(context, raw_corpus).items()
-        }
+        out = {}
+        for key, df in by_partition(context, raw_corpus).items():
+            resumable = checkpointed(kun, "filtered_corpus", key, engine) if engine else None
+            out[key] = report_stage(context, kun, "filtered_corpus", key, stages.filter_corpus(df, tokenizer, resumable, c), resumable)
+        return out
 
     return [raw_corpus, filtered_corpus]

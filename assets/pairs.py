@@ -8,7 +8,7 @@ from kun_dagster.llm import EngineError
 from kun_dagster.stages import StageResult
 from resources import KunResource, LLMResource
 
-from .common import GPU_POOL, SINGLE_RUN, by_partition, report_stage
+from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, report_stage
 from .partitions import corpus_partitions
 
 GROUP = "pairs"
@@ -17,11 +17,12 @@ GROUP = "pairs"
 def _run(context, kun, asset: str, frames: dict, stage, engine) -> dict[str, StageResult]:
     out = {}
     for key, df in frames.items():
+        resumable = checkpointed(kun, asset, key, engine)
         try:
-            result = stage(df, engine, kun.config)
+            result = stage(df, resumable, kun.config)
         except EngineError as e:  # the model failed: nothing of this run is published
             raise dg.Failure(f"{asset} {key}: {e}") from e
-        out[key] = report_stage(context, kun, asset, key, result, engine)
+        out[key] = report_stage(context, kun, asset, key, result, resumable)
     return out
 
 

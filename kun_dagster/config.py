@@ -47,6 +47,7 @@ class StorageConfig(_Section):
     base_uri: str = Field(".kun/data", description="local folder or s3://bucket/prefix")
     models_dir: str | None = Field(None, description="local folder for checkpoints; None: {base_uri}/models")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec")
+    checkpoint_rows: int = Field(512, ge=1, description="LLM stages checkpoint a partition every this many prompts")
 
 
 class SamplingConfig(_Section):

@@ -19,6 +19,8 @@ from upath import UPath
 
 PART_NAME = "part-0.parquet"
 QUARANTINE = "quarantine"  # {base}/quarantine/{asset}/source=.../shard=.../
+STAGING = "_staging"  # {base}/_staging/{asset}/source=.../shard=.../: batch checkpoints of a partition
+# being computed; the leading underscore keeps pyarrow.dataset, DuckDB and Hive readers out of it.
 
 
 def upath(uri: str, storage_options: Mapping | None = None) -> UPath:
@@ -31,6 +33,20 @@ def partition_dir(base: UPath, asset: str, partition: Mapping[str, str]) -> UPat
     for key, value in partition.items():
         path = path / f"{key}={value}"
     return path
+
+
+def quarantine_dir(base: UPath, asset: str, partition: Mapping[str, str]) -> UPath:
+    return partition_dir(base, f"{QUARANTINE}/{asset}", partition)
+
+
+def staging_dir(base: UPath, asset: str, partition: Mapping[str, str]) -> UPath:
+    return partition_dir(base, f"{STAGING}/{asset}", partition)
+
+
+def remove_tree(path: UPath) -> None:
+    """Delete a folder and everything under it; nothing there is fine."""
+    if path.exists():
+        path.fs.rm(path.path, recursive=True)
 
 
 def partition_of(directory: UPath) -> dict[str, str]:

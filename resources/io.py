@@ -1,7 +1,7 @@
 """IO managers on Dagster's UPathIOManager: hive-partitioned Parquet, and JSON model references.
 
 Partitions land at {base}/{asset}/source={s}/shard={k}/part-0.parquet and are published
-atomically (kun_dagster.storage). A stage hands over a StageResult: its dropped rows go to
+atomically (kun_dagster.storage); the partition's batch checkpoints (staging) go once it is. A stage hands over a StageResult: its dropped rows go to
 {base}/quarantine/{asset}/source=.../shard=.../ first, then its rows, so a partition's data and
 quarantine are always of the same run, and only once the whole step has succeeded. A single-run
 backfill hands the manager one value per partition in a dict keyed by partition key.
@@ -37,11 +37,12 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
         return storage.partition_dir(path, "", hive_partition(context.asset_partitions_def, partition))
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame | StageResult, path: UPath) -> None:
+        asset, part = "/".join(context.asset_key.path), storage.partition_of(path)
         if isinstance(obj, StageResult):
-            relative = path.relative_to(self._base_path)
-            storage.write_partition(self._base_path / storage.QUARANTINE / relative, obj.dropped)
+            storage.write_partition(storage.quarantine_dir(self._base_path, asset, part), obj.dropped)
             obj = obj.rows
         storage.write_partition(path, obj)
+        storage.remove_tree(storage.staging_dir(self._base_path, asset, part))  # published: its batch checkpoints are done
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
         return storage.read_partition(path)
