@@ -25,7 +25,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         for key in context.partition_keys:
             source_name, shard = split_key(key)
             try:
-                result = stages.ingest(kun.config, source_name, shard)
+                result = stages.ingest(kun.config, source_name, shard, kun.store)
             except CorpusError as e:
                 raise dg.Failure(str(e)) from e
             out[key] = report_stage(context, kun, "raw_corpus", key, result)

@@ -45,8 +45,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         """COIG-CQIA seed records (instruction, input, output, ...); multiple-choice items dropped (Kun)."""
         c = kun.config
         uri = c.resolve(c.seed.uri)
-        remote = "://" in uri  # pandas refuses storage_options for a local path (a local seed beside an s3:// base)
-        seeds = pd.read_json(uri, lines=True, dtype=False, storage_options=(c.storage.storage_options or None) if remote else None)
+        seeds = pd.read_json(uri, lines=True, dtype=False, storage_options=kun.store.options(uri) or None)  # None for a local seed
         missing = {"instruction", "output"} - set(seeds.columns)
         if missing:
             raise dg.Failure(f"seed file {uri} lacks fields {sorted(missing)}")
@@ -70,7 +69,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         c = kun.config
         if c.models.base.path:
             return _given("base", c.resolve(c.models.base.path))
-        texts = stages.corpus_texts(c, 20000) + seed_data["instruction"].tolist() + seed_data["output"].tolist()
+        texts = stages.corpus_texts(c, 20000, kun.store) + seed_data["instruction"].tolist() + seed_data["output"].tolist()
         report = training.build_tiny_base(texts, Path(c.models_dir) / "base", c.models.base.tiny)
         context.add_output_metadata(
             {

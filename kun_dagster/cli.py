@@ -42,7 +42,7 @@ def _materialize_all(defs, instance, log_level: str, reuse_models: bool = False)
 def _print_funnel(cfg) -> None:
     from kun_dagster import dataset, storage
 
-    base = storage.upath(cfg.base_uri, cfg.storage.storage_options)
+    base = storage.Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
     stages = [a for a, _ in dataset.STAGES]
     head = f"{'source':<10}" + "".join(f"{s:>17}" for s in stages) + f"{'kept':>8}{'final':>8}{'quarantined':>13}"
     print("\nFunnel (rows per stage):\n" + head)

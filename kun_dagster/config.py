@@ -43,10 +43,26 @@ class SourceConfig(_Section):
     compression: Literal["infer", "gzip", "zstd", "none"] = "infer"
 
 
+class S3Settings(_Section):
+    """How to reach S3 or an S3-compatible store (MinIO, Ceph, R2, ...): applies to every s3:// URI."""
+
+    endpoint_url: str | None = Field(None, description="None: AWS itself; e.g. http://minio:9000")
+    region: str | None = None
+    path_style: bool = Field(False, description="bucket in the path, not the host name (MinIO and most self-hosted stores)")
+    max_attempts: int = Field(10, ge=1, description="per request; connection errors, 5xx and throttling retry with exponential backoff")
+    connect_timeout: float = Field(10, gt=0, description="seconds")
+    # Names of the environment variables holding the credentials, read through dg.EnvVar (never a
+    # value in the config). Unset variables leave boto's own chain: ~/.aws, instance or pod role.
+    access_key_id_env: str = "AWS_ACCESS_KEY_ID"
+    secret_access_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    session_token_env: str = "AWS_SESSION_TOKEN"
+
+
 class StorageConfig(_Section):
     base_uri: str = Field(".kun/data", description="local folder or s3://bucket/prefix")
     models_dir: str | None = Field(None, description="local folder for checkpoints; None: {base_uri}/models")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec")
+    s3: S3Settings = S3Settings()
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="more fsspec options for remote URIs")
     checkpoint_rows: int = Field(512, ge=1, description="LLM stages checkpoint a partition every this many prompts")
 
 

@@ -19,7 +19,10 @@ from .config import config_path, load_config
 def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
     cfg_file = config_path(path)
     cfg = load_config(cfg_file)
-    store = dict(base_uri=cfg.base_uri, storage_options=cfg.storage.storage_options)
+    s3 = cfg.storage.s3
+    secrets = {field: dg.EnvVar(name) for field, name in (("s3_access_key_id", s3.access_key_id_env),
+               ("s3_secret_access_key", s3.secret_access_key_env), ("s3_session_token", s3.session_token_env)) if os.environ.get(name)}
+    kun = KunResource(config_path=str(cfg_file), **secrets)
     m = cfg.models
     llm = {f"{role}_llm": LLMResource(role=role, backend=rc.backend, device=rc.device, dtype=rc.dtype, batch_size=rc.batch_size,
                                       vllm=rc.vllm.model_dump(exclude_none=True))  # Dagster config maps hold no nulls
@@ -27,8 +30,7 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
     all_assets = models.build(cfg) + corpus.build(cfg) + pairs.build(cfg) + dataset.build(cfg)
     return dg.Definitions(
         assets=all_assets,
-        resources={"kun": KunResource(config_path=str(cfg_file)), "io_manager": ParquetIOManager(**store),
-                   models.MODEL_IO: ModelRefIOManager(**store), **llm},
+        resources={"kun": kun, "io_manager": ParquetIOManager(kun=kun), models.MODEL_IO: ModelRefIOManager(kun=kun), **llm},
     )
 
 

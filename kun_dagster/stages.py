@@ -16,6 +16,7 @@ from . import prompts, scoring
 from .config import KunConfig
 from .corpus import QUARANTINE_COLUMNS, ingest_shard
 from .llm.base import Engine, EngineError, SamplingParams
+from .storage import Store
 from .text import clean_text, cut_at_whitespace_run, dedup_key, find_keyword, repair_repeated_lines, starts_with_repeated_phrase
 
 # Drop reason codes after ingest.
@@ -97,20 +98,21 @@ def _require_text(gens, what: str, model: str) -> None:
 
 
 # -- raw_corpus --------------------------------------------------------------------------------------
-def ingest(cfg: KunConfig, source_name: str, shard: int) -> StageResult:
+def ingest(cfg: KunConfig, source_name: str, shard: int, store: Store | None = None) -> StageResult:
     """Every document of the source's files that fall in `shard`; unreadable rows quarantined."""
     source = cfg.source(source_name)
-    got = ingest_shard(source, cfg.resolve(source.uri), shard, cfg.shards, cfg.storage.storage_options)
+    uri = cfg.resolve(source.uri)
+    got = ingest_shard(source, uri, shard, cfg.shards, (store or Store(cfg.storage)).options(uri))
     return StageResult(rows=got.docs, dropped=got.quarantine,
                        stats=_stats(len(got.docs) + len(got.quarantine), len(got.docs), got.quarantine["reason"], files=len(got.files)))
 
 
-def corpus_texts(cfg: KunConfig, limit: int) -> list[str]:
+def corpus_texts(cfg: KunConfig, limit: int, store: Store | None = None) -> list[str]:
     """Up to `limit` documents across every source and shard (the tiny base's pre-training text)."""
     texts: list[str] = []
     for source in cfg.sources:
         for shard in range(cfg.shards):
-            texts += ingest(cfg, source.name, shard).rows["text"].tolist()
+            texts += ingest(cfg, source.name, shard, store).rows["text"].tolist()
             if len(texts) >= limit:
                 return texts[:limit]
     return texts

@@ -17,6 +17,8 @@ from upath import UPath
 from kun_dagster import storage
 from kun_dagster.stages import StageResult
 
+from .kun import KunResource
+
 # Dagster dimension name -> column name in storage (see assets/partitions.py for why they differ).
 HIVE_NAMES = {"source": "source", "source_shard": "shard"}
 
@@ -62,13 +64,13 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
 
 
 class ParquetIOManager(dg.ConfigurableIOManagerFactory):
-    """Parquet datasets under one base URI (a local folder or s3://bucket/prefix)."""
+    """Parquet datasets under the config's base URI (a local folder or s3://bucket/prefix); a step
+    whose store is down or refuses the credentials fails at its start, saying which and where."""
 
-    base_uri: str
-    storage_options: dict = {}
+    kun: KunResource
 
     def create_io_manager(self, context) -> _ParquetUPathIOManager:
-        return _ParquetUPathIOManager(base_path=storage.upath(self.base_uri, self.storage_options))
+        return _ParquetUPathIOManager(base_path=self.kun.checked_base())
 
 
 class _JsonUPathIOManager(dg.UPathIOManager):
@@ -85,8 +87,7 @@ class _JsonUPathIOManager(dg.UPathIOManager):
 class ModelRefIOManager(dg.ConfigurableIOManagerFactory):
     """Model assets are references (name, local path, provenance); the weights stay where they are."""
 
-    base_uri: str
-    storage_options: dict = {}
+    kun: KunResource
 
     def create_io_manager(self, context) -> _JsonUPathIOManager:
-        return _JsonUPathIOManager(base_path=storage.upath(self.base_uri, self.storage_options) / "models" / "refs")
+        return _JsonUPathIOManager(base_path=self.kun.checked_base() / "models" / "refs")

@@ -15,15 +15,29 @@ def _load(path: str) -> KunConfig:
 
 
 class KunResource(dg.ConfigurableResource):
-    """kun.yaml, parsed once per process."""
+    """kun.yaml, parsed once per process, and the credentials for its s3:// URIs."""
 
     config_path: str
+    # definitions.py sets these to dg.EnvVar(<the names in storage.s3>): the UI and the run config
+    # show the variable's name, never its value. None: boto's own chain (~/.aws, instance/pod role).
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_session_token: str | None = None
 
     @property
     def config(self) -> KunConfig:
         return _load(self.config_path)
 
     @property
+    def store(self) -> storage.Store:
+        creds = {"key": self.s3_access_key_id, "secret": self.s3_secret_access_key, "token": self.s3_session_token}
+        return storage.Store(self.config.storage, {k: v for k, v in creds.items() if v})
+
+    @property
     def base(self) -> UPath:
-        cfg = self.config
-        return storage.upath(cfg.base_uri, cfg.storage.storage_options)
+        return self.store.path(self.config.base_uri)
+
+    def checked_base(self) -> UPath:
+        """The base URI, after one request that proves its store is reachable and accepts us."""
+        self.store.check(self.config.base_uri)
+        return self.base

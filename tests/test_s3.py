@@ -1,10 +1,15 @@
 """The graph with an s3:// base, against a real S3 HTTP endpoint (moto's server on loopback, as
-s3fs's own tests use): partitions, quarantine, model references and the release all on S3."""
+s3fs's own tests use): partitions, quarantine, model references and the release on S3, a source
+corpus read from S3; and the faults a long backfill meets: the endpoint down at start, restarted
+mid-run, and wrong credentials."""
 
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
+from pathlib import Path
 
 import dagster as dg
 import pyarrow.dataset as pads
@@ -14,66 +19,163 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from kun_dagster.definitions import build_definitions
 
-from .conftest import write_config
+from .conftest import REPO, write_config
 
 pytestmark = pytest.mark.slow
 CORPUS = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]
+MODELS = ["seed_data", "base_model", "label_model", "chat_model"]
+SECRET = "kun-test-secret"
+CREDS = {"AWS_ACCESS_KEY_ID": "kun-test", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc=None, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
+            return
         except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("moto's S3 server did not start")
+            if time.time() > deadline or (proc is not None and proc.poll() is not None):
+                pytest.fail(f"nothing listens on 127.0.0.1:{port}")
             time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(10)
 
 
-@pytest.fixture(scope="module")
-def s3_run(s3_endpoint, models_run, tmp_path_factory, monkeypatch_module):
-    import boto3
+class MotoServer:
+    """moto's S3 (and IAM) server in a subprocess on a free loopback port."""
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "kun-test", "AWS_SECRET_ACCESS_KEY": "kun-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch_module.setenv(k, v)
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="kun")
-    tmp = tmp_path_factory.mktemp("s3")
-    refs = models_run["refs"]
-    cfg_file = write_config(tmp, **{f"models.{r}.path": refs[f"{r}_model"]["path"] for r in ("base", "label", "chat")})
-    cfg = yaml.safe_load(cfg_file.read_text())
-    cfg["storage"] = {"base_uri": "s3://kun/data", "models_dir": str(tmp / "models"),
-                      "storage_options": {"client_kwargs": {"endpoint_url": s3_endpoint}}}
-    cfg_file.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    defs = build_definitions(cfg_file)
-    instance = dg.DagsterInstance.ephemeral()
-    assets = list(defs.assets)
-    tags = {ASSET_PARTITION_RANGE_START_TAG: "wudao|0", ASSET_PARTITION_RANGE_END_TAG: "wudao|1"}
-    assert dg.materialize(assets, selection=["seed_data", "base_model", "label_model", "chat_model"],
-                          resources=defs.resources, instance=instance).success
-    assert dg.materialize(assets, selection=CORPUS, resources=defs.resources, instance=instance, tags=tags).success
-    assert dg.materialize(assets, selection=["instruction_dataset"], resources=defs.resources, instance=instance,
-                          partition_key="wudao").success
-    import s3fs
+    def __init__(self):
+        self.port = _free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port, self.proc)
+        self.url = f"http://127.0.0.1:{self.port}"
 
-    return {"fs": s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}), "instance": instance}
+    def client(self, service: str):
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=SECRET)
+
+    def enforce_auth(self) -> None:
+        """From now on every request must be signed by an IAM user's key (moto's switch)."""
+        req = urllib.request.Request(f"{self.url}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(req, timeout=10).read()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class FlakyProxy:
+    """A TCP proxy in front of the store that can go down (listener closed, open connections cut)
+    and come back on the same port: from the client's side, an endpoint restart."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream, self.port = upstream_port, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.refused_while_down = 0
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.up()
+
+    def up(self) -> None:
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(64)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def down(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for c in self._conns:
+                c.close()
+            self._conns.clear()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 @pytest.fixture(scope="module")
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:
         yield mp
+
+
+@pytest.fixture(scope="module")
+def moto(monkeypatch_module):
+    for k, v in CREDS.items():
+        monkeypatch_module.setenv(k, v)
+    server = MotoServer()
+    server.client("s3").create_bucket(Bucket="kun")
+    yield server
+    server.stop()
+
+
+def _s3_config(tmp: Path, models_run, endpoint: str, **overrides) -> Path:
+    """The test config with models given by path, data under s3://kun/data through `endpoint`."""
+    refs = models_run["refs"]
+    cfg_file = write_config(tmp, **{f"models.{r}.path": refs[f"{r}_model"]["path"] for r in ("base", "label", "chat")}, **overrides)
+    cfg = yaml.safe_load(cfg_file.read_text())
+    s3 = {"endpoint_url": endpoint, "region": "us-east-1", "path_style": True, **cfg.get("storage", {}).get("s3", {})}
+    cfg["storage"] = {**cfg["storage"], "base_uri": "s3://kun/data", "models_dir": str(tmp / "models"), "s3": s3}
+    cfg_file.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return cfg_file
+
+
+def _range(first: str, last: str) -> dict:
+    return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+
+
+@pytest.fixture(scope="module")
+def s3_run(moto, models_run, tmp_path_factory):
+    s3 = moto.client("s3")
+    for f in sorted((REPO / "demo/corpora/wudao").glob("*.json")):  # the wudao source is read from S3
+        s3.upload_file(str(f), "kun", f"corpora/wudao/{f.name}")
+    tmp = tmp_path_factory.mktemp("s3")
+    cfg_file = _s3_config(tmp, models_run, moto.url)
+    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg["sources"][0]["uri"] = "s3://kun/corpora/wudao/*.json"
+    cfg_file.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    defs = build_definitions(cfg_file)
+    instance = dg.DagsterInstance.ephemeral()
+    assets = list(defs.assets)
+    assert dg.materialize(assets, selection=MODELS, resources=defs.resources, instance=instance).success
+    assert dg.materialize(assets, selection=CORPUS, resources=defs.resources, instance=instance, tags=_range("wudao|0", "wudao|1")).success
+    assert dg.materialize(assets, selection=["instruction_dataset"], resources=defs.resources, instance=instance,
+                          partition_key="wudao").success
+    import s3fs
+
+    return {"fs": s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto.url}), "instance": instance, "defs": defs}
 
 
 def test_every_stage_and_its_quarantine_land_on_s3_as_hive_partitions(s3_run):
@@ -85,14 +187,97 @@ def test_every_stage_and_its_quarantine_land_on_s3_as_hive_partitions(s3_run):
     raw = pads.dataset("kun/data/raw_corpus", filesystem=fs, partitioning="hive").to_table()
     quarantined = pads.dataset("kun/data/quarantine/raw_corpus", filesystem=fs, partitioning="hive").to_table()
     assert raw.num_rows == 51 and quarantined.column("reason").to_pylist() == ["empty_text"]  # wudao's planted row
+    assert set(raw.column("file").to_pylist()) == {"wudao_00.json", "wudao_01.json"}  # read from s3://kun/corpora/wudao/
     assert fs.exists("kun/data/models/refs/label_model.json") and fs.exists("kun/data/release/wudao/train.jsonl")
     final = pads.dataset("kun/data/instruction_dataset", filesystem=fs, partitioning="hive").to_table()
     polished = pads.dataset("kun/data/polished_pairs", filesystem=fs, partitioning="hive").to_table()
     assert final.num_rows == polished.num_rows == len(fs.cat("kun/data/release/wudao/train.jsonl").splitlines())
+    assert not fs.exists("kun/data/_staging/labeled_pairs/source=wudao/shard=0")  # checkpoints go once published
 
 
-def test_no_secret_in_the_metadata(s3_run):
-    records = s3_run["instance"].fetch_materializations(dg.AssetKey("labeled_pairs"), limit=10).records
-    assert records
-    for r in records:
-        assert "kun-test-secret" not in str(r.asset_materialization.metadata)
+def test_credentials_come_from_the_environment_by_name_and_never_appear(s3_run):
+    kun = s3_run["defs"].resources["kun"]
+    assert isinstance(kun.s3_secret_access_key, dg.EnvVar) and kun.s3_secret_access_key.env_var_name == "AWS_SECRET_ACCESS_KEY"
+    instance = s3_run["instance"]
+    assert instance.get_runs()
+    for run in instance.get_runs():
+        for entry in instance.all_logs(run.run_id):
+            assert SECRET not in str(entry), entry.dagster_event_type
+
+
+def test_endpoint_unreachable_at_start_fails_naming_the_endpoint(models_run, tmp_path):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    cfg_file = _s3_config(tmp_path, models_run, dead, **{"storage.s3": {"max_attempts": 2, "connect_timeout": 1}})
+    defs = build_definitions(cfg_file)
+    result = dg.materialize(list(defs.assets), selection=["seed_data"], resources=defs.resources, raise_on_error=False)
+    assert not result.success
+    error = str([e.event_specific_data.error for e in result.all_events if e.is_failure])
+    assert f"cannot reach s3://kun/data at endpoint {dead} after 2 attempts" in error
+    assert "storage.s3.endpoint_url" in error
+
+
+def test_endpoint_restarted_mid_run_is_retried_and_the_run_succeeds(moto, models_run, tmp_path):
+    proxy = FlakyProxy(moto.port)
+    cfg_file = _s3_config(tmp_path, models_run, proxy.url, **{"storage.checkpoint_rows": 2})
+    defs = build_definitions(cfg_file)
+    assert dg.materialize(list(defs.assets), selection=MODELS, resources=defs.resources).success
+    fs = moto.client("s3")
+    staging = "data/_staging/labeled_pairs/source=wudao/shard=0/"
+    outage = {}
+
+    def restart_when_labeling_started():
+        deadline = time.time() + 300
+        while not fs.list_objects_v2(Bucket="kun", Prefix=staging).get("KeyCount") and time.time() < deadline:
+            time.sleep(0.05)
+        proxy.down()
+        outage["checkpoints_before"] = fs.list_objects_v2(Bucket="kun", Prefix=staging)["KeyCount"]
+        t0 = time.time()
+        while time.time() - t0 < 3:  # count clients knocking while the endpoint is down
+            try:
+                socket.create_connection(("127.0.0.1", proxy.port), 0.1).close()
+            except OSError:
+                outage["probes_refused"] = outage.get("probes_refused", 0) + 1
+            time.sleep(0.2)
+        proxy.up()
+        outage["seconds"] = time.time() - t0
+
+    watcher = threading.Thread(target=restart_when_labeling_started, daemon=True)
+    watcher.start()
+    result = dg.materialize(list(defs.assets), selection=["raw_corpus", "filtered_corpus", "labeled_pairs"],
+                            resources=defs.resources, partition_key="wudao|0")
+    watcher.join(60)
+    assert outage.get("seconds", 0) >= 3 and outage["probes_refused"] > 0  # the endpoint really was down mid-run
+    assert result.success
+    md = result.asset_materializations_for_node("labeled_pairs")[0].metadata
+    assert md["checkpoint_batches_computed"].value > outage["checkpoints_before"]  # batches were still being written
+    labeled = fs.list_objects_v2(Bucket="kun", Prefix="data/labeled_pairs/source=wudao/shard=0/")
+    assert [o["Key"].rsplit("/", 1)[1] for o in labeled["Contents"]] == ["part-0.parquet"]
+
+
+def test_wrong_credentials_fail_clearly_and_the_secret_appears_nowhere(models_run, tmp_path, monkeypatch, capfd):
+    server = MotoServer()
+    try:
+        server.client("s3").create_bucket(Bucket="kun")
+        iam = server.client("iam")
+        iam.create_user(UserName="kun")
+        iam.put_user_policy(UserName="kun", PolicyName="all",
+                            PolicyDocument='{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}')
+        key_id = iam.create_access_key(UserName="kun")["AccessKey"]["AccessKeyId"]
+        server.enforce_auth()
+        wrong = "wrong-secret-4f1c9a"
+        monkeypatch.setenv("KUN_S3_KEY", key_id)
+        monkeypatch.setenv("KUN_S3_SECRET", wrong)
+        cfg_file = _s3_config(tmp_path, models_run, server.url,
+                              **{"storage.s3": {"access_key_id_env": "KUN_S3_KEY", "secret_access_key_env": "KUN_S3_SECRET"}})
+        defs = build_definitions(cfg_file)
+        instance = dg.DagsterInstance.ephemeral()
+        result = dg.materialize(list(defs.assets), selection=["seed_data"], resources=defs.resources, instance=instance, raise_on_error=False)
+        assert not result.success
+        error = str([e.event_specific_data.error for e in result.all_events if e.is_failure])
+        assert "refused the credentials" in error and "$KUN_S3_KEY / $KUN_S3_SECRET (values not shown)" in error
+        assert server.url in error
+        logs = [str(entry) for entry in instance.all_logs(result.run_id)]
+        out, err = capfd.readouterr()
+        assert logs and not any(wrong in line for line in logs) and wrong not in error and wrong not in out + err
+    finally:
+        server.stop()

@@ -56,3 +56,34 @@ def test_empty_partition_keeps_string_columns(tmp_path):
     storage.write_partition(d, pd.DataFrame(columns=["reason", "detail"]))
     assert storage.to_table(pd.DataFrame(columns=["reason"])).schema.field("reason").type == "string"
     assert storage.read_partition(d).columns.tolist() == ["source", "reason", "detail"]
+
+
+def test_store_options_per_uri():
+    from kun_dagster.config import StorageConfig
+
+    settings = StorageConfig(s3={"endpoint_url": "http://minio:9000", "region": "eu-west-1", "path_style": True, "max_attempts": 4},
+                             storage_options={"client_kwargs": {"verify": False}})
+    store = storage.Store(settings, {"key": "id", "secret": "s3cr3t"})
+    opts = store.options("s3://bucket/kun")
+    assert opts["client_kwargs"] == {"verify": False, "endpoint_url": "http://minio:9000", "region_name": "eu-west-1"}
+    assert opts["config_kwargs"]["s3"] == {"addressing_style": "path"}
+    assert opts["config_kwargs"]["retries"] == {"max_attempts": 4, "mode": "standard"}
+    assert opts["key"] == "id" and opts["secret"] == "s3cr3t"
+    assert store.options("/local/data") == {} and store.options("file:///x") == {}
+    assert store.options("gs://b/x") == {"client_kwargs": {"verify": False}}  # other stores: storage_options only
+    assert settings.storage_options == {"client_kwargs": {"verify": False}}  # not mutated
+    assert "s3cr3t" not in repr(store)
+
+
+def test_store_errors_name_the_endpoint_and_hide_the_secret():
+    from kun_dagster.config import StorageConfig
+
+    store = storage.Store(StorageConfig(s3={"endpoint_url": "http://minio:9000"}), {"key": "id", "secret": "s3cr3t"})
+    denied = store.describe(PermissionError("signature s3cr3t does not match"), "s3://b/kun")
+    assert "refused the credentials" in denied and "http://minio:9000" in denied and "s3cr3t" not in denied
+    assert "$AWS_SECRET_ACCESS_KEY (values not shown)" in denied
+    assert "does not exist" in store.describe(FileNotFoundError("NoSuchBucket"), "s3://b/kun")
+    down = store.describe(ConnectionError("Could not connect"), "s3://b/kun")
+    assert down.startswith("cannot reach s3://b/kun at endpoint http://minio:9000 after 10 attempts")
+    env = storage.Store.from_env(StorageConfig(s3={"secret_access_key_env": "MY_SECRET"}), {"MY_SECRET": "x", "AWS_ACCESS_KEY_ID": "k"})
+    assert env.credentials == {"secret": "x", "key": "k"}
