@@ -38,7 +38,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         """Cleaned text within 512 tokens of the label model's tokenizer, perplexity under the
         reference model at most the threshold, exact duplicates removed."""
         c = kun.config
-        tokenizer = AutoTokenizer.from_pretrained(label_model["path"])
+        tokenizer = AutoTokenizer.from_pretrained(kun.local_model(label_model["path"]))
         reference = base_model if c.filter.perplexity_model == "base" else label_model
         engine = base_llm.engine(reference) if c.filter.perplexity_max is not None else None
         out = {}

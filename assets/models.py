@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from kun_dagster import stages, training
+from kun_dagster import model_store, stages, training
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
@@ -21,22 +21,33 @@ GROUP = "models"
 MODEL_IO = "model_io_manager"  # model assets are JSON references, not frames
 
 
-def _ref(role: str, path: str, origin: str) -> dict:
-    card = Path(path) / training.MODEL_CARD
+def _ref(role: str, path: str, local: str, origin: str) -> dict:
+    """A model asset's value: where the checkpoint is (local folder or remote URI) and its card."""
+    card = Path(local) / training.MODEL_CARD
     return {
         "role": role,
-        "name": f"{Path(path).name}" if origin == "given" else f"kun-{role}",
-        "path": str(Path(path).resolve()),
+        "name": f"{Path(path.rstrip('/')).name}" if origin == "given" else f"kun-{role}",
+        "path": path if model_store.is_remote(path) else str(Path(path).resolve()),
         "origin": origin,
         "card": json.loads(card.read_text()) if card.exists() else {},
     }
 
 
-def _given(role: str, path: str) -> dict:
-    p = Path(path)
-    if not (p / "config.json").is_file():
+def _given(kun: KunResource, role: str, path: str) -> dict:
+    if not (kun.store.path(path) / "config.json").is_file():
         raise dg.Failure(f"{role} model path {path} is not a transformers checkpoint (no config.json)")
-    return _ref(role, str(p), "given")
+    return _ref(role, path, kun.local_model(path), "given")
+
+
+def _trained(kun: KunResource, context: dg.AssetExecutionContext, role: str, train) -> tuple[dict, training.TrainReport]:
+    """Train into a local folder (models_dir itself when local), then publish to a versioned folder
+    under a remote models_dir; the reference names wherever the checkpoint now lives."""
+    c = kun.config
+    remote = model_store.is_remote(c.models_dir)
+    local = Path(c.model_cache) / "trained" / f"{role}-{context.run_id[:8]}" if remote else Path(c.models_dir) / role
+    report = train(local)
+    path = model_store.publish(report.path, f"{c.models_dir}/{role}/{context.run_id[:8]}", kun.store) if remote else report.path
+    return _ref(role, path, report.path, "tiny" if role == "base" else "trained"), report
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
@@ -68,9 +79,9 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         (tokenizer trained on the demo texts, short language-model pre-training)."""
         c = kun.config
         if c.models.base.path:
-            return _given("base", c.resolve(c.models.base.path))
+            return _given(kun, "base", c.resolve(c.models.base.path))
         texts = stages.corpus_texts(c, 20000, kun.store) + seed_data["instruction"].tolist() + seed_data["output"].tolist()
-        report = training.build_tiny_base(texts, Path(c.models_dir) / "base", c.models.base.tiny)
+        ref, report = _trained(kun, context, "base", lambda out: training.build_tiny_base(texts, out, c.models.base.tiny))
         context.add_output_metadata(
             {
                 "pretrain_texts": report.examples,
@@ -79,7 +90,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
                 "loss_curve": dg.MetadataValue.json(report.loss_curve),
             }
         )
-        return _ref("base", report.path, "tiny")
+        return ref
 
     def _role_asset(role: str, examples, doc: str):
         @dg.asset(name=f"{role}_model", group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO, description=doc)
@@ -87,8 +98,9 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             c = kun.config
             rc = getattr(c.models, role)
             if rc.path:
-                return _given(role, c.resolve(rc.path))
-            report = training.fine_tune(base_model["path"], Path(c.models_dir) / role, examples(seed_data), rc.train, role)
+                return _given(kun, role, c.resolve(rc.path))
+            base = kun.local_model(base_model["path"])
+            ref, report = _trained(kun, context, role, lambda out: training.fine_tune(base, out, examples(seed_data), rc.train, role))
             context.add_output_metadata(
                 {
                     "examples": report.examples,
@@ -98,7 +110,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
                     "loss_curve": dg.MetadataValue.json(report.loss_curve),
                 }
             )
-            return _ref(role, report.path, "trained")
+            return ref
 
         return _asset
 

@@ -60,7 +60,8 @@ class S3Settings(_Section):
 
 class StorageConfig(_Section):
     base_uri: str = Field(".kun/data", description="local folder or s3://bucket/prefix")
-    models_dir: str | None = Field(None, description="local folder for checkpoints; None: {base_uri}/models")
+    models_dir: str | None = Field(None, description="checkpoints, local or s3://; None: {base_uri}/models")
+    model_cache: str = Field(".kun/model-cache", description="local folder where remote checkpoints are copied for the engines")
     s3: S3Settings = S3Settings()
     storage_options: dict[str, Any] = Field(default_factory=dict, description="more fsspec options for remote URIs")
     checkpoint_rows: int = Field(512, ge=1, description="LLM stages checkpoint a partition every this many prompts")
@@ -246,11 +247,16 @@ class KunConfig(_Section):
 
     @property
     def models_dir(self) -> str:
-        """Checkpoints live on a local disk: engines memory-map them."""
+        """Where trained checkpoints are kept, local or remote (engines read remote ones through model_cache)."""
         path = self.resolve(self.storage.models_dir) if self.storage.models_dir else f"{self.base_uri}/models"
-        if "://" in path and not path.startswith("file://"):
-            raise ConfigError(f"{self._origin}: storage.models_dir must be a local folder when storage.base_uri is remote ({path})")
-        return path.removeprefix("file://")
+        return path.removeprefix("file://").rstrip("/")
+
+    @property
+    def model_cache(self) -> str:
+        path = self.resolve(self.storage.model_cache)
+        if "://" in path:
+            raise ConfigError(f"{self._origin}: storage.model_cache must be a local folder (engines memory-map checkpoints), got {path}")
+        return path
 
     def source(self, name: str) -> SourceConfig:
         for s in self.sources:

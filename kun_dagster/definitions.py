@@ -24,7 +24,7 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
                ("s3_secret_access_key", s3.secret_access_key_env), ("s3_session_token", s3.session_token_env)) if os.environ.get(name)}
     kun = KunResource(config_path=str(cfg_file), **secrets)
     m = cfg.models
-    llm = {f"{role}_llm": LLMResource(role=role, backend=rc.backend, device=rc.device, dtype=rc.dtype, batch_size=rc.batch_size,
+    llm = {f"{role}_llm": LLMResource(kun=kun, role=role, backend=rc.backend, device=rc.device, dtype=rc.dtype, batch_size=rc.batch_size,
                                       vllm=rc.vllm.model_dump(exclude_none=True))  # Dagster config maps hold no nulls
            for role, rc in (("base", m.base), ("label", m.label), ("chat", m.chat))}
     all_assets = models.build(cfg) + corpus.build(cfg) + pairs.build(cfg) + dataset.build(cfg)

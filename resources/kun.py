@@ -5,7 +5,7 @@ from functools import lru_cache
 import dagster as dg
 from upath import UPath
 
-from kun_dagster import storage
+from kun_dagster import model_store, storage
 from kun_dagster.config import KunConfig, load_config
 
 
@@ -36,6 +36,10 @@ class KunResource(dg.ConfigurableResource):
     @property
     def base(self) -> UPath:
         return self.store.path(self.config.base_uri)
+
+    def local_model(self, path: str) -> str:
+        """A model reference's checkpoint on the local disk (copied once from a remote store)."""
+        return model_store.local_copy(path, self.config.model_cache, self.store)
 
     def checked_base(self) -> UPath:
         """The base URI, after one request that proves its store is reachable and accepts us."""

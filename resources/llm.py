@@ -12,8 +12,11 @@ from pydantic import PrivateAttr
 from kun_dagster.llm import Engine, load_engine, resolve_backend
 from kun_dagster.llm.base import EngineSpec
 
+from .kun import KunResource
+
 
 class LLMResource(dg.ConfigurableResource):
+    kun: KunResource  # to reach checkpoints on a remote store
     role: Literal["base", "label", "chat"]
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -25,7 +28,7 @@ class LLMResource(dg.ConfigurableResource):
 
     def engine(self, model: dict) -> Engine:
         """The engine for a model reference (the value of base_model, label_model or chat_model)."""
-        path = model["path"]
+        path = self.kun.local_model(model["path"])
         if path not in self._engines:
             spec = EngineSpec(path=path, model_name=model["name"], backend=self.backend, device=self.device, dtype=self.dtype,
                               batch_size=self.batch_size, extra={"vllm": self.vllm})

@@ -66,6 +66,7 @@ def test_env_overrides_and_relative_paths(tmp_path):
                                                     "KUN__storage__models_dir": "/models"})
     assert cfg.shards == 64 and cfg.base_uri == "s3://bucket/kun" and cfg.models_dir == "/models"
     assert cfg.resolve(cfg.sources[0].uri) == str(tmp_path / "data" / "*.jsonl")
-    remote = load_config(tmp_path / "kun.yaml", env={"KUN__storage__base_uri": "s3://bucket/kun"})
-    with pytest.raises(ConfigError, match="models_dir must be a local folder"):
-        remote.models_dir
+    remote = load_config(tmp_path / "kun.yaml", env={"KUN__storage__base_uri": "s3://bucket/kun/"})
+    assert remote.models_dir == "s3://bucket/kun/models" and remote.model_cache == str(tmp_path / ".kun" / "model-cache")
+    with pytest.raises(ConfigError, match="model_cache must be a local folder"):
+        load_config(tmp_path / "kun.yaml", env={"KUN__storage__model_cache": "s3://bucket/cache"}).model_cache

@@ -161,10 +161,15 @@ def s3_run(moto, models_run, tmp_path_factory):
     s3 = moto.client("s3")
     for f in sorted((REPO / "demo/corpora/wudao").glob("*.json")):  # the wudao source is read from S3
         s3.upload_file(str(f), "kun", f"corpora/wudao/{f.name}")
+    label_dir = Path(models_run["refs"]["label_model"]["path"])
+    for f in sorted(p for p in label_dir.rglob("*") if p.is_file()):  # the label model is given on S3
+        s3.upload_file(str(f), "kun", f"given/label/{f.relative_to(label_dir).as_posix()}")
     tmp = tmp_path_factory.mktemp("s3")
     cfg_file = _s3_config(tmp, models_run, moto.url)
     cfg = yaml.safe_load(cfg_file.read_text())
     cfg["sources"][0]["uri"] = "s3://kun/corpora/wudao/*.json"
+    cfg["models"]["label"]["path"] = "s3://kun/given/label"
+    cfg["storage"]["model_cache"] = str(tmp / "cache")
     cfg_file.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     defs = build_definitions(cfg_file)
     instance = dg.DagsterInstance.ephemeral()
@@ -175,7 +180,8 @@ def s3_run(moto, models_run, tmp_path_factory):
                           partition_key="wudao").success
     import s3fs
 
-    return {"fs": s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto.url}), "instance": instance, "defs": defs}
+    return {"fs": s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto.url}), "instance": instance, "defs": defs, "tmp": tmp,
+            "label_dir": label_dir}
 
 
 def test_every_stage_and_its_quarantine_land_on_s3_as_hive_partitions(s3_run):
@@ -193,6 +199,17 @@ def test_every_stage_and_its_quarantine_land_on_s3_as_hive_partitions(s3_run):
     polished = pads.dataset("kun/data/polished_pairs", filesystem=fs, partitioning="hive").to_table()
     assert final.num_rows == polished.num_rows == len(fs.cat("kun/data/release/wudao/train.jsonl").splitlines())
     assert not fs.exists("kun/data/_staging/labeled_pairs/source=wudao/shard=0")  # checkpoints go once published
+
+
+def test_a_model_on_s3_is_cached_locally_for_the_engine(s3_run):
+    instance = s3_run["instance"]
+    ref = instance.get_latest_materialization_event(dg.AssetKey("label_model")).asset_materialization
+    assert ref is not None
+    cached = list((s3_run["tmp"] / "cache").glob("label-*"))
+    assert len(cached) == 1 and (cached[0] / "config.json").read_bytes() == (s3_run["label_dir"] / "config.json").read_bytes()
+    assert (cached[0] / "model.safetensors").stat().st_size == (s3_run["label_dir"] / "model.safetensors").stat().st_size
+    md = instance.fetch_materializations(dg.AssetKey("labeled_pairs"), limit=1).records[0].asset_materialization.metadata
+    assert md["engine"].value == "transformers: label"  # the given model, by its S3 folder's name
 
 
 def test_credentials_come_from_the_environment_by_name_and_never_appear(s3_run):
