@@ -2,8 +2,11 @@
 StageResult per partition out (rows + quarantine, published by the IO manager), per-partition
 metadata for the UI."""
 
+import uuid
+
 import dagster as dg
 import pandas as pd
+import pyarrow as pa
 
 from kun_dagster import storage
 from kun_dagster.llm.checkpoint import Checkpointed
@@ -35,9 +38,15 @@ def checkpointed(kun, asset: str, key, engine) -> Checkpointed:
     return Checkpointed(engine, storage.staging_dir(kun.base, asset, hive(key)), kun.config.storage.checkpoint_rows)
 
 
-def schema_of(df: pd.DataFrame) -> dg.TableSchema:
-    table = storage.to_table(df)
-    return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in table.schema])
+def staged_sink(kun, asset: str, key) -> storage.ParquetSink:
+    """A sink that streams the partition's rows into a file in its staging folder; the IO manager
+    publishes it with one rename once the step has succeeded."""
+    return storage.ParquetSink(storage.staging_dir(kun.base, asset, hive(key)) / f"rows-{uuid.uuid4().hex[:12]}.parquet")
+
+
+def schema_of(df: pd.DataFrame | pa.Schema) -> dg.TableSchema:
+    schema = df if isinstance(df, pa.Schema) else storage.to_table(df).schema
+    return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in schema])
 
 
 def preview_markdown(df: pd.DataFrame, rows: int = 5, width: int = 60) -> str:
@@ -71,10 +80,12 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
             f"{asset} {source}/{shard}: quarantined {n} row(s) as {reason}, e.g. "
             f"file {sample['file']} row {sample['row']}: {sample['detail']}"
         )
-    df = result.rows
+    rows = result.rows  # a frame, or a file streamed into staging (storage.Staged)
+    staged = isinstance(rows, storage.Staged)
+    df = rows.head if staged else rows
     md = {
-        "dagster/row_count": len(df),
-        "dagster/column_schema": schema_of(df),
+        "dagster/row_count": rows.rows if staged else len(df),
+        "dagster/column_schema": schema_of(rows.schema if staged else df),
         "path": dg.MetadataValue.path(str(storage.partition_dir(kun.base, asset, part))),
         "quarantine_path": dg.MetadataValue.path(str(qdir)),
         "quarantined": len(result.dropped),
@@ -86,5 +97,5 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
     if len(df):
         md["preview"] = dg.MetadataValue.md(preview_markdown(df))
     context.add_asset_metadata(md, partition_key=key)
-    context.log.info(f"{asset} {source}/{shard}: {result.stats.get('rows_in')} in, {len(df)} out, {len(result.dropped)} quarantined")
+    context.log.info(f"{asset} {source}/{shard}: {result.stats.get('rows_in')} in, {md['dagster/row_count']} out, {len(result.dropped)} quarantined")
     return result

@@ -6,9 +6,9 @@ from transformers import AutoTokenizer
 from kun_dagster import stages
 from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
-from resources import KunResource, LLMResource
+from resources import STREAM, KunResource, LLMResource
 
-from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, report_stage
+from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, report_stage, staged_sink
 from .partitions import corpus_partitions, split_key
 
 GROUP = "corpus"
@@ -19,19 +19,20 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
 
     @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, kinds={"parquet"})
     def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource) -> dict[str, stages.StageResult]:
-        """Every document of the partition's files (a file's shard is a stable hash of its path);
-        unreadable rows go to the quarantine with a reason code, file and row."""
+        """Every document of the partition's files (a file's shard is a stable hash of its path),
+        streamed in batches; unreadable rows go to the quarantine with a reason code, file and row."""
         out = {}
         for key in context.partition_keys:
             source_name, shard = split_key(key)
             try:
-                result = stages.ingest(kun.config, source_name, shard, kun.store)
+                result = stages.ingest(kun.config, source_name, shard, kun.store, staged_sink(kun, "raw_corpus", key))
             except CorpusError as e:
                 raise dg.Failure(str(e)) from e
             out[key] = report_stage(context, kun, "raw_corpus", key, result)
         return out
 
-    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, kinds={"pytorch", "parquet"})
+    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, kinds={"pytorch", "parquet"},
+              ins={"raw_corpus": dg.AssetIn(metadata={STREAM: True})})
     def filtered_corpus(
         context: dg.AssetExecutionContext, kun: KunResource, base_llm: LLMResource, raw_corpus, base_model: dict, label_model: dict
     ) -> dict[str, stages.StageResult]:
@@ -42,9 +43,10 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         reference = base_model if c.filter.perplexity_model == "base" else label_model
         engine = base_llm.engine(reference) if c.filter.perplexity_max is not None else None
         out = {}
-        for key, df in by_partition(context, raw_corpus).items():
+        for key, batches in by_partition(context, raw_corpus).items():  # each partition streamed in, filtered and out
             resumable = checkpointed(kun, "filtered_corpus", key, engine) if engine else None
-            out[key] = report_stage(context, kun, "filtered_corpus", key, stages.filter_corpus(df, tokenizer, resumable, c), resumable)
+            result = stages.filter_corpus(batches, tokenizer, resumable, c, staged_sink(kun, "filtered_corpus", key))
+            out[key] = report_stage(context, kun, "filtered_corpus", key, result, resumable)
         return out
 
     return [raw_corpus, filtered_corpus]

@@ -167,8 +167,12 @@ def read_records(fs, path: str, source: SourceConfig) -> Iterator[Record]:
         yield from _READERS[source.format](f)
 
 
-def ingest_shard(source: SourceConfig, uri: str, shard: int, shards: int, storage_options: dict | None = None) -> Ingested:
-    """Read every file of `source` that falls in `shard`: documents and quarantined rows."""
+def iter_shard(source: SourceConfig, uri: str, shard: int, shards: int, storage_options: dict | None = None,
+               batch_rows: int = 20000) -> Iterator[Ingested]:
+    """Read every file of `source` that falls in `shard`, as batches of at most `batch_rows`
+    documents (each with the quarantined rows met since the last): memory holds one batch, not
+    the shard. Always yields at least one batch. A file that breaks mid-way (a truncated archive)
+    keeps the rows read before the break and quarantines the rest as unreadable_file."""
     try:
         fs, files = list_files(uri, storage_options)
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
@@ -176,6 +180,7 @@ def ingest_shard(source: SourceConfig, uri: str, shard: int, shards: int, storag
     if not files:
         raise CorpusError(f"source {source.name}: no file matches {uri}")
     mine = [(p, rel) for p, rel in files if shard_of(rel, shards) == shard]
+    names = [rel for _, rel in mine]
     docs: list[dict] = []
     bad: list[dict] = []
     seen_ids: set[str] = set()
@@ -185,13 +190,23 @@ def ingest_shard(source: SourceConfig, uri: str, shard: int, shards: int, storag
         bad.append({"source": source.name, "shard": shard, "file": rel, "row": row, "doc_id": doc_id,
                     "reason": reason, "detail": detail[:500], "sample": _sample(raw)})
 
+    def batch() -> Ingested:
+        out = Ingested(docs=pd.DataFrame(docs, columns=DOC_COLUMNS), quarantine=pd.DataFrame(bad, columns=QUARANTINE_COLUMNS), files=names)
+        docs.clear()
+        bad.clear()
+        return out
+
     for path, rel in mine:
-        try:
-            records = list(read_records(fs, path, source))
-        except Exception as e:  # noqa: BLE001 - a corrupt archive or unreadable object
-            reject(rel, 0, UNREADABLE_FILE, f"{type(e).__name__}: {e}", b"")
-            continue
-        for row, rec, reason, detail, raw in records:
+        records, row = read_records(fs, path, source), 0
+        while True:
+            try:
+                item = next(records, None)
+            except Exception as e:  # noqa: BLE001 - a corrupt archive or unreadable object
+                reject(rel, row, UNREADABLE_FILE, f"{type(e).__name__}: {e}" + (f" (after row {row}; rows before it kept)" if row else ""), b"")
+                break
+            if item is None:
+                break
+            row, rec, reason, detail, raw = item
             if reason:
                 reject(rel, row, reason, detail, raw)
                 continue
@@ -219,8 +234,13 @@ def ingest_shard(source: SourceConfig, uri: str, shard: int, shards: int, storag
             title = rec.get(fields[2]) if fields[2] else None
             docs.append({"doc_id": doc_id, "source": source.name, "shard": shard, "file": rel, "row": row,
                          "title": title if isinstance(title, str) else None, "text": text})
-    return Ingested(
-        docs=pd.DataFrame(docs, columns=DOC_COLUMNS),
-        quarantine=pd.DataFrame(bad, columns=QUARANTINE_COLUMNS),
-        files=[rel for _, rel in mine],
-    )
+            if len(docs) >= batch_rows:
+                yield batch()
+    yield batch()
+
+
+def ingest_shard(source: SourceConfig, uri: str, shard: int, shards: int, storage_options: dict | None = None) -> Ingested:
+    """A whole shard at once: every document and every quarantined row."""
+    batches = list(iter_shard(source, uri, shard, shards, storage_options))
+    return Ingested(docs=pd.concat([b.docs for b in batches], ignore_index=True),
+                    quarantine=pd.concat([b.quarantine for b in batches], ignore_index=True), files=batches[0].files)

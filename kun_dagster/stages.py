@@ -6,7 +6,9 @@ No Dagster here: assets/ calls these once per partition. Every dropped row carri
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,9 +16,9 @@ import pandas as pd
 
 from . import prompts, scoring
 from .config import KunConfig
-from .corpus import QUARANTINE_COLUMNS, ingest_shard
-from .llm.base import Engine, EngineError, SamplingParams
-from .storage import Store
+from .corpus import QUARANTINE_COLUMNS, iter_shard
+from .llm.base import Engine, EngineError, SamplingParams, encode
+from .storage import FrameSink, Store
 from .text import clean_text, cut_at_whitespace_run, dedup_key, find_keyword, repair_repeated_lines, starts_with_repeated_phrase
 
 # Drop reason codes after ingest.
@@ -67,11 +69,13 @@ def _no_reasons(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
             pd.Series([None] * len(df), index=df.index, dtype=object))
 
 
-def _mark_duplicates(df: pd.DataFrame, column: str, reason: pd.Series, detail: pd.Series, code: str) -> None:
-    """Drop every later row whose `column` equals (up to whitespace) an earlier kept row's."""
-    first: dict[str, str] = {}
+def _mark_duplicates(df: pd.DataFrame, column: str, reason: pd.Series, detail: pd.Series, code: str,
+                     first: dict[bytes, str] | None = None) -> None:
+    """Drop every later row whose `column` equals (up to whitespace) an earlier kept row's; `first`
+    (a 16-byte hash of each kept text -> its doc id) carries the kept texts across batches."""
+    first = {} if first is None else first
     for i in df.index[reason.isna()]:
-        key = dedup_key(df.at[i, column])
+        key = hashlib.blake2b(dedup_key(df.at[i, column]).encode("utf-8"), digest_size=16).digest()
         if key in first:
             reason[i], detail[i] = code, f"same {column} as {first[key]}"
         else:
@@ -98,13 +102,20 @@ def _require_text(gens, what: str, model: str) -> None:
 
 
 # -- raw_corpus --------------------------------------------------------------------------------------
-def ingest(cfg: KunConfig, source_name: str, shard: int, store: Store | None = None) -> StageResult:
-    """Every document of the source's files that fall in `shard`; unreadable rows quarantined."""
+def ingest(cfg: KunConfig, source_name: str, shard: int, store: Store | None = None, sink=None) -> StageResult:
+    """Every document of the source's files that fall in `shard`, read and written `batch_rows` at a
+    time into `sink` (default: one in-memory frame); unreadable rows quarantined."""
     source = cfg.source(source_name)
     uri = cfg.resolve(source.uri)
-    got = ingest_shard(source, uri, shard, cfg.shards, (store or Store(cfg.storage)).options(uri))
-    return StageResult(rows=got.docs, dropped=got.quarantine,
-                       stats=_stats(len(got.docs) + len(got.quarantine), len(got.docs), got.quarantine["reason"], files=len(got.files)))
+    sink = sink or FrameSink()
+    n_docs, bad, files = 0, [], []
+    for got in iter_shard(source, uri, shard, cfg.shards, (store or Store(cfg.storage)).options(uri), cfg.storage.batch_rows):
+        sink.write(got.docs)
+        n_docs, files = n_docs + len(got.docs), got.files
+        bad.append(got.quarantine)
+    quarantine = pd.concat(bad, ignore_index=True)
+    return StageResult(rows=sink.close(), dropped=quarantine,
+                       stats=_stats(n_docs + len(quarantine), n_docs, quarantine["reason"], files=len(files)))
 
 
 def corpus_texts(cfg: KunConfig, limit: int, store: Store | None = None) -> list[str]:
@@ -119,21 +130,47 @@ def corpus_texts(cfg: KunConfig, limit: int, store: Store | None = None) -> list
 
 
 # -- filtered_corpus -------------------------------------------------------------------------------
-def filter_corpus(docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg: KunConfig) -> StageResult:
+def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], tokenizer, ppl_engine: Engine | None, cfg: KunConfig, sink=None) -> StageResult:
     """Clean, then drop: empty, over the token limit (label model's tokenizer), exact duplicates,
-    perplexity above the threshold (reference model). Dedup runs before perplexity to save work."""
+    perplexity above the threshold (reference model). Dedup runs before perplexity to save work.
+    `docs` may be batches (a partition streamed from storage): each is filtered and written to
+    `sink` in turn, duplicates found across batches; memory holds one batch and a hash per text."""
+    sink = sink or FrameSink()
+    seen: dict[bytes, str] = {}
+    n_in, counts, tokens, ppls, dropped = 0, Counter(), [], [], []
+    for batch in [docs] if isinstance(docs, pd.DataFrame) else docs:
+        kept, reason, out = _filter_batch(batch, tokenizer, ppl_engine, cfg, seen)
+        sink.write(kept)
+        n_in += len(batch)
+        counts.update(r for r in reason if isinstance(r, str))
+        tokens.append(kept["n_tokens"].to_numpy())
+        ppls.append(kept["perplexity"].to_numpy())
+        dropped.append(out)
+    rows = sink.close()
+    n_out = n_in - sum(counts.values())
+    return StageResult(
+        rows=rows,
+        dropped=pd.concat(dropped, ignore_index=True) if dropped else pd.DataFrame(columns=QUARANTINE_COLUMNS),
+        stats={"rows_in": n_in, "rows_out": n_out, "retention": round(n_out / n_in, 4) if n_in else None,
+               "dropped": dict(sorted(counts.items())),
+               "tokens": _summary(np.concatenate(tokens) if tokens else [], 0),
+               "perplexity": _summary(np.concatenate(ppls) if ppls else [])},
+    )
+
+
+def _filter_batch(docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg: KunConfig, seen: dict) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
     df = docs.copy()
     df["text"] = df["text"].map(clean_text).astype(object)  # object even when empty, for .str
     reason, detail = _no_reasons(df)
     reason[df["text"].str.len() == 0] = EMPTY_AFTER_CLEAN
 
-    df["n_tokens"] = [prompts.n_tokens(tokenizer, t) for t in df["text"]]
+    df["n_tokens"] = pd.Series([len(ids) for ids in encode(tokenizer, df["text"].tolist(), special=False)], index=df.index, dtype="int64")
     over = reason.isna() & (df["n_tokens"] > cfg.filter.max_tokens)
     reason[over] = TOO_MANY_TOKENS
     detail[over] = df.loc[over, "n_tokens"].map(lambda n: f"{n} tokens > {cfg.filter.max_tokens}")
 
     if cfg.filter.dedup:
-        _mark_duplicates(df, "text", reason, detail, DUPLICATE_TEXT)
+        _mark_duplicates(df, "text", reason, detail, DUPLICATE_TEXT, seen)
 
     df["perplexity"] = np.nan
     if cfg.filter.perplexity_max is not None and ppl_engine is not None:
@@ -146,13 +183,7 @@ def filter_corpus(docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg:
         reason[undefined] = PERPLEXITY_UNDEFINED
         reason[high] = HIGH_PERPLEXITY
         detail[high] = df.loc[high, "perplexity"].map(lambda p: f"perplexity {p:.1f} > {cfg.filter.perplexity_max}")
-
-    kept = df[reason.isna()].reset_index(drop=True)
-    return StageResult(
-        rows=kept,
-        dropped=_dropped(df, reason, detail, "text"),
-        stats=_stats(len(df), len(kept), reason, tokens=_summary(kept["n_tokens"], 0), perplexity=_summary(kept["perplexity"])),
-    )
+    return df[reason.isna()].reset_index(drop=True), reason, _dropped(df, reason, detail, "text")
 
 
 # -- labeled_pairs -----------------------------------------------------------------------------------

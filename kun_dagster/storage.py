@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -180,27 +180,129 @@ def write_partition(directory: UPath, df: pd.DataFrame) -> UPath:
     in the path only (as Hive and pyarrow.dataset expect), so they are dropped from the file."""
     final = directory / PART_NAME
     write_atomic(final, parquet_bytes(df.drop(columns=[c for c in partition_of(directory) if c in df])))
+    _drop_stale_parts(directory)
+    return final
+
+
+def _drop_stale_parts(directory: UPath) -> None:
     for stale in directory.glob("part-*.parquet"):  # parts of an older, larger write
         if stale.name != PART_NAME:
             stale.unlink(missing_ok=True)
+
+
+@dataclass
+class Staged:
+    """A partition's rows written to one Parquet file under a temporary name, not yet published."""
+
+    path: UPath
+    rows: int
+    schema: pa.Schema
+    head: pd.DataFrame  # the first rows, for the UI's preview
+
+
+class FrameSink:
+    """Collects a stage's output batches in memory: the result is one DataFrame."""
+
+    def __init__(self):
+        self._frames: list[pd.DataFrame] = []
+
+    def write(self, df: pd.DataFrame) -> None:
+        self._frames.append(df)
+
+    def close(self) -> pd.DataFrame:
+        frames = [f for f in self._frames if len(f)] or self._frames[:1]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+class ParquetSink:
+    """Writes a stage's output batches into one Parquet file (a row group per batch) at `path`, in
+    the partition's staging folder, holding one batch in memory; publish_staged renames it into
+    place. Partition columns (the folder's hive segments) stay in the path, as in write_partition."""
+
+    def __init__(self, path: UPath):
+        self.path, self.rows = path, 0
+        self._drop = list(partition_of(path.parent))
+        self._writer: pq.ParquetWriter | None = None
+        self._file = None
+        self._head: pd.DataFrame | None = None
+
+    def _table(self, df: pd.DataFrame) -> pa.Table:
+        return to_table(df.drop(columns=[c for c in self._drop if c in df]))
+
+    def write(self, df: pd.DataFrame) -> None:
+        if self._head is None or (len(df) and not len(self._head)):
+            self._head = df.head(5)
+        if not len(df):  # an empty batch's all-null columns would fix their type as string: rows decide
+            return
+        table = self._table(df)
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("wb")
+            self._writer = pq.ParquetWriter(self._file, table.schema, compression="zstd")
+        else:
+            table = table.select(self._writer.schema.names).cast(self._writer.schema)
+        self._writer.write_table(table)
+        self.rows += len(df)
+
+    def close(self) -> Staged:
+        if self._writer is None:  # no rows at all: an empty file with the batches' columns
+            head = self._head if self._head is not None else pd.DataFrame()
+            write_atomic(self.path, parquet_bytes(head.drop(columns=[c for c in self._drop if c in head])))
+            return Staged(self.path, 0, self._table(head).schema, head)
+        self._writer.close()
+        self._file.close()
+        return Staged(self.path, self.rows, self._writer.schema, self._head)
+
+
+def publish_staged(staged: Staged, directory: UPath) -> UPath:
+    """Publish a staged file as the partition: one rename (on S3 one server-side copy), atomic for readers."""
+    final = directory / PART_NAME
+    directory.mkdir(parents=True, exist_ok=True)
+    staged.path.rename(final)
+    _drop_stale_parts(directory)
     return final
+
+
+def _published_parts(directory: UPath) -> list[UPath]:
+    parts = sorted(p for p in directory.glob("part-*.parquet")) if directory.exists() else []
+    if not parts:
+        raise FileNotFoundError(f"no published partition at {directory}")
+    return parts
+
+
+def _with_partition_columns(df: pd.DataFrame, directory: UPath) -> pd.DataFrame:
+    """Partition columns restored from the path, first (numbers as int64)."""
+    for i, (key, value) in enumerate(partition_of(directory).items()):
+        df.insert(i, key, pd.Series([int(value) if value.isdigit() else value] * len(df), index=df.index,
+                                    dtype="int64" if value.isdigit() else object))
+    return df
 
 
 def read_partition(directory: UPath, columns: list[str] | None = None) -> pd.DataFrame:
     """The published frame of a partition, its partition columns restored from the path (numbers
     as int64); FileNotFoundError if it was never published."""
-    parts = sorted(p for p in directory.glob("part-*.parquet")) if directory.exists() else []
-    if not parts:
-        raise FileNotFoundError(f"no published partition at {directory}")
     tables = []
-    for p in parts:
+    for p in _published_parts(directory):
         with p.open("rb") as f:
             tables.append(pq.read_table(f, columns=columns))
-    df = pa.concat_tables(tables, promote_options="default").to_pandas()
-    for i, (key, value) in enumerate(partition_of(directory).items()):
-        df.insert(i, key, pd.Series([int(value) if value.isdigit() else value] * len(df), index=df.index,
-                                    dtype="int64" if value.isdigit() else object))
-    return df
+    return _with_partition_columns(pa.concat_tables(tables, promote_options="default").to_pandas(), directory)
+
+
+@dataclass
+class PartitionBatches:
+    """A published partition read lazily, `rows` at a time: memory holds one batch, not the shard."""
+
+    directory: UPath
+    rows: int
+
+    def __post_init__(self):
+        self.parts = _published_parts(self.directory)  # fail at load, not halfway through
+
+    def __iter__(self) -> Iterator[pd.DataFrame]:
+        for p in self.parts:
+            with p.open("rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=self.rows):
+                    yield _with_partition_columns(batch.to_pandas(), self.directory)
 
 
 def partition_rows(directory: UPath) -> int:

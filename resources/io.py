@@ -19,6 +19,8 @@ from kun_dagster.stages import StageResult
 
 from .kun import KunResource
 
+STREAM = "kun/stream"  # AssetIn metadata: load the partition as record batches (storage.PartitionBatches)
+
 # Dagster dimension name -> column name in storage (see assets/partitions.py for why they differ).
 HIVE_NAMES = {"source": "source", "source_shard": "shard"}
 
@@ -38,15 +40,24 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
     def get_path_for_partition(self, context, path: UPath, partition: str) -> UPath:
         return storage.partition_dir(path, "", hive_partition(context.asset_partitions_def, partition))
 
+    def __init__(self, base_path: UPath, batch_rows: int):
+        super().__init__(base_path=base_path)
+        self.batch_rows = batch_rows
+
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame | StageResult, path: UPath) -> None:
         asset, part = "/".join(context.asset_key.path), storage.partition_of(path)
         if isinstance(obj, StageResult):
             storage.write_partition(storage.quarantine_dir(self._base_path, asset, part), obj.dropped)
             obj = obj.rows
-        storage.write_partition(path, obj)
+        if isinstance(obj, storage.Staged):  # streamed into staging by the stage: one rename publishes it
+            storage.publish_staged(obj, path)
+        else:
+            storage.write_partition(path, obj)
         storage.remove_tree(storage.staging_dir(self._base_path, asset, part))  # published: its batch checkpoints are done
 
-    def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame | storage.PartitionBatches:
+        if context.definition_metadata.get(STREAM):
+            return storage.PartitionBatches(path, self.batch_rows)
         return storage.read_partition(path)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
@@ -70,7 +81,7 @@ class ParquetIOManager(dg.ConfigurableIOManagerFactory):
     kun: KunResource
 
     def create_io_manager(self, context) -> _ParquetUPathIOManager:
-        return _ParquetUPathIOManager(base_path=self.kun.checked_base())
+        return _ParquetUPathIOManager(base_path=self.kun.checked_base(), batch_rows=self.kun.config.storage.batch_rows)
 
 
 class _JsonUPathIOManager(dg.UPathIOManager):

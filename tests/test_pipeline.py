@@ -134,7 +134,7 @@ def test_a_failing_model_publishes_nothing(graph):
             for a in ("labeled_pairs", "quarantine/labeled_pairs") for k in keys]
     before = [(d / "part-0.parquet").read_bytes() for d in dirs]
     defs = graph["defs"]
-    result = dg.materialize(list(defs.assets), selection=["labeled_pairs"], resources={**defs.resources, "label_llm": SilentLLM(role="label")},
+    result = dg.materialize(list(defs.assets), selection=["labeled_pairs"], resources={**defs.resources, "label_llm": SilentLLM(kun=defs.resources["kun"], role="label")},
                             instance=graph["instance"], raise_on_error=False,
                             tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]})
     assert not result.success
