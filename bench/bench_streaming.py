@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -70,8 +71,9 @@ def write_corpus(path: Path, n: int, seed: int = 0) -> int:
     return path.stat().st_size
 
 
-def _run(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", RUN, *args], cwd=REPO, capture_output=True, text=True)
+def _run(args: list[str], code: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code)}  # which checkout's kun_dagster, assets and resources run
+    out = subprocess.run([sys.executable, "-c", RUN, *args], cwd=code, capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not lines:
         raise SystemExit(f"run failed: {out.stderr[-3000:]}")
@@ -82,6 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, nargs="+", default=[10000, 100000])
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--code", type=Path, default=REPO, help="the checkout to run (e.g. a git worktree of an older commit)")
     ap.add_argument("--set", action="append", default=[], help="extra config key=value (YAML), e.g. filter.dedup=false")
     args = ap.parse_args()
 
@@ -110,8 +113,8 @@ def main() -> None:
                 node = node.setdefault(p, {})
             node[last] = yaml.safe_load(value)
         (work / "kun.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
-        _run([str(work / "kun.yaml"), "seed_data,base_model,label_model,chat_model"])
-        got = _run([str(work / "kun.yaml"), "raw_corpus,filtered_corpus", "web|0"])
+        _run([str(work / "kun.yaml"), "seed_data,base_model,label_model,chat_model"], args.code)
+        got = _run([str(work / "kun.yaml"), "raw_corpus,filtered_corpus", "web|0"], args.code)
         assert got["success"], got
         raw, filtered = got["steps"]["raw_corpus"], got["steps"]["filtered_corpus"]
         row = {"docs": n, "source_mib": round(size / 2**20, 1), "peak_rss_mib": got["peak_rss_mib"],
@@ -124,6 +127,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": "2 vCPU, no GPU", "time": time.strftime("%Y-%m-%d"), "args": sys.argv[1:],
+                                        "code": subprocess.run(["git", "-C", str(args.code), "rev-parse", "--short", "HEAD"],
+                                                               capture_output=True, text=True).stdout.strip(),
                                         "results": results}, indent=1))
 
 

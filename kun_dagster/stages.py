@@ -158,13 +158,19 @@ def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], tokenizer, ppl_en
     )
 
 
+def _token_counts(tokenizer, texts: list[str], chunk: int = 1000) -> list[int]:
+    """Token counts of many texts; a fast tokenizer's encodings (offsets, strings) are large, so
+    they are made `chunk` texts at a time and only their lengths kept."""
+    return [len(ids) for i in range(0, len(texts), chunk) for ids in encode(tokenizer, texts[i : i + chunk], special=False)]
+
+
 def _filter_batch(docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg: KunConfig, seen: dict) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
     df = docs.copy()
     df["text"] = df["text"].map(clean_text).astype(object)  # object even when empty, for .str
     reason, detail = _no_reasons(df)
     reason[df["text"].str.len() == 0] = EMPTY_AFTER_CLEAN
 
-    df["n_tokens"] = pd.Series([len(ids) for ids in encode(tokenizer, df["text"].tolist(), special=False)], index=df.index, dtype="int64")
+    df["n_tokens"] = pd.Series(_token_counts(tokenizer, df["text"].tolist()), index=df.index, dtype="int64")
     over = reason.isna() & (df["n_tokens"] > cfg.filter.max_tokens)
     reason[over] = TOO_MANY_TOKENS
     detail[over] = df.loc[over, "n_tokens"].map(lambda n: f"{n} tokens > {cfg.filter.max_tokens}")
