@@ -64,7 +64,7 @@ class StorageConfig(_Section):
     model_cache: str = Field(".kun/model-cache", description="local folder where remote checkpoints are copied for the engines")
     s3: S3Settings = S3Settings()
     storage_options: dict[str, Any] = Field(default_factory=dict, description="more fsspec options for remote URIs")
-    checkpoint_rows: int = Field(512, ge=1, description="LLM stages checkpoint a partition every this many prompts")
+    checkpoint_rows: int = Field(2048, ge=1, description="LLM stages checkpoint a partition every this many prompts")
     batch_rows: int = Field(20000, ge=1, description="raw_corpus and filtered_corpus stream a shard this many documents at a time")
 
 

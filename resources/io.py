@@ -1,10 +1,12 @@
 """IO managers on Dagster's UPathIOManager: hive-partitioned Parquet, and JSON model references.
 
 Partitions land at {base}/{asset}/source={s}/shard={k}/part-0.parquet and are published
-atomically (kun_dagster.storage); the partition's batch checkpoints (staging) go once it is. A stage hands over a StageResult: its dropped rows go to
-{base}/quarantine/{asset}/source=.../shard=.../ first, then its rows, so a partition's data and
-quarantine are always of the same run, and only once the whole step has succeeded. A single-run
-backfill hands the manager one value per partition in a dict keyed by partition key.
+atomically (kun_dagster.storage). A stage hands over a StageResult: its dropped rows go to
+{base}/quarantine/{asset}/source=.../shard=.../ first, then its rows (a frame, or a file the stage
+streamed into the partition's staging folder), so a partition's data and quarantine are always of
+the same run, and only once the whole step has succeeded; then the staging folder (batch
+checkpoints) goes. A single-run backfill hands the manager one value per partition in a dict
+keyed by partition key.
 """
 
 import json
@@ -37,12 +39,12 @@ def hive_partition(partitions_def: dg.PartitionsDefinition | None, partition: st
 class _ParquetUPathIOManager(dg.UPathIOManager):
     extension = ""  # a partition is a folder of part files
 
-    def get_path_for_partition(self, context, path: UPath, partition: str) -> UPath:
-        return storage.partition_dir(path, "", hive_partition(context.asset_partitions_def, partition))
-
     def __init__(self, base_path: UPath, batch_rows: int):
         super().__init__(base_path=base_path)
-        self.batch_rows = batch_rows
+        self.batch_rows = batch_rows  # rows per batch of an input read as a stream
+
+    def get_path_for_partition(self, context, path: UPath, partition: str) -> UPath:
+        return storage.partition_dir(path, "", hive_partition(context.asset_partitions_def, partition))
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame | StageResult, path: UPath) -> None:
         asset, part = "/".join(context.asset_key.path), storage.partition_of(path)
@@ -96,7 +98,7 @@ class _JsonUPathIOManager(dg.UPathIOManager):
 
 
 class ModelRefIOManager(dg.ConfigurableIOManagerFactory):
-    """Model assets are references (name, local path, provenance); the weights stay where they are."""
+    """Model assets are references (name, path local or s3://, provenance); the weights stay where they are."""
 
     kun: KunResource
 
