@@ -129,10 +129,20 @@ def staging_dir(base: UPath, asset: str, partition: Mapping[str, str]) -> UPath:
     return partition_dir(base, f"{STAGING}/{asset}", partition)
 
 
-def remove_tree(path: UPath) -> None:
-    """Delete a folder and everything under it; nothing there is fine."""
+def remove_tree(path: UPath, prune_up_to: UPath | None = None) -> None:
+    """Delete a folder and everything under it (nothing there is fine); on a local disk, then the
+    parent folders it leaves empty, up to and including `prune_up_to` (object stores have none)."""
     if path.exists():
         path.fs.rm(path.path, recursive=True)
+    if prune_up_to is None or path.protocol not in ("", "file", "local"):
+        return
+    for parent in path.parents:
+        if len(parent.parts) < len(prune_up_to.parts):
+            return
+        try:
+            parent.rmdir()  # fails, and stops the walk, where the folder still holds something
+        except OSError:
+            return
 
 
 def partition_of(directory: UPath) -> dict[str, str]:

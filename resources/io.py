@@ -55,7 +55,8 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
             storage.publish_staged(obj, path)
         else:
             storage.write_partition(path, obj)
-        storage.remove_tree(storage.staging_dir(self._base_path, asset, part))  # published: its batch checkpoints are done
+        # published: its batch checkpoints are done
+        storage.remove_tree(storage.staging_dir(self._base_path, asset, part), prune_up_to=self._base_path / storage.STAGING)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame | storage.PartitionBatches:
         if context.definition_metadata.get(STREAM):

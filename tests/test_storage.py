@@ -87,3 +87,17 @@ def test_store_errors_name_the_endpoint_and_hide_the_secret():
     assert down.startswith("cannot reach s3://b/kun at endpoint http://minio:9000 after 10 attempts")
     env = storage.Store.from_env(StorageConfig(s3={"secret_access_key_env": "MY_SECRET"}), {"MY_SECRET": "x", "AWS_ACCESS_KEY_ID": "k"})
     assert env.credentials == {"secret": "x", "key": "k"}
+
+
+def test_remove_tree_prunes_the_empty_folders_it_leaves(tmp_path):
+    base = UPath(tmp_path)
+    a = storage.staging_dir(base, "labeled_pairs", {"source": "s", "shard": "0"})
+    b = storage.staging_dir(base, "labeled_pairs", {"source": "s", "shard": "1"})
+    for d in (a, b):
+        (d / "generate-000000-x.parquet").parent.mkdir(parents=True)
+        (d / "generate-000000-x.parquet").write_bytes(b"x")
+    storage.remove_tree(a, prune_up_to=base / storage.STAGING)
+    assert not a.exists() and b.exists()  # the sibling keeps its parents
+    storage.remove_tree(b, prune_up_to=base / storage.STAGING)
+    assert not (base / storage.STAGING).exists() and base.exists()
+    storage.remove_tree(b, prune_up_to=base / storage.STAGING)  # nothing there: fine
