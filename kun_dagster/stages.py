@@ -90,7 +90,7 @@ def _summary(values, digits: int = 2) -> dict:
     return {"min": round(q[0], digits), "p50": round(q[1], digits), "p90": round(q[2], digits), "max": round(q[3], digits)}
 
 
-def _stats(n_in: int, result_rows: int, reasons: pd.Series, **extra) -> dict:
+def _stats(n_in: int, result_rows: int, reasons, **extra) -> dict:
     counts = Counter(r for r in reasons if isinstance(r, str))
     return {"rows_in": n_in, "rows_out": result_rows, "retention": round(result_rows / n_in, 4) if n_in else None,
             "dropped": dict(sorted(counts.items())), **extra}
@@ -146,15 +146,11 @@ def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], tokenizer, ppl_en
         tokens.append(kept["n_tokens"].to_numpy())
         ppls.append(kept["perplexity"].to_numpy())
         dropped.append(out)
-    rows = sink.close()
-    n_out = n_in - sum(counts.values())
     return StageResult(
-        rows=rows,
+        rows=sink.close(),
         dropped=pd.concat(dropped, ignore_index=True) if dropped else pd.DataFrame(columns=QUARANTINE_COLUMNS),
-        stats={"rows_in": n_in, "rows_out": n_out, "retention": round(n_out / n_in, 4) if n_in else None,
-               "dropped": dict(sorted(counts.items())),
-               "tokens": _summary(np.concatenate(tokens) if tokens else [], 0),
-               "perplexity": _summary(np.concatenate(ppls) if ppls else [])},
+        stats=_stats(n_in, n_in - sum(counts.values()), counts.elements(), tokens=_summary(np.concatenate(tokens) if tokens else [], 0),
+                     perplexity=_summary(np.concatenate(ppls) if ppls else [])),
     )
 
 

@@ -67,7 +67,7 @@ class Store:
         return {**opts, **{k: v for k, v in self.credentials.items() if v}}
 
     def path(self, uri: str) -> UPath:
-        return UPath(uri, **self.options(uri))
+        return upath(uri, self.options(uri))
 
     def endpoint(self, uri: str) -> str:
         client = self.options(uri).get("client_kwargs", {})
@@ -236,15 +236,12 @@ class ParquetSink:
         self._file = None
         self._head: pd.DataFrame | None = None
 
-    def _table(self, df: pd.DataFrame) -> pa.Table:
-        return to_table(df.drop(columns=[c for c in self._drop if c in df]))
-
     def write(self, df: pd.DataFrame) -> None:
         if self._head is None or (len(df) and not len(self._head)):
             self._head = df.head(5)
         if not len(df):  # an empty batch's all-null columns would fix their type as string: rows decide
             return
-        table = self._table(df)
+        table = to_table(df.drop(columns=[c for c in self._drop if c in df]))
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("wb")
@@ -257,8 +254,9 @@ class ParquetSink:
     def close(self) -> Staged:
         if self._writer is None:  # no rows at all: an empty file with the batches' columns
             head = self._head if self._head is not None else pd.DataFrame()
-            write_atomic(self.path, parquet_bytes(head.drop(columns=[c for c in self._drop if c in head])))
-            return Staged(self.path, 0, self._table(head).schema, head)
+            frame = head.drop(columns=[c for c in self._drop if c in head])
+            write_atomic(self.path, parquet_bytes(frame))
+            return Staged(self.path, 0, to_table(frame).schema, head)
         self._writer.close()
         self._file.close()
         return Staged(self.path, self.rows, self._writer.schema, self._head)
