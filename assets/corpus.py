@@ -3,6 +3,7 @@
 import dagster as dg
 from transformers import AutoTokenizer
 
+import checks
 from kun_dagster import stages
 from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
@@ -17,8 +18,9 @@ GROUP = "corpus"
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
 
-    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, kinds={"parquet"})
-    def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource) -> dict[str, stages.StageResult]:
+    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, kinds={"parquet"},
+              check_specs=checks.specs("raw_corpus"), output_required=False)
+    def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource):
         """Every document of the partition's files (a file's shard is a stable hash of its path),
         streamed in batches; unreadable rows go to the quarantine with a reason code, file and row."""
         out = {}
@@ -29,13 +31,13 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             except CorpusError as e:
                 raise dg.Failure(str(e)) from e
             out[key] = report_stage(context, kun, "raw_corpus", key, result)
-        return out
+        yield from checks.gate(context, kun, "raw_corpus", out)
 
     @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, kinds={"pytorch", "parquet"},
-              ins={"raw_corpus": dg.AssetIn(metadata={STREAM: True})})
+              ins={"raw_corpus": dg.AssetIn(metadata={STREAM: True})}, check_specs=checks.specs("filtered_corpus"), output_required=False)
     def filtered_corpus(
         context: dg.AssetExecutionContext, kun: KunResource, base_llm: LLMResource, raw_corpus, base_model: dict, label_model: dict
-    ) -> dict[str, stages.StageResult]:
+    ):
         """Cleaned text within 512 tokens of the label model's tokenizer, perplexity under the
         reference model at most the threshold, exact duplicates removed."""
         c = kun.config
@@ -47,6 +49,6 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             resumable = checkpointed(kun, "filtered_corpus", key, engine) if engine else None
             result = stages.filter_corpus(batches, tokenizer, resumable, c, staged_sink(kun, "filtered_corpus", key))
             out[key] = report_stage(context, kun, "filtered_corpus", key, result, resumable)
-        return out
+        yield from checks.gate(context, kun, "filtered_corpus", out)
 
     return [raw_corpus, filtered_corpus]

@@ -3,7 +3,8 @@
 import dagster as dg
 import pandas as pd
 
-from kun_dagster import dataset, storage
+import checks
+from kun_dagster import dataset, schemas, storage
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
@@ -20,45 +21,53 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         backfill_policy=SINGLE_RUN,
         kinds={"parquet", "json"},
         ins={"polished_pairs": dg.AssetIn(partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=SOURCE))},
+        check_specs=[dg.AssetCheckSpec(checks.SCHEMA, asset="instruction_dataset", blocking=True,
+                                       description="Blocking: the records match COIG-CQIA's schema (+ provenance); on failure nothing is released.")],
+        output_required=False,
     )
-    def instruction_dataset(
-        context: dg.AssetExecutionContext, kun: KunResource, polished_pairs, label_model: dict, chat_model: dict
-    ) -> dg.MaterializeResult:
+    def instruction_dataset(context: dg.AssetExecutionContext, kun: KunResource, polished_pairs, label_model: dict, chat_model: dict):
         """COIG-CQIA records (instruction, input, output, task_type, domain, ...) with provenance
         (source, doc_id, file, row, score, models), as Parquet under instruction_dataset/source=...
         and as release/{source}/train.jsonl with a dataset card (counts, stage funnel, config)."""
         c = kun.config
         frames = polished_pairs if isinstance(polished_pairs, dict) else {"all": polished_pairs}
         polished = pd.concat(list(frames.values()), ignore_index=True) if frames else pd.DataFrame()
+        by_source = {}
         for source in context.partition_keys:
             mine = polished[polished["source"] == source] if len(polished) else polished
-            recs = (
+            by_source[source] = (
                 dataset.records(mine, c, label_model["name"], chat_model["name"])
                 if len(mine)
                 else pd.DataFrame(columns=dataset.COIG_COLUMNS + dataset.PROVENANCE_COLUMNS)
             )
-            fun = dataset.funnel(kun.base, source, c.shard_keys())
-            card = dataset.card(source, len(recs), fun, c, label_model["name"], chat_model["name"])
-            parquet_dir = storage.partition_dir(kun.base, "instruction_dataset", {"source": source})
-            storage.write_partition(parquet_dir, recs)
-            release = dataset.publish_release(kun.base, source, recs, card)
-            context.log.info(f"instruction_dataset {source}: {len(recs)} records -> {release}")
-            context.add_asset_metadata(
-                {
-                    "dagster/row_count": len(recs),
-                    "dagster/column_schema": schema_of(recs),
-                    "parquet": dg.MetadataValue.path(str(parquet_dir)),
-                    "release": dg.MetadataValue.path(str(release)),
-                    "funnel": dg.MetadataValue.json(fun),
-                    "card": dg.MetadataValue.md(card),
-                    **(
-                        {"preview": dg.MetadataValue.md(preview_markdown(recs[["instruction", "output", "doc_id", "score"]]))}
-                        if len(recs)
-                        else {}
-                    ),
-                },
-                partition_key=source,
-            )
-        return dg.MaterializeResult()
+        check = checks.schema_check("instruction_dataset", {s: schemas.validate("instruction_dataset", r, c) for s, r in by_source.items()})
+        checks.log_failures(context, "instruction_dataset", [check])
+        if check.passed:  # release nothing unless every source's records hold
+            for source, recs in by_source.items():
+                _release(context, kun, source, recs, label_model, chat_model)
+            yield dg.MaterializeResult()
+        yield check
 
     return [instruction_dataset]
+
+
+def _release(context: dg.AssetExecutionContext, kun: KunResource, source: str, recs: pd.DataFrame, label_model: dict, chat_model: dict) -> None:
+    c = kun.config
+    fun = dataset.funnel(kun.base, source, c.shard_keys())
+    card = dataset.card(source, len(recs), fun, c, label_model["name"], chat_model["name"])
+    parquet_dir = storage.partition_dir(kun.base, "instruction_dataset", {"source": source})
+    storage.write_partition(parquet_dir, recs)
+    release = dataset.publish_release(kun.base, source, recs, card)
+    context.log.info(f"instruction_dataset {source}: {len(recs)} records -> {release}")
+    context.add_asset_metadata(
+        {
+            "dagster/row_count": len(recs),
+            "dagster/column_schema": schema_of(recs),
+            "parquet": dg.MetadataValue.path(str(parquet_dir)),
+            "release": dg.MetadataValue.path(str(release)),
+            "funnel": dg.MetadataValue.json(fun),
+            "card": dg.MetadataValue.md(card),
+            **({"preview": dg.MetadataValue.md(preview_markdown(recs[["instruction", "output", "doc_id", "score"]]))} if len(recs) else {}),
+        },
+        partition_key=source,
+    )

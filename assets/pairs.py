@@ -2,10 +2,10 @@
 
 import dagster as dg
 
+import checks
 from kun_dagster import stages
 from kun_dagster.config import KunConfig
 from kun_dagster.llm import EngineError
-from kun_dagster.stages import StageResult
 from resources import KunResource, LLMResource
 
 from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, report_stage
@@ -14,7 +14,8 @@ from .partitions import corpus_partitions
 GROUP = "pairs"
 
 
-def _run(context, kun, asset: str, frames: dict, stage, engine) -> dict[str, StageResult]:
+def _run(context, kun, asset: str, frames: dict, stage, engine):
+    """The stage on each partition of the run, then the asset's checks (its output only if the schema holds)."""
     out = {}
     for key, df in frames.items():
         resumable = checkpointed(kun, asset, key, engine)
@@ -23,35 +24,36 @@ def _run(context, kun, asset: str, frames: dict, stage, engine) -> dict[str, Sta
         except EngineError as e:  # the model failed: nothing of this run is published
             raise dg.Failure(f"{asset} {key}: {e}") from e
         out[key] = report_stage(context, kun, asset, key, result, resumable)
-    return out
+    yield from checks.gate(context, kun, asset, out)
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
-    common = dict(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, kinds={"pytorch", "parquet"})
+    common = dict(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, kinds={"pytorch", "parquet"},
+                  output_required=False)  # a failed schema check publishes nothing (checks.gate)
 
-    @dg.asset(**common)
+    @dg.asset(**common, check_specs=checks.specs("labeled_pairs"))
     def labeled_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, filtered_corpus, label_model: dict
-    ) -> dict[str, StageResult]:
+    ):
         """The label model writes the instruction each text answers (Kun's label prompt); instructions
         holding a banned keyword (新闻, 根据, 文章, ...) are quarantined."""
-        return _run(context, kun, "labeled_pairs", by_partition(context, filtered_corpus), stages.label, label_llm.engine(label_model))
+        yield from _run(context, kun, "labeled_pairs", by_partition(context, filtered_corpus), stages.label, label_llm.engine(label_model))
 
-    @dg.asset(**common)
+    @dg.asset(**common, check_specs=checks.specs("scored_pairs"))
     def scored_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, labeled_pairs, chat_model: dict
-    ) -> dict[str, StageResult]:
+    ):
         """Every pair with the chat model's score of its instruction alone (P(【好】) by default) and a
         keep flag; a new threshold needs no re-scoring."""
-        return _run(context, kun, "scored_pairs", by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
+        yield from _run(context, kun, "scored_pairs", by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
 
-    @dg.asset(**common)
+    @dg.asset(**common, check_specs=checks.specs("polished_pairs"))
     def polished_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, scored_pairs, chat_model: dict
-    ) -> dict[str, StageResult]:
+    ):
         """Kept pairs whose text the chat model rewrote into an answer (prompt within 512 tokens),
         through Kun's output filters and output dedup."""
-        return _run(context, kun, "polished_pairs", by_partition(context, scored_pairs), stages.polish, chat_llm.engine(chat_model))
+        yield from _run(context, kun, "polished_pairs", by_partition(context, scored_pairs), stages.polish, chat_llm.engine(chat_model))
 
     return [labeled_pairs, scored_pairs, polished_pairs]

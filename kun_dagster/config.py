@@ -208,6 +208,22 @@ class DatasetConfig(_Section):
     copyright: str = "Derived from the source corpus; check its licence before redistribution."
 
 
+class ChecksConfig(_Section):
+    """Bounds of the statistical WARN checks (kun_dagster.quality); the schemas have none to set."""
+
+    retention: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"raw_corpus": (0.8, 1.0), "filtered_corpus": (0.3, 1.0), "labeled_pairs": (0.7, 1.0),
+                                 "scored_pairs": (0.2, 1.0), "polished_pairs": (0.5, 1.0)},
+        description="rows out / rows in per stage (scored_pairs: the share kept by score)")
+    max_quarantine_rate: float = Field(0.1, ge=0, le=1, description="raw_corpus rows unreadable")
+    max_duplicate_rate: float = Field(0.3, ge=0, le=1)
+    max_empty_rate: float = Field(0.05, ge=0, le=1, description="generations that came back empty")
+    max_parse_failure_rate: float = Field(0.1, ge=0, le=1, description="kun_freetext replies that did not parse")
+    max_score_shift: float = Field(0.3, ge=0, le=1, description="KS statistic against the source's published scores")
+    min_overlap: float = Field(0.3, ge=0, le=1, description="share of an answer's character bigrams found in its source text")
+    max_unfaithful_rate: float = Field(0.2, ge=0, le=1, description="answers under min_overlap (likely hallucinated)")
+
+
 class KunConfig(_Section):
     sources: list[SourceConfig] = Field(min_length=1)
     shards: int = Field(4, ge=1, le=4096)
@@ -220,6 +236,7 @@ class KunConfig(_Section):
     score: ScoreConfig = ScoreConfig()
     polish: PolishConfig = PolishConfig()
     dataset: DatasetConfig = DatasetConfig()
+    checks: ChecksConfig = ChecksConfig()
 
     _root: Path = PrivateAttr(default_factory=Path.cwd)
     _origin: str = PrivateAttr(default="<memory>")

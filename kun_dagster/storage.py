@@ -209,6 +209,12 @@ class Staged:
     schema: pa.Schema
     head: pd.DataFrame  # the first rows, for the UI's preview
 
+    def batches(self, rows: int) -> Iterator[pd.DataFrame]:
+        """The staged rows read back `rows` at a time, partition columns restored (for checks)."""
+        with self.path.open("rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
+                yield _with_partition_columns(batch.to_pandas(), self.path.parent)
+
 
 class FrameSink:
     """Collects a stage's output batches in memory: the result is one DataFrame."""

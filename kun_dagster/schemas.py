@@ -1,0 +1,171 @@
+"""Pandera schemas, one DataFrameModel per dataset version: the shape every published partition has.
+
+Static constraints live on the models; those that come from kun.yaml (the token limit, the score's
+scale, the banned keywords, the minimum output length) are added by `schema(asset, cfg)`.
+`validate` checks a partition (whole, or batch by batch for a streamed one) and returns what
+failed, with counts and sample rows, instead of raising.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing import Series
+
+from .config import KunConfig
+
+NON_EMPTY = r"\S"  # holds at least one non-space character
+
+
+class RawCorpus(pa.DataFrameModel):
+    doc_id: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
+    source: Series[str] = pa.Field(str_length={"min_value": 1})
+    shard: Series[int] = pa.Field(ge=0)
+    file: Series[str]
+    row: Series[int] = pa.Field(ge=0)
+    title: Series[str] = pa.Field(nullable=True)
+    text: Series[str] = pa.Field(str_matches=NON_EMPTY)
+
+    class Config:
+        coerce = True  # an empty partition's columns read back as object
+
+
+class FilteredCorpus(RawCorpus):
+    n_tokens: Series[int] = pa.Field(ge=1)
+    perplexity: Series[float] = pa.Field(gt=0, nullable=True)  # NaN where the filter is off
+
+
+class LabeledPairs(FilteredCorpus):
+    instruction: Series[str] = pa.Field(str_matches=NON_EMPTY)
+    label_tokens: Series[int] = pa.Field(ge=0)
+    label_finish: Series[str] = pa.Field(isin=["stop", "length"])
+
+
+SCORE_METHODS = ["kun_choice", "kun_freetext", "humpback_choice"]
+
+
+class ScoredPairs(LabeledPairs):
+    score: Series[float] = pa.Field(nullable=True)  # NaN: a kun_freetext reply that did not parse
+    keep: Series[bool]
+    score_method: Series[str] = pa.Field(isin=SCORE_METHODS)
+
+
+class PolishedPairs(LabeledPairs):
+    score: Series[float] = pa.Field(nullable=True)
+    score_method: Series[str] = pa.Field(isin=SCORE_METHODS)
+    output: Series[str] = pa.Field(str_matches=NON_EMPTY)
+    instruction_truncated: Series[bool]
+    polish_tokens: Series[int] = pa.Field(ge=1)
+    polish_finish: Series[str] = pa.Field(isin=["stop", "length"])
+
+
+class InstructionDataset(pa.DataFrameModel):
+    """COIG-CQIA's record schema, then the provenance columns; nothing else."""
+
+    instruction: Series[str] = pa.Field(str_matches=NON_EMPTY)
+    input: Series[str]
+    output: Series[str] = pa.Field(str_matches=NON_EMPTY)
+    task_type: Series[object]
+    domain: Series[object]
+    answer_from: Series[str]
+    human_verified: Series[bool]
+    copyright: Series[str]
+    source: Series[str]
+    doc_id: Series[str] = pa.Field(unique=True)
+    file: Series[str]
+    row: Series[int] = pa.Field(ge=0)
+    score: Series[float] = pa.Field(nullable=True)
+    score_method: Series[str] = pa.Field(isin=SCORE_METHODS)
+    label_model: Series[str]
+    chat_model: Series[str]
+
+    class Config:
+        strict = True
+        ordered = True
+
+    @pa.check("task_type", element_wise=True)
+    def coig_task_type(cls, v) -> bool:
+        return isinstance(v, dict) and set(v) == {"major", "minor"} and all(len(v[k]) and all(isinstance(x, str) for x in v[k]) for k in v)
+
+    @pa.check("domain", element_wise=True)
+    def coig_domain(cls, v) -> bool:
+        return len(v) > 0 and all(isinstance(x, str) for x in v)
+
+
+MODELS: dict[str, type[pa.DataFrameModel]] = {
+    "raw_corpus": RawCorpus,
+    "filtered_corpus": FilteredCorpus,
+    "labeled_pairs": LabeledPairs,
+    "scored_pairs": ScoredPairs,
+    "polished_pairs": PolishedPairs,
+    "instruction_dataset": InstructionDataset,
+}
+
+
+def _no_keyword(keywords: list[str], name: str) -> pa.Check:
+    pattern = "|".join(re.escape(k) for k in keywords)
+    return pa.Check(lambda s: ~s.str.contains(pattern, regex=True), name=name, error=f"no banned keyword ({'、'.join(keywords)})")
+
+
+def _add(schema: pa.DataFrameSchema, column: str, *checks: pa.Check) -> pa.DataFrameSchema:
+    if column not in schema.columns:
+        return schema
+    return schema.update_column(column, checks=[*schema.columns[column].checks, *checks])
+
+
+def schema(asset: str, cfg: KunConfig) -> pa.DataFrameSchema:
+    """The asset's DataFrameModel with the constraints kun.yaml sets."""
+    s = MODELS[asset].to_schema()
+    s = _add(s, "n_tokens", pa.Check.le(cfg.filter.max_tokens, name="within_token_limit"))
+    if asset != "instruction_dataset":  # its instructions are polished_pairs', already checked
+        s = _add(s, "instruction", _no_keyword(cfg.label.banned_keywords, "no_banned_keyword"))
+    lo, hi = (1.0, 5.0) if cfg.score.method == "humpback_choice" else (0.0, 1.0)
+    s = _add(s, "score", pa.Check.in_range(lo, hi, name="within_score_scale"))
+    s = _add(s, "output", pa.Check.str_length(min_value=max(cfg.polish.min_output_chars, 1), name="min_output_chars"),
+             _no_keyword(cfg.polish.banned_keywords, "no_banned_output_keyword"))
+    return s
+
+
+@dataclass
+class Violations:
+    """What failed in a partition: failure cases by column and check, and a few failing rows."""
+
+    rows: int = 0
+    failures: int = 0
+    by_check: dict[str, int] = field(default_factory=dict)
+    sample: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def passed(self) -> bool:
+        return self.failures == 0
+
+
+def validate(asset: str, frames: pd.DataFrame | Iterable[pd.DataFrame], cfg: KunConfig, sample_rows: int = 5) -> Violations:
+    """Validate a partition, whole or in batches (doc ids are also checked across batches)."""
+    s = schema(asset, cfg)
+    out, samples, seen = Violations(), [], set()
+    for df in [frames] if isinstance(frames, pd.DataFrame) else frames:
+        out.rows += len(df)
+        cases = []
+        try:
+            s.validate(df, lazy=True)
+        except pa.errors.SchemaErrors as e:
+            cases.append(e.failure_cases[["column", "check", "index"]])
+        if "doc_id" in df and asset != "instruction_dataset":
+            again = df.index[df["doc_id"].isin(seen).to_numpy()]
+            cases.append(pd.DataFrame({"column": "doc_id", "check": "unique across batches", "index": again}))
+            seen.update(df["doc_id"])
+        for fc in cases:
+            for (column, check), n in fc.groupby(["column", "check"], dropna=False).size().items():
+                key = f"{column}: {check}"
+                out.by_check[key] = out.by_check.get(key, 0) + int(n)
+                out.failures += int(n)
+            rows = [i for i in fc["index"].dropna().unique() if i in df.index][:sample_rows]
+            if rows:
+                samples.append(df.loc[rows])
+    out.sample = pd.concat(samples).head(sample_rows) if samples else pd.DataFrame()
+    return out
