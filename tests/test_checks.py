@@ -139,7 +139,7 @@ def test_a_planted_schema_violation_stops_the_run_publishes_nothing_and_alerts_o
     assert len(hook.bodies) == 1  # once, however often the sensor ticks
 
     run = graph["instance"].get_run_by_id(result.run_id)
-    failure = next(e for e in result.all_events if e.event_type_value == "RUN_FAILURE")
+    failure = graph["instance"].all_logs(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)[0].dagster_event
     ctx = dg.build_run_status_sensor_context(sensor_name="run_failure_alerts", dagster_event=failure,
                                              dagster_instance=graph["instance"], dagster_run=run).for_run_failure()
     run_failure_alerts(ctx)
