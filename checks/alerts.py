@@ -3,7 +3,8 @@ webhook ($KUN_ALERT_WEBHOOK: a JSON body with `text`), with a link to the run in
 ($KUN_UI_URL, default http://localhost:3000). With no webhook set, each alert is a log line.
 
 The check sensor's cursor is the last event-log id it has seen, so a check is alerted once however
-often the sensor ticks; run failures use Dagster's own run-failure sensor cursor.
+often the sensor ticks (its first tick starts at the end of the log: no flood of old failures);
+run failures use Dagster's own run-failure sensor cursor.
 """
 
 import json
@@ -48,7 +49,10 @@ def check_alert(evaluation, run_id: str) -> str:
 @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
            description=f"Posts each failed asset check once to ${WEBHOOK_ENV} (logs it when unset).")
 def check_failure_alerts(context: dg.SensorEvaluationContext) -> dg.SkipReason:
-    cursor = int(context.cursor or 0)
+    if context.cursor is None:  # first tick: from now on, not the instance's whole history
+        context.update_cursor(str(context.instance.event_log_storage.get_maximum_record_id() or 0))
+        return dg.SkipReason("started: alerting check results from now on")
+    cursor = int(context.cursor)
     records = context.instance.get_event_records(
         dg.EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION, after_cursor=cursor), ascending=True, limit=1000)
     sent = 0

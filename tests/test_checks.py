@@ -79,12 +79,13 @@ def graph(models_run, tmp_path_factory):
     return {"run": run, "instance": instance, "base": storage.upath(load_config(cfg_file).base_uri)}
 
 
-def _tick(instance, cursor=None):
+def _tick(instance, cursor=None) -> tuple[str, str]:
+    """One sensor evaluation: (its new cursor, what it reported)."""
     from checks import check_failure_alerts
 
     ctx = dg.build_sensor_context(instance=instance, cursor=cursor)
-    check_failure_alerts(ctx)
-    return ctx.cursor
+    out = check_failure_alerts(ctx)
+    return ctx.cursor, out.skip_message
 
 
 def _evaluations(result):
@@ -94,6 +95,8 @@ def _evaluations(result):
 def test_passing_checks_publish_and_alert_nothing(graph, monkeypatch):
     hook = Receiver()
     monkeypatch.setenv("KUN_ALERT_WEBHOOK", hook.url)
+    cursor, said = _tick(graph["instance"])  # the first tick starts at the end of the log
+    assert said.startswith("started")
     result = graph["run"](["labeled_pairs"])
     assert result.success
     evals = _evaluations(result)
@@ -102,8 +105,8 @@ def test_passing_checks_publish_and_alert_nothing(graph, monkeypatch):
     assert evals[("labeled_pairs", "schema")].metadata["failures"].value == 0
     for a, c in (("raw_corpus", "schema"), ("filtered_corpus", "duplicate_rate")):  # from the fixture's run
         assert graph["instance"].event_log_storage.get_latest_asset_check_execution_by_key([dg.AssetCheckKey(dg.AssetKey(a), c)])
-    _tick(graph["instance"])
-    assert hook.bodies == []
+    _, said = _tick(graph["instance"], cursor)
+    assert said == f"{len(evals)} check evaluation(s) read, 0 alert(s) posted" and hook.bodies == []
     hook.shutdown()
 
 
@@ -116,7 +119,7 @@ def test_a_planted_schema_violation_stops_the_run_publishes_nothing_and_alerts_o
     labeled = storage.partition_dir(graph["base"], "labeled_pairs", PART)
     assert graph["run"](["labeled_pairs"]).success
     before = (labeled / "part-0.parquet").read_bytes()
-    cursor = _tick(graph["instance"])  # the passing runs so far: nothing to alert
+    cursor, _ = _tick(graph["instance"])
 
     result = graph["run"](["labeled_pairs", "scored_pairs"], label_tokens=-1)  # an engine bug: negative token counts
     assert not result.success
@@ -130,7 +133,7 @@ def test_a_planted_schema_violation_stops_the_run_publishes_nothing_and_alerts_o
     scored_steps = [e for e in result.all_events if e.step_key == "scored_pairs"]
     assert not any(e.is_step_start for e in scored_steps)  # the next stage never ran
 
-    cursor = _tick(graph["instance"], cursor)
+    cursor, _ = _tick(graph["instance"], cursor)
     assert len(hook.bodies) == 1
     text = hook.bodies[0]["text"]
     assert "ERROR check failed: labeled_pairs / schema" in text and KEY in text and str(n) in text
