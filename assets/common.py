@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 
 from kun_dagster import storage
+from kun_dagster.dataset import preview_markdown
 from kun_dagster.llm.checkpoint import Checkpointed
 from kun_dagster.stages import StageResult
 
@@ -47,12 +48,6 @@ def staged_sink(kun, asset: str, key) -> storage.ParquetSink:
 def schema_of(df: pd.DataFrame | pa.Schema) -> dg.TableSchema:
     schema = df if isinstance(df, pa.Schema) else storage.to_table(df).schema
     return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in schema])
-
-
-def preview_markdown(df: pd.DataFrame, rows: int = 5, width: int = 60) -> str:
-    """The first rows as a Markdown table, long texts cut, for the asset's page."""
-    head = df.head(rows).map(lambda v: (v[:width] + "…" if len(v) > width else v).replace("\n", " ") if isinstance(v, str) else v)
-    return head.to_markdown(index=False)
 
 
 def _flat(stats: dict) -> dict:

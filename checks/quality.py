@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from kun_dagster import quality, schemas, storage
+from kun_dagster.dataset import preview_markdown
 from kun_dagster.stages import StageResult
 
 SCHEMA = "schema"
@@ -86,10 +87,6 @@ def _score_shift(kun, rows: pd.DataFrame) -> quality.Finding:
                                kun.config.checks.max_score_shift)
 
 
-def _md_table(df: pd.DataFrame, width: int = 60) -> str:
-    return df.astype(str).map(lambda v: v[:width] + "…" if len(v) > width else v).to_markdown(index=False)
-
-
 def schema_check(asset: str, violations: dict[str, schemas.Violations]) -> dg.AssetCheckResult:
     """The blocking schema check's result over the run's partitions: failure count, failing checks
     by partition, a sample of failing rows."""
@@ -98,7 +95,7 @@ def schema_check(asset: str, violations: dict[str, schemas.Violations]) -> dg.As
           "failing_partitions": dg.MetadataValue.json(sorted(bad)),
           "by_check": dg.MetadataValue.json({k: v.by_check for k, v in bad.items()})}
     if bad:
-        md["sample_failing_rows"] = dg.MetadataValue.md(_md_table(next(iter(bad.values())).sample))
+        md["sample_failing_rows"] = dg.MetadataValue.md(preview_markdown(next(iter(bad.values())).sample))
     return dg.AssetCheckResult(asset_key=asset, check_name=SCHEMA, passed=not bad, metadata=md, severity=dg.AssetCheckSeverity.ERROR,
                                description=f"{md['failures']} schema failure(s) in {sorted(bad)}" if bad else None)
 

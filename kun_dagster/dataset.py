@@ -24,6 +24,12 @@ STAGES = [
 ]
 
 
+def preview_markdown(df: pd.DataFrame, rows: int = 5, width: int = 60) -> str:
+    """The first rows as a Markdown table, long texts cut: previews and failing-row samples in the UI."""
+    head = df.head(rows).map(lambda v: (v[:width] + "…" if len(v) > width else v).replace("\n", " ") if isinstance(v, str) else v)
+    return head.to_markdown(index=False)
+
+
 def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model: str) -> pd.DataFrame:
     """COIG-CQIA records (instruction, input, output, task_type, domain, ...) plus provenance."""
     d = cfg.dataset
@@ -57,7 +63,7 @@ def funnel(base: UPath, source: str, shards: list[str]) -> dict:
         for shard in shards:
             part = {"source": source, "shard": shard}
             rows[asset] += storage.partition_rows(storage.partition_dir(base, asset, part))
-            qdir = storage.partition_dir(base, f"{storage.QUARANTINE}/{asset}", part)
+            qdir = storage.quarantine_dir(base, asset, part)
             if storage.partition_rows(qdir):
                 reasons.update(storage.read_partition(qdir, ["reason"])["reason"])
         quarantined[asset] = dict(sorted(reasons.items()))

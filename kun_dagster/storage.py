@@ -189,9 +189,13 @@ def write_partition(directory: UPath, df: pd.DataFrame) -> UPath:
     """Publish a partition: replaces whatever the folder held, atomically. Partition columns live
     in the path only (as Hive and pyarrow.dataset expect), so they are dropped from the file."""
     final = directory / PART_NAME
-    write_atomic(final, parquet_bytes(df.drop(columns=[c for c in partition_of(directory) if c in df])))
+    write_atomic(final, parquet_bytes(_without_partition_columns(df, directory)))
     _drop_stale_parts(directory)
     return final
+
+
+def _without_partition_columns(df: pd.DataFrame, directory: UPath) -> pd.DataFrame:
+    return df.drop(columns=[c for c in partition_of(directory) if c in df])
 
 
 def _drop_stale_parts(directory: UPath) -> None:
@@ -237,7 +241,6 @@ class ParquetSink:
 
     def __init__(self, path: UPath):
         self.path, self.rows = path, 0
-        self._drop = list(partition_of(path.parent))
         self._writer: pq.ParquetWriter | None = None
         self._file = None
         self._head: pd.DataFrame | None = None
@@ -247,7 +250,7 @@ class ParquetSink:
             self._head = df.head(5)
         if not len(df):  # an empty batch's all-null columns would fix their type as string: rows decide
             return
-        table = to_table(df.drop(columns=[c for c in self._drop if c in df]))
+        table = to_table(_without_partition_columns(df, self.path.parent))
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("wb")
@@ -260,7 +263,7 @@ class ParquetSink:
     def close(self) -> Staged:
         if self._writer is None:  # no rows at all: an empty file with the batches' columns
             head = self._head if self._head is not None else pd.DataFrame()
-            frame = head.drop(columns=[c for c in self._drop if c in head])
+            frame = _without_partition_columns(head, self.path.parent)
             write_atomic(self.path, parquet_bytes(frame))
             return Staged(self.path, 0, to_table(frame).schema, head)
         self._writer.close()

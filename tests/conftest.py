@@ -37,6 +37,11 @@ def write_config(tmp: Path, **overrides) -> Path:
     return path
 
 
+def given_models(models_run) -> dict[str, str]:
+    """write_config overrides that use the session's trained models as given checkpoints."""
+    return {f"models.{r}.path": models_run["refs"][f"{r}_model"]["path"] for r in ("base", "label", "chat")}
+
+
 @pytest.fixture(scope="session")
 def planted() -> list[dict]:
     return json.loads((REPO / "demo" / "planted.json").read_text())

@@ -14,7 +14,7 @@ from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 from kun_dagster.llm.base import Generation
 
-from .conftest import write_config
+from .conftest import given_models, write_config
 from .fakes import ScriptedEngine
 
 pytestmark = pytest.mark.slow
@@ -60,8 +60,7 @@ def graph(models_run, tmp_path_factory):
     from resources import LLMResource
 
     tmp = tmp_path_factory.mktemp("checks")
-    refs = models_run["refs"]
-    cfg_file = write_config(tmp, **{f"models.{r}.path": refs[f"{r}_model"]["path"] for r in ("base", "label", "chat")})
+    cfg_file = write_config(tmp, **given_models(models_run))
     defs = build_definitions(cfg_file)
     instance = dg.DagsterInstance.ephemeral()
 

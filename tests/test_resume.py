@@ -14,7 +14,7 @@ from kun_dagster import storage
 from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 
-from .conftest import REPO, write_config
+from .conftest import REPO, given_models, write_config
 
 pytestmark = pytest.mark.slow
 KEY = "wudao|0"
@@ -29,8 +29,7 @@ dg.materialize(list(defs.assets), selection=["labeled_pairs"], resources=defs.re
 
 def _setup(tmp, models_run):
     tmp.mkdir()
-    refs = models_run["refs"]
-    cfg_file = write_config(tmp, **{f"models.{r}.path": refs[f"{r}_model"]["path"] for r in ("base", "label", "chat")},
+    cfg_file = write_config(tmp, **given_models(models_run),
                             **{"storage.checkpoint_rows": 2})
     defs = build_definitions(cfg_file)
     assert dg.materialize(list(defs.assets), selection=["seed_data", "base_model", "label_model", "chat_model"],

@@ -19,7 +19,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from kun_dagster.definitions import build_definitions
 
-from .conftest import REPO, write_config
+from .conftest import REPO, given_models, write_config
 
 pytestmark = pytest.mark.slow
 CORPUS = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]
@@ -143,8 +143,7 @@ def moto(monkeypatch_module):
 
 def _s3_config(tmp: Path, models_run, endpoint: str, **overrides) -> Path:
     """The test config with models given by path, data under s3://kun/data through `endpoint`."""
-    refs = models_run["refs"]
-    cfg_file = write_config(tmp, **{f"models.{r}.path": refs[f"{r}_model"]["path"] for r in ("base", "label", "chat")}, **overrides)
+    cfg_file = write_config(tmp, **given_models(models_run), **overrides)
     cfg = yaml.safe_load(cfg_file.read_text())
     s3 = {"endpoint_url": endpoint, "region": "us-east-1", "path_style": True, **cfg.get("storage", {}).get("s3", {})}
     cfg["storage"] = {**cfg["storage"], "base_uri": "s3://kun/data", "models_dir": str(tmp / "models"), "s3": s3}
