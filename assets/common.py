@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from kun_dagster import storage
 from kun_dagster.dataset import preview_markdown
+from kun_dagster.llm import resolve_backend
 from kun_dagster.llm.checkpoint import Checkpointed
 from kun_dagster.stages import StageResult
 
@@ -17,6 +18,19 @@ from .partitions import split_key
 
 GPU_POOL = "gpu"
 SINGLE_RUN = dg.BackfillPolicy.single_run()
+
+
+def kinds(cfg, *formats: str, role: str | None = None, checked: bool = True) -> set[str]:
+    """The asset's kinds in the UI: the engine it runs on (vllm or pytorch, as `backend` resolves
+    here), pandera when a schema guards it, its formats, and s3 when it lives there."""
+    out = set(formats)
+    if role:
+        out.add("vllm" if resolve_backend(getattr(cfg.models, role).backend) == "vllm" else "pytorch")
+    if checked:
+        out.add("pandera")
+    if cfg.base_uri.startswith(("s3://", "s3a://")):
+        out.add("s3")
+    return out
 
 
 def by_partition(context: dg.AssetExecutionContext, value) -> dict[str, pd.DataFrame]:

@@ -9,7 +9,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
 from resources import STREAM, KunResource, LLMResource
 
-from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, report_stage, staged_sink
+from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, kinds, report_stage, staged_sink
 from .partitions import corpus_partitions, split_key
 
 GROUP = "corpus"
@@ -18,7 +18,7 @@ GROUP = "corpus"
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
 
-    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, kinds={"parquet"},
+    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, kinds=kinds(cfg, "parquet"),
               check_specs=checks.specs("raw_corpus"), output_required=False)
     def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource):
         """Every document of the partition's files (a file's shard is a stable hash of its path),
@@ -33,7 +33,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             out[key] = report_stage(context, kun, "raw_corpus", key, result)
         yield from checks.gate(context, kun, "raw_corpus", out)
 
-    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, kinds={"pytorch", "parquet"},
+    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL,
+              kinds=kinds(cfg, "parquet", role=cfg.filter.perplexity_model if cfg.filter.perplexity_max is not None else None),
               ins={"raw_corpus": dg.AssetIn(metadata={STREAM: True})}, check_specs=checks.specs("filtered_corpus"), output_required=False)
     def filtered_corpus(
         context: dg.AssetExecutionContext, kun: KunResource, base_llm: LLMResource, raw_corpus, base_model: dict, label_model: dict

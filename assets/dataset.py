@@ -8,7 +8,7 @@ from kun_dagster import dataset, schemas, storage
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
-from .common import SINGLE_RUN, preview_markdown, schema_of
+from .common import SINGLE_RUN, kinds, preview_markdown, schema_of
 from .partitions import SOURCE, source_partitions
 
 GROUP = "dataset"
@@ -19,7 +19,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         group_name=GROUP,
         partitions_def=source_partitions(cfg),
         backfill_policy=SINGLE_RUN,
-        kinds={"parquet", "json"},
+        kinds=kinds(cfg, "parquet", "json"),
         ins={"polished_pairs": dg.AssetIn(partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=SOURCE))},
         check_specs=[dg.AssetCheckSpec(checks.SCHEMA, asset="instruction_dataset", blocking=True,
                                        description="Blocking: the records match COIG-CQIA's schema (+ provenance); on failure nothing is released.")],

@@ -15,7 +15,7 @@ from kun_dagster import model_store, stages, training
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
-from .common import GPU_POOL, preview_markdown
+from .common import GPU_POOL, kinds, preview_markdown
 
 GROUP = "models"
 MODEL_IO = "model_io_manager"  # model assets are JSON references, not frames
@@ -51,7 +51,7 @@ def _trained(kun: KunResource, context: dg.AssetExecutionContext, role: str, tra
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
-    @dg.asset(group_name=GROUP, kinds={"json", "parquet"})
+    @dg.asset(group_name=GROUP, kinds=kinds(cfg, "json", "parquet", checked=False))
     def seed_data(context: dg.AssetExecutionContext, kun: KunResource) -> pd.DataFrame:
         """COIG-CQIA seed records (instruction, input, output, ...); multiple-choice items dropped (Kun)."""
         c = kun.config
@@ -73,7 +73,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         )
         return kept
 
-    @dg.asset(group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO)
+    @dg.asset(group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO)  # trained with torch whatever serves it
     def base_model(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame) -> dict:
         """The base model: a configured checkpoint, or the tiny Qwen2 of the embedded default
         (tokenizer trained on the demo texts, short language-model pre-training)."""

@@ -8,7 +8,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.llm import EngineError
 from resources import KunResource, LLMResource
 
-from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, report_stage
+from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, kinds, report_stage
 from .partitions import corpus_partitions
 
 GROUP = "pairs"
@@ -29,10 +29,10 @@ def _run(context, kun, asset: str, frames: dict, stage, engine):
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
-    common = dict(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, kinds={"pytorch", "parquet"},
+    common = dict(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL,
                   output_required=False)  # a failed schema check publishes nothing (checks.gate)
 
-    @dg.asset(**common, check_specs=checks.specs("labeled_pairs"))
+    @dg.asset(**common, check_specs=checks.specs("labeled_pairs"), kinds=kinds(cfg, "parquet", role="label"))
     def labeled_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, filtered_corpus, label_model: dict
     ):
@@ -40,7 +40,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         holding a banned keyword (新闻, 根据, 文章, ...) are quarantined."""
         yield from _run(context, kun, "labeled_pairs", by_partition(context, filtered_corpus), stages.label, label_llm.engine(label_model))
 
-    @dg.asset(**common, check_specs=checks.specs("scored_pairs"))
+    @dg.asset(**common, check_specs=checks.specs("scored_pairs"), kinds=kinds(cfg, "parquet", role="chat"))
     def scored_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, labeled_pairs, chat_model: dict
     ):
@@ -48,7 +48,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         keep flag; a new threshold needs no re-scoring."""
         yield from _run(context, kun, "scored_pairs", by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
 
-    @dg.asset(**common, check_specs=checks.specs("polished_pairs"))
+    @dg.asset(**common, check_specs=checks.specs("polished_pairs"), kinds=kinds(cfg, "parquet", role="chat"))
     def polished_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, scored_pairs, chat_model: dict
     ):

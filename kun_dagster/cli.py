@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -71,6 +72,9 @@ def demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(args.dagster_home).resolve())))
     home.mkdir(parents=True, exist_ok=True)
+    instance_yaml = Path(__file__).resolve().parents[1] / "dagster.yaml"  # the gpu pool, run queue, retries
+    if instance_yaml.is_file() and not (home / "dagster.yaml").exists():
+        shutil.copy(instance_yaml, home / "dagster.yaml")
     cfg = load_config(cfg_file)
     from .definitions import build_definitions
 

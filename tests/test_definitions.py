@@ -59,3 +59,30 @@ def test_cli_validate_reports_bad_config(tmp_path):
     bad.write_text("sources: [{name: web, uri: x, format: csv}]\nseed: {uri: s}\n")
     out = subprocess.run([sys.executable, "-m", "kun_dagster.cli", "validate", "--config", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2 and "sources.0.format" in out.stderr
+
+
+def test_asset_kinds_name_engine_schema_format_and_store(tmp_path):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    local = build_definitions(write_config(tmp_path / "a")).resolve_asset_graph()
+    assert local.get(dg.AssetKey("labeled_pairs")).kinds == {"pytorch", "pandera", "parquet"}  # tests pin transformers
+    assert local.get(dg.AssetKey("raw_corpus")).kinds == {"pandera", "parquet"}
+    cfg = write_config(tmp_path / "b", **{"models.label.backend": "vllm", "storage.base_uri": "s3://bucket/kun", "filter.perplexity_max": None})
+    s3 = build_definitions(cfg).resolve_asset_graph()
+    assert s3.get(dg.AssetKey("labeled_pairs")).kinds == {"vllm", "pandera", "parquet", "s3"}
+    assert s3.get(dg.AssetKey("filtered_corpus")).kinds == {"pandera", "parquet", "s3"}  # no perplexity: no engine
+    assert s3.get(dg.AssetKey("instruction_dataset")).kinds == {"pandera", "parquet", "json", "s3"}
+    assert s3.get(dg.AssetKey("seed_data")).kinds == {"json", "parquet", "s3"}
+
+
+def test_the_instance_yaml_limits_the_gpu_pool_queues_runs_and_retries(tmp_path):
+    import shutil
+
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    config = instance.get_concurrency_config()
+    assert config.pool_config.default_pool_limit == 1  # the gpu pool: one GPU step at a time
+    assert config.run_queue_config.max_concurrent_runs == 4
+    assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+    assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
+    assert not instance.run_retries_retry_on_asset_or_op_failure
