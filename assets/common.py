@@ -33,6 +33,13 @@ def kinds(cfg, *formats: str, role: str | None = None, checked: bool = True) -> 
     return out
 
 
+def gpu_tags(cfg, role: str | None) -> dict:
+    """Op tags asking Kubernetes (dagster-k8s) for the GPUs a step's engine uses: its role's vLLM
+    tensor_parallel_size, one for a step that only trains; ignored by local executors."""
+    gpus = getattr(cfg.models, role).vllm.tensor_parallel_size if role else 1
+    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}}}
+
+
 def by_partition(context: dg.AssetExecutionContext, value) -> dict[str, pd.DataFrame]:
     """An upstream input as {partition key: frame}, whether the run covers one partition or many."""
     keys = context.partition_keys

@@ -9,7 +9,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
 from resources import STREAM, KunResource, LLMResource
 
-from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, kinds, report_stage, staged_sink
+from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage, staged_sink
 from .partitions import corpus_partitions, split_key
 
 GROUP = "corpus"
@@ -33,8 +33,10 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             out[key] = report_stage(context, kun, "raw_corpus", key, result)
         yield from checks.gate(context, kun, "raw_corpus", out)
 
+    ppl_role = cfg.filter.perplexity_model if cfg.filter.perplexity_max is not None else None
+
     @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL,
-              kinds=kinds(cfg, "parquet", role=cfg.filter.perplexity_model if cfg.filter.perplexity_max is not None else None),
+              kinds=kinds(cfg, "parquet", role=ppl_role), op_tags=gpu_tags(cfg, ppl_role),
               ins={"raw_corpus": dg.AssetIn(metadata={STREAM: True})}, check_specs=checks.specs("filtered_corpus"), output_required=False)
     def filtered_corpus(
         context: dg.AssetExecutionContext, kun: KunResource, base_llm: LLMResource, raw_corpus, base_model: dict, label_model: dict

@@ -15,7 +15,7 @@ from kun_dagster import model_store, stages, training
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
-from .common import GPU_POOL, kinds, preview_markdown
+from .common import GPU_POOL, gpu_tags, kinds, preview_markdown
 
 GROUP = "models"
 MODEL_IO = "model_io_manager"  # model assets are JSON references, not frames
@@ -73,7 +73,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         )
         return kept
 
-    @dg.asset(group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO)  # trained with torch whatever serves it
+    @dg.asset(group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO, op_tags=gpu_tags(cfg, None))  # torch trains it
     def base_model(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame) -> dict:
         """The base model: a configured checkpoint, or the tiny Qwen2 of the embedded default
         (tokenizer trained on the demo texts, short language-model pre-training)."""
@@ -93,7 +93,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         return ref
 
     def _role_asset(role: str, examples, doc: str):
-        @dg.asset(name=f"{role}_model", group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO, description=doc)
+        @dg.asset(name=f"{role}_model", group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO, description=doc,
+                  op_tags=gpu_tags(cfg, None))
         def _asset(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dict:
             c = kun.config
             rc = getattr(c.models, role)

@@ -8,7 +8,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.llm import EngineError
 from resources import KunResource, LLMResource
 
-from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, kinds, report_stage
+from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage
 from .partitions import corpus_partitions
 
 GROUP = "pairs"
@@ -32,7 +32,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     common = dict(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL,
                   output_required=False)  # a failed schema check publishes nothing (checks.gate)
 
-    @dg.asset(**common, check_specs=checks.specs("labeled_pairs"), kinds=kinds(cfg, "parquet", role="label"))
+    @dg.asset(**common, check_specs=checks.specs("labeled_pairs"), kinds=kinds(cfg, "parquet", role="label"),
+              op_tags=gpu_tags(cfg, "label"))
     def labeled_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, filtered_corpus, label_model: dict
     ):
@@ -40,7 +41,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         holding a banned keyword (新闻, 根据, 文章, ...) are quarantined."""
         yield from _run(context, kun, "labeled_pairs", by_partition(context, filtered_corpus), stages.label, label_llm.engine(label_model))
 
-    @dg.asset(**common, check_specs=checks.specs("scored_pairs"), kinds=kinds(cfg, "parquet", role="chat"))
+    @dg.asset(**common, check_specs=checks.specs("scored_pairs"), kinds=kinds(cfg, "parquet", role="chat"),
+              op_tags=gpu_tags(cfg, "chat"))
     def scored_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, labeled_pairs, chat_model: dict
     ):
@@ -48,7 +50,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         keep flag; a new threshold needs no re-scoring."""
         yield from _run(context, kun, "scored_pairs", by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
 
-    @dg.asset(**common, check_specs=checks.specs("polished_pairs"), kinds=kinds(cfg, "parquet", role="chat"))
+    @dg.asset(**common, check_specs=checks.specs("polished_pairs"), kinds=kinds(cfg, "parquet", role="chat"),
+              op_tags=gpu_tags(cfg, "chat"))
     def polished_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, scored_pairs, chat_model: dict
     ):

@@ -224,6 +224,14 @@ class ChecksConfig(_Section):
     max_unfaithful_rate: float = Field(0.2, ge=0, le=1, description="answers under min_overlap (likely hallucinated)")
 
 
+class DeployConfig(_Section):
+    """Where steps run: this machine (Dagster's multiprocess executor) or one Kubernetes job per
+    step (dagster-k8s' k8s_job_executor), GPU steps asking for GPUs through their tags."""
+
+    executor: Literal["default", "k8s"] = "default"
+    k8s: dict[str, Any] = Field(default_factory=dict, description="k8s_job_executor config: job_namespace, env_secrets, ...")
+
+
 class KunConfig(_Section):
     sources: list[SourceConfig] = Field(min_length=1)
     shards: int = Field(4, ge=1, le=4096)
@@ -237,6 +245,7 @@ class KunConfig(_Section):
     polish: PolishConfig = PolishConfig()
     dataset: DatasetConfig = DatasetConfig()
     checks: ChecksConfig = ChecksConfig()
+    deploy: DeployConfig = DeployConfig()
 
     _root: Path = PrivateAttr(default_factory=Path.cwd)
     _origin: str = PrivateAttr(default="<memory>")

@@ -29,10 +29,16 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
                                       vllm=rc.vllm.model_dump(exclude_none=True))  # Dagster config maps hold no nulls
            for role, rc in (("base", m.base), ("label", m.label), ("chat", m.chat))}
     all_assets = models.build(cfg) + corpus.build(cfg) + pairs.build(cfg) + dataset.build(cfg)
+    executor = None
+    if cfg.deploy.executor == "k8s":  # one Kubernetes job per step; GPU steps request GPUs via op tags
+        from dagster_k8s import k8s_job_executor
+
+        executor = k8s_job_executor.configured(cfg.deploy.k8s) if cfg.deploy.k8s else k8s_job_executor
     return dg.Definitions(
         assets=all_assets,
         resources={"kun": kun, "io_manager": ParquetIOManager(kun=kun), models.MODEL_IO: ModelRefIOManager(kun=kun), **llm},
         sensors=[check_failure_alerts, run_failure_alerts],
+        executor=executor,
     )
 
 

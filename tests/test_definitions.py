@@ -1,5 +1,6 @@
 """The Dagster definitions: they load in `dagster`, and they are shaped for GPU backfills."""
 
+import json
 import os
 import subprocess
 import sys
@@ -86,3 +87,19 @@ def test_the_instance_yaml_limits_the_gpu_pool_queues_runs_and_retries(tmp_path)
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
     assert not instance.run_retries_retry_on_asset_or_op_failure
+
+
+def test_definitions_build_with_the_kubernetes_executor_and_gpu_requests(tmp_path):
+    cfg = write_config(tmp_path, **{"deploy.executor": "k8s", "deploy.k8s": {"job_namespace": "kun", "env_secrets": ["kun-s3"]},
+                                    "models.chat.vllm": {"tensor_parallel_size": 2}})
+    defs = build_definitions(cfg)
+    job = defs.resolve_implicit_global_asset_job_def()
+    assert job.executor_def.name == "k8s"
+    graph = defs.resolve_asset_graph()
+
+    def gpus(name):
+        tags = json.loads(graph.get(dg.AssetKey(name)).assets_def.op.tags["dagster-k8s/config"])  # tags hold strings
+        return tags["container_config"]["resources"]["limits"]["nvidia.com/gpu"]
+
+    assert gpus("labeled_pairs") == "1" and gpus("scored_pairs") == gpus("polished_pairs") == "2"  # chat: tensor parallel 2
+    assert gpus("label_model") == "1" and "dagster-k8s/config" not in graph.get(dg.AssetKey("raw_corpus")).assets_def.op.tags
