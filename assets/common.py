@@ -28,7 +28,7 @@ def kinds(cfg, *formats: str, role: str | None = None, checked: bool = True) -> 
         out.add("vllm" if resolve_backend(getattr(cfg.models, role).backend) == "vllm" else "pytorch")
     if checked:
         out.add("pandera")
-    if cfg.base_uri.startswith(("s3://", "s3a://")):
+    if storage.is_s3(cfg.base_uri):
         out.add("s3")
     return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from kun_dagster import model_store, stages, training
+from kun_dagster import model_store, stages, storage, training
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
@@ -27,7 +27,7 @@ def _ref(role: str, path: str, local: str, origin: str) -> dict:
     return {
         "role": role,
         "name": f"{Path(path.rstrip('/')).name}" if origin == "given" else f"kun-{role}",
-        "path": path if model_store.is_remote(path) else str(Path(path).resolve()),
+        "path": path if storage.is_remote(path) else str(Path(path).resolve()),
         "origin": origin,
         "card": json.loads(card.read_text()) if card.exists() else {},
     }
@@ -43,7 +43,7 @@ def _trained(kun: KunResource, context: dg.AssetExecutionContext, role: str, tra
     """Train into a local folder (models_dir itself when local), then publish to a versioned folder
     under a remote models_dir; the reference names wherever the checkpoint now lives."""
     c = kun.config
-    remote = model_store.is_remote(c.models_dir)
+    remote = storage.is_remote(c.models_dir)
     local = Path(c.model_cache) / "trained" / f"{role}-{context.run_id[:8]}" if remote else Path(c.models_dir) / role
     report = train(local)
     path = model_store.publish(report.path, f"{c.models_dir}/{role}/{context.run_id[:8]}", kun.store) if remote else report.path

@@ -11,6 +11,8 @@ A run covers one or many partitions (single-run backfills), so each check gives 
 run, with every partition's figure in its metadata and the failing ones named.
 """
 
+import dataclasses
+
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -71,8 +73,7 @@ def _findings(kun, asset: str, key, result: StageResult) -> list[quality.Finding
         rows = result.rows
         finding, low = quality.faithfulness(rows["output"].tolist(), rows["text"].tolist(), c.min_overlap, c.max_unfaithful_rate)
         sample = rows.iloc[low[:5]]["doc_id"].tolist()
-        found.append(quality.Finding(finding.check, finding.passed, finding.value, finding.bound,
-                                     finding.detail + (f"; e.g. {sample}" if sample else "")))
+        found.append(dataclasses.replace(finding, detail=finding.detail + (f"; e.g. {sample}" if sample else "")))
     return found
 
 

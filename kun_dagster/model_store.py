@@ -12,13 +12,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .storage import Store
+from .storage import Store, is_remote
 
 MARKER = ".kun-cache.json"  # the remote listing a cached copy was made from
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 def _listing(store: Store, uri: str) -> tuple[object, str, dict[str, list]]:

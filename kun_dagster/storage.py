@@ -35,7 +35,11 @@ class StorageError(OSError):
     """The store cannot be reached or refuses us; the message names the URI and the endpoint, never a secret."""
 
 
-def _is_s3(uri: str) -> bool:
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def is_s3(uri: str) -> bool:
     return uri.startswith(("s3://", "s3a://"))
 
 
@@ -48,10 +52,10 @@ class Store:
     credentials: Mapping[str, str] = field(default_factory=dict, repr=False)  # s3fs key / secret / token
 
     def options(self, uri: str) -> dict:
-        if "://" not in uri or uri.startswith("file://"):
+        if not is_remote(uri):
             return {}
         opts = copy.deepcopy(dict(self.settings.storage_options))
-        if not _is_s3(uri):
+        if not is_s3(uri):
             return opts
         s3 = self.settings.s3
         client = opts.setdefault("client_kwargs", {})
@@ -76,7 +80,7 @@ class Store:
     def check(self, uri: str) -> None:
         """Fail fast and plainly when an s3:// URI's bucket cannot be reached, does not exist or
         refuses the credentials (one LIST of at most one key)."""
-        if not _is_s3(uri):
+        if not is_s3(uri):
             return
         bucket = uri.split("://", 1)[1].split("/", 1)[0]
         try:
@@ -215,9 +219,7 @@ class Staged:
 
     def batches(self, rows: int) -> Iterator[pd.DataFrame]:
         """The staged rows read back `rows` at a time, partition columns restored (for checks)."""
-        with self.path.open("rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
-                yield _with_partition_columns(batch.to_pandas(), self.path.parent)
+        yield from _file_batches(self.path, self.path.parent, rows)
 
 
 class FrameSink:
@@ -295,6 +297,13 @@ def _with_partition_columns(df: pd.DataFrame, directory: UPath) -> pd.DataFrame:
     return df
 
 
+def _file_batches(path: UPath, directory: UPath, rows: int) -> Iterator[pd.DataFrame]:
+    """A Parquet file read `rows` at a time, the partition columns of `directory` restored."""
+    with path.open("rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
+            yield _with_partition_columns(batch.to_pandas(), directory)
+
+
 def read_partition(directory: UPath, columns: list[str] | None = None) -> pd.DataFrame:
     """The published frame of a partition, its partition columns restored from the path (numbers
     as int64); FileNotFoundError if it was never published."""
@@ -317,9 +326,7 @@ class PartitionBatches:
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
         for p in self.parts:
-            with p.open("rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=self.rows):
-                    yield _with_partition_columns(batch.to_pandas(), self.directory)
+            yield from _file_batches(p, self.directory, self.rows)
 
 
 def partition_rows(directory: UPath) -> int:
