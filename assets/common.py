@@ -9,10 +9,10 @@ import pandas as pd
 import pyarrow as pa
 
 from kun_dagster import storage
-from kun_dagster.dataset import preview_markdown
 from kun_dagster.llm import resolve_backend
 from kun_dagster.llm.checkpoint import Checkpointed
 from kun_dagster.stages import StageResult
+from checks.tables import figures, table
 
 from .partitions import split_key
 
@@ -71,14 +71,21 @@ def schema_of(df: pd.DataFrame | pa.Schema) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in schema])
 
 
+# What the first column of a stage figure map holds (the histogram also gets bars).
+_FIGURE_KEYS = {"dropped": "reason", "histogram": "score"}
+
+
 def _flat(stats: dict) -> dict:
-    """Stage stats as UI metadata: numbers stay numbers, nested figures become JSON."""
+    """Stage stats as UI metadata: numbers stay numbers (plotted across runs), figure maps become
+    tables (dropped rows by reason, token and length summaries, the score histogram)."""
     out = {}
     for k, v in stats.items():
         if isinstance(v, bool) or v is None:
             out[k] = dg.MetadataValue.text(str(v))
         elif isinstance(v, (int, float)):
             out[k] = v
+        elif isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()):
+            out[k] = figures(v, _FIGURE_KEYS.get(k, "statistic"), "rows" if k in _FIGURE_KEYS else k, bars=k == "histogram")
         else:
             out[k] = dg.MetadataValue.json(v)
     return out
@@ -111,7 +118,7 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
         md["engine"] = f"{engine.backend}: {engine.model_name}"
         md.update(getattr(engine, "stats", {}))  # checkpoint batches reused / computed
     if len(df):
-        md["preview"] = dg.MetadataValue.md(preview_markdown(df))
+        md["preview"] = table(df)
     context.add_asset_metadata(md, partition_key=key)
     context.log.info(f"{asset} {source}/{shard}: {result.stats.get('rows_in')} in, {md['dagster/row_count']} out, {len(result.dropped)} quarantined")
     return result

@@ -8,7 +8,7 @@ from kun_dagster import dataset, schemas, storage
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
-from .common import SINGLE_RUN, kinds, preview_markdown, schema_of
+from .common import SINGLE_RUN, kinds, schema_of, table
 from .partitions import SOURCE, source_partitions
 
 GROUP = "dataset"
@@ -65,9 +65,9 @@ def _release(context: dg.AssetExecutionContext, kun: KunResource, source: str, r
             "dagster/column_schema": schema_of(recs),
             "parquet": dg.MetadataValue.path(str(parquet_dir)),
             "release": dg.MetadataValue.path(str(release)),
-            "funnel": dg.MetadataValue.json(fun),
+            "funnel": table(dataset.funnel_frame(fun, len(recs)), rows=None),
             "card": dg.MetadataValue.md(card),
-            **({"preview": dg.MetadataValue.md(preview_markdown(recs[["instruction", "output", "doc_id", "score"]]))} if len(recs) else {}),
+            **({"preview": table(recs[["instruction", "output", "doc_id", "score"]])} if len(recs) else {}),
         },
         partition_key=source,
     )

@@ -15,7 +15,7 @@ from kun_dagster import model_store, stages, storage, training
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
-from .common import GPU_POOL, gpu_tags, kinds, preview_markdown
+from .common import GPU_POOL, gpu_tags, kinds, table
 
 GROUP = "models"
 MODEL_IO = "model_io_manager"  # model assets are JSON references, not frames
@@ -68,7 +68,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
                 "dagster/row_count": len(kept),
                 "dropped_multiple_choice": int(mc.sum()),
                 "source": dg.MetadataValue.path(uri),
-                "preview": dg.MetadataValue.md(preview_markdown(kept[["instruction", "input", "output"]])),
+                "preview": table(kept[["instruction", "input", "output"]]),
             }
         )
         return kept

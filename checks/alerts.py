@@ -2,9 +2,12 @@
 webhook ($KUN_ALERT_WEBHOOK: a JSON body with `text`), with a link to the run in the UI
 ($KUN_UI_URL, default http://localhost:3000). With no webhook set, each alert is a log line.
 
-The check sensor's cursor is the last event-log id it has seen, so a check is alerted once however
-often the sensor ticks (its first tick starts at the end of the log: no flood of old failures);
-run failures use Dagster's own run-failure sensor cursor.
+The check sensor reads the instance's check executions (one row per check per run, in the index
+storage every event log has; the event log itself is sharded by run on SQLite, where a query
+across runs fails). Its cursor is a watermark: every execution below it has been seen, so each is
+alerted once however often the sensor ticks; executions still running when a tick looks stay
+above it until they resolve. The first tick starts at the newest execution (no flood of old
+failures). Run failures use Dagster's own run-failure sensor cursor.
 """
 
 import json
@@ -12,7 +15,7 @@ import os
 import urllib.request
 
 import dagster as dg
-from dagster._core.events import DagsterEventType
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as Status
 
 WEBHOOK_ENV, UI_ENV = "KUN_ALERT_WEBHOOK", "KUN_UI_URL"
 
@@ -46,23 +49,48 @@ def check_alert(evaluation, run_id: str) -> str:
             f"{evaluation.description or ''}\n{figures}\nrun: {run_url(run_id)}")
 
 
+def _executions_since(instance, keys, watermark: int, page: int = 200) -> list:
+    """Every check execution with an id at or above the watermark, for the given check keys."""
+    out = []
+    for key in keys:
+        before = None
+        while True:  # newest first, a page at a time, down to the watermark
+            rows = instance.event_log_storage.get_asset_check_execution_history(key, limit=page, cursor=before)
+            out += [r for r in rows if r.id >= watermark]
+            if len(rows) < page or rows[-1].id < watermark:
+                break
+            before = rows[-1].id
+    return sorted(out, key=lambda r: r.id)
+
+
 @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
            description=f"Posts each failed asset check once to ${WEBHOOK_ENV} (logs it when unset).")
 def check_failure_alerts(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    keys = sorted(context.repository_def.asset_graph.asset_check_keys, key=str)
     if context.cursor is None:  # first tick: from now on, not the instance's whole history
-        context.update_cursor(str(context.instance.event_log_storage.get_maximum_record_id() or 0))
+        latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+        context.update_cursor(json.dumps({"watermark": max((r.id for r in latest.values()), default=0) + 1, "done": []}))
         return dg.SkipReason("started: alerting check results from now on")
-    cursor = int(context.cursor)
-    records = context.instance.get_event_records(
-        dg.EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION, after_cursor=cursor), ascending=True, limit=1000)
+    state = json.loads(context.cursor)
+    done, records = set(state["done"]), _executions_since(context.instance, keys, state["watermark"])
+    runs: dict = {}
+
+    def running(r) -> bool:  # planned, and its run still going: it may yet fail
+        if r.status != Status.PLANNED:
+            return False
+        if r.run_id not in runs:
+            run = context.instance.get_run_by_id(r.run_id)
+            runs[r.run_id] = run is not None and not run.is_finished
+        return runs[r.run_id]
+
     sent = 0
-    for record in records:
-        evaluation = record.event_log_entry.dagster_event.event_specific_data
-        if not evaluation.passed:
-            sent += post(check_alert(evaluation, record.event_log_entry.run_id), context.log)
-        cursor = record.storage_id
-    context.update_cursor(str(cursor))
-    return dg.SkipReason(f"{len(records)} check evaluation(s) read, {sent} alert(s) posted")
+    for r in records:
+        if r.status == Status.FAILED and r.id not in done:
+            sent += post(check_alert(r.evaluation, r.run_id), context.log)
+    pending = [r.id for r in records if running(r)]
+    watermark = min(pending) if pending else max([r.id + 1 for r in records], default=state["watermark"])
+    context.update_cursor(json.dumps({"watermark": watermark, "done": sorted(r.id for r in records if r.id >= watermark and not running(r))}))
+    return dg.SkipReason(f"{len(records) - len(pending)} check evaluation(s) read, {sent} alert(s) posted")
 
 
 @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING, monitor_all_code_locations=False,

@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 
 from kun_dagster import quality, schemas, storage
-from kun_dagster.dataset import preview_markdown
 from kun_dagster.stages import StageResult
+
+from .tables import table
 
 SCHEMA = "schema"
 WARN = {
@@ -96,7 +97,9 @@ def schema_check(asset: str, violations: dict[str, schemas.Violations]) -> dg.As
           "failing_partitions": dg.MetadataValue.json(sorted(bad)),
           "by_check": dg.MetadataValue.json({k: v.by_check for k, v in bad.items()})}
     if bad:
-        md["sample_failing_rows"] = dg.MetadataValue.md(preview_markdown(next(iter(bad.values())).sample))
+        md["failing_checks"] = table(pd.DataFrame([(k, check, n) for k, v in bad.items() for check, n in v.by_check.items()],
+                                                  columns=["partition", "check", "failures"]), rows=None)
+        md["sample_failing_rows"] = table(next(iter(bad.values())).sample)
     return dg.AssetCheckResult(asset_key=asset, check_name=SCHEMA, passed=not bad, metadata=md, severity=dg.AssetCheckSeverity.ERROR,
                                description=f"{md['failures']} schema failure(s) in {sorted(bad)}" if bad else None)
 
@@ -114,9 +117,11 @@ def evaluate(context: dg.AssetExecutionContext, kun, asset: str, results: dict) 
         out.append(dg.AssetCheckResult(
             asset_key=asset, check_name=name, passed=not failing, severity=dg.AssetCheckSeverity.WARN,
             description="; ".join(f"{k}: {per[k].detail}" for k in failing) or None,
-            metadata={"bound": next(iter(per.values())).bound, "failing_partitions": dg.MetadataValue.json(failing),
+            metadata={"bound": next(iter(per.values())).bound, "partitions": len(per), "failing": len(failing),  # numbers: plotted
+                      "failing_partitions": dg.MetadataValue.json(failing),
                       "values": dg.MetadataValue.json({k: f.value for k, f in per.items()}),
-                      "details": dg.MetadataValue.json({k: f.detail for k, f in per.items()})}))
+                      "by_partition": table(pd.DataFrame([(k, f.value, "pass" if f.passed else "FAIL", f.detail) for k, f in per.items()],
+                                                         columns=["partition", "value", "result", "detail"]), rows=None, width=200)}))
     log_failures(context, asset, out)
     return out
 

@@ -8,11 +8,12 @@ value is parsed as YAML), e.g. `KUN__storage__base_uri=s3://bucket/kun`.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 # Instructions that point at context the reader will not have (KUN_METHOD.md, stage 2).
 KUN_INSTRUCTION_KEYWORDS = (
@@ -230,6 +231,15 @@ class DeployConfig(_Section):
 
     executor: Literal["default", "k8s"] = "default"
     k8s: dict[str, Any] = Field(default_factory=dict, description="k8s_job_executor config: job_namespace, env_secrets, ...")
+    owners: list[str] = Field(default_factory=lambda: ["team:kun-data"], description="every asset's owners in the UI: emails or team:name")
+
+    @field_validator("owners")
+    @classmethod
+    def _owner_form(cls, owners: list[str]) -> list[str]:
+        bad = [o for o in owners if not (o.startswith("team:") and len(o) > 5 or re.fullmatch(r"[^@\s]+@[^@\s]+", o))]
+        if bad:  # Dagster refuses anything else when the definitions load; say so here with the key
+            raise ValueError(f"owners must be emails or team:name (got {bad})")
+        return owners
 
 
 class KunConfig(_Section):

@@ -24,12 +24,6 @@ STAGES = [
 ]
 
 
-def preview_markdown(df: pd.DataFrame, rows: int = 5, width: int = 60) -> str:
-    """The first rows as a Markdown table, long texts cut: previews and failing-row samples in the UI."""
-    head = df.head(rows).map(lambda v: (v[:width] + "…" if len(v) > width else v).replace("\n", " ") if isinstance(v, str) else v)
-    return head.to_markdown(index=False)
-
-
 def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model: str) -> pd.DataFrame:
     """COIG-CQIA records (instruction, input, output, task_type, domain, ...) plus provenance."""
     d = cfg.dataset
@@ -75,6 +69,14 @@ def funnel(base: UPath, source: str, shards: list[str]) -> dict:
     return {"rows": rows, "kept_by_score": kept, "quarantined": quarantined}
 
 
+def funnel_frame(fun: dict, n_records: int) -> pd.DataFrame:
+    """The funnel as rows: each stage (what it did), its rows, what it dropped; then kept and final."""
+    rows = [(f"{asset} ({what})", fun["rows"][asset], ", ".join(f"{k}: {v}" for k, v in fun["quarantined"].get(asset, {}).items()) or "-")
+            for asset, what in STAGES]
+    rows += [("kept by score", fun["kept_by_score"], ""), ("instruction_dataset", n_records, "")]
+    return pd.DataFrame(rows, columns=["stage", "rows", "dropped (reason: count)"])
+
+
 def card(source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: str, chat_model: str) -> str:
     """A dataset card (Markdown with YAML front matter, as HF datasets expect)."""
     lines = [
@@ -86,13 +88,8 @@ def card(source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: st
         "alone and rewrites the text into an answer (answer polishment). Every record names its source document "
         "(`source`, `doc_id`, `file`, `row`), its score and the models that made it.", "",
         f"- label model: `{label_model}`", f"- chat model: `{chat_model}`", f"- score: `{cfg.score.method}`, threshold {cfg.score.threshold}", "",
-        "## Funnel", "", "| stage | rows | dropped (reason: count) |", "|---|---:|---|",
-    ]
-    for asset, what in STAGES:
-        q = ", ".join(f"{k}: {v}" for k, v in fun["quarantined"].get(asset, {}).items()) or "-"
-        lines.append(f"| {asset} ({what}) | {fun['rows'][asset]} | {q} |")
-    lines += [f"| kept by score | {fun['kept_by_score']} | |", f"| **instruction_dataset** | **{n_records}** | |", "",
-              "## Config used", "", "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False).rstrip(), "```", ""]
+        "## Funnel", "", funnel_frame(fun, n_records).to_markdown(index=False, colalign=("left", "right", "left")), "",
+        "## Config used", "", "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
                                       vllm=rc.vllm.model_dump(exclude_none=True))  # Dagster config maps hold no nulls
            for role, rc in (("base", m.base), ("label", m.label), ("chat", m.chat))}
     all_assets = models.build(cfg) + corpus.build(cfg) + pairs.build(cfg) + dataset.build(cfg)
+    all_assets = dg.map_asset_specs(lambda spec: spec.replace_attributes(owners=cfg.deploy.owners), all_assets)
     executor = None
     if cfg.deploy.executor == "k8s":  # one Kubernetes job per step; GPU steps request GPUs via op tags
         from dagster_k8s import k8s_job_executor

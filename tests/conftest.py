@@ -42,6 +42,12 @@ def given_models(models_run) -> dict[str, str]:
     return {f"models.{r}.path": models_run["refs"][f"{r}_model"]["path"] for r in ("base", "label", "chat")}
 
 
+def figures(table) -> dict:
+    """A two-column table metadata value (checks.tables.figures) back as {first column: second}."""
+    key, value = (c.name for c in table.schema.columns[:2])
+    return {r.data[key]: r.data[value] for r in table.records}
+
+
 @pytest.fixture(scope="session")
 def planted() -> list[dict]:
     return json.loads((REPO / "demo" / "planted.json").read_text())

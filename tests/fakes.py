@@ -1,5 +1,10 @@
-"""A scripted engine for testing the stages' own logic (filters, reasons, failure) without a model.
-It keeps the protocol's contract: one result per prompt, in order, with a real tokenizer."""
+"""A scripted engine for testing the stages' own logic (filters, reasons, failure) without a model
+(it keeps the protocol's contract: one result per prompt, in order, with a real tokenizer), and a
+webhook receiver for the alert tests."""
+
+import http.server
+import json
+import threading
 
 import numpy as np
 
@@ -42,3 +47,25 @@ class ScriptedEngine:
 
     def close(self):
         pass
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A Slack-compatible webhook on loopback that keeps every JSON body it is sent."""
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/hook"

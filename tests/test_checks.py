@@ -2,10 +2,6 @@
 publishes nothing, and is alerted exactly once to a webhook (a local HTTP receiver); passing
 checks alert nothing; a failed run alerts too; with no webhook, a log line."""
 
-import http.server
-import json
-import threading
-
 import dagster as dg
 import pytest
 
@@ -14,34 +10,12 @@ from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 from kun_dagster.llm.base import Generation
 
-from .conftest import given_models, write_config
-from .fakes import ScriptedEngine
+from .conftest import figures, given_models, write_config
+from .fakes import Receiver, ScriptedEngine
 
 pytestmark = pytest.mark.slow
 KEY = "wudao|0"
 PART = {"source": "wudao", "shard": "0"}
-
-
-class Receiver(http.server.ThreadingHTTPServer):
-    """A Slack-compatible webhook on loopback that keeps every JSON body it is sent."""
-
-    def __init__(self):
-        self.bodies: list[dict] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                outer.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server_address[1]}/hook"
 
 
 class LabelEngine(ScriptedEngine):
@@ -75,14 +49,14 @@ def graph(models_run, tmp_path_factory):
 
     assert run(["seed_data", "base_model", "label_model", "chat_model"]).success
     assert run(["raw_corpus", "filtered_corpus"]).success
-    return {"run": run, "instance": instance, "base": storage.upath(load_config(cfg_file).base_uri)}
+    return {"run": run, "instance": instance, "defs": defs, "base": storage.upath(load_config(cfg_file).base_uri)}
 
 
-def _tick(instance, cursor=None) -> tuple[str, str]:
+def _tick(graph, cursor=None) -> tuple[str, str]:
     """One sensor evaluation: (its new cursor, what it reported)."""
     from checks import check_failure_alerts
 
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor)
+    ctx = dg.build_sensor_context(instance=graph["instance"], cursor=cursor, definitions=graph["defs"])
     out = check_failure_alerts(ctx)
     return ctx.cursor, out.skip_message
 
@@ -94,7 +68,7 @@ def _evaluations(result):
 def test_passing_checks_publish_and_alert_nothing(graph, monkeypatch):
     hook = Receiver()
     monkeypatch.setenv("KUN_ALERT_WEBHOOK", hook.url)
-    cursor, said = _tick(graph["instance"])  # the first tick starts at the end of the log
+    cursor, said = _tick(graph)  # the first tick starts at the end of the log
     assert said.startswith("started")
     result = graph["run"](["labeled_pairs"])
     assert result.success
@@ -104,7 +78,7 @@ def test_passing_checks_publish_and_alert_nothing(graph, monkeypatch):
     assert evals[("labeled_pairs", "schema")].metadata["failures"].value == 0
     for a, c in (("raw_corpus", "schema"), ("filtered_corpus", "duplicate_rate")):  # from the fixture's run
         assert graph["instance"].event_log_storage.get_latest_asset_check_execution_by_key([dg.AssetCheckKey(dg.AssetKey(a), c)])
-    _, said = _tick(graph["instance"], cursor)
+    _, said = _tick(graph, cursor)
     assert said == f"{len(evals)} check evaluation(s) read, 0 alert(s) posted" and hook.bodies == []
     hook.shutdown()
 
@@ -118,7 +92,7 @@ def test_a_planted_schema_violation_stops_the_run_publishes_nothing_and_alerts_o
     labeled = storage.partition_dir(graph["base"], "labeled_pairs", PART)
     assert graph["run"](["labeled_pairs"]).success
     before = (labeled / "part-0.parquet").read_bytes()
-    cursor, _ = _tick(graph["instance"])
+    cursor, _ = _tick(graph)
 
     result = graph["run"](["labeled_pairs", "scored_pairs"], label_tokens=-1)  # an engine bug: negative token counts
     assert not result.success
@@ -126,18 +100,19 @@ def test_a_planted_schema_violation_stops_the_run_publishes_nothing_and_alerts_o
     assert not schema.passed and schema.severity == dg.AssetCheckSeverity.ERROR
     n = schema.metadata["failures"].value
     assert n > 0 and schema.metadata["by_check"].value == {KEY: {"label_tokens: greater_than_or_equal_to(0)": n}}
-    assert "-1" in schema.metadata["sample_failing_rows"].value
+    assert {r.data["label_tokens"] for r in schema.metadata["sample_failing_rows"].records} == {-1}  # tables in the UI
+    assert figures(schema.metadata["failing_checks"]) == {KEY: "label_tokens: greater_than_or_equal_to(0)"}
     assert (labeled / "part-0.parquet").read_bytes() == before  # nothing of it published
     assert not result.asset_materializations_for_node("labeled_pairs")
     scored_steps = [e for e in result.all_events if e.step_key == "scored_pairs"]
     assert not any(e.is_step_start for e in scored_steps)  # the next stage never ran
 
-    cursor, _ = _tick(graph["instance"], cursor)
+    cursor, _ = _tick(graph, cursor)
     assert len(hook.bodies) == 1
     text = hook.bodies[0]["text"]
     assert "ERROR check failed: labeled_pairs / schema" in text and KEY in text and str(n) in text
     assert f"http://dagster.example:3000/runs/{result.run_id}" in text
-    _tick(graph["instance"], cursor)
+    _tick(graph, cursor)
     assert len(hook.bodies) == 1  # once, however often the sensor ticks
 
     run = graph["instance"].get_run_by_id(result.run_id)
@@ -156,3 +131,49 @@ def test_without_a_webhook_an_alert_is_a_log_line(monkeypatch, caplog):
     log = dg.get_dagster_logger("kun-test")
     assert post("[kun] something failed", log) is False
     assert "no $KUN_ALERT_WEBHOOK set, so only logged" in caplog.text and "[kun] something failed" in caplog.text
+
+
+def test_a_check_still_running_below_a_finished_one_is_alerted_when_it_fails(tmp_path, monkeypatch):
+    """Check executions get their ids when planned: a long run's check (low id) can fail after a
+    later run's check (higher id) was alerted. Each is alerted once, in either order."""
+    import time
+
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluation, AssetCheckEvaluationPlanned
+    from dagster._core.events import DagsterEvent
+    from dagster._core.events.log import EventLogEntry
+
+    hook = Receiver()
+    monkeypatch.setenv("KUN_ALERT_WEBHOOK", hook.url)
+    graph = {"instance": dg.DagsterInstance.ephemeral(), "defs": build_definitions(write_config(tmp_path))}
+    instance = graph["instance"]
+
+    def run(status):
+        r = dg.DagsterRun(job_name="__ASSET_JOB", status=status)
+        instance.add_run(r)
+        return r
+
+    def event(run_id, kind, data):
+        instance.event_log_storage.store_event(EventLogEntry(
+            error_info=None, level="debug", user_message="", run_id=run_id, timestamp=time.time(),
+            dagster_event=DagsterEvent(kind.value, "__ASSET_JOB", event_specific_data=data)))
+
+    def evaluate(run_id, asset, check, passed):
+        event(run_id, dg.DagsterEventType.ASSET_CHECK_EVALUATION,
+              AssetCheckEvaluation(asset_key=dg.AssetKey(asset), check_name=check, passed=passed, severity=dg.AssetCheckSeverity.WARN, description=f"{asset} {check}"))
+
+    cursor, _ = _tick(graph)
+    long_run, short_run = run(dg.DagsterRunStatus.STARTED), run(dg.DagsterRunStatus.SUCCESS)
+    event(long_run.run_id, dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED, AssetCheckEvaluationPlanned(asset_key=dg.AssetKey("raw_corpus"), check_name="retention"))
+    event(short_run.run_id, dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED, AssetCheckEvaluationPlanned(asset_key=dg.AssetKey("filtered_corpus"), check_name="retention"))
+    evaluate(short_run.run_id, "filtered_corpus", "retention", passed=False)
+    cursor, said = _tick(graph, cursor)
+    assert [b["text"].splitlines()[0] for b in hook.bodies] == ["[kun] WARN check failed: filtered_corpus / retention"]
+    assert said == "1 check evaluation(s) read, 1 alert(s) posted"  # the long run's check is still open
+
+    evaluate(long_run.run_id, "raw_corpus", "retention", passed=False)
+    instance.handle_run_event(long_run.run_id, DagsterEvent(dg.DagsterEventType.RUN_SUCCESS.value, "__ASSET_JOB"))
+    cursor, _ = _tick(graph, cursor)
+    cursor, _ = _tick(graph, cursor)
+    assert [b["text"].splitlines()[0] for b in hook.bodies] == ["[kun] WARN check failed: filtered_corpus / retention",
+                                                                "[kun] WARN check failed: raw_corpus / retention"]
+    hook.shutdown()

@@ -103,3 +103,13 @@ def test_definitions_build_with_the_kubernetes_executor_and_gpu_requests(tmp_pat
 
     assert gpus("labeled_pairs") == "1" and gpus("scored_pairs") == gpus("polished_pairs") == "2"  # chat: tensor parallel 2
     assert gpus("label_model") == "1" and "dagster-k8s/config" not in graph.get(dg.AssetKey("raw_corpus")).assets_def.op.tags
+
+
+def test_every_asset_carries_the_configured_owners_and_a_bad_owner_names_the_key(tmp_path):
+    defs = build_definitions(write_config(tmp_path, **{"deploy.owners": ["team:data-eng", "ml@example.com"]}))
+    graph = defs.resolve_asset_graph()
+    assert {tuple(graph.get(k).owners) for k in graph.get_all_asset_keys()} == {("team:data-eng", "ml@example.com")}
+    from kun_dagster.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"deploy.owners: .*emails or team:name .*'data eng'"):
+        load_config(write_config(tmp_path, **{"deploy.owners": ["data eng"]}))
