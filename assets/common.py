@@ -8,11 +8,11 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 
+from checks.tables import figures, table
 from kun_dagster import storage
 from kun_dagster.llm import resolve_backend
 from kun_dagster.llm.checkpoint import Checkpointed
 from kun_dagster.stages import StageResult
-from checks.tables import figures, table
 
 from .partitions import split_key
 
