@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+MODELS = ["seed_data", "base_model", "label_model", "chat_model"]  # the unpartitioned assets
+CORPUS = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]  # source x shard
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM's engine in-process: seconds, not a minute, to start
 warnings.filterwarnings("ignore", module="dagster")
@@ -35,6 +38,12 @@ def write_config(tmp: Path, **overrides) -> Path:
     path = tmp / "kun.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def given_models(models_run) -> dict[str, str]:
@@ -67,7 +76,7 @@ def models_run(session_cfg_file):
 
     defs = build_definitions(session_cfg_file)
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(list(defs.assets), selection=["seed_data", "base_model", "label_model", "chat_model"],
+    result = dg.materialize(list(defs.assets), selection=MODELS,
                             resources=defs.resources, instance=instance)
     assert result.success
     refs = {k: result.output_for_node(k) for k in ("base_model", "label_model", "chat_model")}

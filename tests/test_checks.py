@@ -10,7 +10,7 @@ from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 from kun_dagster.llm.base import Generation
 
-from .conftest import figures, given_models, write_config
+from .conftest import MODELS, figures, given_models, write_config
 from .fakes import Receiver, ScriptedEngine
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def graph(models_run, tmp_path_factory):
         return dg.materialize(list(defs.assets), selection=selection, resources=resources, instance=instance,
                               partition_key=None if "seed_data" in selection else KEY, raise_on_error=False)
 
-    assert run(["seed_data", "base_model", "label_model", "chat_model"]).success
+    assert run(MODELS).success
     assert run(["raw_corpus", "filtered_corpus"]).success
     return {"run": run, "instance": instance, "defs": defs, "base": storage.upath(load_config(cfg_file).base_uri)}
 

@@ -12,10 +12,9 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from kun_dagster import storage
 from kun_dagster.config import KUN_INSTRUCTION_KEYWORDS, load_config
 
-from .conftest import figures
+from .conftest import CORPUS, figures
 
 pytestmark = pytest.mark.slow
-CORPUS = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]
 
 
 def _materialize(run, selection, keys=None, partition_key=None):

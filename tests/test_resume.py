@@ -14,7 +14,7 @@ from kun_dagster import storage
 from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 
-from .conftest import REPO, given_models, write_config
+from .conftest import MODELS, REPO, given_models, write_config
 
 pytestmark = pytest.mark.slow
 KEY = "wudao|0"
@@ -32,8 +32,7 @@ def _setup(tmp, models_run):
     cfg_file = write_config(tmp, **given_models(models_run),
                             **{"storage.checkpoint_rows": 2})
     defs = build_definitions(cfg_file)
-    assert dg.materialize(list(defs.assets), selection=["seed_data", "base_model", "label_model", "chat_model"],
-                          resources=defs.resources).success
+    assert dg.materialize(list(defs.assets), selection=MODELS, resources=defs.resources).success
     assert dg.materialize(list(defs.assets), selection=["raw_corpus", "filtered_corpus"], resources=defs.resources, partition_key=KEY).success
     cfg = load_config(cfg_file)
     return cfg_file, defs, storage.upath(cfg.base_uri)

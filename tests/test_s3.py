@@ -19,19 +19,11 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from kun_dagster.definitions import build_definitions
 
-from .conftest import REPO, given_models, write_config
+from .conftest import CORPUS, MODELS, REPO, free_port, given_models, write_config
 
 pytestmark = pytest.mark.slow
-CORPUS = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]
-MODELS = ["seed_data", "base_model", "label_model", "chat_model"]
 SECRET = "kun-test-secret"
 CREDS = {"AWS_ACCESS_KEY_ID": "kun-test", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, proc=None, timeout: float = 30) -> None:
@@ -50,7 +42,7 @@ class MotoServer:
     """moto's S3 (and IAM) server in a subprocess on a free loopback port."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for_port(self.port, self.proc)
@@ -77,7 +69,7 @@ class FlakyProxy:
     and come back on the same port: from the client's side, an endpoint restart."""
 
     def __init__(self, upstream_port: int):
-        self.upstream, self.port = upstream_port, _free_port()
+        self.upstream, self.port = upstream_port, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.refused_while_down = 0
         self._conns: list[socket.socket] = []
@@ -222,7 +214,7 @@ def test_credentials_come_from_the_environment_by_name_and_never_appear(s3_run):
 
 
 def test_endpoint_unreachable_at_start_fails_naming_the_endpoint(models_run, tmp_path):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     cfg_file = _s3_config(tmp_path, models_run, dead, **{"storage.s3": {"max_attempts": 2, "connect_timeout": 1}})
     defs = build_definitions(cfg_file)
     result = dg.materialize(list(defs.assets), selection=["seed_data"], resources=defs.resources, raise_on_error=False)

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from dagster._core.execution.backfill import BulkActionStatus  # not exported at
 from kun_dagster import storage
 from kun_dagster.definitions import build_definitions
 
-from .conftest import REPO, given_models, write_config
+from .conftest import CORPUS, MODELS, REPO, free_port, given_models, write_config
 from .fakes import Receiver
 
 CHROMIUM = os.environ.get("KUN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -48,15 +47,7 @@ expect.set_options(timeout=30_000)  # pages on 2 busy cores
 # Root in a container: no sandbox; a closed network: no background connections to refuse.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-MODELS = ["seed_data", "base_model", "label_model", "chat_model"]
-CORPUS = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]
 RUN_TIMEOUT = 600  # seconds for a run or a backfill on 2 CPU cores (a one-source backfill takes ~2 minutes)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _graphql(url: str, query: str) -> dict:
@@ -121,7 +112,8 @@ class UI:
 @pytest.fixture(scope="module")
 def ui(models_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
-    # The session's trained models as given checkpoints; every failed answer-faithfulness row a WARN failure to alert on.
+    # The session's trained models as given checkpoints; max_unfaithful_rate 0: any unfaithful answer
+    # of the tiny models fails the faithfulness WARN check, so the sensor has a failure to alert on.
     cfg = write_config(tmp, **given_models(models_run), **{"checks.max_unfaithful_rate": 0.0})
     home = tmp / "dagster_home"
     home.mkdir()
@@ -130,7 +122,7 @@ def ui(models_run, tmp_path_factory):
     with dg.DagsterInstance.from_config(str(home)) as instance:  # the model assets register the given checkpoints (seconds)
         assert dg.materialize(list(defs.assets), selection=MODELS, resources=defs.resources, instance=instance).success
 
-    hook, port = Receiver(), _free_port()
+    hook, port = Receiver(), free_port()
     url = f"http://127.0.0.1:{port}"
     shots = Path(os.environ.get("KUN_SCREENSHOTS") or tmp / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
@@ -143,9 +135,13 @@ def ui(models_run, tmp_path_factory):
         server = subprocess.Popen([sys.executable, "-c", launcher, str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml",
                                    "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait("the webserver and the kun code location", lambda: server.poll() is not None and pytest.fail(
-            f"dagster dev exited: {log.read_text()[-4000:]}") or _location_loaded(url), 240, log)
-        # The check sensor's first tick starts alerting from the end of the event log: let it tick before anything runs.
+        def up() -> bool:
+            if server.poll() is not None:
+                pytest.fail(f"dagster dev exited with {server.returncode}: {log.read_text()[-4000:]}")
+            return _location_loaded(url)
+
+        _wait("the webserver and the kun code location", up, 240, log)
+        # The check sensor's first tick starts alerting from the newest check result: let it tick before anything runs.
         _wait("the check sensor's first tick", lambda: "check_failure_alerts skipped: started" in log.read_text(), 120, log)
         _graphql(url, "mutation { setNuxSeen }")  # no "join the community" dialog popping up over the test's dialogs
         with dg.DagsterInstance.from_config(str(home)) as instance, sync_playwright() as p:
@@ -155,6 +151,7 @@ def ui(models_run, tmp_path_factory):
             yield UI(page, url, instance, hook, log, shots, storage.upath(str(tmp / "data")))
             browser.close()
     finally:
+        hook.shutdown()
         server.send_signal(signal.SIGINT)  # Ctrl-C: dagster dev stops its webserver, daemon and code servers (seconds)
         try:
             server.wait(60)

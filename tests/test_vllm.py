@@ -18,7 +18,7 @@ from kun_dagster.definitions import build_definitions
 from kun_dagster.llm import EngineError, SamplingParams, load_engine, resolve_backend
 from kun_dagster.llm.base import EngineSpec, encode
 
-from .conftest import REPO, write_config
+from .conftest import CORPUS, MODELS, REPO, write_config
 
 if os.environ.get("KUN_REQUIRE_VLLM") == "1":
     import vllm  # noqa: F401
@@ -165,16 +165,14 @@ def test_the_whole_graph_on_vllm_for_two_partitions(tmp_path, models_run):
     keys = ["wudao|0", "wudao|1"]  # one source's shards: one run over the range
     tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
     assets = list(defs.assets)
-    assert dg.materialize(assets, selection=["seed_data", "base_model", "label_model", "chat_model"],
-                          resources=defs.resources, instance=instance).success
-    corpus = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]
-    assert dg.materialize(assets, selection=corpus, resources=defs.resources, instance=instance, tags=tags).success
+    assert dg.materialize(assets, selection=MODELS, resources=defs.resources, instance=instance).success
+    assert dg.materialize(assets, selection=CORPUS, resources=defs.resources, instance=instance, tags=tags).success
     assert dg.materialize(assets, selection=["instruction_dataset"], resources=defs.resources, instance=instance,
                           partition_key="wudao").success
 
     base = storage.upath(load_config(cfg_file).base_uri)
     frames = {a: pd.concat([storage.read_partition(storage.partition_dir(base, a, {"source": "wudao", "shard": s}))
-                            for s in ("0", "1")], ignore_index=True) for a in corpus}
+                            for s in ("0", "1")], ignore_index=True) for a in CORPUS}
     assert len(frames["filtered_corpus"]) > 0
     assert frames["filtered_corpus"]["perplexity"].gt(1).all()  # computed by the base model on vLLM
     assert len(frames["labeled_pairs"]) > 0 and frames["labeled_pairs"]["instruction"].str.len().gt(0).all()
