@@ -21,8 +21,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         backfill_policy=SINGLE_RUN,
         kinds=kinds(cfg, "parquet", "json"),
         ins={"polished_pairs": dg.AssetIn(partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=SOURCE))},
-        check_specs=[dg.AssetCheckSpec(checks.SCHEMA, asset="instruction_dataset", blocking=True,
-                                       description="Blocking: the records match COIG-CQIA's schema (+ provenance); on failure nothing is released.")],
+        check_specs=checks.specs("instruction_dataset"),
         output_required=False,
     )
     def instruction_dataset(context: dg.AssetExecutionContext, kun: KunResource, polished_pairs, label_model: dict, chat_model: dict):

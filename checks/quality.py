@@ -30,6 +30,7 @@ WARN = {
     "scored_pairs": ["retention", "parse_failure_rate", "score_distribution"],
     "polished_pairs": ["retention", "empty_output_rate", "duplicate_rate", "faithfulness"],
 }
+DATASET_SCHEMA = "Blocking: the records match COIG-CQIA's schema (+ provenance); on failure nothing is released."
 DESCRIPTIONS = {
     SCHEMA: "Blocking: the partition matches its Pandera schema; on failure nothing is published and nothing downstream runs.",
     "retention": "Rows out / rows in within checks.retention (scored_pairs: the share kept by score).",
@@ -44,7 +45,9 @@ DESCRIPTIONS = {
 
 
 def specs(asset: str) -> list[dg.AssetCheckSpec]:
-    return [dg.AssetCheckSpec(SCHEMA, asset=asset, blocking=True, description=DESCRIPTIONS[SCHEMA])] + [
+    """The blocking schema check, then the asset's WARN checks."""
+    schema = DATASET_SCHEMA if asset == "instruction_dataset" else DESCRIPTIONS[SCHEMA]
+    return [dg.AssetCheckSpec(SCHEMA, asset=asset, blocking=True, description=schema)] + [
         dg.AssetCheckSpec(name, asset=asset, description=DESCRIPTIONS[name]) for name in WARN.get(asset, [])
     ]
 

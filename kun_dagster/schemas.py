@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import get_args
 
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
-from .config import KunConfig
+from .config import KunConfig, ScoreConfig
 
 NON_EMPTY = r"\S"  # holds at least one non-space character
 
@@ -45,7 +46,7 @@ class LabeledPairs(FilteredCorpus):
     label_finish: Series[str] = pa.Field(isin=["stop", "length"])
 
 
-SCORE_METHODS = ["kun_choice", "kun_freetext", "humpback_choice"]
+SCORE_METHODS = list(get_args(ScoreConfig.model_fields["method"].annotation))  # the methods kun.yaml accepts
 
 
 class ScoredPairs(LabeledPairs):
