@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 
 from checks.tables import figures, table
-from kun_dagster import storage
+from kun_dagster import schemas, storage
 from kun_dagster.llm import resolve_backend
 from kun_dagster.llm.checkpoint import Checkpointed
 from kun_dagster.stages import StageResult
@@ -63,7 +63,8 @@ def checkpointed(kun, asset: str, key, engine) -> Checkpointed:
 def staged_sink(kun, asset: str, key) -> storage.ParquetSink:
     """A sink that streams the partition's rows into a file in its staging folder; the IO manager
     publishes it with one rename once the step has succeeded."""
-    return storage.ParquetSink(storage.staging_dir(kun.base, asset, hive(key)) / f"rows-{uuid.uuid4().hex[:12]}.parquet")
+    return storage.ParquetSink(storage.staging_dir(kun.base, asset, hive(key)) / f"rows-{uuid.uuid4().hex[:12]}.parquet",
+                               schemas.arrow_schema(asset))
 
 
 def schema_of(df: pd.DataFrame | pa.Schema) -> dg.TableSchema:

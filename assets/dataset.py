@@ -30,32 +30,30 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         and as release/{source}/train.jsonl with a dataset card (counts, stage funnel, config)."""
         c = kun.config
         frames = polished_pairs if isinstance(polished_pairs, dict) else {"all": polished_pairs}
-        polished = pd.concat(list(frames.values()), ignore_index=True) if frames else pd.DataFrame()
-        by_source = {}
-        for source in context.partition_keys:
-            mine = polished[polished["source"] == source] if len(polished) else polished
-            by_source[source] = (
-                dataset.records(mine, c, label_model["name"], chat_model["name"])
-                if len(mine)
-                else pd.DataFrame(columns=dataset.COIG_COLUMNS + dataset.PROVENANCE_COLUMNS)
-            )
+        polished = pd.concat([schemas.empty_frame("polished_pairs"), *frames.values()], ignore_index=True)
+        by_source = {s: dataset.records(polished[polished["source"] == s], c, label_model["name"], chat_model["name"])
+                     for s in context.partition_keys}  # a source with no rows left gets empty records and its card
+        funnels = {s: dataset.funnel(kun.base, s, c.shard_keys()) for s in by_source}
         check = checks.schema_check("instruction_dataset", {s: schemas.validate("instruction_dataset", r, c) for s, r in by_source.items()})
-        checks.log_failures(context, "instruction_dataset", [check])
+        warn = checks.warn_results("instruction_dataset", {"retention": {
+            s: dataset.release_retention(funnels[s], len(r), c.checks.retention["instruction_dataset"]) for s, r in by_source.items()}})
+        checks.log_failures(context, "instruction_dataset", [check, *warn])
         if check.passed:  # release nothing unless every source's records hold
             for source, recs in by_source.items():
-                _release(context, kun, source, recs, label_model, chat_model)
+                _release(context, kun, source, recs, funnels[source], label_model, chat_model)
             yield dg.MaterializeResult()
         yield check
+        yield from warn
 
     return [instruction_dataset]
 
 
-def _release(context: dg.AssetExecutionContext, kun: KunResource, source: str, recs: pd.DataFrame, label_model: dict, chat_model: dict) -> None:
+def _release(context: dg.AssetExecutionContext, kun: KunResource, source: str, recs: pd.DataFrame, fun: dict, label_model: dict,
+             chat_model: dict) -> None:
     c = kun.config
-    fun = dataset.funnel(kun.base, source, c.shard_keys())
     card = dataset.card(source, len(recs), fun, c, label_model["name"], chat_model["name"])
     parquet_dir = storage.partition_dir(kun.base, "instruction_dataset", {"source": source})
-    storage.write_partition(parquet_dir, recs)
+    storage.write_partition(parquet_dir, recs, schemas.arrow_schema("instruction_dataset"))
     release = dataset.publish_release(kun.base, source, recs, card)
     context.log.info(f"instruction_dataset {source}: {len(recs)} records -> {release}")
     context.add_asset_metadata(

@@ -29,11 +29,13 @@ WARN = {
     "labeled_pairs": ["retention", "empty_output_rate"],
     "scored_pairs": ["retention", "parse_failure_rate", "score_distribution"],
     "polished_pairs": ["retention", "empty_output_rate", "duplicate_rate", "faithfulness"],
+    "instruction_dataset": ["retention"],
 }
 DATASET_SCHEMA = "Blocking: the records match COIG-CQIA's schema (+ provenance); on failure nothing is released."
 DESCRIPTIONS = {
     SCHEMA: "Blocking: the partition matches its Pandera schema; on failure nothing is published and nothing downstream runs.",
-    "retention": "Rows out / rows in within checks.retention (scored_pairs: the share kept by score).",
+    "retention": "Rows out / rows in within checks.retention (scored_pairs: the share kept by score; instruction_dataset: "
+                 "records per document read, with the stages that dropped most).",
     "quarantine_rate": "Unreadable rows of the source at most checks.max_quarantine_rate.",
     "duplicate_rate": "Exact duplicates dropped at most checks.max_duplicate_rate.",
     "empty_output_rate": "Empty generations at most checks.max_empty_rate.",
@@ -115,6 +117,14 @@ def evaluate(context: dg.AssetExecutionContext, kun, asset: str, results: dict) 
     for key, result in results.items():
         for f in _findings(kun, asset, key, result):
             by_check.setdefault(f.check, {})[str(key)] = f
+    out += warn_results(asset, by_check)
+    log_failures(context, asset, out)
+    return out
+
+
+def warn_results(asset: str, by_check: dict[str, dict[str, quality.Finding]]) -> list[dg.AssetCheckResult]:
+    """One WARN result per check over the run's partitions: the failing ones named, every figure in a table."""
+    out = []
     for name, per in by_check.items():
         failing = sorted(k for k, f in per.items() if not f.passed)
         out.append(dg.AssetCheckResult(
@@ -125,7 +135,6 @@ def evaluate(context: dg.AssetExecutionContext, kun, asset: str, results: dict) 
                       "values": dg.MetadataValue.json({k: f.value for k, f in per.items()}),
                       "by_partition": table(pd.DataFrame([(k, f.value, "pass" if f.passed else "FAIL", f.detail) for k, f in per.items()],
                                                          columns=["partition", "value", "result", "detail"]), rows=None, width=200)}))
-    log_failures(context, asset, out)
     return out
 
 

@@ -54,7 +54,7 @@ for n, part in enumerate(halves(WANJUAN)):
         planted.append({"source": "wanjuan", "file": name, "row": 6, "doc_id": "", "reason": "invalid_json", "stage": "raw_corpus"})
     else:  # a line with bytes that are not UTF-8 (a GBK fragment)
         lines.insert(3, b'{"id": "wj-1-gbk", "content": "' + "中文编码错误".encode("gbk") + b'"}\n')
-        planted.append({"source": "wanjuan", "file": name, "row": 4, "doc_id": "", "reason": "invalid_utf8", "stage": "raw_corpus"})
+        planted.append({"source": "wanjuan", "file": name, "row": 4, "doc_id": "", "reason": "invalid_encoding", "stage": "raw_corpus"})
     with gzip.GzipFile(OUT / "wanjuan" / name, "wb", mtime=0) as f:
         f.write(b"".join(lines))
 

@@ -7,6 +7,7 @@ value is parsed as YAML), e.g. `KUN__storage__base_uri=s3://bucket/kun`.
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 from pathlib import Path
@@ -38,10 +39,21 @@ class SourceConfig(_Section):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="partition key of the source")
     uri: str = Field(description="file glob; relative to the config file unless absolute or a URL")
     format: Literal["jsonl", "json", "parquet", "txt"]
+    # Field names may be dotted paths into nested records (meta.content); a key that itself holds
+    # a dot is found first.
     text_field: str = "text"
-    id_field: str | None = Field(None, description="None: ids are '<file>:<row>'")
+    id_field: str | None = Field(None, description="None: ids are '<file>:<row>'; ids are unique per source")
     title_field: str | None = None
     compression: Literal["infer", "gzip", "zstd", "none"] = "infer"
+    encoding: str = Field("utf-8", description="of jsonl / json / txt files: utf-8, gb18030, utf-16, ... (Python codec names)")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_codec(cls, name: str) -> str:
+        try:
+            return codecs.lookup(name).name
+        except LookupError:
+            raise ValueError(f"unknown encoding {name!r} (e.g. utf-8, gb18030, utf-16)") from None
 
 
 class S3Settings(_Section):
@@ -155,10 +167,23 @@ class RoleConfig(EngineSettings):
     train: TrainSettings = TrainSettings()
 
 
+# Each role's own defaults where they differ from TrainSettings' (Kun: label 6 epochs, chat 4, lr
+# 1e-5). They are merged under whatever the file and the environment set, key by key, so setting
+# one key of a role (models.chat.path, models.chat.vllm.tensor_parallel_size) keeps the rest.
+ROLE_DEFAULTS: dict[str, dict[str, Any]] = {"label": {"train": {"epochs": 6}}, "chat": {"train": {"epochs": 4}}}
+
+
 class ModelsConfig(_Section):
     base: BaseModelConfig = BaseModelConfig()
-    label: RoleConfig = RoleConfig(train=TrainSettings(epochs=6))  # Kun: 6 epochs, lr 1e-5
-    chat: RoleConfig = RoleConfig(train=TrainSettings(epochs=4))  # Kun: 4 epochs, lr 1e-5
+    label: RoleConfig = RoleConfig.model_validate(ROLE_DEFAULTS["label"])
+    chat: RoleConfig = RoleConfig.model_validate(ROLE_DEFAULTS["chat"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {**data, **{role: _merge(defaults, data[role]) for role, defaults in ROLE_DEFAULTS.items() if isinstance(data.get(role), dict)}}
 
 
 class SeedConfig(_Section):
@@ -209,13 +234,16 @@ class DatasetConfig(_Section):
     copyright: str = "Derived from the source corpus; check its licence before redistribution."
 
 
+RETENTION = {"raw_corpus": (0.8, 1.0), "filtered_corpus": (0.3, 1.0), "labeled_pairs": (0.7, 1.0), "scored_pairs": (0.2, 1.0),
+             "polished_pairs": (0.5, 1.0), "instruction_dataset": (0.01, 1.0)}
+
+
 class ChecksConfig(_Section):
     """Bounds of the statistical WARN checks (kun_dagster.quality); the schemas have none to set."""
 
     retention: dict[str, tuple[float, float]] = Field(
-        default_factory=lambda: {"raw_corpus": (0.8, 1.0), "filtered_corpus": (0.3, 1.0), "labeled_pairs": (0.7, 1.0),
-                                 "scored_pairs": (0.2, 1.0), "polished_pairs": (0.5, 1.0)},
-        description="rows out / rows in per stage (scored_pairs: the share kept by score)")
+        default_factory=lambda: dict(RETENTION),
+        description="rows out / rows in per stage (scored_pairs: the share kept by score; instruction_dataset: records per document read)")
     max_quarantine_rate: float = Field(0.1, ge=0, le=1, description="raw_corpus rows unreadable")
     max_duplicate_rate: float = Field(0.3, ge=0, le=1)
     max_empty_rate: float = Field(0.05, ge=0, le=1, description="generations that came back empty")
@@ -223,6 +251,14 @@ class ChecksConfig(_Section):
     max_score_shift: float = Field(0.3, ge=0, le=1, description="KS statistic against the source's published scores")
     min_overlap: float = Field(0.3, ge=0, le=1, description="share of an answer's character bigrams found in its source text")
     max_unfaithful_rate: float = Field(0.2, ge=0, le=1, description="answers under min_overlap (likely hallucinated)")
+
+    @field_validator("retention")
+    @classmethod
+    def _every_stage(cls, bounds: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        unknown = sorted(set(bounds) - set(RETENTION))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; known: {list(RETENTION)}")
+        return {**RETENTION, **bounds}  # stages left out keep their default bounds
 
 
 class DeployConfig(_Section):

@@ -7,8 +7,10 @@ the row and a reason code; one bad record never costs the rest of its file.
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
 import hashlib
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -25,13 +27,16 @@ DOC_COLUMNS = ["doc_id", "source", "shard", "file", "row", "title", "text"]
 QUARANTINE_COLUMNS = ["source", "shard", "file", "row", "doc_id", "reason", "detail", "sample"]
 
 # Quarantine reason codes of ingest.
-INVALID_UTF8 = "invalid_utf8"
+INVALID_ENCODING = "invalid_encoding"  # bytes that are not valid in the source's encoding
+INVALID_UNICODE = "invalid_unicode"  # a lone surrogate (a JSON \\ud83d escape): no UTF-8 can hold it
 INVALID_JSON = "invalid_json"
 NOT_AN_OBJECT = "not_an_object"
-MISSING_TEXT = "missing_text"
-EMPTY_TEXT = "empty_text"
-MISSING_ID = "missing_id"
-DUPLICATE_ID = "duplicate_id"
+MISSING_TEXT = "missing_text"  # the text field is absent or null
+TEXT_NOT_STRING = "text_not_string"  # a number, a list, an object
+EMPTY_TEXT = "empty_text"  # nothing but spaces, control characters, escapes
+MISSING_ID = "missing_id"  # absent, null, empty, or not a string or number
+DUPLICATE_ID = "duplicate_id"  # an earlier document of the source has this id (the detail names where)
+EMPTY_FILE = "empty_file"  # zero bytes: no records (one row, so the file is seen)
 UNREADABLE_FILE = "unreadable_file"
 
 
@@ -56,12 +61,20 @@ def _glob_root(pattern: str) -> str:
     return "/".join(parts[:-1])
 
 
+def _glob(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str, dict[str, dict]]:
+    fs, pattern = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    found = fs.glob(pattern, detail=True)
+    return fs, _glob_root(pattern), {p: info for p, info in sorted(found.items()) if info.get("type") != "directory"}
+
+
+def _relative(path: str, root: str) -> str:
+    return path[len(root):].lstrip("/") if root and path.startswith(root) else path
+
+
 def list_files(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[tuple[str, str]]]:
     """(filesystem, [(path, path relative to the glob root)]) for a source's URI glob, sorted."""
-    fs, pattern = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    root = _glob_root(pattern)
-    paths = sorted(p for p in fs.glob(pattern) if not fs.isdir(p))
-    return fs, [(p, p[len(root):].lstrip("/") if root and p.startswith(root) else p) for p in paths]
+    fs, root, found = _glob(uri, storage_options)
+    return fs, [(p, _relative(p, root)) for p in found]
 
 
 def shard_of(relpath: str, shards: int) -> int:
@@ -81,50 +94,59 @@ def _sample(raw: bytes | str | object, limit: int = 200) -> str:
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")
     text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
-    return text[:limit]
+    return _SURROGATE.sub("\ufffd", text[:limit])  # the quarantine itself must be writable as UTF-8
+
+
+# -- decoding -----------------------------------------------------------------------------------------
+# Undecodable bytes become U+DC00 + byte (like surrogateescape, for every byte and every codec), so a
+# reader can decode a whole stream, find the bad rows, and quarantine just those. A valid decoding
+# never yields a lone surrogate, so a marker is unambiguous before any JSON unescaping.
+_MARK = "kun-mark-undecodable"
+codecs.register_error(_MARK, lambda e: ("".join(chr(0xDC00 + b) for b in e.object[e.start : e.end]), e.end))
+_MARKER = re.compile("[\udc00-\udcff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _codec(source: SourceConfig) -> str:
+    return "utf-8-sig" if source.encoding == "utf-8" else source.encoding  # a UTF-8 BOM is not text
+
+
+def _undecodable(text: str, source: SourceConfig) -> str | None:
+    """Detail for a decoded text that holds undecodable bytes, else None."""
+    m = _MARKER.search(text)
+    if m is None:
+        return None
+    bad = [f"0x{ord(c) - 0xDC00:02x}" for c in _MARKER.findall(text)[:4]]
+    return f"bytes {' '.join(bad)} at character {m.start()} are not valid {source.encoding}"
 
 
 # A reader yields (row, record-or-None, reason, detail, raw) per record.
 Record = tuple[int, dict | None, str | None, str, object]
 
 
-def _lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Lines of a binary stream read in chunks (some decompressors have no readline)."""
-    buf = b""
-    while data := f.read(chunk):
-        buf += data
-        *lines, buf = buf.split(b"\n")
-        yield from lines
-    if buf:
-        yield buf
-
-
-def _read_jsonl(f) -> Iterator[Record]:
-    for row, line in enumerate(_lines(f), start=1):
+def _read_jsonl(f, source: SourceConfig) -> Iterator[Record]:
+    lines = io.TextIOWrapper(f, encoding=_codec(source), errors=_MARK, newline="\n")
+    for row, line in enumerate(lines, start=1):
+        line = line.rstrip("\r\n")
         if not line.strip():
             continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield row, None, INVALID_UTF8, str(e), line
+        bad = _undecodable(line, source)
+        if bad:
+            yield row, None, INVALID_ENCODING, bad, line
             continue
         try:
-            yield row, json.loads(text), None, "", text
+            yield row, json.loads(line), None, "", line
         except json.JSONDecodeError as e:
-            yield row, None, INVALID_JSON, str(e), text
+            yield row, None, INVALID_JSON, str(e), line
 
 
-def _read_json(f) -> Iterator[Record]:
-    raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        yield 0, None, INVALID_UTF8, f"whole file: {e}", raw
-        return
+def _read_json(f, source: SourceConfig) -> Iterator[Record]:
+    text = f.read().decode(_codec(source), errors=_MARK)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        yield 0, None, INVALID_JSON, f"whole file: {e}", text
+        reason, detail = (INVALID_ENCODING, _undecodable(text, source)) if _undecodable(text, source) else (INVALID_JSON, str(e))
+        yield 0, None, reason, f"whole file: {detail}", text
         return
     if isinstance(data, dict):  # {"data": [...]} and similar wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -136,7 +158,7 @@ def _read_json(f) -> Iterator[Record]:
         yield row, rec, None, "", rec
 
 
-def _read_parquet(f) -> Iterator[Record]:
+def _read_parquet(f, source: SourceConfig) -> Iterator[Record]:
     pf = pq.ParquetFile(f)
     row = 0
     for batch in pf.iter_batches(batch_size=4096):
@@ -145,18 +167,20 @@ def _read_parquet(f) -> Iterator[Record]:
             yield row, rec, None, "", rec
 
 
-_PARAGRAPH_BREAK = re.compile(rb"\r?\n[ \t]*\r?\n")
+_PARAGRAPH_BREAK = re.compile(r"\r?\n[ \t]*\r?\n")
 
 
-def _read_txt(f) -> Iterator[Record]:
+def _read_txt(f, source: SourceConfig) -> Iterator[Record]:
     """One document per blank-line-separated paragraph."""
-    for row, para in enumerate(_PARAGRAPH_BREAK.split(f.read()), start=1):
+    text = f.read().decode(_codec(source), errors=_MARK)
+    for row, para in enumerate(_PARAGRAPH_BREAK.split(text), start=1):
         if not para.strip():
             continue
-        try:
-            yield row, {"text": para.decode("utf-8")}, None, "", para
-        except UnicodeDecodeError as e:
-            yield row, None, INVALID_UTF8, str(e), para
+        bad = _undecodable(para, source)
+        if bad:
+            yield row, None, INVALID_ENCODING, bad, para
+        else:
+            yield row, {"text": para}, None, "", para
 
 
 _READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "txt": _read_txt}
@@ -164,79 +188,156 @@ _READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, 
 
 def read_records(fs, path: str, source: SourceConfig) -> Iterator[Record]:
     with fs.open(path, "rb", compression=_compression(path, source)) as f:
-        yield from _READERS[source.format](f)
+        yield from _READERS[source.format](f, source)
+
+
+# -- records to documents ---------------------------------------------------------------------------------
+_ABSENT = object()
+
+
+def field_value(rec: dict, path: str) -> object:
+    """A record's field by name or dotted path (meta.content); a key holding the dot wins."""
+    if path in rec:
+        return rec[path]
+    node: object = rec
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else "missing" if value is _ABSENT else f"a {type(value).__name__}, not a string"
+
+
+def _document(rec: dict, rel: str, row: int, source: SourceConfig) -> tuple[str, str | None, str] | tuple[None, str, str]:
+    """(doc_id, title, text) of a record, or (None, reason, detail)."""
+    text = field_value(rec, source.text_field)
+    if text is None or text is _ABSENT:
+        return None, MISSING_TEXT, f"field {source.text_field!r} is {_kind(text)}"
+    if not isinstance(text, str):
+        return None, TEXT_NOT_STRING, f"field {source.text_field!r} is {_kind(text)}"
+    if source.format == "json" and _MARKER.search(text):  # jsonl and txt rows with such bytes never get here
+        return None, INVALID_ENCODING, f"field {source.text_field!r}: {_undecodable(text, source)}"
+    if _SURROGATE.search(text):
+        return None, INVALID_UNICODE, f"field {source.text_field!r} holds a lone surrogate (U+{ord(_SURROGATE.search(text)[0]):04X}): not Unicode text"
+    if source.id_field:
+        raw_id = field_value(rec, source.id_field)
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float)) or raw_id == "" or _SURROGATE.search(str(raw_id)):
+            return None, MISSING_ID, f"field {source.id_field!r} is {'empty' if raw_id == '' else _kind(raw_id)}"
+        doc_id = str(raw_id)
+    else:
+        doc_id = f"{rel}:{row}"
+    if not clean_text(text):
+        return None, EMPTY_TEXT, f"field {source.text_field!r} holds no text (only spaces, control characters or escapes)"
+    title = field_value(rec, source.title_field) if source.title_field else None
+    return doc_id, title if isinstance(title, str) and not _SURROGATE.search(title) else None, text
+
+
+def _documents(fs, path: str, rel: str, source: SourceConfig) -> Iterator[tuple]:
+    """("doc", row, doc_id, title, text) or ("bad", row, reason, detail, raw) for each record of one
+    file. A file that breaks mid-way (a truncated archive) keeps the rows read before the break."""
+    records, row = read_records(fs, path, source), 0
+    while True:
+        try:
+            item = next(records, None)
+        except Exception as e:  # noqa: BLE001 - a corrupt archive or unreadable object
+            yield "bad", row, UNREADABLE_FILE, f"{type(e).__name__}: {e}" + (f" (after row {row}; rows before it kept)" if row else ""), b""
+            return
+        if item is None:
+            return
+        row, rec, reason, detail, raw = item
+        if reason:
+            yield "bad", row, reason, detail, raw
+        elif not isinstance(rec, dict):
+            yield "bad", row, NOT_AN_OBJECT, f"expected an object, got {type(rec).__name__}", raw
+        else:
+            doc_id, *rest = _document(rec, rel, row, source)
+            yield ("doc", row, doc_id, *rest) if doc_id is not None else ("bad", row, *rest, raw)
+
+
+# -- ids unique per source ------------------------------------------------------------------------------
+_FIRST_IDS: dict[tuple, dict[str, tuple[str, int]]] = {}  # per process: one index per source listing
+
+
+def first_locations(source: SourceConfig, uri: str, storage_options: dict | None = None) -> dict[str, tuple[str, int]]:
+    """For every id that more than one document of the source carries, where it is kept: the first
+    valid document in (file, row) order over all the source's files. Ingest of any shard then
+    quarantines the others as duplicate_id, naming that place, so ids are unique per source (what
+    the release requires) whatever the shard count. Empty when ids are file:row (unique by
+    construction). Computed once per process for a given listing (paths, sizes, modification)."""
+    if not source.id_field:
+        return {}
+    fs, root, found = _glob(uri, storage_options)
+    key = (source.model_dump_json(), tuple((p, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified")))
+                                           for p, info in found.items()))
+    if key not in _FIRST_IDS:
+        first: dict[str, tuple[str, int]] = {}
+        repeated: set[str] = set()
+        for path in found:
+            rel = _relative(path, root)
+            for kind, row, doc_id, *_ in _documents(fs, path, rel, source):
+                if kind == "doc":
+                    if doc_id in first:
+                        repeated.add(doc_id)
+                    else:
+                        first[doc_id] = (rel, row)
+        _FIRST_IDS.clear()  # one source's index at a time: it can be large
+        _FIRST_IDS[key] = {i: first[i] for i in repeated}
+    return _FIRST_IDS[key]
 
 
 def iter_shard(source: SourceConfig, uri: str, shard: int, shards: int, storage_options: dict | None = None,
                batch_rows: int = 20000) -> Iterator[Ingested]:
     """Read every file of `source` that falls in `shard`, as batches of at most `batch_rows`
     documents (each with the quarantined rows met since the last): memory holds one batch, not
-    the shard. Always yields at least one batch. A file that breaks mid-way (a truncated archive)
-    keeps the rows read before the break and quarantines the rest as unreadable_file."""
+    the shard. Always yields at least one batch."""
     try:
-        fs, files = list_files(uri, storage_options)
+        fs, root, found = _glob(uri, storage_options)
+        kept_at = first_locations(source, uri, storage_options)
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
         raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e
-    if not files:
+    if not found:
         raise CorpusError(f"source {source.name}: no file matches {uri}")
-    mine = [(p, rel) for p, rel in files if shard_of(rel, shards) == shard]
+    mine = [(p, _relative(p, root)) for p in found if shard_of(_relative(p, root), shards) == shard]
     names = [rel for _, rel in mine]
     docs: list[dict] = []
     bad: list[dict] = []
-    seen_ids: set[str] = set()
-    fields = (source.text_field, source.id_field or "", source.title_field or "")
 
     def reject(rel: str, row: int, reason: str, detail: str, raw: object, doc_id: str = "") -> None:
         bad.append({"source": source.name, "shard": shard, "file": rel, "row": row, "doc_id": doc_id,
-                    "reason": reason, "detail": detail[:500], "sample": _sample(raw)})
+                    "reason": reason, "detail": _sample(detail, 500), "sample": _sample(raw)})
 
     def batch() -> Ingested:
-        out = Ingested(docs=pd.DataFrame(docs, columns=DOC_COLUMNS), quarantine=pd.DataFrame(bad, columns=QUARANTINE_COLUMNS), files=names)
+        out = Ingested(docs=pd.DataFrame(docs, columns=DOC_COLUMNS).astype({"shard": "int64", "row": "int64"}),
+                       quarantine=quarantine_frame(bad), files=names)
         docs.clear()
         bad.clear()
         return out
 
     for path, rel in mine:
-        records, row = read_records(fs, path, source), 0
-        while True:
-            try:
-                item = next(records, None)
-            except Exception as e:  # noqa: BLE001 - a corrupt archive or unreadable object
-                reject(rel, row, UNREADABLE_FILE, f"{type(e).__name__}: {e}" + (f" (after row {row}; rows before it kept)" if row else ""), b"")
-                break
-            if item is None:
-                break
-            row, rec, reason, detail, raw = item
-            if reason:
-                reject(rel, row, reason, detail, raw)
+        if found[path].get("size") == 0:
+            reject(rel, 0, EMPTY_FILE, "the file has zero bytes", b"")
+            continue
+        for kind, row, *item in _documents(fs, path, rel, source):
+            if kind == "bad":
+                reject(rel, row, *item)
                 continue
-            if not isinstance(rec, dict):
-                reject(rel, row, NOT_AN_OBJECT, f"expected an object, got {type(rec).__name__}", raw)
+            doc_id, title, text = item
+            if kept_at.get(doc_id, (rel, row)) != (rel, row):
+                kf, kr = kept_at[doc_id]
+                reject(rel, row, DUPLICATE_ID, f"doc id {doc_id!r} is kept at {kf}:{kr} (first in the source)", text, doc_id)
                 continue
-            text = rec.get(fields[0])
-            if not isinstance(text, str):
-                reject(rel, row, MISSING_TEXT, f"field {fields[0]!r} is missing or not a string", raw)
-                continue
-            if fields[1]:
-                if rec.get(fields[1]) in (None, ""):
-                    reject(rel, row, MISSING_ID, f"field {fields[1]!r} is missing", raw)
-                    continue
-                doc_id = str(rec[fields[1]])
-            else:
-                doc_id = f"{rel}:{row}"
-            if doc_id in seen_ids:
-                reject(rel, row, DUPLICATE_ID, f"doc id {doc_id!r} seen earlier in this partition", raw, doc_id)
-                continue
-            if not clean_text(text):
-                reject(rel, row, EMPTY_TEXT, f"field {fields[0]!r} is empty", raw, doc_id)
-                continue
-            seen_ids.add(doc_id)
-            title = rec.get(fields[2]) if fields[2] else None
-            docs.append({"doc_id": doc_id, "source": source.name, "shard": shard, "file": rel, "row": row,
-                         "title": title if isinstance(title, str) else None, "text": text})
+            docs.append({"doc_id": doc_id, "source": source.name, "shard": shard, "file": rel, "row": row, "title": title, "text": text})
             if len(docs) >= batch_rows:
                 yield batch()
     yield batch()
+
+
+def quarantine_frame(rows: list[dict]) -> pd.DataFrame:
+    """Quarantine rows as a frame with its columns and types, also when there are none."""
+    return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS).astype({"shard": "int64", "row": "int64"})
 
 
 def ingest_shard(source: SourceConfig, uri: str, shard: int, shards: int, storage_options: dict | None = None) -> Ingested:

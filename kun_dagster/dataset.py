@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import pandas as pd
 import yaml
 from upath import UPath
 
-from . import storage
+from . import quality, storage
 from .config import KunConfig
 
 COIG_COLUMNS = ["instruction", "input", "output", "task_type", "domain", "answer_from", "human_verified", "copyright"]
@@ -25,14 +26,15 @@ STAGES = [
 
 
 def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model: str) -> pd.DataFrame:
-    """COIG-CQIA records (instruction, input, output, task_type, domain, ...) plus provenance."""
+    """COIG-CQIA records (instruction, input, output, task_type, domain, ...) plus provenance;
+    typed like any other, also when there are none (a source whose rows were all filtered)."""
     d = cfg.dataset
     out = pd.DataFrame({
         "instruction": polished["instruction"].astype(str),
         "input": "",
         "output": polished["output"].astype(str),
-        "task_type": [{"major": list(d.task_major), "minor": [f"kun:{s}"]} for s in polished["source"]],
-        "domain": [["通用"]] * len(polished),
+        "task_type": pd.Series([{"major": list(d.task_major), "minor": [f"kun:{s}"]} for s in polished["source"]], index=polished.index, dtype=object),
+        "domain": pd.Series([["通用"]] * len(polished), index=polished.index, dtype=object),
         "answer_from": d.answer_from,
         "human_verified": False,
         "copyright": d.copyright,
@@ -67,6 +69,20 @@ def funnel(base: UPath, source: str, shards: list[str]) -> dict:
         if storage.partition_rows(d):
             kept += int(storage.read_partition(d, ["keep"])["keep"].sum())
     return {"rows": rows, "kept_by_score": kept, "quarantined": quarantined}
+
+
+def release_retention(fun: dict, n_records: int, bounds: tuple[float, float]) -> quality.Finding:
+    """Records per document read, and where the rest went: an empty release is a result, and this
+    says why (the stage reasons that dropped most)."""
+    docs = fun["rows"]["raw_corpus"]
+    value = round(n_records / docs, 4) if docs else None
+    finding = quality.within("retention", value, *bounds, "records per document read")
+    losses = Counter({f"{asset}: {reason}": n for asset, reasons in fun["quarantined"].items() for reason, n in reasons.items()})
+    not_kept = fun["rows"]["scored_pairs"] - fun["kept_by_score"]
+    if not_kept:
+        losses["scored_pairs: below the score threshold"] = not_kept
+    top = ", ".join(f"{k} {n}" for k, n in losses.most_common(3))
+    return replace(finding, detail=f"{n_records} records from {docs} documents read ({value})" + (f"; most dropped at {top}" if top else ""))
 
 
 def funnel_frame(fun: dict, n_records: int) -> pd.DataFrame:

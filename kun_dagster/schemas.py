@@ -15,11 +15,16 @@ from typing import get_args
 
 import pandas as pd
 import pandera.pandas as pa
+import pyarrow
 from pandera.typing import Series
 
 from .config import KunConfig, ScoreConfig
+from .corpus import QUARANTINE_COLUMNS
+from .text import NON_SPACE
 
-NON_EMPTY = r"\S"  # holds at least one non-space character
+# Holds a non-space character anywhere: str_contains searches (str_matches would anchor at the start
+# and fail a valid text that opens with a space, a newline or U+3000). Same rule as text.has_text.
+NON_EMPTY = {"str_contains": NON_SPACE.pattern}
 
 
 class RawCorpus(pa.DataFrameModel):
@@ -29,7 +34,7 @@ class RawCorpus(pa.DataFrameModel):
     file: Series[str]
     row: Series[int] = pa.Field(ge=0)
     title: Series[str] = pa.Field(nullable=True)
-    text: Series[str] = pa.Field(str_matches=NON_EMPTY)
+    text: Series[str] = pa.Field(**NON_EMPTY)
 
     class Config:
         coerce = True  # an empty partition's columns read back as object
@@ -41,7 +46,7 @@ class FilteredCorpus(RawCorpus):
 
 
 class LabeledPairs(FilteredCorpus):
-    instruction: Series[str] = pa.Field(str_matches=NON_EMPTY)
+    instruction: Series[str] = pa.Field(**NON_EMPTY)
     label_tokens: Series[int] = pa.Field(ge=0)
     label_finish: Series[str] = pa.Field(isin=["stop", "length"])
 
@@ -51,6 +56,7 @@ SCORE_METHODS = list(get_args(ScoreConfig.model_fields["method"].annotation))  #
 
 class ScoredPairs(LabeledPairs):
     score: Series[float] = pa.Field(nullable=True)  # NaN: a kun_freetext reply that did not parse
+    score_reply: Series[str] = pa.Field(nullable=True)  # kun_freetext's reply; null for the choice methods
     keep: Series[bool]
     score_method: Series[str] = pa.Field(isin=SCORE_METHODS)
 
@@ -58,7 +64,7 @@ class ScoredPairs(LabeledPairs):
 class PolishedPairs(LabeledPairs):
     score: Series[float] = pa.Field(nullable=True)
     score_method: Series[str] = pa.Field(isin=SCORE_METHODS)
-    output: Series[str] = pa.Field(str_matches=NON_EMPTY)
+    output: Series[str] = pa.Field(**NON_EMPTY)
     instruction_truncated: Series[bool]
     polish_tokens: Series[int] = pa.Field(ge=1)
     polish_finish: Series[str] = pa.Field(isin=["stop", "length"])
@@ -67,9 +73,9 @@ class PolishedPairs(LabeledPairs):
 class InstructionDataset(pa.DataFrameModel):
     """COIG-CQIA's record schema, then the provenance columns; nothing else."""
 
-    instruction: Series[str] = pa.Field(str_matches=NON_EMPTY)
+    instruction: Series[str] = pa.Field(**NON_EMPTY)
     input: Series[str]
-    output: Series[str] = pa.Field(str_matches=NON_EMPTY)
+    output: Series[str] = pa.Field(**NON_EMPTY)
     task_type: Series[object]
     domain: Series[object]
     answer_from: Series[str]
@@ -105,6 +111,27 @@ MODELS: dict[str, type[pa.DataFrameModel]] = {
     "polished_pairs": PolishedPairs,
     "instruction_dataset": InstructionDataset,
 }
+
+
+# Arrow types of the columns (pandera dtype names; object columns by name): every partition of a
+# dataset version is written with these, the empty ones included, so readers see one schema.
+_ARROW = {"str": pyarrow.string(), "int64": pyarrow.int64(), "float64": pyarrow.float64(), "bool": pyarrow.bool_()}
+_NESTED = {"task_type": pyarrow.struct([("major", pyarrow.list_(pyarrow.string())), ("minor", pyarrow.list_(pyarrow.string()))]),
+           "domain": pyarrow.list_(pyarrow.string())}
+QUARANTINE = pyarrow.schema([(c, pyarrow.int64() if c in ("shard", "row") else pyarrow.string()) for c in QUARANTINE_COLUMNS])
+
+
+def arrow_schema(asset: str) -> pyarrow.Schema:
+    """The Arrow schema of an asset's partitions (and `quarantine/<asset>`'s)."""
+    if asset.startswith("quarantine/"):
+        return QUARANTINE
+    columns = MODELS[asset].to_schema().columns
+    return pyarrow.schema([(name, _NESTED[name] if name in _NESTED else _ARROW[str(col.dtype)]) for name, col in columns.items()])
+
+
+def empty_frame(asset: str) -> pd.DataFrame:
+    """A partition with no rows and every column, typed: what an empty shard publishes."""
+    return arrow_schema(asset).empty_table().to_pandas()
 
 
 def _no_keyword(keywords: list[str], name: str) -> pa.Check:

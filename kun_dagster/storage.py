@@ -160,14 +160,28 @@ def partition_of(directory: UPath) -> dict[str, str]:
     return dict(reversed(out.items()))
 
 
-def to_table(df: pd.DataFrame) -> pa.Table:
-    """Arrow table of a frame; all-null columns (an empty partition) become strings, not nulls,
-    so that every partition of a dataset has one schema."""
+def to_table(df: pd.DataFrame, schema: pa.Schema | None = None) -> pa.Table:
+    """Arrow table of a frame. With `schema` (the dataset version's, schemas.arrow_schema, less the
+    partition columns), its columns come first, with its types, and a column the frame lacks is
+    added empty: every partition of a dataset has one schema, an empty one included. Other
+    all-null columns become strings, not nulls."""
     table = pa.Table.from_pandas(df, preserve_index=False)
+    if schema is not None:
+        extra = [table.schema.field(n) for n in table.column_names if n not in schema.names]
+        columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type) for f in schema]
+        table = pa.Table.from_arrays(columns + [table.column(f.name) for f in extra], schema=pa.schema(list(schema) + extra))
     for i, f in enumerate(table.schema):
         if pa.types.is_null(f.type):
             table = table.set_column(i, pa.field(f.name, pa.string()), table.column(i).cast(pa.string()))
     return table
+
+
+def file_schema(schema: pa.Schema | None, directory: UPath) -> pa.Schema | None:
+    """A dataset version's schema as its files hold it: without the columns the folder names."""
+    if schema is None:
+        return None
+    in_path = partition_of(directory)
+    return pa.schema([f for f in schema if f.name not in in_path])
 
 
 def write_atomic(path: UPath, data: bytes) -> None:
@@ -183,17 +197,18 @@ def write_atomic(path: UPath, data: bytes) -> None:
         raise
 
 
-def parquet_bytes(df: pd.DataFrame) -> bytes:
+def parquet_bytes(df: pd.DataFrame, schema: pa.Schema | None = None) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(to_table(df), buf, compression="zstd")
+    pq.write_table(to_table(df, schema), buf, compression="zstd")
     return buf.getvalue()
 
 
-def write_partition(directory: UPath, df: pd.DataFrame) -> UPath:
+def write_partition(directory: UPath, df: pd.DataFrame, schema: pa.Schema | None = None) -> UPath:
     """Publish a partition: replaces whatever the folder held, atomically. Partition columns live
-    in the path only (as Hive and pyarrow.dataset expect), so they are dropped from the file."""
+    in the path only (as Hive and pyarrow.dataset expect), so they are dropped from the file.
+    `schema`: the dataset version's Arrow schema (an empty frame is written with all its columns)."""
     final = directory / PART_NAME
-    write_atomic(final, parquet_bytes(_without_partition_columns(df, directory)))
+    write_atomic(final, parquet_bytes(_without_partition_columns(df, directory), file_schema(schema, directory)))
     _drop_stale_parts(directory)
     return final
 
@@ -241,8 +256,9 @@ class ParquetSink:
     the partition's staging folder, holding one batch in memory; publish_staged renames it into
     place. Partition columns (the folder's hive segments) stay in the path, as in write_partition."""
 
-    def __init__(self, path: UPath):
+    def __init__(self, path: UPath, schema: pa.Schema | None = None):
         self.path, self.rows = path, 0
+        self.schema = file_schema(schema, path.parent)  # the dataset version's: typed even with no rows
         self._writer: pq.ParquetWriter | None = None
         self._file = None
         self._head: pd.DataFrame | None = None
@@ -252,7 +268,7 @@ class ParquetSink:
             self._head = df.head(5)
         if not len(df):  # an empty batch's all-null columns would fix their type as string: rows decide
             return
-        table = to_table(_without_partition_columns(df, self.path.parent))
+        table = to_table(_without_partition_columns(df, self.path.parent), self.schema)
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("wb")
@@ -266,8 +282,8 @@ class ParquetSink:
         if self._writer is None:  # no rows at all: an empty file with the batches' columns
             head = self._head if self._head is not None else pd.DataFrame()
             frame = _without_partition_columns(head, self.path.parent)
-            write_atomic(self.path, parquet_bytes(frame))
-            return Staged(self.path, 0, to_table(frame).schema, head)
+            write_atomic(self.path, parquet_bytes(frame, self.schema))
+            return Staged(self.path, 0, to_table(frame, self.schema).schema, head)
         self._writer.close()
         self._file.close()
         return Staged(self.path, self.rows, self._writer.schema, self._head)
@@ -300,7 +316,11 @@ def _with_partition_columns(df: pd.DataFrame, directory: UPath) -> pd.DataFrame:
 def _file_batches(path: UPath, directory: UPath, rows: int) -> Iterator[pd.DataFrame]:
     """A Parquet file read `rows` at a time, the partition columns of `directory` restored."""
     with path.open("rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
+        pf = pq.ParquetFile(f)
+        if not pf.metadata.num_rows:  # an empty partition is one empty batch with every column
+            yield _with_partition_columns(pf.schema_arrow.empty_table().to_pandas(), directory)
+            return
+        for batch in pf.iter_batches(batch_size=rows):
             yield _with_partition_columns(batch.to_pandas(), directory)
 
 

@@ -12,6 +12,9 @@ import unicodedata
 
 # Control characters other than tab and newline; they survive web scraping and break tokenizers.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
+# ANSI terminal escapes (colours, cursor moves) in scraped logs and console dumps: removed whole,
+# not just their ESC byte, so no "[31m" is left in the text.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 _BLANK_LINES = re.compile(r"\n{3,}")
 _SPACES = re.compile(r"\s+")
 
@@ -20,9 +23,18 @@ def clean_text(text: str) -> str:
     """NFC (not NFKC: it would turn full-width Chinese punctuation into ASCII), no control
     characters, Unix newlines, no trailing spaces, at most one blank line in a row."""
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
+    text = _CONTROL.sub("", _ANSI.sub("", text))
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+NON_SPACE = re.compile(r"\S")
+
+
+def has_text(text: str) -> bool:
+    """True when the text holds a non-space character anywhere (not only at its start): the rule
+    the schemas check with `str_contains(NON_SPACE)`."""
+    return NON_SPACE.search(text) is not None
 
 
 def dedup_key(text: str) -> str:

@@ -16,7 +16,7 @@ import dagster as dg
 import pandas as pd
 from upath import UPath
 
-from kun_dagster import storage
+from kun_dagster import schemas, storage
 from kun_dagster.stages import StageResult
 
 from .kun import KunResource
@@ -49,12 +49,12 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame | StageResult, path: UPath) -> None:
         asset, part = "/".join(context.asset_key.path), storage.partition_of(path)
         if isinstance(obj, StageResult):
-            storage.write_partition(storage.quarantine_dir(self._base_path, asset, part), obj.dropped)
+            storage.write_partition(storage.quarantine_dir(self._base_path, asset, part), obj.dropped, schemas.QUARANTINE)
             obj = obj.rows
         if isinstance(obj, storage.Staged):  # streamed into staging by the stage: one rename publishes it
             storage.publish_staged(obj, path)
-        else:
-            storage.write_partition(path, obj)
+        else:  # with its dataset version's schema: an empty partition has every column, typed
+            storage.write_partition(path, obj, schemas.arrow_schema(asset) if asset in schemas.MODELS else None)
         # published: its batch checkpoints are done
         storage.remove_tree(storage.staging_dir(self._base_path, asset, part), prune_up_to=self._base_path / storage.STAGING)
 

@@ -37,10 +37,10 @@ def test_jsonl_quarantines_each_bad_row_and_keeps_the_rest(tmp_path):
     assert got.docs["doc_id"].tolist() == ["a", "f"]
     assert got.docs["row"].tolist() == [1, 10]
     q = got.quarantine.set_index("row")
-    assert q["reason"].to_dict() == {2: "invalid_json", 3: "invalid_utf8", 4: "empty_text", 5: "missing_text",
+    assert q["reason"].to_dict() == {2: "invalid_json", 3: "invalid_encoding", 4: "empty_text", 5: "missing_text",
                                      6: "missing_id", 7: "duplicate_id", 8: "not_an_object"}
     assert set(q["file"]) == {"x.jsonl"}
-    assert "can't decode" in q.loc[3, "detail"] and "broken" in q.loc[2, "sample"]
+    assert "not valid utf-8" in q.loc[3, "detail"] and "broken" in q.loc[2, "sample"]
 
 
 def test_json_array_gzip_and_ids_default_to_file_and_row(tmp_path):
@@ -64,7 +64,7 @@ def test_txt_paragraphs_parquet_and_zstd(tmp_path):
     got = _all(_src("txt"), str(tmp_path / "*.txt"))
     assert got.docs["text"].tolist() == ["第一段。", "第二段。", "第三段。"]
     assert got.docs["row"].tolist() == [1, 2, 4]
-    assert got.quarantine["reason"].tolist() == ["invalid_utf8"]
+    assert got.quarantine["reason"].tolist() == ["invalid_encoding"]
     pd.DataFrame({"text": ["一", "二"], "uid": [7, 8]}).to_parquet(tmp_path / "p.parquet")
     got = _all(_src("parquet", id_field="uid"), str(tmp_path / "*.parquet"))
     assert got.docs["doc_id"].tolist() == ["7", "8"]

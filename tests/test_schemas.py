@@ -49,7 +49,7 @@ def _set(df, column, i, value):
 
 BAD = [
     ("raw_corpus", lambda: _set(raw(), "doc_id", 2, "d0"), "doc_id: field_uniqueness"),
-    ("raw_corpus", lambda: _set(raw(), "text", 1, "  \n"), "text: str_matches"),
+    ("raw_corpus", lambda: _set(raw(), "text", 1, "  \n"), "text: str_contains"),
     ("filtered_corpus", lambda: _set(filtered(), "n_tokens", 0, 41), "n_tokens: less_than_or_equal_to(40)"),
     ("filtered_corpus", lambda: _set(filtered(), "perplexity", 1, -2.0), "perplexity: greater_than(0)"),
     ("labeled_pairs", lambda: _set(labeled(), "instruction", 0, "请总结这篇文章"), "instruction: no banned keyword (新闻、材料"),
