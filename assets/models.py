@@ -23,12 +23,13 @@ MODEL_IO = "model_io_manager"  # model assets are JSON references, not frames
 
 def _ref(role: str, path: str, local: str, origin: str) -> dict:
     """A model asset's value: where the checkpoint is (local folder or remote URI) and its card."""
-    card = Path(local) / training.MODEL_CARD
+    card = Path(local) / model_store.MODEL_CARD
     return {
         "role": role,
         "name": f"{Path(path.rstrip('/')).name}" if origin == "given" else f"kun-{role}",
         "path": path if storage.is_remote(path) else str(Path(path).resolve()),
         "origin": origin,
+        "fingerprint": model_store.fingerprint(local),  # the weights' and tokenizer's content
         "card": json.loads(card.read_text()) if card.exists() else {},
     }
 

@@ -15,6 +15,41 @@ from pathlib import Path
 from .storage import Store, is_remote
 
 MARKER = ".kun-cache.json"  # the remote listing a cached copy was made from
+MODEL_CARD = "kun_model.json"  # what training wrote about a checkpoint (not part of its content)
+FINGERPRINT = ".kun-fingerprint.json"  # a checkpoint's fingerprint and the file listing it was computed from
+
+
+def fingerprint(local_dir: str | Path) -> str:
+    """The content of a checkpoint: a hash of every file of its weights, config and tokenizer
+    (not our card, not hidden files). Batch checkpoints are keyed by it, so a retrained or swapped
+    model never reuses another's work. The result is kept beside the files with their sizes and
+    modification times, so a later call re-reads nothing unless a file changed (a read-only folder
+    is simply hashed again)."""
+    root = Path(local_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MODEL_CARD
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    listing = [[p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    if not files:
+        raise FileNotFoundError(f"no model files under {root}")
+    kept = root / FINGERPRINT
+    try:
+        known = json.loads(kept.read_text())
+        if known["listing"] == listing:
+            return known["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.blake2b(digest_size=16)
+    for p, (rel, size, _) in zip(files, listing):
+        h.update(f"{rel}\0{size}\0".encode())
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        kept.write_text(json.dumps({"fingerprint": digest, "listing": listing}))
+    except OSError:
+        pass
+    return digest
 
 
 def _listing(store: Store, uri: str) -> tuple[object, str, dict[str, list]]:

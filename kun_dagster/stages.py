@@ -190,7 +190,9 @@ def _filter_batch(docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg:
 
 # -- labeled_pairs -----------------------------------------------------------------------------------
 def clean_instruction(text: str, whitespace_run: int) -> str:
-    return repair_repeated_lines(cut_at_whitespace_run(text, whitespace_run)).rstrip()
+    """Kun's cut at a whitespace run and repeated-line repair, on the stripped reply: a model that
+    opens with newlines has still written its instruction."""
+    return repair_repeated_lines(cut_at_whitespace_run(text.strip(), whitespace_run)).rstrip()
 
 
 def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:

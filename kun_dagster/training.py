@@ -22,6 +22,7 @@ import pandas as pd
 from transformers.utils import logging as hf_logging
 
 from .config import TinyBaseSettings, TrainSettings
+from .model_store import MODEL_CARD
 from .prompts import label_user
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-MODEL_CARD = "kun_model.json"
 hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run logs
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import PrivateAttr
 
+from kun_dagster import model_store
 from kun_dagster.llm import Engine, load_engine, resolve_backend
 from kun_dagster.llm.base import EngineSpec
 
@@ -29,13 +30,18 @@ class LLMResource(dg.ConfigurableResource):
     def engine(self, model: dict) -> Engine:
         """The engine for a model reference (the value of base_model, label_model or chat_model)."""
         path = self.kun.local_model(model["path"])
-        if path not in self._engines:
+        # what the files hold now (kept beside them, so cheap to re-check): a checkpoint swapped at the
+        # same path after its model asset was materialized still never reuses the old one's batches
+        fingerprint = model_store.fingerprint(path)
+        if (path, fingerprint) not in self._engines:
             spec = EngineSpec(path=path, model_name=model["name"], backend=self.backend, device=self.device, dtype=self.dtype,
                               batch_size=self.batch_size, extra={"vllm": self.vllm})
             backend = resolve_backend(self.backend)
             dg.get_dagster_logger().info(f"loading {self.role} model {model['name']} from {path} on {backend} (backend: {self.backend})")
-            self._engines[path] = load_engine(spec)
-        return self._engines[path]
+            engine = load_engine(spec)
+            engine.fingerprint = fingerprint  # batch checkpoints are keyed by it (llm.checkpoint)
+            self._engines[(path, fingerprint)] = engine
+        return self._engines[(path, fingerprint)]
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         for engine in self._engines.values():

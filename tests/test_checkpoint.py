@@ -93,3 +93,20 @@ def test_an_all_empty_generation_batch_is_not_kept(tmp_path):
     d = UPath(tmp_path)
     Checkpointed(Mute(), d, rows=4).generate(PROMPTS, PARAMS)
     assert list(d.glob("*.parquet")) == []  # the stage fails on it; a retry must ask the model again
+
+
+def test_a_retrained_model_of_the_same_name_recomputes_every_batch(tmp_path):
+    d = UPath(tmp_path)
+    old = CountingEngine()
+    old.fingerprint = "weights-a"
+    Checkpointed(old, d, rows=4).generate(PROMPTS, PARAMS)
+    same = CountingEngine()
+    same.fingerprint = "weights-a"
+    again = Checkpointed(same, d, rows=4)
+    again.generate(PROMPTS, PARAMS)
+    assert again.reused == 3 and same.calls == []
+    new = CountingEngine()  # same model_name "m", other weights
+    new.fingerprint = "weights-b"
+    fresh = Checkpointed(new, d, rows=4)
+    fresh.generate(PROMPTS, PARAMS)
+    assert fresh.reused == 0 and len(new.calls) == 3

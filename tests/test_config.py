@@ -70,3 +70,25 @@ def test_env_overrides_and_relative_paths(tmp_path):
     assert remote.models_dir == "s3://bucket/kun/models" and remote.model_cache == str(tmp_path / ".kun" / "model-cache")
     with pytest.raises(ConfigError, match="model_cache must be a local folder"):
         load_config(tmp_path / "kun.yaml", env={"KUN__storage__model_cache": "s3://bucket/cache"}).model_cache
+
+
+def test_a_role_keeps_its_defaults_under_partial_overrides():
+    from_file = parse_config({**MINIMAL, "models": {"chat": {"path": "/models/chat"}, "label": {"train": {"learning_rate": 2e-5}}}},
+                             env={"KUN__models__chat__vllm__tensor_parallel_size": "2"})
+    assert from_file.models.chat.train.epochs == 4 and from_file.models.chat.vllm.tensor_parallel_size == 2
+    assert from_file.models.chat.path == "/models/chat"
+    assert from_file.models.label.train.epochs == 6 and from_file.models.label.train.learning_rate == 2e-5
+    only_env = parse_config(MINIMAL, env={"KUN__models__chat__train__learning_rate": "3e-5"})
+    assert only_env.models.chat.train.epochs == 4 and only_env.models.chat.train.learning_rate == 3e-5
+    assert parse_config({**MINIMAL, "models": {"chat": {"train": {"epochs": 2}}}}, env={}).models.chat.train.epochs == 2
+
+
+def test_retention_bounds_merge_with_the_defaults_and_sources_take_an_encoding():
+    cfg = parse_config({**MINIMAL, "checks": {"retention": {"raw_corpus": [0.5, 1.0]}}}, env={})
+    assert cfg.checks.retention["raw_corpus"] == (0.5, 1.0) and cfg.checks.retention["instruction_dataset"] == (0.01, 1.0)
+    with pytest.raises(ConfigError, match="checks.retention: unknown stage"):
+        parse_config({**MINIMAL, "checks": {"retention": {"nope": [0, 1]}}}, env={})
+    src = {**MINIMAL["sources"][0], "encoding": "GB18030", "text_field": "meta.content"}
+    assert parse_config({**MINIMAL, "sources": [src]}, env={}).sources[0].encoding == "gb18030"
+    with pytest.raises(ConfigError, match="sources.0.encoding: unknown encoding 'klingon'"):
+        parse_config({**MINIMAL, "sources": [{**src, "encoding": "klingon"}]}, env={})

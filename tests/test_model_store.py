@@ -52,3 +52,27 @@ def test_publish_uploads_every_file_and_reads_back(tmp_path):
     back = model_store.local_copy(uri, tmp_path / "cache", Store())
     assert open(f"{back}/sub/w.bin", "rb").read() == b"x" * 10
     assert model_store.publish(src, str(tmp_path / "x"), Store()) == str(src)  # local models_dir: already there
+
+
+def test_fingerprint_follows_the_content_and_is_kept_beside_it(tmp_path):
+    import os
+
+    from kun_dagster.model_store import FINGERPRINT, MODEL_CARD, fingerprint
+
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "config.json").write_text("{}")
+    (m / "model.safetensors").write_bytes(b"\x01" * 1000)
+    (m / MODEL_CARD).write_text('{"seconds": 1}')
+    first = fingerprint(m)
+    assert (m / FINGERPRINT).is_file() and fingerprint(m) == first
+    (m / MODEL_CARD).write_text('{"seconds": 2}')  # our card is not the model
+    assert fingerprint(m) == first
+    (m / "model.safetensors").write_bytes(b"\x02" * 1000)  # same size, other weights
+    os.utime(m / "model.safetensors", ns=(1, 1))
+    assert fingerprint(m) != first
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (copy / f).write_bytes((m / f).read_bytes())
+    assert fingerprint(copy) == fingerprint(m)  # content, not place or name

@@ -3,8 +3,8 @@ finished batch.
 
 `Checkpointed` wraps any engine. Each call is split into batches of `rows` prompts; every finished
 batch is written (atomically) as a Parquet file in the partition's staging folder, named by its
-position and a hash of everything that produced it: the call, the model, the parameters and the
-prompts. A rerun lists the folder once, reuses the batches it finds and computes only the rest;
+position and a hash of everything that produced it: the call, the model's content (its
+fingerprint: weights and tokenizer, not its name), the parameters and the prompts. A rerun lists the folder once, reuses the batches it finds and computes only the rest;
 a new config or new input hashes differently and is computed afresh. The IO manager deletes the
 folder once the partition is published. Batches are the unit of seeding too (the transformers
 engine seeds each call), so a resumed partition equals an uninterrupted one.
@@ -28,6 +28,7 @@ class Checkpointed:
     def __init__(self, engine: Engine, directory: UPath, rows: int):
         self.engine, self.directory, self.rows = engine, directory, max(1, rows)
         self.backend, self.model_name, self.tokenizer = engine.backend, engine.model_name, engine.tokenizer
+        self.model_key = getattr(engine, "fingerprint", None) or engine.model_name  # engines built by LLMResource have one
         self.reused = self.computed = 0
         self._have = {p.name for p in directory.iterdir()} if directory.exists() else set()
 
@@ -39,7 +40,7 @@ class Checkpointed:
         out: list = []
         for start in range(0, len(items), self.rows):
             batch = items[start : start + self.rows]
-            digest = hashlib.sha256(json.dumps([kind, self.model_name, repr(key), batch], ensure_ascii=False).encode()).hexdigest()[:20]
+            digest = hashlib.sha256(json.dumps([kind, self.model_key, repr(key), batch], ensure_ascii=False).encode()).hexdigest()[:20]
             path = self.directory / f"{kind}-{start // self.rows:06d}-{digest}.parquet"
             if path.name in self._have:
                 with path.open("rb") as f:
