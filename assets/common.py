@@ -57,7 +57,9 @@ def hive(key) -> dict[str, str]:
 def checkpointed(kun, asset: str, key, engine) -> Checkpointed:
     """The engine with per-batch checkpoints under the partition's staging folder: a rerun after a
     crash resumes at the last finished batch (the IO manager clears the folder on publish)."""
-    return Checkpointed(engine, storage.staging_dir(kun.base, asset, hive(key)), kun.config.storage.checkpoint_rows)
+    part = hive(key)
+    return Checkpointed(engine, storage.staging_dir(kun.base, asset, part), kun.config.storage.checkpoint_rows,
+                        label=f"{asset} {part['source']}/{part['shard']}")
 
 
 def staged_sink(kun, asset: str, key) -> storage.ParquetSink:

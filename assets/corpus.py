@@ -50,7 +50,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         out = {}
         for key, batches in by_partition(context, raw_corpus).items():  # each partition streamed in, filtered and out
             resumable = checkpointed(kun, "filtered_corpus", key, engine) if engine else None
-            result = stages.filter_corpus(batches, tokenizer, resumable, c, staged_sink(kun, "filtered_corpus", key))
+            result = stages.filter_corpus(batches, tokenizer, resumable, c, staged_sink(kun, "filtered_corpus", key),
+                                          label=f"filtered_corpus {'/'.join(map(str, split_key(key)))}")
             out[key] = report_stage(context, kun, "filtered_corpus", key, result, resumable)
         yield from checks.gate(context, kun, "filtered_corpus", out)
 

@@ -1,4 +1,8 @@
-"""`kun`: run the whole graph from the shell (demo), check a config (validate)."""
+"""`kun`: run the whole graph from the shell on your config (run) or on the embedded default (demo),
+and check a config before a long run (validate).
+
+Exit codes: 0 done, 1 a stage or a blocking check failed, 2 bad config or input.
+"""
 
 from __future__ import annotations
 
@@ -10,48 +14,127 @@ import time
 import warnings
 from pathlib import Path
 
+from . import progress
 
-def _materialize_all(defs, instance, log_level: str, reuse_models: bool = False) -> None:
-    """Models first, then every corpus partition in one run (one model load per stage), then the dataset."""
+OK, FAILED, BAD_INPUT = 0, 1, 2
+MODEL_ASSETS = ["seed_data", "base_model", "label_model", "chat_model"]
+CORPUS_ASSETS = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]
+SAMPLE_ROWS = 5
+
+
+class RunFailed(Exception):
+    """A materialization failed; its report has been printed."""
+
+
+def _ranges(all_keys: list, wanted) -> list[list]:
+    """The wanted keys as contiguous runs of `all_keys` (a single-run backfill needs a key range)."""
+    out: list[list] = []
+    last = -2
+    for i, k in enumerate(all_keys):
+        if wanted(k):
+            if i == last + 1:
+                out[-1].append(k)
+            else:
+                out.append([k])
+            last = i
+    return out
+
+
+def _error_text(err) -> str:
+    """The innermost cause of a step error: what the user's code or the model said."""
+    while getattr(err, "cause", None) is not None:
+        err = err.cause
+    return err.message.strip()
+
+
+def _report(result, cfg, base, home: Path, debug: bool) -> None:
+    """What failed, as a person reads it: asset, partitions, the check or error, counts, up to 5
+    offending rows with file:row, then where the quarantine and the UI are."""
+    import dagster as dg
+
+    say = lambda line="": print(line, file=sys.stderr)  # noqa: E731
+    for ev in result.get_asset_check_evaluations():
+        if ev.passed or ev.severity != dg.AssetCheckSeverity.ERROR:
+            continue
+        md = ev.metadata
+        parts = md.get("failing_partitions")
+        say(f"  {ev.asset_key.to_user_string()}: blocking check `{ev.check_name}` failed"
+            + (f" in {', '.join(parts.value)}" if parts else "") + (f": {ev.description}" if ev.description else ""))
+        failing = md.get("failing_checks")
+        for rec in (failing.value.records if failing else [])[:10]:
+            say(f"      {rec.data['partition']}: {rec.data['check']} x {rec.data['failures']}")
+        sample = md.get("sample_failing_rows")
+        for rec in (sample.value.records if sample else [])[:SAMPLE_ROWS]:
+            d = rec.data
+            where = f"{d.get('file')}:{d.get('row')}" if d.get("file") is not None else f"doc {d.get('doc_id')}"
+            say(f"      {where}  doc_id={d.get('doc_id')}  " + "  ".join(f"{k}={str(v)[:40]!r}" for k, v in d.items()
+                                                                   if k in ("text", "instruction", "output", "score")))
+    for ev in result.all_events:
+        if not ev.is_step_failure:
+            continue
+        err = ev.event_specific_data.error
+        if "DagsterAssetCheckFailedError" in (err.cls_name or "") + err.message:
+            continue  # reported above, with its rows
+        failure = ev.event_specific_data.user_failure_data
+        text = failure.description if failure and failure.description else _error_text(err)
+        say(f"  step {ev.step_key} failed: {text}")
+        if debug:
+            say(err.to_string())
+    say(f"  quarantine: {base}/quarantine/<stage>/source=*/shard=*/")
+    say(f"  in the UI:  DAGSTER_HOME={home} dagster dev -w workspace.yaml, then Runs -> {result.run_id[:8]}"
+        + ("" if debug else "   (tracebacks: --debug)"))
+
+
+def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug: bool, log_level: str, reuse_models: bool) -> None:
+    """Models first, then each source's corpus partitions in one run per contiguous key range (one
+    model load per stage), then the dataset. Raises RunFailed after printing what failed."""
     import dagster as dg
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+    from . import storage
+
     graph = defs.resolve_asset_graph()
     assets = list(defs.assets)
-    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    # Dagster's own console log stays quiet unless --debug: failures are reported below, readably
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level if debug else "CRITICAL"}}}}
+    base = storage.Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
 
-    def run(keys: list[str], what: str, keys_range: list[str] | None = None) -> None:
+    def run(keys: list[str], what: str, keys_range: list | None = None) -> None:
         t0 = time.time()
-        tags = {ASSET_PARTITION_RANGE_START_TAG: keys_range[0], ASSET_PARTITION_RANGE_END_TAG: keys_range[-1]} if keys_range else None
-        result = dg.materialize(assets, selection=keys, instance=instance, resources=defs.resources, tags=tags, run_config=run_config)
+        tags = {ASSET_PARTITION_RANGE_START_TAG: str(keys_range[0]), ASSET_PARTITION_RANGE_END_TAG: str(keys_range[-1])} if keys_range else None
+        result = dg.materialize(assets, selection=keys, instance=instance, resources=defs.resources, tags=tags, run_config=run_config,
+                                raise_on_error=False)
         if not result.success:
-            raise SystemExit(f"kun demo: {what} failed; see the run {result.run_id} in the Dagster UI")
+            print(f"kun: {what} failed (run {result.run_id[:8]}):", file=sys.stderr)
+            _report(result, cfg, base, home, debug)
+            raise RunFailed(what)
         print(f"  {what}: done in {time.time() - t0:.0f}s", flush=True)
 
-    model_assets = ["seed_data", "base_model", "label_model", "chat_model"]
-    if reuse_models and all(instance.get_latest_materialization_event(dg.AssetKey(k)) for k in model_assets):
+    if reuse_models and all(instance.get_latest_materialization_event(dg.AssetKey(k)) for k in MODEL_ASSETS):
         print("  seed data and models: reusing the last materialization", flush=True)
     else:
-        run(model_assets, "seed data and models")
+        run(MODEL_ASSETS, "seed data and models")
     corpus_keys = graph.get(dg.AssetKey("raw_corpus")).partitions_def.get_partition_keys()
-    run(["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"],
-        f"{len(corpus_keys)} corpus partitions", corpus_keys)
-    sources = graph.get(dg.AssetKey("instruction_dataset")).partitions_def.get_partition_keys()
-    run(["instruction_dataset"], f"instruction_dataset for {len(sources)} sources", sources)
+    for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] in sources):
+        names = sorted({k.keys_by_dimension["source"] for k in keys}, key=sources.index)
+        run(CORPUS_ASSETS, f"{len(keys)} corpus partitions ({', '.join(names)})", keys)
+    source_keys = graph.get(dg.AssetKey("instruction_dataset")).partitions_def.get_partition_keys()
+    for keys in _ranges(source_keys, lambda k: k in sources):
+        run(["instruction_dataset"], f"instruction_dataset ({', '.join(keys)})", keys)
 
 
-def _print_funnel(cfg) -> None:
-    from kun_dagster import dataset, storage
+def _print_funnel(cfg, sources: list[str]) -> None:
+    from . import dataset, storage
 
     base = storage.Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
     stages = [a for a, _ in dataset.STAGES]
     head = f"{'source':<10}" + "".join(f"{s:>17}" for s in stages) + f"{'kept':>8}{'final':>8}{'quarantined':>13}"
     print("\nFunnel (rows per stage):\n" + head)
-    for s in cfg.sources:
-        f = dataset.funnel(base, s.name, cfg.shard_keys())
-        final = storage.partition_rows(storage.partition_dir(base, "instruction_dataset", {"source": s.name}))
+    for name in sources:
+        f = dataset.funnel(base, name, cfg.shard_keys())
+        final = storage.partition_rows(storage.partition_dir(base, "instruction_dataset", {"source": name}))
         q = sum(sum(v.values()) for v in f["quarantined"].values())
-        print(f"{s.name:<10}" + "".join(f"{f['rows'][a]:>17}" for a in stages) + f"{f['kept_by_score']:>8}{final:>8}{q:>13}")
+        print(f"{name:<10}" + "".join(f"{f['rows'][a]:>17}" for a in stages) + f"{f['kept_by_score']:>8}{final:>8}{q:>13}")
         for asset, reasons in f["quarantined"].items():
             if reasons:
                 print(f"{'':<10}  {asset} quarantined: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
@@ -60,45 +143,73 @@ def _print_funnel(cfg) -> None:
     print(f"Quarantine: {base}/quarantine/<stage>/source=*/shard=*/")
 
 
-def demo(args: argparse.Namespace) -> int:
-    from dagster import DagsterInstance
-
-    from .config import config_path, load_config
+def _load(args: argparse.Namespace):
+    """(config file, config), or None after saying why (exit 2)."""
+    from .config import ConfigError, config_path, load_config
 
     cfg_file = config_path(args.config)
+    try:
+        return cfg_file, load_config(cfg_file)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return None
+
+
+def _preflight(cfg, offline: bool) -> bool:
+    from .preflight import problems
+
+    found = problems(cfg, offline=offline)
+    for p in found:
+        print(f"{cfg.origin}: {p}", file=sys.stderr)
+    return not found
+
+
+def run(args: argparse.Namespace, demo: bool = False) -> int:
+    from dagster import DagsterInstance
+
+    loaded = _load(args)
+    if loaded is None or not _preflight(loaded[1], args.offline):
+        return BAD_INPUT
+    cfg_file, cfg = loaded
+    known = [s.name for s in cfg.sources]
+    sources = list(dict.fromkeys(args.source or known))
+    if unknown := [s for s in sources if s not in known]:
+        print(f"{cfg.origin}: no source named {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
+        return BAD_INPUT
     os.environ["KUN_CONFIG"] = str(cfg_file)
-    # The demo runs its steps in this process: vLLM's engine (where installed) starts in it too,
-    # in seconds, instead of in a new process that imports torch again.
+    # Steps run in this process: vLLM's engine (where installed) starts in it too, in seconds,
+    # instead of in a new process that imports torch again.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(args.dagster_home).resolve())))
     home.mkdir(parents=True, exist_ok=True)
     instance_yaml = Path(__file__).resolve().parents[1] / "dagster.yaml"  # the gpu pool, run queue, retries
     if instance_yaml.is_file() and not (home / "dagster.yaml").exists():
         shutil.copy(instance_yaml, home / "dagster.yaml")
-    cfg = load_config(cfg_file)
+    progress.show(args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
     from .definitions import build_definitions
 
     defs = build_definitions(cfg_file)
-    print(f"kun demo: config {cfg_file}, storage {cfg.base_uri}, DAGSTER_HOME {home}", flush=True)
+    cmd = "demo" if demo else "run"
+    print(f"kun {cmd}: config {cfg_file}, sources {', '.join(sources)}, storage {cfg.base_uri}, DAGSTER_HOME {home}", flush=True)
     t0 = time.time()
     with DagsterInstance.get() as instance:
-        _materialize_all(defs, instance, args.log_level, args.reuse_models)
-    print(f"kun demo: whole graph materialized in {time.time() - t0:.0f}s")
-    _print_funnel(cfg)
+        try:
+            _materialize_all(defs, instance, cfg, home, sources, args.debug, args.log_level, args.reuse_models)
+        except RunFailed:
+            return FAILED
+    print(f"kun {cmd}: whole graph materialized in {time.time() - t0:.0f}s")
+    _print_funnel(cfg, sources)
     print(f"\nSee it in the UI: DAGSTER_HOME={home} dagster dev -w workspace.yaml")
-    return 0
+    return OK
 
 
 def validate(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
+    loaded = _load(args)
+    if loaded is None or not _preflight(loaded[1], args.offline):
+        return BAD_INPUT
+    cfg = loaded[1]
     print(f"{cfg.origin}: ok ({len(cfg.sources)} sources x {cfg.shards} shards, storage {cfg.base_uri})")
-    return 0
+    return OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,14 +217,26 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     p = argparse.ArgumentParser(prog="kun", description="The Kun instruction-data pipeline on Dagster.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="materialize the whole graph for every partition and print the funnel")
-    d.add_argument("--config", help="kun.yaml (default: $KUN_CONFIG or ./kun.yaml)")
-    d.add_argument("--dagster-home", default=".dagster_home", help="where runs are recorded, unless $DAGSTER_HOME is set")
-    d.add_argument("--reuse-models", action="store_true", help="skip the model assets if this DAGSTER_HOME has them")
-    d.add_argument("--log-level", default="WARNING", help="Dagster console log level")
-    d.set_defaults(fn=demo)
-    v = sub.add_parser("validate", help="load and check a config")
+
+    def graph_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="kun.yaml (default: $KUN_CONFIG or ./kun.yaml)")
+        sp.add_argument("--source", action="append", help="only this source (repeatable); default: every source")
+        sp.add_argument("--dagster-home", default=".dagster_home", help="where runs are recorded, unless $DAGSTER_HOME is set")
+        sp.add_argument("--reuse-models", action="store_true", help="skip the model assets if this DAGSTER_HOME has them")
+        sp.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="progress bars on stderr (auto: on a terminal)")
+        sp.add_argument("--offline", action="store_true", help="skip the checks that need the network (remote sources, models, store)")
+        sp.add_argument("--debug", action="store_true", help="Dagster's own log and full tracebacks")
+        sp.add_argument("--log-level", default="INFO", help="Dagster console log level with --debug")
+
+    r = sub.add_parser("run", help="check the config, then materialize the whole graph (or --source NAME ...) and print the funnel")
+    graph_options(r)
+    r.set_defaults(fn=run)
+    d = sub.add_parser("demo", help="kun run on the embedded default: demo corpora, tiny models trained here")
+    graph_options(d)
+    d.set_defaults(fn=lambda a: run(a, demo=True))
+    v = sub.add_parser("validate", help="check a config: keys, source globs, seed file, given models, store")
     v.add_argument("--config")
+    v.add_argument("--offline", action="store_true", help="skip the checks that need the network")
     v.set_defaults(fn=validate)
     args = p.parse_args(argv)
     return args.fn(args)

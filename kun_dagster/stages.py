@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import prompts, scoring
+from . import progress, prompts, scoring
 from .config import KunConfig
-from .corpus import QUARANTINE_COLUMNS, iter_shard
+from .corpus import QUARANTINE_COLUMNS, iter_shard, quarantine_frame
 from .llm.base import Engine, EngineError, SamplingParams, encode
 from .storage import FrameSink, Store
 from .text import clean_text, cut_at_whitespace_run, dedup_key, find_keyword, repair_repeated_lines, starts_with_repeated_phrase
@@ -109,10 +109,12 @@ def ingest(cfg: KunConfig, source_name: str, shard: int, store: Store | None = N
     uri = cfg.resolve(source.uri)
     sink = sink or FrameSink()
     n_docs, bad, files = 0, [], []
-    for got in iter_shard(source, uri, shard, cfg.shards, (store or Store(cfg.storage)).options(uri), cfg.storage.batch_rows):
-        sink.write(got.docs)
-        n_docs, files = n_docs + len(got.docs), got.files
-        bad.append(got.quarantine)
+    with progress.task(f"raw_corpus {source_name}/{shard}", unit="docs") as bar:
+        for got in iter_shard(source, uri, shard, cfg.shards, (store or Store(cfg.storage)).options(uri), cfg.storage.batch_rows):
+            sink.write(got.docs)
+            n_docs, files = n_docs + len(got.docs), got.files
+            bad.append(got.quarantine)
+            bar.update(len(got.docs) + len(got.quarantine))
     quarantine = pd.concat(bad, ignore_index=True)
     return StageResult(rows=sink.close(), dropped=quarantine,
                        stats=_stats(n_docs + len(quarantine), n_docs, quarantine["reason"], files=len(files)))
@@ -130,7 +132,8 @@ def corpus_texts(cfg: KunConfig, limit: int, store: Store | None = None) -> list
 
 
 # -- filtered_corpus -------------------------------------------------------------------------------
-def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], tokenizer, ppl_engine: Engine | None, cfg: KunConfig, sink=None) -> StageResult:
+def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], tokenizer, ppl_engine: Engine | None, cfg: KunConfig, sink=None,
+                  label: str = "filtered_corpus") -> StageResult:
     """Clean, then drop: empty, over the token limit (label model's tokenizer), exact duplicates,
     perplexity above the threshold (reference model). Dedup runs before perplexity to save work.
     `docs` may be batches (a partition streamed from storage): each is filtered and written to
@@ -138,17 +141,20 @@ def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], tokenizer, ppl_en
     sink = sink or FrameSink()
     seen: dict[bytes, str] = {}
     n_in, counts, tokens, ppls, dropped = 0, Counter(), [], [], []
-    for batch in [docs] if isinstance(docs, pd.DataFrame) else docs:
-        kept, reason, out = _filter_batch(batch, tokenizer, ppl_engine, cfg, seen)
-        sink.write(kept)
-        n_in += len(batch)
-        counts.update(r for r in reason if isinstance(r, str))
-        tokens.append(kept["n_tokens"].to_numpy())
-        ppls.append(kept["perplexity"].to_numpy())
-        dropped.append(out)
+    total = len(docs) if isinstance(docs, pd.DataFrame) else getattr(docs, "total", None)
+    with progress.task(label, total=total, unit="docs") as bar:
+        for batch in [docs] if isinstance(docs, pd.DataFrame) else docs:
+            kept, reason, out = _filter_batch(batch, tokenizer, ppl_engine, cfg, seen)
+            sink.write(kept)
+            n_in += len(batch)
+            counts.update(r for r in reason if isinstance(r, str))
+            tokens.append(kept["n_tokens"].to_numpy())
+            ppls.append(kept["perplexity"].to_numpy())
+            dropped.append(out)
+            bar.update(len(batch))
     return StageResult(
         rows=sink.close(),
-        dropped=pd.concat(dropped, ignore_index=True) if dropped else pd.DataFrame(columns=QUARANTINE_COLUMNS),
+        dropped=pd.concat(dropped, ignore_index=True) if dropped else quarantine_frame([]),
         stats=_stats(n_in, n_in - sum(counts.values()), counts.elements(), tokens=_summary(np.concatenate(tokens) if tokens else [], 0),
                      perplexity=_summary(np.concatenate(ppls) if ppls else [])),
     )
@@ -250,7 +256,7 @@ def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
              "keep_rate": round(float(df["keep"].mean()), 4) if len(df) else None,
              "parse_failures": int(df["score"].isna().sum()), "threshold": cfg.score.threshold,
              "histogram": {f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(h) for i, h in enumerate(hist)}}
-    empty = pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    empty = quarantine_frame([])
     return StageResult(rows=df.reset_index(drop=True), dropped=empty, stats=stats)
 
 

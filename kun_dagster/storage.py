@@ -344,6 +344,11 @@ class PartitionBatches:
     def __post_init__(self):
         self.parts = _published_parts(self.directory)  # fail at load, not halfway through
 
+    @property
+    def total(self) -> int:
+        """Rows of the partition, from the Parquet footers (for progress)."""
+        return partition_rows(self.directory)
+
     def __iter__(self) -> Iterator[pd.DataFrame]:
         for p in self.parts:
             yield from _file_batches(p, self.directory, self.rows)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 from transformers.utils import logging as hf_logging
 
+from . import progress
 from .config import TinyBaseSettings, TrainSettings
 from .model_store import MODEL_CARD
 from .prompts import label_user
@@ -96,17 +97,24 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=None):
+def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=None, what: str = "training"):
     """Run the Trainer; returns (model ready to save, mean training loss, loss curve)."""
-    from transformers import PrinterCallback, Trainer
+    from transformers import PrinterCallback, Trainer, TrainerCallback
 
     if peft_config is not None:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+
+    class Steps(TrainerCallback):  # training steps as a progress bar (shown by the CLI)
+        def on_step_end(self, args, state, control, **kwargs):
+            bar.total = state.max_steps
+            bar.update(1)
+
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[Steps()])
     trainer.remove_callback(PrinterCallback)  # losses go to the report and the log, not to stdout
-    result = trainer.train()
+    with progress.task(what, unit="steps") as bar:
+        result = trainer.train()
     curve = [(int(h["step"]), round(float(h["loss"]), 4)) for h in trainer.state.log_history if "loss" in h]
     log.info("training loss by step: %s", curve)
     model = trainer.model
@@ -154,7 +162,8 @@ def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSet
         eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         examples = [{"input_ids": tokenizer(t)["input_ids"][: settings.max_position_embeddings - 1] + [eos]} for t in texts]
         args = _training_args(tmp, epochs=settings.pretrain_epochs, lr=settings.learning_rate, batch=8, seed=settings.seed)
-        model, loss, curve = _train(model, tokenizer, examples, args, DataCollatorForLanguageModeling(tokenizer, mlm=False))
+        model, loss, curve = _train(model, tokenizer, examples, args, DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                                    what="base_model pre-training")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp)
@@ -214,7 +223,7 @@ def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[st
     args = _training_args(tmp, epochs=settings.epochs, lr=settings.learning_rate, batch=settings.batch_size,
                           seed=settings.seed, settings=settings)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    model, loss, curve = _train(model, tokenizer, data, args, collator, peft_config)
+    model, loss, curve = _train(model, tokenizer, data, args, collator, peft_config, what=f"{role}_model fine-tuning")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(tmp / "_trainer", ignore_errors=True)

@@ -20,13 +20,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 from upath import UPath
 
-from .. import storage
+from .. import progress, storage
 from .base import Engine, Generation, SamplingParams
 
 
 class Checkpointed:
-    def __init__(self, engine: Engine, directory: UPath, rows: int):
-        self.engine, self.directory, self.rows = engine, directory, max(1, rows)
+    def __init__(self, engine: Engine, directory: UPath, rows: int, label: str = ""):
+        self.engine, self.directory, self.rows, self.label = engine, directory, max(1, rows), label or directory.name
         self.backend, self.model_name, self.tokenizer = engine.backend, engine.model_name, engine.tokenizer
         self.model_key = getattr(engine, "fingerprint", None) or engine.model_name  # engines built by LLMResource have one
         self.reused = self.computed = 0
@@ -38,25 +38,31 @@ class Checkpointed:
 
     def _batched(self, kind: str, items: list[str], key: object, compute, to_frame, from_frame) -> list:
         out: list = []
-        for start in range(0, len(items), self.rows):
-            batch = items[start : start + self.rows]
-            digest = hashlib.sha256(json.dumps([kind, self.model_key, repr(key), batch], ensure_ascii=False).encode()).hexdigest()[:20]
-            path = self.directory / f"{kind}-{start // self.rows:06d}-{digest}.parquet"
-            if path.name in self._have:
-                with path.open("rb") as f:
-                    got = from_frame(pq.read_table(f).to_pandas())
-                self.reused += 1
-            else:
-                got = compute(batch)
-                frame = to_frame(got)
-                if len(frame) != len(batch):
-                    raise ValueError(f"{kind}: the engine returned {len(frame)} results for {len(batch)} prompts")
-                if kind != "generate" or any(g.text for g in got):  # an all-empty batch is never kept: a rerun retries it
-                    storage.write_atomic(path, storage.parquet_bytes(frame))
-                    self._have.add(path.name)
-                self.computed += 1
-            out.extend(got)
+        with progress.task(f"{self.label} {kind}", total=len(items), unit="prompts") as bar:
+            for start in range(0, len(items), self.rows):
+                out.extend(self._batch(kind, items, start, key, compute, to_frame, from_frame))
+                bar.update(min(self.rows, len(items) - start))
         return out
+
+    def _batch(self, kind: str, items: list[str], start: int, key: object, compute, to_frame, from_frame) -> list:
+        """One batch: read back when a finished file for exactly these inputs exists, else computed and kept."""
+        batch = items[start : start + self.rows]
+        digest = hashlib.sha256(json.dumps([kind, self.model_key, repr(key), batch], ensure_ascii=False).encode()).hexdigest()[:20]
+        path = self.directory / f"{kind}-{start // self.rows:06d}-{digest}.parquet"
+        if path.name in self._have:
+            with path.open("rb") as f:
+                got = from_frame(pq.read_table(f).to_pandas())
+            self.reused += 1
+            return got
+        got = compute(batch)
+        frame = to_frame(got)
+        if len(frame) != len(batch):
+            raise ValueError(f"{kind}: the engine returned {len(frame)} results for {len(batch)} prompts")
+        if kind != "generate" or any(g.text for g in got):  # an all-empty batch is never kept: a rerun retries it
+            storage.write_atomic(path, storage.parquet_bytes(frame))
+            self._have.add(path.name)
+        self.computed += 1
+        return got
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
         return self._batched(
