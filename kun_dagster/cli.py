@@ -41,8 +41,8 @@ def _ranges(all_keys: list, wanted) -> list[list]:
 
 
 def _error_text(err) -> str:
-    """The innermost cause of a step error: what the user's code or the model said."""
-    while getattr(err, "cause", None) is not None:
+    """What the step's own code said: the first error in the chain that is not Dagster's wrapper."""
+    while (err.cls_name or "").startswith("Dagster") and getattr(err, "cause", None) is not None:
         err = err.cause
     return err.message.strip()
 
@@ -117,7 +117,7 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     corpus_keys = graph.get(dg.AssetKey("raw_corpus")).partitions_def.get_partition_keys()
     for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] in sources):
         names = sorted({k.keys_by_dimension["source"] for k in keys}, key=sources.index)
-        run(CORPUS_ASSETS, f"{len(keys)} corpus partitions ({', '.join(names)})", keys)
+        run(CORPUS_ASSETS, f"{len(keys)} corpus partition(s) ({', '.join(names)})", keys)
     source_keys = graph.get(dg.AssetKey("instruction_dataset")).partitions_def.get_partition_keys()
     for keys in _ranges(source_keys, lambda k: k in sources):
         run(["instruction_dataset"], f"instruction_dataset ({', '.join(keys)})", keys)

@@ -83,7 +83,7 @@ def test_passing_checks_publish_and_alert_nothing(graph, monkeypatch):
     hook.shutdown()
 
 
-def test_a_planted_schema_violation_stops_the_run_publishes_nothing_and_alerts_once(graph, monkeypatch):
+def test_a_planted_schema_violation_stops_the_run_publishes_nothing_and_alerts_once(graph, monkeypatch, capsys, tmp_path):
     from checks import run_failure_alerts
 
     hook = Receiver()
@@ -106,6 +106,17 @@ def test_a_planted_schema_violation_stops_the_run_publishes_nothing_and_alerts_o
     assert not result.asset_materializations_for_node("labeled_pairs")
     scored_steps = [e for e in result.all_events if e.step_key == "scored_pairs"]
     assert not any(e.is_step_start for e in scored_steps)  # the next stage never ran
+
+    from kun_dagster import cli  # what `kun run` prints for it: the check, its counts, rows with file:row, no traceback
+
+    capsys.readouterr()
+    cli._report(result, None, graph["base"], tmp_path, debug=False)
+    said = capsys.readouterr().err
+    assert f"labeled_pairs: blocking check `schema` failed in {KEY}" in said
+    assert f"{KEY}: label_tokens: greater_than_or_equal_to(0) x {n}" in said
+    rows = [line for line in said.splitlines() if line.strip().startswith(("wudao_0", "wudao_1")) and "doc_id=" in line]
+    assert 0 < len(rows) <= 5 and all(":" in r.split()[0] for r in rows)
+    assert "quarantine:" in said and "(tracebacks: --debug)" in said and "Traceback" not in said
 
     cursor, _ = _tick(graph, cursor)
     assert len(hook.bodies) == 1
