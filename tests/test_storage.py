@@ -101,3 +101,27 @@ def test_remove_tree_prunes_the_empty_folders_it_leaves(tmp_path):
     storage.remove_tree(b, prune_up_to=base / storage.STAGING)
     assert not (base / storage.STAGING).exists() and base.exists()
     storage.remove_tree(b, prune_up_to=base / storage.STAGING)  # nothing there: fine
+
+
+def test_an_empty_partition_has_its_versions_full_schema_and_reads_as_one_empty_batch(tmp_path):
+    from kun_dagster import schemas
+
+    base = UPath(tmp_path)
+    part = {"source": "web", "shard": "3"}
+    d = storage.partition_dir(base, "labeled_pairs", part)
+    storage.write_partition(d, pd.DataFrame(), schemas.arrow_schema("labeled_pairs"))  # a stage that saw no rows at all
+    back = storage.read_partition(d)
+    assert set(back.columns) == set(schemas.empty_frame("labeled_pairs").columns) and len(back) == 0
+    assert back["label_tokens"].dtype == "int64" and back["perplexity"].dtype == "float64"
+    batches = list(storage.PartitionBatches(d, 100))
+    assert len(batches) == 1 and list(batches[0].columns) == list(back.columns)
+    sink = storage.ParquetSink(storage.staging_dir(base, "raw_corpus", part) / "rows.parquet", schemas.arrow_schema("raw_corpus"))
+    sink.write(pd.DataFrame())
+    staged = sink.close()
+    assert staged.rows == 0 and staged.schema.names == ["doc_id", "file", "row", "title", "text"]  # source, shard: in the path
+    full = storage.partition_dir(base, "labeled_pairs", {"source": "web", "shard": "4"})
+    storage.write_partition(full, schemas.empty_frame("labeled_pairs").pipe(lambda f: pd.concat([f, pd.DataFrame(
+        {"doc_id": ["a"], "source": ["web"], "shard": [4], "file": ["f"], "row": [1], "title": [None], "text": ["正文"], "n_tokens": [2],
+         "perplexity": [3.0], "instruction": ["问"], "label_tokens": [1], "label_finish": ["stop"]})])), schemas.arrow_schema("labeled_pairs"))
+    both = pads.dataset(str(base / "labeled_pairs"), partitioning="hive").to_table()  # one schema across empty and full
+    assert both.num_rows == 1 and both.schema.field("title").type == "string"
