@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .config import SourceConfig
-from .text import clean_text
+from .text import has_content
 
 DOC_COLUMNS = ["doc_id", "source", "shard", "file", "row", "title", "text"]
 QUARANTINE_COLUMNS = ["source", "shard", "file", "row", "doc_id", "reason", "detail", "sample"]
@@ -229,7 +229,7 @@ def _document(rec: dict, rel: str, row: int, source: SourceConfig) -> tuple[str,
         doc_id = str(raw_id)
     else:
         doc_id = f"{rel}:{row}"
-    if not clean_text(text):
+    if not has_content(text):
         return None, EMPTY_TEXT, f"field {source.text_field!r} holds no text (only spaces, control characters or escapes)"
     title = field_value(rec, source.title_field) if source.title_field else None
     return doc_id, title if isinstance(title, str) and not _SURROGATE.search(title) else None, text

@@ -29,6 +29,17 @@ def clean_text(text: str) -> str:
 
 
 NON_SPACE = re.compile(r"\S")
+# A character clean_text keeps that is not a space: anything but whitespace and _CONTROL's set.
+_KEPT = re.compile(r"[^\s\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
+
+
+def has_content(text: str) -> bool:
+    """clean_text(text) != "", without building the cleaned text (ingest asks this of every
+    record). Exact: NFC never turns a visible character into a space, and an ANSI escape (whose
+    printable tail clean_text removes) takes the slow path."""
+    if "\x1b" in text:
+        return bool(clean_text(text))
+    return _KEPT.search(text) is not None
 
 
 def has_text(text: str) -> bool:

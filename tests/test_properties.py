@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kun_dagster import corpus, schemas, stages, storage
 from kun_dagster.config import SourceConfig
 from kun_dagster.corpus import ingest_shard
-from kun_dagster.text import clean_text, cut_at_whitespace_run, has_text, repair_repeated_lines, starts_with_repeated_phrase
+from kun_dagster.text import clean_text, cut_at_whitespace_run, has_content, has_text, repair_repeated_lines, starts_with_repeated_phrase
 
 from .test_schemas import GOOD
 from .test_stages import CFG
@@ -67,6 +67,7 @@ def test_text_rules_hold_their_invariants(text):
     text = text.encode("utf-8", "replace").decode("utf-8")  # the rules see texts ingest has kept
     cleaned = clean_text(text)
     assert clean_text(cleaned) == cleaned  # idempotent
+    assert has_content(text) == bool(cleaned)  # ingest's fast test means exactly "something is left after cleaning"
     assert bool(cleaned) == has_text(cleaned)  # a cleaned text is empty or holds a non-space character
     assert not any(c in cleaned for c in "\x00\x1b\r\ufeff\u200b")
     instruction = stages.clean_instruction(text, 5)
