@@ -220,12 +220,14 @@ def _document(rec: dict, rel: str, row: int, source: SourceConfig) -> tuple[str,
         return None, TEXT_NOT_STRING, f"field {source.text_field!r} is {_kind(text)}"
     if source.format == "json" and _MARKER.search(text):  # jsonl and txt rows with such bytes never get here
         return None, INVALID_ENCODING, f"field {source.text_field!r}: {_undecodable(text, source)}"
-    if _SURROGATE.search(text):
-        return None, INVALID_UNICODE, f"field {source.text_field!r} holds a lone surrogate (U+{ord(_SURROGATE.search(text)[0]):04X}): not Unicode text"
+    if lone := _SURROGATE.search(text):
+        return None, INVALID_UNICODE, f"field {source.text_field!r} holds a lone surrogate (U+{ord(lone[0]):04X}): not Unicode text"
     if source.id_field:
         raw_id = field_value(rec, source.id_field)
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float)) or raw_id == "" or _SURROGATE.search(str(raw_id)):
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float)) or raw_id == "":
             return None, MISSING_ID, f"field {source.id_field!r} is {'empty' if raw_id == '' else _kind(raw_id)}"
+        if isinstance(raw_id, str) and _SURROGATE.search(raw_id):
+            return None, INVALID_UNICODE, f"field {source.id_field!r} holds a lone surrogate: not Unicode text"
         doc_id = str(raw_id)
     else:
         doc_id = f"{rel}:{row}"

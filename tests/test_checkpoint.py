@@ -110,3 +110,17 @@ def test_a_retrained_model_of_the_same_name_recomputes_every_batch(tmp_path):
     fresh = Checkpointed(new, d, rows=4)
     fresh.generate(PROMPTS, PARAMS)
     assert fresh.reused == 0 and len(new.calls) == 3
+
+
+def test_progress_shows_prompts_per_partition_when_the_cli_turns_it_on(tmp_path, capsys):
+    from kun_dagster import progress
+
+    Checkpointed(CountingEngine(), UPath(tmp_path) / "a", rows=4, label="labeled_pairs web/0").generate(PROMPTS, PARAMS)
+    assert "labeled_pairs" not in capsys.readouterr().err  # off by default: Dagster's own runs draw nothing
+    progress.show(True)
+    try:
+        Checkpointed(CountingEngine(), UPath(tmp_path) / "b", rows=4, label="labeled_pairs web/0").generate(PROMPTS, PARAMS)
+    finally:
+        progress.show(False)
+    err = capsys.readouterr().err
+    assert "labeled_pairs web/0 generate" in err and "10/10" in err and "prompts/s" in err
