@@ -52,13 +52,37 @@ def test_every_line_is_a_document_or_a_quarantine_reason(lines, nested, encoding
     expected = {i for i, text in enumerate(decoded, start=1) if text.strip()}
     rows = list(got.docs["row"]) + list(got.quarantine["row"])
     assert sorted(rows) == sorted(expected)  # each line once: a document or a reason
-    assert set(got.quarantine["reason"]) <= {corpus.INVALID_ENCODING, corpus.INVALID_UNICODE, corpus.INVALID_JSON, corpus.NOT_AN_OBJECT,
-                                             corpus.MISSING_TEXT, corpus.TEXT_NOT_STRING, corpus.EMPTY_TEXT, corpus.MISSING_ID,
-                                             corpus.DUPLICATE_ID}
+    assert set(got.quarantine["reason"]) <= REASONS - {corpus.EMPTY_FILE, corpus.UNREADABLE_FILE}
     assert got.docs["doc_id"].is_unique
     assert schemas.validate("raw_corpus", got.docs, CFG).passed  # what ingest keeps, the schema accepts
     storage.parquet_bytes(got.docs, schemas.arrow_schema("raw_corpus"))  # and Parquet can hold it
     storage.parquet_bytes(got.quarantine, schemas.QUARANTINE)
+
+
+REASONS = {corpus.INVALID_ENCODING, corpus.INVALID_UNICODE, corpus.INVALID_JSON, corpus.NOT_AN_OBJECT, corpus.MISSING_TEXT,
+           corpus.TEXT_NOT_STRING, corpus.EMPTY_TEXT, corpus.MISSING_ID, corpus.DUPLICATE_ID, corpus.EMPTY_FILE, corpus.UNREADABLE_FILE}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fmt=st.sampled_from(["json", "txt"]), encoding=st.sampled_from(["utf-8", "gb18030", "utf-16"]),
+       payload=st.one_of(st.lists(RECORD, max_size=6), st.text(ANY_CHAR, max_size=80), st.binary(max_size=80)))
+def test_json_and_txt_files_in_any_encoding_give_documents_or_reasons(fmt, encoding, payload):
+    if isinstance(payload, list):
+        data = json.dumps(payload, ensure_ascii=False).encode(encoding, "surrogatepass")
+    elif isinstance(payload, str):
+        data = payload.encode(encoding, "surrogatepass")
+    else:
+        data = payload
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / f"x.{fmt}").write_bytes(data)
+        src = SourceConfig(name="t", uri="unused", format=fmt, encoding=encoding, id_field="id" if fmt == "json" else None)
+        got = ingest_shard(src, str(Path(d) / f"*.{fmt}"), 0, 1)
+    assert set(got.quarantine["reason"]) <= REASONS
+    assert got.docs["doc_id"].is_unique and schemas.validate("raw_corpus", got.docs, CFG).passed
+    storage.parquet_bytes(got.docs, schemas.arrow_schema("raw_corpus"))
+    storage.parquet_bytes(got.quarantine, schemas.QUARANTINE)
+    if fmt == "json" and isinstance(payload, list) and data:
+        assert len(got.docs) + len(got.quarantine) == len(payload)  # one outcome per record
 
 
 @settings(max_examples=300, deadline=None)
