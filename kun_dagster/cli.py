@@ -180,6 +180,9 @@ def run(args: argparse.Namespace, demo: bool = False) -> int:
     # Steps run in this process: vLLM's engine (where installed) starts in it too, in seconds,
     # instead of in a new process that imports torch again.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not args.debug:  # vLLM's engine log (hundreds of lines per load) only with --debug; errors still show
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        warnings.filterwarnings("ignore", category=FutureWarning)
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(args.dagster_home).resolve())))
     home.mkdir(parents=True, exist_ok=True)
     instance_yaml = Path(__file__).resolve().parents[1] / "dagster.yaml"  # the gpu pool, run queue, retries
