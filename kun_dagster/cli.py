@@ -91,6 +91,8 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     import dagster as dg
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+    from checks.recovery import worker_tags
+
     from . import storage
 
     graph = defs.resolve_asset_graph()
@@ -101,7 +103,9 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
 
     def run(keys: list[str], what: str, keys_range: list | None = None) -> None:
         t0 = time.time()
-        tags = {ASSET_PARTITION_RANGE_START_TAG: str(keys_range[0]), ASSET_PARTITION_RANGE_END_TAG: str(keys_range[-1])} if keys_range else None
+        tags = worker_tags()  # where this run's worker is: a later `kun run` or the daemon can tell when it died
+        if keys_range:
+            tags.update({ASSET_PARTITION_RANGE_START_TAG: str(keys_range[0]), ASSET_PARTITION_RANGE_END_TAG: str(keys_range[-1])})
         result = dg.materialize(assets, selection=keys, instance=instance, resources=defs.resources, tags=tags, run_config=run_config,
                                 raise_on_error=False)
         if not result.success:
@@ -196,6 +200,9 @@ def run(args: argparse.Namespace, demo: bool = False) -> int:
     print(f"kun {cmd}: config {cfg_file}, sources {', '.join(sources)}, storage {cfg.base_uri}, DAGSTER_HOME {home}", flush=True)
     t0 = time.time()
     with DagsterInstance.get() as instance:
+        from checks.recovery import recover  # runs of this host killed earlier: failed, their gpu slots freed
+
+        recover(instance, lambda line: print(f"kun {cmd}: {line}", flush=True))
         try:
             _materialize_all(defs, instance, cfg, home, sources, args.debug, args.log_level, args.reuse_models)
         except RunFailed:

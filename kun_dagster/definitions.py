@@ -11,7 +11,7 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 from assets import corpus, dataset, models, pairs
-from checks import check_failure_alerts, run_failure_alerts
+from checks import check_failure_alerts, dead_run_recovery, run_failure_alerts
 from resources import KunResource, LLMResource, ModelRefIOManager, ParquetIOManager
 
 from .config import config_path, load_config
@@ -38,7 +38,7 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=all_assets,
         resources={"kun": kun, "io_manager": ParquetIOManager(kun=kun), models.MODEL_IO: ModelRefIOManager(kun=kun), **llm},
-        sensors=[check_failure_alerts, run_failure_alerts],
+        sensors=[check_failure_alerts, run_failure_alerts, dead_run_recovery],
         executor=executor,
     )
 
