@@ -143,7 +143,11 @@ class VLLMSettings(_Section):
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True  # the scoring prompt's long shared head is computed once
-    seed: int = 0  # engine-level: one sampling stream for the whole engine, not one seed per request
+    seed: int = 0
+    # True: each request samples from its own seed, derived from `sampling.seed` and its prompt, so a
+    # row's generation does not depend on its batch: a partition resumed from its checkpoints equals
+    # an uninterrupted one. False: one engine-level stream seeded by `seed` (bench/README.md: the cost).
+    seed_per_request: bool = True
     enforce_eager: bool = False  # True skips torch.compile/CUDA graphs: quicker start, slower decode
     quantization: str | None = None
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)

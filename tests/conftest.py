@@ -1,8 +1,14 @@
 """Shared fixtures: a test config over the demo corpora, and the tiny models built once per session."""
 
+import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -44,6 +50,67 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def graphql(url: str, query: str) -> dict:
+    req = urllib.request.Request(f"{url}/graphql", json.dumps({"query": query}).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())["data"]
+
+
+def wait_for(what: str, ready, timeout: float, log: Path, every: float = 2.0):
+    """Poll `ready()` until it returns something truthy; on timeout fail with the server's log tail."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = ready()
+        if got:
+            return got
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; dagster dev log:\n{log.read_text()[-4000:]}")
+
+
+def location_loaded(url: str) -> bool:
+    try:
+        data = graphql(url, "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
+                            "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
+    except OSError:
+        return False  # the webserver is not up yet
+    entries = data["workspaceOrError"]["locationEntries"]
+    for e in entries:
+        if (e["locationOrLoadError"] or {}).get("__typename") == "PythonError":
+            pytest.fail(f"code location {e['name']} failed to load: {e['locationOrLoadError']['message']}")
+    return bool(entries) and all(e["loadStatus"] == "LOADED" and e["locationOrLoadError"] for e in entries)
+
+
+@contextlib.contextmanager
+def dagster_dev(env: dict, log: Path, port: int):
+    """`dagster dev` (webserver, daemon, code server) on a loopback port, until the code location has
+    loaded; yields its URL; stops it with Ctrl-C, then kills whatever its session left."""
+    # SIGINT at its default: a shell may start us with it ignored, and then Python would never see
+    # the Ctrl-C that shuts dagster dev (webserver, daemon, code servers) down.
+    launcher = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-c", launcher, str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml",
+                                   "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env={**os.environ, **env}, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            if server.poll() is not None:
+                pytest.fail(f"dagster dev exited with {server.returncode}: {log.read_text()[-4000:]}")
+            return location_loaded(url)
+
+        wait_for("the webserver and the kun code location", up, 240, log)
+        yield url
+    finally:
+        server.send_signal(signal.SIGINT)  # Ctrl-C: dagster dev stops its webserver, daemon and code servers (seconds)
+        try:
+            server.wait(60)
+        finally:
+            try:
+                os.killpg(server.pid, signal.SIGKILL)  # whatever it left behind in its session
+            except ProcessLookupError:
+                pass
 
 
 def given_models(models_run) -> dict[str, str]:

@@ -7,7 +7,7 @@ import pytest
 
 from kun_dagster import cli
 
-from .conftest import REPO, given_models, write_config
+from .conftest import given_models, write_config
 
 
 def test_validate_names_every_problem_before_a_run(tmp_path, capsys):

@@ -9,15 +9,9 @@ CI installs chromium and playwright and sets KUN_REQUIRE_BROWSER=1, so there a m
 fails instead of skipping.
 """
 
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -27,7 +21,7 @@ from dagster._core.execution.backfill import BulkActionStatus  # not exported at
 from kun_dagster import storage
 from kun_dagster.definitions import build_definitions
 
-from .conftest import CORPUS, MODELS, REPO, free_port, given_models, write_config
+from .conftest import CORPUS, MODELS, REPO, dagster_dev, free_port, given_models, graphql, wait_for, write_config
 from .fakes import Receiver
 
 CHROMIUM = os.environ.get("KUN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -48,36 +42,6 @@ expect.set_options(timeout=30_000)  # pages on 2 busy cores
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 RUN_TIMEOUT = 600  # seconds for a run or a backfill on 2 CPU cores (a one-source backfill takes ~2 minutes)
-
-
-def _graphql(url: str, query: str) -> dict:
-    req = urllib.request.Request(f"{url}/graphql", json.dumps({"query": query}).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())["data"]
-
-
-def _wait(what: str, ready, timeout: float, log: Path, every: float = 2.0):
-    """Poll `ready()` until it returns something truthy; on timeout fail with the server's log tail."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = ready()
-        if got:
-            return got
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; dagster dev log:\n{log.read_text()[-4000:]}")
-
-
-def _location_loaded(url: str) -> bool:
-    try:
-        data = _graphql(url, "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
-                             "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
-    except OSError:
-        return False  # the webserver is not up yet
-    entries = data["workspaceOrError"]["locationEntries"]
-    for e in entries:
-        if (e["locationOrLoadError"] or {}).get("__typename") == "PythonError":
-            pytest.fail(f"code location {e['name']} failed to load: {e['locationOrLoadError']['message']}")
-    return bool(entries) and all(e["loadStatus"] == "LOADED" and e["locationOrLoadError"] for e in entries)
 
 
 class UI:
@@ -106,7 +70,7 @@ class UI:
             runs = self.instance.get_runs(filters=filters, limit=1)
             return runs[0] if runs and runs[0].is_finished else None
 
-        return _wait(f"a finished run ({filters})", done, RUN_TIMEOUT, self.log)
+        return wait_for(f"a finished run ({filters})", done, RUN_TIMEOUT, self.log)
 
 
 @pytest.fixture(scope="module")
@@ -127,39 +91,20 @@ def ui(models_run, tmp_path_factory):
     shots = Path(os.environ.get("KUN_SCREENSHOTS") or tmp / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     log = tmp / "dagster-dev.log"
-    env = {**os.environ, "DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg), "KUN_ALERT_WEBHOOK": hook.url, "KUN_UI_URL": url}
-    # dagster dev with SIGINT at its default: a shell may start us with it ignored, and then Python
-    # would never see the Ctrl-C that shuts dagster dev (webserver, daemon, code servers) down.
-    launcher = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-c", launcher, str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml",
-                                   "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg), "KUN_ALERT_WEBHOOK": hook.url, "KUN_UI_URL": url}
     try:
-        def up() -> bool:
-            if server.poll() is not None:
-                pytest.fail(f"dagster dev exited with {server.returncode}: {log.read_text()[-4000:]}")
-            return _location_loaded(url)
-
-        _wait("the webserver and the kun code location", up, 240, log)
-        # The check sensor's first tick starts alerting from the newest check result: let it tick before anything runs.
-        _wait("the check sensor's first tick", lambda: "check_failure_alerts skipped: started" in log.read_text(), 120, log)
-        _graphql(url, "mutation { setNuxSeen }")  # no "join the community" dialog popping up over the test's dialogs
-        with dg.DagsterInstance.from_config(str(home)) as instance, sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.set_default_timeout(60_000)
-            yield UI(page, url, instance, hook, log, shots, storage.upath(str(tmp / "data")))
-            browser.close()
+        with dagster_dev(env, log, port):
+            # The check sensor's first tick starts alerting from the newest check result: let it tick before anything runs.
+            wait_for("the check sensor's first tick", lambda: "check_failure_alerts skipped: started" in log.read_text(), 120, log)
+            graphql(url, "mutation { setNuxSeen }")  # no "join the community" dialog popping up over the test's dialogs
+            with dg.DagsterInstance.from_config(str(home)) as instance, sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                page.set_default_timeout(60_000)
+                yield UI(page, url, instance, hook, log, shots, storage.upath(str(tmp / "data")))
+                browser.close()
     finally:
         hook.shutdown()
-        server.send_signal(signal.SIGINT)  # Ctrl-C: dagster dev stops its webserver, daemon and code servers (seconds)
-        try:
-            server.wait(60)
-        finally:
-            try:
-                os.killpg(server.pid, signal.SIGKILL)  # whatever it left behind in its session
-            except ProcessLookupError:
-                pass
 
 
 def test_the_asset_graph_shows_groups_kinds_descriptions_owners_and_partitions(ui):
@@ -221,13 +166,13 @@ def test_a_one_source_backfill_runs_through_the_daemon_and_its_checks_read_on_th
     ui.shot("launch-backfill")
     dialog.get_by_role("button", name="Launch backfill").click()
 
-    backfill = _wait("the backfill to be recorded", lambda: ui.instance.get_backfills(limit=1), 60, ui.log)[0]
+    backfill = wait_for("the backfill to be recorded", lambda: ui.instance.get_backfills(limit=1), 60, ui.log)[0]
 
     def finished():
         b = ui.instance.get_backfill(backfill.backfill_id)
         return b if b.status != BulkActionStatus.REQUESTED else None
 
-    backfill = _wait("the backfill to finish", finished, RUN_TIMEOUT, ui.log, every=5)
+    backfill = wait_for("the backfill to finish", finished, RUN_TIMEOUT, ui.log, every=5)
     assert backfill.status == BulkActionStatus.COMPLETED_SUCCESS, ui.log.read_text()[-4000:]
     runs = ui.instance.get_runs(filters=dg.RunsFilter.for_backfill(backfill.backfill_id))
     # Single-run backfill policy: the whole source is one run that loads each model once.
@@ -268,6 +213,6 @@ def test_a_one_source_backfill_runs_through_the_daemon_and_its_checks_read_on_th
 
     # The daemon's sensor posts each failed check once (it ticks every 30 s).
     failed = {c for c, ok in passed.items() if not ok}
-    _wait("alerts for the failed checks", lambda: all(any(f"polished_pairs / {c}" in b["text"] for b in ui.hook.bodies) for c in failed),
+    wait_for("alerts for the failed checks", lambda: all(any(f"polished_pairs / {c}" in b["text"] for b in ui.hook.bodies) for c in failed),
           120, ui.log)
     assert not any("run failed" in b["text"] for b in ui.hook.bodies)

@@ -67,6 +67,26 @@ def test_greedy_generations_equal_the_transformers_engine(engines):
     assert sum(bool(g.text) for g in got) >= 12 and {g.finish_reason for g in got} <= {"stop", "length"}
 
 
+def test_a_sampled_row_does_not_depend_on_its_batch(engines, models_run):
+    """Per-request seeds (the default): a partition resumed from its checkpoints, whose batches are
+    recomputed in other company, samples exactly what an uninterrupted run samples."""
+    vl = engines["label_vllm"]
+    ps = [prompts.render(vl.tokenizer, prompts.label_user(t)) for t in _texts(12)]
+    params = SamplingParams(temperature=0.9, top_p=0.95, repetition_penalty=1.2, max_tokens=24, seed=3)
+    whole = [g.text for g in vl.generate(ps, params)]
+    assert [g.text for g in vl.generate(ps[:5], params) + vl.generate(ps[5:], params)] == whole
+    assert [g.text for g in vl.generate(ps[::-1], params)][::-1] == whole
+    assert len(set(whole)) > 6  # sampled, not greedy: the equality above is not trivial
+    ref = models_run["refs"]["label_model"]  # the engine-level stream, for comparison: depends on its batch
+    stream = load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend="vllm", dtype="float32",
+                                    extra={"vllm": {**VLLM, "seed_per_request": False}}))
+    try:
+        split = [g.text for g in stream.generate(ps[:5], params) + stream.generate(ps[5:], params)]
+        assert split != [g.text for g in stream.generate(ps, params)]
+    finally:
+        stream.close()
+
+
 @pytest.mark.parametrize("choices", [
     ["【好】", "【差】"],                 # Kun's answers: several tokens each, sharing 【 and 】
     ["1", "2", "3", "4", "5"],          # Humpback's: one token each

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -28,6 +29,11 @@ def stop_token_ids(tokenizer) -> list[int]:
 def encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     """Token ids of each text, in one batch call: every engine feeds its model exactly these."""
     return tokenizer(list(texts), add_special_tokens=special)["input_ids"] if texts else []
+
+
+def request_seed(seed: int, prompt: str) -> int:
+    """A request's own sampling seed: the run's seed and the prompt, nothing about its batch."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{prompt}".encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") & 0x7FFFFFFF
 
 
 def normalise(log_scores: np.ndarray) -> np.ndarray:

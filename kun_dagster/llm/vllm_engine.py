@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from ..config import VLLMSettings
 from ..text import strip_stop_strings
-from .base import EngineError, EngineSpec, Generation, SamplingParams, encode, normalise, stop_token_ids
+from .base import EngineError, EngineSpec, Generation, SamplingParams, encode, normalise, request_seed, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,12 @@ def _architectures(path: str) -> list[str]:
         return list(json.loads(cfg.read_text()).get("architectures") or [])
     except (OSError, ValueError):
         return []  # vLLM reports a missing or broken config itself
+
+
+def _seeded(sp, seed: int):
+    one = sp.clone()
+    one.seed = seed
+    return one
 
 
 def _short(err: BaseException, limit: int = 600) -> str:
@@ -131,13 +137,15 @@ class VLLMEngine:
 
     # -- protocol ------------------------------------------------------------------------------
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
-        # No per-request seed: the engine's seed (settings.seed) drives one sampling stream, so
-        # identical prompts in a partition do not get identical samples.
         sp = self._vllm.SamplingParams(
             temperature=params.temperature, top_p=params.top_p if params.temperature > 0 else 1.0,
             repetition_penalty=params.repetition_penalty, max_tokens=params.max_tokens, stop=list(params.stop),
             stop_token_ids=self.eos_ids, skip_special_tokens=False,
         )
+        if self.settings.seed_per_request and params.temperature > 0:
+            # each request its own seed (run seed + prompt): its sample does not depend on its batch,
+            # so a resumed partition equals an uninterrupted one; else the engine-level stream
+            sp = [_seeded(sp, request_seed(params.seed, p)) for p in prompts]
         out = []
         for o in self._run(encode(self.tokenizer, prompts, special=False), sp):
             c = o.outputs[0]

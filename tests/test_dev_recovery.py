@@ -1,0 +1,104 @@
+"""Crash recovery under `dagster dev`, end to end: a labeled_pairs run launched through the daemon has
+its run worker SIGKILLed mid-partition; within a bounded time the run is failed, the `gpu` slot is
+free, run_retries launches a retry, the retry reuses the finished batches, and the partition it
+publishes equals an uninterrupted run's row for row, on both engines.
+
+The instance is the repo's dagster.yaml with its monitoring intervals shortened (a test should not
+wait 30 s per poll); everything else, the pool, the retries, the code server, is as users run it.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from kun_dagster import storage
+
+from .conftest import MODELS, REPO, dagster_dev, free_port, given_models, wait_for, write_config
+
+pytestmark = pytest.mark.slow
+KEY = "wudao|0"
+PART = {"source": "wudao", "shard": "0"}
+RUN_ONE = """
+import sys, dagster as dg
+from kun_dagster.definitions import build_definitions
+defs = build_definitions(sys.argv[1])
+key = sys.argv[3] if len(sys.argv) > 3 else None
+assert dg.materialize(list(defs.assets), selection=sys.argv[2].split(","), resources=defs.resources, partition_key=key).success
+"""
+
+
+def _in_subprocess(cfg: Path, selection: str, *key: str) -> None:
+    """A materialization in a fresh process (a vLLM engine pins its process's threads)."""
+    out = subprocess.run([sys.executable, "-c", RUN_ONE, str(cfg), selection, *key], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _config(tmp: Path, models_run, backend: str) -> Path:
+    tmp.mkdir(parents=True)
+    overrides = {**given_models(models_run), "storage.checkpoint_rows": 2}
+    for role in ("base", "label", "chat"):
+        overrides[f"models.{role}.backend"] = backend
+        overrides[f"models.{role}.vllm"] = {"enforce_eager": True, "kv_cache_gib": 0.25}
+    return write_config(tmp, **overrides)
+
+
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_a_killed_run_worker_is_failed_freed_retried_and_resumed(backend, models_run, tmp_path):
+    if backend == "vllm" and os.environ.get("KUN_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    cfg = _config(tmp_path / "killed", models_run, backend)
+    clean_cfg = _config(tmp_path / "clean", models_run, backend)
+    base, clean_base = storage.upath(str(tmp_path / "killed" / "data")), storage.upath(str(tmp_path / "clean" / "data"))
+    for c in (cfg, clean_cfg):
+        _in_subprocess(c, ",".join(MODELS))
+        _in_subprocess(c, "raw_corpus,filtered_corpus", KEY)
+    _in_subprocess(clean_cfg, "labeled_pairs", KEY)  # the uninterrupted run to compare with
+
+    home = tmp_path / "home"
+    home.mkdir()
+    instance_cfg = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    instance_cfg["run_monitoring"].update(poll_interval_seconds=2, free_slots_after_run_end_seconds=2)  # test pace
+    (home / "dagster.yaml").write_text(yaml.safe_dump(instance_cfg))
+    port, log = free_port(), tmp_path / "dagster-dev.log"
+    with dagster_dev({"DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg)}, log, port):
+        from dagster_graphql import DagsterGraphQLClient
+
+        client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+        run_id = client.submit_job_execution("__ASSET_JOB", repository_location_name="kun", repository_name="__repository__",
+                                             tags={"dagster/partition": KEY}, asset_selection=["labeled_pairs"])
+        staging = storage.staging_dir(base, "labeled_pairs", PART)
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            wait_for("two finished batch checkpoints", lambda: len(list(staging.glob("generate-*.parquet"))) >= 2, 300, log, every=0.05)
+            start = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_START)[-1]
+            os.kill(start.dagster_event.pid, signal.SIGKILL)  # the run worker, mid-partition
+            time.sleep(0.5)  # gone for sure: no batch lands after this count
+            finished = len(list(staging.glob("generate-*.parquet")))
+            t_kill = time.time()
+
+            wait_for("the killed run marked failed", lambda: instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE,
+                     60, log, every=0.5)
+            free = lambda: not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots  # noqa: E731
+            wait_for("the gpu slot freed", free, 60, log, every=0.5)
+            t_free = time.time() - t_kill
+
+            def retried():
+                runs = instance.get_runs(dg.RunsFilter(tags={"dagster/parent_run_id": run_id}))
+                return runs[0] if runs and runs[0].is_finished else None
+
+            retry = wait_for("a retry of the killed run, finished", retried, 600, log, every=1)
+            assert retry.status == dg.DagsterRunStatus.SUCCESS, log.read_text()[-4000:]
+            md = instance.fetch_materializations(dg.AssetKey("labeled_pairs"), limit=1).records[0].asset_materialization.metadata
+            assert md["checkpoint_batches_reused"].value == finished > 0  # every batch finished before the kill
+            assert md["checkpoint_batches_computed"].value > 0
+        print(f"{backend}: slot free {t_free:.0f} s after the kill; retry {retry.run_id[:8]} reused {finished} batches")
+    for where in (storage.partition_dir, storage.quarantine_dir):  # row for row: doc ids and generations
+        resumed, clean = storage.read_partition(where(base, "labeled_pairs", PART)), storage.read_partition(where(clean_base, "labeled_pairs", PART))
+        assert resumed.equals(clean), (resumed.compare(clean) if resumed.shape == clean.shape else (resumed.shape, clean.shape))
+    assert not storage.staging_dir(base, "labeled_pairs", PART).exists()
