@@ -18,6 +18,11 @@ from .partitions import split_key
 
 GPU_POOL = "gpu"
 SINGLE_RUN = dg.BackfillPolicy.single_run()
+# A GPU step whose process dies (OOM kill, a CUDA fault) or whose code raises is retried in the same
+# run, and an LLM stage resumes from its batch checkpoints. What cannot succeed on a retry (a
+# blocking check, a model that answers nothing, a missing source) fails at once: dg.Failure with
+# allow_retries=False. Run-level retries (dagster.yaml) cover a dead run worker.
+GPU_RETRY = dg.RetryPolicy(max_retries=2, delay=5)
 
 
 def kinds(cfg, *formats: str, role: str | None = None, checked: bool = True) -> set[str]:

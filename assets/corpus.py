@@ -9,7 +9,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
 from resources import STREAM, KunResource, LLMResource
 
-from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage, staged_sink
+from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage, staged_sink
 from .partitions import corpus_partitions, split_key
 
 GROUP = "corpus"
@@ -29,13 +29,13 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             try:
                 result = stages.ingest(kun.config, source_name, shard, kun.store, staged_sink(kun, "raw_corpus", key))
             except CorpusError as e:
-                raise dg.Failure(str(e)) from e
+                raise dg.Failure(str(e), allow_retries=False) from e
             out[key] = report_stage(context, kun, "raw_corpus", key, result)
         yield from checks.gate(context, kun, "raw_corpus", out)
 
     ppl_role = cfg.filter.perplexity_model if cfg.filter.perplexity_max is not None else None
 
-    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL,
+    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, retry_policy=GPU_RETRY,
               kinds=kinds(cfg, "parquet", role=ppl_role), op_tags=gpu_tags(cfg, ppl_role),
               ins={"raw_corpus": dg.AssetIn(metadata={STREAM: True})}, check_specs=checks.specs("filtered_corpus"), output_required=False)
     def filtered_corpus(

@@ -15,7 +15,7 @@ from kun_dagster import model_store, stages, storage, training
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
-from .common import GPU_POOL, gpu_tags, kinds, table
+from .common import GPU_POOL, GPU_RETRY, gpu_tags, kinds, table
 
 GROUP = "models"
 MODEL_IO = "model_io_manager"  # model assets are JSON references, not frames
@@ -36,7 +36,7 @@ def _ref(role: str, path: str, local: str, origin: str) -> dict:
 
 def _given(kun: KunResource, role: str, path: str) -> dict:
     if not (kun.store.path(path) / "config.json").is_file():
-        raise dg.Failure(f"{role} model path {path} is not a transformers checkpoint (no config.json)")
+        raise dg.Failure(f"{role} model path {path} is not a transformers checkpoint (no config.json)", allow_retries=False)
     return _ref(role, path, kun.local_model(path), "given")
 
 
@@ -60,7 +60,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         seeds = pd.read_json(uri, lines=True, dtype=False, storage_options=kun.store.options(uri) or None)  # None for a local seed
         missing = {"instruction", "output"} - set(seeds.columns)
         if missing:
-            raise dg.Failure(f"seed file {uri} lacks fields {sorted(missing)}")
+            raise dg.Failure(f"seed file {uri} lacks fields {sorted(missing)}", allow_retries=False)
         seeds["input"] = seeds.get("input", pd.Series([""] * len(seeds))).fillna("").astype(str)
         mc = seeds["input"].map(training.is_multiple_choice) if c.seed.drop_multiple_choice else pd.Series(False, index=seeds.index)
         kept = seeds[~mc].reset_index(drop=True)
@@ -74,7 +74,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         )
         return kept
 
-    @dg.asset(group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO, op_tags=gpu_tags(cfg, None))  # torch trains it
+    @dg.asset(group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, retry_policy=GPU_RETRY, io_manager_key=MODEL_IO, op_tags=gpu_tags(cfg, None))  # torch trains it
     def base_model(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame) -> dict:
         """The base model: a configured checkpoint, or the tiny Qwen2 of the embedded default
         (tokenizer trained on the demo texts, short language-model pre-training)."""
@@ -94,7 +94,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         return ref
 
     def _role_asset(role: str, examples, doc: str):
-        @dg.asset(name=f"{role}_model", group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, io_manager_key=MODEL_IO, description=doc,
+        @dg.asset(name=f"{role}_model", group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, retry_policy=GPU_RETRY, io_manager_key=MODEL_IO,
+                  description=doc,
                   op_tags=gpu_tags(cfg, None))
         def _asset(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dict:
             c = kun.config

@@ -8,7 +8,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.llm import EngineError
 from resources import KunResource, LLMResource
 
-from .common import GPU_POOL, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage
+from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage
 from .partitions import corpus_partitions
 
 GROUP = "pairs"
@@ -22,14 +22,14 @@ def _run(context, kun, asset: str, frames: dict, stage, engine):
         try:
             result = stage(df, resumable, kun.config)
         except EngineError as e:  # the model failed: nothing of this run is published
-            raise dg.Failure(f"{asset} {key}: {e}") from e
+            raise dg.Failure(f"{asset} {key}: {e}", allow_retries=False) from e
         out[key] = report_stage(context, kun, asset, key, result, resumable)
     yield from checks.gate(context, kun, asset, out)
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
-    common = dict(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL,
+    common = dict(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, retry_policy=GPU_RETRY,
                   output_required=False)  # a failed schema check publishes nothing (checks.gate)
 
     @dg.asset(**common, check_specs=checks.specs("labeled_pairs"), kinds=kinds(cfg, "parquet", role="label"),

@@ -10,7 +10,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from kun_dagster import model_store
-from kun_dagster.llm import Engine, load_engine, resolve_backend
+from kun_dagster.llm import Engine, EngineError, load_engine, resolve_backend
 from kun_dagster.llm.base import EngineSpec
 
 from .kun import KunResource
@@ -38,7 +38,10 @@ class LLMResource(dg.ConfigurableResource):
                               batch_size=self.batch_size, extra={"vllm": self.vllm})
             backend = resolve_backend(self.backend)
             dg.get_dagster_logger().info(f"loading {self.role} model {model['name']} from {path} on {backend} (backend: {self.backend})")
-            engine = load_engine(spec)
+            try:
+                engine = load_engine(spec)
+            except EngineError as e:  # a model that cannot load will not load on a retry either
+                raise dg.Failure(str(e), allow_retries=False) from e
             engine.fingerprint = fingerprint  # batch checkpoints are keyed by it (llm.checkpoint)
             self._engines[(path, fingerprint)] = engine
         return self._engines[(path, fingerprint)]

@@ -51,3 +51,46 @@ def test_a_failing_stage_is_reported_as_what_failed(models_run, tmp_path, monkey
     out, err = capsys.readouterr()
     assert "kun: 1 corpus partition(s) (wudao) failed" in err and "step labeled_pairs failed:" in err and "could not load model broken-label" in err
     assert "Traceback" not in out + err and "(tracebacks: --debug)" in err and "Funnel" not in out
+
+
+@pytest.mark.slow
+def test_a_killed_kun_run_is_recovered_by_the_next(models_run, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import dagster as dg
+
+    from kun_dagster import storage
+
+    cfg = write_config(tmp_path, shards=1, **{**given_models(models_run), "storage.checkpoint_rows": 1})
+    home = tmp_path / "home"
+    env = {**os.environ, "DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg)}
+    staging = storage.staging_dir(storage.upath(str(tmp_path / "data")), "labeled_pairs", {"source": "wudao", "shard": "0"})
+    first = subprocess.Popen([sys.executable, "-m", "kun_dagster.cli", "run", "--config", str(cfg), "--source", "wudao", "--progress", "off"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while len(list(staging.glob("generate-*.parquet"))) < 2:
+        assert first.poll() is None, f"kun run ended before it could be killed: {first.stderr.read().decode()[-2000:]}"
+        assert time.time() < deadline, "no labeled_pairs batch within 300 s"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # Ctrl-\\, an OOM kill, a closed laptop
+    first.wait(30)
+    finished = len(list(staging.glob("generate-*.parquet")))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        dead = [r for r in instance.get_runs() if r.status == dg.DagsterRunStatus.STARTED]
+        assert len(dead) == 1 and instance.event_log_storage.get_concurrency_info("gpu").claimed_slots  # it holds the gpu
+
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("KUN_CONFIG", str(cfg))
+    assert cli.main(["run", "--config", str(cfg), "--source", "wudao", "--progress", "off"]) == cli.OK
+    out = capsys.readouterr().out
+    assert f"kun run: run {dead[0].run_id[:8]} (__ephemeral_asset_job__) was STARTED but its worker" in out
+    assert "is gone: marked failed, its pool slots freed" in out and "Funnel" in out
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_run_by_id(dead[0].run_id).status == dg.DagsterRunStatus.FAILURE
+        md = instance.fetch_materializations(dg.AssetKey("labeled_pairs"), limit=1).records[0].asset_materialization.metadata
+        assert md["checkpoint_batches_reused"].value == finished and md["checkpoint_batches_computed"].value > 0
+        assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
