@@ -97,6 +97,11 @@ class VLLMEngine:
                         max_num_batched_tokens=s.max_num_batched_tokens, quantization=s.quantization,
                         kv_cache_memory_bytes=int(kv_gib * 2**30) if kv_gib else None)
         args.update({k: v for k, v in optional.items() if v is not None})
+        if s.seed_per_request and current_platform.is_cpu():
+            # vLLM 0.32's CPU backend cannot rewind a seeded request's generator after a partial
+            # prefill chunk ("CPU Generator does not use offset"): prefill each prompt whole there
+            args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(s.max_num_batched_tokens or 0, s.max_model_len or 0) or None)
+            args = {k: v for k, v in args.items() if v is not None}
         args.update(kwargs)
         try:
             self.llm = vllm.LLM(**args)
