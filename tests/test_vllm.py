@@ -77,6 +77,8 @@ def test_a_sampled_row_does_not_depend_on_its_batch(engines, models_run):
     assert [g.text for g in vl.generate(ps[:5], params) + vl.generate(ps[5:], params)] == whole
     assert [g.text for g in vl.generate(ps[::-1], params)][::-1] == whole
     assert len(set(whole)) > 6  # sampled, not greedy: the equality above is not trivial
+    many = [f"（{i}）{p}" for i, p in enumerate(ps * 30)]  # ~40k prompt tokens: more than one scheduler step holds
+    assert len(vl.generate(many, SamplingParams(temperature=0.5, max_tokens=4))) == len(many)  # vLLM CPU: no partial prefill
     ref = models_run["refs"]["label_model"]  # the engine-level stream, for comparison: depends on its batch
     stream = load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend="vllm", dtype="float32",
                                     extra={"vllm": {**VLLM, "seed_per_request": False}}))
