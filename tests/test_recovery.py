@@ -11,6 +11,7 @@ import sys
 import time
 
 import dagster as dg
+import pytest
 import yaml
 
 from checks.recovery import dead_run_recovery, recover
@@ -41,11 +42,26 @@ def test_the_repo_instance_monitors_runs_frees_slots_and_retries():
     assert cfg["concurrency"]["pools"]["default_limit"] == 1
 
 
-def _home(tmp_path):
+@pytest.fixture
+def instance(tmp_path, monkeypatch):
+    """An instance on the repo's dagster.yaml (gpu pool of 1), in a fresh DAGSTER_HOME."""
     home = tmp_path / "home"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    return home
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as inst:
+        yield inst
+
+
+def _hold_gpu(kind: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", HOLD_GPU, kind], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            start_new_session=True)
+
+
+def _kill(*procs: subprocess.Popen) -> None:
+    for p in procs:  # with their whole process group: nothing is left to report them
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(30)
 
 
 def _slots(instance) -> tuple[int, int]:
@@ -61,67 +77,52 @@ def _wait(what, cond, seconds=120):
         time.sleep(0.2)
 
 
-def test_killed_runs_are_failed_their_slots_freed_and_the_gpu_is_usable_again(tmp_path, monkeypatch, capsys):
-    home = _home(tmp_path)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with dg.DagsterInstance.get() as instance:
-        holder = subprocess.Popen([sys.executable, "-c", HOLD_GPU, "tagged"], cwd=REPO, env=env, start_new_session=True)
-        _wait("the first run claims the gpu slot", lambda: _slots(instance)[0] == 1)
-        waiter = subprocess.Popen([sys.executable, "-c", HOLD_GPU, "untagged"], cwd=REPO, env=env, start_new_session=True)
-        _wait("the second run waits for the slot", lambda: _slots(instance) == (1, 2))
-        for p in (holder, waiter):  # killed with their whole process group: nothing reports them
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(30)
-        runs = instance.get_runs()
-        assert [r.status for r in runs] == [dg.DagsterRunStatus.STARTED] * 2 and _slots(instance) == (1, 2)
+def test_killed_runs_are_failed_their_slots_freed_and_the_gpu_is_usable_again(instance, capsys):
+    holder = _hold_gpu("tagged")
+    _wait("the first run claims the gpu slot", lambda: _slots(instance)[0] == 1)
+    waiter = _hold_gpu("untagged")
+    _wait("the second run waits for the slot", lambda: _slots(instance) == (1, 2))
+    _kill(holder, waiter)
+    runs = instance.get_runs()
+    assert [r.status for r in runs] == [dg.DagsterRunStatus.STARTED] * 2 and _slots(instance) == (1, 2)
 
-        failed = recover(instance)  # what `kun run` does when it starts
-        said = capsys.readouterr().out
-        assert sorted(failed) == sorted(r.run_id for r in runs)
-        assert said.count("is gone: marked failed, its pool slots freed") == 2
-        assert {r.status for r in instance.get_runs()} == {dg.DagsterRunStatus.FAILURE}
-        assert _slots(instance) == (0, 0)
-        assert recover(instance) == []  # nothing left to do, nothing said twice
-        assert capsys.readouterr().out == ""
+    failed = recover(instance)  # what `kun run` does when it starts
+    said = capsys.readouterr().out
+    assert sorted(failed) == sorted(r.run_id for r in runs)
+    assert said.count("is gone: marked failed, its pool slots freed") == 2
+    assert {r.status for r in instance.get_runs()} == {dg.DagsterRunStatus.FAILURE}
+    assert _slots(instance) == (0, 0)
+    assert recover(instance) == []  # nothing left to do, nothing said twice
+    assert capsys.readouterr().out == ""
 
-        @dg.asset(pool="gpu")
-        def quick():
-            return 1
+    @dg.asset(pool="gpu")
+    def quick():
+        return 1
 
-        assert dg.materialize([quick], instance=instance).success  # the gpu pool is free again
+    assert dg.materialize([quick], instance=instance).success  # the gpu pool is free again
 
 
-def test_the_daemon_sensor_fails_a_dead_run_and_frees_slots_of_ended_runs(tmp_path, monkeypatch):
-    home = _home(tmp_path)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with dg.DagsterInstance.get() as instance:
-        proc = subprocess.Popen([sys.executable, "-c", HOLD_GPU, "untagged"], cwd=REPO, env=env, start_new_session=True)
+def test_the_daemon_sensor_fails_dead_runs_and_frees_the_slots_of_ended_ones(instance):
+    first = _hold_gpu("untagged")
+    _wait("the first run claims the gpu slot", lambda: _slots(instance)[0] == 1)
+    _kill(first)
+    instance.report_run_failed(instance.get_runs()[0], "marked failed by hand")  # as a user would: the slot stays taken
+    second = _hold_gpu("untagged")
+    _wait("the second run waits for the slot", lambda: _slots(instance) == (1, 2))
+    _kill(second)
+    result = dead_run_recovery(dg.build_sensor_context(instance=instance))
+    assert isinstance(result, dg.SkipReason) and result.skip_message == "1 dead run(s) failed"
+    assert [r.status for r in instance.get_runs()] == [dg.DagsterRunStatus.FAILURE] * 2 and _slots(instance) == (0, 0)
+
+
+def test_a_live_run_is_left_alone(instance):
+    proc = _hold_gpu("tagged")
+    try:
         _wait("the run claims the gpu slot", lambda: _slots(instance)[0] == 1)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-        run = instance.get_runs()[0]
-        instance.report_run_failed(run, "marked failed by hand")  # as a user would: the slot stays taken
+        assert recover(instance) == [] and instance.get_runs()[0].status == dg.DagsterRunStatus.STARTED
         assert _slots(instance) == (1, 1)
-        result = dead_run_recovery(dg.build_sensor_context(instance=instance))
-        assert isinstance(result, dg.SkipReason) and result.skip_message == "no dead run"  # already failed; its slot freed
-        assert _slots(instance) == (0, 0)
-
-
-def test_a_live_run_is_left_alone(tmp_path, monkeypatch):
-    home = _home(tmp_path)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with dg.DagsterInstance.get() as instance:
-        proc = subprocess.Popen([sys.executable, "-c", HOLD_GPU, "tagged"], cwd=REPO, env=env, start_new_session=True)
-        try:
-            _wait("the run claims the gpu slot", lambda: _slots(instance)[0] == 1)
-            assert recover(instance) == [] and instance.get_runs()[0].status == dg.DagsterRunStatus.STARTED
-            assert _slots(instance) == (1, 1)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+    finally:
+        _kill(proc)
 
 
 def test_a_pid_taken_by_a_later_process_is_not_the_worker():
