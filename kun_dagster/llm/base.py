@@ -52,7 +52,7 @@ class SamplingParams:
     top_p: float = 0.95
     repetition_penalty: float = 1.2
     max_tokens: int = 1024
-    seed: int = 0  # the transformers engine seeds torch per call; vLLM uses its engine-level seed
+    seed: int = 0  # the transformers engine seeds torch per call; vLLM seeds each request from it and its prompt
     stop: tuple[str, ...] = DEFAULT_STOPS
 
 
