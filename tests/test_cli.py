@@ -94,3 +94,14 @@ def test_a_killed_kun_run_is_recovered_by_the_next(models_run, tmp_path, monkeyp
         md = instance.fetch_materializations(dg.AssetKey("labeled_pairs"), limit=1).records[0].asset_materialization.metadata
         assert md["checkpoint_batches_reused"].value == finished and md["checkpoint_batches_computed"].value > 0
         assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
+
+
+def test_validate_reaches_the_store_unless_offline(tmp_path, capsys):
+    from .conftest import free_port
+
+    port = free_port()  # nothing listens there
+    cfg = write_config(tmp_path, **{"storage.base_uri": "s3://kun/data", "storage.s3": {"endpoint_url": f"http://127.0.0.1:{port}",
+                                                                                        "max_attempts": 1, "connect_timeout": 2}})
+    assert cli.main(["validate", "--config", str(cfg)]) == cli.BAD_INPUT
+    assert f"storage.base_uri: cannot reach s3://kun/data at endpoint http://127.0.0.1:{port}" in capsys.readouterr().err
+    assert cli.main(["validate", "--config", str(cfg), "--offline"]) == cli.OK
