@@ -41,10 +41,12 @@ def engines(models_run):
     refs = models_run["refs"]
     out = {}
     for name, role, backend in (("label_vllm", "label_model", "vllm"), ("base_vllm", "base_model", "vllm"),
-                                ("label_hf", "label_model", "transformers"), ("base_hf", "base_model", "transformers")):
+                                ("label_hf", "label_model", "transformers"), ("base_hf", "base_model", "transformers"),
+                                ("label_vllm_stream", "label_model", "vllm")):
         ref = refs[role]
+        vllm_settings = {**VLLM, "seed_per_request": not name.endswith("_stream")}  # _stream: one engine-level sampling stream
         out[name] = load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend=backend, dtype="float32",
-                                           batch_size=8, extra={"vllm": VLLM}))
+                                           batch_size=8, extra={"vllm": vllm_settings}))
     yield out
     for e in out.values():
         e.close()
@@ -67,7 +69,7 @@ def test_greedy_generations_equal_the_transformers_engine(engines):
     assert sum(bool(g.text) for g in got) >= 12 and {g.finish_reason for g in got} <= {"stop", "length"}
 
 
-def test_a_sampled_row_does_not_depend_on_its_batch(engines, models_run):
+def test_a_sampled_row_does_not_depend_on_its_batch(engines):
     """Per-request seeds (the default): a partition resumed from its checkpoints, whose batches are
     recomputed in other company, samples exactly what an uninterrupted run samples."""
     vl = engines["label_vllm"]
@@ -79,14 +81,9 @@ def test_a_sampled_row_does_not_depend_on_its_batch(engines, models_run):
     assert len(set(whole)) > 6  # sampled, not greedy: the equality above is not trivial
     many = [f"（{i}）{p}" for i, p in enumerate(ps * 30)]  # ~40k prompt tokens: more than one scheduler step holds
     assert len(vl.generate(many, SamplingParams(temperature=0.5, max_tokens=4))) == len(many)  # vLLM CPU: no partial prefill
-    ref = models_run["refs"]["label_model"]  # the engine-level stream, for comparison: depends on its batch
-    stream = load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend="vllm", dtype="float32",
-                                    extra={"vllm": {**VLLM, "seed_per_request": False}}))
-    try:
-        split = [g.text for g in stream.generate(ps[:5], params) + stream.generate(ps[5:], params)]
-        assert split != [g.text for g in stream.generate(ps, params)]
-    finally:
-        stream.close()
+    stream = engines["label_vllm_stream"]  # one engine-level stream, for comparison: a row's sample depends on its batch
+    split = [g.text for g in stream.generate(ps[:5], params) + stream.generate(ps[5:], params)]
+    assert split != [g.text for g in stream.generate(ps, params)]
 
 
 @pytest.mark.parametrize("choices", [
