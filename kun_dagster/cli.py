@@ -192,6 +192,9 @@ def run(args: argparse.Namespace, demo: bool = False) -> int:
     instance_yaml = Path(__file__).resolve().parents[1] / "dagster.yaml"  # the gpu pool, run queue, retries
     if instance_yaml.is_file() and not (home / "dagster.yaml").exists():
         shutil.copy(instance_yaml, home / "dagster.yaml")
+    elif instance_yaml.is_file() and "run_monitoring" not in (home / "dagster.yaml").read_text():
+        print(f"kun: {home / 'dagster.yaml'} predates run monitoring (dead runs failed, their gpu slots freed); "
+              f"to get it: cp {instance_yaml} {home}/", file=sys.stderr)
     progress.show(args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
     from .definitions import build_definitions
 
