@@ -102,14 +102,14 @@ def _require_text(gens, what: str, model: str) -> None:
 
 
 # -- raw_corpus --------------------------------------------------------------------------------------
-def ingest(cfg: KunConfig, source_name: str, shard: int, store: Store | None = None, sink=None) -> StageResult:
+def ingest(cfg: KunConfig, source_name: str, shard: int, store: Store | None = None, sink=None, label: str = "raw_corpus") -> StageResult:
     """Every document of the source's files that fall in `shard`, read and written `batch_rows` at a
     time into `sink` (default: one in-memory frame); unreadable rows quarantined."""
     source = cfg.source(source_name)
     uri = cfg.resolve(source.uri)
     sink = sink or FrameSink()
     n_docs, bad, files = 0, [], []
-    with progress.task(f"raw_corpus {source_name}/{shard}", unit="docs") as bar:
+    with progress.task(f"{label} {source_name}/{shard}", unit="docs") as bar:
         for got in iter_shard(source, uri, shard, cfg.shards, (store or Store(cfg.storage)).options(uri), cfg.storage.batch_rows):
             sink.write(got.docs)
             n_docs, files = n_docs + len(got.docs), got.files
@@ -125,7 +125,7 @@ def corpus_texts(cfg: KunConfig, limit: int, store: Store | None = None) -> list
     texts: list[str] = []
     for source in cfg.sources:
         for shard in range(cfg.shards):
-            texts += ingest(cfg, source.name, shard, store).rows["text"].tolist()
+            texts += ingest(cfg, source.name, shard, store, label="base_model texts").rows["text"].tolist()
             if len(texts) >= limit:
                 return texts[:limit]
     return texts

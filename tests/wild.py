@@ -1,7 +1,8 @@
 """A "wild" corpus as real dumps come: texts that open with spaces or U+3000, CRLF, a BOM, NUL and
 other control characters, ANSI colour escapes; a zero-byte file, a truncated .gz, a GB18030 file,
-a UTF-16 file; ids that collide across files; text fields that are null, numbers or lists; nested
-fields; one file for every shard; and a source whose rows are all filtered out.
+a UTF-16 file, Parquet with a nested struct and nulls, zstd-compressed JSONL; ids that collide
+across files; text fields that are null, numbers or lists; nested fields; one file for every
+shard; and a source whose rows are all filtered out.
 
 `build(root)` writes it and returns the config's sources with what must happen to every row: the
 planted bad rows (stage, source, file, row, reason) and the valid rows, which must all reach
@@ -16,6 +17,10 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
 
 # Common characters and punctuation; sentences of random length, so no two texts are alike.
 _CHARS = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指几九区强放决西被干做必战先回则任取据处队南给色光门即保治北造百规热领七海口东导器压志世金增争济阶油思术极交受联什认六共权收证改清己美再采转更单风切打白教速花带安场身车例真务具万每目至达走积示议声报斗完类八离华名确才科张信马节话米整空元况今集温传土许步群广石记需段研界拉林律叫且究观越织装影算低持音众书布复容儿须际商非验连断深难近矿千周委素技备半办青省列习响约支般史感劳便团往酸历市克何除消构府称太准精值号率族维划选标写存候毛亲快效斯院查江型眼王按格养易置派层片始却专状育厂京识适属圆包火住调满县局照参红细引听该铁价严"
@@ -126,6 +131,23 @@ def build(root: Path, seed: int = 7) -> Wild:
     w.planted.append(("raw_corpus", "utf16", "dump.json", 6, "missing_text"))
     w.valid += [("utf16", str(100 + k)) for k in range(5)]
     w.sources.append({"name": "utf16", "uri": str(d / "*.json"), "format": "json", "encoding": "utf-16", "id_field": "id"})
+
+    # -- pq: Parquet with a nested struct column and nulls; pqzst: zstd-compressed JSONL ---------------
+    d = root / "pq"
+    d.mkdir()
+    rows = [{"uid": 300 + k, "meta": {"content": sentence(rng), "lang": "zh"}} for k in range(4)]
+    rows += [{"uid": 310, "meta": {"content": None, "lang": "zh"}}, {"uid": 311, "meta": None}, {"uid": None, "meta": {"content": sentence(rng), "lang": "zh"}}]
+    pq.write_table(pa.Table.from_pylist(rows), d / "part-000.parquet")
+    w.planted += [("raw_corpus", "pq", "part-000.parquet", 5, "missing_text"), ("raw_corpus", "pq", "part-000.parquet", 6, "missing_text"),
+                  ("raw_corpus", "pq", "part-000.parquet", 7, "missing_id")]
+    w.valid += [("pq", str(300 + k)) for k in range(4)]
+    zst = [{"uid": 400 + k, "meta": {"content": sentence(rng)}} for k in range(3)] + [{"uid": 400, "meta": {"content": sentence(rng)}}]
+    (d / "part-001.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in zst).encode()))
+    w.planted.append(("raw_corpus", "pqzst", "part-001.jsonl.zst", 4, "duplicate_id"))  # uid 400 is kept at row 1
+    w.valid += [("pqzst", str(400 + k)) for k in range(3)]
+    w.sources.append({"name": "pq", "uri": str(d / "part-000.parquet"), "format": "parquet", "text_field": "meta.content", "id_field": "uid"})
+    w.sources.append({"name": "pqzst", "uri": str(d / "*.jsonl.zst"), "format": "jsonl", "text_field": "meta.content", "id_field": "uid"})
 
     # -- onefile: one file for every shard (the others are empty partitions) ---------------------------
     d = root / "onefile"
