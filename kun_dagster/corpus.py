@@ -237,7 +237,7 @@ def _document(rec: dict, rel: str, row: int, source: SourceConfig) -> tuple[str,
     return doc_id, title if isinstance(title, str) and not _SURROGATE.search(title) else None, text
 
 
-def _documents(fs, path: str, rel: str, source: SourceConfig) -> Iterator[tuple]:
+def documents(fs, path: str, rel: str, source: SourceConfig) -> Iterator[tuple]:
     """("doc", row, doc_id, title, text) or ("bad", row, reason, detail, raw) for each record of one
     file. A file that breaks mid-way (a truncated archive) keeps the rows read before the break."""
     records, row = read_records(fs, path, source), 0
@@ -279,7 +279,7 @@ def first_locations(source: SourceConfig, uri: str, storage_options: dict | None
         repeated: set[str] = set()
         for path in found:
             rel = _relative(path, root)
-            for kind, row, doc_id, *_ in _documents(fs, path, rel, source):
+            for kind, row, doc_id, *_ in documents(fs, path, rel, source):
                 if kind == "doc":
                     if doc_id in first:
                         repeated.add(doc_id)
@@ -322,7 +322,7 @@ def iter_shard(source: SourceConfig, uri: str, shard: int, shards: int, storage_
         if found[path].get("size") == 0:
             reject(rel, 0, EMPTY_FILE, "the file has zero bytes", b"")
             continue
-        for kind, row, *item in _documents(fs, path, rel, source):
+        for kind, row, *item in documents(fs, path, rel, source):
             if kind == "bad":
                 reject(rel, row, *item)
                 continue

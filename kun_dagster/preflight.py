@@ -1,13 +1,17 @@
-"""What can be checked before a long run: every source's glob matches files, the seed file exists,
-each given model path holds a config and a tokenizer, the store is reachable. `kun validate` and
+"""What can be checked before a long run: every source's glob matches files whose first records
+become documents (the fields, format and encoding are right), the seed file exists, each given
+model path holds a config and a tokenizer, the store is reachable. `kun validate` and
 `kun run` report every problem at once, one line each, naming the key and the path."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
+from . import corpus
 from .config import KunConfig
 from .corpus import list_files
 from .storage import Store, StorageError, is_remote
@@ -35,6 +39,8 @@ def problems(cfg: KunConfig, offline: bool = False, env: Mapping[str, str] | Non
             continue
         if not files:
             found.append(f"sources[{i}] ({s.name}): no file matches {uri}")
+        elif problem := _first_records(s, store.options(uri), files):
+            found.append(f"sources[{i}] ({s.name}): {problem}")
 
     seed = cfg.resolve(cfg.seed.uri)
     if not skip(seed) and not _exists(store, seed):
@@ -66,6 +72,43 @@ def problems(cfg: KunConfig, offline: bool = False, env: Mapping[str, str] | Non
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             found.append(f"storage.base_uri: cannot write under {base} ({parent} is not a writable folder)")
     return found
+
+
+def _first_records(source, options: dict, files: list[tuple[str, str]], n: int = 20, most: int = 3) -> str | None:
+    """A problem when none of the first `n` records of the source's first `most` files becomes a
+    document (a misspelt text_field, the wrong format or encoding), naming the reasons and the keys
+    seen. One good record anywhere in them is enough: bad rows are for the quarantine, not a
+    reason to refuse the run."""
+    import fsspec
+
+    reasons: Counter = Counter()
+    keys: Counter = Counter()
+    for path, rel in files[:most]:
+        fs = fsspec.core.url_to_fs(path, **options)[0]
+        try:
+            for k, (kind, _row, *item) in enumerate(corpus.documents(fs, path, rel, source)):
+                if kind == "doc":
+                    return None
+                if k >= n:
+                    break
+                if item[0] == corpus.UNREADABLE_FILE:  # a broken file is data for the quarantine, not a config error
+                    continue
+                reasons[f"{item[0]} ({item[1][:80]})"] += 1
+                raw = item[2]
+                if isinstance(raw, str):  # a JSONL line
+                    try:
+                        raw = json.loads(raw)
+                    except ValueError:
+                        pass
+                if isinstance(raw, dict):
+                    keys.update(list(raw))
+        except Exception:  # noqa: BLE001 - an unreadable file is for ingest to quarantine
+            continue
+    if not reasons:
+        return None  # empty files say nothing about the fields
+    seen = f"; keys seen: {', '.join(k for k, _ in keys.most_common(8))}" if keys else ""
+    where = files[0][1] if len(files) == 1 else f"{files[0][1]} and {min(len(files), most) - 1} more file(s)"
+    return f"none of the first {sum(reasons.values())} records of {where} is a document: {reasons.most_common(1)[0][0]}{seen}"
 
 
 def _exists(store: Store, uri: str) -> bool:

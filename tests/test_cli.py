@@ -105,3 +105,18 @@ def test_validate_reaches_the_store_unless_offline(tmp_path, capsys):
     assert cli.main(["validate", "--config", str(cfg)]) == cli.BAD_INPUT
     assert f"storage.base_uri: cannot reach s3://kun/data at endpoint http://127.0.0.1:{port}" in capsys.readouterr().err
     assert cli.main(["validate", "--config", str(cfg), "--offline"]) == cli.OK
+
+
+def test_validate_reads_the_first_records_and_names_a_misspelt_field(tmp_path, capsys):
+    import json
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jsonl").write_text("".join(json.dumps({"id": i, "content": "正文"}, ensure_ascii=False) + "\n" for i in range(3)))
+    cfg = write_config(tmp_path, sources=[{"name": "web", "uri": str(tmp_path / "src" / "*.jsonl"), "format": "jsonl", "text_field": "text"}])
+    assert cli.main(["validate", "--config", str(cfg)]) == cli.BAD_INPUT
+    err = capsys.readouterr().err
+    assert "sources[0] (web): none of the first 3 records of a.jsonl is a document: missing_text (field 'text' is missing)" in err
+    assert "keys seen: id, content" in err
+    fixed = write_config(tmp_path, sources=[{"name": "web", "uri": str(tmp_path / "src" / "*.jsonl"), "format": "jsonl",
+                                             "text_field": "content"}])
+    assert cli.main(["validate", "--config", str(fixed)]) == cli.OK
