@@ -145,8 +145,8 @@ def _read_json(f, source: SourceConfig) -> Iterator[Record]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        reason, detail = (INVALID_ENCODING, _undecodable(text, source)) if _undecodable(text, source) else (INVALID_JSON, str(e))
-        yield 0, None, reason, f"whole file: {detail}", text
+        bad = _undecodable(text, source)
+        yield 0, None, INVALID_ENCODING if bad else INVALID_JSON, f"whole file: {bad or e}", text
         return
     if isinstance(data, dict):  # {"data": [...]} and similar wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -263,15 +263,15 @@ def documents(fs, path: str, rel: str, source: SourceConfig) -> Iterator[tuple]:
 _FIRST_IDS: dict[tuple, dict[str, tuple[str, int]]] = {}  # per process: one index per source listing
 
 
-def first_locations(source: SourceConfig, uri: str, storage_options: dict | None = None) -> dict[str, tuple[str, int]]:
+def first_locations(source: SourceConfig, fs, root: str, found: dict[str, dict]) -> dict[str, tuple[str, int]]:
     """For every id that more than one document of the source carries, where it is kept: the first
     valid document in (file, row) order over all the source's files. Ingest of any shard then
     quarantines the others as duplicate_id, naming that place, so ids are unique per source (what
     the release requires) whatever the shard count. Empty when ids are file:row (unique by
-    construction). Computed once per process for a given listing (paths, sizes, modification)."""
+    construction). Computed once per process for a given listing (`_glob`'s: paths, sizes,
+    modification), which the caller has already made."""
     if not source.id_field:
         return {}
-    fs, root, found = _glob(uri, storage_options)
     key = (source.model_dump_json(), tuple((p, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified")))
                                            for p, info in found.items()))
     if key not in _FIRST_IDS:
@@ -297,12 +297,12 @@ def iter_shard(source: SourceConfig, uri: str, shard: int, shards: int, storage_
     the shard. Always yields at least one batch."""
     try:
         fs, root, found = _glob(uri, storage_options)
-        kept_at = first_locations(source, uri, storage_options)
+        kept_at = first_locations(source, fs, root, found)
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
         raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e
     if not found:
         raise CorpusError(f"source {source.name}: no file matches {uri}")
-    mine = [(p, _relative(p, root)) for p in found if shard_of(_relative(p, root), shards) == shard]
+    mine = [(p, rel) for p in found if shard_of(rel := _relative(p, root), shards) == shard]
     names = [rel for _, rel in mine]
     docs: list[dict] = []
     bad: list[dict] = []

@@ -33,13 +33,13 @@ def problems(cfg: KunConfig, offline: bool = False, env: Mapping[str, str] | Non
         if skip(uri):
             continue
         try:
-            _, files = list_files(uri, store.options(uri))
+            fs, files = list_files(uri, store.options(uri))
         except Exception as e:  # noqa: BLE001 - unreachable store, bad URL: said plainly
             found.append(f"sources[{i}] ({s.name}): cannot list {uri}: {store.scrub(f'{type(e).__name__}: {e}')}")
             continue
         if not files:
             found.append(f"sources[{i}] ({s.name}): no file matches {uri}")
-        elif problem := _first_records(s, store.options(uri), files):
+        elif problem := _first_records(s, fs, files):
             found.append(f"sources[{i}] ({s.name}): {problem}")
 
     seed = cfg.resolve(cfg.seed.uri)
@@ -74,17 +74,14 @@ def problems(cfg: KunConfig, offline: bool = False, env: Mapping[str, str] | Non
     return found
 
 
-def _first_records(source, options: dict, files: list[tuple[str, str]], n: int = 20, most: int = 3) -> str | None:
+def _first_records(source, fs, files: list[tuple[str, str]], n: int = 20, most: int = 3) -> str | None:
     """A problem when none of the first `n` records of the source's first `most` files becomes a
     document (a misspelt text_field, the wrong format or encoding), naming the reasons and the keys
     seen. One good record anywhere in them is enough: bad rows are for the quarantine, not a
     reason to refuse the run."""
-    import fsspec
-
     reasons: Counter = Counter()
     keys: Counter = Counter()
     for path, rel in files[:most]:
-        fs = fsspec.core.url_to_fs(path, **options)[0]
         try:
             for k, (kind, _row, *item) in enumerate(corpus.documents(fs, path, rel, source)):
                 if kind == "doc":

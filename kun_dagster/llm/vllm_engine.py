@@ -100,8 +100,9 @@ class VLLMEngine:
         if s.seed_per_request and current_platform.is_cpu():
             # vLLM 0.32's CPU backend cannot rewind a seeded request's generator after a partial
             # prefill chunk ("CPU Generator does not use offset"): prefill each prompt whole there
-            args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(s.max_num_batched_tokens or 0, s.max_model_len or 0) or None)
-            args = {k: v for k, v in args.items() if v is not None}
+            args["enable_chunked_prefill"] = False
+            if s.max_model_len:  # a whole prompt must fit one scheduler step
+                args["max_num_batched_tokens"] = max(s.max_num_batched_tokens or 0, s.max_model_len)
         args.update(kwargs)
         try:
             self.llm = vllm.LLM(**args)
