@@ -103,7 +103,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             if rc.path:
                 return _given(kun, role, c.resolve(rc.path))
             base = kun.local_model(base_model["path"])
-            ref, report = _trained(kun, context, role, lambda out: training.fine_tune(base, out, examples(seed_data), rc.train, role))
+            ref, report = _trained(kun, context, role, lambda out: training.fine_tune(base, out, examples(seed_data), rc.train, role,
+                                                                                    c.models.keep_default_system))
             context.add_output_metadata(
                 {
                     "examples": report.examples,

@@ -27,7 +27,7 @@ WARN = {
     "raw_corpus": ["retention", "quarantine_rate"],
     "filtered_corpus": ["retention", "duplicate_rate"],
     "labeled_pairs": ["retention", "empty_output_rate"],
-    "scored_pairs": ["retention", "parse_failure_rate", "score_distribution"],
+    "scored_pairs": ["retention", "fallback_rate", "parse_failure_rate", "score_distribution"],
     "polished_pairs": ["retention", "empty_output_rate", "duplicate_rate", "faithfulness"],
     "instruction_dataset": ["retention"],
 }
@@ -39,7 +39,9 @@ DESCRIPTIONS = {
     "quarantine_rate": "Unreadable rows of the source at most checks.max_quarantine_rate.",
     "duplicate_rate": "Exact duplicates dropped at most checks.max_duplicate_rate.",
     "empty_output_rate": "Empty generations at most checks.max_empty_rate.",
-    "parse_failure_rate": "Unparsed score replies (kun_freetext) at most checks.max_parse_failure_rate.",
+    "fallback_rate": "*_choice: rows scored by free text because the chat model put under score.min_answer_mass on the "
+                     "answers, at most checks.max_fallback_rate (a high rate: the model rarely answers in the format).",
+    "parse_failure_rate": "Free-text score replies that name no answer, at most checks.max_parse_failure_rate of them.",
     "score_distribution": "Scores against the source's published partitions: KS statistic at most checks.max_score_shift.",
     "faithfulness": "Answers sharing under checks.min_overlap of their character bigrams with their source text "
                     "(likely hallucinated) at most checks.max_unfaithful_rate.",
@@ -64,7 +66,11 @@ def _findings(kun, asset: str, key, result: StageResult) -> list[quality.Finding
     found = []
     if asset == "scored_pairs":
         found.append(quality.within("retention", st.get("keep_rate"), *c.retention[asset], "keep rate"))
-        found.append(quality.rate("parse_failure_rate", st.get("parse_failures", 0), n_in, c.max_parse_failure_rate, "unparsed"))
+        free = st.get("scored_by", {}).get("freetext", 0)
+        found.append(quality.rate("fallback_rate", free, n_in if st.get("fallback_rate") is not None else 0, c.max_fallback_rate,
+                                  "scored by free text (answer mass under score.min_answer_mass)"))
+        found.append(quality.rate("parse_failure_rate", st.get("parse_failures", 0), free, c.max_parse_failure_rate,
+                                  "of the free-text replies unparsed"))
         found.append(_score_shift(kun, result.rows))
     else:
         found.append(quality.within("retention", st.get("retention"), *c.retention[asset], "retention"))

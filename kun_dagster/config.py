@@ -181,6 +181,8 @@ class ModelsConfig(_Section):
     base: BaseModelConfig = BaseModelConfig()
     label: RoleConfig = RoleConfig.model_validate(ROLE_DEFAULTS["label"])
     chat: RoleConfig = RoleConfig.model_validate(ROLE_DEFAULTS["chat"])
+    keep_default_system: bool = Field(False, description="keep a chat template's own default system message (Qwen2.5's) "
+                                                         "in prompts, training and inference alike; Kun's prompts have none")
 
     @model_validator(mode="before")
     @classmethod
@@ -207,18 +209,31 @@ class LabelConfig(_Section):
     whitespace_run: int = Field(5, ge=2, description="cut an instruction at a run of this many whitespace characters")
 
 
+SCORE_METHODS = ("kun_choice", "kun_freetext", "humpback_choice", "humpback_freetext")
+
+
 class ScoreConfig(_Section):
-    method: Literal["kun_choice", "kun_freetext", "humpback_choice"] = "kun_choice"
+    """How the chat model scores (scoring.py). *_choice read the answers' probabilities and fall back
+    to generate-and-parse where the model puts little mass on them; *_freetext always generate."""
+
+    method: Literal[SCORE_METHODS] = "kun_choice"
     threshold: float | None = Field(
-        None, description="kun_choice: P(【好】) >= threshold (0.5); humpback_choice: expected 1-5 score >= threshold (4.5); kun_freetext: ignored"
-    )
+        None, description="kept iff score >= threshold. kun_*: 0-1, P(【好】) among the two answers, or 1/0 parsed (0.5); "
+                          "humpback_*: the 1-5 score, most likely or parsed (5, Humpback's k)")
+    min_answer_mass: float = Field(
+        0.5, ge=0, le=1, description="*_choice: rows whose P(reply opens with an answer) is below this are scored by free text")
+    exact: bool = Field(False, description="*_choice: sum every answer token (prompt logprobs) instead of the shared "
+                                           "opening and the first differing token (one decode step each)")
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        return (1.0, 5.0) if self.method.startswith("humpback") else (0.0, 1.0)
 
     @model_validator(mode="after")
     def _threshold(self) -> ScoreConfig:
-        default = {"kun_choice": 0.5, "kun_freetext": 1.0, "humpback_choice": 4.5}[self.method]
         if self.threshold is None:
-            object.__setattr__(self, "threshold", default)
-        lo, hi = (1.0, 5.0) if self.method == "humpback_choice" else (0.0, 1.0)
+            object.__setattr__(self, "threshold", 5.0 if self.method.startswith("humpback") else 0.5)
+        lo, hi = self.scale
         if not lo <= self.threshold <= hi:
             raise ValueError(f"threshold {self.threshold} is outside [{lo}, {hi}] for method {self.method}")
         return self
@@ -229,6 +244,8 @@ class PolishConfig(_Section):
     banned_keywords: list[str] = Field(default_factory=lambda: list(KUN_OUTPUT_KEYWORDS))
     min_output_chars: int = Field(20, ge=0)
     max_phrase_repeats: int = Field(6, ge=2, description="drop outputs that start with a phrase repeated this often")
+    min_phrase_chars: int = Field(2, ge=1, description="a repeated phrase has at least this many characters, not all one "
+                                                       "character: ------, …… and 哈哈哈 are not phrases")
     dedup_outputs: bool = True  # Humpback dedups; Kun does not
 
 
@@ -251,7 +268,8 @@ class ChecksConfig(_Section):
     max_quarantine_rate: float = Field(0.1, ge=0, le=1, description="raw_corpus rows unreadable")
     max_duplicate_rate: float = Field(0.3, ge=0, le=1)
     max_empty_rate: float = Field(0.05, ge=0, le=1, description="generations that came back empty")
-    max_parse_failure_rate: float = Field(0.1, ge=0, le=1, description="kun_freetext replies that did not parse")
+    max_parse_failure_rate: float = Field(0.1, ge=0, le=1, description="free-text score replies that did not parse")
+    max_fallback_rate: float = Field(0.2, ge=0, le=1, description="*_choice rows scored by free text (answer mass too low)")
     max_score_shift: float = Field(0.3, ge=0, le=1, description="KS statistic against the source's published scores")
     min_overlap: float = Field(0.3, ge=0, le=1, description="share of an answer's character bigrams found in its source text")
     max_unfaithful_rate: float = Field(0.2, ge=0, le=1, description="answers under min_overlap (likely hallucinated)")

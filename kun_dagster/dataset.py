@@ -14,7 +14,7 @@ from . import quality, storage
 from .config import KunConfig
 
 COIG_COLUMNS = ["instruction", "input", "output", "task_type", "domain", "answer_from", "human_verified", "copyright"]
-PROVENANCE_COLUMNS = ["source", "doc_id", "file", "row", "score", "score_method", "label_model", "chat_model"]
+PROVENANCE_COLUMNS = ["source", "doc_id", "file", "row", "score", "score_method", "score_rule", "label_model", "chat_model"]
 # The partitioned stages, in order, as (asset, what its rows are).
 STAGES = [
     ("raw_corpus", "documents read"),
@@ -44,6 +44,7 @@ def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model
         "row": polished["row"].astype("int64"),
         "score": polished["score"].astype(float),
         "score_method": polished["score_method"].astype(str),
+        "score_rule": polished["score_rule"].astype(str),
         "label_model": label_model,
         "chat_model": chat_model,
     })

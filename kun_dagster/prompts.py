@@ -1,5 +1,7 @@
 """The Kun and Humpback prompts (reference/kun_prompts.json, from COIG-Kun @ a9c6df1), rendered
-through the model's own chat template as one user turn with no system message."""
+as one user turn with no system message, in the format the model was trained with: its chat
+template when it has one (less any default system message the template would add), else Kun's
+literal ChatML. Training (training.py) renders through the same `chat`, so the two never differ."""
 
 from __future__ import annotations
 
@@ -9,6 +11,11 @@ from importlib import resources
 
 KUN_GOOD, KUN_BAD = "【好】", "【差】"
 HUMPBACK_SCORES = ("1", "2", "3", "4", "5")
+# Kun's CHATML as its Conversation.get_prompt writes it (reference/kun_prompts.json, rendered_Yi-*):
+# no newline after the role; each turn closed by <|im_end|> and a newline.
+KUN_CHATML_USER = "<|im_start|>user{user}<|im_end|>\n<|im_start|>assistant\n"
+KUN_CHATML_END = "<|im_end|>\n"
+_SENTINEL, _USER = "\x00kun-system\x00", "\x00kun-user\x00"
 
 
 @lru_cache(maxsize=1)
@@ -29,10 +36,61 @@ def humpback_prompt_text() -> str:
     return templates()[key]
 
 
-def render(tokenizer, user: str, assistant_prefix: str = "") -> str:
-    """The chat-template rendering of one user turn, ready for the assistant's reply."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-    return text + assistant_prefix
+def _apply(tokenizer, messages: list[dict], generation: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+_SYSTEM_TURNS: dict[str, tuple[int, str]] = {}
+
+
+def _default_system_turn(tokenizer) -> tuple[int, str]:
+    """(where, turn): the system turn a chat template adds when a conversation has none (Qwen2.5's
+    "You are Qwen, created by Alibaba Cloud. ..."), and its offset in the rendering; (0, "") when
+    it adds none. Found by rendering once with a system message of our own: the template's turn
+    stands where ours does. The turn's header is the user turn's header with the role renamed,
+    which places its start."""
+    template = tokenizer.chat_template
+    if template in _SYSTEM_TURNS:
+        return _SYSTEM_TURNS[template]
+    user = [{"role": "user", "content": _USER}]
+    plain, found = _apply(tokenizer, user, True), (0, "")
+    try:
+        ours = _apply(tokenizer, [{"role": "system", "content": _SENTINEL}] + user, True)
+    except Exception:  # noqa: BLE001 - a template that refuses system messages adds none itself
+        ours = ""
+    if _SENTINEL in ours and _USER in ours:
+        before, after = ours.split(_SENTINEL, 1)
+        default = plain[len(before) : len(plain) - len(after)] if plain.startswith(before) and plain.endswith(after) else ""
+        between = after[: after.index(_USER)]  # the system footer, then the user header
+        for k in range(len(between)) if default else ():
+            header = between[k:].replace("user", "system", 1)
+            if "user" in between[k:] and before.endswith(header):
+                start = len(before) - len(header)
+                found = (start, plain[start : len(plain) - len(after) + k])
+                break
+    _SYSTEM_TURNS[template] = found
+    return found
+
+
+def chat(tokenizer, user: str, assistant: str | None = None, keep_system: bool = False) -> str:
+    """One user turn ready for the reply (assistant None), or the whole exchange (training).
+
+    With no chat template (a base such as Yi's), Kun's literal ChatML; a template's default system
+    message is left out unless keep_system."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        prompt = KUN_CHATML_USER.replace("{user}", user)
+        return prompt if assistant is None else prompt + assistant + KUN_CHATML_END
+    messages = [{"role": "user", "content": user}] + ([] if assistant is None else [{"role": "assistant", "content": assistant}])
+    text = _apply(tokenizer, messages, assistant is None)
+    where, turn = (0, "") if keep_system else _default_system_turn(tokenizer)
+    if turn and text[where : where + len(turn)] == turn:
+        text = text[:where] + text[where + len(turn) :]
+    return text
+
+
+def render(tokenizer, user: str, assistant_prefix: str = "", keep_system: bool = False) -> str:
+    """The prompt for one user turn, ready for the assistant's reply (which opens with assistant_prefix)."""
+    return chat(tokenizer, user, keep_system=keep_system) + assistant_prefix
 
 
 # User turns, without the chat template (training renders them with their answers).
@@ -52,26 +110,26 @@ def humpback_user(instruction: str, answer: str) -> str:
     return f"{humpback_prompt_text()}\n\n指令：{instruction}\n\n答案：{answer}"
 
 
-HUMPBACK_PREFIX = "得分："  # the reply opens at the score, so choice_probs reads 1..5 directly
+HUMPBACK_PREFIX = "得分："  # the probability path opens the reply at the score and reads the digit after it
 
 
 def n_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def answer_prompt(tokenizer, text: str, instruction: str, budget: int) -> tuple[str, bool] | None:
+def answer_prompt(tokenizer, text: str, instruction: str, budget: int, keep_system: bool = False) -> tuple[str, bool] | None:
     """The polishment prompt with the instruction cut so the whole prompt fits `budget` tokens.
 
     Returns (prompt, truncated), or None when the text alone leaves no room for an instruction.
     """
-    full = render(tokenizer, answer_user(text, instruction))
+    full = render(tokenizer, answer_user(text, instruction), keep_system=keep_system)
     if n_tokens(tokenizer, full) <= budget:
         return full, False
-    room = budget - n_tokens(tokenizer, render(tokenizer, answer_user(text, "")))
+    room = budget - n_tokens(tokenizer, render(tokenizer, answer_user(text, ""), keep_system=keep_system))
     ids = tokenizer(instruction, add_special_tokens=False)["input_ids"]
     while room > 0:
         cut = tokenizer.decode(ids[:room], skip_special_tokens=True).rstrip("\ufffd")
-        prompt = render(tokenizer, answer_user(text, cut))
+        prompt = render(tokenizer, answer_user(text, cut), keep_system=keep_system)
         if cut and n_tokens(tokenizer, prompt) <= budget:
             return prompt, True
         room -= 1

@@ -20,6 +20,7 @@ from pandera.typing import Series
 
 from .config import KunConfig, ScoreConfig
 from .corpus import QUARANTINE_COLUMNS
+from .scoring import SCORE_RULES
 from .text import NON_SPACE
 
 # Holds a non-space character anywhere: str_contains searches (str_matches would anchor at the start
@@ -54,15 +55,23 @@ class LabeledPairs(FilteredCorpus):
 SCORE_METHODS = list(get_args(ScoreConfig.model_fields["method"].annotation))  # the methods kun.yaml accepts
 
 
+PROBABILITY = {"ge": 0, "le": 1 + 1e-6, "nullable": True}  # NaN where the method reads none (free text)
+
+
 class ScoredPairs(LabeledPairs):
-    score: Series[float] = pa.Field(nullable=True)  # NaN: a kun_freetext reply that did not parse
-    score_reply: Series[str] = pa.Field(nullable=True)  # kun_freetext's reply; null for the choice methods
+    p_good: Series[float] = pa.Field(**PROBABILITY)  # P(reply opens with 【好】) (Humpback: a digit >= k)
+    p_bad: Series[float] = pa.Field(**PROBABILITY)
+    answer_mass: Series[float] = pa.Field(**PROBABILITY)  # P(reply opens with any answer)
+    score: Series[float] = pa.Field(nullable=True)  # NaN: a free-text reply that did not parse
+    score_rule: Series[str] = pa.Field(isin=SCORE_RULES)  # probability, or freetext (generated and parsed)
+    score_reply: Series[str] = pa.Field(nullable=True)  # the free-text reply; null where probability scored
     keep: Series[bool]
     score_method: Series[str] = pa.Field(isin=SCORE_METHODS)
 
 
 class PolishedPairs(LabeledPairs):
     score: Series[float] = pa.Field(nullable=True)
+    score_rule: Series[str] = pa.Field(isin=SCORE_RULES)
     score_method: Series[str] = pa.Field(isin=SCORE_METHODS)
     output: Series[str] = pa.Field(**NON_EMPTY)
     instruction_truncated: Series[bool]
@@ -87,6 +96,7 @@ class InstructionDataset(pa.DataFrameModel):
     row: Series[int] = pa.Field(ge=0)
     score: Series[float] = pa.Field(nullable=True)
     score_method: Series[str] = pa.Field(isin=SCORE_METHODS)
+    score_rule: Series[str] = pa.Field(isin=SCORE_RULES)
     label_model: Series[str]
     chat_model: Series[str]
 
@@ -151,8 +161,7 @@ def schema(asset: str, cfg: KunConfig) -> pa.DataFrameSchema:
     s = _add(s, "n_tokens", pa.Check.le(cfg.filter.max_tokens, name="within_token_limit"))
     if asset != "instruction_dataset":  # its instructions are polished_pairs', already checked
         s = _add(s, "instruction", _no_keyword(cfg.label.banned_keywords, "no_banned_keyword"))
-    lo, hi = (1.0, 5.0) if cfg.score.method == "humpback_choice" else (0.0, 1.0)
-    s = _add(s, "score", pa.Check.in_range(lo, hi, name="within_score_scale"))
+    s = _add(s, "score", pa.Check.in_range(*cfg.score.scale, name="within_score_scale"))
     s = _add(s, "output", pa.Check.str_length(min_value=max(cfg.polish.min_output_chars, 1), name="min_output_chars"),
              _no_keyword(cfg.polish.banned_keywords, "no_banned_output_keyword"))
     return s

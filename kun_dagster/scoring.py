@@ -1,27 +1,33 @@
-"""Scores for the point stage.
+"""Scores for the point stage, and what each one means.
 
-Kun scores the instruction alone, binary 【好】/【差】. Reading the probability of each answer string
-as the continuation of the prompt (choice_probs) gives every row a score and no reply to parse.
-Kun's own free-text parse and Humpback's 1-5 pair scoring are options.
+Kun's rule: the chat model replies to the point prompt, and an instruction is kept iff the reply
+contains 【好】 and not 【差】. Generating and parsing a reply per row is slow, so the default reads
+the same decision from the probabilities of the two replies: P(【好】) and P(【差】) as the reply's
+opening. That stands for Kun's rule only where the model would actually open its reply with one of
+them: their sum, the answer mass, says how much of the model's reply distribution the two answers
+cover. Rows with answer_mass >= score.min_answer_mass are scored by probability; the rest by Kun's
+rule itself (generate, then parse), in the same step. Renormalising over the two answers alone, as
+an earlier version did, made a model that would write neither answer look certain (score 1.0 on a
+mass of e^-59).
+
+Humpback's rule is the same shape: the 5-point prompt, the reply parsed for its final `得分：N`
+(Score: N); the probability path reads the digit after an assistant prefix `得分：`.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
+from . import prompts
 from .prompts import KUN_BAD, KUN_GOOD
 
-
-def kun_choice_score(probs: np.ndarray) -> np.ndarray:
-    """P(【好】) from choice_probs over (【好】, 【差】)."""
-    return probs[:, 0]
-
-
-def humpback_expected_score(probs: np.ndarray) -> np.ndarray:
-    """Expected 1-5 score from choice_probs over ('1'..'5')."""
-    return probs @ np.arange(1, probs.shape[1] + 1, dtype=float)
+PROBABILITY, FREETEXT = "probability", "freetext"  # the rule that scored a row (column score_rule)
+SCORE_RULES = (PROBABILITY, FREETEXT)
 
 
 def parse_kun_reply(reply: str) -> float:
@@ -33,6 +39,58 @@ def parse_kun_reply(reply: str) -> float:
     if bad:
         return 0.0
     return math.nan
+
+
+_HUMPBACK_SCORE = re.compile(r"(?:得分|分数|评分|Score)\s*[:：]\s*[<＜]?\s*([1-5])(?![0-9])", re.IGNORECASE)
+
+
+def parse_humpback_reply(reply: str) -> float:
+    """Humpback's rule: the reasoning, then `得分：N` (Score: N) on the last line; the last such N,
+    NaN when the reply has none."""
+    found = _HUMPBACK_SCORE.findall(reply)
+    return float(found[-1]) if found else math.nan
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a method asks the chat model and reads its answer."""
+
+    name: str
+    choices: tuple[str, ...]  # the answers the probability path reads
+    prefix: str  # the assistant's reply opens with this on the probability path
+    user: Callable[[str, str], str]  # (instruction, text) -> the user turn
+    parse: Callable[[str], float]  # a free-text reply -> its score, NaN when it has none
+    scale: tuple[float, float]
+
+
+KUN = Rule("kun", (KUN_GOOD, KUN_BAD), "", lambda instruction, text: prompts.point_user(instruction), parse_kun_reply, (0.0, 1.0))
+HUMPBACK = Rule("humpback", prompts.HUMPBACK_SCORES, prompts.HUMPBACK_PREFIX, prompts.humpback_user, parse_humpback_reply, (1.0, 5.0))
+
+
+def rule(method: str) -> Rule:
+    return HUMPBACK if method.startswith("humpback") else KUN
+
+
+def uses_probability(method: str) -> bool:
+    return method.endswith("_choice")
+
+
+def from_logprobs(logprobs: np.ndarray, r: Rule, threshold: float) -> dict[str, np.ndarray]:
+    """Per row: answer_mass (the probability that the reply opens with one of the answers), p_good
+    and p_bad (the mass on answers that reach / miss the threshold: 【好】 / 【差】, or digits >= k /
+    < k), and the score the probability path gives: P(【好】) / answer_mass (so 0.5 means the
+    model is as likely to write either), or the most likely digit (Humpback keeps at k on it)."""
+    p = np.exp(np.asarray(logprobs, dtype=float).reshape(-1, len(r.choices)))
+    mass = p.sum(axis=1)
+    if r is KUN:
+        good, bad = p[:, 0], p[:, 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = np.where(mass > 0, good / np.where(mass > 0, mass, 1), np.nan)
+    else:
+        values = np.array([float(c) for c in r.choices])
+        good, bad = p[:, values >= threshold].sum(axis=1), p[:, values < threshold].sum(axis=1)
+        score = np.where(mass > 0, values[p.argmax(axis=1)], np.nan)
+    return {"p_good": good, "p_bad": bad, "answer_mass": mass, "score": score}
 
 
 def keep(scores: np.ndarray, threshold: float) -> np.ndarray:

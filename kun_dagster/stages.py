@@ -196,18 +196,22 @@ def _filter_batch(docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg:
 
 # -- labeled_pairs -----------------------------------------------------------------------------------
 def clean_instruction(text: str, whitespace_run: int) -> str:
-    """Kun's cut at a whitespace run and repeated-line repair, on the stripped reply: a model that
-    opens with newlines has still written its instruction."""
+    """Kun's cut at a whitespace run and repeated-line repair, on the stripped instruction: a model
+    that opens with newlines has still written its instruction. Kun cleans after scoring (polish
+    does it here), so the scorer sees what the point prompt's 【差】 examples teach it to reject."""
     return repair_repeated_lines(cut_at_whitespace_run(text.strip(), whitespace_run)).rstrip()
 
 
 def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     """The label model writes the instruction each text answers; instructions that point at
-    context the reader will not have (banned keywords) are dropped."""
+    context the reader will not have (banned keywords) are dropped. The instruction is kept as the
+    model wrote it, less trailing whitespace (Kun's instruction filter): scoring reads it raw."""
     df = docs.copy()
-    gens = engine.generate([prompts.render(engine.tokenizer, prompts.label_user(t)) for t in df["text"]], sampling_params(cfg))
+    keep_system = cfg.models.keep_default_system
+    gens = engine.generate([prompts.render(engine.tokenizer, prompts.label_user(t), keep_system=keep_system) for t in df["text"]],
+                           sampling_params(cfg))
     _require_text(gens, "labeled_pairs", engine.model_name)
-    df["instruction"] = pd.Series([clean_instruction(g.text, cfg.label.whitespace_run) for g in gens], index=df.index, dtype=object)
+    df["instruction"] = pd.Series([g.text.rstrip() for g in gens], index=df.index, dtype=object)
     df["label_tokens"] = [g.num_tokens for g in gens]
     df["label_finish"] = [g.finish_reason for g in gens]
     reason, detail = _no_reasons(df)
@@ -229,35 +233,46 @@ def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
 
 # -- scored_pairs ------------------------------------------------------------------------------------
 def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
-    """Every row comes out with its score and keep flag (a new threshold needs no re-scoring)."""
-    df = pairs.copy()
-    method, tok = cfg.score.method, engine.tokenizer
+    """Every row comes out with its score, the rule that scored it and its keep flag (scoring.py).
+
+    *_choice: one probability read per row (the answers' shared opening, then the token where
+    they differ); rows where the model puts less than min_answer_mass on the answers are scored by
+    the method's own free-text rule, generated in the same step. *_freetext: every row generated
+    and parsed."""
+    sc, tok, keep_system = cfg.score, engine.tokenizer, cfg.models.keep_default_system
+    rule = scoring.rule(sc.method)
+    df = pairs.copy().reset_index(drop=True)
+    users = [rule.user(s, t) for s, t in zip(df["instruction"], df["text"])]
+    for col in ("p_good", "p_bad", "answer_mass"):
+        df[col] = np.nan
+    df["score"] = np.nan
+    df["score_rule"] = scoring.FREETEXT
     df["score_reply"] = None
-    if method == "kun_choice":
-        probs = engine.choice_probs([prompts.render(tok, prompts.point_user(s)) for s in df["instruction"]],
-                                    [prompts.KUN_GOOD, prompts.KUN_BAD])
-        df["score"] = scoring.kun_choice_score(probs) if len(df) else []
-    elif method == "humpback_choice":
-        probs = engine.choice_probs(
-            [prompts.render(tok, prompts.humpback_user(s, t), prompts.HUMPBACK_PREFIX) for s, t in zip(df["instruction"], df["text"])],
-            list(prompts.HUMPBACK_SCORES))
-        df["score"] = scoring.humpback_expected_score(probs) if len(df) else []
-    else:  # kun_freetext: Kun's released behaviour, generate and parse
-        gens = engine.generate([prompts.render(tok, prompts.point_user(s)) for s in df["instruction"]], sampling_params(cfg))
+    if scoring.uses_probability(sc.method) and len(df):
+        lp = engine.choice_logprobs([prompts.render(tok, u, rule.prefix, keep_system) for u in users], list(rule.choices), exact=sc.exact)
+        for col, values in scoring.from_logprobs(lp, rule, sc.threshold).items():
+            df[col] = values
+        df.loc[df["answer_mass"] >= sc.min_answer_mass, "score_rule"] = scoring.PROBABILITY
+    free = df.index[df["score_rule"] == scoring.FREETEXT]
+    if len(free):
+        gens = engine.generate([prompts.render(tok, users[i], keep_system=keep_system) for i in free], sampling_params(cfg))
         _require_text(gens, "scored_pairs", engine.model_name)
-        df["score_reply"] = [g.text for g in gens]
-        df["score"] = [scoring.parse_kun_reply(g.text) for g in gens]
+        df.loc[free, "score_reply"] = pd.Series([g.text for g in gens], index=free, dtype=object)
+        df.loc[free, "score"] = [rule.parse(g.text) for g in gens]
     df["score"] = df["score"].astype(float)
-    df["keep"] = scoring.keep(df["score"].to_numpy(), cfg.score.threshold) if len(df) else []
-    df["score_method"] = method
-    lo, hi = (1, 5) if method == "humpback_choice" else (0, 1)
+    df["keep"] = scoring.keep(df["score"].to_numpy(), sc.threshold) if len(df) else []
+    df["score_method"] = sc.method
+    lo, hi = sc.scale
     hist, edges = np.histogram(df["score"].dropna(), bins=10, range=(lo, hi))
+    by_rule = df["score_rule"].value_counts()
     stats = {"rows_in": len(df), "rows_out": len(df), "kept": int(df["keep"].sum()),
              "keep_rate": round(float(df["keep"].mean()), 4) if len(df) else None,
-             "parse_failures": int(df["score"].isna().sum()), "threshold": cfg.score.threshold,
+             "scored_by": {r: int(by_rule.get(r, 0)) for r in scoring.SCORE_RULES},
+             "fallback_rate": round(len(free) / len(df), 4) if len(df) and scoring.uses_probability(sc.method) else None,
+             "answer_mass": _summary(df["answer_mass"], 4),
+             "parse_failures": int(df.loc[free, "score"].isna().sum()), "threshold": sc.threshold,
              "histogram": {f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(h) for i, h in enumerate(hist)}}
-    empty = quarantine_frame([])
-    return StageResult(rows=df.reset_index(drop=True), dropped=empty, stats=stats)
+    return StageResult(rows=df, dropped=quarantine_frame([]), stats=stats)
 
 
 # -- polished_pairs ----------------------------------------------------------------------------------
@@ -273,7 +288,7 @@ def output_reason(output: str, cfg: KunConfig) -> tuple[str, str] | None:
         return BANNED_KEYWORD, f"output contains {kw!r}"
     if len(output) < p.min_output_chars:
         return TOO_SHORT, f"{len(output)} characters < {p.min_output_chars}"
-    if starts_with_repeated_phrase(output, p.max_phrase_repeats):
+    if starts_with_repeated_phrase(output, p.max_phrase_repeats, p.min_phrase_chars):
         return REPEATED_PHRASE, f"opens with a phrase repeated {p.max_phrase_repeats}+ times"
     return None
 
@@ -281,10 +296,14 @@ def output_reason(output: str, cfg: KunConfig) -> tuple[str, str] | None:
 def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     """The chat model rewrites each kept text into an answer to its instruction (answer polishment)."""
     df = scored[scored["keep"].astype(bool)].drop(columns=["keep", "score_reply"], errors="ignore").reset_index(drop=True)
+    df["instruction"] = df["instruction"].map(lambda s: clean_instruction(s, cfg.label.whitespace_run)).astype(object)
     reason, detail = _no_reasons(df)
-    built = [prompts.answer_prompt(engine.tokenizer, t, s, cfg.polish.prompt_token_budget) for t, s in zip(df["text"], df["instruction"])]
+    reason[df["instruction"].str.len() == 0] = EMPTY_AFTER_CLEAN
+    built = [None if reason[i] is not None else
+             prompts.answer_prompt(engine.tokenizer, t, s, cfg.polish.prompt_token_budget, cfg.models.keep_default_system)
+             for i, t, s in zip(df.index, df["text"], df["instruction"])]
     for i, b in enumerate(built):
-        if b is None:
+        if b is None and reason[i] is None:
             reason[i], detail[i] = PROMPT_OVER_BUDGET, f"the text alone fills the {cfg.polish.prompt_token_budget}-token budget"
     todo = [i for i in df.index if reason[i] is None]
     gens = engine.generate([built[i][0] for i in todo], sampling_params(cfg))

@@ -80,10 +80,18 @@ def repair_repeated_lines(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(out)).strip()
 
 
-def starts_with_repeated_phrase(text: str, times: int = 6, max_phrase: int = 50) -> bool:
-    """True when the text opens with one phrase said `times` or more times in a row."""
-    pattern = r"^(.{1,%d}?)\1{%d,}" % (max_phrase, times - 1)
-    return re.match(pattern, text.lstrip(), flags=re.DOTALL) is not None
+def starts_with_repeated_phrase(text: str, times: int = 6, min_chars: int = 2, max_chars: int = 50) -> bool:
+    """True when the text opens with one phrase said `times` or more times in a row (a model stuck
+    in a loop). A phrase has min_chars to max_chars characters and is not one character over and
+    over: ------, …… or 哈哈哈哈哈哈 are punctuation or laughter, not a repeated phrase."""
+    text = text.lstrip()
+    for n in range(max(1, min_chars), max_chars + 1):
+        phrase = text[:n]
+        if len(phrase) < n or n * times > len(text):
+            break
+        if len(set(phrase)) > 1 and text.startswith(phrase * times):
+            return True
+    return False
 
 
 def strip_stop_strings(text: str, stops: tuple[str, ...]) -> str:

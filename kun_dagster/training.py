@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 from . import progress
 from .config import TinyBaseSettings, TrainSettings
 from .model_store import MODEL_CARD
-from .prompts import label_user
+from .prompts import chat, label_user
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +124,11 @@ def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=N
     return model, loss, curve
 
 
-def sft_features(tokenizer, user: str, assistant: str, max_length: int) -> dict:
-    """input_ids of the rendered conversation, labels -100 over the prompt (loss on the reply only)."""
-    messages = [{"role": "user", "content": user}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": assistant}], tokenize=False)
+def sft_features(tokenizer, user: str, assistant: str, max_length: int, keep_system: bool = False) -> dict:
+    """input_ids of the rendered conversation, labels -100 over the prompt (loss on the reply only).
+    Rendered by prompts.chat, as inference renders it."""
+    prompt = chat(tokenizer, user, keep_system=keep_system)
+    full = chat(tokenizer, user, assistant, keep_system=keep_system)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently with and without a reply; cannot mask it")
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -196,8 +196,10 @@ def chat_examples(seeds: pd.DataFrame) -> list[tuple[str, str]]:
     return [(_prompt_of(i, inp), o) for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])]
 
 
-def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[str, str]], settings: TrainSettings, role: str) -> TrainReport:
-    """SFT with the loss on the assistant turn only."""
+def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[str, str]], settings: TrainSettings, role: str,
+              keep_system: bool = False) -> TrainReport:
+    """SFT with the loss on the assistant turn only, in the prompt format inference uses (a base
+    without a chat template: Kun's literal ChatML)."""
     import time
 
     import torch
@@ -210,10 +212,8 @@ def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[st
     tmp = _staging(final)
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{role}: base model at {base_dir} has no chat template; give it one or use a chat-capable base")
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if _cuda() else torch.float32)
-    data = [sft_features(tokenizer, u, a, settings.max_length) for u, a in examples]
+    data = [sft_features(tokenizer, u, a, settings.max_length, keep_system) for u, a in examples]
     peft_config = None
     if settings.lora:
         from peft import LoraConfig

@@ -28,6 +28,8 @@ class ScriptedEngine:
     model_name = "scripted"
 
     def __init__(self, replies=(), probs=(), ppl=()):
+        """probs: per prompt, the probability of each answer as the reply's opening (their sum is
+        the answer mass; what is left the model would put on other replies)."""
         self.tokenizer = tokenizer()
         self.replies, self.probs, self.ppl = list(replies), probs, ppl
         self.prompts: list[str] = []
@@ -38,9 +40,11 @@ class ScriptedEngine:
         assert len(out) == len(prompts), "script ran out of replies"
         return [Generation(text=t, num_tokens=len(t), finish_reason="stop") for t in out]
 
-    def choice_probs(self, prompts, choices):
+    def choice_logprobs(self, prompts, choices, exact=False):
         self.prompts += prompts
-        return np.asarray(self.probs[: len(prompts)], dtype=float).reshape(len(prompts), len(choices))
+        got, self.probs = self.probs[: len(prompts)], self.probs[len(prompts):]
+        with np.errstate(divide="ignore"):
+            return np.log(np.asarray(got, dtype=float).reshape(len(prompts), len(choices)))
 
     def perplexity(self, texts):
         return np.asarray(self.ppl[: len(texts)], dtype=float)

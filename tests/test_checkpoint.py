@@ -26,9 +26,9 @@ class CountingEngine:
         self._call(prompts)
         return [Generation(f"{p}!{params.temperature}", len(p), "stop") for p in prompts]
 
-    def choice_probs(self, prompts, choices):
+    def choice_logprobs(self, prompts, choices, exact=False):
         self._call(prompts)
-        return np.asarray([[len(p) / 10, 1 - len(p) / 10] for p in prompts])
+        return np.log([[len(p) / 10, 1 - len(p) / 10] for p in prompts]) - (1.0 if exact else 0.0)
 
     def perplexity(self, texts):
         self._call(texts)
@@ -73,10 +73,12 @@ def test_changed_input_or_parameters_are_computed_afresh(tmp_path):
 
 def test_scores_and_perplexities_round_trip_including_nan(tmp_path):
     d = UPath(tmp_path)
-    probs = Checkpointed(CountingEngine(), d, rows=4).choice_probs(PROMPTS, ["a", "b"])
+    probs = Checkpointed(CountingEngine(), d, rows=4).choice_logprobs(PROMPTS, ["a", "b"])
     back = Checkpointed(CountingEngine(), d, rows=4)
-    np.testing.assert_array_equal(back.choice_probs(PROMPTS, ["a", "b"]), probs)
+    np.testing.assert_array_equal(back.choice_logprobs(PROMPTS, ["a", "b"]), probs)
     assert back.engine.calls == [] and probs.shape == (10, 2)
+    assert (back.choice_logprobs(PROMPTS, ["a", "b"], exact=True) < probs).all()  # the exact path is its own batches
+    assert len(back.engine.calls) == 3
     texts = ["ab", "nan", "abcd"]
     ppl = Checkpointed(CountingEngine(), d, rows=2).perplexity(texts)
     again = Checkpointed(CountingEngine(), d, rows=2).perplexity(texts)

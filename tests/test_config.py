@@ -26,7 +26,8 @@ def test_defaults_are_kuns():
     assert cfg.models.label.train.learning_rate == 1e-5
     assert cfg.polish.banned_keywords == ["作为", "根据", "知识库", "2023", "抱歉"]
     assert cfg.score.method == "kun_choice" and cfg.score.threshold == 0.5
-    assert parse_config({**MINIMAL, "score": {"method": "humpback_choice"}}, env={}).score.threshold == 4.5
+    assert cfg.score.min_answer_mass == 0.5 and not cfg.score.exact and cfg.polish.min_phrase_chars == 2
+    assert parse_config({**MINIMAL, "score": {"method": "humpback_choice"}}, env={}).score.threshold == 5  # Humpback's k
 
 
 @pytest.mark.parametrize("patch, key, words", [

@@ -11,23 +11,29 @@ from kun_dagster.llm.base import EngineSpec
 pytestmark = pytest.mark.slow
 
 
-def test_choice_probs_are_normalised_continuation_probabilities(label_engine):
+def _by_hand(model, tok, prompt: str, c_ids: list[int]) -> float:
+    """log P(answer tokens | prompt) the slow way: the whole sequence through the model, answer tokens summed."""
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logits = model(torch.tensor([p_ids + c_ids])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    return sum(logp[len(p_ids) - 1 + i, t].item() for i, t in enumerate(c_ids))
+
+
+def test_choice_logprobs_are_the_answers_continuation_logprobs(label_engine):
     eng = label_engine
-    ps = [prompts.render(eng.tokenizer, prompts.point_user(s)) for s in ("什么是复利？", "你认识黄丰吗？")]
-    probs = eng.choice_probs(ps, ["【好】", "【差】"])
-    assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1.0)
-    # the same figure by hand: sum of the answer tokens' log-probs after the prompt
-    tok, model = eng.tokenizer, eng.model
-    lps = []
-    for choice in ("【好】", "【差】"):
-        p_ids = tok(ps[0], add_special_tokens=False)["input_ids"]
-        c_ids = tok(choice, add_special_tokens=False)["input_ids"]
-        with torch.inference_mode():
-            logits = model(torch.tensor([p_ids + c_ids])).logits[0].float()
-        logp = torch.log_softmax(logits, -1)
-        lps.append(sum(logp[len(p_ids) - 1 + i, t].item() for i, t in enumerate(c_ids)))
-    expected = np.exp(lps) / np.exp(lps).sum()
-    assert np.allclose(probs[0], expected, atol=1e-4)
+    tok = eng.tokenizer
+    ps = [prompts.render(tok, prompts.point_user(s)) for s in ("什么是复利？", "你认识黄丰吗？", "教育具有哪些社会发展功能？" * 4)]
+    choices = ["【好】", "【差】"]
+    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
+    exact = eng.choice_logprobs(ps, choices, exact=True)
+    want = np.array([[_by_hand(eng.model, tok, p, i) for i in ids] for p in ps])
+    assert np.allclose(exact, want, atol=1e-3)  # the prompt's KV computed once, each answer continued from it
+    # the fast path: the shared opening 【 (its byte tokens) exactly, then only the first token that differs
+    k = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    fast = eng.choice_logprobs(ps, choices)
+    partial = np.array([[_by_hand(eng.model, tok, p, i[: k + 1]) for i in ids] for p in ps])
+    assert np.allclose(fast, partial, atol=1e-3) and (fast >= exact - 1e-4).all()  # reads fewer tokens: never less likely
 
 
 def test_perplexity_separates_text_from_noise(base_engine):

@@ -24,11 +24,12 @@ def labeled(n=3):
 
 
 def scored(n=3):
-    return labeled(n).assign(score=[0.9] * n, keep=[True] * n, score_method="kun_choice", score_reply=None)
+    return labeled(n).assign(p_good=[0.81] * n, p_bad=[0.09] * n, answer_mass=[0.9] * n, score=[0.9] * n, score_rule="probability",
+                             keep=[True] * n, score_method="kun_choice", score_reply=None)
 
 
 def polished(n=3):
-    return labeled(n).assign(score=[0.9] * n, score_method="kun_choice", output=["复利就是利息也计算利息的方法。" * 2] * n,
+    return labeled(n).assign(score=[0.9] * n, score_method="kun_choice", score_rule="probability", output=["复利就是利息也计算利息的方法。" * 2] * n,
                              instruction_truncated=False, polish_tokens=[30] * n, polish_finish="stop")
 
 
@@ -55,6 +56,8 @@ BAD = [
     ("labeled_pairs", lambda: _set(labeled(), "instruction", 0, "请总结这篇文章"), "instruction: no banned keyword (新闻、材料"),
     ("labeled_pairs", lambda: _set(labeled(), "label_tokens", 2, -1), "label_tokens: greater_than_or_equal_to(0)"),
     ("scored_pairs", lambda: _set(scored(), "score", 0, 1.7), "score: in_range(0.0, 1.0)"),
+    ("scored_pairs", lambda: _set(scored(), "answer_mass", 1, 1.5), "answer_mass: less_than_or_equal_to"),
+    ("scored_pairs", lambda: _set(scored(), "score_rule", 2, "guess"), "score_rule: isin"),
     ("polished_pairs", lambda: _set(polished(), "output", 1, "太短了"), "output: str_length(20"),
     ("polished_pairs", lambda: _set(polished(), "output", 2, "作为一个人工智能模型，我认为复利就是利息计算利息。"), "output: no banned keyword (作为、根据"),
     ("instruction_dataset", lambda: _set(records(), "task_type", 0, {"major": ["问答"]}), "task_type: coig_task_type"),

@@ -30,10 +30,11 @@ def test_filter_corpus_drops_with_reasons_and_keeps_order():
     assert res.rows.loc[0, "perplexity"] == 5.0 and res.rows.loc[0, "n_tokens"] <= 40
 
 
-def test_label_uses_kun_prompt_cleans_and_filters_keywords():
+def test_label_uses_kun_prompt_keeps_the_raw_instruction_and_filters_keywords():
     eng = ScriptedEngine(replies=["什么是复利？  ", "请总结这篇文章的摘要。", "", "什么是蜜蜂？     \n -> 什么是", "坏\ufffd字"])
     res = stages.label(docs(["甲", "乙", "丙", "丁", "戊"]), eng, CFG)
-    assert res.rows["instruction"].tolist() == ["什么是复利？", "什么是蜜蜂？"]
+    # as written, less trailing whitespace: Kun scores before it cuts whitespace runs and repeated lines
+    assert res.rows["instruction"].tolist() == ["什么是复利？", "什么是蜜蜂？     \n -> 什么是"]
     assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {"d1": "banned_keyword", "d2": "empty_generation", "d4": "broken_text"}
     assert res.dropped.set_index("doc_id").loc["d4", "detail"].startswith("instruction holds U+FFFD")
     assert eng.prompts[0] == prompts.render(eng.tokenizer, "请直接告诉我，以下回复最有可能对应的指令是什么：\n甲")
@@ -44,13 +45,43 @@ def test_stage_fails_loudly_when_the_model_returns_nothing():
         stages.label(docs(["甲", "乙"]), ScriptedEngine(replies=["", ""]), CFG)
 
 
-def test_score_keeps_every_row_with_its_score():
+def test_score_reads_probabilities_where_the_model_answers_in_the_format():
     pairs = docs(["甲", "乙", "丙"]).assign(instruction=["好指令", "坏指令", "中指令"])
-    eng = ScriptedEngine(probs=[[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    eng = ScriptedEngine(probs=[[0.81, 0.09], [0.14, 0.56], [0.3, 0.3]])  # answer mass 0.9, 0.7, 0.6
     res = stages.score(pairs, eng, CFG)
-    assert res.rows["score"].tolist() == [0.9, 0.2, 0.5] and res.rows["keep"].tolist() == [True, False, True]
-    assert res.stats["kept"] == 2 and sum(res.stats["histogram"].values()) == 3 and res.dropped.empty
+    rows = res.rows
+    assert rows["score"].round(6).tolist() == [0.9, 0.2, 0.5] and rows["keep"].tolist() == [True, False, True]
+    assert rows["answer_mass"].round(6).tolist() == [0.9, 0.7, 0.6] and rows["p_good"].round(6).tolist() == [0.81, 0.14, 0.3]
+    assert set(rows["score_rule"]) == {"probability"} and rows["score_reply"].isna().all()
+    assert res.stats["kept"] == 2 and res.stats["scored_by"] == {"probability": 3, "freetext": 0} and res.stats["fallback_rate"] == 0
+    assert sum(res.stats["histogram"].values()) == 3 and res.dropped.empty
     assert eng.prompts[0].count("指令: 【好指令】 回复：") == 1  # the instruction alone, not the text
+    assert eng.prompts[0].endswith("<|im_start|>assistant\n")  # the answers themselves open the reply
+
+
+def test_rows_the_model_would_not_answer_in_the_format_are_scored_by_kuns_free_text_rule():
+    """A model with log P(【好】) around -59 would write neither answer: its P(【好】) / P(【差】)
+    ratio says nothing, so those rows are generated and parsed as Kun does, in the same step."""
+    pairs = docs(["甲", "乙", "丙", "丁"]).assign(instruction=["a", "b", "c", "d"])
+    little = [math.exp(-59), math.exp(-79)]  # normalised over the two answers this would be 1.0
+    eng = ScriptedEngine(probs=[little, [0.7, 0.2], little, little], replies=["【差】这条指令含糊。", "嗯【好】", "随便说说"])
+    res = stages.score(pairs, eng, CFG)
+    rows = res.rows
+    assert rows["score_rule"].tolist() == ["freetext", "probability", "freetext", "freetext"]
+    assert rows["score"].tolist()[0] == 0.0 and rows["score"].tolist()[2] == 1.0 and math.isnan(rows["score"].tolist()[3])
+    assert rows["keep"].tolist() == [False, True, True, False]
+    assert rows["score_reply"].tolist()[:3] == ["【差】这条指令含糊。", None, "嗯【好】"]
+    assert rows.loc[0, "answer_mass"] < 1e-20  # recorded, so the row says why it fell back
+    assert res.stats["scored_by"] == {"probability": 1, "freetext": 3} and res.stats["fallback_rate"] == 0.75
+    assert res.stats["parse_failures"] == 1
+    assert eng.prompts[4:] == [eng.prompts[i] for i in (0, 2, 3)]  # free text asked for exactly the low-mass rows
+
+
+def test_min_answer_mass_zero_scores_every_row_by_probability():
+    pairs = docs(["甲"]).assign(instruction=["a"])
+    cfg = parse_config({**CFG.model_dump(), "score": {"min_answer_mass": 0.0}}, env={})
+    res = stages.score(pairs, ScriptedEngine(probs=[[math.exp(-59), math.exp(-79)]]), cfg)
+    assert res.rows["score_rule"].tolist() == ["probability"] and res.rows["score"].tolist()[0] == pytest.approx(1.0)
 
 
 def test_free_text_scoring_counts_parse_failures():
@@ -58,11 +89,57 @@ def test_free_text_scoring_counts_parse_failures():
     cfg = parse_config({**CFG.model_dump(), "score": {"method": "kun_freetext"}}, env={})
     res = stages.score(pairs, ScriptedEngine(replies=["【好】", "【差】", "我不知道"]), cfg)
     assert res.rows["keep"].tolist() == [True, False, False] and res.stats["parse_failures"] == 1
+    assert res.stats["fallback_rate"] is None and res.rows["answer_mass"].isna().all()
+
+
+def test_the_scorer_sees_the_raw_instruction_and_polish_cleans_it_after():
+    """Kun's order, with the point prompt's own 【差】 examples: the scorer must see the blank lines
+    and the repeated question it was taught to reject; the cleaning comes after."""
+    raw = ["什么是民窿？  \n\n什么是民窿？", "教育具有哪些社会发展功能？\n \n \n \n \n \n \n教育具有哪些社会发展功能？",
+           "什么是排他性许可？ \n \n   -> 什么是  \n     什么是  \n"]
+    labeler = ScriptedEngine(replies=raw)
+    labeled = stages.label(docs(["甲文", "乙文", "丙文"]), labeler, CFG)
+    assert labeled.rows["instruction"].tolist() == [r.rstrip() for r in raw]
+    scorer = ScriptedEngine(probs=[[0.3, 0.6]] * 2 + [[0.6, 0.3]])
+    scored = stages.score(labeled.rows, scorer, CFG)
+    for prompt, r in zip(scorer.prompts, raw):
+        assert f"指令: 【{r.rstrip()}】 回复：" in prompt
+    assert scored.rows["keep"].tolist() == [False, False, True]
+    answer = "排他性许可是指在约定范围内只许可一家被许可人使用的许可方式。"
+    polisher = ScriptedEngine(replies=[answer])
+    polished = stages.polish(scored.rows, polisher, CFG)
+    assert polished.rows["instruction"].tolist() == ["什么是排他性许可？"]  # cut at the whitespace run, after scoring
+    assert polisher.prompts[0] == prompts.render(polisher.tokenizer, " 已知：\n丙文,请回答:什么是排他性许可？")
+
+
+def test_humpback_scores_the_pair_with_its_prompt_and_keeps_at_five():
+    pairs = docs(["甲文", "乙文", "丙文", "丁文"]).assign(instruction=["问一", "问二", "问三", "问四"])
+    cfg = parse_config({**CFG.model_dump(), "score": {"method": "humpback_choice"}}, env={})
+    assert cfg.score.threshold == 5
+    five = [0.02, 0.02, 0.06, 0.3, 0.5]  # most likely 5, though the expected score is 4.3
+    four = [0.0, 0.05, 0.1, 0.45, 0.3]
+    tiny = [1e-9] * 5
+    eng = ScriptedEngine(probs=[five, four, tiny, tiny], replies=["理由：答案完整清晰，专业。\n得分：5", "写得不错。\n得分：4"])
+    res = stages.score(pairs, eng, cfg)
+    rows = res.rows
+    assert rows["score"].tolist() == [5.0, 4.0, 5.0, 4.0] and rows["keep"].tolist() == [True, False, True, False]
+    assert rows["score_rule"].tolist() == ["probability", "probability", "freetext", "freetext"]
+    assert rows["p_good"].round(6).tolist()[:2] == [0.5, 0.3] and rows["answer_mass"].round(6).tolist()[:2] == [0.9, 0.9]
+    assert "得分：<评分>" in eng.prompts[0] and "指令：问一\n\n答案：甲文" in eng.prompts[0]
+    assert eng.prompts[0].endswith("得分：") and not eng.prompts[4].endswith("得分：")  # free text writes its reasoning first
+
+
+def test_humpback_free_text_parses_the_last_score():
+    from kun_dagster.scoring import parse_humpback_reply
+
+    assert parse_humpback_reply("得分：3\n再想想，得分：5") == 5.0
+    assert parse_humpback_reply("Reasoning...\nScore: 4") == 4.0
+    assert math.isnan(parse_humpback_reply("得分：10")) and math.isnan(parse_humpback_reply("很好"))
 
 
 def test_polish_applies_output_filters_and_dedup():
     scored = docs(["甲文", "乙文", "丙文", "丁文", "戊文", "己文"]).assign(
-        instruction="问题", score=[0.9] * 5 + [0.1], keep=[True] * 5 + [False], score_method="kun_choice")
+        instruction="问题", score=[0.9] * 5 + [0.1], keep=[True] * 5 + [False], score_method="kun_choice", score_rule="probability")
     good = "复利是把每一期的利息计入本金，下一期一起计息。"
     eng = ScriptedEngine(replies=[good, "太短了", "作为一个AI，" + good, good, "好的" * 8 + good])
     res = stages.polish(scored, eng, CFG)
@@ -82,5 +159,5 @@ def test_an_empty_partition_flows_through_every_stage():
     polished = stages.polish(scored.rows, eng, CFG)
     for res in (filtered, labeled, scored, polished):
         assert res.rows.empty and res.dropped.empty
-    assert {"instruction", "score", "keep"} <= set(scored.rows.columns)
+    assert {"instruction", "score", "keep", "answer_mass", "score_rule"} <= set(scored.rows.columns)
     assert {"instruction", "output", "score"} <= set(polished.rows.columns)

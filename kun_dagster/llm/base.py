@@ -1,9 +1,11 @@
 """The engine protocol (DESIGN.md, "LLM work").
 
 - generate(prompts, params): one completion per prompt, in order.
-- choice_probs(prompts, choices): for each prompt, the normalised probability of each answer
-  string as the prompt's continuation (【好】 vs 【差】, or 1..5): a reply that cannot be parsed
-  does not exist.
+- choice_logprobs(prompts, choices, exact): for each prompt, log P(answer | prompt) of each answer
+  string (【好】 vs 【差】, or 1..5), not normalised: what the model puts on neither stays visible
+  (scoring.py turns it into the answer mass). The fast path (exact=False) reads the answers' shared
+  opening tokens and then the first token where they differ, one decode step each; exact=True
+  sums every token of every answer.
 - perplexity(texts): exp of the mean next-token negative log-likelihood of each text.
 """
 
@@ -36,10 +38,28 @@ def request_seed(seed: int, prompt: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}\0{prompt}".encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") & 0x7FFFFFFF
 
 
-def normalise(log_scores: np.ndarray) -> np.ndarray:
-    """Per-row softmax of summed answer log-probabilities: choice_probs' common last step."""
-    probs = np.exp(log_scores - log_scores.max(axis=1, keepdims=True))
-    return probs / probs.sum(axis=1, keepdims=True)
+def answer_ids(tokenizer, choices: list[str]) -> list[list[int]]:
+    """The token ids of each answer string, checked: at least one answer, none empty, all different."""
+    if not choices:
+        raise ValueError("choice_logprobs needs at least one choice")
+    ids = encode(tokenizer, choices, special=False)
+    if any(not a for a in ids) or len({tuple(a) for a in ids}) < len(ids):
+        raise ValueError(f"every choice must have at least one token and differ from the others: {choices!r}")
+    return ids
+
+
+def split_answers(answers: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """(the tokens every answer opens with, each answer's remaining tokens); every remainder keeps at
+    least one token. 【好】 and 【差】 share 【 (one token or a few bytes), then differ at 好 / 差."""
+    common = 0
+    while common < min(len(a) for a in answers) - 1 and len({a[common] for a in answers}) == 1:
+        common += 1
+    return list(answers[0][:common]), [a[common:] for a in answers]
+
+
+def first_tokens_differ(tails: list[list[int]]) -> bool:
+    """The fast path reads one token per answer after the shared opening: it needs them distinct."""
+    return len({t[0] for t in tails}) == len(tails)
 
 
 class EngineError(RuntimeError):
@@ -71,7 +91,7 @@ class Engine(Protocol):
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]: ...
 
-    def choice_probs(self, prompts: list[str], choices: list[str]) -> np.ndarray: ...
+    def choice_logprobs(self, prompts: list[str], choices: list[str], exact: bool = False) -> np.ndarray: ...
 
     def perplexity(self, texts: list[str]) -> np.ndarray: ...
 

@@ -72,11 +72,11 @@ class Checkpointed:
             lambda df: [Generation(r.text, int(r.num_tokens), r.finish_reason) for r in df.itertuples()],
         )
 
-    def choice_probs(self, prompts: list[str], choices: list[str]) -> np.ndarray:
+    def choice_logprobs(self, prompts: list[str], choices: list[str], exact: bool = False) -> np.ndarray:
         rows = self._batched(
-            "choice", prompts, choices, lambda b: list(self.engine.choice_probs(b, choices)),
-            lambda probs: pd.DataFrame({"probs": [np.asarray(p, dtype=float) for p in probs]}),
-            lambda df: [np.asarray(p, dtype=float) for p in df["probs"]],
+            "choice", prompts, (choices, exact), lambda b: list(self.engine.choice_logprobs(b, choices, exact)),
+            lambda lps: pd.DataFrame({"logprobs": [np.asarray(p, dtype=float) for p in lps]}),
+            lambda df: [np.asarray(p, dtype=float) for p in df["logprobs"]],
         )
         return np.asarray(rows, dtype=float).reshape(len(prompts), len(choices))
 

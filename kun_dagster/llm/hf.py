@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..text import strip_stop_strings
-from .base import EngineError, EngineSpec, Generation, SamplingParams, encode, normalise, stop_token_ids
+from .base import EngineError, EngineSpec, Generation, SamplingParams, answer_ids, encode, first_tokens_differ, split_answers, stop_token_ids
 
 hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run logs
 
@@ -100,22 +100,45 @@ class HFEngine:
                 out[i] = Generation(text=text, num_tokens=len(tokens), finish_reason="stop" if stopped else "length")
         return out  # type: ignore[return-value]
 
-    def choice_probs(self, prompts: list[str], choices: list[str]) -> np.ndarray:
-        """Sum of the answer's token log-probabilities after the prompt, normalised over the answers."""
-        if not choices:
-            raise ValueError("choice_probs needs at least one choice")
+    def choice_logprobs(self, prompts: list[str], choices: list[str], exact: bool = False) -> np.ndarray:
+        """log P(answer | prompt) per prompt and answer. One forward pass over prompt + the answers'
+        shared opening gives that opening's log-probability and the next-token distribution, from
+        which each answer's first differing token is read (the fast path). exact=True continues
+        each answer's remaining tokens from the same KV cache, cropped back after each answer: the
+        prompt is computed once however many answers there are."""
+        answers = answer_ids(self.tokenizer, choices)
+        common, tails = split_answers(answers)
+        exact = exact or not first_tokens_differ(tails)
         prompt_ids = encode(self.tokenizer, prompts, special=False)
-        choice_ids = encode(self.tokenizer, choices, special=False)
         scores = np.zeros((len(prompts), len(choices)))
-        step = max(1, self.batch_size // len(choices))
-        for start in range(0, len(prompts), step):
-            rows = range(start, min(start + step, len(prompts)))
-            seqs = [prompt_ids[r] + c for r in rows for c in choice_ids]
-            logps = self._token_logprobs(seqs)
-            for k, (r, c) in enumerate((r, c) for r in rows for c in range(len(choices))):
-                n = len(choice_ids[c])
-                scores[r, c] = float(logps[k][-n:].sum())
-        return normalise(scores)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less padding
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            ids, mask = self._pad([prompt_ids[i] + common for i in idx], left=True)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=exact,
+                                 logits_to_keep=len(common) + 1)  # only the rows that are read: a 150k vocabulary is large
+                logp = torch.log_softmax(out.logits.float(), dim=-1)
+                opening = sum((logp[:, j, t] for j, t in enumerate(common)), torch.zeros(len(idx), device=logp.device))
+                nxt = logp[:, -1]
+                for c, tail in enumerate(tails):
+                    lp = opening + nxt[:, tail[0]]
+                    if exact and len(tail) > 1:
+                        lp = lp + self._continue(out.past_key_values, mask, pos, tail)
+                        out.past_key_values.crop(-(len(tail) - 1))  # back to the prompt's KV
+                    scores[idx, c] = lp.cpu().numpy()
+        return scores
+
+    def _continue(self, cache, mask: torch.Tensor, pos: torch.Tensor, tail: list[int]) -> torch.Tensor:
+        """Sum of log p(tail[k] | prompt, tail[:k]) for k >= 1, the prompt's KV read from `cache`."""
+        n = len(mask)
+        ids = torch.tensor(tail[:-1], device=self.device).expand(n, -1)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        pos = pos[:, -1:] + 1 + torch.arange(ids.shape[1], device=self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+        want = torch.tensor(tail[1:], device=self.device).expand(n, -1)
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, want[..., None])[..., 0].sum(dim=1)
 
     def perplexity(self, texts: list[str]) -> np.ndarray:
         encoded = [ids[: self.max_len] for ids in encode(self.tokenizer, texts, special=True)]

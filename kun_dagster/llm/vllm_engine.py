@@ -1,9 +1,11 @@
 """The vLLM engine: every LLM stage on one `vllm.LLM` per model, built once per process.
 
 - generate: a whole partition in one `LLM.generate` call; vLLM batches and schedules it.
-- choice_probs: single-token answers (1..5) in one step per prompt (`logprob_token_ids`);
-  multi-token answers (【好】/【差】) as prompt + answer, read from the prompt's own token logprobs,
-  with the prefix cache serving the prompt to every answer after the first.
+- choice_logprobs: one max_tokens=1 request per shared opening token and one for the first
+  differing token (`logprob_token_ids`): 【好】/【差】 read as P(【 | prompt) · P(好 | prompt 【),
+  each request after the first served from the prefix cache. No `prompt_logprobs` on this path:
+  they cost a vocabulary-wide row per prompt token. exact=True sums every answer token from the
+  prompt's own token logprobs (prompt + answer), the prefix cache serving the prompt.
 - perplexity: the prompt's own token logprobs (`prompt_logprobs=0`).
 
 Prompts go in as token ids from the same tokenizer the transformers engine uses, so both engines
@@ -23,7 +25,8 @@ from transformers import AutoTokenizer
 
 from ..config import VLLMSettings
 from ..text import strip_stop_strings
-from .base import EngineError, EngineSpec, Generation, SamplingParams, encode, normalise, request_seed, stop_token_ids
+from .base import (EngineError, EngineSpec, Generation, SamplingParams, answer_ids, encode, first_tokens_differ, request_seed,
+                   split_answers, stop_token_ids)
 
 log = logging.getLogger(__name__)
 
@@ -161,38 +164,38 @@ class VLLMEngine:
             out.append(Generation(text=strip_stop_strings(c.text, params.stop), num_tokens=len(tokens), finish_reason=c.finish_reason))
         return out
 
-    def choice_probs(self, prompts: list[str], choices: list[str]) -> np.ndarray:
-        """Sum of the answer's token log-probabilities after the prompt, normalised over the answers."""
-        if not choices:
-            raise ValueError("choice_probs needs at least one choice")
-        answers = encode(self.tokenizer, choices, special=False)
-        if any(not a for a in answers):
-            raise ValueError(f"every choice must have at least one token: {choices!r}")
+    def choice_logprobs(self, prompts: list[str], choices: list[str], exact: bool = False) -> np.ndarray:
+        """log P(answer | prompt) per prompt and answer (not normalised)."""
+        answers = answer_ids(self.tokenizer, choices)
+        common, tails = split_answers(answers)
         prompt_ids = encode(self.tokenizer, prompts, special=False)
-        if all(len(a) == 1 for a in answers):
-            scores = self._next_token_logprobs(prompt_ids, [a[0] for a in answers])
-        else:
-            scores = self._answer_logprobs(prompt_ids, answers)
-        return normalise(scores)
+        if exact or not first_tokens_differ(tails):
+            return self._answer_logprobs(prompt_ids, answers)
+        scores = np.zeros((len(prompt_ids), len(answers)))
+        step = self._chunk(prompt_ids)
+        for start in range(0, len(prompt_ids), step):
+            rows = list(range(start, min(start + step, len(prompt_ids))))
+            # one round per shared opening token, then the differing ones: each round's prompts
+            # extend the last round's by one token, so the prefix cache serves them
+            for j in range(len(common) + 1):
+                wanted = [common[j]] if j < len(common) else [t[0] for t in tails]
+                got = self._next_token_logprobs([prompt_ids[r] + common[:j] for r in rows], wanted)
+                scores[rows] += got if j == len(common) else got[:, :1]
+        return scores
 
     def _next_token_logprobs(self, prompt_ids: list[list[int]], tokens: list[int]) -> np.ndarray:
         """One step per prompt: the log-probability of each candidate next token."""
         sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=tokens, detokenize=False)
         outs = self._run(prompt_ids, sp)
-        return np.array([[o.outputs[0].logprobs[0][t].logprob for t in tokens] for o in outs])
+        return np.array([[o.outputs[0].logprobs[0][t].logprob for t in tokens] for o in outs]).reshape(len(prompt_ids), len(tokens))
 
     def _answer_logprobs(self, prompt_ids: list[list[int]], answers: list[list[int]]) -> np.ndarray:
-        """Each answer appended to the prompt, read back from the prompt's own token logprobs.
-
-        Tokens every answer opens with add the same log-probability to each, which normalising
-        cancels, so only rows from the first differing token on are read. Prompt logprobs normally
-        bypass the prefix cache; here it is read on purpose (vLLM then computes rows only after the
-        cached blocks), so the first answer computes the prompt and the others reuse its KV. A
-        request whose needed rows fell inside the cache is rerun without it.
+        """Each answer appended to the prompt, read back from the prompt's own token logprobs (the
+        exact path). Prompt logprobs normally bypass the prefix cache; here it is read on purpose
+        (vLLM then computes rows only after the cached blocks), so the first answer computes the
+        prompt and the others reuse its KV. A request whose needed rows fell inside the cache is
+        rerun without it.
         """
-        common = 0
-        while common < min(len(a) for a in answers) - 1 and len({a[common] for a in answers}) == 1:
-            common += 1
         scores = np.zeros((len(prompt_ids), len(answers)))
         step = self._chunk(prompt_ids)
         for start in range(0, len(prompt_ids), step):
@@ -201,7 +204,7 @@ class VLLMEngine:
                 jobs = [(r, c, prompt_ids[r] + answers[c]) for r in rows for c in round_]
                 outs = self._run([ids for *_, ids in jobs], self._prompt_logprob_params(read_cache=True))
                 for (r, c, ids), o in zip(jobs, outs):
-                    first = len(prompt_ids[r]) + common  # position of the first token that is read
+                    first = len(prompt_ids[r])  # position of the answer's first token
                     if o.num_cached_tokens > first - 1:
                         o = self._run([ids], self._prompt_logprob_params(read_cache=False))[0]
                     scores[r, c] = self._prompt_rows(o, ids, first).sum()
