@@ -120,7 +120,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
 
     label_model = _role_asset(
         "label",
-        training.label_examples,
+        lambda seeds: training.label_examples(seeds, cfg.seed.label_min_output_chars),
         "Backward model p(instruction | text): the base fine-tuned on seeds with the output as the "
         "user turn and instruction + input as the reply (loss on the reply only); or a given checkpoint.",
     )

@@ -14,7 +14,7 @@ sys.path.insert(0, str(HERE))
 from paragraphs_a import WUDAO  # noqa: E402
 from paragraphs_b import WANJUAN  # noqa: E402
 from paragraphs_c import SKYPILE  # noqa: E402
-from seeds_src import SEEDS  # noqa: E402
+from seeds_src import JUDGEMENTS, SEEDS  # noqa: E402
 
 OUT = HERE / "corpora"
 planted = []
@@ -77,6 +77,13 @@ with open(seed_dir / "coig_cqia_seed.jsonl", "w", encoding="utf-8") as f:
                "task_type": {"major": ["问答"], "minor": ["百科问答" if not inp else "翻译" if "翻译" in ins else "选择题"]},
                "domain": ["通用"], "answer_from": "human", "human_verified": True,
                "copyright": "Written for kun-dagster; Apache-2.0", "id": f"seed-{i:03d}"}
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    # judgements in the point prompt: instruction + "\n" + input is exactly Kun's point user turn
+    point = json.loads((HERE.parent / "kun_dagster" / "data" / "kun_prompts.json").read_text("utf-8"))["pointPrompt"]
+    for j, (candidate, verdict) in enumerate(JUDGEMENTS):
+        rec = {"instruction": point, "input": f"指令: 【{candidate}】 回复：", "output": f"【{verdict}】",
+               "task_type": {"major": ["分类"], "minor": ["指令评价"]}, "domain": ["通用"], "answer_from": "human",
+               "human_verified": True, "copyright": "Written for kun-dagster; Apache-2.0", "id": f"seed-judge-{j:03d}"}
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 (HERE / "planted.json").write_text(json.dumps(planted, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

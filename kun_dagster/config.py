@@ -195,6 +195,8 @@ class ModelsConfig(_Section):
 class SeedConfig(_Section):
     uri: str = Field(description="COIG-CQIA records as JSONL (instruction, input, output, ...)")
     drop_multiple_choice: bool = True  # Kun drops seeds whose input holds all of A, B, C, D
+    label_min_output_chars: int = Field(20, ge=0, description="the label model trains on seeds whose output has at least "
+                                                              "this many characters: it labels documents, not verdicts")
 
 
 class FilterConfig(_Section):

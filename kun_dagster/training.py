@@ -185,10 +185,12 @@ def _prompt_of(instruction: str, inp: str) -> str:
     return f"{instruction}\n{inp}" if inp else instruction
 
 
-def label_examples(seeds: pd.DataFrame) -> list[tuple[str, str]]:
+def label_examples(seeds: pd.DataFrame, min_output_chars: int = 0) -> list[tuple[str, str]]:
     """Backward pairs: the seed output as the user turn (in the label prompt that inference uses),
-    instruction + input as the assistant turn."""
-    return [(label_user(o), _prompt_of(i, inp)) for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])]
+    instruction + input as the assistant turn. Seeds whose output is shorter than min_output_chars
+    (a bare verdict such as 【好】) are left out: the backward model labels documents."""
+    return [(label_user(o), _prompt_of(i, inp)) for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])
+            if len(o.strip()) >= min_output_chars]
 
 
 def chat_examples(seeds: pd.DataFrame) -> list[tuple[str, str]]:

@@ -108,3 +108,14 @@ def test_label_examples_and_multiple_choice():
     seeds = pd.DataFrame({"instruction": ["翻译"], "input": ["你好"], "output": ["Hello"]})
     assert label_examples(seeds) == [(prompts.label_user("Hello"), "翻译\n你好")]
     assert is_multiple_choice("A. 上海 B. 北京 C. 广州 D. 深圳") and not is_multiple_choice("A 和 B")
+
+
+def test_encode_gives_the_tokenizers_own_ids():
+    from kun_dagster.llm.base import encode
+
+    tok = tokenizer()
+    texts = ["", "什么是复利？", " 开头空格\n\n换行", "<|im_start|>user\n你好<|im_end|>\n", "emoji 😀 \udcff", "a" * 3000]
+    texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
+    for special in (False, True):
+        assert encode(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
+    assert encode(tok, [], False) == []

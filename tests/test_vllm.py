@@ -16,7 +16,7 @@ from kun_dagster import prompts, storage
 from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 from kun_dagster.llm import EngineError, SamplingParams, load_engine, resolve_backend
-from kun_dagster.llm.base import EngineSpec, encode
+from kun_dagster.llm.base import EngineSpec, encode, split_answers
 
 from .conftest import CORPUS, MODELS, REPO, write_config
 
@@ -86,46 +86,72 @@ def test_a_sampled_row_does_not_depend_on_its_batch(engines):
     assert split != [g.text for g in stream.generate(ps, params)]
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
 @pytest.mark.parametrize("choices", [
     ["【好】", "【差】"],                 # Kun's answers: several tokens each, sharing 【 and 】
     ["1", "2", "3", "4", "5"],          # Humpback's: one token each
     ["好", "好的", "不好", "【差】"],     # one answer a prefix of another, different lengths
 ])
-def test_choice_probs_within_1e3_of_the_transformers_engine(engines, choices):
+def test_choice_logprobs_within_1e3_of_the_transformers_engine(engines, choices, exact):
     hf, vl = engines["label_hf"], engines["label_vllm"]
     instructions = ["什么是复利？", "你认识黄丰吗？", "请介绍长城的历史。", "写一首关于春天的诗。", "如何做番茄炒蛋？", "解释光合作用。"]
     ps = [prompts.render(hf.tokenizer, prompts.point_user(s)) for s in instructions]
-    got, want = vl.choice_probs(ps, choices), hf.choice_probs(ps, choices)
-    assert got.shape == (len(ps), len(choices)) and np.allclose(got.sum(axis=1), 1.0)
-    assert np.abs(got - want).max() < 1e-3
+    got, want = vl.choice_logprobs(ps, choices, exact), hf.choice_logprobs(ps, choices, exact)
+    assert got.shape == (len(ps), len(choices)) and (got < 0).all()
+    assert np.abs(np.exp(got) - np.exp(want)).max() < 1e-3 and np.abs(got - want).max() < 0.05
 
 
-def test_choice_probs_are_not_degenerate_on_the_long_answers(engines):
-    """The comparison above means something only if the answers get different, non-trivial mass."""
+def test_the_fast_path_asks_for_no_prompt_logprobs(engines, monkeypatch):
+    """One greedy request per prompt reading only the candidate tokens at each step; rows whose
+    greedy reply leaves the answers' shared opening are read again with the opening in the
+    prompt, one max_tokens=1 request per opening token. No vocabulary-wide rows per prompt token."""
+    vl, hf = engines["label_vllm"], engines["label_hf"]
+    seen = []
+    real_run = vl._run
+    monkeypatch.setattr(vl, "_run", lambda p, params: seen.append((len(p), params)) or real_run(p, params))
+    ps = [prompts.render(vl.tokenizer, prompts.point_user(s)) for s in ("什么是复利？", "写一首关于春天的诗。")]
+    choices = ["【好】", "【差】"]
+    common, _ = split_answers(encode(vl.tokenizer, choices, special=False))
+    # answers the model opens its reply with anyway, so the greedy path follows them: "<|im_start|>" + 【
+    opener = vl.generate(ps[:1], SamplingParams(temperature=0.0, max_tokens=1))[0].text or "。"
+    for answers in (choices, [opener + c for c in choices]):
+        seen.clear()
+        got = vl.choice_logprobs(ps, answers)
+        assert np.abs(np.exp(got) - np.exp(hf.choice_logprobs(ps, answers))).max() < 1e-3
+        assert all(p.prompt_logprobs is None and p.logprob_token_ids for _, p in seen)
+        assert seen[0][0] == len(ps) and seen[0][1].temperature == 0.0
+    # the label model does not open with 【: its rows are read again, one request per opening token
+    seen.clear()
+    vl.choice_logprobs(ps, choices)
+    assert len(seen) == 1 + len(common) + 1 and all(p.max_tokens == 1 for _, p in seen[1:])
+
+
+def test_choice_logprobs_are_not_degenerate_on_the_long_answers(engines):
+    """The comparison above means something only if the answers get different, non-vanishing
+    log-probabilities (it compares them within 0.05 nats)."""
     vl = engines["label_vllm"]
     ps = [prompts.render(vl.tokenizer, prompts.point_user(s)) for s in ("什么是复利？", "写一首关于春天的诗。")]
-    probs = vl.choice_probs(ps, ["好", "好的", "不好", "【差】"])
-    assert (probs.max(axis=1) < 0.999).all() and (np.sort(probs, axis=1)[:, -2] > 1e-2).all()
+    lp = vl.choice_logprobs(ps, ["好", "好的", "不好", "【差】"])
+    assert (np.ptp(lp, axis=1) > 0.5).all() and (lp > -40).all()
+    assert len({round(v, 3) for v in lp.ravel()}) == lp.size
 
 
 def test_answer_rows_under_the_prefix_cache_are_recomputed(engines, monkeypatch):
-    """A prompt whose answer's first differing token sits right after a cached block boundary: vLLM
-    would not compute the rows we read, so that request is rerun without the cache."""
+    """A prompt that ends right at a cached block boundary: vLLM would not compute the row that
+    gives the answer's first token, so that request is rerun without the cache (the exact path)."""
     hf, vl = engines["label_hf"], engines["label_vllm"]
     answers = encode(vl.tokenizer, ["【好】", "【差】"], special=False)
-    common = next(k for k in range(len(answers[0])) if answers[0][k] != answers[1][k])
     block = vl.llm.llm_engine.vllm_config.cache_config.block_size
     head = encode(vl.tokenizer, [prompts.render(vl.tokenizer, prompts.point_user("什么是复利？"))], special=False)[0]
-    n = len(head) // block * block - common
+    n = len(head) // block * block
     ids = head[:n]
-    assert (n + common) % block == 0
     vl._answer_logprobs([ids], answers)  # fills the cache with these blocks
     reads = []
     real_run = vl._run
     monkeypatch.setattr(vl, "_run", lambda p, params: reads.append(params.skip_reading_prefix_cache) or real_run(p, params))
     got = vl._answer_logprobs([ids], answers)[0]
     assert True in reads  # the rerun without the cache happened
-    want = [lp[n + common - 1:].sum() for lp in hf._token_logprobs([ids + a for a in answers])]
+    want = [lp[n - 1:].sum() for lp in hf._token_logprobs([ids + a for a in answers])]
     assert np.allclose(got, want, atol=1e-3)
 
 
@@ -147,7 +173,7 @@ def test_the_scoring_prompt_shares_its_head_through_the_prefix_cache(engines):
     ps = [prompts.render(vl.tokenizer, prompts.point_user(s)) for s in ("什么是复利？", "你认识黄丰吗？")]
     ids = encode(vl.tokenizer, ps, special=False)
     shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
-    assert shared > 0.9 * len(ids[0])  # the long fixed instructions come first, the instruction last
+    assert shared > 0.8 * len(ids[0])  # the long fixed instructions come first, the instruction last
     vl.generate(ps[:1], SamplingParams(temperature=0.0, max_tokens=1))
     out = vl.llm.generate([{"prompt_token_ids": ids[1]}], vllm_params(max_tokens=1), use_tqdm=False)[0]
     block = vl.llm.llm_engine.vllm_config.cache_config.block_size

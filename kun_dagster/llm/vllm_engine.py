@@ -1,11 +1,13 @@
 """The vLLM engine: every LLM stage on one `vllm.LLM` per model, built once per process.
 
 - generate: a whole partition in one `LLM.generate` call; vLLM batches and schedules it.
-- choice_logprobs: one max_tokens=1 request per shared opening token and one for the first
-  differing token (`logprob_token_ids`): 【好】/【差】 read as P(【 | prompt) · P(好 | prompt 【),
-  each request after the first served from the prefix cache. No `prompt_logprobs` on this path:
-  they cost a vocabulary-wide row per prompt token. exact=True sums every answer token from the
-  prompt's own token logprobs (prompt + answer), the prefix cache serving the prompt.
+- choice_logprobs: one greedy request per prompt of len(shared opening) + 1 decode steps, reading
+  `logprob_token_ids` at each: 【好】/【差】 as P(【 | prompt) · P(好 | prompt 【) (【 is one
+  token in a Qwen or Yi vocabulary: two decode steps). Where greedy decoding leaves the opening,
+  that row is read again with the opening in its prompt, one max_tokens=1 request per opening
+  token, served from the prefix cache. No `prompt_logprobs` on this path: they cost a
+  vocabulary-wide row per prompt token. exact=True sums every answer token from the prompt's own
+  token logprobs (prompt + answer), the prefix cache serving the prompt.
 - perplexity: the prompt's own token logprobs (`prompt_logprobs=0`).
 
 Prompts go in as token ids from the same tokenizer the transformers engine uses, so both engines
@@ -171,14 +173,41 @@ class VLLMEngine:
         prompt_ids = encode(self.tokenizer, prompts, special=False)
         if exact or not first_tokens_differ(tails):
             return self._answer_logprobs(prompt_ids, answers)
-        scores = np.zeros((len(prompt_ids), len(answers)))
+        firsts = [t[0] for t in tails]
+        scores, left = self._greedy_reads(prompt_ids, common, firsts)
+        if left:
+            scores[left] = self._opening_in_prompt([prompt_ids[r] for r in left], common, firsts)
+        return scores
+
+    def _greedy_reads(self, prompt_ids: list[list[int]], common: list[int], firsts: list[int]) -> tuple[np.ndarray, list[int]]:
+        """One greedy request per prompt, len(common) + 1 steps, each step's log-probabilities of the
+        opening token and of the differing ones read on the way. A row whose answer mass is at least
+        0.5 always follows the opening (each of its tokens then holds over half the mass, so it is
+        the greedy choice); a row that leaves it (the rows under the mass, mostly) is returned to
+        be read the slower way."""
+        sp = self._vllm.SamplingParams(max_tokens=len(common) + 1, temperature=0.0, ignore_eos=True, detokenize=False,
+                                       logprob_token_ids=sorted(set(common) | set(firsts)))
+        scores, left = np.zeros((len(prompt_ids), len(firsts))), []
+        for r, o in enumerate(self._run(prompt_ids, sp)):
+            out = o.outputs[0]
+            steps, tokens = out.logprobs, list(out.token_ids)
+            if tokens[: len(common)] != common or len(steps) < len(common) + 1:
+                left.append(r)
+                continue
+            opening = sum(steps[j][t].logprob for j, t in enumerate(common))
+            scores[r] = [opening + steps[len(common)][t].logprob for t in firsts]
+        return scores, left
+
+    def _opening_in_prompt(self, prompt_ids: list[list[int]], common: list[int], firsts: list[int]) -> np.ndarray:
+        """The opening's tokens put in the prompt one at a time: one max_tokens=1 request per
+        opening token, then one for the differing ones, each extending the last round's prompts by
+        one token so the prefix cache serves them."""
+        scores = np.zeros((len(prompt_ids), len(firsts)))
         step = self._chunk(prompt_ids)
         for start in range(0, len(prompt_ids), step):
             rows = list(range(start, min(start + step, len(prompt_ids))))
-            # one round per shared opening token, then the differing ones: each round's prompts
-            # extend the last round's by one token, so the prefix cache serves them
             for j in range(len(common) + 1):
-                wanted = [common[j]] if j < len(common) else [t[0] for t in tails]
+                wanted = [common[j]] if j < len(common) else firsts
                 got = self._next_token_logprobs([prompt_ids[r] + common[:j] for r in rows], wanted)
                 scores[rows] += got if j == len(common) else got[:, :1]
         return scores
