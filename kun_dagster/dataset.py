@@ -64,12 +64,14 @@ def funnel(base: UPath, source: str, shards: list[str]) -> dict:
             if storage.partition_rows(qdir):
                 reasons.update(storage.read_partition(qdir, ["reason"])["reason"])
         quarantined[asset] = dict(sorted(reasons.items()))
-    kept = 0
+    kept, scored_by = 0, Counter()
     for shard in shards:
         d = storage.partition_dir(base, "scored_pairs", {"source": source, "shard": shard})
         if storage.partition_rows(d):
-            kept += int(storage.read_partition(d, ["keep"])["keep"].sum())
-    return {"rows": rows, "kept_by_score": kept, "quarantined": quarantined}
+            part = storage.read_partition(d, ["keep", "score_rule"])
+            kept += int(part["keep"].sum())
+            scored_by.update(part["score_rule"])
+    return {"rows": rows, "kept_by_score": kept, "scored_by": dict(sorted(scored_by.items())), "quarantined": quarantined}
 
 
 def release_retention(fun: dict, n_records: int, bounds: tuple[float, float]) -> quality.Finding:
@@ -90,7 +92,8 @@ def funnel_frame(fun: dict, n_records: int) -> pd.DataFrame:
     """The funnel as rows: each stage (what it did), its rows, what it dropped; then kept and final."""
     rows = [(f"{asset} ({what})", fun["rows"][asset], ", ".join(f"{k}: {v}" for k, v in fun["quarantined"].get(asset, {}).items()) or "-")
             for asset, what in STAGES]
-    rows += [("kept by score", fun["kept_by_score"], ""), ("instruction_dataset", n_records, "")]
+    by = ", ".join(f"{rule}: {n}" for rule, n in fun.get("scored_by", {}).items())
+    rows += [("kept by score", fun["kept_by_score"], f"scored by {by}" if by else ""), ("instruction_dataset", n_records, "")]
     return pd.DataFrame(rows, columns=["stage", "rows", "dropped (reason: count)"])
 
 
@@ -104,7 +107,8 @@ def card(source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: st
         "Kun method: a label model writes the instruction each text answers, the chat model scores the instruction "
         "alone and rewrites the text into an answer (answer polishment). Every record names its source document "
         "(`source`, `doc_id`, `file`, `row`), its score and the models that made it.", "",
-        f"- label model: `{label_model}`", f"- chat model: `{chat_model}`", f"- score: `{cfg.score.method}`, threshold {cfg.score.threshold}", "",
+        f"- label model: `{label_model}`", f"- chat model: `{chat_model}`", f"- score: `{cfg.score.method}`, threshold {cfg.score.threshold}"
+        + (f", rows under answer mass {cfg.score.min_answer_mass} scored by free text" if cfg.score.method.endswith("_choice") else ""), "",
         "## Funnel", "", funnel_frame(fun, n_records).to_markdown(index=False, colalign=("left", "right", "left")), "",
         "## Config used", "", "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

@@ -166,3 +166,12 @@ def base_engine(models_run):
 
     ref = models_run["refs"]["base_model"]
     return load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend="transformers", batch_size=8))
+
+
+@pytest.fixture(scope="session")
+def chat_engine(models_run):
+    from kun_dagster.llm import load_engine
+    from kun_dagster.llm.base import EngineSpec
+
+    ref = models_run["refs"]["chat_model"]
+    return load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend="transformers", batch_size=8))

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pyarrow.dataset as pads
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
@@ -71,6 +72,11 @@ def test_scored_set_keeps_every_row_with_a_score(graph):
     labeled, scored = _read(graph, "labeled_pairs"), _read(graph, "scored_pairs")
     assert sorted(scored["doc_id"]) == sorted(labeled["doc_id"])
     assert scored["score"].between(0, 1).all() and scored["keep"].eq(scored["score"] >= 0.5).all()
+    # the demo chat model answers in the format: its rows are scored by probability, by its own judgement
+    prob = scored["score_rule"] == "probability"
+    assert prob.mean() >= 0.9 and (scored.loc[prob, "answer_mass"] >= 0.5).all() and 0 < scored["keep"].mean() < 1
+    assert np.allclose(scored.loc[prob, "score"], scored.loc[prob, "p_good"] / scored.loc[prob, "answer_mass"])
+    assert scored.loc[prob, "score_reply"].isna().all() and scored.loc[~prob, "score_reply"].notna().all()
 
 
 def test_metadata_reports_rows_schema_and_stage_figures(graph):
@@ -96,6 +102,10 @@ def test_dataset_card_and_jsonl_match_the_parquet(graph):
         assert [r["doc_id"] for r in lines] == parquet["doc_id"].tolist()
         card = (rel / "README.md").read_text(encoding="utf-8")
         assert re.search(rf"^\| instruction_dataset +\| +{len(lines)} \|", card, re.M) and "| raw_corpus" in card and "```yaml" in card
+        n_scored = storage.partition_rows(storage.partition_dir(graph["base"], "scored_pairs", {"source": source, "shard": "0"})) + \
+            storage.partition_rows(storage.partition_dir(graph["base"], "scored_pairs", {"source": source, "shard": "1"}))
+        by = re.search(r"scored by (.*?) *\|", card).group(1)
+        assert sum(int(n) for n in re.findall(r": (\d+)", by)) == n_scored and "probability" in by
     assert not (graph["base"] / "release" / "skypile").exists()
 
 
