@@ -12,9 +12,8 @@ from checks.tables import figures, table
 from kun_dagster import schemas, storage
 from kun_dagster.llm import resolve_backend
 from kun_dagster.llm.checkpoint import Checkpointed
+from kun_dagster.partitions import hive
 from kun_dagster.stages import StageResult
-
-from .partitions import split_key
 
 GPU_POOL = "gpu"
 SINGLE_RUN = dg.BackfillPolicy.single_run()
@@ -51,12 +50,6 @@ def by_partition(context: dg.AssetExecutionContext, value) -> dict[str, pd.DataF
     if isinstance(value, dict):
         return {k: value[k] for k in keys}
     return {keys[0]: value}
-
-
-def hive(key) -> dict[str, str]:
-    """A corpus partition key as its storage partition {source, shard}."""
-    source, shard = split_key(key)
-    return {"source": source, "shard": str(shard)}
 
 
 def checkpointed(kun, asset: str, key, engine) -> Checkpointed:
@@ -111,12 +104,11 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
             f"{asset} {source}/{shard}: quarantined {n} row(s) as {reason}, e.g. "
             f"file {sample['file']} row {sample['row']}: {sample['detail']}"
         )
-    rows = result.rows  # a frame, or a file streamed into staging (storage.Staged)
-    staged = isinstance(rows, storage.Staged)
-    df = rows.head if staged else rows
+    rows = result.rows
+    head = storage.preview(rows)
     md = {
-        "dagster/row_count": rows.rows if staged else len(df),
-        "dagster/column_schema": schema_of(rows.schema if staged else df),
+        "dagster/row_count": storage.row_count(rows),
+        "dagster/column_schema": schema_of(storage.columns(rows)),
         "path": dg.MetadataValue.path(str(storage.partition_dir(kun.base, asset, part))),
         "quarantine_path": dg.MetadataValue.path(str(qdir)),
         "quarantined": len(result.dropped),
@@ -125,8 +117,8 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
     if engine is not None:  # which engine wrote these rows: vllm or transformers, and the model
         md["engine"] = f"{engine.backend}: {engine.model_name}"
         md.update(getattr(engine, "stats", {}))  # checkpoint batches reused / computed
-    if len(df):
-        md["preview"] = table(df)
+    if len(head):
+        md["preview"] = table(head)
     context.add_asset_metadata(md, partition_key=key)
     context.log.info(f"{asset} {source}/{shard}: {result.stats.get('rows_in')} in, {md['dagster/row_count']} out, {len(result.dropped)} quarantined")
     return result

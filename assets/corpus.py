@@ -7,10 +7,11 @@ import checks
 from kun_dagster import stages
 from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
+from kun_dagster.partitions import hive
 from resources import STREAM, KunResource, LLMResource
 
 from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage, staged_sink
-from .partitions import corpus_partitions, split_key
+from .partitions import corpus_partitions
 
 GROUP = "corpus"
 
@@ -25,7 +26,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         streamed in batches; unreadable rows go to the quarantine with a reason code, file and row."""
         out = {}
         for key in context.partition_keys:
-            source_name, shard = split_key(key)
+            part = hive(key)
+            source_name, shard = part["source"], int(part["shard"])
             try:
                 result = stages.ingest(kun.config, source_name, shard, kun.store, staged_sink(kun, "raw_corpus", key))
             except CorpusError as e:
@@ -51,7 +53,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         for key, batches in by_partition(context, raw_corpus).items():  # each partition streamed in, filtered and out
             resumable = checkpointed(kun, "filtered_corpus", key, engine) if engine else None
             result = stages.filter_corpus(batches, tokenizer, resumable, c, staged_sink(kun, "filtered_corpus", key),
-                                          label=f"filtered_corpus {'/'.join(map(str, split_key(key)))}")
+                                          label=f"filtered_corpus {'/'.join(hive(key).values())}")
             out[key] = report_stage(context, kun, "filtered_corpus", key, result, resumable)
         yield from checks.gate(context, kun, "filtered_corpus", out)
 

@@ -10,8 +10,7 @@ Storage still names the column `shard` (source=.../shard=...).
 import dagster as dg
 
 from kun_dagster.config import KunConfig
-
-SOURCE, SHARD = "source", "source_shard"
+from kun_dagster.partitions import SHARD, SOURCE
 
 
 def corpus_partitions(cfg: KunConfig) -> dg.MultiPartitionsDefinition:
@@ -25,9 +24,3 @@ def corpus_partitions(cfg: KunConfig) -> dg.MultiPartitionsDefinition:
 
 def source_partitions(cfg: KunConfig) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition([s.name for s in cfg.sources])
-
-
-def split_key(key: str | dg.MultiPartitionKey) -> tuple[str, int]:
-    """(source, shard) of a corpus partition key."""
-    dims = key.keys_by_dimension if isinstance(key, dg.MultiPartitionKey) else dict(zip(sorted([SOURCE, SHARD]), key.split("|")))
-    return dims[SOURCE], int(dims[SHARD])

@@ -56,8 +56,6 @@ def specs(asset: str) -> list[dg.AssetCheckSpec]:
     ]
 
 
-def _frames(rows, batch_rows: int):
-    return rows.batches(batch_rows) if isinstance(rows, storage.Staged) else rows
 
 
 def _findings(kun, asset: str, key, result: StageResult) -> list[quality.Finding]:
@@ -118,7 +116,7 @@ def schema_check(asset: str, violations: dict[str, schemas.Violations]) -> dg.As
 def evaluate(context: dg.AssetExecutionContext, kun, asset: str, results: dict) -> list[dg.AssetCheckResult]:
     """Every check's result for the partitions of one run; the schema's comes first."""
     cfg = kun.config
-    out = [schema_check(asset, {str(k): schemas.validate(asset, _frames(r.rows, cfg.storage.batch_rows), cfg) for k, r in results.items()})]
+    out = [schema_check(asset, {str(k): schemas.validate(asset, storage.batches_of(r.rows, cfg.storage.batch_rows), cfg) for k, r in results.items()})]
     by_check: dict[str, dict[str, quality.Finding]] = {}
     for key, result in results.items():
         for f in _findings(kun, asset, key, result):

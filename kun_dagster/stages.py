@@ -18,7 +18,7 @@ from . import progress, prompts, scoring
 from .config import KunConfig
 from .corpus import QUARANTINE_COLUMNS, iter_shard, quarantine_frame
 from .llm.base import Engine, EngineError, SamplingParams, encode
-from .storage import FrameSink, Store
+from .storage import FrameSink, Rows, Sink, Store
 from .text import clean_text, cut_at_whitespace_run, dedup_key, find_keyword, repair_repeated_lines, starts_with_repeated_phrase
 
 # Drop reason codes after ingest.
@@ -42,7 +42,7 @@ TRACE_COLUMNS = ["doc_id", "source", "shard", "file", "row"]
 
 @dataclass
 class StageResult:
-    rows: pd.DataFrame
+    rows: Rows  # a frame, or the file a streaming stage wrote into staging
     dropped: pd.DataFrame
     stats: dict = field(default_factory=dict)
 
@@ -102,7 +102,8 @@ def _require_text(gens, what: str, model: str) -> None:
 
 
 # -- raw_corpus --------------------------------------------------------------------------------------
-def ingest(cfg: KunConfig, source_name: str, shard: int, store: Store | None = None, sink=None, label: str = "raw_corpus") -> StageResult:
+def ingest(cfg: KunConfig, source_name: str, shard: int, store: Store | None = None, sink: Sink | None = None,
+           label: str = "raw_corpus") -> StageResult:
     """Every document of the source's files that fall in `shard`, read and written `batch_rows` at a
     time into `sink` (default: one in-memory frame); unreadable rows quarantined."""
     source = cfg.source(source_name)
@@ -132,7 +133,7 @@ def corpus_texts(cfg: KunConfig, limit: int, store: Store | None = None) -> list
 
 
 # -- filtered_corpus -------------------------------------------------------------------------------
-def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], tokenizer, ppl_engine: Engine | None, cfg: KunConfig, sink=None,
+def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], tokenizer, ppl_engine: Engine | None, cfg: KunConfig, sink: Sink | None = None,
                   label: str = "filtered_corpus") -> StageResult:
     """Clean, then drop: empty, over the token limit (label model's tokenizer), exact duplicates,
     perplexity above the threshold (reference model). Dedup runs before perplexity to save work.

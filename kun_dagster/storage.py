@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import io
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pandas as pd
 import pyarrow as pa
@@ -235,6 +236,41 @@ class Staged:
     def batches(self, rows: int) -> Iterator[pd.DataFrame]:
         """The staged rows read back `rows` at a time, partition columns restored (for checks)."""
         yield from _file_batches(self.path, self.path.parent, rows)
+
+
+Rows = pd.DataFrame | Staged  # what a stage hands over: its rows in memory, or a file it streamed into staging
+
+
+def row_count(rows: Rows) -> int:
+    return rows.rows if isinstance(rows, Staged) else len(rows)
+
+
+def preview(rows: Rows) -> pd.DataFrame:
+    """A few rows for the UI."""
+    return rows.head if isinstance(rows, Staged) else rows.head(5)
+
+
+def columns(rows: Rows) -> pa.Schema:
+    return rows.schema if isinstance(rows, Staged) else to_table(rows).schema
+
+
+def batches_of(rows: Rows, size: int) -> Iterable[pd.DataFrame]:
+    """The rows `size` at a time (a staged file is read back; a frame is one batch)."""
+    return rows.batches(size) if isinstance(rows, Staged) else [rows]
+
+
+def publish(rows: Rows, directory: UPath, schema: pa.Schema | None = None) -> UPath:
+    """Publish rows as the partition: a staged file by one rename, a frame written with `schema`
+    (the dataset version's: an empty partition has every column, typed)."""
+    return publish_staged(rows, directory) if isinstance(rows, Staged) else write_partition(directory, rows, schema)
+
+
+class Sink(Protocol):
+    """Where a streaming stage writes its output batches; close() gives the stage's rows."""
+
+    def write(self, df: pd.DataFrame) -> None: ...
+
+    def close(self) -> Rows: ...
 
 
 class FrameSink:

@@ -64,7 +64,7 @@ def find_keyword(text: str, keywords: list[str] | tuple[str, ...]) -> str | None
 def cut_at_whitespace_run(text: str, run: int = 5) -> str:
     """Cut at the first run of `run` or more whitespace characters (Kun: degenerate instructions
     such as '什么是 \\n \\n   -> 什么是' continue after such a run)."""
-    return re.split(r"\s{%d,}" % run, text, maxsplit=1)[0].rstrip()
+    return re.split(rf"\s{{{run},}}", text, maxsplit=1)[0].rstrip()
 
 
 def repair_repeated_lines(text: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import uuid
@@ -236,4 +235,3 @@ def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[st
     return report
 
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -17,23 +17,12 @@ import pandas as pd
 from upath import UPath
 
 from kun_dagster import schemas, storage
+from kun_dagster.partitions import hive
 from kun_dagster.stages import StageResult
 
 from .kun import KunResource
 
 STREAM = "kun/stream"  # AssetIn metadata: load the partition as record batches (storage.PartitionBatches)
-
-# Dagster dimension name -> column name in storage (see assets/partitions.py for why they differ).
-HIVE_NAMES = {"source": "source", "source_shard": "shard"}
-
-
-def hive_partition(partitions_def: dg.PartitionsDefinition | None, partition: str) -> dict[str, str]:
-    """A slash-formatted partition (dimensions in name order, as UPathIOManager formats them) as
-    {hive column: value} in storage order."""
-    if isinstance(partitions_def, dg.MultiPartitionsDefinition):
-        values = dict(zip(sorted(partitions_def.partition_dimension_names), partition.split("/")))
-        return {HIVE_NAMES.get(k, k): values[k] for k in HIVE_NAMES if k in values}
-    return {"source": partition}
 
 
 class _ParquetUPathIOManager(dg.UPathIOManager):
@@ -44,17 +33,15 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
         self.batch_rows = batch_rows  # rows per batch of an input read as a stream
 
     def get_path_for_partition(self, context, path: UPath, partition: str) -> UPath:
-        return storage.partition_dir(path, "", hive_partition(context.asset_partitions_def, partition))
+        return storage.partition_dir(path, "", hive(partition, sep="/"))
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame | StageResult, path: UPath) -> None:
         asset, part = "/".join(context.asset_key.path), storage.partition_of(path)
         if isinstance(obj, StageResult):
             storage.write_partition(storage.quarantine_dir(self._base_path, asset, part), obj.dropped, schemas.QUARANTINE)
             obj = obj.rows
-        if isinstance(obj, storage.Staged):  # streamed into staging by the stage: one rename publishes it
-            storage.publish_staged(obj, path)
-        else:  # with its dataset version's schema: an empty partition has every column, typed
-            storage.write_partition(path, obj, schemas.arrow_schema(asset) if asset in schemas.MODELS else None)
+        # a staged file by one rename; a frame with its dataset version's schema
+        storage.publish(obj, path, schemas.arrow_schema(asset) if asset in schemas.MODELS else None)
         # published: its batch checkpoints are done
         storage.remove_tree(storage.staging_dir(self._base_path, asset, part), prune_up_to=self._base_path / storage.STAGING)
 

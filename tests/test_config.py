@@ -70,7 +70,7 @@ def test_env_overrides_and_relative_paths(tmp_path):
     remote = load_config(tmp_path / "kun.yaml", env={"KUN__storage__base_uri": "s3://bucket/kun/"})
     assert remote.models_dir == "s3://bucket/kun/models" and remote.model_cache == str(tmp_path / ".kun" / "model-cache")
     with pytest.raises(ConfigError, match="model_cache must be a local folder"):
-        load_config(tmp_path / "kun.yaml", env={"KUN__storage__model_cache": "s3://bucket/cache"}).model_cache
+        _ = load_config(tmp_path / "kun.yaml", env={"KUN__storage__model_cache": "s3://bucket/cache"}).model_cache
 
 
 def test_a_role_keeps_its_defaults_under_partial_overrides():

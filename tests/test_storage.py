@@ -125,3 +125,13 @@ def test_an_empty_partition_has_its_versions_full_schema_and_reads_as_one_empty_
          "perplexity": [3.0], "instruction": ["问"], "label_tokens": [1], "label_finish": ["stop"]})])), schemas.arrow_schema("labeled_pairs"))
     both = pads.dataset(str(base / "labeled_pairs"), partitioning="hive").to_table()  # one schema across empty and full
     assert both.num_rows == 1 and both.schema.field("title").type == "string"
+
+
+def test_one_reading_of_partition_keys_for_assets_and_the_io_manager():
+    import dagster as dg
+
+    from kun_dagster.partitions import hive
+
+    key = dg.MultiPartitionKey({"source_shard": "3", "source": "wudao"})
+    assert hive(key) == hive("wudao/3", sep="/") == {"source": "wudao", "shard": "3"}  # storage order, storage names
+    assert hive("skypile") == {"source": "skypile"}

@@ -1,5 +1,12 @@
-from kun_dagster.text import (clean_text, cut_at_whitespace_run, dedup_key, find_keyword, repair_repeated_lines,
-                              starts_with_repeated_phrase, strip_stop_strings)
+from kun_dagster.text import (
+    clean_text,
+    cut_at_whitespace_run,
+    dedup_key,
+    find_keyword,
+    repair_repeated_lines,
+    starts_with_repeated_phrase,
+    strip_stop_strings,
+)
 
 
 def test_clean_text_keeps_chinese_punctuation_and_drops_controls():

@@ -11,7 +11,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..text import strip_stop_strings
-from .base import EngineError, EngineSpec, Generation, SamplingParams, answer_ids, encode, first_tokens_differ, split_answers, stop_token_ids
+from .base import (
+    EngineError,
+    EngineSpec,
+    Generation,
+    SamplingParams,
+    answer_ids,
+    encode,
+    first_tokens_differ,
+    split_answers,
+    stop_token_ids,
+)
 
 hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run logs
 

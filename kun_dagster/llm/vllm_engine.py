@@ -27,8 +27,18 @@ from transformers import AutoTokenizer
 
 from ..config import VLLMSettings
 from ..text import strip_stop_strings
-from .base import (EngineError, EngineSpec, Generation, SamplingParams, answer_ids, encode, first_tokens_differ, request_seed,
-                   split_answers, stop_token_ids)
+from .base import (
+    EngineError,
+    EngineSpec,
+    Generation,
+    SamplingParams,
+    answer_ids,
+    encode,
+    first_tokens_differ,
+    request_seed,
+    split_answers,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
