@@ -33,7 +33,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         polished = pd.concat([schemas.empty_frame("polished_pairs"), *frames.values()], ignore_index=True)
         by_source = {s: dataset.records(polished[polished["source"] == s], c, label_model["name"], chat_model["name"])
                      for s in context.partition_keys}  # a source with no rows left gets empty records and its card
-        funnels = {s: dataset.funnel(kun.base, s, c.shard_keys()) for s in by_source}
+        funnels = {s: dataset.funnel(kun.base, s, c.shard_keys(), c.score.threshold) for s in by_source}
         check = checks.schema_check("instruction_dataset", {s: schemas.validate("instruction_dataset", r, c) for s, r in by_source.items()})
         warn = checks.warn_results("instruction_dataset", {"retention": {
             s: dataset.release_retention(funnels[s], len(r), c.checks.retention["instruction_dataset"]) for s, r in by_source.items()}})

@@ -46,8 +46,10 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     def scored_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, labeled_pairs, chat_model: dict
     ):
-        """Every pair with the chat model's score of its instruction alone (P(【好】) by default) and a
-        keep flag; a new threshold needs no re-scoring."""
+        """Every pair with the chat model's score of its instruction alone (config: score): by the
+        answers' probabilities where the model answers in the format, else by generating and
+        parsing its reply; each row names its rule. No keep flag: polished_pairs applies
+        score.threshold, so a new threshold re-runs polish, not the scorer."""
         yield from _run(context, kun, "scored_pairs", by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
 
     @dg.asset(**common, check_specs=checks.specs("polished_pairs"), kinds=kinds(cfg, "parquet", role="chat"),
@@ -55,8 +57,9 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     def polished_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, scored_pairs, chat_model: dict
     ):
-        """Kept pairs whose text the chat model rewrote into an answer (prompt within 512 tokens),
-        through Kun's output filters and output dedup."""
+        """Pairs whose score reaches score.threshold, the text rewritten by the chat model into an
+        answer to the cleaned instruction (config: polish: prompt_token_budget, output filters,
+        output dedup)."""
         yield from _run(context, kun, "polished_pairs", by_partition(context, scored_pairs), stages.polish, chat_llm.engine(chat_model))
 
     return [labeled_pairs, scored_pairs, polished_pairs]

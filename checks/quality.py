@@ -27,15 +27,16 @@ WARN = {
     "raw_corpus": ["retention", "quarantine_rate"],
     "filtered_corpus": ["retention", "duplicate_rate"],
     "labeled_pairs": ["retention", "empty_output_rate"],
-    "scored_pairs": ["retention", "fallback_rate", "parse_failure_rate", "score_distribution"],
-    "polished_pairs": ["retention", "empty_output_rate", "duplicate_rate", "faithfulness"],
+    "scored_pairs": ["fallback_rate", "parse_failure_rate", "score_distribution"],
+    "polished_pairs": ["keep_rate", "retention", "empty_output_rate", "duplicate_rate", "faithfulness"],
     "instruction_dataset": ["retention"],
 }
 DATASET_SCHEMA = "Blocking: the records match COIG-CQIA's schema (+ provenance); on failure nothing is released."
 DESCRIPTIONS = {
     SCHEMA: "Blocking: the partition matches its Pandera schema; on failure nothing is published and nothing downstream runs.",
-    "retention": "Rows out / rows in within checks.retention (scored_pairs: the share kept by score; instruction_dataset: "
+    "retention": "Rows out / rows in within checks.retention (polished_pairs: of the rows kept by score; instruction_dataset: "
                  "records per document read, with the stages that dropped most).",
+    "keep_rate": "The share of scored rows that reach score.threshold, within checks.keep_rate.",
     "quarantine_rate": "Unreadable rows of the source at most checks.max_quarantine_rate.",
     "duplicate_rate": "Exact duplicates dropped at most checks.max_duplicate_rate.",
     "empty_output_rate": "Empty generations at most checks.max_empty_rate.",
@@ -62,8 +63,9 @@ def _findings(kun, asset: str, key, result: StageResult) -> list[quality.Finding
     c, st = kun.config.checks, result.stats
     n_in, dropped = st.get("rows_in") or 0, st.get("dropped", {})
     found = []
+    if asset == "polished_pairs":
+        found.append(quality.within("keep_rate", st.get("keep_rate"), *c.keep_rate, "kept by score"))
     if asset == "scored_pairs":
-        found.append(quality.within("retention", st.get("keep_rate"), *c.retention[asset], "keep rate"))
         free = st.get("scored_by", {}).get("freetext", 0)
         found.append(quality.rate("fallback_rate", free, n_in if st.get("fallback_rate") is not None else 0, c.max_fallback_rate,
                                   "scored by free text (answer mass under score.min_answer_mass)"))

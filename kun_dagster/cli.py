@@ -135,7 +135,7 @@ def _print_funnel(cfg, sources: list[str]) -> None:
     head = f"{'source':<10}" + "".join(f"{s:>17}" for s in stages) + f"{'kept':>8}{'final':>8}{'quarantined':>13}"
     print("\nFunnel (rows per stage):\n" + head)
     for name in sources:
-        f = dataset.funnel(base, name, cfg.shard_keys())
+        f = dataset.funnel(base, name, cfg.shard_keys(), cfg.score.threshold)
         final = storage.partition_rows(storage.partition_dir(base, "instruction_dataset", {"source": name}))
         q = sum(sum(v.values()) for v in f["quarantined"].values())
         print(f"{name:<10}" + "".join(f"{f['rows'][a]:>17}" for a in stages) + f"{f['kept_by_score']:>8}{final:>8}{q:>13}")

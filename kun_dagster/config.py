@@ -257,7 +257,7 @@ class DatasetConfig(_Section):
     copyright: str = "Derived from the source corpus; check its licence before redistribution."
 
 
-RETENTION = {"raw_corpus": (0.8, 1.0), "filtered_corpus": (0.3, 1.0), "labeled_pairs": (0.7, 1.0), "scored_pairs": (0.2, 1.0),
+RETENTION = {"raw_corpus": (0.8, 1.0), "filtered_corpus": (0.3, 1.0), "labeled_pairs": (0.7, 1.0),
              "polished_pairs": (0.5, 1.0), "instruction_dataset": (0.01, 1.0)}
 
 
@@ -266,7 +266,9 @@ class ChecksConfig(_Section):
 
     retention: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: dict(RETENTION),
-        description="rows out / rows in per stage (scored_pairs: the share kept by score; instruction_dataset: records per document read)")
+        description="rows out / rows in per stage (polished_pairs: of the rows kept by score; instruction_dataset: records per document read)")
+    keep_rate: tuple[float, float] = Field((0.2, 1.0), description="share of scored rows that reach score.threshold "
+                                                                    "(checked on polished_pairs, which applies it)")
     max_quarantine_rate: float = Field(0.1, ge=0, le=1, description="raw_corpus rows unreadable")
     max_duplicate_rate: float = Field(0.3, ge=0, le=1)
     max_empty_rate: float = Field(0.05, ge=0, le=1, description="generations that came back empty")
@@ -279,6 +281,8 @@ class ChecksConfig(_Section):
     @field_validator("retention")
     @classmethod
     def _every_stage(cls, bounds: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        if "scored_pairs" in bounds:  # scored_pairs keeps every row; the threshold is applied by polish
+            raise ValueError("retention.scored_pairs is now checks.keep_rate (the share kept by score.threshold, checked on polished_pairs)")
         unknown = sorted(set(bounds) - set(RETENTION))
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; known: {list(RETENTION)}")

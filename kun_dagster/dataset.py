@@ -10,7 +10,7 @@ import pandas as pd
 import yaml
 from upath import UPath
 
-from . import quality, storage
+from . import quality, scoring, storage
 from .config import KunConfig
 
 COIG_COLUMNS = ["instruction", "input", "output", "task_type", "domain", "answer_from", "human_verified", "copyright"]
@@ -18,10 +18,10 @@ PROVENANCE_COLUMNS = ["source", "doc_id", "file", "row", "score", "score_method"
 # The partitioned stages, in order, as (asset, what its rows are).
 STAGES = [
     ("raw_corpus", "documents read"),
-    ("filtered_corpus", "after cleaning, 512-token, perplexity and dedup filters"),
+    ("filtered_corpus", "after cleaning, token-limit, perplexity and dedup filters"),
     ("labeled_pairs", "instructions written, keyword filter passed"),
     ("scored_pairs", "instructions scored (all rows kept with their score)"),
-    ("polished_pairs", "kept by score, polished, output filters passed"),
+    ("polished_pairs", "kept by score.threshold, polished, output filters passed"),
 ]
 
 
@@ -51,7 +51,7 @@ def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model
     return out.sort_values(["source", "doc_id"]).reset_index(drop=True)
 
 
-def funnel(base: UPath, source: str, shards: list[str]) -> dict:
+def funnel(base: UPath, source: str, shards: list[str], threshold: float) -> dict:
     """Rows per stage and quarantine reasons for one source, read from what is published."""
     rows, quarantined = {}, {}
     for asset, _ in STAGES:
@@ -68,8 +68,8 @@ def funnel(base: UPath, source: str, shards: list[str]) -> dict:
     for shard in shards:
         d = storage.partition_dir(base, "scored_pairs", {"source": source, "shard": shard})
         if storage.partition_rows(d):
-            part = storage.read_partition(d, ["keep", "score_rule"])
-            kept += int(part["keep"].sum())
+            part = storage.read_partition(d, ["score", "score_rule"])
+            kept += int(scoring.keep(part["score"].to_numpy(dtype=float), threshold).sum())
             scored_by.update(part["score_rule"])
     return {"rows": rows, "kept_by_score": kept, "scored_by": dict(sorted(scored_by.items())), "quarantined": quarantined}
 

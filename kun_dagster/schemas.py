@@ -59,13 +59,12 @@ PROBABILITY = {"ge": 0, "le": 1 + 1e-6, "nullable": True}  # NaN where the metho
 
 
 class ScoredPairs(LabeledPairs):
-    p_good: Series[float] = pa.Field(**PROBABILITY)  # P(reply opens with 【好】) (Humpback: a digit >= k)
+    p_good: Series[float] = pa.Field(**PROBABILITY)  # P(reply opens with 【好】); empty for Humpback
     p_bad: Series[float] = pa.Field(**PROBABILITY)
     answer_mass: Series[float] = pa.Field(**PROBABILITY)  # P(reply opens with any answer)
     score: Series[float] = pa.Field(nullable=True)  # NaN: a free-text reply that did not parse
     score_rule: Series[str] = pa.Field(isin=SCORE_RULES)  # probability, or freetext (generated and parsed)
     score_reply: Series[str] = pa.Field(nullable=True)  # the free-text reply; null where probability scored
-    keep: Series[bool]
     score_method: Series[str] = pa.Field(isin=SCORE_METHODS)
 
 

@@ -60,11 +60,10 @@ class Rule:
     prefix: str  # the assistant's reply opens with this on the probability path
     user: Callable[[str, str], str]  # (instruction, text) -> the user turn
     parse: Callable[[str], float]  # a free-text reply -> its score, NaN when it has none
-    scale: tuple[float, float]
 
 
-KUN = Rule("kun", (KUN_GOOD, KUN_BAD), "", lambda instruction, text: prompts.point_user(instruction), parse_kun_reply, (0.0, 1.0))
-HUMPBACK = Rule("humpback", prompts.HUMPBACK_SCORES, prompts.HUMPBACK_PREFIX, prompts.humpback_user, parse_humpback_reply, (1.0, 5.0))
+KUN = Rule("kun", (KUN_GOOD, KUN_BAD), "", lambda instruction, text: prompts.point_user(instruction), parse_kun_reply)
+HUMPBACK = Rule("humpback", prompts.HUMPBACK_SCORES, prompts.HUMPBACK_PREFIX, prompts.humpback_user, parse_humpback_reply)
 
 
 def rule(method: str) -> Rule:
@@ -75,11 +74,11 @@ def uses_probability(method: str) -> bool:
     return method.endswith("_choice")
 
 
-def from_logprobs(logprobs: np.ndarray, r: Rule, threshold: float) -> dict[str, np.ndarray]:
-    """Per row: answer_mass (the probability that the reply opens with one of the answers), p_good
-    and p_bad (the mass on answers that reach / miss the threshold: 【好】 / 【差】, or digits >= k /
-    < k), and the score the probability path gives: P(【好】) / answer_mass (so 0.5 means the
-    model is as likely to write either), or the most likely digit (Humpback keeps at k on it)."""
+def from_logprobs(logprobs: np.ndarray, r: Rule) -> dict[str, np.ndarray]:
+    """Per row: answer_mass (the probability that the reply opens with one of the answers) and the
+    score the probability path gives. Kun: p_good = P(【好】), p_bad = P(【差】), score = p_good /
+    answer_mass (so 0.5 means the model is as likely to write either). Humpback: the most likely
+    digit (it keeps at k on that); p_good and p_bad stay empty. No threshold here: polish applies it."""
     p = np.exp(np.asarray(logprobs, dtype=float).reshape(-1, len(r.choices)))
     mass = p.sum(axis=1)
     if r is KUN:
@@ -88,7 +87,7 @@ def from_logprobs(logprobs: np.ndarray, r: Rule, threshold: float) -> dict[str, 
             score = np.where(mass > 0, good / np.where(mass > 0, mass, 1), np.nan)
     else:
         values = np.array([float(c) for c in r.choices])
-        good, bad = p[:, values >= threshold].sum(axis=1), p[:, values < threshold].sum(axis=1)
+        good = bad = np.full(len(p), np.nan)
         score = np.where(mass > 0, values[p.argmax(axis=1)], np.nan)
     return {"p_good": good, "p_bad": bad, "answer_mass": mass, "score": score}
 

@@ -234,7 +234,8 @@ def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
 
 # -- scored_pairs ------------------------------------------------------------------------------------
 def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
-    """Every row comes out with its score, the rule that scored it and its keep flag (scoring.py).
+    """Every row comes out with its score and the rule that scored it (scoring.py); no keep flag:
+    polish applies score.threshold, so a new threshold needs no re-scoring.
 
     *_choice: one probability read per row (the answers' shared opening, then the token where
     they differ); rows where the model puts less than min_answer_mass on the answers are scored by
@@ -251,7 +252,7 @@ def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     df["score_reply"] = None
     if scoring.uses_probability(sc.method) and len(df):
         lp = engine.choice_logprobs([prompts.render(tok, u, rule.prefix, keep_system) for u in users], list(rule.choices), exact=sc.exact)
-        for col, values in scoring.from_logprobs(lp, rule, sc.threshold).items():
+        for col, values in scoring.from_logprobs(lp, rule).items():
             df[col] = values
         df.loc[df["answer_mass"] >= sc.min_answer_mass, "score_rule"] = scoring.PROBABILITY
     free = df.index[df["score_rule"] == scoring.FREETEXT]
@@ -261,17 +262,14 @@ def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
         df.loc[free, "score_reply"] = pd.Series([g.text for g in gens], index=free, dtype=object)
         df.loc[free, "score"] = [rule.parse(g.text) for g in gens]
     df["score"] = df["score"].astype(float)
-    df["keep"] = scoring.keep(df["score"].to_numpy(), sc.threshold) if len(df) else []
     df["score_method"] = sc.method
-    lo, hi = sc.scale
-    hist, edges = np.histogram(df["score"].dropna(), bins=10, range=(lo, hi))
+    hist, edges = np.histogram(df["score"].dropna(), bins=10, range=sc.scale)
     by_rule = df["score_rule"].value_counts()
-    stats = {"rows_in": len(df), "rows_out": len(df), "kept": int(df["keep"].sum()),
-             "keep_rate": round(float(df["keep"].mean()), 4) if len(df) else None,
+    stats = {"rows_in": len(df), "rows_out": len(df),
              "scored_by": {r: int(by_rule.get(r, 0)) for r in scoring.SCORE_RULES},
              "fallback_rate": round(len(free) / len(df), 4) if len(df) and scoring.uses_probability(sc.method) else None,
              "answer_mass": _summary(df["answer_mass"], 4),
-             "parse_failures": int(df.loc[free, "score"].isna().sum()), "threshold": sc.threshold,
+             "parse_failures": int(df.loc[free, "score"].isna().sum()),
              "histogram": {f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(h) for i, h in enumerate(hist)}}
     return StageResult(rows=df, dropped=quarantine_frame([]), stats=stats)
 
@@ -295,8 +293,11 @@ def output_reason(output: str, cfg: KunConfig) -> tuple[str, str] | None:
 
 
 def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
-    """The chat model rewrites each kept text into an answer to its instruction (answer polishment)."""
-    df = scored[scored["keep"].astype(bool)].drop(columns=["keep", "score_reply"], errors="ignore").reset_index(drop=True)
+    """Rows whose score reaches score.threshold (applied here, so a new threshold re-runs only this
+    stage, not the scorer); the chat model rewrites each kept text into an answer to its
+    instruction (answer polishment)."""
+    keep = scoring.keep(scored["score"].to_numpy(dtype=float), cfg.score.threshold)
+    df = scored[keep].drop(columns=["score_reply"], errors="ignore").reset_index(drop=True)
     df["instruction"] = df["instruction"].map(lambda s: clean_instruction(s, cfg.label.whitespace_run)).astype(object)
     reason, detail = _no_reasons(df)
     reason[df["instruction"].str.len() == 0] = EMPTY_AFTER_CLEAN
@@ -326,6 +327,7 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
         rows=kept,
         dropped=_dropped(df, reason, detail, "output"),
         stats=_stats(len(df), len(kept), reason, not_kept_by_score=int(len(scored) - len(df)),
+                     keep_rate=round(len(df) / len(scored), 4) if len(scored) else None, threshold=cfg.score.threshold,
                      output_chars=_summary(kept["output"].astype(str).str.len(), 0),
                      truncated_at_max_tokens=int((df["polish_finish"] == "length").sum())),
     )

@@ -28,6 +28,9 @@ def test_defaults_are_kuns():
     assert cfg.score.method == "kun_choice" and cfg.score.threshold == 0.5
     assert cfg.score.min_answer_mass == 0.5 and not cfg.score.exact and cfg.polish.min_phrase_chars == 2
     assert parse_config({**MINIMAL, "score": {"method": "humpback_choice"}}, env={}).score.threshold == 5  # Humpback's k
+    assert cfg.checks.keep_rate == (0.2, 1.0) and "scored_pairs" not in cfg.checks.retention
+    with pytest.raises(ConfigError, match="retention.scored_pairs is now checks.keep_rate"):
+        parse_config({**MINIMAL, "checks": {"retention": {"scored_pairs": [0.1, 1]}}}, env={})
 
 
 @pytest.mark.parametrize("patch, key, words", [

@@ -25,7 +25,7 @@ def labeled(n=3):
 
 def scored(n=3):
     return labeled(n).assign(p_good=[0.81] * n, p_bad=[0.09] * n, answer_mass=[0.9] * n, score=[0.9] * n, score_rule="probability",
-                             keep=[True] * n, score_method="kun_choice", score_reply=None)
+                             score_method="kun_choice", score_reply=None)
 
 
 def polished(n=3):

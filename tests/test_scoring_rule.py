@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kun_dagster import stages
+from kun_dagster import scoring, stages
 from kun_dagster.config import parse_config
 
 from .test_stages import CFG
@@ -28,6 +28,10 @@ def _pairs():
                          "row": range(1, len(INSTRUCTIONS) + 1), "title": None, "text": "正文。", "instruction": INSTRUCTIONS})
 
 
+def _kept(rows) -> pd.Series:
+    return pd.Series(scoring.keep(rows["score"].to_numpy(dtype=float), CFG.score.threshold), index=rows.index)
+
+
 def _cfg(**changes):
     raw = CFG.model_dump()
     for key, value in changes.items():
@@ -40,21 +44,22 @@ def test_a_model_that_answers_in_the_format_is_scored_by_probability_as_kuns_rul
     choice = stages.score(_pairs(), chat_engine, _cfg(**{"sampling.max_tokens": 16}))
     rows = choice.rows
     assert (rows["score_rule"] == "probability").all() and choice.stats["fallback_rate"] == 0
-    assert rows["answer_mass"].min() >= 0.5 and rows["keep"].any() and not rows["keep"].all()
+    keep = _kept(rows)
+    assert rows["answer_mass"].min() >= 0.5 and keep.any() and not keep.all()
     # greedy free text opens with the more likely answer: the same decision on every row it parses
     greedy = stages.score(_pairs(), chat_engine, _cfg(**{"score.method": "kun_freetext", "sampling.temperature": 0.0,
                                                          "sampling.max_tokens": 16})).rows
     parsed = greedy["score"].notna()
     assert parsed.mean() >= 0.9
     ties = (rows["p_good"] - rows["p_bad"]).abs() < 1e-3 * rows["answer_mass"]
-    same = (rows["keep"] == greedy["keep"])[parsed & ~ties]
+    same = (keep == _kept(greedy))[parsed & ~ties]
     assert same.all(), rows.loc[same.index[~same], ["instruction", "p_good", "p_bad"]]
     # Kun's own setting samples one reply at temperature 0.5: agreement near what that noise predicts
     sampled = stages.score(_pairs(), chat_engine, _cfg(**{"score.method": "kun_freetext", "sampling.max_tokens": 16})).rows
     ok = sampled["score"].notna()
     g, b = rows["p_good"] ** 2, rows["p_bad"] ** 2
     predicted = np.maximum(g, b) / (g + b)
-    observed = (rows["keep"] == sampled["keep"])[ok].mean()
+    observed = (keep == _kept(sampled))[ok].mean()
     assert observed >= predicted[ok].mean() - 0.25, (observed, predicted[ok].mean())
 
 

@@ -3,7 +3,7 @@ import math
 import pandas as pd
 import pytest
 
-from kun_dagster import prompts, stages
+from kun_dagster import prompts, scoring, stages
 from kun_dagster.config import parse_config
 from kun_dagster.llm import EngineError
 
@@ -11,6 +11,11 @@ from .fakes import ScriptedEngine
 
 CFG = parse_config({"sources": [{"name": "web", "uri": "x", "format": "jsonl"}], "seed": {"uri": "s"},
                     "filter": {"max_tokens": 40, "perplexity_max": 50}}, env={})
+
+
+def kept(rows, cfg=CFG) -> list[bool]:
+    """What polish keeps of scored rows: score.threshold is applied there, not by the scorer."""
+    return scoring.keep(rows["score"].to_numpy(dtype=float), cfg.score.threshold).tolist()
 
 
 def docs(texts):
@@ -50,10 +55,10 @@ def test_score_reads_probabilities_where_the_model_answers_in_the_format():
     eng = ScriptedEngine(probs=[[0.81, 0.09], [0.14, 0.56], [0.3, 0.3]])  # answer mass 0.9, 0.7, 0.6
     res = stages.score(pairs, eng, CFG)
     rows = res.rows
-    assert rows["score"].round(6).tolist() == [0.9, 0.2, 0.5] and rows["keep"].tolist() == [True, False, True]
+    assert rows["score"].round(6).tolist() == [0.9, 0.2, 0.5] and kept(rows) == [True, False, True] and "keep" not in rows
     assert rows["answer_mass"].round(6).tolist() == [0.9, 0.7, 0.6] and rows["p_good"].round(6).tolist() == [0.81, 0.14, 0.3]
     assert set(rows["score_rule"]) == {"probability"} and rows["score_reply"].isna().all()
-    assert res.stats["kept"] == 2 and res.stats["scored_by"] == {"probability": 3, "freetext": 0} and res.stats["fallback_rate"] == 0
+    assert res.stats["scored_by"] == {"probability": 3, "freetext": 0} and res.stats["fallback_rate"] == 0
     assert sum(res.stats["histogram"].values()) == 3 and res.dropped.empty
     assert eng.prompts[0].count("指令: 【好指令】 回复：") == 1  # the instruction alone, not the text
     assert eng.prompts[0].endswith("<|im_start|>assistant\n")  # the answers themselves open the reply
@@ -69,7 +74,7 @@ def test_rows_the_model_would_not_answer_in_the_format_are_scored_by_kuns_free_t
     rows = res.rows
     assert rows["score_rule"].tolist() == ["freetext", "probability", "freetext", "freetext"]
     assert rows["score"].tolist()[0] == 0.0 and rows["score"].tolist()[2] == 1.0 and math.isnan(rows["score"].tolist()[3])
-    assert rows["keep"].tolist() == [False, True, True, False]
+    assert kept(rows) == [False, True, True, False]
     assert rows["score_reply"].tolist()[:3] == ["【差】这条指令含糊。", None, "嗯【好】"]
     assert rows.loc[0, "answer_mass"] < 1e-20  # recorded, so the row says why it fell back
     assert res.stats["scored_by"] == {"probability": 1, "freetext": 3} and res.stats["fallback_rate"] == 0.75
@@ -88,7 +93,7 @@ def test_free_text_scoring_counts_parse_failures():
     pairs = docs(["甲", "乙", "丙"]).assign(instruction=["a", "b", "c"])
     cfg = parse_config({**CFG.model_dump(), "score": {"method": "kun_freetext"}}, env={})
     res = stages.score(pairs, ScriptedEngine(replies=["【好】", "【差】", "我不知道"]), cfg)
-    assert res.rows["keep"].tolist() == [True, False, False] and res.stats["parse_failures"] == 1
+    assert kept(res.rows, cfg) == [True, False, False] and res.stats["parse_failures"] == 1
     assert res.stats["fallback_rate"] is None and res.rows["answer_mass"].isna().all()
 
 
@@ -104,7 +109,7 @@ def test_the_scorer_sees_the_raw_instruction_and_polish_cleans_it_after():
     scored = stages.score(labeled.rows, scorer, CFG)
     for prompt, r in zip(scorer.prompts, raw):
         assert f"指令: 【{r.rstrip()}】 回复：" in prompt
-    assert scored.rows["keep"].tolist() == [False, False, True]
+    assert kept(scored.rows) == [False, False, True]
     answer = "排他性许可是指在约定范围内只许可一家被许可人使用的许可方式。"
     polisher = ScriptedEngine(replies=[answer])
     polished = stages.polish(scored.rows, polisher, CFG)
@@ -122,9 +127,9 @@ def test_humpback_scores_the_pair_with_its_prompt_and_keeps_at_five():
     eng = ScriptedEngine(probs=[five, four, tiny, tiny], replies=["理由：答案完整清晰，专业。\n得分：5", "写得不错。\n得分：4"])
     res = stages.score(pairs, eng, cfg)
     rows = res.rows
-    assert rows["score"].tolist() == [5.0, 4.0, 5.0, 4.0] and rows["keep"].tolist() == [True, False, True, False]
+    assert rows["score"].tolist() == [5.0, 4.0, 5.0, 4.0] and kept(rows, cfg) == [True, False, True, False]
     assert rows["score_rule"].tolist() == ["probability", "probability", "freetext", "freetext"]
-    assert rows["p_good"].round(6).tolist()[:2] == [0.5, 0.3] and rows["answer_mass"].round(6).tolist()[:2] == [0.9, 0.9]
+    assert rows["p_good"].isna().all() and rows["answer_mass"].round(6).tolist()[:2] == [0.9, 0.9]
     assert "得分：<评分>" in eng.prompts[0] and "指令：问一\n\n答案：甲文" in eng.prompts[0]
     assert eng.prompts[0].endswith("得分：") and not eng.prompts[4].endswith("得分：")  # free text writes its reasoning first
 
@@ -139,14 +144,17 @@ def test_humpback_free_text_parses_the_last_score():
 
 def test_polish_applies_output_filters_and_dedup():
     scored = docs(["甲文", "乙文", "丙文", "丁文", "戊文", "己文"]).assign(
-        instruction="问题", score=[0.9] * 5 + [0.1], keep=[True] * 5 + [False], score_method="kun_choice", score_rule="probability")
+        instruction="问题", score=[0.9] * 5 + [0.1], score_method="kun_choice", score_rule="probability")
     good = "复利是把每一期的利息计入本金，下一期一起计息。"
     eng = ScriptedEngine(replies=[good, "太短了", "作为一个AI，" + good, good, "好的" * 8 + good])
     res = stages.polish(scored, eng, CFG)
     assert res.rows[["doc_id", "output"]].values.tolist() == [["d0", good]]
     assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {
         "d1": "too_short", "d2": "banned_keyword", "d3": "duplicate_output", "d4": "repeated_phrase"}
-    assert res.stats["not_kept_by_score"] == 1
+    assert res.stats["not_kept_by_score"] == 1 and res.stats["keep_rate"] == round(5 / 6, 4)
+    # a new threshold changes what polish keeps, from the same scores: nothing is re-scored
+    strict = parse_config({**CFG.model_dump(), "score": {"threshold": 0.95}}, env={})
+    assert stages.polish(scored, ScriptedEngine(), strict).stats["not_kept_by_score"] == 6
     assert eng.prompts[0] == prompts.render(eng.tokenizer, " 已知：\n甲文,请回答:问题")
 
 
@@ -159,5 +167,5 @@ def test_an_empty_partition_flows_through_every_stage():
     polished = stages.polish(scored.rows, eng, CFG)
     for res in (filtered, labeled, scored, polished):
         assert res.rows.empty and res.dropped.empty
-    assert {"instruction", "score", "keep", "answer_mass", "score_rule"} <= set(scored.rows.columns)
+    assert {"instruction", "score", "answer_mass", "score_rule"} <= set(scored.rows.columns)
     assert {"instruction", "output", "score"} <= set(polished.rows.columns)

@@ -187,7 +187,8 @@ def test_a_one_source_backfill_runs_through_the_daemon_and_its_checks_read_on_th
     ui.shot("backfill")
 
     # Check results on polished_pairs' page, as the instance recorded them.
-    keys = [dg.AssetCheckKey(dg.AssetKey("polished_pairs"), c) for c in ("schema", "retention", "empty_output_rate", "duplicate_rate", "faithfulness")]
+    keys = [dg.AssetCheckKey(dg.AssetKey("polished_pairs"), c)
+            for c in ("schema", "keep_rate", "retention", "empty_output_rate", "duplicate_rate", "faithfulness")]
     passed = {k.name: r.evaluation.passed for k, r in ui.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys).items()}
     assert len(passed) == len(keys)
     assert passed["schema"] and not passed["faithfulness"]  # bound 0.0: any unfaithful answer fails it
