@@ -41,14 +41,16 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
               kinds=kinds(cfg, "parquet", role=ppl_role), op_tags=gpu_tags(cfg, ppl_role),
               ins={"raw_corpus": dg.AssetIn(metadata={STREAM: True})}, check_specs=checks.specs("filtered_corpus"), output_required=False)
     def filtered_corpus(
-        context: dg.AssetExecutionContext, kun: KunResource, base_llm: LLMResource, raw_corpus, base_model: dict, label_model: dict
+        context: dg.AssetExecutionContext, kun: KunResource, base_llm: LLMResource, label_llm: LLMResource, raw_corpus,
+        base_model: dict, label_model: dict
     ):
-        """Cleaned text within 512 tokens of the label model's tokenizer, perplexity under the
-        reference model at most the threshold, exact duplicates removed."""
+        """Cleaned text within filter.max_tokens of the label model's tokenizer, perplexity under the
+        reference model (filter.perplexity_model, run with that role's engine settings) at most
+        filter.perplexity_max, exact duplicates removed (config: filter)."""
         c = kun.config
         tokenizer = AutoTokenizer.from_pretrained(kun.local_model(label_model["path"]))
-        reference = base_model if c.filter.perplexity_model == "base" else label_model
-        engine = base_llm.engine(reference) if c.filter.perplexity_max is not None else None
+        llm, reference = (base_llm, base_model) if c.filter.perplexity_model == "base" else (label_llm, label_model)
+        engine = llm.engine(reference) if c.filter.perplexity_max is not None else None
         out = {}
         for key, batches in by_partition(context, raw_corpus).items():  # each partition streamed in, filtered and out
             resumable = checkpointed(kun, "filtered_corpus", key, engine) if engine else None

@@ -99,8 +99,8 @@ def main() -> None:
     ref = json.loads((storage.upath(cfg.base_uri) / "models" / "refs" / "chat_model.json").read_text())
     vllm = {**cfg.models.chat.vllm.model_dump(exclude_none=True)}
     vllm["engine_kwargs"] = {**vllm.get("engine_kwargs", {}), **json.loads(args.engine_kwargs)}
-    engine = load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend=args.backend, dtype=args.dtype,
-                                    batch_size=cfg.models.chat.batch_size, extra={"vllm": vllm}))
+    engine = load_engine(EngineSpec.of(ref["path"], ref["name"], backend=args.backend, dtype=args.dtype,
+                                       batch_size=cfg.models.chat.batch_size, vllm=vllm))
     free_cfg = with_score(cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"max_tokens": args.kun_max_tokens})}),
                           method="kun_freetext", threshold=None)
     choice_cfg = cfg.model_copy(update={"sampling": free_cfg.sampling})  # its fallback rows generate at Kun's max_tokens too

@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "docs": args.docs, "sampling": params.__dict__, "runs": {}}
     texts = workload(cfg, args.docs)["text"].tolist()
     for per_request in (False, True):
-        spec = EngineSpec(path=label["path"], model_name=label["name"], backend="vllm",
-                          extra={"vllm": {**settings, "seed_per_request": per_request}})
+        spec = EngineSpec.of(label["path"], label["name"], backend="vllm", vllm={**settings, "seed_per_request": per_request})
         engine = load_engine(spec)
         ps = [prompts.render(engine.tokenizer, prompts.label_user(t)) for t in texts]
         engine.generate(ps[:16], params)  # warm-up: compile, first allocation

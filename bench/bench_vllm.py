@@ -76,7 +76,7 @@ def bare_vllm(path: str, vllm_settings: dict, dtype: str, prompt_texts: list[str
 
     from kun_dagster.llm.vllm_engine import VLLMEngine
 
-    spec = EngineSpec(path=path, model_name="bare", backend="vllm", dtype=dtype, extra={"vllm": vllm_settings})
+    spec = EngineSpec.of(path, "bare", backend="vllm", dtype=dtype, vllm=vllm_settings)
     engine, start = timed(lambda: VLLMEngine(spec))  # same engine arguments; only the generate call differs
     llm = engine.llm
     sp = vllm.SamplingParams(temperature=params.temperature, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
@@ -174,14 +174,14 @@ def main(argv: list[str] | None = None) -> None:
     label_spec = dict(path=models["label"]["path"], model_name=models["label"]["name"], dtype=args.dtype)
     hf = None
     if "hf" not in skip:  # first: vLLM's in-process CPU worker pins torch's thread count for the rest of the process
-        hf, start = timed(lambda: load_engine(EngineSpec(**label_spec, backend="transformers", batch_size=cfg.models.label.batch_size)))
+        hf, start = timed(lambda: load_engine(EngineSpec.of(**label_spec, backend="transformers", batch_size=cfg.models.label.batch_size)))
         tok = hf.tokenizer
         texts = [prompts.render(tok, prompts.label_user(t)) for t in docs["text"]]
         gens, seconds = timed(lambda: hf.generate(texts, params))
         report("d_transformers_engine", sum(g.num_tokens for g in gens), seconds, start_s=round(start, 2))
         hf.close()
 
-    vl, start = timed(lambda: load_engine(EngineSpec(**label_spec, backend="vllm", extra={"vllm": label_vllm})))
+    vl, start = timed(lambda: load_engine(EngineSpec.of(**label_spec, backend="vllm", vllm=label_vllm)))
     texts = [prompts.render(vl.tokenizer, prompts.label_user(t)) for t in docs["text"]]
     gens, seconds = timed(lambda: vl.generate(texts, params))
     report("b_our_vllm_engine", sum(g.num_tokens for g in gens), seconds, start_s=round(start, 2))
@@ -208,8 +208,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if "score" not in skip:
         chat_vllm = engine_args(cfg, "chat")
-        chat = load_engine(EngineSpec(path=models["chat"]["path"], model_name=models["chat"]["name"], dtype=args.dtype,
-                                      backend="vllm", extra={"vllm": chat_vllm}))
+        chat = load_engine(EngineSpec.of(models["chat"]["path"], models["chat"]["name"], dtype=args.dtype, backend="vllm", vllm=chat_vllm))
         instructions = [g.text or t[:40] for g, t in zip(gens, docs["text"])][: args.score_docs]
         point = [prompts.render(chat.tokenizer, prompts.point_user(s)) for s in instructions]
         chat.choice_probs(point[:4], [prompts.KUN_GOOD, prompts.KUN_BAD])  # warm both paths' kernels

@@ -24,10 +24,7 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
     secrets = {field: dg.EnvVar(name) for field, name in (("s3_access_key_id", s3.access_key_id_env),
                ("s3_secret_access_key", s3.secret_access_key_env), ("s3_session_token", s3.session_token_env)) if os.environ.get(name)}
     kun = KunResource(config_path=str(cfg_file), **secrets)
-    m = cfg.models
-    llm = {f"{role}_llm": LLMResource(kun=kun, role=role, backend=rc.backend, device=rc.device, dtype=rc.dtype, batch_size=rc.batch_size,
-                                      vllm=rc.vllm.model_dump(exclude_none=True))  # Dagster config maps hold no nulls
-           for role, rc in (("base", m.base), ("label", m.label), ("chat", m.chat))}
+    llm = {f"{role}_llm": LLMResource(kun=kun, role=role) for role in ("base", "label", "chat")}
     all_assets = models.build(cfg) + corpus.build(cfg) + pairs.build(cfg) + dataset.build(cfg)
     all_assets = dg.map_asset_specs(lambda spec: spec.replace_attributes(owners=cfg.deploy.owners), all_assets)
     executor = None

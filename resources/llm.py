@@ -4,7 +4,7 @@ GPU assets run all their partitions in one step (single-run backfill), so one ba
 model once; the engine is closed when the step ends.
 """
 
-from typing import Any, Literal
+from typing import Literal
 
 import dagster as dg
 from pydantic import PrivateAttr
@@ -17,13 +17,11 @@ from .kun import KunResource
 
 
 class LLMResource(dg.ConfigurableResource):
-    kun: KunResource  # to reach checkpoints on a remote store
+    """A model role's engine, run as kun.yaml's `models.<role>` says (backend, dtype, vllm, ...):
+    its settings are read from the config itself, not copied into resource fields."""
+
+    kun: KunResource  # the config, and the store to reach checkpoints on
     role: Literal["base", "label", "chat"]
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = 16
-    vllm: dict[str, Any] = {}  # kun_dagster.config.VLLMSettings fields (the vLLM backend's engine arguments)
 
     _engines: dict = PrivateAttr(default_factory=dict)
 
@@ -34,10 +32,10 @@ class LLMResource(dg.ConfigurableResource):
         # same path after its model asset was materialized still never reuses the old one's batches
         fingerprint = model_store.fingerprint(path)
         if (path, fingerprint) not in self._engines:
-            spec = EngineSpec(path=path, model_name=model["name"], backend=self.backend, device=self.device, dtype=self.dtype,
-                              batch_size=self.batch_size, extra={"vllm": self.vllm})
-            backend = resolve_backend(self.backend)
-            dg.get_dagster_logger().info(f"loading {self.role} model {model['name']} from {path} on {backend} (backend: {self.backend})")
+            settings = getattr(self.kun.config.models, self.role)
+            spec = EngineSpec(path=path, model_name=model["name"], settings=settings)
+            backend = resolve_backend(settings.backend)
+            dg.get_dagster_logger().info(f"loading {self.role} model {model['name']} from {path} on {backend} (backend: {settings.backend})")
             try:
                 engine = load_engine(spec)
             except EngineError as e:  # a model that cannot load will not load on a retry either

@@ -156,7 +156,7 @@ def label_engine(models_run):
     from kun_dagster.llm.base import EngineSpec
 
     ref = models_run["refs"]["label_model"]
-    return load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend="transformers", batch_size=8))
+    return load_engine(EngineSpec.of(ref["path"], ref["name"], backend="transformers", batch_size=8))
 
 
 @pytest.fixture(scope="session")
@@ -165,7 +165,7 @@ def base_engine(models_run):
     from kun_dagster.llm.base import EngineSpec
 
     ref = models_run["refs"]["base_model"]
-    return load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend="transformers", batch_size=8))
+    return load_engine(EngineSpec.of(ref["path"], ref["name"], backend="transformers", batch_size=8))
 
 
 @pytest.fixture(scope="session")
@@ -174,4 +174,4 @@ def chat_engine(models_run):
     from kun_dagster.llm.base import EngineSpec
 
     ref = models_run["refs"]["chat_model"]
-    return load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend="transformers", batch_size=8))
+    return load_engine(EngineSpec.of(ref["path"], ref["name"], backend="transformers", batch_size=8))

@@ -113,3 +113,28 @@ def test_every_asset_carries_the_configured_owners_and_a_bad_owner_names_the_key
 
     with pytest.raises(ConfigError, match=r"deploy.owners: .*emails or team:name .*'data eng'"):
         load_config(write_config(tmp_path, **{"deploy.owners": ["data eng"]}))
+
+
+def test_each_roles_engine_runs_as_its_config_says_and_its_kind_says_so(tmp_path, monkeypatch):
+    """One typed path from models.<role> to the engine: the spec carries the role's settings as
+    parsed, and an asset's kind names the engine it will run (filtered_corpus on the label model
+    runs with the label role's settings, not the base role's)."""
+    import types
+
+    from kun_dagster.config import load_config
+
+    cfg_file = write_config(tmp_path, **{"models.chat.dtype": "bfloat16", "models.chat.vllm.max_model_len": 1024,
+                                         "models.base.backend": "vllm", "filter.perplexity_model": "label"})
+    defs = build_definitions(cfg_file)
+    seen = []
+    monkeypatch.setattr("resources.llm.load_engine", lambda spec: seen.append(spec) or types.SimpleNamespace(close=lambda: None))
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for role in ("chat", "label"):
+        defs.resources[f"{role}_llm"].engine({"path": str(model), "name": "m"})
+    cfg = load_config(cfg_file)
+    assert [s.settings for s in seen] == [cfg.models.chat, cfg.models.label]
+    assert seen[0].settings.vllm.max_model_len == 1024 and seen[0].settings.dtype == "bfloat16"
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey("filtered_corpus")).kinds == {"pytorch", "pandera", "parquet"}  # label: transformers

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kun_dagster import prompts
-from kun_dagster.llm import EngineError, SamplingParams, load_engine
+from kun_dagster.llm import EngineError, SamplingParams, load_engine, resolve_backend
 from kun_dagster.llm.base import EngineSpec
 
 pytestmark = pytest.mark.slow
@@ -58,6 +58,8 @@ def test_generate_is_reproducible_and_stops(label_engine):
 def test_unloadable_model_is_a_clear_engine_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(EngineError, match=r"transformers could not load model broken from .*"):
-        load_engine(EngineSpec(path=str(tmp_path), model_name="broken", backend="transformers"))
+        load_engine(EngineSpec.of(str(tmp_path), "broken", backend="transformers"))
     with pytest.raises(EngineError, match="unknown LLM backend 'tensorrt'"):
-        load_engine(EngineSpec(path=str(tmp_path), model_name="x", backend="tensorrt"))
+        resolve_backend("tensorrt")
+    with pytest.raises(ValueError, match="backend"):  # a spec holds kun.yaml's typed settings: no unknown backend gets this far
+        EngineSpec.of(str(tmp_path), "x", backend="tensorrt")

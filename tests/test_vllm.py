@@ -45,8 +45,7 @@ def engines(models_run):
                                 ("label_vllm_stream", "label_model", "vllm")):
         ref = refs[role]
         vllm_settings = {**VLLM, "seed_per_request": not name.endswith("_stream")}  # _stream: one engine-level sampling stream
-        out[name] = load_engine(EngineSpec(path=ref["path"], model_name=ref["name"], backend=backend, dtype="float32",
-                                           batch_size=8, extra={"vllm": vllm_settings}))
+        out[name] = load_engine(EngineSpec.of(ref["path"], ref["name"], backend=backend, dtype="float32", batch_size=8, vllm=vllm_settings))
     yield out
     for e in out.values():
         e.close()
@@ -189,15 +188,15 @@ def test_a_model_vllm_cannot_serve_names_the_model_and_the_backend_to_use(tmp_pa
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     with pytest.raises(EngineError, match=r"cannot serve model tiny-neo .*GPTNeoForCausalLM.*backend: transformers"):
-        load_engine(EngineSpec(path=str(tmp_path), model_name="tiny-neo", backend="vllm"))
-    hf = load_engine(EngineSpec(path=str(tmp_path), model_name="tiny-neo", backend="transformers"))
+        load_engine(EngineSpec.of(str(tmp_path), "tiny-neo", backend="vllm"))
+    hf = load_engine(EngineSpec.of(str(tmp_path), "tiny-neo", backend="transformers"))
     assert len(hf.generate(["你好"], SamplingParams(temperature=0.0, max_tokens=4))) == 1
 
 
 def test_a_failing_engine_start_is_an_engine_error(tmp_path, models_run):
     with pytest.raises(EngineError, match="vLLM could not start model kun-label"):
-        load_engine(EngineSpec(path=models_run["refs"]["label_model"]["path"], model_name="kun-label", backend="vllm",
-                               extra={"vllm": {"enforce_eager": True, "engine_kwargs": {"block_size": 7}}}))
+        load_engine(EngineSpec.of(models_run["refs"]["label_model"]["path"], "kun-label", backend="vllm",
+                                  vllm={"enforce_eager": True, "engine_kwargs": {"block_size": 7}}))
 
 
 def test_the_whole_graph_on_vllm_for_two_partitions(tmp_path, models_run):

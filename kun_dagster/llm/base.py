@@ -17,6 +17,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..config import EngineSettings
+
 # Kun cuts generations at these, whatever the model's own EOS is.
 DEFAULT_STOPS = ("<|endoftext|>", "</s>", "<|im_end|>")
 
@@ -107,12 +109,15 @@ class Engine(Protocol):
 
 @dataclass
 class EngineSpec:
-    """What a resource hands to load_engine: the weights and how to run them."""
+    """What load_engine builds: the weights, and how to run them (the role's engine settings from
+    kun.yaml, `models.<role>`, as they are: one typed path from the config to the engine)."""
 
     path: str
     model_name: str
-    backend: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 16
-    extra: dict = field(default_factory=dict)  # backend settings, e.g. {"vllm": VLLMSettings fields}
+    settings: EngineSettings = field(default_factory=EngineSettings)
+
+    @classmethod
+    def of(cls, path: str, model_name: str, **settings) -> EngineSpec:
+        """A spec from engine-settings keys (backend, dtype, batch_size, vllm={...}), validated as
+        kun.yaml's `models.<role>` is: for tools and tests that build an engine by hand."""
+        return cls(path, model_name, EngineSettings.model_validate(settings))

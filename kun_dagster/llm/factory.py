@@ -23,7 +23,7 @@ def resolve_backend(backend: str) -> str:
 
 
 def load_engine(spec: EngineSpec) -> Engine:
-    backend = resolve_backend(spec.backend)
+    backend = resolve_backend(spec.settings.backend)
     if backend == "vllm":
         from .vllm_engine import VLLMEngine
 

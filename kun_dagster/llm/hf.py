@@ -44,12 +44,13 @@ class HFEngine:
     backend = "transformers"
 
     def __init__(self, spec: EngineSpec):
+        s = spec.settings
         self.model_name = spec.model_name
-        self.batch_size = spec.batch_size
-        self.device = _device(spec.device)
+        self.batch_size = s.batch_size
+        self.device = _device(s.device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(spec.path)
-            self.model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=_dtype(spec.dtype, self.device))
+            self.model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=_dtype(s.dtype, self.device))
         except Exception as e:  # noqa: BLE001
             raise EngineError(f"transformers could not load model {spec.model_name} from {spec.path}: {e}") from e
         self.model.to(self.device).eval()

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from ..config import VLLMSettings
 from ..text import strip_stop_strings
 from .base import (
     EngineError,
@@ -81,8 +80,7 @@ class VLLMEngine:
     def __init__(self, spec: EngineSpec):
         vllm = _import_vllm()
         self.model_name = spec.model_name
-        self.settings = VLLMSettings.model_validate(spec.extra.get("vllm", {}))
-        s = self.settings
+        self.settings = s = spec.settings.vllm
         kwargs = dict(s.engine_kwargs)
         if "model_impl" not in kwargs:  # vLLM's own transformers fallback is opt-in, through engine_kwargs
             supported = set(vllm.ModelRegistry.get_supported_archs())
@@ -104,7 +102,7 @@ class VLLMEngine:
         if kv_gib is None and current_platform.is_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             kv_gib = CPU_KV_CACHE_GIB
         args = dict(
-            model=spec.path, tokenizer=spec.path, dtype=spec.dtype, seed=s.seed, tensor_parallel_size=s.tensor_parallel_size,
+            model=spec.path, tokenizer=spec.path, dtype=spec.settings.dtype, seed=s.seed, tensor_parallel_size=s.tensor_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization, enable_prefix_caching=s.enable_prefix_caching,
             enforce_eager=s.enforce_eager, disable_log_stats=True,
         )
