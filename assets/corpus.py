@@ -4,7 +4,7 @@ import dagster as dg
 from transformers import AutoTokenizer
 
 import checks
-from kun_dagster import stages
+from kun_dagster import stages, versions
 from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
 from kun_dagster.partitions import hive
@@ -19,8 +19,8 @@ GROUP = "corpus"
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
 
-    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, kinds=kinds(cfg, "parquet"),
-              check_specs=checks.specs("raw_corpus"), output_required=False)
+    @dg.asset(name=versions.RAW, group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, kinds=kinds(cfg, "parquet"),
+              check_specs=checks.specs(versions.RAW), output_required=False)
     def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource):
         """Every document of the partition's files (a file's shard is a stable hash of its path),
         streamed in batches; unreadable rows go to the quarantine with a reason code, file and row."""
@@ -29,17 +29,17 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             part = hive(key)
             source_name, shard = part["source"], int(part["shard"])
             try:
-                result = stages.ingest(kun.config, source_name, shard, kun.store, staged_sink(kun, "raw_corpus", key))
+                result = stages.ingest(kun.config, source_name, shard, kun.store, staged_sink(kun, versions.RAW, key))
             except CorpusError as e:
                 raise dg.Failure(str(e), allow_retries=False) from e
-            out[key] = report_stage(context, kun, "raw_corpus", key, result)
-        yield from checks.gate(context, kun, "raw_corpus", out)
+            out[key] = report_stage(context, kun, versions.RAW, key, result)
+        yield from checks.gate(context, kun, versions.RAW, out)
 
     ppl_role = cfg.filter.perplexity_model if cfg.filter.perplexity_max is not None else None
 
-    @dg.asset(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, retry_policy=GPU_RETRY,
+    @dg.asset(name=versions.FILTERED, group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, retry_policy=GPU_RETRY,
               kinds=kinds(cfg, "parquet", role=ppl_role), op_tags=gpu_tags(cfg, ppl_role),
-              ins={"raw_corpus": dg.AssetIn(metadata={STREAM: True})}, check_specs=checks.specs("filtered_corpus"), output_required=False)
+              ins={versions.RAW: dg.AssetIn(metadata={STREAM: True})}, check_specs=checks.specs(versions.FILTERED), output_required=False)
     def filtered_corpus(
         context: dg.AssetExecutionContext, kun: KunResource, base_llm: LLMResource, label_llm: LLMResource, raw_corpus,
         base_model: dict, label_model: dict
@@ -53,10 +53,10 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         engine = llm.engine(reference) if c.filter.perplexity_max is not None else None
         out = {}
         for key, batches in by_partition(context, raw_corpus).items():  # each partition streamed in, filtered and out
-            resumable = checkpointed(kun, "filtered_corpus", key, engine) if engine else None
-            result = stages.filter_corpus(batches, tokenizer, resumable, c, staged_sink(kun, "filtered_corpus", key),
+            resumable = checkpointed(kun, versions.FILTERED, key, engine) if engine else None
+            result = stages.filter_corpus(batches, tokenizer, resumable, c, staged_sink(kun, versions.FILTERED, key),
                                           label=f"filtered_corpus {'/'.join(hive(key).values())}")
-            out[key] = report_stage(context, kun, "filtered_corpus", key, result, resumable)
-        yield from checks.gate(context, kun, "filtered_corpus", out)
+            out[key] = report_stage(context, kun, versions.FILTERED, key, result, resumable)
+        yield from checks.gate(context, kun, versions.FILTERED, out)
 
     return [raw_corpus, filtered_corpus]

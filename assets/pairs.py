@@ -3,7 +3,7 @@
 import dagster as dg
 
 import checks
-from kun_dagster import stages
+from kun_dagster import stages, versions
 from kun_dagster.config import KunConfig
 from kun_dagster.llm import EngineError
 from resources import KunResource, LLMResource
@@ -32,16 +32,16 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     common = dict(group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, retry_policy=GPU_RETRY,
                   output_required=False)  # a failed schema check publishes nothing (checks.gate)
 
-    @dg.asset(**common, check_specs=checks.specs("labeled_pairs"), kinds=kinds(cfg, "parquet", role="label"),
+    @dg.asset(**common, name=versions.LABELED, check_specs=checks.specs(versions.LABELED), kinds=kinds(cfg, "parquet", role="label"),
               op_tags=gpu_tags(cfg, "label"))
     def labeled_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, filtered_corpus, label_model: dict
     ):
         """The label model writes the instruction each text answers (Kun's label prompt); instructions
         holding a banned keyword (新闻, 根据, 文章, ...) are quarantined."""
-        yield from _run(context, kun, "labeled_pairs", by_partition(context, filtered_corpus), stages.label, label_llm.engine(label_model))
+        yield from _run(context, kun, versions.LABELED, by_partition(context, filtered_corpus), stages.label, label_llm.engine(label_model))
 
-    @dg.asset(**common, check_specs=checks.specs("scored_pairs"), kinds=kinds(cfg, "parquet", role="chat"),
+    @dg.asset(**common, name=versions.SCORED, check_specs=checks.specs(versions.SCORED), kinds=kinds(cfg, "parquet", role="chat"),
               op_tags=gpu_tags(cfg, "chat"))
     def scored_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, labeled_pairs, chat_model: dict
@@ -50,9 +50,9 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         answers' probabilities where the model answers in the format, else by generating and
         parsing its reply; each row names its rule. No keep flag: polished_pairs applies
         score.threshold, so a new threshold re-runs polish, not the scorer."""
-        yield from _run(context, kun, "scored_pairs", by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
+        yield from _run(context, kun, versions.SCORED, by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
 
-    @dg.asset(**common, check_specs=checks.specs("polished_pairs"), kinds=kinds(cfg, "parquet", role="chat"),
+    @dg.asset(**common, name=versions.POLISHED, check_specs=checks.specs(versions.POLISHED), kinds=kinds(cfg, "parquet", role="chat"),
               op_tags=gpu_tags(cfg, "chat"))
     def polished_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, scored_pairs, chat_model: dict
@@ -60,6 +60,6 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         """Pairs whose score reaches score.threshold, the text rewritten by the chat model into an
         answer to the cleaned instruction (config: polish: prompt_token_budget, output filters,
         output dedup)."""
-        yield from _run(context, kun, "polished_pairs", by_partition(context, scored_pairs), stages.polish, chat_llm.engine(chat_model))
+        yield from _run(context, kun, versions.POLISHED, by_partition(context, scored_pairs), stages.polish, chat_llm.engine(chat_model))
 
     return [labeled_pairs, scored_pairs, polished_pairs]

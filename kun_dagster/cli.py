@@ -18,7 +18,6 @@ from . import progress
 
 OK, FAILED, BAD_INPUT = 0, 1, 2
 MODEL_ASSETS = ["seed_data", "base_model", "label_model", "chat_model"]
-CORPUS_ASSETS = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]
 SAMPLE_ROWS = 5
 
 
@@ -93,7 +92,7 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
 
     from checks.recovery import worker_tags
 
-    from . import storage
+    from . import storage, versions
 
     graph = defs.resolve_asset_graph()
     assets = list(defs.assets)
@@ -118,31 +117,31 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
         print("  seed data and models: reusing the last materialization", flush=True)
     else:
         run(MODEL_ASSETS, "seed data and models")
-    corpus_keys = graph.get(dg.AssetKey("raw_corpus")).partitions_def.get_partition_keys()
+    corpus_keys = graph.get(dg.AssetKey(versions.RAW)).partitions_def.get_partition_keys()
     for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] in sources):
         names = sorted({k.keys_by_dimension["source"] for k in keys}, key=sources.index)
-        run(CORPUS_ASSETS, f"{len(keys)} corpus partition(s) ({', '.join(names)})", keys)
-    source_keys = graph.get(dg.AssetKey("instruction_dataset")).partitions_def.get_partition_keys()
+        run(list(versions.CORPUS), f"{len(keys)} corpus partition(s) ({', '.join(names)})", keys)
+    source_keys = graph.get(dg.AssetKey(versions.DATASET)).partitions_def.get_partition_keys()
     for keys in _ranges(source_keys, lambda k: k in sources):
-        run(["instruction_dataset"], f"instruction_dataset ({', '.join(keys)})", keys)
+        run([versions.DATASET], f"{versions.DATASET} ({', '.join(keys)})", keys)
 
 
 def _print_funnel(cfg, sources: list[str]) -> None:
-    from . import dataset, storage
+    from . import dataset, storage, versions
 
     base = storage.Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
-    stages = [a for a, _ in dataset.STAGES]
+    stages = list(versions.CORPUS)
     head = f"{'source':<10}" + "".join(f"{s:>17}" for s in stages) + f"{'kept':>8}{'final':>8}{'quarantined':>13}"
     print("\nFunnel (rows per stage):\n" + head)
     for name in sources:
         f = dataset.funnel(base, name, cfg.shard_keys(), cfg.score.threshold)
-        final = storage.partition_rows(storage.partition_dir(base, "instruction_dataset", {"source": name}))
+        final = storage.partition_rows(storage.partition_dir(base, versions.DATASET, {"source": name}))
         q = sum(sum(v.values()) for v in f["quarantined"].values())
         print(f"{name:<10}" + "".join(f"{f['rows'][a]:>17}" for a in stages) + f"{f['kept_by_score']:>8}{final:>8}{q:>13}")
         for asset, reasons in f["quarantined"].items():
             if reasons:
                 print(f"{'':<10}  {asset} quarantined: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
-    print(f"\nDataset: {base}/instruction_dataset/source=*/part-0.parquet")
+    print(f"\nDataset: {base}/{versions.DATASET}/source=*/part-0.parquet")
     print(f"         {base}/release/<source>/train.jsonl and README.md (dataset card)")
     print(f"Quarantine: {base}/quarantine/<stage>/source=*/shard=*/")
 

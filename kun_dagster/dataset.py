@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import replace
 
 import pandas as pd
 import yaml
 from upath import UPath
 
-from . import quality, scoring, storage
+from . import corpus, scoring, storage, versions
 from .config import KunConfig
+from .stages import StageResult
 
 COIG_COLUMNS = ["instruction", "input", "output", "task_type", "domain", "answer_from", "human_verified", "copyright"]
 PROVENANCE_COLUMNS = ["source", "doc_id", "file", "row", "score", "score_method", "score_rule", "label_model", "chat_model"]
 # The partitioned stages, in order, as (asset, what its rows are).
-STAGES = [
-    ("raw_corpus", "documents read"),
-    ("filtered_corpus", "after cleaning, token-limit, perplexity and dedup filters"),
-    ("labeled_pairs", "instructions written, keyword filter passed"),
-    ("scored_pairs", "instructions scored (all rows kept with their score)"),
-    ("polished_pairs", "kept by score.threshold, polished, output filters passed"),
-]
 
 
 def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model: str) -> pd.DataFrame:
@@ -54,7 +47,7 @@ def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model
 def funnel(base: UPath, source: str, shards: list[str], threshold: float) -> dict:
     """Rows per stage and quarantine reasons for one source, read from what is published."""
     rows, quarantined = {}, {}
-    for asset, _ in STAGES:
+    for asset in versions.CORPUS:
         rows[asset] = 0
         reasons: Counter = Counter()
         for shard in shards:
@@ -66,7 +59,7 @@ def funnel(base: UPath, source: str, shards: list[str], threshold: float) -> dic
         quarantined[asset] = dict(sorted(reasons.items()))
     kept, scored_by = 0, Counter()
     for shard in shards:
-        d = storage.partition_dir(base, "scored_pairs", {"source": source, "shard": shard})
+        d = storage.partition_dir(base, versions.SCORED, {"source": source, "shard": shard})
         if storage.partition_rows(d):
             part = storage.read_partition(d, ["score", "score_rule"])
             kept += int(scoring.keep(part["score"].to_numpy(dtype=float), threshold).sum())
@@ -74,26 +67,12 @@ def funnel(base: UPath, source: str, shards: list[str], threshold: float) -> dic
     return {"rows": rows, "kept_by_score": kept, "scored_by": dict(sorted(scored_by.items())), "quarantined": quarantined}
 
 
-def release_retention(fun: dict, n_records: int, bounds: tuple[float, float]) -> quality.Finding:
-    """Records per document read, and where the rest went: an empty release is a result, and this
-    says why (the stage reasons that dropped most)."""
-    docs = fun["rows"]["raw_corpus"]
-    value = round(n_records / docs, 4) if docs else None
-    finding = quality.within("retention", value, *bounds, "records per document read")
-    losses = Counter({f"{asset}: {reason}": n for asset, reasons in fun["quarantined"].items() for reason, n in reasons.items()})
-    not_kept = fun["rows"]["scored_pairs"] - fun["kept_by_score"]
-    if not_kept:
-        losses["scored_pairs: below the score threshold"] = not_kept
-    top = ", ".join(f"{k} {n}" for k, n in losses.most_common(3))
-    return replace(finding, detail=f"{n_records} records from {docs} documents read ({value})" + (f"; most dropped at {top}" if top else ""))
-
-
 def funnel_frame(fun: dict, n_records: int) -> pd.DataFrame:
     """The funnel as rows: each stage (what it did), its rows, what it dropped; then kept and final."""
-    rows = [(f"{asset} ({what})", fun["rows"][asset], ", ".join(f"{k}: {v}" for k, v in fun["quarantined"].get(asset, {}).items()) or "-")
-            for asset, what in STAGES]
+    rows = [(f"{v.name} ({v.what})", fun["rows"][v.name], ", ".join(f"{k}: {n}" for k, n in fun["quarantined"].get(v.name, {}).items()) or "-")
+            for v in map(versions.get, versions.CORPUS)]
     by = ", ".join(f"{rule}: {n}" for rule, n in fun.get("scored_by", {}).items())
-    rows += [("kept by score", fun["kept_by_score"], f"scored by {by}" if by else ""), ("instruction_dataset", n_records, "")]
+    rows += [("kept by score", fun["kept_by_score"], f"scored by {by}" if by else ""), (versions.DATASET, n_records, "")]
     return pd.DataFrame(rows, columns=["stage", "rows", "dropped (reason: count)"])
 
 
@@ -112,6 +91,17 @@ def card(source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: st
         "## Funnel", "", funnel_frame(fun, n_records).to_markdown(index=False, colalign=("left", "right", "left")), "",
         "## Config used", "", "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def release(polished: pd.DataFrame, source: str, cfg: KunConfig, base: UPath, label_model: str, chat_model: str) -> tuple[StageResult, str]:
+    """One source's release as a stage result (its records; the funnel read from what is published
+    in stats, for the retention check) and its dataset card. A source with no rows left gets empty
+    records and its card: an empty result is a result."""
+    recs = records(polished[polished["source"] == source], cfg, label_model, chat_model)
+    fun = funnel(base, source, cfg.shard_keys(), cfg.score.threshold)
+    docs = fun["rows"][versions.RAW]
+    stats = {"rows_in": docs, "rows_out": len(recs), "retention": round(len(recs) / docs, 4) if docs else None, "funnel": fun}
+    return StageResult(rows=recs, dropped=corpus.quarantine_frame([]), stats=stats), card(source, len(recs), fun, cfg, label_model, chat_model)
 
 
 def release_dir(base: UPath, source: str) -> UPath:

@@ -20,6 +20,7 @@ from pandera.typing import Series
 
 from .config import KunConfig, ScoreConfig
 from .corpus import QUARANTINE_COLUMNS
+from .names import DATASET
 from .scoring import SCORE_RULES
 from .text import NON_SPACE
 
@@ -112,14 +113,11 @@ class InstructionDataset(pa.DataFrameModel):
         return len(v) > 0 and all(isinstance(x, str) for x in v)
 
 
-MODELS: dict[str, type[pa.DataFrameModel]] = {
-    "raw_corpus": RawCorpus,
-    "filtered_corpus": FilteredCorpus,
-    "labeled_pairs": LabeledPairs,
-    "scored_pairs": ScoredPairs,
-    "polished_pairs": PolishedPairs,
-    "instruction_dataset": InstructionDataset,
-}
+def model(asset: str) -> type[pa.DataFrameModel]:
+    """An asset's DataFrameModel, as the registry of dataset versions (versions.py) names it."""
+    from .versions import get  # the registry imports the models above: it is imported here, at call time
+
+    return get(asset).schema
 
 
 # Arrow types of the columns (pandera dtype names; object columns by name): every partition of a
@@ -134,7 +132,7 @@ def arrow_schema(asset: str) -> pyarrow.Schema:
     """The Arrow schema of an asset's partitions (and `quarantine/<asset>`'s)."""
     if asset.startswith("quarantine/"):
         return QUARANTINE
-    columns = MODELS[asset].to_schema().columns
+    columns = model(asset).to_schema().columns
     return pyarrow.schema([(name, _NESTED[name] if name in _NESTED else _ARROW[str(col.dtype)]) for name, col in columns.items()])
 
 
@@ -156,9 +154,9 @@ def _add(schema: pa.DataFrameSchema, column: str, *checks: pa.Check) -> pa.DataF
 
 def schema(asset: str, cfg: KunConfig) -> pa.DataFrameSchema:
     """The asset's DataFrameModel with the constraints kun.yaml sets."""
-    s = MODELS[asset].to_schema()
+    s = model(asset).to_schema()
     s = _add(s, "n_tokens", pa.Check.le(cfg.filter.max_tokens, name="within_token_limit"))
-    if asset != "instruction_dataset":  # its instructions are polished_pairs', already checked
+    if asset != DATASET:  # its instructions are polished_pairs', already checked
         s = _add(s, "instruction", _no_keyword(cfg.label.banned_keywords, "no_banned_keyword"))
     s = _add(s, "score", pa.Check.in_range(*cfg.score.scale, name="within_score_scale"))
     s = _add(s, "output", pa.Check.str_length(min_value=max(cfg.polish.min_output_chars, 1), name="min_output_chars"),
@@ -191,7 +189,7 @@ def validate(asset: str, frames: pd.DataFrame | Iterable[pd.DataFrame], cfg: Kun
             s.validate(df, lazy=True)
         except pa.errors.SchemaErrors as e:
             cases.append(e.failure_cases[["column", "check", "index"]])
-        if "doc_id" in df and asset != "instruction_dataset":
+        if "doc_id" in df and asset != DATASET:
             again = df.index[df["doc_id"].isin(seen).to_numpy()]
             cases.append(pd.DataFrame({"column": "doc_id", "check": "unique across batches", "index": again}))
             seen.update(df["doc_id"])

@@ -18,6 +18,7 @@ from . import progress, prompts, scoring
 from .config import KunConfig
 from .corpus import QUARANTINE_COLUMNS, iter_shard, quarantine_frame
 from .llm.base import Engine, EngineError, SamplingParams, encode
+from .names import FILTERED, LABELED, POLISHED, RAW, SCORED
 from .storage import FrameSink, Rows, Sink, Store
 from .text import clean_text, cut_at_whitespace_run, dedup_key, find_keyword, repair_repeated_lines, starts_with_repeated_phrase
 
@@ -103,7 +104,7 @@ def _require_text(gens, what: str, model: str) -> None:
 
 # -- raw_corpus --------------------------------------------------------------------------------------
 def ingest(cfg: KunConfig, source_name: str, shard: int, store: Store | None = None, sink: Sink | None = None,
-           label: str = "raw_corpus") -> StageResult:
+           label: str = RAW) -> StageResult:
     """Every document of the source's files that fall in `shard`, read and written `batch_rows` at a
     time into `sink` (default: one in-memory frame); unreadable rows quarantined."""
     source = cfg.source(source_name)
@@ -134,7 +135,7 @@ def corpus_texts(cfg: KunConfig, limit: int, store: Store | None = None) -> list
 
 # -- filtered_corpus -------------------------------------------------------------------------------
 def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], tokenizer, ppl_engine: Engine | None, cfg: KunConfig, sink: Sink | None = None,
-                  label: str = "filtered_corpus") -> StageResult:
+                  label: str = FILTERED) -> StageResult:
     """Clean, then drop: empty, over the token limit (label model's tokenizer), exact duplicates,
     perplexity above the threshold (reference model). Dedup runs before perplexity to save work.
     `docs` may be batches (a partition streamed from storage): each is filtered and written to
@@ -211,7 +212,7 @@ def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     keep_system = cfg.models.keep_default_system
     gens = engine.generate([prompts.render(engine.tokenizer, prompts.label_user(t), keep_system=keep_system) for t in df["text"]],
                            sampling_params(cfg))
-    _require_text(gens, "labeled_pairs", engine.model_name)
+    _require_text(gens, LABELED, engine.model_name)
     df["instruction"] = pd.Series([g.text.rstrip() for g in gens], index=df.index, dtype=object)
     df["label_tokens"] = [g.num_tokens for g in gens]
     df["label_finish"] = [g.finish_reason for g in gens]
@@ -258,7 +259,7 @@ def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     free = df.index[df["score_rule"] == scoring.FREETEXT]
     if len(free):
         gens = engine.generate([prompts.render(tok, users[i], keep_system=keep_system) for i in free], sampling_params(cfg))
-        _require_text(gens, "scored_pairs", engine.model_name)
+        _require_text(gens, SCORED, engine.model_name)
         df.loc[free, "score_reply"] = pd.Series([g.text for g in gens], index=free, dtype=object)
         df.loc[free, "score"] = [rule.parse(g.text) for g in gens]
     df["score"] = df["score"].astype(float)
@@ -309,7 +310,7 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
             reason[i], detail[i] = PROMPT_OVER_BUDGET, f"the text alone fills the {cfg.polish.prompt_token_budget}-token budget"
     todo = [i for i in df.index if reason[i] is None]
     gens = engine.generate([built[i][0] for i in todo], sampling_params(cfg))
-    _require_text(gens, "polished_pairs", engine.model_name)
+    _require_text(gens, POLISHED, engine.model_name)
     df["output"] = pd.Series("", index=df.index, dtype=object)
     df["instruction_truncated"], df["polish_tokens"], df["polish_finish"] = False, 0, ""
     for i, g in zip(todo, gens):

@@ -16,7 +16,7 @@ import dagster as dg
 import pandas as pd
 from upath import UPath
 
-from kun_dagster import schemas, storage
+from kun_dagster import schemas, storage, versions
 from kun_dagster.partitions import hive
 from kun_dagster.stages import StageResult
 
@@ -38,10 +38,12 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame | StageResult, path: UPath) -> None:
         asset, part = "/".join(context.asset_key.path), storage.partition_of(path)
         if isinstance(obj, StageResult):
-            storage.write_partition(storage.quarantine_dir(self._base_path, asset, part), obj.dropped, schemas.QUARANTINE)
+            version = versions.BY_NAME.get(asset)
+            if version is None or version.reasons or len(obj.dropped):  # a version that drops nothing has no quarantine
+                storage.write_partition(storage.quarantine_dir(self._base_path, asset, part), obj.dropped, schemas.QUARANTINE)
             obj = obj.rows
         # a staged file by one rename; a frame with its dataset version's schema
-        storage.publish(obj, path, schemas.arrow_schema(asset) if asset in schemas.MODELS else None)
+        storage.publish(obj, path, schemas.arrow_schema(asset) if asset in versions.BY_NAME else None)
         # published: its batch checkpoints are done
         storage.remove_tree(storage.staging_dir(self._base_path, asset, part), prune_up_to=self._base_path / storage.STAGING)
 
