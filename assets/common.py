@@ -8,12 +8,12 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 
-from checks.tables import figures, table
 from kun_dagster import schemas, storage
 from kun_dagster.llm import resolve_backend
 from kun_dagster.llm.checkpoint import Checkpointed
 from kun_dagster.partitions import hive
 from kun_dagster.stages import StageResult
+from ui import figures, table
 
 GPU_POOL = "gpu"
 SINGLE_RUN = dg.BackfillPolicy.single_run()

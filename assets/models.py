@@ -5,13 +5,11 @@ are fine-tuned from it on seed_data; with paths, the same assets fine-tune that 
 given checkpoint as it is. Each model asset's value is a reference {name, path, ...}.
 """
 
-import json
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
-from kun_dagster import model_store, stages, storage, training
+from kun_dagster import model_store, stages, training
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
@@ -21,34 +19,16 @@ GROUP = "models"
 MODEL_IO = "model_io_manager"  # model assets are JSON references, not frames
 
 
-def _ref(role: str, path: str, local: str, origin: str) -> dict:
-    """A model asset's value: where the checkpoint is (local folder or remote URI) and its card."""
-    card = Path(local) / model_store.MODEL_CARD
-    return {
-        "role": role,
-        "name": f"{Path(path.rstrip('/')).name}" if origin == "given" else f"kun-{role}",
-        "path": path if storage.is_remote(path) else str(Path(path).resolve()),
-        "origin": origin,
-        "fingerprint": model_store.fingerprint(local),  # the weights' and tokenizer's content
-        "card": json.loads(card.read_text()) if card.exists() else {},
-    }
-
-
 def _given(kun: KunResource, role: str, path: str) -> dict:
-    if not (kun.store.path(path) / "config.json").is_file():
-        raise dg.Failure(f"{role} model path {path} is not a transformers checkpoint (no config.json)", allow_retries=False)
-    return _ref(role, path, kun.local_model(path), "given")
+    try:
+        return model_store.given(role, path, kun.store, kun.config.model_cache)
+    except model_store.ModelError as e:
+        raise dg.Failure(str(e), allow_retries=False) from e
 
 
 def _trained(kun: KunResource, context: dg.AssetExecutionContext, role: str, train) -> tuple[dict, training.TrainReport]:
-    """Train into a local folder (models_dir itself when local), then publish to a versioned folder
-    under a remote models_dir; the reference names wherever the checkpoint now lives."""
     c = kun.config
-    remote = storage.is_remote(c.models_dir)
-    local = Path(c.model_cache) / "trained" / f"{role}-{context.run_id[:8]}" if remote else Path(c.models_dir) / role
-    report = train(local)
-    path = model_store.publish(report.path, f"{c.models_dir}/{role}/{context.run_id[:8]}", kun.store) if remote else report.path
-    return _ref(role, path, report.path, "tiny" if role == "base" else "trained"), report
+    return model_store.trained(role, c.models_dir, c.model_cache, context.run_id[:8], kun.store, train)
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
@@ -57,17 +37,14 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         """COIG-CQIA seed records (instruction, input, output, ...); multiple-choice items dropped (Kun)."""
         c = kun.config
         uri = c.resolve(c.seed.uri)
-        seeds = pd.read_json(uri, lines=True, dtype=False, storage_options=kun.store.options(uri) or None)  # None for a local seed
-        missing = {"instruction", "output"} - set(seeds.columns)
-        if missing:
-            raise dg.Failure(f"seed file {uri} lacks fields {sorted(missing)}", allow_retries=False)
-        seeds["input"] = seeds.get("input", pd.Series([""] * len(seeds))).fillna("").astype(str)
-        mc = seeds["input"].map(training.is_multiple_choice) if c.seed.drop_multiple_choice else pd.Series(False, index=seeds.index)
-        kept = seeds[~mc].reset_index(drop=True)
+        try:
+            kept, n_mc = training.load_seeds(uri, kun.store.options(uri), c.seed.drop_multiple_choice)
+        except ValueError as e:
+            raise dg.Failure(str(e), allow_retries=False) from e
         context.add_output_metadata(
             {
                 "dagster/row_count": len(kept),
-                "dropped_multiple_choice": int(mc.sum()),
+                "dropped_multiple_choice": n_mc,
                 "source": dg.MetadataValue.path(uri),
                 "preview": table(kept[["instruction", "input", "output"]]),
             }
@@ -81,7 +58,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         c = kun.config
         if c.models.base.path:
             return _given(kun, "base", c.resolve(c.models.base.path))
-        texts = stages.corpus_texts(c, 20000, kun.store) + seed_data["instruction"].tolist() + seed_data["output"].tolist()
+        texts = stages.corpus_texts(c, c.models.base.tiny.pretrain_docs, kun.store) + seed_data["instruction"].tolist() + seed_data["output"].tolist()
         ref, report = _trained(kun, context, "base", lambda out: training.build_tiny_base(texts, out, c.models.base.tiny))
         context.add_output_metadata(
             {

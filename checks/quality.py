@@ -15,8 +15,7 @@ import dagster as dg
 import pandas as pd
 
 from kun_dagster import quality, schemas, storage, versions
-
-from .tables import table
+from ui import table
 
 SCHEMA = "schema"
 DATASET_SCHEMA = "Blocking: the records match COIG-CQIA's schema (+ provenance); on failure nothing is released."

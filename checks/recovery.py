@@ -26,12 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.launcher import DefaultRunLauncher
-from dagster._core.storage.dagster_run import FINISHED_STATUSES, RunsFilter
-from dagster._core.storage.runs import SqliteRunStorage
+from dagster._core.storage.runs import SqliteRunStorage  # no public name: it tells a one-machine instance
 
 HOST_TAG, PID_TAG = "kun/host", "kun/pid"
 ACTIVE = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+FINISHED = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 
 
 def worker_tags() -> dict[str, str]:
@@ -65,7 +64,7 @@ def worker_alive(pid: int, since: float) -> bool:
 
 def is_local(instance: dg.DagsterInstance) -> bool:
     """Every run worker of this instance runs on this machine: default launcher, SQLite storage."""
-    return isinstance(instance.run_launcher, DefaultRunLauncher) and isinstance(instance.run_storage, SqliteRunStorage)
+    return isinstance(instance.run_launcher, dg.DefaultRunLauncher) and isinstance(instance.run_storage, SqliteRunStorage)
 
 
 def _worker(instance: dg.DagsterInstance, record, host: str, local: bool) -> tuple[int, float] | None:
@@ -86,7 +85,7 @@ def recover(instance: dg.DagsterInstance, say: Callable[[str], None] = print) ->
     """Fail the runs whose worker on this host is gone and free their slots; free the slots of
     every finished run. Returns the ids of the runs it failed (each said in one line)."""
     host, local, failed = socket.gethostname(), is_local(instance), []
-    for record in instance.get_run_records(RunsFilter(statuses=ACTIVE)):
+    for record in instance.get_run_records(dg.RunsFilter(statuses=ACTIVE)):
         run = record.dagster_run
         worker = _worker(instance, record, host, local)
         if worker is None or worker_alive(*worker):
@@ -112,7 +111,7 @@ def _free_finished(instance: dg.DagsterInstance, say: Callable[[str], None]) -> 
     holders = list(storage.get_concurrency_run_ids())
     if not holders:
         return
-    for record in instance.get_run_records(RunsFilter(run_ids=holders, statuses=FINISHED_STATUSES)):
+    for record in instance.get_run_records(dg.RunsFilter(run_ids=holders, statuses=FINISHED)):
         storage.free_concurrency_slots_for_run(record.dagster_run.run_id)
         say(f"run {record.dagster_run.run_id[:8]} had ended ({record.dagster_run.status.value}) holding pool slots: freed")
 

@@ -88,6 +88,9 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     """Models first, then each source's corpus partitions in one run per contiguous key range (one
     model load per stage), then the dataset. Raises RunFailed after printing what failed."""
     import dagster as dg
+
+    # dg.materialize takes one partition key; a key range (one run per source) goes as the tags a
+    # single-run backfill sets, which Dagster names only internally
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from checks.recovery import worker_tags

@@ -119,6 +119,7 @@ class TinyBaseSettings(_Section):
     intermediate_size: int = Field(256, ge=8)
     max_position_embeddings: int = Field(2048, ge=128)
     pretrain_epochs: float = Field(4, ge=0)
+    pretrain_docs: int = Field(20000, ge=0, description="corpus documents (at most) it is pre-trained on, with the seeds")
     learning_rate: float = Field(3e-3, gt=0)
     seed: int = 0
 

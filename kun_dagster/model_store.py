@@ -104,3 +104,41 @@ def publish(local_dir: str | Path, uri: str, store: Store) -> str:
         if f.is_file():
             dst.fs.put_file(str(f), f"{dst.path}/{f.relative_to(local_dir).as_posix()}")
     return uri
+
+
+class ModelError(ValueError):
+    """A configured model that cannot be used as it is (no retry will fix it)."""
+
+
+def ref(role: str, path: str, local: str | Path, origin: str) -> dict:
+    """A model asset's value: where the checkpoint is (local folder or remote URI), what its content
+    is (fingerprint of the weights and tokenizer) and what training wrote about it (its card).
+    Trained models are named kun-<role>; a given one keeps its folder's name."""
+    card = Path(local) / MODEL_CARD
+    return {
+        "role": role,
+        "name": f"{Path(path.rstrip('/')).name}" if origin == "given" else f"kun-{role}",
+        "path": path if is_remote(path) else str(Path(path).resolve()),
+        "origin": origin,
+        "fingerprint": fingerprint(local),
+        "card": json.loads(card.read_text()) if card.exists() else {},
+    }
+
+
+def given(role: str, path: str, store: Store, cache_dir: str | Path) -> dict:
+    """The reference of a checkpoint used as given (models.<role>.path)."""
+    if not (store.path(path) / "config.json").is_file():
+        raise ModelError(f"{role} model path {path} is not a transformers checkpoint (no config.json)")
+    return ref(role, path, local_copy(path, cache_dir, store), "given")
+
+
+def trained(role: str, models_dir: str, cache_dir: str | Path, run_tag: str, store: Store, train) -> tuple[dict, object]:
+    """Train into a local folder (models_dir/<role> itself when local), then, under a remote
+    models_dir, publish to a versioned folder <role>/<run_tag>: a reader never meets a half-replaced
+    model. `train(folder)` returns its report (with .path); returns (reference, report)."""
+    remote = is_remote(models_dir)
+    local = Path(cache_dir) / "trained" / f"{role}-{run_tag}" if remote else Path(models_dir) / role
+    report = train(local)
+    path = publish(report.path, f"{models_dir}/{role}/{run_tag}", store) if remote else report.path
+    return ref(role, path, report.path, "tiny" if role == "base" else "trained"), report
+

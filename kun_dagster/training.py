@@ -175,6 +175,18 @@ def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSet
 
 
 # -- seed pairs ----------------------------------------------------------------------------------------
+def load_seeds(uri: str, storage_options: dict | None, drop_multiple_choice: bool) -> tuple[pd.DataFrame, int]:
+    """COIG-CQIA seed records (instruction, input, output, ...) from JSONL, with `input` filled in
+    ("" when absent); multiple-choice items dropped (Kun). Returns (seeds, items dropped)."""
+    seeds = pd.read_json(uri, lines=True, dtype=False, storage_options=storage_options or None)  # None for a local file
+    missing = {"instruction", "output"} - set(seeds.columns)
+    if missing:
+        raise ValueError(f"seed file {uri} lacks fields {sorted(missing)}")
+    seeds["input"] = seeds.get("input", pd.Series([""] * len(seeds))).fillna("").astype(str)
+    mc = seeds["input"].map(is_multiple_choice) if drop_multiple_choice else pd.Series(False, index=seeds.index)
+    return seeds[~mc].reset_index(drop=True), int(mc.sum())
+
+
 def is_multiple_choice(record_input: str) -> bool:
     """Kun drops seed items whose input holds all of A, B, C, D."""
     return all(ch in (record_input or "") for ch in "ABCD")

@@ -119,7 +119,7 @@ def given_models(models_run) -> dict[str, str]:
 
 
 def figures(table) -> dict:
-    """A two-column table metadata value (checks.tables.figures) back as {first column: second}."""
+    """A two-column table metadata value (ui.figures) back as {first column: second}."""
     key, value = (c.name for c in table.schema.columns[:2])
     return {r.data[key]: r.data[value] for r in table.records}
 

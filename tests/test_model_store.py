@@ -76,3 +76,39 @@ def test_fingerprint_follows_the_content_and_is_kept_beside_it(tmp_path):
     for f in ("config.json", "model.safetensors"):
         (copy / f).write_bytes((m / f).read_bytes())
     assert fingerprint(copy) == fingerprint(m)  # content, not place or name
+
+
+def test_a_given_model_without_a_checkpoint_is_refused_and_a_real_one_referenced(tmp_path):
+    import pytest
+
+    from kun_dagster.model_store import ModelError, given
+    from kun_dagster.storage import Store
+
+    store = Store()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a transformers checkpoint"):
+        given("chat", str(tmp_path / "empty"), store, tmp_path / "cache")
+    ckpt = tmp_path / "Qwen2.5-7B"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    ref = given("chat", str(ckpt), store, tmp_path / "cache")
+    assert ref["name"] == "Qwen2.5-7B" and ref["origin"] == "given" and len(ref["fingerprint"]) > 8
+
+
+def test_seed_loading_names_a_bad_file_and_drops_multiple_choice(tmp_path):
+    import json
+
+    import pytest
+
+    from kun_dagster.training import load_seeds
+
+    good = tmp_path / "seeds.jsonl"
+    good.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        {"instruction": "什么是复利？", "output": "利滚利。"},
+        {"instruction": "选择", "input": "A. 甲 B. 乙 C. 丙 D. 丁", "output": "B"}]), encoding="utf-8")
+    seeds, dropped = load_seeds(str(good), None, drop_multiple_choice=True)
+    assert seeds["input"].tolist() == [""] and dropped == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl lacks fields \['instruction', 'output'\]"):
+        load_seeds(str(bad), None, drop_multiple_choice=True)
