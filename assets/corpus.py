@@ -1,4 +1,4 @@
-"""raw_corpus (ingest with quarantine) and filtered_corpus (clean, 512 tokens, perplexity, dedup)."""
+"""raw_corpus (ingest with quarantine) and filtered_corpus (clean, token limit, perplexity, dedup)."""
 
 import dagster as dg
 from transformers import AutoTokenizer
@@ -23,7 +23,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
               check_specs=checks.specs(versions.RAW), output_required=False)
     def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource):
         """Every document of the partition's files (a file's shard is a stable hash of its path),
-        streamed in batches; unreadable rows go to the quarantine with a reason code, file and row."""
+        streamed in batches; unreadable rows go to the quarantine with a reason code, file and row.
+        Config: sources (uri, format, encoding, fields), shards, storage.batch_rows."""
         out = {}
         for key in context.partition_keys:
             part = hive(key)

@@ -34,7 +34,8 @@ def _trained(kun: KunResource, context: dg.AssetExecutionContext, role: str, tra
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name=GROUP, kinds=kinds(cfg, "json", "parquet", checked=False))
     def seed_data(context: dg.AssetExecutionContext, kun: KunResource) -> pd.DataFrame:
-        """COIG-CQIA seed records (instruction, input, output, ...); multiple-choice items dropped (Kun)."""
+        """COIG-CQIA seed records (instruction, input, output, ...); multiple-choice items dropped
+        (Kun). Config: seed."""
         c = kun.config
         uri = c.resolve(c.seed.uri)
         try:
@@ -54,7 +55,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, retry_policy=GPU_RETRY, io_manager_key=MODEL_IO, op_tags=gpu_tags(cfg, None))  # torch trains it
     def base_model(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame) -> dict:
         """The base model: a configured checkpoint, or the tiny Qwen2 of the embedded default
-        (tokenizer trained on the demo texts, short language-model pre-training)."""
+        (tokenizer trained on the demo texts, short language-model pre-training). Config:
+        models.base (path, tiny)."""
         c = kun.config
         if c.models.base.path:
             return _given(kun, "base", c.resolve(c.models.base.path))
@@ -99,11 +101,13 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         "label",
         lambda seeds: training.label_examples(seeds, cfg.seed.label_min_output_chars),
         "Backward model p(instruction | text): the base fine-tuned on seeds with the output as the "
-        "user turn and instruction + input as the reply (loss on the reply only); or a given checkpoint.",
+        "user turn and instruction + input as the reply (loss on the reply only); or a given checkpoint. "
+        "Config: models.label (path, train, engine settings), seed.label_min_output_chars.",
     )
     chat_model = _role_asset(
         "chat",
         training.chat_examples,
-        "Forward chat model (instruction -> output on the seeds): scores instructions and polishes answers; or a given checkpoint.",
+        "Forward chat model (instruction -> output on the seeds): scores instructions and polishes answers; or a given "
+        "checkpoint. Config: models.chat (path, train, engine settings).",
     )
     return [seed_data, base_model, label_model, chat_model]

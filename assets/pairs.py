@@ -37,8 +37,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     def labeled_pairs(
         context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, filtered_corpus, label_model: dict
     ):
-        """The label model writes the instruction each text answers (Kun's label prompt); instructions
-        holding a banned keyword (新闻, 根据, 文章, ...) are quarantined."""
+        """The label model writes the instruction each text answers (Kun's label prompt), kept as
+        written; instructions holding a banned keyword are quarantined. Config: label, sampling."""
         yield from _run(context, kun, versions.LABELED, by_partition(context, filtered_corpus), stages.label, label_llm.engine(label_model))
 
     @dg.asset(**common, name=versions.SCORED, check_specs=checks.specs(versions.SCORED), kinds=kinds(cfg, "parquet", role="chat"),

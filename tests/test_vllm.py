@@ -16,7 +16,7 @@ from kun_dagster import prompts, storage
 from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 from kun_dagster.llm import EngineError, SamplingParams, load_engine, resolve_backend
-from kun_dagster.llm.base import EngineSpec, encode, split_answers
+from kun_dagster.llm.base import Answers, EngineSpec, encode
 
 from .conftest import CORPUS, MODELS, REPO, write_config
 
@@ -110,7 +110,7 @@ def test_the_fast_path_asks_for_no_prompt_logprobs(engines, monkeypatch):
     monkeypatch.setattr(vl, "_run", lambda p, params: seen.append((len(p), params)) or real_run(p, params))
     ps = [prompts.render(vl.tokenizer, prompts.point_user(s)) for s in ("什么是复利？", "写一首关于春天的诗。")]
     choices = ["【好】", "【差】"]
-    common, _ = split_answers(encode(vl.tokenizer, choices, special=False))
+    common = Answers.of(vl.tokenizer, choices).common
     # answers the model opens its reply with anyway, so the greedy path follows them: "<|im_start|>" + 【
     opener = vl.generate(ps[:1], SamplingParams(temperature=0.0, max_tokens=1))[0].text or "。"
     for answers in (choices, [opener + c for c in choices]):

@@ -47,28 +47,35 @@ def request_seed(seed: int, prompt: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}\0{prompt}".encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") & 0x7FFFFFFF
 
 
-def answer_ids(tokenizer, choices: list[str]) -> list[list[int]]:
-    """The token ids of each answer string, checked: at least one answer, none empty, all different."""
-    if not choices:
-        raise ValueError("choice_logprobs needs at least one choice")
-    ids = encode(tokenizer, choices, special=False)
-    if any(not a for a in ids) or len({tuple(a) for a in ids}) < len(ids):
-        raise ValueError(f"every choice must have at least one token and differ from the others: {choices!r}")
-    return ids
+@dataclass(frozen=True)
+class Answers:
+    """The answer strings of choice_logprobs as token ids: `common`, the tokens every answer opens
+    with (【, one token or a few bytes), then each answer's remaining tokens (`tails`, at least one
+    each). The fast path reads `common` and then one token per answer: it needs those distinct."""
 
+    ids: list[list[int]]
+    common: list[int]
+    tails: list[list[int]]
 
-def split_answers(answers: list[list[int]]) -> tuple[list[int], list[list[int]]]:
-    """(the tokens every answer opens with, each answer's remaining tokens); every remainder keeps at
-    least one token. 【好】 and 【差】 share 【 (one token or a few bytes), then differ at 好 / 差."""
-    common = 0
-    while common < min(len(a) for a in answers) - 1 and len({a[common] for a in answers}) == 1:
-        common += 1
-    return list(answers[0][:common]), [a[common:] for a in answers]
+    @classmethod
+    def of(cls, tokenizer, choices: list[str]) -> Answers:
+        if not choices:
+            raise ValueError("choice_logprobs needs at least one choice")
+        ids = encode(tokenizer, choices, special=False)
+        if any(not a for a in ids) or len({tuple(a) for a in ids}) < len(ids):
+            raise ValueError(f"every choice must have at least one token and differ from the others: {choices!r}")
+        n = 0
+        while n < min(len(a) for a in ids) - 1 and len({a[n] for a in ids}) == 1:
+            n += 1
+        return cls(ids, list(ids[0][:n]), [a[n:] for a in ids])
 
+    @property
+    def firsts(self) -> list[int]:
+        return [t[0] for t in self.tails]
 
-def first_tokens_differ(tails: list[list[int]]) -> bool:
-    """The fast path reads one token per answer after the shared opening: it needs them distinct."""
-    return len({t[0] for t in tails}) == len(tails)
+    @property
+    def fast(self) -> bool:
+        return len(set(self.firsts)) == len(self.tails)
 
 
 class EngineError(RuntimeError):

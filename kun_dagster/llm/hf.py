@@ -11,17 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..text import strip_stop_strings
-from .base import (
-    EngineError,
-    EngineSpec,
-    Generation,
-    SamplingParams,
-    answer_ids,
-    encode,
-    first_tokens_differ,
-    split_answers,
-    stop_token_ids,
-)
+from .base import Answers, EngineError, EngineSpec, Generation, SamplingParams, encode, stop_token_ids
 
 hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run logs
 
@@ -117,9 +107,8 @@ class HFEngine:
         which each answer's first differing token is read (the fast path). exact=True continues
         each answer's remaining tokens from the same KV cache, cropped back after each answer: the
         prompt is computed once however many answers there are."""
-        answers = answer_ids(self.tokenizer, choices)
-        common, tails = split_answers(answers)
-        exact = exact or not first_tokens_differ(tails)
+        a = Answers.of(self.tokenizer, choices)
+        common, tails, exact = a.common, a.tails, exact or not a.fast
         prompt_ids = encode(self.tokenizer, prompts, special=False)
         scores = np.zeros((len(prompts), len(choices)))
         order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less padding

@@ -26,18 +26,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from ..text import strip_stop_strings
-from .base import (
-    EngineError,
-    EngineSpec,
-    Generation,
-    SamplingParams,
-    answer_ids,
-    encode,
-    first_tokens_differ,
-    request_seed,
-    split_answers,
-    stop_token_ids,
-)
+from .base import Answers, EngineError, EngineSpec, Generation, SamplingParams, encode, request_seed, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -176,15 +165,13 @@ class VLLMEngine:
 
     def choice_logprobs(self, prompts: list[str], choices: list[str], exact: bool = False) -> np.ndarray:
         """log P(answer | prompt) per prompt and answer (not normalised)."""
-        answers = answer_ids(self.tokenizer, choices)
-        common, tails = split_answers(answers)
+        a = Answers.of(self.tokenizer, choices)
         prompt_ids = encode(self.tokenizer, prompts, special=False)
-        if exact or not first_tokens_differ(tails):
-            return self._answer_logprobs(prompt_ids, answers)
-        firsts = [t[0] for t in tails]
-        scores, left = self._greedy_reads(prompt_ids, common, firsts)
+        if exact or not a.fast:
+            return self._answer_logprobs(prompt_ids, a.ids)
+        scores, left = self._greedy_reads(prompt_ids, a.common, a.firsts)
         if left:
-            scores[left] = self._opening_in_prompt([prompt_ids[r] for r in left], common, firsts)
+            scores[left] = self._opening_in_prompt([prompt_ids[r] for r in left], a.common, a.firsts)
         return scores
 
     def _greedy_reads(self, prompt_ids: list[list[int]], common: list[int], firsts: list[int]) -> tuple[np.ndarray, list[int]]:
