@@ -340,10 +340,3 @@ def iter_shard(source: SourceConfig, uri: str, shard: int, shards: int, storage_
 def quarantine_frame(rows: list[dict]) -> pd.DataFrame:
     """Quarantine rows as a frame with its columns and types, also when there are none."""
     return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS).astype({"shard": "int64", "row": "int64"})
-
-
-def ingest_shard(source: SourceConfig, uri: str, shard: int, shards: int, storage_options: dict | None = None) -> Ingested:
-    """A whole shard at once: every document and every quarantined row."""
-    batches = list(iter_shard(source, uri, shard, shards, storage_options))
-    return Ingested(docs=pd.concat([b.docs for b in batches], ignore_index=True),
-                    quarantine=pd.concat([b.quarantine for b in batches], ignore_index=True), files=batches[0].files)

@@ -1,14 +1,18 @@
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import zstandard
 
 from kun_dagster.config import SourceConfig, load_config
-from kun_dagster.corpus import CorpusError, ingest_shard, list_files, shard_of
+from kun_dagster.corpus import CorpusError, list_files, shard_of
 
 from .conftest import REPO
+from .wild import ingest_shard
 
 
 def _src(fmt, **kw):
@@ -81,7 +85,11 @@ def test_shards_are_stable_and_partition_the_files(tmp_path):
     assert sum(len(s) for s in by_shard) == 20 and all(by_shard)
     (tmp_path / "new.jsonl").write_text('{"text": "新"}')  # adding a file never moves old ones
     assert all(by_shard[k] <= set(ingest_shard(src, uri, k, 4).files) for k in range(4))
-    assert shard_of("a/b.jsonl", 7) == shard_of("a/b.jsonl", 7)
+    # stable across processes and machines (no per-process hash seed): another interpreter agrees
+    out = subprocess.run([sys.executable, "-c", "from kun_dagster.corpus import shard_of; print([shard_of(f'd/{i}.jsonl', 7) for i in range(50)])"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
+    assert out.stdout.strip() == str([shard_of(f"d/{i}.jsonl", 7) for i in range(50)])
+    assert len(set(json.loads(out.stdout))) == 7  # and it spreads files over every shard
     # relative to the glob root: the same corpus elsewhere keeps its shards
     _, files = list_files(str(tmp_path / "*.jsonl"))
     assert {rel for _, rel in files} >= {"f00.jsonl", "new.jsonl"}

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from kun_dagster import corpus, schemas, stages, storage
 from kun_dagster.config import SourceConfig
-from kun_dagster.corpus import ingest_shard
 from kun_dagster.text import clean_text, cut_at_whitespace_run, has_content, has_text, repair_repeated_lines, starts_with_repeated_phrase
 
 from .test_schemas import GOOD
 from .test_stages import CFG
+from .wild import ingest_shard
 
 # Every code point, lone surrogates included (hypothesis leaves them out by default), weighted
 # towards what real dumps hold: spaces of every kind, control characters, CJK.

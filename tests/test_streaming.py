@@ -10,10 +10,11 @@ from upath import UPath
 
 from kun_dagster import stages, storage
 from kun_dagster.config import SourceConfig
-from kun_dagster.corpus import ingest_shard, iter_shard
+from kun_dagster.corpus import iter_shard
 
 from .fakes import ScriptedEngine
 from .test_stages import CFG, docs
+from .wild import ingest_shard
 
 
 class PerplexityByText(ScriptedEngine):

@@ -165,3 +165,14 @@ def build(root: Path, seed: int = 7) -> Wild:
     w.sources.append({"name": "toolong", "uri": str(d / "*.jsonl"), "format": "jsonl"})
     w.all_filtered.append("toolong")
     return w
+
+
+def ingest_shard(source, uri: str, shard: int, shards: int, storage_options: dict | None = None):
+    """A whole shard at once (the stages stream it in batches): every document, every quarantined row."""
+    import pandas as pd
+
+    from kun_dagster.corpus import Ingested, iter_shard
+
+    batches = list(iter_shard(source, uri, shard, shards, storage_options))
+    return Ingested(docs=pd.concat([b.docs for b in batches], ignore_index=True),
+                    quarantine=pd.concat([b.quarantine for b in batches], ignore_index=True), files=batches[0].files)
