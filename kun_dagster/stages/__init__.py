@@ -1,0 +1,33 @@
+"""The Kun stages as plain functions over DataFrames: rows in, (rows kept, rows dropped, stats) out.
+
+No Dagster here: assets/ calls these once per partition. Every dropped row carries a reason code
+(and its doc id), so nothing disappears without a count. One module per stage, named after the
+dataset version it makes (raw, filtered, labeled, scored, polished); common.py holds what they share.
+"""
+
+from .common import (
+    BANNED_KEYWORD,
+    BROKEN_TEXT,
+    DUPLICATE_OUTPUT,
+    DUPLICATE_TEXT,
+    EMPTY_AFTER_CLEAN,
+    EMPTY_GENERATION,
+    HIGH_PERPLEXITY,
+    PERPLEXITY_UNDEFINED,
+    PROMPT_OVER_BUDGET,
+    REPEATED_PHRASE,
+    TOO_MANY_TOKENS,
+    TOO_SHORT,
+    StageResult,
+    sampling_params,
+)
+from .filtered import filter_corpus
+from .labeled import clean_instruction, label
+from .polished import output_reason, polish
+from .raw import corpus_texts, ingest
+from .scored import score
+
+__all__ = ["BANNED_KEYWORD", "BROKEN_TEXT", "DUPLICATE_OUTPUT", "DUPLICATE_TEXT", "EMPTY_AFTER_CLEAN", "EMPTY_GENERATION",
+           "HIGH_PERPLEXITY", "PERPLEXITY_UNDEFINED", "PROMPT_OVER_BUDGET", "REPEATED_PHRASE", "TOO_MANY_TOKENS", "TOO_SHORT",
+           "StageResult", "clean_instruction", "corpus_texts", "filter_corpus", "ingest", "label", "output_reason", "polish",
+           "sampling_params", "score"]

@@ -1,0 +1,89 @@
+"""polished_pairs: rows reaching the score threshold, rewritten into answers, through Kun's output filters."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .. import prompts, scoring
+from ..config import KunConfig
+from ..llm.base import Engine
+from ..names import POLISHED
+from ..text import find_keyword, repair_repeated_lines, starts_with_repeated_phrase
+from .common import (
+    BANNED_KEYWORD,
+    BROKEN_TEXT,
+    DUPLICATE_OUTPUT,
+    EMPTY_AFTER_CLEAN,
+    EMPTY_GENERATION,
+    PROMPT_OVER_BUDGET,
+    REPEATED_PHRASE,
+    REPLACEMENT_CHAR,
+    TOO_SHORT,
+    StageResult,
+    dropped_rows,
+    mark_duplicates,
+    no_reasons,
+    require_text,
+    sampling_params,
+    stage_stats,
+    summary,
+)
+from .labeled import clean_instruction
+
+
+def output_reason(output: str, cfg: KunConfig) -> tuple[str, str] | None:
+    """Kun's output filter: (reason, detail) to drop, or None to keep."""
+    p = cfg.polish
+    if not output:
+        return EMPTY_GENERATION, ""
+    if REPLACEMENT_CHAR in output:
+        return BROKEN_TEXT, "output holds U+FFFD (bytes that are not UTF-8)"
+    kw = find_keyword(output, p.banned_keywords)
+    if kw:
+        return BANNED_KEYWORD, f"output contains {kw!r}"
+    if len(output) < p.min_output_chars:
+        return TOO_SHORT, f"{len(output)} characters < {p.min_output_chars}"
+    if starts_with_repeated_phrase(output, p.max_phrase_repeats, p.min_phrase_chars):
+        return REPEATED_PHRASE, f"opens with a phrase repeated {p.max_phrase_repeats}+ times"
+    return None
+
+
+def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
+    """Rows whose score reaches score.threshold (applied here, so a new threshold re-runs only this
+    stage, not the scorer); the chat model rewrites each kept text into an answer to its
+    instruction (answer polishment)."""
+    keep = scoring.keep(scored["score"].to_numpy(dtype=float), cfg.score.threshold)
+    df = scored[keep].drop(columns=["score_reply"], errors="ignore").reset_index(drop=True)
+    df["instruction"] = df["instruction"].map(lambda s: clean_instruction(s, cfg.label.whitespace_run)).astype(object)
+    reason, detail = no_reasons(df)
+    reason[df["instruction"].str.len() == 0] = EMPTY_AFTER_CLEAN
+    built = [None if reason[i] is not None else
+             prompts.answer_prompt(engine.tokenizer, t, s, cfg.polish.prompt_token_budget, cfg.models.keep_default_system)
+             for i, t, s in zip(df.index, df["text"], df["instruction"])]
+    for i, b in enumerate(built):
+        if b is None and reason[i] is None:
+            reason[i], detail[i] = PROMPT_OVER_BUDGET, f"the text alone fills the {cfg.polish.prompt_token_budget}-token budget"
+    todo = [i for i in df.index if reason[i] is None]
+    gens = engine.generate([built[i][0] for i in todo], sampling_params(cfg))
+    require_text(gens, POLISHED, engine.model_name)
+    df["output"] = pd.Series("", index=df.index, dtype=object)
+    df["instruction_truncated"], df["polish_tokens"], df["polish_finish"] = False, 0, ""
+    for i, g in zip(todo, gens):
+        df.at[i, "output"] = repair_repeated_lines(g.text)
+        df.at[i, "instruction_truncated"] = built[i][1]
+        df.at[i, "polish_tokens"] = g.num_tokens
+        df.at[i, "polish_finish"] = g.finish_reason
+        why = output_reason(df.at[i, "output"], cfg)
+        if why:
+            reason[i], detail[i] = why
+    if cfg.polish.dedup_outputs:
+        mark_duplicates(df, "output", reason, detail, DUPLICATE_OUTPUT)
+    kept = df[reason.isna()].reset_index(drop=True)
+    return StageResult(
+        rows=kept,
+        dropped=dropped_rows(df, reason, detail, "output"),
+        stats=stage_stats(len(df), len(kept), reason, not_kept_by_score=int(len(scored) - len(df)),
+                     keep_rate=round(len(df) / len(scored), 4) if len(scored) else None, threshold=cfg.score.threshold,
+                     output_chars=summary(kept["output"].astype(str).str.len(), 0),
+                     truncated_at_max_tokens=int((df["polish_finish"] == "length").sum())),
+    )
