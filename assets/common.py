@@ -13,6 +13,7 @@ from kun_dagster.llm import resolve_backend
 from kun_dagster.llm.checkpoint import Checkpointed
 from kun_dagster.partitions import hive
 from kun_dagster.stages import StageResult
+from kun_dagster.store import is_s3
 from ui import figures, table
 
 GPU_POOL = "gpu"
@@ -32,7 +33,7 @@ def kinds(cfg, *formats: str, role: str | None = None, checked: bool = True) -> 
         out.add("vllm" if resolve_backend(getattr(cfg.models, role).backend) == "vllm" else "pytorch")
     if checked:
         out.add("pandera")
-    if storage.is_s3(cfg.base_uri):
+    if is_s3(cfg.base_uri):
         out.add("s3")
     return out
 

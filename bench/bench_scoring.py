@@ -35,13 +35,14 @@ from kun_dagster import stages, storage  # noqa: E402
 from kun_dagster.config import ScoreConfig, load_config  # noqa: E402
 from kun_dagster.llm import load_engine  # noqa: E402
 from kun_dagster.llm.base import EngineSpec  # noqa: E402
+from kun_dagster.store import upath
 
 
 def instructions(cfg, n: int | None) -> pd.DataFrame:
     """labeled_pairs rows as published (the label model's instructions, raw as the scorer reads
     them), cycled to n rows; each copy after the first ends with its number, so no two prompts are
     equal (a repeated prompt would be served whole from vLLM's prefix cache)."""
-    base = storage.upath(cfg.base_uri)
+    base = upath(cfg.base_uri)
     frames = [storage.read_partition(d) for d in sorted((base / "labeled_pairs").glob("source=*/shard=*"))]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if rows.empty:
@@ -96,7 +97,7 @@ def main() -> None:
 
     cfg = load_config(args.config)
     pairs = instructions(cfg, args.rows)
-    ref = json.loads((storage.upath(cfg.base_uri) / "models" / "refs" / "chat_model.json").read_text())
+    ref = json.loads((upath(cfg.base_uri) / "models" / "refs" / "chat_model.json").read_text())
     vllm = {**cfg.models.chat.vllm.model_dump(exclude_none=True)}
     vllm["engine_kwargs"] = {**vllm.get("engine_kwargs", {}), **json.loads(args.engine_kwargs)}
     engine = load_engine(EngineSpec.of(ref["path"], ref["name"], backend=args.backend, dtype=args.dtype,

@@ -35,12 +35,13 @@ from kun_dagster import prompts, scoring, stages, storage  # noqa: E402
 from kun_dagster.config import load_config  # noqa: E402
 from kun_dagster.llm import SamplingParams, load_engine  # noqa: E402
 from kun_dagster.llm.base import EngineSpec  # noqa: E402
+from kun_dagster.store import upath
 
 
 def workload(cfg, n: int) -> pd.DataFrame:
     """n filtered_corpus rows: the demo's real rows, cycled with a numbered head so no two prompts
     are equal (a repeated prompt would be served whole from vLLM's prefix cache)."""
-    base = storage.upath(cfg.base_uri)
+    base = upath(cfg.base_uri)
     frames = [storage.read_partition(d) for d in sorted((base / "filtered_corpus").glob("source=*/shard=*"))]
     if not frames:
         sys.exit(f"no filtered_corpus under {base}: run `kun demo` (or materialize filtered_corpus) first")
@@ -53,7 +54,7 @@ def workload(cfg, n: int) -> pd.DataFrame:
 
 
 def refs(cfg) -> dict:
-    d = storage.upath(cfg.base_uri) / "models" / "refs"
+    d = upath(cfg.base_uri) / "models" / "refs"
     try:
         return {r: json.loads((d / f"{r}_model.json").read_text()) for r in ("label", "chat")}
     except FileNotFoundError:
@@ -105,7 +106,7 @@ def materialize_labeled_pairs(cfg_file: Path, cfg, docs: pd.DataFrame, label_ref
     bench_cfg = tmp / "kun.yaml"
     bench_cfg.write_text(yaml.safe_dump(raw, allow_unicode=True))
     source = cfg.sources[0].name
-    storage.write_partition(storage.partition_dir(storage.upath(str(tmp)), "filtered_corpus", {"source": source, "shard": "0"}),
+    storage.write_partition(storage.partition_dir(upath(str(tmp)), "filtered_corpus", {"source": source, "shard": "0"}),
                             docs.assign(source=source, shard=0))
     (tmp / "models" / "refs").mkdir(parents=True)
     (tmp / "models" / "refs" / "label_model.json").write_text(json.dumps(label_ref))
@@ -138,7 +139,7 @@ def materialize_labeled_pairs(cfg_file: Path, cfg, docs: pd.DataFrame, label_ref
                                                        raise_on_error=True))
     finally:
         llm_resource.load_engine = real_load
-    labeled = storage.partition_rows(storage.partition_dir(storage.upath(str(tmp)), "labeled_pairs", {"source": source, "shard": "0"}))
+    labeled = storage.partition_rows(storage.partition_dir(upath(str(tmp)), "labeled_pairs", {"source": source, "shard": "0"}))
     return {"ok": result.success, "seconds": seconds, "engine_start_s": sum(starts), "engine_close_s": sum(closes), "rows": labeled, "output_tokens": sum(produced),
             "generate_s": sum(generating)}
 

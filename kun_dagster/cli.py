@@ -95,13 +95,14 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
 
     from checks.recovery import worker_tags
 
-    from . import storage, versions
+    from . import versions
+    from .store import Store
 
     graph = defs.resolve_asset_graph()
     assets = list(defs.assets)
     # Dagster's own console log stays quiet unless --debug: failures are reported below, readably
     run_config = {"loggers": {"console": {"config": {"log_level": log_level if debug else "CRITICAL"}}}}
-    base = storage.Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
+    base = Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
 
     def run(keys: list[str], what: str, keys_range: list | None = None) -> None:
         t0 = time.time()
@@ -131,8 +132,9 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
 
 def _print_funnel(cfg, sources: list[str]) -> None:
     from . import dataset, storage, versions
+    from .store import Store
 
-    base = storage.Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
+    base = Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
     stages = list(versions.CORPUS)
     head = f"{'source':<10}" + "".join(f"{s:>17}" for s in stages) + f"{'kept':>8}{'final':>8}{'quarantined':>13}"
     print("\nFunnel (rows per stage):\n" + head)

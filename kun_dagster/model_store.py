@@ -12,7 +12,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .storage import Store, is_remote
+from .store import Store, is_remote
 
 MARKER = ".kun-cache.json"  # the remote listing a cached copy was made from
 MODEL_CARD = "kun_model.json"  # what training wrote about a checkpoint (not part of its content)

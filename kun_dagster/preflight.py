@@ -14,7 +14,7 @@ from pathlib import Path
 from . import corpus
 from .config import KunConfig
 from .corpus import list_files
-from .storage import StorageError, Store, is_remote
+from .store import StorageError, Store, is_remote
 
 # A tokenizer is any of these beside config.json (fast tokenizer, sentencepiece, BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")

@@ -5,8 +5,9 @@ from functools import lru_cache
 import dagster as dg
 from upath import UPath
 
-from kun_dagster import model_store, storage
+from kun_dagster import model_store
 from kun_dagster.config import KunConfig, load_config
+from kun_dagster.store import Store
 
 
 @lru_cache(maxsize=8)
@@ -29,9 +30,9 @@ class KunResource(dg.ConfigurableResource):
         return _load(self.config_path)
 
     @property
-    def store(self) -> storage.Store:
+    def store(self) -> Store:
         creds = {"key": self.s3_access_key_id, "secret": self.s3_secret_access_key, "token": self.s3_session_token}
-        return storage.Store(self.config.storage, {k: v for k, v in creds.items() if v})
+        return Store(self.config.storage, {k: v for k, v in creds.items() if v})
 
     @property
     def base(self) -> UPath:

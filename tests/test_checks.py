@@ -9,6 +9,7 @@ from kun_dagster import storage
 from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 from kun_dagster.llm.base import Generation
+from kun_dagster.store import upath
 
 from .conftest import MODELS, figures, given_models, write_config
 from .fakes import Receiver, ScriptedEngine
@@ -49,7 +50,7 @@ def graph(models_run, tmp_path_factory):
 
     assert run(MODELS).success
     assert run(["raw_corpus", "filtered_corpus"]).success
-    return {"run": run, "instance": instance, "defs": defs, "base": storage.upath(load_config(cfg_file).base_uri)}
+    return {"run": run, "instance": instance, "defs": defs, "base": upath(load_config(cfg_file).base_uri)}
 
 
 def _tick(graph, cursor=None) -> tuple[str, str]:

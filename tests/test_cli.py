@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from kun_dagster import cli
+from kun_dagster.store import upath
 
 from .conftest import given_models, write_config
 
@@ -68,7 +69,7 @@ def test_a_killed_kun_run_is_recovered_by_the_next(models_run, tmp_path, monkeyp
     cfg = write_config(tmp_path, shards=1, **{**given_models(models_run), "storage.checkpoint_rows": 1})
     home = tmp_path / "home"
     env = {**os.environ, "DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg)}
-    staging = storage.staging_dir(storage.upath(str(tmp_path / "data")), "labeled_pairs", {"source": "wudao", "shard": "0"})
+    staging = storage.staging_dir(upath(str(tmp_path / "data")), "labeled_pairs", {"source": "wudao", "shard": "0"})
     first = subprocess.Popen([sys.executable, "-m", "kun_dagster.cli", "run", "--config", str(cfg), "--source", "wudao", "--progress", "off"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from kun_dagster import storage
+from kun_dagster.store import upath
 
 from .conftest import MODELS, REPO, dagster_dev, free_port, given_models, wait_for, write_config
 
@@ -69,7 +70,7 @@ def test_a_killed_run_is_failed_freed_retried_and_resumed(backend, killed, model
         pytest.importorskip("vllm")
     cfg = _config(tmp_path / "killed", models_run, backend)
     clean_cfg = _config(tmp_path / "clean", models_run, backend)
-    base, clean_base = storage.upath(str(tmp_path / "killed" / "data")), storage.upath(str(tmp_path / "clean" / "data"))
+    base, clean_base = upath(str(tmp_path / "killed" / "data")), upath(str(tmp_path / "clean" / "data"))
     for c in (cfg, clean_cfg):
         _in_subprocess(c, ",".join(MODELS))
         _in_subprocess(c, "raw_corpus,filtered_corpus", KEY)

@@ -7,7 +7,7 @@ import fsspec
 import pytest
 
 from kun_dagster import model_store
-from kun_dagster.storage import Store
+from kun_dagster.store import Store
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_a_given_model_without_a_checkpoint_is_refused_and_a_real_one_referenced
     import pytest
 
     from kun_dagster.model_store import ModelError, given
-    from kun_dagster.storage import Store
+    from kun_dagster.store import Store
 
     store = Store()
     (tmp_path / "empty").mkdir()

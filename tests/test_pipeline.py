@@ -12,6 +12,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from kun_dagster import storage
 from kun_dagster.config import KUN_INSTRUCTION_KEYWORDS, load_config
+from kun_dagster.store import upath
 
 from .conftest import CORPUS, figures
 
@@ -32,7 +33,7 @@ def graph(models_run):
     assert _materialize(models_run, CORPUS, keys).success  # one run, all partitions
     assert _materialize(models_run, ["instruction_dataset"], ["wudao", "wanjuan"]).success  # skypile left out
     cfg = load_config(models_run["cfg_file"])
-    return {**models_run, "cfg": cfg, "base": storage.upath(cfg.base_uri), "keys": keys}
+    return {**models_run, "cfg": cfg, "base": upath(cfg.base_uri), "keys": keys}
 
 
 def _read(g, asset):

@@ -13,6 +13,7 @@ import pytest
 from kun_dagster import storage
 from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
+from kun_dagster.store import upath
 
 from .conftest import MODELS, REPO, given_models, write_config
 
@@ -35,7 +36,7 @@ def _setup(tmp, models_run):
     assert dg.materialize(list(defs.assets), selection=MODELS, resources=defs.resources).success
     assert dg.materialize(list(defs.assets), selection=["raw_corpus", "filtered_corpus"], resources=defs.resources, partition_key=KEY).success
     cfg = load_config(cfg_file)
-    return cfg_file, defs, storage.upath(cfg.base_uri)
+    return cfg_file, defs, upath(cfg.base_uri)
 
 
 def test_sigkill_mid_partition_then_rerun_resumes_and_equals_an_uninterrupted_run(tmp_path, models_run):

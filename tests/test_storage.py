@@ -4,6 +4,7 @@ import pytest
 from upath import UPath
 
 from kun_dagster import storage
+from kun_dagster.store import Store
 
 
 def test_partition_roundtrip_columns_live_in_the_path(tmp_path):
@@ -63,7 +64,7 @@ def test_store_options_per_uri():
 
     settings = StorageConfig(s3={"endpoint_url": "http://minio:9000", "region": "eu-west-1", "path_style": True, "max_attempts": 4},
                              storage_options={"client_kwargs": {"verify": False}})
-    store = storage.Store(settings, {"key": "id", "secret": "s3cr3t"})
+    store = Store(settings, {"key": "id", "secret": "s3cr3t"})
     opts = store.options("s3://bucket/kun")
     assert opts["client_kwargs"] == {"verify": False, "endpoint_url": "http://minio:9000", "region_name": "eu-west-1"}
     assert opts["config_kwargs"]["s3"] == {"addressing_style": "path"}
@@ -78,14 +79,14 @@ def test_store_options_per_uri():
 def test_store_errors_name_the_endpoint_and_hide_the_secret():
     from kun_dagster.config import StorageConfig
 
-    store = storage.Store(StorageConfig(s3={"endpoint_url": "http://minio:9000"}), {"key": "id", "secret": "s3cr3t"})
+    store = Store(StorageConfig(s3={"endpoint_url": "http://minio:9000"}), {"key": "id", "secret": "s3cr3t"})
     denied = store.describe(PermissionError("signature s3cr3t does not match"), "s3://b/kun")
     assert "refused the credentials" in denied and "http://minio:9000" in denied and "s3cr3t" not in denied
     assert "$AWS_SECRET_ACCESS_KEY (values not shown)" in denied
     assert "does not exist" in store.describe(FileNotFoundError("NoSuchBucket"), "s3://b/kun")
     down = store.describe(ConnectionError("Could not connect"), "s3://b/kun")
     assert down.startswith("cannot reach s3://b/kun at endpoint http://minio:9000 after 10 attempts")
-    env = storage.Store.from_env(StorageConfig(s3={"secret_access_key_env": "MY_SECRET"}), {"MY_SECRET": "x", "AWS_ACCESS_KEY_ID": "k"})
+    env = Store.from_env(StorageConfig(s3={"secret_access_key_env": "MY_SECRET"}), {"MY_SECRET": "x", "AWS_ACCESS_KEY_ID": "k"})
     assert env.credentials == {"secret": "x", "key": "k"}
 
 

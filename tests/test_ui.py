@@ -20,6 +20,7 @@ from dagster._core.execution.backfill import BulkActionStatus  # not exported at
 
 from kun_dagster import storage
 from kun_dagster.definitions import build_definitions
+from kun_dagster.store import upath
 
 from .conftest import CORPUS, MODELS, REPO, dagster_dev, free_port, given_models, graphql, wait_for, write_config
 from .fakes import Receiver
@@ -101,7 +102,7 @@ def ui(models_run, tmp_path_factory):
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
                 page = browser.new_page(viewport={"width": 1600, "height": 1000})
                 page.set_default_timeout(60_000)
-                yield UI(page, url, instance, hook, log, shots, storage.upath(str(tmp / "data")))
+                yield UI(page, url, instance, hook, log, shots, upath(str(tmp / "data")))
                 browser.close()
     finally:
         hook.shutdown()

@@ -17,6 +17,7 @@ from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 from kun_dagster.llm import EngineError, SamplingParams, load_engine, resolve_backend
 from kun_dagster.llm.base import Answers, EngineSpec, encode
+from kun_dagster.store import upath
 
 from .conftest import CORPUS, MODELS, REPO, write_config
 
@@ -214,7 +215,7 @@ def test_the_whole_graph_on_vllm_for_two_partitions(tmp_path, models_run):
     assert dg.materialize(assets, selection=["instruction_dataset"], resources=defs.resources, instance=instance,
                           partition_key="wudao").success
 
-    base = storage.upath(load_config(cfg_file).base_uri)
+    base = upath(load_config(cfg_file).base_uri)
     frames = {a: pd.concat([storage.read_partition(storage.partition_dir(base, a, {"source": "wudao", "shard": s}))
                             for s in ("0", "1")], ignore_index=True) for a in CORPUS}
     assert len(frames["filtered_corpus"]) > 0

@@ -12,6 +12,7 @@ import pytest
 
 from kun_dagster import cli, schemas, storage
 from kun_dagster.config import load_config
+from kun_dagster.store import upath
 
 from . import wild
 from .conftest import CORPUS, given_models, write_config
@@ -38,7 +39,7 @@ def test_kun_run_on_a_wild_corpus(shards, corpus, models_run, tmp_path, monkeypa
     assert rc == 0, err
     assert "Funnel (rows per stage)" in out and "Traceback" not in out + err
     cfg = load_config(cfg_file)
-    base = storage.upath(cfg.base_uri)
+    base = upath(cfg.base_uri)
 
     quarantined = set()
     for stage in ("raw_corpus", "filtered_corpus"):

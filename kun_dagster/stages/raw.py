@@ -8,7 +8,8 @@ from .. import progress
 from ..config import KunConfig
 from ..corpus import iter_shard
 from ..names import RAW
-from ..storage import FrameSink, Sink, Store
+from ..storage import FrameSink, Sink
+from ..store import Store
 from .common import (
     StageResult,
     stage_stats,
