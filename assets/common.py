@@ -57,15 +57,20 @@ def checkpointed(kun, asset: str, key, engine) -> Checkpointed:
     """The engine with per-batch checkpoints under the partition's staging folder: a rerun after a
     crash resumes at the last finished batch (the IO manager clears the folder on publish)."""
     part = hive(key)
-    return Checkpointed(engine, storage.staging_dir(kun.base, asset, part), kun.config.storage.checkpoint_rows,
-                        label=f"{asset} {part['source']}/{part['shard']}")
+    return Checkpointed(
+        engine,
+        storage.staging_dir(kun.base, asset, part),
+        kun.config.storage.checkpoint_rows,
+        label=f"{asset} {part['source']}/{part['shard']}",
+    )
 
 
 def staged_sink(kun, asset: str, key) -> storage.ParquetSink:
     """A sink that streams the partition's rows into a file in its staging folder; the IO manager
     publishes it with one rename once the step has succeeded."""
-    return storage.ParquetSink(storage.staging_dir(kun.base, asset, hive(key)) / f"rows-{uuid.uuid4().hex[:12]}.parquet",
-                               schemas.arrow_schema(asset))
+    return storage.ParquetSink(
+        storage.staging_dir(kun.base, asset, hive(key)) / f"rows-{uuid.uuid4().hex[:12]}.parquet", schemas.arrow_schema(asset)
+    )
 
 
 def schema_of(df: pd.DataFrame | pa.Schema) -> dg.TableSchema:
@@ -121,5 +126,7 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
     if len(head):
         md["preview"] = table(head)
     context.add_asset_metadata(md, partition_key=key)
-    context.log.info(f"{asset} {source}/{shard}: {result.stats.get('rows_in')} in, {md['dagster/row_count']} out, {len(result.dropped)} quarantined")
+    context.log.info(
+        f"{asset} {source}/{shard}: {result.stats.get('rows_in')} in, {md['dagster/row_count']} out, {len(result.dropped)} quarantined"
+    )
     return result

@@ -19,8 +19,15 @@ GROUP = "corpus"
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
 
-    @dg.asset(name=versions.RAW, group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, kinds=kinds(cfg, "parquet"),
-              check_specs=checks.specs(versions.RAW), output_required=False)
+    @dg.asset(
+        name=versions.RAW,
+        group_name=GROUP,
+        partitions_def=parts,
+        backfill_policy=SINGLE_RUN,
+        kinds=kinds(cfg, "parquet"),
+        check_specs=checks.specs(versions.RAW),
+        output_required=False,
+    )
     def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource):
         """Every document of the partition's files (a file's shard is a stable hash of its path),
         streamed in batches; unreadable rows go to the quarantine with a reason code, file and row.
@@ -38,12 +45,27 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
 
     ppl_role = cfg.filter.perplexity_model if cfg.filter.perplexity_max is not None else None
 
-    @dg.asset(name=versions.FILTERED, group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, retry_policy=GPU_RETRY,
-              kinds=kinds(cfg, "parquet", role=ppl_role), op_tags=gpu_tags(cfg, ppl_role),
-              ins={versions.RAW: dg.AssetIn(metadata={STREAM: True})}, check_specs=checks.specs(versions.FILTERED), output_required=False)
+    @dg.asset(
+        name=versions.FILTERED,
+        group_name=GROUP,
+        partitions_def=parts,
+        backfill_policy=SINGLE_RUN,
+        pool=GPU_POOL,
+        retry_policy=GPU_RETRY,
+        kinds=kinds(cfg, "parquet", role=ppl_role),
+        op_tags=gpu_tags(cfg, ppl_role),
+        ins={versions.RAW: dg.AssetIn(metadata={STREAM: True})},
+        check_specs=checks.specs(versions.FILTERED),
+        output_required=False,
+    )
     def filtered_corpus(
-        context: dg.AssetExecutionContext, kun: KunResource, base_llm: LLMResource, label_llm: LLMResource, raw_corpus,
-        base_model: dict, label_model: dict
+        context: dg.AssetExecutionContext,
+        kun: KunResource,
+        base_llm: LLMResource,
+        label_llm: LLMResource,
+        raw_corpus,
+        base_model: dict,
+        label_model: dict,
     ):
         """Cleaned text within filter.max_tokens of the label model's tokenizer, perplexity under the
         reference model (filter.perplexity_model, run with that role's engine settings) at most
@@ -55,8 +77,14 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         out = {}
         for key, batches in by_partition(context, raw_corpus).items():  # each partition streamed in, filtered and out
             resumable = checkpointed(kun, versions.FILTERED, key, engine) if engine else None
-            result = stages.filter_corpus(batches, tokenizer, resumable, c, staged_sink(kun, versions.FILTERED, key),
-                                          label=f"filtered_corpus {'/'.join(hive(key).values())}")
+            result = stages.filter_corpus(
+                batches,
+                tokenizer,
+                resumable,
+                c,
+                staged_sink(kun, versions.FILTERED, key),
+                label=f"filtered_corpus {'/'.join(hive(key).values())}",
+            )
             out[key] = report_stage(context, kun, versions.FILTERED, key, result, resumable)
         yield from checks.gate(context, kun, versions.FILTERED, out)
 

@@ -5,7 +5,6 @@ are fine-tuned from it on seed_data; with paths, the same assets fine-tune that 
 given checkpoint as it is. Each model asset's value is a reference {name, path, ...}.
 """
 
-
 import dagster as dg
 import pandas as pd
 
@@ -52,7 +51,9 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         )
         return kept
 
-    @dg.asset(group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, retry_policy=GPU_RETRY, io_manager_key=MODEL_IO, op_tags=gpu_tags(cfg, None))  # torch trains it
+    @dg.asset(
+        group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, retry_policy=GPU_RETRY, io_manager_key=MODEL_IO, op_tags=gpu_tags(cfg, None)
+    )  # torch trains it
     def base_model(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame) -> dict:
         """The base model: a configured checkpoint, or the tiny Qwen2 of the embedded default
         (tokenizer trained on the demo texts, short language-model pre-training). Config:
@@ -60,7 +61,11 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         c = kun.config
         if c.models.base.path:
             return _given(kun, "base", c.resolve(c.models.base.path))
-        texts = stages.corpus_texts(c, c.models.base.tiny.pretrain_docs, kun.store) + seed_data["instruction"].tolist() + seed_data["output"].tolist()
+        texts = (
+            stages.corpus_texts(c, c.models.base.tiny.pretrain_docs, kun.store)
+            + seed_data["instruction"].tolist()
+            + seed_data["output"].tolist()
+        )
         ref, report = _trained(kun, context, "base", lambda out: training.build_tiny_base(texts, out, c.models.base.tiny))
         context.add_output_metadata(
             {
@@ -73,17 +78,28 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         return ref
 
     def _role_asset(role: str, examples, doc: str):
-        @dg.asset(name=f"{role}_model", group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, retry_policy=GPU_RETRY, io_manager_key=MODEL_IO,
-                  description=doc,
-                  op_tags=gpu_tags(cfg, None))
+        @dg.asset(
+            name=f"{role}_model",
+            group_name=GROUP,
+            kinds={"pytorch"},
+            pool=GPU_POOL,
+            retry_policy=GPU_RETRY,
+            io_manager_key=MODEL_IO,
+            description=doc,
+            op_tags=gpu_tags(cfg, None),
+        )
         def _asset(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dict:
             c = kun.config
             rc = getattr(c.models, role)
             if rc.path:
                 return _given(kun, role, c.resolve(rc.path))
             base = kun.local_model(base_model["path"])
-            ref, report = _trained(kun, context, role, lambda out: training.fine_tune(base, out, examples(seed_data), rc.train, role,
-                                                                                    c.models.keep_default_system))
+            ref, report = _trained(
+                kun,
+                context,
+                role,
+                lambda out: training.fine_tune(base, out, examples(seed_data), rc.train, role, c.models.keep_default_system),
+            )
             context.add_output_metadata(
                 {
                     "examples": report.examples,

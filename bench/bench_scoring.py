@@ -100,16 +100,26 @@ def main() -> None:
     ref = json.loads((upath(cfg.base_uri) / "models" / "refs" / "chat_model.json").read_text())
     vllm = {**cfg.models.chat.vllm.model_dump(exclude_none=True)}
     vllm["engine_kwargs"] = {**vllm.get("engine_kwargs", {}), **json.loads(args.engine_kwargs)}
-    engine = load_engine(EngineSpec.of(ref["path"], ref["name"], backend=args.backend, dtype=args.dtype,
-                                       batch_size=cfg.models.chat.batch_size, vllm=vllm))
-    free_cfg = with_score(cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"max_tokens": args.kun_max_tokens})}),
-                          method="kun_freetext", threshold=None)
+    engine = load_engine(
+        EngineSpec.of(ref["path"], ref["name"], backend=args.backend, dtype=args.dtype, batch_size=cfg.models.chat.batch_size, vllm=vllm)
+    )
+    free_cfg = with_score(
+        cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"max_tokens": args.kun_max_tokens})}),
+        method="kun_freetext",
+        threshold=None,
+    )
     choice_cfg = cfg.model_copy(update={"sampling": free_cfg.sampling})  # its fallback rows generate at Kun's max_tokens too
     stages.score(pairs.head(4), engine, choice_cfg)  # warm every path's kernels
     stages.score(pairs.head(4), engine, free_cfg)
 
-    res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs", "backend": engine.backend, "model": ref["name"],
-           "rows": len(pairs), "kun_max_tokens": args.kun_max_tokens, "engine_kwargs": vllm["engine_kwargs"]}
+    res = {
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "backend": engine.backend,
+        "model": ref["name"],
+        "rows": len(pairs),
+        "kun_max_tokens": args.kun_max_tokens,
+        "engine_kwargs": vllm["engine_kwargs"],
+    }
     runs = {}
     methods = (("kun_choice", choice_cfg), ("kun_choice_exact", with_score(choice_cfg, exact=True)), ("kun_freetext", free_cfg))
     times: dict[str, list[float]] = {name: [] for name, _ in methods}
@@ -123,29 +133,42 @@ def main() -> None:
     for name, _ in methods:
         out = runs[name][0]
         st = out.stats
-        res[name] = {"seconds": round(runs[name][1], 3), "runs_s": [round(x, 3) for x in times[name]],
-                     "kept": st["kept"], "keep_rate": st["keep_rate"],
-                     "scored_by": st["scored_by"], "parse_failures": st["parse_failures"], "answer_mass": st["answer_mass"]}
+        res[name] = {
+            "seconds": round(runs[name][1], 3),
+            "runs_s": [round(x, 3) for x in times[name]],
+            "kept": st["kept"],
+            "keep_rate": st["keep_rate"],
+            "scored_by": st["scored_by"],
+            "parse_failures": st["parse_failures"],
+            "answer_mass": st["answer_mass"],
+        }
         print(name, res[name])
     free_rows, choice_rows = runs["kun_freetext"][0].rows, runs["kun_choice"][0].rows
     res["speedup_choice_over_freetext"] = round(runs["kun_freetext"][1] / runs["kun_choice"][1], 2)
     res["speedup_exact_over_freetext"] = round(runs["kun_freetext"][1] / runs["kun_choice_exact"][1], 2)
     prob = choice_rows["score_rule"] == "probability"
     both = prob & free_rows["score"].notna()
-    agree = (choice_rows.loc[both, "keep"] == free_rows.loc[both, "keep"])
-    res["agreement_on_probability_rows"] = {"rows": int(both.sum()), "agree": int(agree.sum()),
-                                            "rate": round(float(agree.mean()), 4) if both.any() else None,
-                                            "expected_under_sampling": round(expected_agreement(choice_rows[both], cfg.sampling.temperature), 4)
-                                            if both.any() else None}
+    agree = choice_rows.loc[both, "keep"] == free_rows.loc[both, "keep"]
+    res["agreement_on_probability_rows"] = {
+        "rows": int(both.sum()),
+        "agree": int(agree.sum()),
+        "rate": round(float(agree.mean()), 4) if both.any() else None,
+        "expected_under_sampling": round(expected_agreement(choice_rows[both], cfg.sampling.temperature), 4) if both.any() else None,
+    }
     res["keep_rate_expected_under_sampling"] = round(expected_keep(choice_rows[prob], cfg.sampling.temperature), 4) if prob.any() else None
     exact_rows = runs["kun_choice_exact"][0].rows
-    res["fast_vs_exact"] = {"max_abs_score_diff": round(float(np.nanmax(np.abs(exact_rows["score"] - choice_rows["score"]))), 6)
-                            if prob.any() else None,
-                            "keep_differs": int((exact_rows["keep"] != choice_rows["keep"]).sum())}
+    res["fast_vs_exact"] = {
+        "max_abs_score_diff": round(float(np.nanmax(np.abs(exact_rows["score"] - choice_rows["score"]))), 6) if prob.any() else None,
+        "keep_differs": int((exact_rows["keep"] != choice_rows["keep"]).sum()),
+    }
     free_len = [len(r or "") for r in free_rows["score_reply"]]
     res["freetext_reply_chars"] = {"median": float(np.median(free_len)), "max": int(max(free_len))}
-    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict) or k.startswith(("speed", "agree", "fast", "free"))},
-                     ensure_ascii=False))
+    print(
+        json.dumps(
+            {k: v for k, v in res.items() if not isinstance(v, dict) or k.startswith(("speed", "agree", "fast", "free"))},
+            ensure_ascii=False,
+        )
+    )
     engine.close()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -66,8 +66,12 @@ def main(argv: list[str] | None = None) -> None:
         whole = engine.generate(ps, params)
         same = sum(a.text == b.text for a, b in zip(split, whole))
         name = "per_request" if per_request else "engine_stream"
-        res["runs"][name] = {"output_tokens": tokens, "seconds": round(best, 3), "tokens_per_s": round(tokens / best, 1),
-                             "rows_equal_when_split": f"{same}/{len(ps)}"}
+        res["runs"][name] = {
+            "output_tokens": tokens,
+            "seconds": round(best, 3),
+            "tokens_per_s": round(tokens / best, 1),
+            "rows_equal_when_split": f"{same}/{len(ps)}",
+        }
         print(name, res["runs"][name], flush=True)
         engine.close()
     a, b = res["runs"]["engine_stream"], res["runs"]["per_request"]

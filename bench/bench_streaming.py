@@ -117,19 +117,38 @@ def main() -> None:
         got = _run([str(work / "kun.yaml"), "raw_corpus,filtered_corpus", "web|0"], args.code)
         assert got["success"], got
         raw, filtered = got["steps"]["raw_corpus"], got["steps"]["filtered_corpus"]
-        row = {"docs": n, "source_mib": round(size / 2**20, 1), "peak_rss_mib": got["peak_rss_mib"],
-               "raw_corpus_s": round(raw, 2), "filtered_corpus_s": round(filtered, 2),
-               "raw_docs_per_s": round(n / raw), "filtered_docs_per_s": round(n / filtered), "run_s": got["seconds"]}
+        row = {
+            "docs": n,
+            "source_mib": round(size / 2**20, 1),
+            "peak_rss_mib": got["peak_rss_mib"],
+            "raw_corpus_s": round(raw, 2),
+            "filtered_corpus_s": round(filtered, 2),
+            "raw_docs_per_s": round(n / raw),
+            "filtered_docs_per_s": round(n / filtered),
+            "run_s": got["seconds"],
+        }
         print(json.dumps(row), flush=True)
         results.append(row)
     if len(results) >= 2:
-        print(f"peak RSS {results[-1]['docs']} / {results[0]['docs']} docs: {results[-1]['peak_rss_mib'] / results[0]['peak_rss_mib']:.2f}x")
+        print(
+            f"peak RSS {results[-1]['docs']} / {results[0]['docs']} docs: {results[-1]['peak_rss_mib'] / results[0]['peak_rss_mib']:.2f}x"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": "2 vCPU, no GPU", "time": time.strftime("%Y-%m-%d"), "args": sys.argv[1:],
-                                        "code": subprocess.run(["git", "-C", str(args.code), "rev-parse", "--short", "HEAD"],
-                                                               capture_output=True, text=True).stdout.strip(),
-                                        "results": results}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "machine": "2 vCPU, no GPU",
+                    "time": time.strftime("%Y-%m-%d"),
+                    "args": sys.argv[1:],
+                    "code": subprocess.run(
+                        ["git", "-C", str(args.code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+                    ).stdout.strip(),
+                    "results": results,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,14 @@ def bare_vllm(path: str, vllm_settings: dict, dtype: str, prompt_texts: list[str
     spec = EngineSpec.of(path, "bare", backend="vllm", dtype=dtype, vllm=vllm_settings)
     engine, start = timed(lambda: VLLMEngine(spec))  # same engine arguments; only the generate call differs
     llm = engine.llm
-    sp = vllm.SamplingParams(temperature=params.temperature, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
-                             max_tokens=params.max_tokens, stop=list(params.stop), stop_token_ids=engine.eos_ids)
+    sp = vllm.SamplingParams(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        repetition_penalty=params.repetition_penalty,
+        max_tokens=params.max_tokens,
+        stop=list(params.stop),
+        stop_token_ids=engine.eos_ids,
+    )
     outs, seconds = timed(lambda: llm.generate(prompt_texts, sp, use_tqdm=False))
     # counted as our engine counts: generated tokens without the closing EOS
     tokens = sum(len(o.outputs[0].token_ids) - (o.outputs[0].token_ids[-1:] in ([e] for e in engine.eos_ids)) for o in outs)
@@ -106,8 +112,9 @@ def materialize_labeled_pairs(cfg_file: Path, cfg, docs: pd.DataFrame, label_ref
     bench_cfg = tmp / "kun.yaml"
     bench_cfg.write_text(yaml.safe_dump(raw, allow_unicode=True))
     source = cfg.sources[0].name
-    storage.write_partition(storage.partition_dir(upath(str(tmp)), "filtered_corpus", {"source": source, "shard": "0"}),
-                            docs.assign(source=source, shard=0))
+    storage.write_partition(
+        storage.partition_dir(upath(str(tmp)), "filtered_corpus", {"source": source, "shard": "0"}), docs.assign(source=source, shard=0)
+    )
     (tmp / "models" / "refs").mkdir(parents=True)
     (tmp / "models" / "refs" / "label_model.json").write_text(json.dumps(label_ref))
 
@@ -134,14 +141,28 @@ def materialize_labeled_pairs(cfg_file: Path, cfg, docs: pd.DataFrame, label_ref
     try:
         defs = build_definitions(bench_cfg)
         key = dg.MultiPartitionKey({"source": source, "source_shard": "0"})
-        result, seconds = timed(lambda: dg.materialize(list(defs.assets), selection=["labeled_pairs"], partition_key=key,
-                                                       resources=defs.resources, instance=dg.DagsterInstance.ephemeral(),
-                                                       raise_on_error=True))
+        result, seconds = timed(
+            lambda: dg.materialize(
+                list(defs.assets),
+                selection=["labeled_pairs"],
+                partition_key=key,
+                resources=defs.resources,
+                instance=dg.DagsterInstance.ephemeral(),
+                raise_on_error=True,
+            )
+        )
     finally:
         llm_resource.load_engine = real_load
     labeled = storage.partition_rows(storage.partition_dir(upath(str(tmp)), "labeled_pairs", {"source": source, "shard": "0"}))
-    return {"ok": result.success, "seconds": seconds, "engine_start_s": sum(starts), "engine_close_s": sum(closes), "rows": labeled, "output_tokens": sum(produced),
-            "generate_s": sum(generating)}
+    return {
+        "ok": result.success,
+        "seconds": seconds,
+        "engine_start_s": sum(starts),
+        "engine_close_s": sum(closes),
+        "rows": labeled,
+        "output_tokens": sum(produced),
+        "generate_s": sum(generating),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,8 +186,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_tokens:
         params = SamplingParams(**{**params.__dict__, "max_tokens": args.max_tokens})
     label_vllm = engine_args(cfg, "label")
-    res: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-                 "docs": len(docs), "sampling": params.__dict__, "vllm_settings": label_vllm, "dtype": args.dtype}
+    res: dict = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "docs": len(docs),
+        "sampling": params.__dict__,
+        "vllm_settings": label_vllm,
+        "dtype": args.dtype,
+    }
 
     def report(name, tokens, seconds, **extra):
         res[name] = {"output_tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1), **extra}
@@ -194,11 +220,17 @@ def main(argv: list[str] | None = None) -> None:
     if "materialize" not in skip:
         m = materialize_labeled_pairs(cfg_file, cfg, docs, models["label"])
         # Like (a) and (b), without the engine's start-up and shutdown (reported apart)
-        report("c_labeled_pairs_materialization", m["output_tokens"], m["seconds"] - m["engine_start_s"] - m["engine_close_s"],
-               whole_step_s=round(m["seconds"], 2), engine_start_s=round(m["engine_start_s"], 2),
-               engine_close_s=round(m["engine_close_s"], 2), rows_published=m["rows"],
-               generate_s=round(m["generate_s"], 2),
-               tokens_per_s_with_start=round(m["output_tokens"] / m["seconds"], 1))
+        report(
+            "c_labeled_pairs_materialization",
+            m["output_tokens"],
+            m["seconds"] - m["engine_start_s"] - m["engine_close_s"],
+            whole_step_s=round(m["seconds"], 2),
+            engine_start_s=round(m["engine_start_s"], 2),
+            engine_close_s=round(m["engine_close_s"], 2),
+            rows_published=m["rows"],
+            generate_s=round(m["generate_s"], 2),
+            tokens_per_s_with_start=round(m["output_tokens"] / m["seconds"], 1),
+        )
         res["c_over_a"] = round(res["c_labeled_pairs_materialization"]["tokens_per_s"] / res["a_bare_vllm_generate"]["tokens_per_s"], 3)
         print(f"(c)/(a) = {res['c_over_a']}  (target >= 0.9)")
     res["b_over_a"] = round(res["b_our_vllm_engine"]["tokens_per_s"] / res["a_bare_vllm_generate"]["tokens_per_s"], 3)
@@ -219,9 +251,13 @@ def main(argv: list[str] | None = None) -> None:
         replies, t_free = timed(lambda: chat.generate(point, free))
         parsed = [scoring.parse_kun_reply(g.text) for g in replies]
         res["scoring"] = {
-            "instructions": len(point), "choice_probs_s": round(t_choice, 3), "freetext_s": round(t_free, 3),
-            "speedup": round(t_free / t_choice, 2), "freetext_max_tokens": args.kun_max_tokens,
-            "single_token_choice_s": round(t_single, 3), "single_token_speedup": round(t_free / t_single, 2),
+            "instructions": len(point),
+            "choice_probs_s": round(t_choice, 3),
+            "freetext_s": round(t_free, 3),
+            "speedup": round(t_free / t_choice, 2),
+            "freetext_max_tokens": args.kun_max_tokens,
+            "single_token_choice_s": round(t_single, 3),
+            "single_token_speedup": round(t_free / t_single, 2),
             "freetext_output_tokens": sum(g.num_tokens for g in replies),
             "freetext_hit_max_tokens": sum(g.finish_reason == "length" for g in replies),
             "freetext_parse_failures": sum(p != p for p in parsed),

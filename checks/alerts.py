@@ -44,12 +44,17 @@ def post(text: str, log) -> bool:
 
 def check_alert(evaluation, run_id: str) -> str:
     md = {k: getattr(v, "value", v) for k, v in evaluation.metadata.items()}
-    figures = ", ".join(f"{k}: {json.dumps(md[k], ensure_ascii=False, default=str)}" for k in
-                        ("failures", "failing_partitions", "by_check", "values", "bound") if k in md)
+    figures = ", ".join(
+        f"{k}: {json.dumps(md[k], ensure_ascii=False, default=str)}"
+        for k in ("failures", "failing_partitions", "by_check", "values", "bound")
+        if k in md
+    )
     severity = evaluation.severity.value if evaluation.severity else "ERROR"
-    return (f"[kun] {severity} check failed: {evaluation.asset_key.to_user_string()} / {evaluation.check_name}"
-            f"{' (partition ' + evaluation.partition + ')' if evaluation.partition else ''}\n"
-            f"{evaluation.description or ''}\n{figures}\nrun: {run_url(run_id)}")
+    return (
+        f"[kun] {severity} check failed: {evaluation.asset_key.to_user_string()} / {evaluation.check_name}"
+        f"{' (partition ' + evaluation.partition + ')' if evaluation.partition else ''}\n"
+        f"{evaluation.description or ''}\n{figures}\nrun: {run_url(run_id)}"
+    )
 
 
 def _executions_since(instance, keys, watermark: int, page: int = 200) -> list:
@@ -66,8 +71,11 @@ def _executions_since(instance, keys, watermark: int, page: int = 200) -> list:
     return sorted(out, key=lambda r: r.id)
 
 
-@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-           description=f"Posts each failed asset check once to ${WEBHOOK_ENV} (logs it when unset).")
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=f"Posts each failed asset check once to ${WEBHOOK_ENV} (logs it when unset).",
+)
 def check_failure_alerts(context: dg.SensorEvaluationContext) -> dg.SkipReason:
     keys = sorted(context.repository_def.asset_graph.asset_check_keys, key=str)
     if context.cursor is None:  # first tick: from now on, not the instance's whole history
@@ -92,14 +100,22 @@ def check_failure_alerts(context: dg.SensorEvaluationContext) -> dg.SkipReason:
             sent += post(check_alert(r.evaluation, r.run_id), context.log)
     pending = [r.id for r in records if running(r)]
     watermark = min(pending) if pending else max([r.id + 1 for r in records], default=state["watermark"])
-    context.update_cursor(json.dumps({"watermark": watermark, "done": sorted(r.id for r in records if r.id >= watermark and not running(r))}))
+    context.update_cursor(
+        json.dumps({"watermark": watermark, "done": sorted(r.id for r in records if r.id >= watermark and not running(r))})
+    )
     return dg.SkipReason(f"{len(records) - len(pending)} check evaluation(s) read, {sent} alert(s) posted")
 
 
-@dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING, monitor_all_code_locations=False,
-                       description=f"Posts each failed run once to ${WEBHOOK_ENV} (logs it when unset).")
+@dg.run_failure_sensor(
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    monitor_all_code_locations=False,
+    description=f"Posts each failed run once to ${WEBHOOK_ENV} (logs it when unset).",
+)
 def run_failure_alerts(context: dg.RunFailureSensorContext) -> None:
     run = context.dagster_run
     error = context.failure_event.message or ""
-    post(f"[kun] run failed: {run.job_name} {run.run_id[:8]} {run.tags.get('dagster/partition', '')}\n{error[:500]}\n"
-         f"run: {run_url(run.run_id)}", context.log)
+    post(
+        f"[kun] run failed: {run.job_name} {run.run_id[:8]} {run.tags.get('dagster/partition', '')}\n{error[:500]}\n"
+        f"run: {run_url(run.run_id)}",
+        context.log,
+    )

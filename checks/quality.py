@@ -34,21 +34,38 @@ def schema_check(asset: str, violations: dict[str, schemas.Violations]) -> dg.As
     """The blocking schema check's result over the run's partitions: failure count, failing checks
     by partition, a sample of failing rows."""
     bad = {k: v for k, v in violations.items() if not v.passed}
-    md = {"partitions": len(violations), "failures": sum(v.failures for v in bad.values()),
-          "failing_partitions": dg.MetadataValue.json(sorted(bad)),
-          "by_check": dg.MetadataValue.json({k: v.by_check for k, v in bad.items()})}
+    md = {
+        "partitions": len(violations),
+        "failures": sum(v.failures for v in bad.values()),
+        "failing_partitions": dg.MetadataValue.json(sorted(bad)),
+        "by_check": dg.MetadataValue.json({k: v.by_check for k, v in bad.items()}),
+    }
     if bad:
-        md["failing_checks"] = table(pd.DataFrame([(k, check, n) for k, v in bad.items() for check, n in v.by_check.items()],
-                                                  columns=["partition", "check", "failures"]), rows=None)
+        md["failing_checks"] = table(
+            pd.DataFrame(
+                [(k, check, n) for k, v in bad.items() for check, n in v.by_check.items()], columns=["partition", "check", "failures"]
+            ),
+            rows=None,
+        )
         md["sample_failing_rows"] = table(next(iter(bad.values())).sample)
-    return dg.AssetCheckResult(asset_key=asset, check_name=SCHEMA, passed=not bad, metadata=md, severity=dg.AssetCheckSeverity.ERROR,
-                               description=f"{md['failures']} schema failure(s) in {sorted(bad)}" if bad else None)
+    return dg.AssetCheckResult(
+        asset_key=asset,
+        check_name=SCHEMA,
+        passed=not bad,
+        metadata=md,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=f"{md['failures']} schema failure(s) in {sorted(bad)}" if bad else None,
+    )
 
 
 def evaluate(context: dg.AssetExecutionContext, kun, asset: str, results: dict) -> list[dg.AssetCheckResult]:
     """Every check's result for the partitions of one run; the schema's comes first."""
     cfg = kun.config
-    out = [schema_check(asset, {str(k): schemas.validate(asset, storage.batches_of(r.rows, cfg.storage.batch_rows), cfg) for k, r in results.items()})]
+    out = [
+        schema_check(
+            asset, {str(k): schemas.validate(asset, storage.batches_of(r.rows, cfg.storage.batch_rows), cfg) for k, r in results.items()}
+        )
+    ]
     by_check: dict[str, dict[str, quality.Finding]] = {}
     for key, result in results.items():
         for f in versions.findings(asset, cfg, result, kun.base):
@@ -63,14 +80,30 @@ def warn_results(asset: str, by_check: dict[str, dict[str, quality.Finding]]) ->
     out = []
     for name, per in by_check.items():
         failing = sorted(k for k, f in per.items() if not f.passed)
-        out.append(dg.AssetCheckResult(
-            asset_key=asset, check_name=name, passed=not failing, severity=dg.AssetCheckSeverity.WARN,
-            description="; ".join(f"{k}: {per[k].detail}" for k in failing) or None,
-            metadata={"bound": next(iter(per.values())).bound, "partitions": len(per), "failing": len(failing),  # numbers: plotted
-                      "failing_partitions": dg.MetadataValue.json(failing),
-                      "values": dg.MetadataValue.json({k: f.value for k, f in per.items()}),
-                      "by_partition": table(pd.DataFrame([(k, f.value, "pass" if f.passed else "FAIL", f.detail) for k, f in per.items()],
-                                                         columns=["partition", "value", "result", "detail"]), rows=None, width=200)}))
+        out.append(
+            dg.AssetCheckResult(
+                asset_key=asset,
+                check_name=name,
+                passed=not failing,
+                severity=dg.AssetCheckSeverity.WARN,
+                description="; ".join(f"{k}: {per[k].detail}" for k in failing) or None,
+                metadata={
+                    "bound": next(iter(per.values())).bound,
+                    "partitions": len(per),
+                    "failing": len(failing),  # numbers: plotted
+                    "failing_partitions": dg.MetadataValue.json(failing),
+                    "values": dg.MetadataValue.json({k: f.value for k, f in per.items()}),
+                    "by_partition": table(
+                        pd.DataFrame(
+                            [(k, f.value, "pass" if f.passed else "FAIL", f.detail) for k, f in per.items()],
+                            columns=["partition", "value", "result", "detail"],
+                        ),
+                        rows=None,
+                        width=200,
+                    ),
+                },
+            )
+        )
     return out
 
 

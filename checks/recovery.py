@@ -93,8 +93,10 @@ def recover(instance: dg.DagsterInstance, say: Callable[[str], None] = print) ->
         now = instance.get_run_by_id(run.run_id)
         if now is None or now.status not in ACTIVE:  # finished meanwhile (its code server said so)
             continue
-        message = (f"run {run.run_id[:8]} ({run.job_name}) was {run.status.value} but its worker (pid {worker[0]} on {host}) "
-                   "is gone: marked failed, its pool slots freed")
+        message = (
+            f"run {run.run_id[:8]} ({run.job_name}) was {run.status.value} but its worker (pid {worker[0]} on {host}) "
+            "is gone: marked failed, its pool slots freed"
+        )
         instance.report_run_failed(now, message)
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         say(message)
@@ -116,9 +118,13 @@ def _free_finished(instance: dg.DagsterInstance, say: Callable[[str], None]) -> 
         say(f"run {record.dagster_run.run_id[:8]} had ended ({record.dagster_run.status.value}) holding pool slots: freed")
 
 
-@dg.sensor(name="dead_run_recovery", minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Fails runs whose worker process is gone from this host (killed with its code server) and frees "
-                       "the pool slots of ended runs; run_retries then retries them and LLM stages resume.")
+@dg.sensor(
+    name="dead_run_recovery",
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Fails runs whose worker process is gone from this host (killed with its code server) and frees "
+    "the pool slots of ended runs; run_retries then retries them and LLM stages resume.",
+)
 def dead_run_recovery(context: dg.SensorEvaluationContext):
     failed = recover(context.instance, context.log.warning)
     return dg.SkipReason(f"{len(failed)} dead run(s) failed" if failed else "no dead run")

@@ -32,16 +32,29 @@ def jline(obj) -> bytes:
 # Wudao-like: JSON arrays of {id, uniqueKey, title, content, dataType}.
 (OUT / "wudao").mkdir(parents=True, exist_ok=True)
 for n, part in enumerate(halves(WUDAO)):
-    recs = [{"id": f"wd-{n}-{i:03d}", "uniqueKey": f"u{n}{i:03d}", "title": t, "content": c, "dataType": "百科"}
-            for i, (t, c) in enumerate(part)]
+    recs = [
+        {"id": f"wd-{n}-{i:03d}", "uniqueKey": f"u{n}{i:03d}", "title": t, "content": c, "dataType": "百科"}
+        for i, (t, c) in enumerate(part)
+    ]
     name = f"wudao_{n:02d}.json"
     if n == 0:  # an oversized document: far over the 512-token limit
         long = "".join(c for _, c in WUDAO[:30])
         recs.append({"id": "wd-0-big", "uniqueKey": "ubig", "title": "合集", "content": long, "dataType": "百科"})
-        planted.append({"source": "wudao", "file": name, "row": len(recs), "doc_id": "wd-0-big", "reason": "too_many_tokens", "stage": "filtered_corpus"})
+        planted.append(
+            {
+                "source": "wudao",
+                "file": name,
+                "row": len(recs),
+                "doc_id": "wd-0-big",
+                "reason": "too_many_tokens",
+                "stage": "filtered_corpus",
+            }
+        )
     else:  # an empty text
         recs.append({"id": "wd-1-empty", "uniqueKey": "uempty", "title": "空白", "content": "   ", "dataType": "百科"})
-        planted.append({"source": "wudao", "file": name, "row": len(recs), "doc_id": "wd-1-empty", "reason": "empty_text", "stage": "raw_corpus"})
+        planted.append(
+            {"source": "wudao", "file": name, "row": len(recs), "doc_id": "wd-1-empty", "reason": "empty_text", "stage": "raw_corpus"}
+        )
     (OUT / "wudao" / name).write_text(json.dumps(recs, ensure_ascii=False, indent=1), encoding="utf-8")
 
 # WanJuan-like: gzipped JSONL of {id, content}.
@@ -65,7 +78,16 @@ for n, part in enumerate(halves(SKYPILE)):
     name = f"skypile_{n:02d}.jsonl"
     if n == 0:  # an exact duplicate of the file's second document
         lines.append(jline({"text": part[1]}))
-        planted.append({"source": "skypile", "file": name, "row": len(lines), "doc_id": f"{name}:{len(lines)}", "reason": "duplicate_text", "stage": "filtered_corpus"})
+        planted.append(
+            {
+                "source": "skypile",
+                "file": name,
+                "row": len(lines),
+                "doc_id": f"{name}:{len(lines)}",
+                "reason": "duplicate_text",
+                "stage": "filtered_corpus",
+            }
+        )
     (OUT / "skypile" / name).write_bytes(b"".join(lines))
 
 # COIG-CQIA-shaped seed records.
@@ -73,17 +95,32 @@ seed_dir = HERE / "seed"
 seed_dir.mkdir(exist_ok=True)
 with open(seed_dir / "coig_cqia_seed.jsonl", "w", encoding="utf-8") as f:
     for i, (ins, inp, out) in enumerate(SEEDS):
-        rec = {"instruction": ins, "input": inp, "output": out,
-               "task_type": {"major": ["问答"], "minor": ["百科问答" if not inp else "翻译" if "翻译" in ins else "选择题"]},
-               "domain": ["通用"], "answer_from": "human", "human_verified": True,
-               "copyright": "Written for kun-dagster; Apache-2.0", "id": f"seed-{i:03d}"}
+        rec = {
+            "instruction": ins,
+            "input": inp,
+            "output": out,
+            "task_type": {"major": ["问答"], "minor": ["百科问答" if not inp else "翻译" if "翻译" in ins else "选择题"]},
+            "domain": ["通用"],
+            "answer_from": "human",
+            "human_verified": True,
+            "copyright": "Written for kun-dagster; Apache-2.0",
+            "id": f"seed-{i:03d}",
+        }
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     # judgements in the point prompt: instruction + "\n" + input is exactly Kun's point user turn
     point = json.loads((HERE.parent / "kun_dagster" / "data" / "kun_prompts.json").read_text("utf-8"))["pointPrompt"]
     for j, (candidate, verdict) in enumerate(JUDGEMENTS):
-        rec = {"instruction": point, "input": f"指令: 【{candidate}】 回复：", "output": f"【{verdict}】",
-               "task_type": {"major": ["分类"], "minor": ["指令评价"]}, "domain": ["通用"], "answer_from": "human",
-               "human_verified": True, "copyright": "Written for kun-dagster; Apache-2.0", "id": f"seed-judge-{j:03d}"}
+        rec = {
+            "instruction": point,
+            "input": f"指令: 【{candidate}】 回复：",
+            "output": f"【{verdict}】",
+            "task_type": {"major": ["分类"], "minor": ["指令评价"]},
+            "domain": ["通用"],
+            "answer_from": "human",
+            "human_verified": True,
+            "copyright": "Written for kun-dagster; Apache-2.0",
+            "id": f"seed-judge-{j:03d}",
+        }
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 (HERE / "planted.json").write_text(json.dumps(planted, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

@@ -57,8 +57,11 @@ def _report(result, cfg, base, home: Path, debug: bool) -> None:
             continue
         md = ev.metadata
         parts = md.get("failing_partitions")
-        say(f"  {ev.asset_key.to_user_string()}: blocking check `{ev.check_name}` failed"
-            + (f" in {', '.join(parts.value)}" if parts else "") + (f": {ev.description}" if ev.description else ""))
+        say(
+            f"  {ev.asset_key.to_user_string()}: blocking check `{ev.check_name}` failed"
+            + (f" in {', '.join(parts.value)}" if parts else "")
+            + (f": {ev.description}" if ev.description else "")
+        )
         failing = md.get("failing_checks")
         for rec in (failing.value.records if failing else [])[:10]:
             say(f"      {rec.data['partition']}: {rec.data['check']} x {rec.data['failures']}")
@@ -66,8 +69,10 @@ def _report(result, cfg, base, home: Path, debug: bool) -> None:
         for rec in (sample.value.records if sample else [])[:SAMPLE_ROWS]:
             d = rec.data
             where = f"{d.get('file')}:{d.get('row')}" if d.get("file") is not None else f"doc {d.get('doc_id')}"
-            say(f"      {where}  doc_id={d.get('doc_id')}  " + "  ".join(f"{k}={str(v)[:40]!r}" for k, v in d.items()
-                                                                   if k in ("text", "instruction", "output", "score")))
+            say(
+                f"      {where}  doc_id={d.get('doc_id')}  "
+                + "  ".join(f"{k}={str(v)[:40]!r}" for k, v in d.items() if k in ("text", "instruction", "output", "score"))
+            )
     for ev in result.all_events:
         if not ev.is_step_failure:
             continue
@@ -80,8 +85,10 @@ def _report(result, cfg, base, home: Path, debug: bool) -> None:
         if debug:
             say(err.to_string())
     say(f"  quarantine: {base}/quarantine/<stage>/source=*/shard=*/")
-    say(f"  in the UI:  DAGSTER_HOME={home} dagster dev -w workspace.yaml, then Runs -> {result.run_id[:8]}"
-        + ("" if debug else "   (tracebacks: --debug)"))
+    say(
+        f"  in the UI:  DAGSTER_HOME={home} dagster dev -w workspace.yaml, then Runs -> {result.run_id[:8]}"
+        + ("" if debug else "   (tracebacks: --debug)")
+    )
 
 
 def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug: bool, log_level: str, reuse_models: bool) -> None:
@@ -109,8 +116,9 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
         tags = worker_tags()  # where this run's worker is: a later `kun run` or the daemon can tell when it died
         if keys_range:
             tags.update({ASSET_PARTITION_RANGE_START_TAG: str(keys_range[0]), ASSET_PARTITION_RANGE_END_TAG: str(keys_range[-1])})
-        result = dg.materialize(assets, selection=keys, instance=instance, resources=defs.resources, tags=tags, run_config=run_config,
-                                raise_on_error=False)
+        result = dg.materialize(
+            assets, selection=keys, instance=instance, resources=defs.resources, tags=tags, run_config=run_config, raise_on_error=False
+        )
         if not result.success:
             print(f"kun: {what} failed (run {result.run_id[:8]}):", file=sys.stderr)
             _report(result, cfg, base, home, debug)
@@ -197,8 +205,11 @@ def run(args: argparse.Namespace, demo: bool = False) -> int:
     if instance_yaml.is_file() and not (home / "dagster.yaml").exists():
         shutil.copy(instance_yaml, home / "dagster.yaml")
     elif instance_yaml.is_file() and "run_monitoring" not in (home / "dagster.yaml").read_text():
-        print(f"kun: {home / 'dagster.yaml'} predates run monitoring (dead runs failed, their gpu slots freed); "
-              f"to get it: cp {instance_yaml} {home}/", file=sys.stderr)
+        print(
+            f"kun: {home / 'dagster.yaml'} predates run monitoring (dead runs failed, their gpu slots freed); "
+            f"to get it: cp {instance_yaml} {home}/",
+            file=sys.stderr,
+        )
     progress.show(args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
     from .definitions import build_definitions
 

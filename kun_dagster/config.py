@@ -18,7 +18,20 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 # Instructions that point at context the reader will not have (KUN_METHOD.md, stage 2).
 KUN_INSTRUCTION_KEYWORDS = (
-    "新闻", "材料", "图片", "链接", "网址", "根据", "简历", "简介", "文章", "摘要", "文本", "提取", "关键词", "网站",
+    "新闻",
+    "材料",
+    "图片",
+    "链接",
+    "网址",
+    "根据",
+    "简历",
+    "简介",
+    "文章",
+    "摘要",
+    "文本",
+    "提取",
+    "关键词",
+    "网站",
 )
 # Outputs that talk about themselves, their sources or their cut-off (stage 5).
 KUN_OUTPUT_KEYWORDS = ("作为", "根据", "知识库", "2023", "抱歉")
@@ -182,22 +195,31 @@ class ModelsConfig(_Section):
     base: BaseModelConfig = BaseModelConfig()
     label: RoleConfig = RoleConfig.model_validate(ROLE_DEFAULTS["label"])
     chat: RoleConfig = RoleConfig.model_validate(ROLE_DEFAULTS["chat"])
-    keep_default_system: bool = Field(False, description="keep a chat template's own default system message (Qwen2.5's) "
-                                                         "in prompts, training and inference alike; Kun's prompts have none")
+    keep_default_system: bool = Field(
+        False,
+        description="keep a chat template's own default system message (Qwen2.5's) "
+        "in prompts, training and inference alike; Kun's prompts have none",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _role_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        return {**data, **{role: _merge(defaults, data[role]) for role, defaults in ROLE_DEFAULTS.items() if isinstance(data.get(role), dict)}}
+        return {
+            **data,
+            **{role: _merge(defaults, data[role]) for role, defaults in ROLE_DEFAULTS.items() if isinstance(data.get(role), dict)},
+        }
 
 
 class SeedConfig(_Section):
     uri: str = Field(description="COIG-CQIA records as JSONL (instruction, input, output, ...)")
     drop_multiple_choice: bool = True  # Kun drops seeds whose input holds all of A, B, C, D
-    label_min_output_chars: int = Field(20, ge=0, description="the label model trains on seeds whose output has at least "
-                                                              "this many characters: it labels documents, not verdicts")
+    label_min_output_chars: int = Field(
+        20,
+        ge=0,
+        description="the label model trains on seeds whose output has at least this many characters: it labels documents, not verdicts",
+    )
 
 
 class FilterConfig(_Section):
@@ -221,12 +243,18 @@ class ScoreConfig(_Section):
 
     method: Literal[SCORE_METHODS] = "kun_choice"
     threshold: float | None = Field(
-        None, description="kept iff score >= threshold. kun_*: 0-1, P(【好】) among the two answers, or 1/0 parsed (0.5); "
-                          "humpback_*: the 1-5 score, most likely or parsed (5, Humpback's k)")
+        None,
+        description="kept iff score >= threshold. kun_*: 0-1, P(【好】) among the two answers, or 1/0 parsed (0.5); "
+        "humpback_*: the 1-5 score, most likely or parsed (5, Humpback's k)",
+    )
     min_answer_mass: float = Field(
-        0.5, ge=0, le=1, description="*_choice: rows whose P(reply opens with an answer) is below this are scored by free text")
-    exact: bool = Field(False, description="*_choice: sum every answer token (prompt logprobs) instead of the shared "
-                                           "opening and the first differing token (one decode step each)")
+        0.5, ge=0, le=1, description="*_choice: rows whose P(reply opens with an answer) is below this are scored by free text"
+    )
+    exact: bool = Field(
+        False,
+        description="*_choice: sum every answer token (prompt logprobs) instead of the shared "
+        "opening and the first differing token (one decode step each)",
+    )
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -247,8 +275,11 @@ class PolishConfig(_Section):
     banned_keywords: list[str] = Field(default_factory=lambda: list(KUN_OUTPUT_KEYWORDS))
     min_output_chars: int = Field(20, ge=0)
     max_phrase_repeats: int = Field(6, ge=2, description="drop outputs that start with a phrase repeated this often")
-    min_phrase_chars: int = Field(2, ge=1, description="a repeated phrase has at least this many characters, not all one "
-                                                       "character: ------, …… and 哈哈哈 are not phrases")
+    min_phrase_chars: int = Field(
+        2,
+        ge=1,
+        description="a repeated phrase has at least this many characters, not all one character: ------, …… and 哈哈哈 are not phrases",
+    )
     dedup_outputs: bool = True  # Humpback dedups; Kun does not
 
 
@@ -258,8 +289,13 @@ class DatasetConfig(_Section):
     copyright: str = "Derived from the source corpus; check its licence before redistribution."
 
 
-RETENTION = {"raw_corpus": (0.8, 1.0), "filtered_corpus": (0.3, 1.0), "labeled_pairs": (0.7, 1.0),
-             "polished_pairs": (0.5, 1.0), "instruction_dataset": (0.01, 1.0)}
+RETENTION = {
+    "raw_corpus": (0.8, 1.0),
+    "filtered_corpus": (0.3, 1.0),
+    "labeled_pairs": (0.7, 1.0),
+    "polished_pairs": (0.5, 1.0),
+    "instruction_dataset": (0.01, 1.0),
+}
 
 
 class ChecksConfig(_Section):
@@ -267,9 +303,11 @@ class ChecksConfig(_Section):
 
     retention: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: dict(RETENTION),
-        description="rows out / rows in per stage (polished_pairs: of the rows kept by score; instruction_dataset: records per document read)")
-    keep_rate: tuple[float, float] = Field((0.2, 1.0), description="share of scored rows that reach score.threshold "
-                                                                    "(checked on polished_pairs, which applies it)")
+        description="rows out / rows in per stage (polished_pairs: of the rows kept by score; instruction_dataset: records per document read)",
+    )
+    keep_rate: tuple[float, float] = Field(
+        (0.2, 1.0), description="share of scored rows that reach score.threshold (checked on polished_pairs, which applies it)"
+    )
     max_quarantine_rate: float = Field(0.1, ge=0, le=1, description="raw_corpus rows unreadable")
     max_duplicate_rate: float = Field(0.3, ge=0, le=1)
     max_empty_rate: float = Field(0.05, ge=0, le=1, description="generations that came back empty")
@@ -283,7 +321,9 @@ class ChecksConfig(_Section):
     @classmethod
     def _every_stage(cls, bounds: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         if "scored_pairs" in bounds:  # scored_pairs keeps every row; the threshold is applied by polish
-            raise ValueError("retention.scored_pairs is now checks.keep_rate (the share kept by score.threshold, checked on polished_pairs)")
+            raise ValueError(
+                "retention.scored_pairs is now checks.keep_rate (the share kept by score.threshold, checked on polished_pairs)"
+            )
         unknown = sorted(set(bounds) - set(RETENTION))
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; known: {list(RETENTION)}")

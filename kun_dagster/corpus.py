@@ -68,7 +68,7 @@ def _glob(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSy
 
 
 def _relative(path: str, root: str) -> str:
-    return path[len(root):].lstrip("/") if root and path.startswith(root) else path
+    return path[len(root) :].lstrip("/") if root and path.startswith(root) else path
 
 
 def list_files(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[tuple[str, str]]]:
@@ -272,8 +272,10 @@ def first_locations(source: SourceConfig, fs, root: str, found: dict[str, dict])
     modification), which the caller has already made."""
     if not source.id_field:
         return {}
-    key = (source.model_dump_json(), tuple((p, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified")))
-                                           for p, info in found.items()))
+    key = (
+        source.model_dump_json(),
+        tuple((p, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))) for p, info in found.items()),
+    )
     if key not in _FIRST_IDS:
         first: dict[str, tuple[str, int]] = {}
         repeated: set[str] = set()
@@ -290,8 +292,9 @@ def first_locations(source: SourceConfig, fs, root: str, found: dict[str, dict])
     return _FIRST_IDS[key]
 
 
-def iter_shard(source: SourceConfig, uri: str, shard: int, shards: int, storage_options: dict | None = None,
-               batch_rows: int = 20000) -> Iterator[Ingested]:
+def iter_shard(
+    source: SourceConfig, uri: str, shard: int, shards: int, storage_options: dict | None = None, batch_rows: int = 20000
+) -> Iterator[Ingested]:
     """Read every file of `source` that falls in `shard`, as batches of at most `batch_rows`
     documents (each with the quarantined rows met since the last): memory holds one batch, not
     the shard. Always yields at least one batch."""
@@ -308,12 +311,25 @@ def iter_shard(source: SourceConfig, uri: str, shard: int, shards: int, storage_
     bad: list[dict] = []
 
     def reject(rel: str, row: int, reason: str, detail: str, raw: object, doc_id: str = "") -> None:
-        bad.append({"source": source.name, "shard": shard, "file": rel, "row": row, "doc_id": doc_id,
-                    "reason": reason, "detail": _sample(detail, 500), "sample": _sample(raw)})
+        bad.append(
+            {
+                "source": source.name,
+                "shard": shard,
+                "file": rel,
+                "row": row,
+                "doc_id": doc_id,
+                "reason": reason,
+                "detail": _sample(detail, 500),
+                "sample": _sample(raw),
+            }
+        )
 
     def batch() -> Ingested:
-        out = Ingested(docs=pd.DataFrame(docs, columns=DOC_COLUMNS).astype({"shard": "int64", "row": "int64"}),
-                       quarantine=quarantine_frame(bad), files=names)
+        out = Ingested(
+            docs=pd.DataFrame(docs, columns=DOC_COLUMNS).astype({"shard": "int64", "row": "int64"}),
+            quarantine=quarantine_frame(bad),
+            files=names,
+        )
         docs.clear()
         bad.clear()
         return out

@@ -22,25 +22,29 @@ def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model
     """COIG-CQIA records (instruction, input, output, task_type, domain, ...) plus provenance;
     typed like any other, also when there are none (a source whose rows were all filtered)."""
     d = cfg.dataset
-    out = pd.DataFrame({
-        "instruction": polished["instruction"].astype(str),
-        "input": "",
-        "output": polished["output"].astype(str),
-        "task_type": pd.Series([{"major": list(d.task_major), "minor": [f"kun:{s}"]} for s in polished["source"]], index=polished.index, dtype=object),
-        "domain": pd.Series([["通用"]] * len(polished), index=polished.index, dtype=object),
-        "answer_from": d.answer_from,
-        "human_verified": False,
-        "copyright": d.copyright,
-        "source": polished["source"].astype(str),
-        "doc_id": polished["doc_id"].astype(str),
-        "file": polished["file"].astype(str),
-        "row": polished["row"].astype("int64"),
-        "score": polished["score"].astype(float),
-        "score_method": polished["score_method"].astype(str),
-        "score_rule": polished["score_rule"].astype(str),
-        "label_model": label_model,
-        "chat_model": chat_model,
-    })
+    out = pd.DataFrame(
+        {
+            "instruction": polished["instruction"].astype(str),
+            "input": "",
+            "output": polished["output"].astype(str),
+            "task_type": pd.Series(
+                [{"major": list(d.task_major), "minor": [f"kun:{s}"]} for s in polished["source"]], index=polished.index, dtype=object
+            ),
+            "domain": pd.Series([["通用"]] * len(polished), index=polished.index, dtype=object),
+            "answer_from": d.answer_from,
+            "human_verified": False,
+            "copyright": d.copyright,
+            "source": polished["source"].astype(str),
+            "doc_id": polished["doc_id"].astype(str),
+            "file": polished["file"].astype(str),
+            "row": polished["row"].astype("int64"),
+            "score": polished["score"].astype(float),
+            "score_method": polished["score_method"].astype(str),
+            "score_rule": polished["score_rule"].astype(str),
+            "label_model": label_model,
+            "chat_model": chat_model,
+        }
+    )
     return out.sort_values(["source", "doc_id"]).reset_index(drop=True)
 
 
@@ -69,8 +73,10 @@ def funnel(base: UPath, source: str, shards: list[str], threshold: float) -> dic
 
 def funnel_frame(fun: dict, n_records: int) -> pd.DataFrame:
     """The funnel as rows: each stage (what it did), its rows, what it dropped; then kept and final."""
-    rows = [(f"{v.name} ({v.what})", fun["rows"][v.name], ", ".join(f"{k}: {n}" for k, n in fun["quarantined"].get(v.name, {}).items()) or "-")
-            for v in map(versions.get, versions.CORPUS)]
+    rows = [
+        (f"{v.name} ({v.what})", fun["rows"][v.name], ", ".join(f"{k}: {n}" for k, n in fun["quarantined"].get(v.name, {}).items()) or "-")
+        for v in map(versions.get, versions.CORPUS)
+    ]
     by = ", ".join(f"{rule}: {n}" for rule, n in fun.get("scored_by", {}).items())
     rows += [("kept by score", fun["kept_by_score"], f"scored by {by}" if by else ""), (versions.DATASET, n_records, "")]
     return pd.DataFrame(rows, columns=["stage", "rows", "dropped (reason: count)"])
@@ -79,17 +85,36 @@ def funnel_frame(fun: dict, n_records: int) -> pd.DataFrame:
 def card(source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: str, chat_model: str) -> str:
     """A dataset card (Markdown with YAML front matter, as HF datasets expect)."""
     lines = [
-        "---", f"pretty_name: kun-{source}", "language: [zh]", "task_categories: [text-generation]",
-        "size_categories: [n<1K]" if n_records < 1000 else "size_categories: [1K<n<1M]", "---", "",
-        f"# Kun instruction data from `{source}`", "",
+        "---",
+        f"pretty_name: kun-{source}",
+        "language: [zh]",
+        "task_categories: [text-generation]",
+        "size_categories: [n<1K]" if n_records < 1000 else "size_categories: [1K<n<1M]",
+        "---",
+        "",
+        f"# Kun instruction data from `{source}`",
+        "",
         f"{n_records} instruction/answer records in COIG-CQIA's schema, made from unlabeled `{source}` text by the "
         "Kun method: a label model writes the instruction each text answers, the chat model scores the instruction "
         "alone and rewrites the text into an answer (answer polishment). Every record names its source document "
-        "(`source`, `doc_id`, `file`, `row`), its score and the models that made it.", "",
-        f"- label model: `{label_model}`", f"- chat model: `{chat_model}`", f"- score: `{cfg.score.method}`, threshold {cfg.score.threshold}"
-        + (f", rows under answer mass {cfg.score.min_answer_mass} scored by free text" if cfg.score.method.endswith("_choice") else ""), "",
-        "## Funnel", "", funnel_frame(fun, n_records).to_markdown(index=False, colalign=("left", "right", "left")), "",
-        "## Config used", "", "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False).rstrip(), "```", ""]
+        "(`source`, `doc_id`, `file`, `row`), its score and the models that made it.",
+        "",
+        f"- label model: `{label_model}`",
+        f"- chat model: `{chat_model}`",
+        f"- score: `{cfg.score.method}`, threshold {cfg.score.threshold}"
+        + (f", rows under answer mass {cfg.score.min_answer_mass} scored by free text" if cfg.score.method.endswith("_choice") else ""),
+        "",
+        "## Funnel",
+        "",
+        funnel_frame(fun, n_records).to_markdown(index=False, colalign=("left", "right", "left")),
+        "",
+        "## Config used",
+        "",
+        "```yaml",
+        yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -101,7 +126,9 @@ def release(polished: pd.DataFrame, source: str, cfg: KunConfig, base: UPath, la
     fun = funnel(base, source, cfg.shard_keys(), cfg.score.threshold)
     docs = fun["rows"][versions.RAW]
     stats = {"rows_in": docs, "rows_out": len(recs), "retention": round(len(recs) / docs, 4) if docs else None, "funnel": fun}
-    return StageResult(rows=recs, dropped=corpus.quarantine_frame([]), stats=stats), card(source, len(recs), fun, cfg, label_model, chat_model)
+    return StageResult(rows=recs, dropped=corpus.quarantine_frame([]), stats=stats), card(
+        source, len(recs), fun, cfg, label_model, chat_model
+    )
 
 
 def release_dir(base: UPath, source: str) -> UPath:

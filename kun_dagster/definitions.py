@@ -21,8 +21,15 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
     cfg_file = config_path(path)
     cfg = load_config(cfg_file)
     s3 = cfg.storage.s3
-    secrets = {field: dg.EnvVar(name) for field, name in (("s3_access_key_id", s3.access_key_id_env),
-               ("s3_secret_access_key", s3.secret_access_key_env), ("s3_session_token", s3.session_token_env)) if os.environ.get(name)}
+    secrets = {
+        field: dg.EnvVar(name)
+        for field, name in (
+            ("s3_access_key_id", s3.access_key_id_env),
+            ("s3_secret_access_key", s3.secret_access_key_env),
+            ("s3_session_token", s3.session_token_env),
+        )
+        if os.environ.get(name)
+    }
     kun = KunResource(config_path=str(cfg_file), **secrets)
     llm = {f"{role}_llm": LLMResource(kun=kun, role=role) for role in ("base", "label", "chat")}
     all_assets = models.build(cfg) + corpus.build(cfg) + pairs.build(cfg) + dataset.build(cfg)

@@ -26,8 +26,11 @@ def fingerprint(local_dir: str | Path) -> str:
     modification times, so a later call re-reads nothing unless a file changed (a read-only folder
     is simply hashed again)."""
     root = Path(local_dir)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MODEL_CARD
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.name != MODEL_CARD and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     listing = [[p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     if not files:
         raise FileNotFoundError(f"no model files under {root}")
@@ -58,8 +61,10 @@ def _listing(store: Store, uri: str) -> tuple[object, str, dict[str, list]]:
     if not found:
         raise FileNotFoundError(f"no model files under {uri}")
     root = src.path.rstrip("/")
-    listing = {k[len(root):].lstrip("/"): [v.get("size"), str(v.get("ETag") or v.get("LastModified") or v.get("mtime") or v.get("created"))]
-               for k, v in sorted(found.items())}
+    listing = {
+        k[len(root) :].lstrip("/"): [v.get("size"), str(v.get("ETag") or v.get("LastModified") or v.get("mtime") or v.get("created"))]
+        for k, v in sorted(found.items())
+    }
     return src.fs, root, listing
 
 
@@ -141,4 +146,3 @@ def trained(role: str, models_dir: str, cache_dir: str | Path, run_tag: str, sto
     report = train(local)
     path = publish(report.path, f"{models_dir}/{role}/{run_tag}", store) if remote else report.path
     return ref(role, path, report.path, "tiny" if role == "base" else "trained"), report
-

@@ -42,8 +42,13 @@ def score_shift(scores: np.ndarray, earlier: np.ndarray, max_ks: float) -> Findi
     if not len(scores) or not len(earlier):
         return Finding("score_distribution", True, None, f"KS <= {max_ks}", "no earlier scores of this source to compare with")
     ks = round(ks_statistic(scores, earlier), 4)
-    return Finding("score_distribution", ks <= max_ks, ks, f"KS <= {max_ks}",
-                   f"KS {ks} against {len(earlier)} earlier scores (mean {np.mean(earlier):.3f} -> {np.mean(scores):.3f})")
+    return Finding(
+        "score_distribution",
+        ks <= max_ks,
+        ks,
+        f"KS <= {max_ks}",
+        f"KS {ks} against {len(earlier)} earlier scores (mean {np.mean(earlier):.3f} -> {np.mean(scores):.3f})",
+    )
 
 
 def _bigrams(text: str) -> set[str]:
@@ -63,5 +68,7 @@ def faithfulness(answers: list[str], sources: list[str], min_overlap: float, max
     hallucinated; the check warns when more than `max_unfaithful_rate` of them are."""
     scores = [overlap(a, s) for a, s in zip(answers, sources)]
     low = [i for i, v in enumerate(scores) if v < min_overlap]
-    f = rate("faithfulness", len(low), len(scores), max_unfaithful_rate, f"share less than {min_overlap} of their bigrams with their source")
+    f = rate(
+        "faithfulness", len(low), len(scores), max_unfaithful_rate, f"share less than {min_overlap} of their bigrams with their source"
+    )
     return f, low

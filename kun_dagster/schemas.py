@@ -123,8 +123,10 @@ def model(asset: str) -> type[pa.DataFrameModel]:
 # Arrow types of the columns (pandera dtype names; object columns by name): every partition of a
 # dataset version is written with these, the empty ones included, so readers see one schema.
 _ARROW = {"str": pyarrow.string(), "int64": pyarrow.int64(), "float64": pyarrow.float64(), "bool": pyarrow.bool_()}
-_NESTED = {"task_type": pyarrow.struct([("major", pyarrow.list_(pyarrow.string())), ("minor", pyarrow.list_(pyarrow.string()))]),
-           "domain": pyarrow.list_(pyarrow.string())}
+_NESTED = {
+    "task_type": pyarrow.struct([("major", pyarrow.list_(pyarrow.string())), ("minor", pyarrow.list_(pyarrow.string()))]),
+    "domain": pyarrow.list_(pyarrow.string()),
+}
 QUARANTINE = pyarrow.schema([(c, pyarrow.int64() if c in ("shard", "row") else pyarrow.string()) for c in QUARANTINE_COLUMNS])
 
 
@@ -159,8 +161,12 @@ def schema(asset: str, cfg: KunConfig) -> pa.DataFrameSchema:
     if asset != DATASET:  # its instructions are polished_pairs', already checked
         s = _add(s, "instruction", _no_keyword(cfg.label.banned_keywords, "no_banned_keyword"))
     s = _add(s, "score", pa.Check.in_range(*cfg.score.scale, name="within_score_scale"))
-    s = _add(s, "output", pa.Check.str_length(min_value=max(cfg.polish.min_output_chars, 1), name="min_output_chars"),
-             _no_keyword(cfg.polish.banned_keywords, "no_banned_output_keyword"))
+    s = _add(
+        s,
+        "output",
+        pa.Check.str_length(min_value=max(cfg.polish.min_output_chars, 1), name="min_output_chars"),
+        _no_keyword(cfg.polish.banned_keywords, "no_banned_output_keyword"),
+    )
     return s
 
 

@@ -251,8 +251,11 @@ def _published_parts(directory: UPath) -> list[UPath]:
 def _with_partition_columns(df: pd.DataFrame, directory: UPath) -> pd.DataFrame:
     """Partition columns restored from the path, first (numbers as int64)."""
     for i, (key, value) in enumerate(partition_of(directory).items()):
-        df.insert(i, key, pd.Series([int(value) if value.isdigit() else value] * len(df), index=df.index,
-                                    dtype="int64" if value.isdigit() else object))
+        df.insert(
+            i,
+            key,
+            pd.Series([int(value) if value.isdigit() else value] * len(df), index=df.index, dtype="int64" if value.isdigit() else object),
+        )
     return df
 
 

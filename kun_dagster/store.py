@@ -79,13 +79,14 @@ class Store:
         s3 = self.settings.s3
         where = f"{uri} at endpoint {self.endpoint(uri)}"
         if isinstance(error, PermissionError):
-            what = (f"the store refused the credentials or access for {where}; check the access key and secret in "
-                    f"${s3.access_key_id_env} / ${s3.secret_access_key_env} (values not shown) and the bucket policy")
+            what = (
+                f"the store refused the credentials or access for {where}; check the access key and secret in "
+                f"${s3.access_key_id_env} / ${s3.secret_access_key_env} (values not shown) and the bucket policy"
+            )
         elif isinstance(error, FileNotFoundError):
             what = f"the bucket of {where} does not exist; create it, or fix storage.base_uri"
         else:
-            what = (f"cannot reach {where} after {s3.max_attempts} attempts; check storage.s3.endpoint_url "
-                    f"and that the store is up")
+            what = f"cannot reach {where} after {s3.max_attempts} attempts; check storage.s3.endpoint_url and that the store is up"
         return self.scrub(f"{what} ({type(error).__name__}: {error})")
 
     def scrub(self, text: str) -> str:

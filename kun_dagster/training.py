@@ -68,8 +68,9 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHATML_TEMPLATE
@@ -80,13 +81,22 @@ def _training_args(out: Path, *, epochs: float, lr: float, batch: int, seed: int
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(out / "_trainer"), num_train_epochs=epochs, learning_rate=lr,
+        output_dir=str(out / "_trainer"),
+        num_train_epochs=epochs,
+        learning_rate=lr,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=settings.gradient_accumulation_steps if settings else 1,
         lr_scheduler_type=settings.lr_scheduler if settings else "cosine",
         weight_decay=settings.weight_decay if settings else 0.0,
-        warmup_steps=0 if settings else 10, seed=seed, data_seed=seed, save_strategy="no", report_to=[],
-        logging_steps=10, disable_tqdm=True, use_cpu=not _cuda(), bf16=_cuda(),
+        warmup_steps=0 if settings else 10,
+        seed=seed,
+        data_seed=seed,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=10,
+        disable_tqdm=True,
+        use_cpu=not _cuda(),
+        bf16=_cuda(),
     )
 
 
@@ -131,8 +141,8 @@ def sft_features(tokenizer, user: str, assistant: str, max_length: int, keep_sys
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently with and without a reply; cannot mask it")
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = (p_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"])[:max_length]
-    return {"input_ids": ids, "labels": [-100] * min(len(p_ids), len(ids)) + ids[len(p_ids):]}
+    ids = (p_ids + tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"])[:max_length]
+    return {"input_ids": ids, "labels": [-100] * min(len(p_ids), len(ids)) + ids[len(p_ids) :]}
 
 
 def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSettings) -> TrainReport:
@@ -149,10 +159,16 @@ def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSet
     torch.manual_seed(settings.seed)
     tokenizer = train_tokenizer(texts, settings.vocab_size)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=settings.hidden_size, intermediate_size=settings.intermediate_size,
-        num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
-        num_key_value_heads=settings.num_kv_heads, max_position_embeddings=settings.max_position_embeddings,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_layers,
+        num_attention_heads=settings.num_heads,
+        num_key_value_heads=settings.num_kv_heads,
+        max_position_embeddings=settings.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(config)
@@ -161,8 +177,9 @@ def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSet
         eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         examples = [{"input_ids": tokenizer(t)["input_ids"][: settings.max_position_embeddings - 1] + [eos]} for t in texts]
         args = _training_args(tmp, epochs=settings.pretrain_epochs, lr=settings.learning_rate, batch=8, seed=settings.seed)
-        model, loss, curve = _train(model, tokenizer, examples, args, DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                                    what="base_model pre-training")
+        model, loss, curve = _train(
+            model, tokenizer, examples, args, DataCollatorForLanguageModeling(tokenizer, mlm=False), what="base_model pre-training"
+        )
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp)
@@ -200,8 +217,11 @@ def label_examples(seeds: pd.DataFrame, min_output_chars: int = 0) -> list[tuple
     """Backward pairs: the seed output as the user turn (in the label prompt that inference uses),
     instruction + input as the assistant turn. Seeds whose output is shorter than min_output_chars
     (a bare verdict such as 【好】) are left out: the backward model labels documents."""
-    return [(label_user(o), _prompt_of(i, inp)) for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])
-            if len(o.strip()) >= min_output_chars]
+    return [
+        (label_user(o), _prompt_of(i, inp))
+        for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])
+        if len(o.strip()) >= min_output_chars
+    ]
 
 
 def chat_examples(seeds: pd.DataFrame) -> list[tuple[str, str]]:
@@ -209,8 +229,14 @@ def chat_examples(seeds: pd.DataFrame) -> list[tuple[str, str]]:
     return [(_prompt_of(i, inp), o) for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])]
 
 
-def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[str, str]], settings: TrainSettings, role: str,
-              keep_system: bool = False) -> TrainReport:
+def fine_tune(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    examples: list[tuple[str, str]],
+    settings: TrainSettings,
+    role: str,
+    keep_system: bool = False,
+) -> TrainReport:
     """SFT with the loss on the assistant turn only, in the prompt format inference uses (a base
     without a chat template: Kun's literal ChatML)."""
     import time
@@ -232,9 +258,12 @@ def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[st
         from peft import LoraConfig
 
         lo = settings.lora
-        peft_config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules, task_type="CAUSAL_LM")
-    args = _training_args(tmp, epochs=settings.epochs, lr=settings.learning_rate, batch=settings.batch_size,
-                          seed=settings.seed, settings=settings)
+        peft_config = LoraConfig(
+            r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules, task_type="CAUSAL_LM"
+        )
+    args = _training_args(
+        tmp, epochs=settings.epochs, lr=settings.learning_rate, batch=settings.batch_size, seed=settings.seed, settings=settings
+    )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     model, loss, curve = _train(model, tokenizer, data, args, collator, peft_config, what=f"{role}_model fine-tuning")
     model.save_pretrained(tmp)
@@ -245,5 +274,3 @@ def fine_tune(base_dir: str | Path, out_dir: str | Path, examples: list[tuple[st
     (tmp / MODEL_CARD).write_text(json.dumps(card, ensure_ascii=False, indent=1))
     _publish_dir(tmp, final)
     return report
-
-

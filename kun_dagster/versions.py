@@ -49,38 +49,53 @@ def _rows_in(result: StageResult) -> int:
 
 def _retention(asset: str) -> WarnCheck:
     return WarnCheck(
-        "retention", f"Rows out / rows in of {asset} within checks.retention.{asset}.",
-        lambda cfg, r, base: quality.within("retention", r.stats.get("retention"), *cfg.checks.retention[asset], "retention"))
+        "retention",
+        f"Rows out / rows in of {asset} within checks.retention.{asset}.",
+        lambda cfg, r, base: quality.within("retention", r.stats.get("retention"), *cfg.checks.retention[asset], "retention"),
+    )
 
 
 def _dropped_rate(name: str, code: str, bound: str, what: str, description: str) -> WarnCheck:
     """The share of rows in quarantined as `code`, at most checks.<bound>."""
-    return WarnCheck(name, description, lambda cfg, r, base: quality.rate(
-        name, r.stats.get("dropped", {}).get(code, 0), _rows_in(r), getattr(cfg.checks, bound), what))
+    return WarnCheck(
+        name,
+        description,
+        lambda cfg, r, base: quality.rate(name, r.stats.get("dropped", {}).get(code, 0), _rows_in(r), getattr(cfg.checks, bound), what),
+    )
 
 
 QUARANTINE_RATE = WarnCheck(
-    "quarantine_rate", "Unreadable rows of the source at most checks.max_quarantine_rate.",
-    lambda cfg, r, base: quality.rate("quarantine_rate", len(r.dropped), _rows_in(r), cfg.checks.max_quarantine_rate, "unreadable"))
-EMPTY_OUTPUT_RATE = _dropped_rate("empty_output_rate", stages.EMPTY_GENERATION, "max_empty_rate", "empty",
-                                  "Empty generations at most checks.max_empty_rate.")
+    "quarantine_rate",
+    "Unreadable rows of the source at most checks.max_quarantine_rate.",
+    lambda cfg, r, base: quality.rate("quarantine_rate", len(r.dropped), _rows_in(r), cfg.checks.max_quarantine_rate, "unreadable"),
+)
+EMPTY_OUTPUT_RATE = _dropped_rate(
+    "empty_output_rate", stages.EMPTY_GENERATION, "max_empty_rate", "empty", "Empty generations at most checks.max_empty_rate."
+)
 
 
 def _duplicate_rate(code: str) -> WarnCheck:
-    return _dropped_rate("duplicate_rate", code, "max_duplicate_rate", "duplicates",
-                         f"Exact duplicates dropped ({code}) at most checks.max_duplicate_rate.")
+    return _dropped_rate(
+        "duplicate_rate", code, "max_duplicate_rate", "duplicates", f"Exact duplicates dropped ({code}) at most checks.max_duplicate_rate."
+    )
 
 
 def _fallback(cfg: KunConfig, r: StageResult, base: UPath) -> quality.Finding:
     free = r.stats.get("scored_by", {}).get("freetext", 0)
-    return quality.rate("fallback_rate", free, _rows_in(r) if r.stats.get("fallback_rate") is not None else 0,
-                        cfg.checks.max_fallback_rate, "scored by free text (answer mass under score.min_answer_mass)")
+    return quality.rate(
+        "fallback_rate",
+        free,
+        _rows_in(r) if r.stats.get("fallback_rate") is not None else 0,
+        cfg.checks.max_fallback_rate,
+        "scored by free text (answer mass under score.min_answer_mass)",
+    )
 
 
 def _parse_failures(cfg: KunConfig, r: StageResult, base: UPath) -> quality.Finding:
     free = r.stats.get("scored_by", {}).get("freetext", 0)
-    return quality.rate("parse_failure_rate", r.stats.get("parse_failures", 0), free, cfg.checks.max_parse_failure_rate,
-                        "of the free-text replies unparsed")
+    return quality.rate(
+        "parse_failure_rate", r.stats.get("parse_failures", 0), free, cfg.checks.max_parse_failure_rate, "of the free-text replies unparsed"
+    )
 
 
 def _score_shift(cfg: KunConfig, r: StageResult, base: UPath) -> quality.Finding:
@@ -90,8 +105,9 @@ def _score_shift(cfg: KunConfig, r: StageResult, base: UPath) -> quality.Finding
         d = storage.partition_dir(base, SCORED, {"source": rows["source"].iloc[0], "shard": other})
         if other != str(rows["shard"].iloc[0]) and storage.partition_rows(d):
             earlier.append(storage.read_partition(d, ["score"])["score"].to_numpy(dtype=float))
-    return quality.score_shift(rows["score"].to_numpy(dtype=float), np.concatenate(earlier) if earlier else np.array([]),
-                               cfg.checks.max_score_shift)
+    return quality.score_shift(
+        rows["score"].to_numpy(dtype=float), np.concatenate(earlier) if earlier else np.array([]), cfg.checks.max_score_shift
+    )
 
 
 def _faithfulness(cfg: KunConfig, r: StageResult, base: UPath) -> quality.Finding:
@@ -101,18 +117,29 @@ def _faithfulness(cfg: KunConfig, r: StageResult, base: UPath) -> quality.Findin
     return dataclasses.replace(finding, detail=finding.detail + (f"; e.g. {sample}" if sample else ""))
 
 
-KEEP_RATE = WarnCheck("keep_rate", "The share of scored rows that reach score.threshold, within checks.keep_rate.",
-                      lambda cfg, r, base: quality.within("keep_rate", r.stats.get("keep_rate"), *cfg.checks.keep_rate, "kept by score"))
+KEEP_RATE = WarnCheck(
+    "keep_rate",
+    "The share of scored rows that reach score.threshold, within checks.keep_rate.",
+    lambda cfg, r, base: quality.within("keep_rate", r.stats.get("keep_rate"), *cfg.checks.keep_rate, "kept by score"),
+)
 FALLBACK_RATE = WarnCheck(
-    "fallback_rate", "*_choice: rows scored by free text because the chat model put under score.min_answer_mass on the "
-                     "answers, at most checks.max_fallback_rate (a high rate: the model rarely answers in the format).", _fallback)
+    "fallback_rate",
+    "*_choice: rows scored by free text because the chat model put under score.min_answer_mass on the "
+    "answers, at most checks.max_fallback_rate (a high rate: the model rarely answers in the format).",
+    _fallback,
+)
 PARSE_FAILURE_RATE = WarnCheck(
-    "parse_failure_rate", "Free-text score replies that name no answer, at most checks.max_parse_failure_rate of them.", _parse_failures)
+    "parse_failure_rate", "Free-text score replies that name no answer, at most checks.max_parse_failure_rate of them.", _parse_failures
+)
 SCORE_DISTRIBUTION = WarnCheck(
-    "score_distribution", "Scores against the source's published partitions: KS statistic at most checks.max_score_shift.", _score_shift)
+    "score_distribution", "Scores against the source's published partitions: KS statistic at most checks.max_score_shift.", _score_shift
+)
 FAITHFULNESS = WarnCheck(
-    "faithfulness", "Answers sharing under checks.min_overlap of their character bigrams with their source text "
-                    "(likely hallucinated) at most checks.max_unfaithful_rate.", _faithfulness)
+    "faithfulness",
+    "Answers sharing under checks.min_overlap of their character bigrams with their source text "
+    "(likely hallucinated) at most checks.max_unfaithful_rate.",
+    _faithfulness,
+)
 
 
 def _release_retention(cfg: KunConfig, r: StageResult, base: UPath) -> quality.Finding:
@@ -127,33 +154,75 @@ def _release_retention(cfg: KunConfig, r: StageResult, base: UPath) -> quality.F
     if not_kept:
         losses[f"{SCORED}: below the score threshold"] = not_kept
     top = ", ".join(f"{k} {n}" for k, n in losses.most_common(3))
-    return dataclasses.replace(finding, detail=f"{n_records} records from {docs} documents read ({value})"
-                               + (f"; most dropped at {top}" if top else ""))
+    return dataclasses.replace(
+        finding, detail=f"{n_records} records from {docs} documents read ({value})" + (f"; most dropped at {top}" if top else "")
+    )
 
 
-RELEASE_RETENTION = WarnCheck("retention", "Records per document read within checks.retention.instruction_dataset, with the "
-                                           "stages that dropped most.", _release_retention)
+RELEASE_RETENTION = WarnCheck(
+    "retention",
+    "Records per document read within checks.retention.instruction_dataset, with the stages that dropped most.",
+    _release_retention,
+)
 
 # -- the registry ------------------------------------------------------------------------------------
 VERSIONS: tuple[Version, ...] = (
-    Version(RAW, "documents read", schemas.RawCorpus,
-            (corpus.INVALID_ENCODING, corpus.INVALID_UNICODE, corpus.INVALID_JSON, corpus.NOT_AN_OBJECT, corpus.MISSING_TEXT,
-             corpus.TEXT_NOT_STRING, corpus.EMPTY_TEXT, corpus.MISSING_ID, corpus.DUPLICATE_ID, corpus.EMPTY_FILE,
-             corpus.UNREADABLE_FILE),
-            (_retention(RAW), QUARANTINE_RATE)),
-    Version(FILTERED, "after cleaning, token-limit, perplexity and dedup filters", schemas.FilteredCorpus,
-            (stages.EMPTY_AFTER_CLEAN, stages.TOO_MANY_TOKENS, stages.DUPLICATE_TEXT, stages.PERPLEXITY_UNDEFINED,
-             stages.HIGH_PERPLEXITY),
-            (_retention(FILTERED), _duplicate_rate(stages.DUPLICATE_TEXT))),
-    Version(LABELED, "instructions written, keyword filter passed", schemas.LabeledPairs,
-            (stages.EMPTY_GENERATION, stages.BROKEN_TEXT, stages.BANNED_KEYWORD),
-            (_retention(LABELED), EMPTY_OUTPUT_RATE)),
-    Version(SCORED, "instructions scored (all rows kept with their score)", schemas.ScoredPairs, (),
-            (FALLBACK_RATE, PARSE_FAILURE_RATE, SCORE_DISTRIBUTION)),
-    Version(POLISHED, "kept by score.threshold, polished, output filters passed", schemas.PolishedPairs,
-            (stages.EMPTY_AFTER_CLEAN, stages.PROMPT_OVER_BUDGET, stages.EMPTY_GENERATION, stages.BROKEN_TEXT, stages.BANNED_KEYWORD,
-             stages.TOO_SHORT, stages.REPEATED_PHRASE, stages.DUPLICATE_OUTPUT),
-            (KEEP_RATE, _retention(POLISHED), EMPTY_OUTPUT_RATE, _duplicate_rate(stages.DUPLICATE_OUTPUT), FAITHFULNESS)),
+    Version(
+        RAW,
+        "documents read",
+        schemas.RawCorpus,
+        (
+            corpus.INVALID_ENCODING,
+            corpus.INVALID_UNICODE,
+            corpus.INVALID_JSON,
+            corpus.NOT_AN_OBJECT,
+            corpus.MISSING_TEXT,
+            corpus.TEXT_NOT_STRING,
+            corpus.EMPTY_TEXT,
+            corpus.MISSING_ID,
+            corpus.DUPLICATE_ID,
+            corpus.EMPTY_FILE,
+            corpus.UNREADABLE_FILE,
+        ),
+        (_retention(RAW), QUARANTINE_RATE),
+    ),
+    Version(
+        FILTERED,
+        "after cleaning, token-limit, perplexity and dedup filters",
+        schemas.FilteredCorpus,
+        (stages.EMPTY_AFTER_CLEAN, stages.TOO_MANY_TOKENS, stages.DUPLICATE_TEXT, stages.PERPLEXITY_UNDEFINED, stages.HIGH_PERPLEXITY),
+        (_retention(FILTERED), _duplicate_rate(stages.DUPLICATE_TEXT)),
+    ),
+    Version(
+        LABELED,
+        "instructions written, keyword filter passed",
+        schemas.LabeledPairs,
+        (stages.EMPTY_GENERATION, stages.BROKEN_TEXT, stages.BANNED_KEYWORD),
+        (_retention(LABELED), EMPTY_OUTPUT_RATE),
+    ),
+    Version(
+        SCORED,
+        "instructions scored (all rows kept with their score)",
+        schemas.ScoredPairs,
+        (),
+        (FALLBACK_RATE, PARSE_FAILURE_RATE, SCORE_DISTRIBUTION),
+    ),
+    Version(
+        POLISHED,
+        "kept by score.threshold, polished, output filters passed",
+        schemas.PolishedPairs,
+        (
+            stages.EMPTY_AFTER_CLEAN,
+            stages.PROMPT_OVER_BUDGET,
+            stages.EMPTY_GENERATION,
+            stages.BROKEN_TEXT,
+            stages.BANNED_KEYWORD,
+            stages.TOO_SHORT,
+            stages.REPEATED_PHRASE,
+            stages.DUPLICATE_OUTPUT,
+        ),
+        (KEEP_RATE, _retention(POLISHED), EMPTY_OUTPUT_RATE, _duplicate_rate(stages.DUPLICATE_OUTPUT), FAITHFULNESS),
+    ),
     Version(DATASET, "COIG-CQIA records released", schemas.InstructionDataset, (), (RELEASE_RETENTION,)),
 )
 BY_NAME = {v.name: v for v in VERSIONS}

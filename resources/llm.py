@@ -35,7 +35,9 @@ class LLMResource(dg.ConfigurableResource):
             settings = getattr(self.kun.config.models, self.role)
             spec = EngineSpec(path=path, model_name=model["name"], settings=settings)
             backend = resolve_backend(settings.backend)
-            dg.get_dagster_logger().info(f"loading {self.role} model {model['name']} from {path} on {backend} (backend: {settings.backend})")
+            dg.get_dagster_logger().info(
+                f"loading {self.role} model {model['name']} from {path} on {backend} (backend: {settings.backend})"
+            )
             try:
                 engine = load_engine(spec)
             except EngineError as e:  # a model that cannot load will not load on a retry either

@@ -71,8 +71,11 @@ def wait_for(what: str, ready, timeout: float, log: Path, every: float = 2.0):
 
 def location_loaded(url: str) -> bool:
     try:
-        data = graphql(url, "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
-                            "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
+        data = graphql(
+            url,
+            "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
+            "locationOrLoadError { __typename ... on PythonError { message } } } } } }",
+        )
     except OSError:
         return False  # the webserver is not up yet
     entries = data["workspaceOrError"]["locationEntries"]
@@ -90,11 +93,29 @@ def dagster_dev(env: dict, log: Path, port: int):
     # the Ctrl-C that shuts dagster dev (webserver, daemon, code servers) down.
     launcher = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
     with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-c", launcher, str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml",
-                                   "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env={**os.environ, **env}, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                launcher,
+                str(Path(sys.executable).parent / "dagster"),
+                "dev",
+                "-w",
+                "workspace.yaml",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def up() -> bool:
             if server.poll() is not None:
                 pytest.fail(f"dagster dev exited with {server.returncode}: {log.read_text()[-4000:]}")
@@ -143,8 +164,7 @@ def models_run(session_cfg_file):
 
     defs = build_definitions(session_cfg_file)
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(list(defs.assets), selection=MODELS,
-                            resources=defs.resources, instance=instance)
+    result = dg.materialize(list(defs.assets), selection=MODELS, resources=defs.resources, instance=instance)
     assert result.success
     refs = {k: result.output_for_node(k) for k in ("base_model", "label_model", "chat_model")}
     return {"defs": defs, "instance": instance, "refs": refs, "cfg_file": session_cfg_file}

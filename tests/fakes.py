@@ -36,13 +36,13 @@ class ScriptedEngine:
 
     def generate(self, prompts, params):
         self.prompts += prompts
-        out, self.replies = self.replies[: len(prompts)], self.replies[len(prompts):]
+        out, self.replies = self.replies[: len(prompts)], self.replies[len(prompts) :]
         assert len(out) == len(prompts), "script ran out of replies"
         return [Generation(text=t, num_tokens=len(t), finish_reason="stop") for t in out]
 
     def choice_logprobs(self, prompts, choices, exact=False):
         self.prompts += prompts
-        got, self.probs = self.probs[: len(prompts)], self.probs[len(prompts):]
+        got, self.probs = self.probs[: len(prompts)], self.probs[len(prompts) :]
         with np.errstate(divide="ignore"):
             return np.log(np.asarray(got, dtype=float).reshape(len(prompts), len(choices)))
 

@@ -44,7 +44,10 @@ def test_results_equal_the_engines_and_a_rerun_computes_nothing(tmp_path):
     first = Checkpointed(CountingEngine(), d, rows=4)
     gens = first.generate(PROMPTS, PARAMS)
     assert gens == CountingEngine().generate(PROMPTS, PARAMS)
-    assert [len(c) for c in first.engine.calls] == [4, 4, 2] and first.stats == {"checkpoint_batches_reused": 0, "checkpoint_batches_computed": 3}
+    assert [len(c) for c in first.engine.calls] == [4, 4, 2] and first.stats == {
+        "checkpoint_batches_reused": 0,
+        "checkpoint_batches_computed": 3,
+    }
     again = Checkpointed(CountingEngine(), d, rows=4)
     assert again.generate(PROMPTS, PARAMS) == gens
     assert again.engine.calls == [] and again.reused == 3

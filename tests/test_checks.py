@@ -45,8 +45,14 @@ def graph(models_run, tmp_path_factory):
                 return LabelEngine(label_tokens)
 
         resources = {**defs.resources, "label_llm": Scripted(kun=defs.resources["kun"], role="label")}
-        return dg.materialize(list(defs.assets), selection=selection, resources=resources, instance=instance,
-                              partition_key=None if "seed_data" in selection else KEY, raise_on_error=False)
+        return dg.materialize(
+            list(defs.assets),
+            selection=selection,
+            resources=resources,
+            instance=instance,
+            partition_key=None if "seed_data" in selection else KEY,
+            raise_on_error=False,
+        )
 
     assert run(MODELS).success
     assert run(["raw_corpus", "filtered_corpus"]).success
@@ -129,8 +135,9 @@ def test_a_planted_schema_violation_stops_the_run_publishes_nothing_and_alerts_o
 
     run = graph["instance"].get_run_by_id(result.run_id)
     failure = graph["instance"].all_logs(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)[0].dagster_event
-    ctx = dg.build_run_status_sensor_context(sensor_name="run_failure_alerts", dagster_event=failure,
-                                             dagster_instance=graph["instance"], dagster_run=run).for_run_failure()
+    ctx = dg.build_run_status_sensor_context(
+        sensor_name="run_failure_alerts", dagster_event=failure, dagster_instance=graph["instance"], dagster_run=run
+    ).for_run_failure()
     run_failure_alerts(ctx)
     assert len(hook.bodies) == 2 and hook.bodies[1]["text"].startswith("[kun] run failed:") and result.run_id in hook.bodies[1]["text"]
     hook.shutdown()
@@ -165,18 +172,42 @@ def test_a_check_still_running_below_a_finished_one_is_alerted_when_it_fails(tmp
         return r
 
     def event(run_id, kind, data):
-        instance.event_log_storage.store_event(EventLogEntry(
-            error_info=None, level="debug", user_message="", run_id=run_id, timestamp=time.time(),
-            dagster_event=DagsterEvent(kind.value, "__ASSET_JOB", event_specific_data=data)))
+        instance.event_log_storage.store_event(
+            EventLogEntry(
+                error_info=None,
+                level="debug",
+                user_message="",
+                run_id=run_id,
+                timestamp=time.time(),
+                dagster_event=DagsterEvent(kind.value, "__ASSET_JOB", event_specific_data=data),
+            )
+        )
 
     def evaluate(run_id, asset, check, passed):
-        event(run_id, dg.DagsterEventType.ASSET_CHECK_EVALUATION,
-              AssetCheckEvaluation(asset_key=dg.AssetKey(asset), check_name=check, passed=passed, severity=dg.AssetCheckSeverity.WARN, description=f"{asset} {check}"))
+        event(
+            run_id,
+            dg.DagsterEventType.ASSET_CHECK_EVALUATION,
+            AssetCheckEvaluation(
+                asset_key=dg.AssetKey(asset),
+                check_name=check,
+                passed=passed,
+                severity=dg.AssetCheckSeverity.WARN,
+                description=f"{asset} {check}",
+            ),
+        )
 
     cursor, _ = _tick(graph)
     long_run, short_run = run(dg.DagsterRunStatus.STARTED), run(dg.DagsterRunStatus.SUCCESS)
-    event(long_run.run_id, dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED, AssetCheckEvaluationPlanned(asset_key=dg.AssetKey("raw_corpus"), check_name="retention"))
-    event(short_run.run_id, dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED, AssetCheckEvaluationPlanned(asset_key=dg.AssetKey("filtered_corpus"), check_name="retention"))
+    event(
+        long_run.run_id,
+        dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED,
+        AssetCheckEvaluationPlanned(asset_key=dg.AssetKey("raw_corpus"), check_name="retention"),
+    )
+    event(
+        short_run.run_id,
+        dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED,
+        AssetCheckEvaluationPlanned(asset_key=dg.AssetKey("filtered_corpus"), check_name="retention"),
+    )
     evaluate(short_run.run_id, "filtered_corpus", "retention", passed=False)
     cursor, said = _tick(graph, cursor)
     assert [b["text"].splitlines()[0] for b in hook.bodies] == ["[kun] WARN check failed: filtered_corpus / retention"]
@@ -186,6 +217,8 @@ def test_a_check_still_running_below_a_finished_one_is_alerted_when_it_fails(tmp
     instance.handle_run_event(long_run.run_id, DagsterEvent(dg.DagsterEventType.RUN_SUCCESS.value, "__ASSET_JOB"))
     cursor, _ = _tick(graph, cursor)
     cursor, _ = _tick(graph, cursor)
-    assert [b["text"].splitlines()[0] for b in hook.bodies] == ["[kun] WARN check failed: filtered_corpus / retention",
-                                                                "[kun] WARN check failed: raw_corpus / retention"]
+    assert [b["text"].splitlines()[0] for b in hook.bodies] == [
+        "[kun] WARN check failed: filtered_corpus / retention",
+        "[kun] WARN check failed: raw_corpus / retention",
+    ]
     hook.shutdown()

@@ -15,9 +15,15 @@ def test_validate_names_every_problem_before_a_run(tmp_path, capsys):
     given = tmp_path / "label"
     given.mkdir()
     (given / "config.json").write_text("{}")  # a config but no tokenizer
-    cfg = write_config(tmp_path, **{"sources": [{"name": "web", "uri": str(tmp_path / "none-*.jsonl"), "format": "jsonl"}],
-                                    "seed.uri": str(tmp_path / "seed.jsonl"), "models.label.path": str(given),
-                                    "models.chat.path": str(tmp_path / "no-such-model")})
+    cfg = write_config(
+        tmp_path,
+        **{
+            "sources": [{"name": "web", "uri": str(tmp_path / "none-*.jsonl"), "format": "jsonl"}],
+            "seed.uri": str(tmp_path / "seed.jsonl"),
+            "models.label.path": str(given),
+            "models.chat.path": str(tmp_path / "no-such-model"),
+        },
+    )
     assert cli.main(["validate", "--config", str(cfg)]) == cli.BAD_INPUT
     err = capsys.readouterr().err
     assert f"sources[0] (web): no file matches {tmp_path}/none-*.jsonl" in err
@@ -50,7 +56,11 @@ def test_a_failing_stage_is_reported_as_what_failed(models_run, tmp_path, monkey
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     assert cli.main(["run", "--config", str(cfg), "--source", "wudao", "--progress", "off"]) == cli.FAILED
     out, err = capsys.readouterr()
-    assert "kun: 1 corpus partition(s) (wudao) failed" in err and "step labeled_pairs failed:" in err and "could not load model broken-label" in err
+    assert (
+        "kun: 1 corpus partition(s) (wudao) failed" in err
+        and "step labeled_pairs failed:" in err
+        and "could not load model broken-label" in err
+    )
     assert "Traceback" not in out + err and "(tracebacks: --debug)" in err and "Funnel" not in out
 
 
@@ -70,8 +80,13 @@ def test_a_killed_kun_run_is_recovered_by_the_next(models_run, tmp_path, monkeyp
     home = tmp_path / "home"
     env = {**os.environ, "DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg)}
     staging = storage.staging_dir(upath(str(tmp_path / "data")), "labeled_pairs", {"source": "wudao", "shard": "0"})
-    first = subprocess.Popen([sys.executable, "-m", "kun_dagster.cli", "run", "--config", str(cfg), "--source", "wudao", "--progress", "off"],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "kun_dagster.cli", "run", "--config", str(cfg), "--source", "wudao", "--progress", "off"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while len(list(staging.glob("generate-*.parquet"))) < 2:
         assert first.poll() is None, f"kun run ended before it could be killed: {first.stderr.read().decode()[-2000:]}"
@@ -101,8 +116,13 @@ def test_validate_reaches_the_store_unless_offline(tmp_path, capsys):
     from .conftest import free_port
 
     port = free_port()  # nothing listens there
-    cfg = write_config(tmp_path, **{"storage.base_uri": "s3://kun/data", "storage.s3": {"endpoint_url": f"http://127.0.0.1:{port}",
-                                                                                        "max_attempts": 1, "connect_timeout": 2}})
+    cfg = write_config(
+        tmp_path,
+        **{
+            "storage.base_uri": "s3://kun/data",
+            "storage.s3": {"endpoint_url": f"http://127.0.0.1:{port}", "max_attempts": 1, "connect_timeout": 2},
+        },
+    )
     assert cli.main(["validate", "--config", str(cfg)]) == cli.BAD_INPUT
     assert f"storage.base_uri: cannot reach s3://kun/data at endpoint http://127.0.0.1:{port}" in capsys.readouterr().err
     assert cli.main(["validate", "--config", str(cfg), "--offline"]) == cli.OK
@@ -112,12 +132,17 @@ def test_validate_reads_the_first_records_and_names_a_misspelt_field(tmp_path, c
     import json
 
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "a.jsonl").write_text("".join(json.dumps({"id": i, "content": "正文"}, ensure_ascii=False) + "\n" for i in range(3)))
-    cfg = write_config(tmp_path, sources=[{"name": "web", "uri": str(tmp_path / "src" / "*.jsonl"), "format": "jsonl", "text_field": "text"}])
+    (tmp_path / "src" / "a.jsonl").write_text(
+        "".join(json.dumps({"id": i, "content": "正文"}, ensure_ascii=False) + "\n" for i in range(3))
+    )
+    cfg = write_config(
+        tmp_path, sources=[{"name": "web", "uri": str(tmp_path / "src" / "*.jsonl"), "format": "jsonl", "text_field": "text"}]
+    )
     assert cli.main(["validate", "--config", str(cfg)]) == cli.BAD_INPUT
     err = capsys.readouterr().err
     assert "sources[0] (web): none of the first 3 records of a.jsonl is a document: missing_text (field 'text' is missing)" in err
     assert "keys seen: id, content" in err
-    fixed = write_config(tmp_path, sources=[{"name": "web", "uri": str(tmp_path / "src" / "*.jsonl"), "format": "jsonl",
-                                             "text_field": "content"}])
+    fixed = write_config(
+        tmp_path, sources=[{"name": "web", "uri": str(tmp_path / "src" / "*.jsonl"), "format": "jsonl", "text_field": "content"}]
+    )
     assert cli.main(["validate", "--config", str(fixed)]) == cli.OK

@@ -33,16 +33,19 @@ def test_defaults_are_kuns():
         parse_config({**MINIMAL, "checks": {"retention": {"scored_pairs": [0.1, 1]}}}, env={})
 
 
-@pytest.mark.parametrize("patch, key, words", [
-    ({"sources": [{"name": "web", "uri": "x", "format": "csv"}]}, "sources.0.format", "'csv'"),
-    ({"sources": [{"name": "Web!", "uri": "x", "format": "jsonl"}]}, "sources.0.name", "pattern"),
-    ({"shards": 0}, "shards", "greater than or equal to 1"),
-    ({"sampling": {"top_p": 1.5}}, "sampling.top_p", "less than or equal to 1"),
-    ({"filter": {"max_tokens": 512, "max_token": 3}}, "filter.max_token", "unknown key"),
-    ({"score": {"method": "kun_choice", "threshold": 3}}, "score", "outside [0.0, 1.0]"),
-    ({"models": {"base": {"tiny": {"hidden_size": 64, "num_heads": 4}}}}, "models.base.tiny", "head_dim >= 32"),
-    ({"sources": MINIMAL["sources"] * 2}, "(top level)", "repeated: web"),
-])
+@pytest.mark.parametrize(
+    "patch, key, words",
+    [
+        ({"sources": [{"name": "web", "uri": "x", "format": "csv"}]}, "sources.0.format", "'csv'"),
+        ({"sources": [{"name": "Web!", "uri": "x", "format": "jsonl"}]}, "sources.0.name", "pattern"),
+        ({"shards": 0}, "shards", "greater than or equal to 1"),
+        ({"sampling": {"top_p": 1.5}}, "sampling.top_p", "less than or equal to 1"),
+        ({"filter": {"max_tokens": 512, "max_token": 3}}, "filter.max_token", "unknown key"),
+        ({"score": {"method": "kun_choice", "threshold": 3}}, "score", "outside [0.0, 1.0]"),
+        ({"models": {"base": {"tiny": {"hidden_size": 64, "num_heads": 4}}}}, "models.base.tiny", "head_dim >= 32"),
+        ({"sources": MINIMAL["sources"] * 2}, "(top level)", "repeated: web"),
+    ],
+)
 def test_bad_config_names_key_and_reason(patch, key, words):
     with pytest.raises(ConfigError) as err:
         parse_config({**MINIMAL, **patch}, origin="kun.yaml", env={})
@@ -66,8 +69,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_env_overrides_and_relative_paths(tmp_path):
     (tmp_path / "kun.yaml").write_text(yaml.safe_dump(MINIMAL))
-    cfg = load_config(tmp_path / "kun.yaml", env={"KUN__shards": "64", "KUN__storage__base_uri": "s3://bucket/kun",
-                                                    "KUN__storage__models_dir": "/models"})
+    cfg = load_config(
+        tmp_path / "kun.yaml", env={"KUN__shards": "64", "KUN__storage__base_uri": "s3://bucket/kun", "KUN__storage__models_dir": "/models"}
+    )
     assert cfg.shards == 64 and cfg.base_uri == "s3://bucket/kun" and cfg.models_dir == "/models"
     assert cfg.resolve(cfg.sources[0].uri) == str(tmp_path / "data" / "*.jsonl")
     remote = load_config(tmp_path / "kun.yaml", env={"KUN__storage__base_uri": "s3://bucket/kun/"})
@@ -77,8 +81,10 @@ def test_env_overrides_and_relative_paths(tmp_path):
 
 
 def test_a_role_keeps_its_defaults_under_partial_overrides():
-    from_file = parse_config({**MINIMAL, "models": {"chat": {"path": "/models/chat"}, "label": {"train": {"learning_rate": 2e-5}}}},
-                             env={"KUN__models__chat__vllm__tensor_parallel_size": "2"})
+    from_file = parse_config(
+        {**MINIMAL, "models": {"chat": {"path": "/models/chat"}, "label": {"train": {"learning_rate": 2e-5}}}},
+        env={"KUN__models__chat__vllm__tensor_parallel_size": "2"},
+    )
     assert from_file.models.chat.train.epochs == 4 and from_file.models.chat.vllm.tensor_parallel_size == 2
     assert from_file.models.chat.path == "/models/chat"
     assert from_file.models.label.train.epochs == 6 and from_file.models.label.train.learning_rate == 2e-5

@@ -41,8 +41,15 @@ def test_jsonl_quarantines_each_bad_row_and_keeps_the_rest(tmp_path):
     assert got.docs["doc_id"].tolist() == ["a", "f"]
     assert got.docs["row"].tolist() == [1, 10]
     q = got.quarantine.set_index("row")
-    assert q["reason"].to_dict() == {2: "invalid_json", 3: "invalid_encoding", 4: "empty_text", 5: "missing_text",
-                                     6: "missing_id", 7: "duplicate_id", 8: "not_an_object"}
+    assert q["reason"].to_dict() == {
+        2: "invalid_json",
+        3: "invalid_encoding",
+        4: "empty_text",
+        5: "missing_text",
+        6: "missing_id",
+        7: "duplicate_id",
+        8: "not_an_object",
+    }
     assert set(q["file"]) == {"x.jsonl"}
     assert "not valid utf-8" in q.loc[3, "detail"] and "broken" in q.loc[2, "sample"]
 
@@ -86,8 +93,13 @@ def test_shards_are_stable_and_partition_the_files(tmp_path):
     (tmp_path / "new.jsonl").write_text('{"text": "新"}')  # adding a file never moves old ones
     assert all(by_shard[k] <= set(ingest_shard(src, uri, k, 4).files) for k in range(4))
     # stable across processes and machines (no per-process hash seed): another interpreter agrees
-    out = subprocess.run([sys.executable, "-c", "from kun_dagster.corpus import shard_of; print([shard_of(f'd/{i}.jsonl', 7) for i in range(50)])"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "from kun_dagster.corpus import shard_of; print([shard_of(f'd/{i}.jsonl', 7) for i in range(50)])"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        check=True,
+    )
     assert out.stdout.strip() == str([shard_of(f"d/{i}.jsonl", 7) for i in range(50)])
     assert len(set(json.loads(out.stdout))) == 7  # and it spreads files over every shard
     # relative to the glob root: the same corpus elsewhere keeps its shards

@@ -22,8 +22,14 @@ def defs(tmp_path_factory):
 
 def test_dagster_definitions_validate_loads_the_workspace(tmp_path):
     env = {**os.environ, "KUN_CONFIG": str(write_config(tmp_path)), "DAGSTER_HOME": str(tmp_path)}
-    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Validation successful" in out.stdout + out.stderr
 
@@ -68,7 +74,9 @@ def test_asset_kinds_name_engine_schema_format_and_store(tmp_path):
     local = build_definitions(write_config(tmp_path / "a")).resolve_asset_graph()
     assert local.get(dg.AssetKey("labeled_pairs")).kinds == {"pytorch", "pandera", "parquet"}  # tests pin transformers
     assert local.get(dg.AssetKey("raw_corpus")).kinds == {"pandera", "parquet"}
-    cfg = write_config(tmp_path / "b", **{"models.label.backend": "vllm", "storage.base_uri": "s3://bucket/kun", "filter.perplexity_max": None})
+    cfg = write_config(
+        tmp_path / "b", **{"models.label.backend": "vllm", "storage.base_uri": "s3://bucket/kun", "filter.perplexity_max": None}
+    )
     s3 = build_definitions(cfg).resolve_asset_graph()
     assert s3.get(dg.AssetKey("labeled_pairs")).kinds == {"vllm", "pandera", "parquet", "s3"}
     assert s3.get(dg.AssetKey("filtered_corpus")).kinds == {"pandera", "parquet", "s3"}  # no perplexity: no engine
@@ -90,8 +98,14 @@ def test_the_instance_yaml_limits_the_gpu_pool_queues_runs_and_retries(tmp_path)
 
 
 def test_definitions_build_with_the_kubernetes_executor_and_gpu_requests(tmp_path):
-    cfg = write_config(tmp_path, **{"deploy.executor": "k8s", "deploy.k8s": {"job_namespace": "kun", "env_secrets": ["kun-s3"]},
-                                    "models.chat.vllm": {"tensor_parallel_size": 2}})
+    cfg = write_config(
+        tmp_path,
+        **{
+            "deploy.executor": "k8s",
+            "deploy.k8s": {"job_namespace": "kun", "env_secrets": ["kun-s3"]},
+            "models.chat.vllm": {"tensor_parallel_size": 2},
+        },
+    )
     defs = build_definitions(cfg)
     job = defs.resolve_implicit_global_asset_job_def()
     assert job.executor_def.name == "k8s"
@@ -123,8 +137,15 @@ def test_each_roles_engine_runs_as_its_config_says_and_its_kind_says_so(tmp_path
 
     from kun_dagster.config import load_config
 
-    cfg_file = write_config(tmp_path, **{"models.chat.dtype": "bfloat16", "models.chat.vllm.max_model_len": 1024,
-                                         "models.base.backend": "vllm", "filter.perplexity_model": "label"})
+    cfg_file = write_config(
+        tmp_path,
+        **{
+            "models.chat.dtype": "bfloat16",
+            "models.chat.vllm.max_model_len": 1024,
+            "models.base.backend": "vllm",
+            "filter.perplexity_model": "label",
+        },
+    )
     defs = build_definitions(cfg_file)
     seen = []
     monkeypatch.setattr("resources.llm.load_engine", lambda spec: seen.append(spec) or types.SimpleNamespace(close=lambda: None))

@@ -86,8 +86,13 @@ def test_a_killed_run_is_failed_freed_retried_and_resumed(backend, killed, model
         from dagster_graphql import DagsterGraphQLClient
 
         client = DagsterGraphQLClient("127.0.0.1", port_number=port)
-        run_id = client.submit_job_execution("__ASSET_JOB", repository_location_name="kun", repository_name="__repository__",
-                                             tags={"dagster/partition": KEY}, asset_selection=["labeled_pairs"])
+        run_id = client.submit_job_execution(
+            "__ASSET_JOB",
+            repository_location_name="kun",
+            repository_name="__repository__",
+            tags={"dagster/partition": KEY},
+            asset_selection=["labeled_pairs"],
+        )
         staging = storage.staging_dir(base, "labeled_pairs", PART)
         with dg.DagsterInstance.from_config(str(home)) as instance:
             wait_for("two finished batch checkpoints", lambda: len(list(staging.glob("generate-*.parquet"))) >= 2, 300, log, every=0.05)
@@ -102,8 +107,13 @@ def test_a_killed_run_is_failed_freed_retried_and_resumed(backend, killed, model
             free = lambda: not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots  # noqa: E731
 
             if killed == "run worker":  # the run is failed, its slot freed, and run_retries starts a new run
-                wait_for("the killed run marked failed", lambda: instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE,
-                         60, log, every=0.5)
+                wait_for(
+                    "the killed run marked failed",
+                    lambda: instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE,
+                    60,
+                    log,
+                    every=0.5,
+                )
                 wait_for("the gpu slot freed", free, 60, log, every=0.5)
                 t_free = time.time() - t_kill
 
@@ -122,9 +132,14 @@ def test_a_killed_run_is_failed_freed_retried_and_resumed(backend, killed, model
             md = instance.fetch_materializations(dg.AssetKey("labeled_pairs"), limit=1).records[0].asset_materialization.metadata
             assert md["checkpoint_batches_reused"].value == finished > 0  # every batch finished before the kill
             assert md["checkpoint_batches_computed"].value > 0  # killed mid-partition
-        print(f"{backend}, {killed} killed: run {done.run_id[:8]} succeeded {time.time() - t_kill:.0f} s after the kill "
-              f"(slot free after {t_free:.0f} s), reusing {finished} batches")
+        print(
+            f"{backend}, {killed} killed: run {done.run_id[:8]} succeeded {time.time() - t_kill:.0f} s after the kill "
+            f"(slot free after {t_free:.0f} s), reusing {finished} batches"
+        )
     for where in (storage.partition_dir, storage.quarantine_dir):  # row for row: doc ids and generations
-        resumed, clean = storage.read_partition(where(base, "labeled_pairs", PART)), storage.read_partition(where(clean_base, "labeled_pairs", PART))
-        assert resumed.equals(clean), (resumed.compare(clean) if resumed.shape == clean.shape else (resumed.shape, clean.shape))
+        resumed, clean = (
+            storage.read_partition(where(base, "labeled_pairs", PART)),
+            storage.read_partition(where(clean_base, "labeled_pairs", PART)),
+        )
+        assert resumed.equals(clean), resumed.compare(clean) if resumed.shape == clean.shape else (resumed.shape, clean.shape)
     assert not storage.staging_dir(base, "labeled_pairs", PART).exists()

@@ -103,9 +103,16 @@ def test_seed_loading_names_a_bad_file_and_drops_multiple_choice(tmp_path):
     from kun_dagster.training import load_seeds
 
     good = tmp_path / "seeds.jsonl"
-    good.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
-        {"instruction": "什么是复利？", "output": "利滚利。"},
-        {"instruction": "选择", "input": "A. 甲 B. 乙 C. 丙 D. 丁", "output": "B"}]), encoding="utf-8")
+    good.write_text(
+        "".join(
+            json.dumps(r, ensure_ascii=False) + "\n"
+            for r in [
+                {"instruction": "什么是复利？", "output": "利滚利。"},
+                {"instruction": "选择", "input": "A. 甲 B. 乙 C. 丙 D. 丁", "output": "B"},
+            ]
+        ),
+        encoding="utf-8",
+    )
     seeds, dropped = load_seeds(str(good), None, drop_multiple_choice=True)
     assert seeds["input"].tolist() == [""] and dropped == 1
     bad = tmp_path / "bad.jsonl"

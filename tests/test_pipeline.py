@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow
 def _materialize(run, selection, keys=None, partition_key=None):
     defs = run["defs"]
     tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]} if keys else None
-    return dg.materialize(list(defs.assets), selection=selection, resources=defs.resources, instance=run["instance"],
-                          tags=tags, partition_key=partition_key)
+    return dg.materialize(
+        list(defs.assets), selection=selection, resources=defs.resources, instance=run["instance"], tags=tags, partition_key=partition_key
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +84,18 @@ def test_scored_set_keeps_every_row_with_a_score(graph):
 def test_metadata_reports_rows_schema_and_stage_figures(graph):
     inst = graph["instance"]
     key = dg.MultiPartitionKey({"source": "skypile", "source_shard": "0"})
-    records = inst.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("filtered_corpus"), asset_partitions=[key]), limit=1).records
+    records = inst.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("filtered_corpus"), asset_partitions=[key]), limit=1
+    ).records
     md = records[0].asset_materialization.metadata
     rows = storage.partition_rows(storage.partition_dir(graph["base"], "filtered_corpus", {"source": "skypile", "shard": "0"}))
     assert md["dagster/row_count"].value == rows and md["quarantined"].value == 1
     assert figures(md["dropped"]) == {"duplicate_text": 1}  # a table in the UI
     assert {"doc_id", "text", "n_tokens", "perplexity"} <= {c.name for c in md["dagster/column_schema"].schema.columns}
     assert records[0].asset_materialization.partition == key
-    scored = inst.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("scored_pairs"), asset_partitions=[key]), limit=1).records
+    scored = inst.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("scored_pairs"), asset_partitions=[key]), limit=1
+    ).records
     scored_md = scored[0].asset_materialization.metadata
     assert sum(figures(scored_md["histogram"]).values()) == scored_md["rows_in"].value
 
@@ -103,8 +108,9 @@ def test_dataset_card_and_jsonl_match_the_parquet(graph):
         assert [r["doc_id"] for r in lines] == parquet["doc_id"].tolist()
         card = (rel / "README.md").read_text(encoding="utf-8")
         assert re.search(rf"^\| instruction_dataset +\| +{len(lines)} \|", card, re.M) and "| raw_corpus" in card and "```yaml" in card
-        n_scored = storage.partition_rows(storage.partition_dir(graph["base"], "scored_pairs", {"source": source, "shard": "0"})) + \
-            storage.partition_rows(storage.partition_dir(graph["base"], "scored_pairs", {"source": source, "shard": "1"}))
+        n_scored = storage.partition_rows(
+            storage.partition_dir(graph["base"], "scored_pairs", {"source": source, "shard": "0"})
+        ) + storage.partition_rows(storage.partition_dir(graph["base"], "scored_pairs", {"source": source, "shard": "1"}))
         by = re.search(r"scored by (.*?) *\|", card).group(1)
         assert sum(int(n) for n in re.findall(r": (\d+)", by)) == n_scored and "probability" in by
     assert not (graph["base"] / "release" / "skypile").exists()
@@ -120,7 +126,9 @@ def test_rematerializing_a_partition_replaces_it(graph):
         after = storage.read_partition(d)
         assert len(after) == len(before[asset]) and after["doc_id"].is_unique, asset
         assert [p.name for p in d.iterdir()] == ["part-0.parquet"], asset
-    assert storage.read_partition(storage.partition_dir(graph["base"], "quarantine/filtered_corpus", part))["reason"].tolist() == ["too_many_tokens"]
+    assert storage.read_partition(storage.partition_dir(graph["base"], "quarantine/filtered_corpus", part))["reason"].tolist() == [
+        "too_many_tokens"
+    ]
 
 
 def test_models_are_trained_and_their_loss_falls(models_run):
@@ -144,13 +152,21 @@ def test_a_failing_model_publishes_nothing(graph):
             return ScriptedEngine(replies=[""] * 1000)  # the model answers every prompt with nothing
 
     keys = [k for k in graph["keys"] if k.keys_by_dimension["source"] == "wudao"]
-    dirs = [storage.partition_dir(graph["base"], a, {"source": "wudao", "shard": str(k.keys_by_dimension["source_shard"])})
-            for a in ("labeled_pairs", "quarantine/labeled_pairs") for k in keys]
+    dirs = [
+        storage.partition_dir(graph["base"], a, {"source": "wudao", "shard": str(k.keys_by_dimension["source_shard"])})
+        for a in ("labeled_pairs", "quarantine/labeled_pairs")
+        for k in keys
+    ]
     before = [(d / "part-0.parquet").read_bytes() for d in dirs]
     defs = graph["defs"]
-    result = dg.materialize(list(defs.assets), selection=["labeled_pairs"], resources={**defs.resources, "label_llm": SilentLLM(kun=defs.resources["kun"], role="label")},
-                            instance=graph["instance"], raise_on_error=False,
-                            tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]})
+    result = dg.materialize(
+        list(defs.assets),
+        selection=["labeled_pairs"],
+        resources={**defs.resources, "label_llm": SilentLLM(kun=defs.resources["kun"], role="label")},
+        instance=graph["instance"],
+        raise_on_error=False,
+        tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]},
+    )
     assert not result.success
     failure = [e for e in result.all_events if e.is_step_failure][0]
     assert "returned empty text for all" in failure.event_specific_data.error.message

@@ -11,7 +11,7 @@ import pandas as pd
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kun_dagster import corpus, schemas, stages, storage
+from kun_dagster import corpus, schemas, stages, storage, versions
 from kun_dagster.config import SourceConfig
 from kun_dagster.text import clean_text, cut_at_whitespace_run, has_content, has_text, repair_repeated_lines, starts_with_repeated_phrase
 
@@ -21,12 +21,20 @@ from .wild import ingest_shard
 
 # Every code point, lone surrogates included (hypothesis leaves them out by default), weighted
 # towards what real dumps hold: spaces of every kind, control characters, CJK.
-ANY_CHAR = st.one_of(st.characters(exclude_categories=()), st.sampled_from(" \t\r\n\u3000\u00a0\ufeff\u200b\x00\x1b\x7f"),
-                     st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF))
+ANY_CHAR = st.one_of(
+    st.characters(exclude_categories=()),
+    st.sampled_from(" \t\r\n\u3000\u00a0\ufeff\u200b\x00\x1b\x7f"),
+    st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF),
+)
 TEXT = st.text(ANY_CHAR, max_size=40)
-VALUE = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
-                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=6)
-RECORD = st.fixed_dictionaries({}, optional={"id": VALUE, "text": VALUE, "meta": st.fixed_dictionaries({}, optional={"content": VALUE, "id": VALUE})})
+VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+    max_leaves=6,
+)
+RECORD = st.fixed_dictionaries(
+    {}, optional={"id": VALUE, "text": VALUE, "meta": st.fixed_dictionaries({}, optional={"content": VALUE, "id": VALUE})}
+)
 
 
 def _line(rec_or_bytes, ascii_only: bool) -> bytes:
@@ -45,8 +53,14 @@ def test_every_line_is_a_document_or_a_quarantine_reason(lines, nested, encoding
     assume(not data.startswith(b"\xef\xbb\xbf"))  # a BOM is not a line's text
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "x.jsonl").write_bytes(data)
-        src = SourceConfig(name="t", uri="unused", format="jsonl", encoding=encoding, id_field="meta.id" if nested else "id",
-                           text_field="meta.content" if nested else "text")
+        src = SourceConfig(
+            name="t",
+            uri="unused",
+            format="jsonl",
+            encoding=encoding,
+            id_field="meta.id" if nested else "id",
+            text_field="meta.content" if nested else "text",
+        )
         got = ingest_shard(src, str(Path(d) / "*.jsonl"), 0, 1)
     decoded = [raw.decode(encoding, "replace") for raw in data.split(b"\n")]
     expected = {i for i, text in enumerate(decoded, start=1) if text.strip()}
@@ -59,13 +73,15 @@ def test_every_line_is_a_document_or_a_quarantine_reason(lines, nested, encoding
     storage.parquet_bytes(got.quarantine, schemas.QUARANTINE)
 
 
-REASONS = {corpus.INVALID_ENCODING, corpus.INVALID_UNICODE, corpus.INVALID_JSON, corpus.NOT_AN_OBJECT, corpus.MISSING_TEXT,
-           corpus.TEXT_NOT_STRING, corpus.EMPTY_TEXT, corpus.MISSING_ID, corpus.DUPLICATE_ID, corpus.EMPTY_FILE, corpus.UNREADABLE_FILE}
+REASONS = set(versions.get(versions.RAW).reasons)  # ingest's reason codes
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(fmt=st.sampled_from(["json", "txt"]), encoding=st.sampled_from(["utf-8", "gb18030", "utf-16"]),
-       payload=st.one_of(st.lists(RECORD, max_size=6), st.text(ANY_CHAR, max_size=80), st.binary(max_size=80)))
+@given(
+    fmt=st.sampled_from(["json", "txt"]),
+    encoding=st.sampled_from(["utf-8", "gb18030", "utf-16"]),
+    payload=st.one_of(st.lists(RECORD, max_size=6), st.text(ANY_CHAR, max_size=80), st.binary(max_size=80)),
+)
 def test_json_and_txt_files_in_any_encoding_give_documents_or_reasons(fmt, encoding, payload):
     if isinstance(payload, list):
         data = json.dumps(payload, ensure_ascii=False).encode(encoding, "surrogatepass")
@@ -99,13 +115,23 @@ def test_text_rules_hold_their_invariants(text):
     assert len(cut_at_whitespace_run(text)) <= len(text)
     starts_with_repeated_phrase(text)
     reason = stages.output_reason(cleaned, CFG)
-    assert reason is None or reason[0] in {stages.EMPTY_GENERATION, stages.BROKEN_TEXT, stages.BANNED_KEYWORD, stages.TOO_SHORT,
-                                           stages.REPEATED_PHRASE}
+    assert reason is None or reason[0] in {
+        stages.EMPTY_GENERATION,
+        stages.BROKEN_TEXT,
+        stages.BANNED_KEYWORD,
+        stages.TOO_SHORT,
+        stages.REPEATED_PHRASE,
+    }
 
 
-TEXT_COLUMNS = {"raw_corpus": ["text"], "filtered_corpus": ["text"], "labeled_pairs": ["text", "instruction"],
-                "scored_pairs": ["text", "instruction"], "polished_pairs": ["text", "instruction", "output"],
-                "instruction_dataset": ["instruction", "output"]}
+TEXT_COLUMNS = {
+    "raw_corpus": ["text"],
+    "filtered_corpus": ["text"],
+    "labeled_pairs": ["text", "instruction"],
+    "scored_pairs": ["text", "instruction"],
+    "polished_pairs": ["text", "instruction", "output"],
+    "instruction_dataset": ["instruction", "output"],
+}
 
 
 @settings(max_examples=60, deadline=None)

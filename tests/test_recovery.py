@@ -54,8 +54,9 @@ def instance(tmp_path, monkeypatch):
 
 
 def _hold_gpu(kind: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", HOLD_GPU, kind], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLD_GPU, kind], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True
+    )
 
 
 def _kill(*procs: subprocess.Popen) -> None:

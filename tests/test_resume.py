@@ -30,11 +30,12 @@ dg.materialize(list(defs.assets), selection=["labeled_pairs"], resources=defs.re
 
 def _setup(tmp, models_run):
     tmp.mkdir()
-    cfg_file = write_config(tmp, **given_models(models_run),
-                            **{"storage.checkpoint_rows": 2})
+    cfg_file = write_config(tmp, **given_models(models_run), **{"storage.checkpoint_rows": 2})
     defs = build_definitions(cfg_file)
     assert dg.materialize(list(defs.assets), selection=MODELS, resources=defs.resources).success
-    assert dg.materialize(list(defs.assets), selection=["raw_corpus", "filtered_corpus"], resources=defs.resources, partition_key=KEY).success
+    assert dg.materialize(
+        list(defs.assets), selection=["raw_corpus", "filtered_corpus"], resources=defs.resources, partition_key=KEY
+    ).success
     cfg = load_config(cfg_file)
     return cfg_file, defs, upath(cfg.base_uri)
 
@@ -44,8 +45,9 @@ def test_sigkill_mid_partition_then_rerun_resumes_and_equals_an_uninterrupted_ru
     staging = storage.staging_dir(base, "labeled_pairs", PART)
     published = storage.partition_dir(base, "labeled_pairs", PART)
 
-    proc = subprocess.Popen([sys.executable, "-c", RUN_ONE, str(cfg_file), KEY], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_ONE, str(cfg_file), KEY], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 180
     while len(list(staging.glob("generate-*.parquet"))) < 2:
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
@@ -58,8 +60,9 @@ def test_sigkill_mid_partition_then_rerun_resumes_and_equals_an_uninterrupted_ru
     assert not published.exists()  # nothing of the killed run is visible to readers
 
     instance = dg.DagsterInstance.ephemeral()
-    assert dg.materialize(list(defs.assets), selection=["labeled_pairs"], resources=defs.resources, partition_key=KEY,
-                          instance=instance).success
+    assert dg.materialize(
+        list(defs.assets), selection=["labeled_pairs"], resources=defs.resources, partition_key=KEY, instance=instance
+    ).success
     md = instance.fetch_materializations(dg.AssetKey("labeled_pairs"), limit=1).records[0].asset_materialization.metadata
     filtered_rows = storage.partition_rows(storage.partition_dir(base, "filtered_corpus", PART))
     batches = -(-filtered_rows // 2)
@@ -69,7 +72,10 @@ def test_sigkill_mid_partition_then_rerun_resumes_and_equals_an_uninterrupted_ru
 
     _, clean_defs, clean_base = _setup(tmp_path / "clean", models_run)
     assert dg.materialize(list(clean_defs.assets), selection=["labeled_pairs"], resources=clean_defs.resources, partition_key=KEY).success
-    for asset_dir in (lambda b: storage.partition_dir(b, "labeled_pairs", PART), lambda b: storage.quarantine_dir(b, "labeled_pairs", PART)):
+    for asset_dir in (
+        lambda b: storage.partition_dir(b, "labeled_pairs", PART),
+        lambda b: storage.quarantine_dir(b, "labeled_pairs", PART),
+    ):
         resumed, clean = storage.read_partition(asset_dir(base)), storage.read_partition(asset_dir(clean_base))
         assert resumed.equals(clean)
     resumed = storage.read_partition(published)

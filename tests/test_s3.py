@@ -43,16 +43,24 @@ class MotoServer:
 
     def __init__(self):
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_for_port(self.port, self.proc)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def client(self, service: str):
         import boto3
 
-        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
-                            aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=SECRET)
+        return boto3.client(
+            service,
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=SECRET,
+        )
 
     def enforce_auth(self) -> None:
         """From now on every request must be signed by an IAM user's key (moto's switch)."""
@@ -167,12 +175,18 @@ def s3_run(moto, models_run, tmp_path_factory):
     assets = list(defs.assets)
     assert dg.materialize(assets, selection=MODELS, resources=defs.resources, instance=instance).success
     assert dg.materialize(assets, selection=CORPUS, resources=defs.resources, instance=instance, tags=_range("wudao|0", "wudao|1")).success
-    assert dg.materialize(assets, selection=["instruction_dataset"], resources=defs.resources, instance=instance,
-                          partition_key="wudao").success
+    assert dg.materialize(
+        assets, selection=["instruction_dataset"], resources=defs.resources, instance=instance, partition_key="wudao"
+    ).success
     import s3fs
 
-    return {"fs": s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto.url}), "instance": instance, "defs": defs, "tmp": tmp,
-            "label_dir": label_dir}
+    return {
+        "fs": s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto.url}),
+        "instance": instance,
+        "defs": defs,
+        "tmp": tmp,
+        "label_dir": label_dir,
+    }
 
 
 def test_every_stage_and_its_quarantine_land_on_s3_as_hive_partitions(s3_run):
@@ -253,8 +267,9 @@ def test_endpoint_restarted_mid_run_is_retried_and_the_run_succeeds(moto, models
 
     watcher = threading.Thread(target=restart_when_labeling_started, daemon=True)
     watcher.start()
-    result = dg.materialize(list(defs.assets), selection=["raw_corpus", "filtered_corpus", "labeled_pairs"],
-                            resources=defs.resources, partition_key="wudao|0")
+    result = dg.materialize(
+        list(defs.assets), selection=["raw_corpus", "filtered_corpus", "labeled_pairs"], resources=defs.resources, partition_key="wudao|0"
+    )
     watcher.join(60)
     assert outage.get("seconds", 0) >= 3 and outage["probes_refused"] > 0  # the endpoint really was down mid-run
     assert result.success
@@ -270,18 +285,27 @@ def test_wrong_credentials_fail_clearly_and_the_secret_appears_nowhere(models_ru
         server.client("s3").create_bucket(Bucket="kun")
         iam = server.client("iam")
         iam.create_user(UserName="kun")
-        iam.put_user_policy(UserName="kun", PolicyName="all",
-                            PolicyDocument='{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}')
+        iam.put_user_policy(
+            UserName="kun",
+            PolicyName="all",
+            PolicyDocument='{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}',
+        )
         key_id = iam.create_access_key(UserName="kun")["AccessKey"]["AccessKeyId"]
         server.enforce_auth()
         wrong = "wrong-secret-4f1c9a"
         monkeypatch.setenv("KUN_S3_KEY", key_id)
         monkeypatch.setenv("KUN_S3_SECRET", wrong)
-        cfg_file = _s3_config(tmp_path, models_run, server.url,
-                              **{"storage.s3": {"access_key_id_env": "KUN_S3_KEY", "secret_access_key_env": "KUN_S3_SECRET"}})
+        cfg_file = _s3_config(
+            tmp_path,
+            models_run,
+            server.url,
+            **{"storage.s3": {"access_key_id_env": "KUN_S3_KEY", "secret_access_key_env": "KUN_S3_SECRET"}},
+        )
         defs = build_definitions(cfg_file)
         instance = dg.DagsterInstance.ephemeral()
-        result = dg.materialize(list(defs.assets), selection=["seed_data"], resources=defs.resources, instance=instance, raise_on_error=False)
+        result = dg.materialize(
+            list(defs.assets), selection=["seed_data"], resources=defs.resources, instance=instance, raise_on_error=False
+        )
         assert not result.success
         error = str([e.event_specific_data.error for e in result.all_events if e.is_failure])
         assert "refused the credentials" in error and "$KUN_S3_KEY / $KUN_S3_SECRET (values not shown)" in error

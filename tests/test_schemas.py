@@ -11,8 +11,17 @@ from .test_stages import CFG  # max_tokens 40, kun_choice scores in [0, 1]
 
 
 def raw(n=3):
-    return pd.DataFrame({"doc_id": [f"d{i}" for i in range(n)], "source": "web", "shard": 0, "file": "f.jsonl",
-                         "row": range(1, n + 1), "title": None, "text": [f"第{i}段正文。" for i in range(n)]})
+    return pd.DataFrame(
+        {
+            "doc_id": [f"d{i}" for i in range(n)],
+            "source": "web",
+            "shard": 0,
+            "file": "f.jsonl",
+            "row": range(1, n + 1),
+            "title": None,
+            "text": [f"第{i}段正文。" for i in range(n)],
+        }
+    )
 
 
 def filtered(n=3):
@@ -24,21 +33,41 @@ def labeled(n=3):
 
 
 def scored(n=3):
-    return labeled(n).assign(p_good=[0.81] * n, p_bad=[0.09] * n, answer_mass=[0.9] * n, score=[0.9] * n, score_rule="probability",
-                             score_method="kun_choice", score_reply=None)
+    return labeled(n).assign(
+        p_good=[0.81] * n,
+        p_bad=[0.09] * n,
+        answer_mass=[0.9] * n,
+        score=[0.9] * n,
+        score_rule="probability",
+        score_method="kun_choice",
+        score_reply=None,
+    )
 
 
 def polished(n=3):
-    return labeled(n).assign(score=[0.9] * n, score_method="kun_choice", score_rule="probability", output=["复利就是利息也计算利息的方法。" * 2] * n,
-                             instruction_truncated=False, polish_tokens=[30] * n, polish_finish="stop")
+    return labeled(n).assign(
+        score=[0.9] * n,
+        score_method="kun_choice",
+        score_rule="probability",
+        output=["复利就是利息也计算利息的方法。" * 2] * n,
+        instruction_truncated=False,
+        polish_tokens=[30] * n,
+        polish_finish="stop",
+    )
 
 
 def records(n=3):
     return dataset.records(polished(n), CFG, "kun-label", "kun-chat")
 
 
-GOOD = {"raw_corpus": raw, "filtered_corpus": filtered, "labeled_pairs": labeled, "scored_pairs": scored,
-        "polished_pairs": polished, "instruction_dataset": records}
+GOOD = {
+    "raw_corpus": raw,
+    "filtered_corpus": filtered,
+    "labeled_pairs": labeled,
+    "scored_pairs": scored,
+    "polished_pairs": polished,
+    "instruction_dataset": records,
+}
 
 
 def _set(df, column, i, value):
@@ -59,7 +88,11 @@ BAD = [
     ("scored_pairs", lambda: _set(scored(), "answer_mass", 1, 1.5), "answer_mass: less_than_or_equal_to"),
     ("scored_pairs", lambda: _set(scored(), "score_rule", 2, "guess"), "score_rule: isin"),
     ("polished_pairs", lambda: _set(polished(), "output", 1, "太短了"), "output: str_length(20"),
-    ("polished_pairs", lambda: _set(polished(), "output", 2, "作为一个人工智能模型，我认为复利就是利息计算利息。"), "output: no banned keyword (作为、根据"),
+    (
+        "polished_pairs",
+        lambda: _set(polished(), "output", 2, "作为一个人工智能模型，我认为复利就是利息计算利息。"),
+        "output: no banned keyword (作为、根据",
+    ),
     ("instruction_dataset", lambda: _set(records(), "task_type", 0, {"major": ["问答"]}), "task_type: coig_task_type"),
     ("instruction_dataset", lambda: records().assign(extra=1), "column_in_schema"),
 ]
@@ -94,8 +127,9 @@ def test_failing_rows_are_sampled_and_doc_ids_checked_across_batches():
 def test_score_scale_follows_the_method():
     from kun_dagster.config import parse_config
 
-    humpback = parse_config({"sources": [{"name": "web", "uri": "x", "format": "jsonl"}], "seed": {"uri": "s"},
-                             "score": {"method": "humpback_choice"}}, env={})
+    humpback = parse_config(
+        {"sources": [{"name": "web", "uri": "x", "format": "jsonl"}], "seed": {"uri": "s"}, "score": {"method": "humpback_choice"}}, env={}
+    )
     five = scored().assign(score=[4.6, 5.0, np.nan], score_method="humpback_choice")
     assert schemas.validate("scored_pairs", five, humpback).passed
     assert not schemas.validate("scored_pairs", five, CFG).passed

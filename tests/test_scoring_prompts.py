@@ -29,8 +29,11 @@ def test_probability_scores_keep_the_mass_the_model_puts_elsewhere():
 
 
 def _kun_forms():
-    return (("label", prompts.label_user("{RAW_TEXT}")), ("point", prompts.point_user("{INSTRUCTION}")),
-            ("answer", prompts.answer_user("{RAW_TEXT}", "{INSTRUCTION_TRUNCATED}")))
+    return (
+        ("label", prompts.label_user("{RAW_TEXT}")),
+        ("point", prompts.point_user("{INSTRUCTION}")),
+        ("answer", prompts.answer_user("{RAW_TEXT}", "{INSTRUCTION_TRUNCATED}")),
+    )
 
 
 def test_a_model_without_a_chat_template_gets_kuns_literal_chatml_byte_for_byte():
@@ -54,17 +57,21 @@ def test_a_chatml_template_renders_kuns_prompts():
     assert "\u200b" in prompts.point_prompt_text()  # the original's zero-width spaces are kept
 
 
-QWEN25 = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-          "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-          "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
-          "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
-          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-LLAMA3 = ("{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
-          "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = 'Cutting Knowledge Date: December 2023' %}{%- endif %}"
-          "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}{{- system_message }}{{- '<|eot_id|>' }}"
-          "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-          "+ message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
-          "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+QWEN25 = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA3 = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = 'Cutting Knowledge Date: December 2023' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    "+ message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
 
 
 @pytest.mark.parametrize("template, default, bos", [(QWEN25, "You are Qwen", ""), (LLAMA3, "Cutting Knowledge", "<|endoftext|>")])

@@ -9,23 +9,44 @@ import pytest
 from kun_dagster import scoring, stages
 from kun_dagster.config import parse_config
 
-from .test_stages import CFG
+from .test_stages import CFG, docs
 
 pytestmark = pytest.mark.slow
 
 INSTRUCTIONS = [
-    "什么是复利？请举例说明。", "如何提高睡眠质量？", "简述光合作用的过程。", "请介绍一下端午节的习俗。", "为什么天空是蓝色的？",
-    "如何挑选新鲜的鱼？", "解释一下什么是惯性。", "写一段鼓励考生的话。", "什么是云计算？", "如何预防感冒？",
-    "你认识黄丰吗？", "帮我搜索一下“李四”的百度百科。", "这个怎么办？", "继续。", "王小明现在住在哪里？",
-    "什么是民窿？  \n\n什么是民窿？", "教育具有哪些社会发展功能？\n \n \n \n \n \n \n教育具有哪些社会发展功能？",
-    "什么是排他性许可？ \n \n   -> 什么是  \n     什么是  \n", "简述？", "怎样？", "给进行？", "如何做适合自己的跌倒一个？",
-    "请写好吃的米饭安全地", "牛顿的话。", "什么是高血压？", "简述什么是云计算？", "写一段几个提高专注惯性。", "为什么说作用？",
+    "什么是复利？请举例说明。",
+    "如何提高睡眠质量？",
+    "简述光合作用的过程。",
+    "请介绍一下端午节的习俗。",
+    "为什么天空是蓝色的？",
+    "如何挑选新鲜的鱼？",
+    "解释一下什么是惯性。",
+    "写一段鼓励考生的话。",
+    "什么是云计算？",
+    "如何预防感冒？",
+    "你认识黄丰吗？",
+    "帮我搜索一下“李四”的百度百科。",
+    "这个怎么办？",
+    "继续。",
+    "王小明现在住在哪里？",
+    "什么是民窿？  \n\n什么是民窿？",
+    "教育具有哪些社会发展功能？\n \n \n \n \n \n \n教育具有哪些社会发展功能？",
+    "什么是排他性许可？ \n \n   -> 什么是  \n     什么是  \n",
+    "简述？",
+    "怎样？",
+    "给进行？",
+    "如何做适合自己的跌倒一个？",
+    "请写好吃的米饭安全地",
+    "牛顿的话。",
+    "什么是高血压？",
+    "简述什么是云计算？",
+    "写一段几个提高专注惯性。",
+    "为什么说作用？",
 ]
 
 
 def _pairs():
-    return pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(INSTRUCTIONS))], "source": "web", "shard": 0, "file": "f.jsonl",
-                         "row": range(1, len(INSTRUCTIONS) + 1), "title": None, "text": "正文。", "instruction": INSTRUCTIONS})
+    return docs(["正文。"] * len(INSTRUCTIONS)).assign(instruction=INSTRUCTIONS)
 
 
 def _kept(rows) -> pd.Series:
@@ -47,8 +68,9 @@ def test_a_model_that_answers_in_the_format_is_scored_by_probability_as_kuns_rul
     keep = _kept(rows)
     assert rows["answer_mass"].min() >= 0.5 and keep.any() and not keep.all()
     # greedy free text opens with the more likely answer: the same decision on every row it parses
-    greedy = stages.score(_pairs(), chat_engine, _cfg(**{"score.method": "kun_freetext", "sampling.temperature": 0.0,
-                                                         "sampling.max_tokens": 16})).rows
+    greedy = stages.score(
+        _pairs(), chat_engine, _cfg(**{"score.method": "kun_freetext", "sampling.temperature": 0.0, "sampling.max_tokens": 16})
+    ).rows
     parsed = greedy["score"].notna()
     assert parsed.mean() >= 0.9
     ties = (rows["p_good"] - rows["p_bad"]).abs() < 1e-3 * rows["answer_mass"]

@@ -9,8 +9,10 @@ from kun_dagster.llm import EngineError
 
 from .fakes import ScriptedEngine
 
-CFG = parse_config({"sources": [{"name": "web", "uri": "x", "format": "jsonl"}], "seed": {"uri": "s"},
-                    "filter": {"max_tokens": 40, "perplexity_max": 50}}, env={})
+CFG = parse_config(
+    {"sources": [{"name": "web", "uri": "x", "format": "jsonl"}], "seed": {"uri": "s"}, "filter": {"max_tokens": 40, "perplexity_max": 50}},
+    env={},
+)
 
 
 def kept(rows, cfg=CFG) -> list[bool]:
@@ -19,8 +21,17 @@ def kept(rows, cfg=CFG) -> list[bool]:
 
 
 def docs(texts):
-    return pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(texts))], "source": "web", "shard": 0, "file": "f.jsonl",
-                         "row": range(1, len(texts) + 1), "title": None, "text": texts})
+    return pd.DataFrame(
+        {
+            "doc_id": [f"d{i}" for i in range(len(texts))],
+            "source": "web",
+            "shard": 0,
+            "file": "f.jsonl",
+            "row": range(1, len(texts) + 1),
+            "title": None,
+            "text": texts,
+        }
+    )
 
 
 def test_filter_corpus_drops_with_reasons_and_keeps_order():
@@ -29,7 +40,12 @@ def test_filter_corpus_drops_with_reasons_and_keeps_order():
     res = stages.filter_corpus(df, eng.tokenizer, eng, CFG)
     assert res.rows["doc_id"].tolist() == ["d0"]
     assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {
-        "d1": "empty_after_clean", "d2": "duplicate_text", "d3": "too_many_tokens", "d4": "high_perplexity", "d5": "perplexity_undefined"}
+        "d1": "empty_after_clean",
+        "d2": "duplicate_text",
+        "d3": "too_many_tokens",
+        "d4": "high_perplexity",
+        "d5": "perplexity_undefined",
+    }
     assert res.dropped.set_index("doc_id").loc["d2", "detail"] == "same text as d0"
     assert res.stats["rows_in"] == 6 and res.stats["rows_out"] == 1 and res.stats["dropped"]["duplicate_text"] == 1
     assert res.rows.loc[0, "perplexity"] == 5.0 and res.rows.loc[0, "n_tokens"] <= 40
@@ -40,7 +56,11 @@ def test_label_uses_kun_prompt_keeps_the_raw_instruction_and_filters_keywords():
     res = stages.label(docs(["甲", "乙", "丙", "丁", "戊"]), eng, CFG)
     # as written, less trailing whitespace: Kun scores before it cuts whitespace runs and repeated lines
     assert res.rows["instruction"].tolist() == ["什么是复利？", "什么是蜜蜂？     \n -> 什么是"]
-    assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {"d1": "banned_keyword", "d2": "empty_generation", "d4": "broken_text"}
+    assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {
+        "d1": "banned_keyword",
+        "d2": "empty_generation",
+        "d4": "broken_text",
+    }
     assert res.dropped.set_index("doc_id").loc["d4", "detail"].startswith("instruction holds U+FFFD")
     assert eng.prompts[0] == prompts.render(eng.tokenizer, "请直接告诉我，以下回复最有可能对应的指令是什么：\n甲")
 
@@ -100,8 +120,11 @@ def test_free_text_scoring_counts_parse_failures():
 def test_the_scorer_sees_the_raw_instruction_and_polish_cleans_it_after():
     """Kun's order, with the point prompt's own 【差】 examples: the scorer must see the blank lines
     and the repeated question it was taught to reject; the cleaning comes after."""
-    raw = ["什么是民窿？  \n\n什么是民窿？", "教育具有哪些社会发展功能？\n \n \n \n \n \n \n教育具有哪些社会发展功能？",
-           "什么是排他性许可？ \n \n   -> 什么是  \n     什么是  \n"]
+    raw = [
+        "什么是民窿？  \n\n什么是民窿？",
+        "教育具有哪些社会发展功能？\n \n \n \n \n \n \n教育具有哪些社会发展功能？",
+        "什么是排他性许可？ \n \n   -> 什么是  \n     什么是  \n",
+    ]
     labeler = ScriptedEngine(replies=raw)
     labeled = stages.label(docs(["甲文", "乙文", "丙文"]), labeler, CFG)
     assert labeled.rows["instruction"].tolist() == [r.rstrip() for r in raw]
@@ -144,13 +167,18 @@ def test_humpback_free_text_parses_the_last_score():
 
 def test_polish_applies_output_filters_and_dedup():
     scored = docs(["甲文", "乙文", "丙文", "丁文", "戊文", "己文"]).assign(
-        instruction="问题", score=[0.9] * 5 + [0.1], score_method="kun_choice", score_rule="probability")
+        instruction="问题", score=[0.9] * 5 + [0.1], score_method="kun_choice", score_rule="probability"
+    )
     good = "复利是把每一期的利息计入本金，下一期一起计息。"
     eng = ScriptedEngine(replies=[good, "太短了", "作为一个AI，" + good, good, "好的" * 8 + good])
     res = stages.polish(scored, eng, CFG)
     assert res.rows[["doc_id", "output"]].values.tolist() == [["d0", good]]
     assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {
-        "d1": "too_short", "d2": "banned_keyword", "d3": "duplicate_output", "d4": "repeated_phrase"}
+        "d1": "too_short",
+        "d2": "banned_keyword",
+        "d3": "duplicate_output",
+        "d4": "repeated_phrase",
+    }
     assert res.stats["not_kept_by_score"] == 1 and res.stats["keep_rate"] == round(5 / 6, 4)
     # a new threshold changes what polish keeps, from the same scores: nothing is re-scored
     strict = parse_config({**CFG.model_dump(), "score": {"threshold": 0.95}}, env={})

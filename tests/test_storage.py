@@ -62,8 +62,10 @@ def test_empty_partition_keeps_string_columns(tmp_path):
 def test_store_options_per_uri():
     from kun_dagster.config import StorageConfig
 
-    settings = StorageConfig(s3={"endpoint_url": "http://minio:9000", "region": "eu-west-1", "path_style": True, "max_attempts": 4},
-                             storage_options={"client_kwargs": {"verify": False}})
+    settings = StorageConfig(
+        s3={"endpoint_url": "http://minio:9000", "region": "eu-west-1", "path_style": True, "max_attempts": 4},
+        storage_options={"client_kwargs": {"verify": False}},
+    )
     store = Store(settings, {"key": "id", "secret": "s3cr3t"})
     opts = store.options("s3://bucket/kun")
     assert opts["client_kwargs"] == {"verify": False, "endpoint_url": "http://minio:9000", "region_name": "eu-west-1"}
@@ -121,9 +123,33 @@ def test_an_empty_partition_has_its_versions_full_schema_and_reads_as_one_empty_
     staged = sink.close()
     assert staged.rows == 0 and staged.schema.names == ["doc_id", "file", "row", "title", "text"]  # source, shard: in the path
     full = storage.partition_dir(base, "labeled_pairs", {"source": "web", "shard": "4"})
-    storage.write_partition(full, schemas.empty_frame("labeled_pairs").pipe(lambda f: pd.concat([f, pd.DataFrame(
-        {"doc_id": ["a"], "source": ["web"], "shard": [4], "file": ["f"], "row": [1], "title": [None], "text": ["正文"], "n_tokens": [2],
-         "perplexity": [3.0], "instruction": ["问"], "label_tokens": [1], "label_finish": ["stop"]})])), schemas.arrow_schema("labeled_pairs"))
+    storage.write_partition(
+        full,
+        schemas.empty_frame("labeled_pairs").pipe(
+            lambda f: pd.concat(
+                [
+                    f,
+                    pd.DataFrame(
+                        {
+                            "doc_id": ["a"],
+                            "source": ["web"],
+                            "shard": [4],
+                            "file": ["f"],
+                            "row": [1],
+                            "title": [None],
+                            "text": ["正文"],
+                            "n_tokens": [2],
+                            "perplexity": [3.0],
+                            "instruction": ["问"],
+                            "label_tokens": [1],
+                            "label_finish": ["stop"],
+                        }
+                    ),
+                ]
+            )
+        ),
+        schemas.arrow_schema("labeled_pairs"),
+    )
     both = pads.dataset(str(base / "labeled_pairs"), partitioning="hive").to_table()  # one schema across empty and full
     assert both.num_rows == 1 and both.schema.field("title").type == "string"
 

@@ -25,7 +25,15 @@ class PerplexityByText(ScriptedEngine):
 
 
 def test_batched_filter_equals_the_whole_frame_and_finds_duplicates_across_batches(tmp_path):
-    texts = ["复利是指利息计入本金。", "\x00  \n", "蜜蜂的分工很细。", "长" * 300, "复利是指利息计入本金。 ", "乱码乱码。", "蜜蜂的分工很细。"]
+    texts = [
+        "复利是指利息计入本金。",
+        "\x00  \n",
+        "蜜蜂的分工很细。",
+        "长" * 300,
+        "复利是指利息计入本金。 ",
+        "乱码乱码。",
+        "蜜蜂的分工很细。",
+    ]
     frame = docs(texts)
     whole = stages.filter_corpus(frame, PerplexityByText().tokenizer, PerplexityByText(), CFG)
     eng = PerplexityByText()
@@ -61,7 +69,9 @@ def test_sink_keeps_one_schema_and_skips_empty_batches(tmp_path):
 def test_iter_shard_batches_add_up_to_the_shard_and_a_truncated_file_keeps_its_first_rows(tmp_path):
     lines = [json.dumps({"id": f"d{i}", "text": f"第{i}段正文。"}, ensure_ascii=False) for i in range(10)]
     (tmp_path / "a.jsonl").write_text("\n".join(lines[:7] + ["{bad"] + lines[7:]) + "\n")
-    many = [json.dumps({"id": f"g{i}", "text": f"第{i}段，足够长的正文让解压后的数据超过一个读块。"}, ensure_ascii=False) for i in range(30000)]
+    many = [
+        json.dumps({"id": f"g{i}", "text": f"第{i}段，足够长的正文让解压后的数据超过一个读块。"}, ensure_ascii=False) for i in range(30000)
+    ]
     whole_gz = gzip.compress(("\n".join(many) + "\n").encode())
     (tmp_path / "b.jsonl.gz").write_bytes(whole_gz[: len(whole_gz) * 3 // 4])  # cut mid-stream
     src = SourceConfig(name="t", uri="unused", format="jsonl", id_field="id")

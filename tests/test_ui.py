@@ -40,8 +40,16 @@ else:
 pytestmark = pytest.mark.slow
 expect.set_options(timeout=30_000)  # pages on 2 busy cores
 # Root in a container: no sandbox; a closed network: no background connections to refuse.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 RUN_TIMEOUT = 600  # seconds for a run or a backfill on 2 CPU cores (a one-source backfill takes ~2 minutes)
 
 
@@ -188,8 +196,10 @@ def test_a_one_source_backfill_runs_through_the_daemon_and_its_checks_read_on_th
     ui.shot("backfill")
 
     # Check results on polished_pairs' page, as the instance recorded them.
-    keys = [dg.AssetCheckKey(dg.AssetKey("polished_pairs"), c)
-            for c in ("schema", "keep_rate", "retention", "empty_output_rate", "duplicate_rate", "faithfulness")]
+    keys = [
+        dg.AssetCheckKey(dg.AssetKey("polished_pairs"), c)
+        for c in ("schema", "keep_rate", "retention", "empty_output_rate", "duplicate_rate", "faithfulness")
+    ]
     passed = {k.name: r.evaluation.passed for k, r in ui.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys).items()}
     assert len(passed) == len(keys)
     assert passed["schema"] and not passed["faithfulness"]  # bound 0.0: any unfaithful answer fails it
@@ -205,8 +215,11 @@ def test_a_one_source_backfill_runs_through_the_daemon_and_its_checks_read_on_th
 
     # The stage metadata of one partition: the score histogram as a table.
     key = dg.MultiPartitionKey({"source": "skypile", "source_shard": "1"})
-    md = ui.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("scored_pairs"), asset_partitions=[key]),
-                                            limit=1).records[0].asset_materialization.metadata
+    md = (
+        ui.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("scored_pairs"), asset_partitions=[key]), limit=1)
+        .records[0]
+        .asset_materialization.metadata
+    )
     ui.goto("/assets/scored_pairs?view=partitions&partition=" + urllib.parse.quote("skypile|1"))
     histogram = ui.page.get_by_text("histogram", exact=True).locator("xpath=ancestor::tr[1]")
     for record in md["histogram"].records:
@@ -215,6 +228,10 @@ def test_a_one_source_backfill_runs_through_the_daemon_and_its_checks_read_on_th
 
     # The daemon's sensor posts each failed check once (it ticks every 30 s).
     failed = {c for c, ok in passed.items() if not ok}
-    wait_for("alerts for the failed checks", lambda: all(any(f"polished_pairs / {c}" in b["text"] for b in ui.hook.bodies) for c in failed),
-          120, ui.log)
+    wait_for(
+        "alerts for the failed checks",
+        lambda: all(any(f"polished_pairs / {c}" in b["text"] for b in ui.hook.bodies) for c in failed),
+        120,
+        ui.log,
+    )
     assert not any("run failed" in b["text"] for b in ui.hook.bodies)

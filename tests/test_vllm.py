@@ -41,9 +41,13 @@ def engines(models_run):
     """label model on both engines, and the base model on vLLM (perplexity)."""
     refs = models_run["refs"]
     out = {}
-    for name, role, backend in (("label_vllm", "label_model", "vllm"), ("base_vllm", "base_model", "vllm"),
-                                ("label_hf", "label_model", "transformers"), ("base_hf", "base_model", "transformers"),
-                                ("label_vllm_stream", "label_model", "vllm")):
+    for name, role, backend in (
+        ("label_vllm", "label_model", "vllm"),
+        ("base_vllm", "base_model", "vllm"),
+        ("label_hf", "label_model", "transformers"),
+        ("base_hf", "base_model", "transformers"),
+        ("label_vllm_stream", "label_model", "vllm"),
+    ):
         ref = refs[role]
         vllm_settings = {**VLLM, "seed_per_request": not name.endswith("_stream")}  # _stream: one engine-level sampling stream
         out[name] = load_engine(EngineSpec.of(ref["path"], ref["name"], backend=backend, dtype="float32", batch_size=8, vllm=vllm_settings))
@@ -87,11 +91,14 @@ def test_a_sampled_row_does_not_depend_on_its_batch(engines):
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
-@pytest.mark.parametrize("choices", [
-    ["【好】", "【差】"],                 # Kun's answers: several tokens each, sharing 【 and 】
-    ["1", "2", "3", "4", "5"],          # Humpback's: one token each
-    ["好", "好的", "不好", "【差】"],     # one answer a prefix of another, different lengths
-])
+@pytest.mark.parametrize(
+    "choices",
+    [
+        ["【好】", "【差】"],  # Kun's answers: several tokens each, sharing 【 and 】
+        ["1", "2", "3", "4", "5"],  # Humpback's: one token each
+        ["好", "好的", "不好", "【差】"],  # one answer a prefix of another, different lengths
+    ],
+)
 def test_choice_logprobs_within_1e3_of_the_transformers_engine(engines, choices, exact):
     hf, vl = engines["label_hf"], engines["label_vllm"]
     instructions = ["什么是复利？", "你认识黄丰吗？", "请介绍长城的历史。", "写一首关于春天的诗。", "如何做番茄炒蛋？", "解释光合作用。"]
@@ -151,7 +158,7 @@ def test_answer_rows_under_the_prefix_cache_are_recomputed(engines, monkeypatch)
     monkeypatch.setattr(vl, "_run", lambda p, params: reads.append(params.skip_reading_prefix_cache) or real_run(p, params))
     got = vl._answer_logprobs([ids], answers)[0]
     assert True in reads  # the rerun without the cache happened
-    want = [lp[n - 1:].sum() for lp in hf._token_logprobs([ids + a for a in answers])]
+    want = [lp[n - 1 :].sum() for lp in hf._token_logprobs([ids + a for a in answers])]
     assert np.allclose(got, want, atol=1e-3)
 
 
@@ -184,8 +191,11 @@ def test_a_model_vllm_cannot_serve_names_the_model_and_the_backend_to_use(tmp_pa
     from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
 
     tok = AutoTokenizer.from_pretrained(models_run["refs"]["label_model"]["path"])
-    model = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=2,
-                                           attention_types=[[["global"], 2]], max_position_embeddings=256))
+    model = GPTNeoForCausalLM(
+        GPTNeoConfig(
+            vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=2, attention_types=[[["global"], 2]], max_position_embeddings=256
+        )
+    )
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     with pytest.raises(EngineError, match=r"cannot serve model tiny-neo .*GPTNeoForCausalLM.*backend: transformers"):
@@ -196,14 +206,23 @@ def test_a_model_vllm_cannot_serve_names_the_model_and_the_backend_to_use(tmp_pa
 
 def test_a_failing_engine_start_is_an_engine_error(tmp_path, models_run):
     with pytest.raises(EngineError, match="vLLM could not start model kun-label"):
-        load_engine(EngineSpec.of(models_run["refs"]["label_model"]["path"], "kun-label", backend="vllm",
-                                  vllm={"enforce_eager": True, "engine_kwargs": {"block_size": 7}}))
+        load_engine(
+            EngineSpec.of(
+                models_run["refs"]["label_model"]["path"],
+                "kun-label",
+                backend="vllm",
+                vllm={"enforce_eager": True, "engine_kwargs": {"block_size": 7}},
+            )
+        )
 
 
 def test_the_whole_graph_on_vllm_for_two_partitions(tmp_path, models_run):
     refs = models_run["refs"]
-    overrides = {f"models.{role}.{k}": v for role in ("base", "label", "chat")
-                 for k, v in (("backend", "vllm"), ("path", refs[f"{role}_model"]["path"]), ("vllm", VLLM))}
+    overrides = {
+        f"models.{role}.{k}": v
+        for role in ("base", "label", "chat")
+        for k, v in (("backend", "vllm"), ("path", refs[f"{role}_model"]["path"]), ("vllm", VLLM))
+    }
     cfg_file = write_config(tmp_path, **overrides)
     defs = build_definitions(cfg_file)
     instance = dg.DagsterInstance.ephemeral()
@@ -212,12 +231,17 @@ def test_the_whole_graph_on_vllm_for_two_partitions(tmp_path, models_run):
     assets = list(defs.assets)
     assert dg.materialize(assets, selection=MODELS, resources=defs.resources, instance=instance).success
     assert dg.materialize(assets, selection=CORPUS, resources=defs.resources, instance=instance, tags=tags).success
-    assert dg.materialize(assets, selection=["instruction_dataset"], resources=defs.resources, instance=instance,
-                          partition_key="wudao").success
+    assert dg.materialize(
+        assets, selection=["instruction_dataset"], resources=defs.resources, instance=instance, partition_key="wudao"
+    ).success
 
     base = upath(load_config(cfg_file).base_uri)
-    frames = {a: pd.concat([storage.read_partition(storage.partition_dir(base, a, {"source": "wudao", "shard": s}))
-                            for s in ("0", "1")], ignore_index=True) for a in CORPUS}
+    frames = {
+        a: pd.concat(
+            [storage.read_partition(storage.partition_dir(base, a, {"source": "wudao", "shard": s})) for s in ("0", "1")], ignore_index=True
+        )
+        for a in CORPUS
+    }
     assert len(frames["filtered_corpus"]) > 0
     assert frames["filtered_corpus"]["perplexity"].gt(1).all()  # computed by the base model on vLLM
     assert len(frames["labeled_pairs"]) > 0 and frames["labeled_pairs"]["instruction"].str.len().gt(0).all()
@@ -230,5 +254,7 @@ def test_the_whole_graph_on_vllm_for_two_partitions(tmp_path, models_run):
     for asset, role in model_of.items():  # checkpoints given by path are named after their folder
         for shard in ("0", "1"):
             mk = dg.MultiPartitionKey({"source": "wudao", "source_shard": shard})
-            rec = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[mk]), limit=1).records
+            rec = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[mk]), limit=1
+            ).records
             assert rec[0].asset_materialization.metadata["engine"].value == f"vllm: {role}", (asset, shard)

@@ -109,15 +109,30 @@ def build(root: Path, seed: int = 7) -> Wild:
     (d / "part" / "d-truncated.jsonl.gz").write_bytes(packed[: len(packed) - 400])  # cut inside the long last row
     w.planted.append(("raw_corpus", s, "d-truncated.jsonl.gz", len(c_good), "unreadable_file"))
     w.valid += [(s, i) for i in c_good]
-    w.sources.append({"name": s, "uri": str(d / "part" / "*"), "format": "jsonl", "compression": "infer",
-                      "text_field": "meta.content", "id_field": "meta.id", "title_field": "meta.title"})
+    w.sources.append(
+        {
+            "name": s,
+            "uri": str(d / "part" / "*"),
+            "format": "jsonl",
+            "compression": "infer",
+            "text_field": "meta.content",
+            "id_field": "meta.id",
+            "title_field": "meta.title",
+        }
+    )
 
     # -- gb: GB18030 text files, one paragraph with bytes GB18030 cannot decode -----------------------
     d = root / "gb"
     d.mkdir()
     paras = [sentence(rng) for _ in range(5)]
-    raw = b"\r\n\r\n".join(p.encode("gb18030") for p in paras[:3]) + b"\r\n\r\n" + "坏字节".encode("gb18030") + b"\x81\x20\xff" \
-        + b"\r\n\r\n" + b"\r\n\r\n".join(p.encode("gb18030") for p in paras[3:])
+    raw = (
+        b"\r\n\r\n".join(p.encode("gb18030") for p in paras[:3])
+        + b"\r\n\r\n"
+        + "坏字节".encode("gb18030")
+        + b"\x81\x20\xff"
+        + b"\r\n\r\n"
+        + b"\r\n\r\n".join(p.encode("gb18030") for p in paras[3:])
+    )
     (d / "gb-0001.txt").write_bytes(raw)
     w.planted.append(("raw_corpus", "gb", "gb-0001.txt", 4, "invalid_encoding"))
     w.valid += [("gb", f"gb-0001.txt:{i}") for i in (1, 2, 3, 5, 6)]
@@ -136,17 +151,27 @@ def build(root: Path, seed: int = 7) -> Wild:
     d = root / "pq"
     d.mkdir()
     rows = [{"uid": 300 + k, "meta": {"content": sentence(rng), "lang": "zh"}} for k in range(4)]
-    rows += [{"uid": 310, "meta": {"content": None, "lang": "zh"}}, {"uid": 311, "meta": None}, {"uid": None, "meta": {"content": sentence(rng), "lang": "zh"}}]
+    rows += [
+        {"uid": 310, "meta": {"content": None, "lang": "zh"}},
+        {"uid": 311, "meta": None},
+        {"uid": None, "meta": {"content": sentence(rng), "lang": "zh"}},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), d / "part-000.parquet")
-    w.planted += [("raw_corpus", "pq", "part-000.parquet", 5, "missing_text"), ("raw_corpus", "pq", "part-000.parquet", 6, "missing_text"),
-                  ("raw_corpus", "pq", "part-000.parquet", 7, "missing_id")]
+    w.planted += [
+        ("raw_corpus", "pq", "part-000.parquet", 5, "missing_text"),
+        ("raw_corpus", "pq", "part-000.parquet", 6, "missing_text"),
+        ("raw_corpus", "pq", "part-000.parquet", 7, "missing_id"),
+    ]
     w.valid += [("pq", str(300 + k)) for k in range(4)]
     zst = [{"uid": 400 + k, "meta": {"content": sentence(rng)}} for k in range(3)] + [{"uid": 400, "meta": {"content": sentence(rng)}}]
-    (d / "part-001.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in zst).encode()))
+    (d / "part-001.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in zst).encode())
+    )
     w.planted.append(("raw_corpus", "pqzst", "part-001.jsonl.zst", 4, "duplicate_id"))  # uid 400 is kept at row 1
     w.valid += [("pqzst", str(400 + k)) for k in range(3)]
-    w.sources.append({"name": "pq", "uri": str(d / "part-000.parquet"), "format": "parquet", "text_field": "meta.content", "id_field": "uid"})
+    w.sources.append(
+        {"name": "pq", "uri": str(d / "part-000.parquet"), "format": "parquet", "text_field": "meta.content", "id_field": "uid"}
+    )
     w.sources.append({"name": "pqzst", "uri": str(d / "*.jsonl.zst"), "format": "jsonl", "text_field": "meta.content", "id_field": "uid"})
 
     # -- onefile: one file for every shard (the others are empty partitions) ---------------------------
@@ -174,5 +199,8 @@ def ingest_shard(source, uri: str, shard: int, shards: int, storage_options: dic
     from kun_dagster.corpus import Ingested, iter_shard
 
     batches = list(iter_shard(source, uri, shard, shards, storage_options))
-    return Ingested(docs=pd.concat([b.docs for b in batches], ignore_index=True),
-                    quarantine=pd.concat([b.quarantine for b in batches], ignore_index=True), files=batches[0].files)
+    return Ingested(
+        docs=pd.concat([b.docs for b in batches], ignore_index=True),
+        quarantine=pd.concat([b.quarantine for b in batches], ignore_index=True),
+        files=batches[0].files,
+    )

@@ -66,15 +66,26 @@ class Checkpointed:
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
         return self._batched(
-            "generate", prompts, params, lambda b: self.engine.generate(b, params),
-            lambda gens: pd.DataFrame({"text": [g.text for g in gens], "num_tokens": [g.num_tokens for g in gens],
-                                       "finish_reason": [g.finish_reason for g in gens]}),
+            "generate",
+            prompts,
+            params,
+            lambda b: self.engine.generate(b, params),
+            lambda gens: pd.DataFrame(
+                {
+                    "text": [g.text for g in gens],
+                    "num_tokens": [g.num_tokens for g in gens],
+                    "finish_reason": [g.finish_reason for g in gens],
+                }
+            ),
             lambda df: [Generation(r.text, int(r.num_tokens), r.finish_reason) for r in df.itertuples()],
         )
 
     def choice_logprobs(self, prompts: list[str], choices: list[str], exact: bool = False) -> np.ndarray:
         rows = self._batched(
-            "choice", prompts, (choices, exact), lambda b: list(self.engine.choice_logprobs(b, choices, exact)),
+            "choice",
+            prompts,
+            (choices, exact),
+            lambda b: list(self.engine.choice_logprobs(b, choices, exact)),
             lambda lps: pd.DataFrame({"logprobs": [np.asarray(p, dtype=float) for p in lps]}),
             lambda df: [np.asarray(p, dtype=float) for p in df["logprobs"]],
         )
@@ -82,7 +93,10 @@ class Checkpointed:
 
     def perplexity(self, texts: list[str]) -> np.ndarray:
         rows = self._batched(
-            "perplexity", texts, None, lambda b: list(self.engine.perplexity(b)),
+            "perplexity",
+            texts,
+            None,
+            lambda b: list(self.engine.perplexity(b)),
             lambda ppl: pd.DataFrame({"perplexity": np.asarray(ppl, dtype=float)}),
             lambda df: df["perplexity"].tolist(),
         )
@@ -90,4 +104,3 @@ class Checkpointed:
 
     def close(self) -> None:  # the engine belongs to its resource, which closes it
         pass
-

@@ -86,13 +86,19 @@ class HFEngine:
             ids, mask = self._pad([encoded[i] for i in idx], left=True)
             with torch.inference_mode():
                 gen = self.model.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=sample,
-                    temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-                    top_k=0 if sample else None, repetition_penalty=params.repetition_penalty,
-                    max_new_tokens=params.max_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=sample,
+                    temperature=params.temperature if sample else None,
+                    top_p=params.top_p if sample else None,
+                    top_k=0 if sample else None,
+                    repetition_penalty=params.repetition_penalty,
+                    max_new_tokens=params.max_tokens,
+                    eos_token_id=self.eos_ids,
+                    pad_token_id=self.pad_id,
                 )
             for row, i in enumerate(idx):
-                new = gen[row, ids.shape[1]:].tolist()
+                new = gen[row, ids.shape[1] :].tolist()
                 ended = next((k for k, t in enumerate(new) if t in self.eos_ids), None)
                 tokens = new if ended is None else new[:ended]
                 raw = self.tokenizer.decode(tokens, skip_special_tokens=False)
@@ -117,8 +123,9 @@ class HFEngine:
             ids, mask = self._pad([prompt_ids[i] + common for i in idx], left=True)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=exact,
-                                 logits_to_keep=len(common) + 1)  # only the rows that are read: a 150k vocabulary is large
+                out = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=exact, logits_to_keep=len(common) + 1
+                )  # only the rows that are read: a 150k vocabulary is large
                 logp = torch.log_softmax(out.logits.float(), dim=-1)
                 opening = sum((logp[:, j, t] for j, t in enumerate(common)), torch.zeros(len(idx), device=logp.device))
                 nxt = logp[:, -1]

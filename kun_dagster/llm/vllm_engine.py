@@ -91,13 +91,23 @@ class VLLMEngine:
         if kv_gib is None and current_platform.is_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             kv_gib = CPU_KV_CACHE_GIB
         args = dict(
-            model=spec.path, tokenizer=spec.path, dtype=spec.settings.dtype, seed=s.seed, tensor_parallel_size=s.tensor_parallel_size,
-            gpu_memory_utilization=s.gpu_memory_utilization, enable_prefix_caching=s.enable_prefix_caching,
-            enforce_eager=s.enforce_eager, disable_log_stats=True,
+            model=spec.path,
+            tokenizer=spec.path,
+            dtype=spec.settings.dtype,
+            seed=s.seed,
+            tensor_parallel_size=s.tensor_parallel_size,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            enable_prefix_caching=s.enable_prefix_caching,
+            enforce_eager=s.enforce_eager,
+            disable_log_stats=True,
         )
-        optional = dict(max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
-                        max_num_batched_tokens=s.max_num_batched_tokens, quantization=s.quantization,
-                        kv_cache_memory_bytes=int(kv_gib * 2**30) if kv_gib else None)
+        optional = dict(
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens,
+            quantization=s.quantization,
+            kv_cache_memory_bytes=int(kv_gib * 2**30) if kv_gib else None,
+        )
         args.update({k: v for k, v in optional.items() if v is not None})
         if s.seed_per_request and current_platform.is_cpu():
             # vLLM 0.32's CPU backend cannot rewind a seeded request's generator after a partial
@@ -146,9 +156,13 @@ class VLLMEngine:
     # -- protocol ------------------------------------------------------------------------------
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
         sp = self._vllm.SamplingParams(
-            temperature=params.temperature, top_p=params.top_p if params.temperature > 0 else 1.0,
-            repetition_penalty=params.repetition_penalty, max_tokens=params.max_tokens, stop=list(params.stop),
-            stop_token_ids=self.eos_ids, skip_special_tokens=False,
+            temperature=params.temperature,
+            top_p=params.top_p if params.temperature > 0 else 1.0,
+            repetition_penalty=params.repetition_penalty,
+            max_tokens=params.max_tokens,
+            stop=list(params.stop),
+            stop_token_ids=self.eos_ids,
+            skip_special_tokens=False,
         )
         if self.settings.seed_per_request and params.temperature > 0:
             # each request its own seed (run seed + prompt): its sample does not depend on its batch,
@@ -180,8 +194,13 @@ class VLLMEngine:
         0.5 always follows the opening (each of its tokens then holds over half the mass, so it is
         the greedy choice); a row that leaves it (the rows under the mass, mostly) is returned to
         be read the slower way."""
-        sp = self._vllm.SamplingParams(max_tokens=len(common) + 1, temperature=0.0, ignore_eos=True, detokenize=False,
-                                       logprob_token_ids=sorted(set(common) | set(firsts)))
+        sp = self._vllm.SamplingParams(
+            max_tokens=len(common) + 1,
+            temperature=0.0,
+            ignore_eos=True,
+            detokenize=False,
+            logprob_token_ids=sorted(set(common) | set(firsts)),
+        )
         scores, left = np.zeros((len(prompt_ids), len(firsts))), []
         for r, o in enumerate(self._run(prompt_ids, sp)):
             out = o.outputs[0]
@@ -236,8 +255,9 @@ class VLLMEngine:
 
     def _prompt_logprob_params(self, read_cache: bool):
         # detokenize=False: no text wanted, and rows left uncomputed under the cache are never decoded
-        return self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, flat_logprobs=True,
-                                         detokenize=False, skip_reading_prefix_cache=not read_cache)
+        return self._vllm.SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, flat_logprobs=True, detokenize=False, skip_reading_prefix_cache=not read_cache
+        )
 
     def _prompt_rows(self, out, ids: list[int], first: int) -> np.ndarray:
         """log p(ids[k] | ids[:k]) for k >= first, from a prompt_logprobs=0 request."""

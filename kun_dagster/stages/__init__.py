@@ -27,7 +27,27 @@ from .polished import output_reason, polish
 from .raw import corpus_texts, ingest
 from .scored import score
 
-__all__ = ["BANNED_KEYWORD", "BROKEN_TEXT", "DUPLICATE_OUTPUT", "DUPLICATE_TEXT", "EMPTY_AFTER_CLEAN", "EMPTY_GENERATION",
-           "HIGH_PERPLEXITY", "PERPLEXITY_UNDEFINED", "PROMPT_OVER_BUDGET", "REPEATED_PHRASE", "TOO_MANY_TOKENS", "TOO_SHORT",
-           "StageResult", "clean_instruction", "corpus_texts", "filter_corpus", "ingest", "label", "output_reason", "polish",
-           "sampling_params", "score"]
+__all__ = [
+    "BANNED_KEYWORD",
+    "BROKEN_TEXT",
+    "DUPLICATE_OUTPUT",
+    "DUPLICATE_TEXT",
+    "EMPTY_AFTER_CLEAN",
+    "EMPTY_GENERATION",
+    "HIGH_PERPLEXITY",
+    "PERPLEXITY_UNDEFINED",
+    "PROMPT_OVER_BUDGET",
+    "REPEATED_PHRASE",
+    "TOO_MANY_TOKENS",
+    "TOO_SHORT",
+    "StageResult",
+    "clean_instruction",
+    "corpus_texts",
+    "filter_corpus",
+    "ingest",
+    "label",
+    "output_reason",
+    "polish",
+    "sampling_params",
+    "score",
+]

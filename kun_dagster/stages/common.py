@@ -43,8 +43,9 @@ class StageResult:
 
 def sampling_params(cfg: KunConfig) -> SamplingParams:
     s = cfg.sampling
-    return SamplingParams(temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-                          max_tokens=s.max_tokens, seed=s.seed)
+    return SamplingParams(
+        temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens, seed=s.seed
+    )
 
 
 def dropped_rows(df: pd.DataFrame, reasons: pd.Series, detail: pd.Series, sample_col: str) -> pd.DataFrame:
@@ -59,12 +60,12 @@ def dropped_rows(df: pd.DataFrame, reasons: pd.Series, detail: pd.Series, sample
 
 def no_reasons(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """Per-row (reason, detail), None = keep; a stage fills them in as its rules fire."""
-    return (pd.Series([None] * len(df), index=df.index, dtype=object),
-            pd.Series([None] * len(df), index=df.index, dtype=object))
+    return (pd.Series([None] * len(df), index=df.index, dtype=object), pd.Series([None] * len(df), index=df.index, dtype=object))
 
 
-def mark_duplicates(df: pd.DataFrame, column: str, reason: pd.Series, detail: pd.Series, code: str,
-                     first: dict[bytes, str] | None = None) -> None:
+def mark_duplicates(
+    df: pd.DataFrame, column: str, reason: pd.Series, detail: pd.Series, code: str, first: dict[bytes, str] | None = None
+) -> None:
     """Drop every later row whose `column` equals (up to whitespace) an earlier kept row's; `first`
     (a 16-byte hash of each kept text -> its doc id) carries the kept texts across batches."""
     first = {} if first is None else first
@@ -86,8 +87,22 @@ def summary(values, digits: int = 2) -> dict:
 
 def stage_stats(n_in: int, result_rows: int, reasons, **extra) -> dict:
     counts = Counter(r for r in reasons if isinstance(r, str))
-    return {"rows_in": n_in, "rows_out": result_rows, "retention": round(result_rows / n_in, 4) if n_in else None,
-            "dropped": dict(sorted(counts.items())), **extra}
+    return {
+        "rows_in": n_in,
+        "rows_out": result_rows,
+        "retention": round(result_rows / n_in, 4) if n_in else None,
+        "dropped": dict(sorted(counts.items())),
+        **extra,
+    }
+
+
+def finish(df: pd.DataFrame, reason: pd.Series, detail: pd.Series, sample_col: str, extra=lambda kept: {}) -> StageResult:
+    """The stage's result: the rows with no reason (kept), the others as quarantine rows, the
+    counts, and `extra(kept)` figures."""
+    kept = df[reason.isna()].reset_index(drop=True)
+    return StageResult(
+        rows=kept, dropped=dropped_rows(df, reason, detail, sample_col), stats=stage_stats(len(df), len(kept), reason, **extra(kept))
+    )
 
 
 def require_text(gens, what: str, model: str) -> None:

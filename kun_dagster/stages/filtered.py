@@ -30,8 +30,14 @@ from .common import (
 )
 
 
-def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], tokenizer, ppl_engine: Engine | None, cfg: KunConfig, sink: Sink | None = None,
-                  label: str = FILTERED) -> StageResult:
+def filter_corpus(
+    docs: pd.DataFrame | Iterable[pd.DataFrame],
+    tokenizer,
+    ppl_engine: Engine | None,
+    cfg: KunConfig,
+    sink: Sink | None = None,
+    label: str = FILTERED,
+) -> StageResult:
     """Clean, then drop: empty, over the token limit (label model's tokenizer), exact duplicates,
     perplexity above the threshold (reference model). Dedup runs before perplexity to save work.
     `docs` may be batches (a partition streamed from storage): each is filtered and written to
@@ -53,8 +59,13 @@ def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], tokenizer, ppl_en
     return StageResult(
         rows=sink.close(),
         dropped=pd.concat(dropped, ignore_index=True) if dropped else quarantine_frame([]),
-        stats=stage_stats(n_in, n_in - sum(counts.values()), counts.elements(), tokens=summary(np.concatenate(tokens) if tokens else [], 0),
-                     perplexity=summary(np.concatenate(ppls) if ppls else [])),
+        stats=stage_stats(
+            n_in,
+            n_in - sum(counts.values()),
+            counts.elements(),
+            tokens=summary(np.concatenate(tokens) if tokens else [], 0),
+            perplexity=summary(np.concatenate(ppls) if ppls else []),
+        ),
     )
 
 
@@ -64,7 +75,9 @@ def _token_counts(tokenizer, texts: list[str], chunk: int = 1000) -> list[int]:
     return [len(ids) for i in range(0, len(texts), chunk) for ids in encode(tokenizer, texts[i : i + chunk], special=False)]
 
 
-def _filter_batch(docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg: KunConfig, seen: dict) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
+def _filter_batch(
+    docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg: KunConfig, seen: dict
+) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
     df = docs.copy()
     df["text"] = df["text"].map(clean_text).astype(object)  # object even when empty, for .str
     reason, detail = no_reasons(df)

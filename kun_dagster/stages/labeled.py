@@ -15,11 +15,10 @@ from .common import (
     EMPTY_GENERATION,
     REPLACEMENT_CHAR,
     StageResult,
-    dropped_rows,
+    finish,
     no_reasons,
     require_text,
     sampling_params,
-    stage_stats,
     summary,
 )
 
@@ -37,8 +36,9 @@ def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     model wrote it, less trailing whitespace (Kun's instruction filter): scoring reads it raw."""
     df = docs.copy()
     keep_system = cfg.models.keep_default_system
-    gens = engine.generate([prompts.render(engine.tokenizer, prompts.label_user(t), keep_system=keep_system) for t in df["text"]],
-                           sampling_params(cfg))
+    gens = engine.generate(
+        [prompts.render(engine.tokenizer, prompts.label_user(t), keep_system=keep_system) for t in df["text"]], sampling_params(cfg)
+    )
     require_text(gens, LABELED, engine.model_name)
     df["instruction"] = pd.Series([g.text.rstrip() for g in gens], index=df.index, dtype=object)
     df["label_tokens"] = [g.num_tokens for g in gens]
@@ -51,10 +51,13 @@ def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
         kw = find_keyword(df.at[i, "instruction"], cfg.label.banned_keywords)
         if kw:
             reason[i], detail[i] = BANNED_KEYWORD, f"instruction contains {kw!r}"
-    kept = df[reason.isna()].reset_index(drop=True)
-    return StageResult(
-        rows=kept,
-        dropped=dropped_rows(df, reason, detail, "instruction"),
-        stats=stage_stats(len(df), len(kept), reason, instruction_tokens=summary(kept["label_tokens"], 0),
-                     truncated_at_max_tokens=int((df["label_finish"] == "length").sum())),
+    return finish(
+        df,
+        reason,
+        detail,
+        "instruction",
+        lambda kept: {
+            "instruction_tokens": summary(kept["label_tokens"], 0),
+            "truncated_at_max_tokens": int((df["label_finish"] == "length").sum()),
+        },
     )

@@ -20,12 +20,11 @@ from .common import (
     REPLACEMENT_CHAR,
     TOO_SHORT,
     StageResult,
-    dropped_rows,
+    finish,
     mark_duplicates,
     no_reasons,
     require_text,
     sampling_params,
-    stage_stats,
     summary,
 )
 from .labeled import clean_instruction
@@ -57,9 +56,12 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     df["instruction"] = df["instruction"].map(lambda s: clean_instruction(s, cfg.label.whitespace_run)).astype(object)
     reason, detail = no_reasons(df)
     reason[df["instruction"].str.len() == 0] = EMPTY_AFTER_CLEAN
-    built = [None if reason[i] is not None else
-             prompts.answer_prompt(engine.tokenizer, t, s, cfg.polish.prompt_token_budget, cfg.models.keep_default_system)
-             for i, t, s in zip(df.index, df["text"], df["instruction"])]
+    built = [
+        None
+        if reason[i] is not None
+        else prompts.answer_prompt(engine.tokenizer, t, s, cfg.polish.prompt_token_budget, cfg.models.keep_default_system)
+        for i, t, s in zip(df.index, df["text"], df["instruction"])
+    ]
     for i, b in enumerate(built):
         if b is None and reason[i] is None:
             reason[i], detail[i] = PROMPT_OVER_BUDGET, f"the text alone fills the {cfg.polish.prompt_token_budget}-token budget"
@@ -78,12 +80,16 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
             reason[i], detail[i] = why
     if cfg.polish.dedup_outputs:
         mark_duplicates(df, "output", reason, detail, DUPLICATE_OUTPUT)
-    kept = df[reason.isna()].reset_index(drop=True)
-    return StageResult(
-        rows=kept,
-        dropped=dropped_rows(df, reason, detail, "output"),
-        stats=stage_stats(len(df), len(kept), reason, not_kept_by_score=int(len(scored) - len(df)),
-                     keep_rate=round(len(df) / len(scored), 4) if len(scored) else None, threshold=cfg.score.threshold,
-                     output_chars=summary(kept["output"].astype(str).str.len(), 0),
-                     truncated_at_max_tokens=int((df["polish_finish"] == "length").sum())),
+    return finish(
+        df,
+        reason,
+        detail,
+        "output",
+        lambda kept: {
+            "not_kept_by_score": int(len(scored) - len(df)),
+            "keep_rate": round(len(df) / len(scored), 4) if len(scored) else None,
+            "threshold": cfg.score.threshold,
+            "output_chars": summary(kept["output"].astype(str).str.len(), 0),
+            "truncated_at_max_tokens": int((df["polish_finish"] == "length").sum()),
+        },
     )

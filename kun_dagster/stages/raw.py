@@ -16,8 +16,9 @@ from .common import (
 )
 
 
-def ingest(cfg: KunConfig, source_name: str, shard: int, store: Store | None = None, sink: Sink | None = None,
-           label: str = RAW) -> StageResult:
+def ingest(
+    cfg: KunConfig, source_name: str, shard: int, store: Store | None = None, sink: Sink | None = None, label: str = RAW
+) -> StageResult:
     """Every document of the source's files that fall in `shard`, read and written `batch_rows` at a
     time into `sink` (default: one in-memory frame); unreadable rows quarantined."""
     source = cfg.source(source_name)
@@ -31,8 +32,9 @@ def ingest(cfg: KunConfig, source_name: str, shard: int, store: Store | None = N
             bad.append(got.quarantine)
             bar.update(len(got.docs) + len(got.quarantine))
     quarantine = pd.concat(bad, ignore_index=True)
-    return StageResult(rows=sink.close(), dropped=quarantine,
-                       stats=stage_stats(n_docs + len(quarantine), n_docs, quarantine["reason"], files=len(files)))
+    return StageResult(
+        rows=sink.close(), dropped=quarantine, stats=stage_stats(n_docs + len(quarantine), n_docs, quarantine["reason"], files=len(files))
+    )
 
 
 def corpus_texts(cfg: KunConfig, limit: int, store: Store | None = None) -> list[str]:

@@ -50,10 +50,13 @@ def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     df["score_method"] = sc.method
     hist, edges = np.histogram(df["score"].dropna(), bins=10, range=sc.scale)
     by_rule = df["score_rule"].value_counts()
-    stats = {"rows_in": len(df), "rows_out": len(df),
-             "scored_by": {r: int(by_rule.get(r, 0)) for r in scoring.SCORE_RULES},
-             "fallback_rate": round(len(free) / len(df), 4) if len(df) and scoring.uses_probability(sc.method) else None,
-             "answer_mass": summary(df["answer_mass"], 4),
-             "parse_failures": int(df.loc[free, "score"].isna().sum()),
-             "histogram": {f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(h) for i, h in enumerate(hist)}}
+    stats = {
+        "rows_in": len(df),
+        "rows_out": len(df),
+        "scored_by": {r: int(by_rule.get(r, 0)) for r in scoring.SCORE_RULES},
+        "fallback_rate": round(len(free) / len(df), 4) if len(df) and scoring.uses_probability(sc.method) else None,
+        "answer_mass": summary(df["answer_mass"], 4),
+        "parse_failures": int(df.loc[free, "score"].isna().sum()),
+        "histogram": {f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(h) for i, h in enumerate(hist)},
+    }
     return StageResult(rows=df, dropped=quarantine_frame([]), stats=stats)
