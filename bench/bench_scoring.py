@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from kun_dagster import stages, storage  # noqa: E402
+from kun_dagster import scoring, stages, storage  # noqa: E402
 from kun_dagster.config import ScoreConfig, load_config  # noqa: E402
 from kun_dagster.llm import load_engine  # noqa: E402
 from kun_dagster.llm.base import EngineSpec  # noqa: E402
@@ -130,14 +130,15 @@ def main() -> None:
             out = stages.score(pairs, engine, run_cfg)
             times[name].append(time.perf_counter() - t)
             runs[name] = (out, float(np.median(times[name])))
-    for name, _ in methods:
+    for name, run_cfg in methods:
         out = runs[name][0]
         st = out.stats
+        out.rows["keep"] = scoring.keep(out.rows["score"].to_numpy(dtype=float), run_cfg.score.threshold)  # as polish applies it
         res[name] = {
             "seconds": round(runs[name][1], 3),
             "runs_s": [round(x, 3) for x in times[name]],
-            "kept": st["kept"],
-            "keep_rate": st["keep_rate"],
+            "kept": int(out.rows["keep"].sum()),
+            "keep_rate": round(float(out.rows["keep"].mean()), 4) if len(out.rows) else None,
             "scored_by": st["scored_by"],
             "parse_failures": st["parse_failures"],
             "answer_mass": st["answer_mass"],

@@ -1,13 +1,12 @@
-"""vLLM engine benchmark: labeling throughput and scoring cost (bench/README.md has the results).
+"""vLLM engine benchmark: labeling throughput (bench/README.md has the results).
 
 On the same labeling prompts, output tokens/s of
   (a) a bare vllm.LLM.generate call,
   (b) our VLLMEngine.generate,
   (c) the labeled_pairs materialization (Dagster step: read filtered_corpus, label, write Parquet
       and quarantine), with and without the engine's start-up,
-  (d) the transformers engine;
-and for scoring the same instructions, choice_probs (P(【好】) vs P(【差】)) against Kun's free-text
-generate-and-parse at Kun's max_tokens (1024).
+  (d) the transformers engine.
+Scoring is bench_scoring.py's.
 
 Needs the models of a materialized config (run `kun demo` first, or pass --config with model paths).
     python bench/bench_vllm.py --docs 512 --out bench/results/vllm_cpu.json
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from kun_dagster import prompts, scoring, stages, storage  # noqa: E402
+from kun_dagster import prompts, stages, storage  # noqa: E402
 from kun_dagster.config import load_config  # noqa: E402
 from kun_dagster.llm import SamplingParams, load_engine  # noqa: E402
 from kun_dagster.llm.base import EngineSpec  # noqa: E402
@@ -169,11 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="kun.yaml")
     ap.add_argument("--docs", type=int, default=512, help="labeling prompts (the demo's filtered rows, cycled)")
-    ap.add_argument("--score-docs", type=int, default=128, help="instructions scored both ways")
     ap.add_argument("--max-tokens", type=int, default=None, help="labeling max_tokens (default: the config's)")
-    ap.add_argument("--kun-max-tokens", type=int, default=1024, help="free-text scoring max_tokens (Kun: 1024)")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: hf,materialize,score")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: hf,materialize")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -238,33 +235,6 @@ def main(argv: list[str] | None = None) -> None:
     if "hf" not in skip:
         res["b_over_d"] = round(res["b_our_vllm_engine"]["tokens_per_s"] / res["d_transformers_engine"]["tokens_per_s"], 3)
         print(f"(b)/(d) = {res['b_over_d']}")
-
-    if "score" not in skip:
-        chat_vllm = engine_args(cfg, "chat")
-        chat = load_engine(EngineSpec.of(models["chat"]["path"], models["chat"]["name"], dtype=args.dtype, backend="vllm", vllm=chat_vllm))
-        instructions = [g.text or t[:40] for g, t in zip(gens, docs["text"])][: args.score_docs]
-        point = [prompts.render(chat.tokenizer, prompts.point_user(s)) for s in instructions]
-        chat.choice_probs(point[:4], [prompts.KUN_GOOD, prompts.KUN_BAD])  # warm both paths' kernels
-        probs, t_choice = timed(lambda: chat.choice_probs(point, [prompts.KUN_GOOD, prompts.KUN_BAD]))
-        _, t_single = timed(lambda: chat.choice_probs(point, list(prompts.HUMPBACK_SCORES)))  # the one-step path
-        free = SamplingParams(**{**params.__dict__, "max_tokens": args.kun_max_tokens})
-        replies, t_free = timed(lambda: chat.generate(point, free))
-        parsed = [scoring.parse_kun_reply(g.text) for g in replies]
-        res["scoring"] = {
-            "instructions": len(point),
-            "choice_probs_s": round(t_choice, 3),
-            "freetext_s": round(t_free, 3),
-            "speedup": round(t_free / t_choice, 2),
-            "freetext_max_tokens": args.kun_max_tokens,
-            "single_token_choice_s": round(t_single, 3),
-            "single_token_speedup": round(t_free / t_single, 2),
-            "freetext_output_tokens": sum(g.num_tokens for g in replies),
-            "freetext_hit_max_tokens": sum(g.finish_reason == "length" for g in replies),
-            "freetext_parse_failures": sum(p != p for p in parsed),
-            "choice_kept_at_0.5": int((scoring.kun_choice_score(probs) >= 0.5).sum()),
-        }
-        print("scoring:", res["scoring"], "(target speedup >= 5)")
-        chat.close()
 
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
