@@ -29,29 +29,30 @@ def _run(context, kun, asset: str, frames: dict, stage, engine):
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
-    common = dict(
-        group_name=GROUP, partitions_def=parts, backfill_policy=SINGLE_RUN, pool=GPU_POOL, retry_policy=GPU_RETRY, output_required=False
-    )  # a failed schema check publishes nothing (checks.gate)
 
-    @dg.asset(
-        **common,
-        name=versions.LABELED,
-        check_specs=checks.specs(versions.LABELED),
-        kinds=kinds(cfg, "parquet", role="label"),
-        op_tags=gpu_tags(cfg, "label"),
-    )
+    def spec(name: str, role: str) -> dict:
+        """What the three LLM stages share; output_required=False: a failed schema check publishes
+        nothing (checks.gate)."""
+        return dict(
+            name=name,
+            group_name=GROUP,
+            partitions_def=parts,
+            backfill_policy=SINGLE_RUN,
+            pool=GPU_POOL,
+            retry_policy=GPU_RETRY,
+            output_required=False,
+            check_specs=checks.specs(name),
+            kinds=kinds(cfg, "parquet", role=role),
+            op_tags=gpu_tags(cfg, role),
+        )
+
+    @dg.asset(**spec(versions.LABELED, "label"))
     def labeled_pairs(context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, filtered_corpus, label_model: dict):
         """The label model writes the instruction each text answers (Kun's label prompt), kept as
         written; instructions holding a banned keyword are quarantined. Config: label, sampling."""
         yield from _run(context, kun, versions.LABELED, by_partition(context, filtered_corpus), stages.label, label_llm.engine(label_model))
 
-    @dg.asset(
-        **common,
-        name=versions.SCORED,
-        check_specs=checks.specs(versions.SCORED),
-        kinds=kinds(cfg, "parquet", role="chat"),
-        op_tags=gpu_tags(cfg, "chat"),
-    )
+    @dg.asset(**spec(versions.SCORED, "chat"))
     def scored_pairs(context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, labeled_pairs, chat_model: dict):
         """Every pair with the chat model's score of its instruction alone (config: score): by the
         answers' probabilities where the model answers in the format, else by generating and
@@ -59,13 +60,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         score.threshold, so a new threshold re-runs polish, not the scorer."""
         yield from _run(context, kun, versions.SCORED, by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
 
-    @dg.asset(
-        **common,
-        name=versions.POLISHED,
-        check_specs=checks.specs(versions.POLISHED),
-        kinds=kinds(cfg, "parquet", role="chat"),
-        op_tags=gpu_tags(cfg, "chat"),
-    )
+    @dg.asset(**spec(versions.POLISHED, "chat"))
     def polished_pairs(context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, scored_pairs, chat_model: dict):
         """Pairs whose score reaches score.threshold, the text rewritten by the chat model into an
         answer to the cleaned instruction (config: polish: prompt_token_budget, output filters,
