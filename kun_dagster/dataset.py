@@ -102,7 +102,11 @@ def card(source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: st
         f"- label model: `{label_model}`",
         f"- chat model: `{chat_model}`",
         f"- score: `{cfg.score.method}`, threshold {cfg.score.threshold}"
-        + (f", rows under answer mass {cfg.score.min_answer_mass} scored by free text" if cfg.score.method.endswith("_choice") else ""),
+        + (
+            f", rows under answer mass {cfg.score.min_answer_mass} scored by free text"
+            if scoring.uses_probability(cfg.score.method)
+            else ""
+        ),
         "",
         "## Funnel",
         "",

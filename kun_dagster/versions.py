@@ -145,9 +145,8 @@ FAITHFULNESS = WarnCheck(
 def _release_retention(cfg: KunConfig, r: StageResult, base: UPath) -> quality.Finding:
     """Records per document read, and where the rest went: an empty release is a result, and this
     says why (the stage reasons that dropped most). stats["funnel"] is dataset.funnel's."""
-    fun, n_records = r.stats["funnel"], r.stats["rows_out"]
+    fun, n_records, value = r.stats["funnel"], r.stats["rows_out"], r.stats["retention"]
     docs = fun["rows"][RAW]
-    value = round(n_records / docs, 4) if docs else None
     finding = quality.within("retention", value, *cfg.checks.retention[DATASET], "records per document read")
     losses = Counter({f"{asset}: {reason}": n for asset, reasons in fun["quarantined"].items() for reason, n in reasons.items()})
     not_kept = fun["rows"][SCORED] - fun["kept_by_score"]
