@@ -1,4 +1,6 @@
-"""raw_corpus (ingest with quarantine) and filtered_corpus (clean, token limit, perplexity, dedup)."""
+"""raw_corpus (ingest with quarantine), filtered_corpus (clean, token limit, exact dedup within the
+shard, perplexity), then source-wide dedup: minhash_signatures per partition, duplicate_clusters
+over every shard of the source, deduped_corpus."""
 
 import dagster as dg
 from transformers import AutoTokenizer
@@ -7,8 +9,9 @@ import checks
 from kun_dagster import stages, versions
 from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
-from kun_dagster.partitions import hive
-from resources import STREAM, KunResource, LLMResource
+from kun_dagster.names import CLUSTERS, SIGNATURES
+from kun_dagster.partitions import SHARD, SOURCE, hive
+from resources import ARROW, STREAM, KunResource, LLMResource
 
 from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage, staged_sink
 from .partitions import corpus_partitions
@@ -88,4 +91,92 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             out[key] = report_stage(context, kun, versions.FILTERED, key, result, resumable)
         yield from checks.gate(context, kun, versions.FILTERED, out)
 
-    return [raw_corpus, filtered_corpus]
+    @dg.asset(
+        name=SIGNATURES,
+        group_name=GROUP,
+        partitions_def=parts,
+        backfill_policy=SINGLE_RUN,
+        kinds=kinds(cfg, "parquet", checked=False),
+        ins={versions.FILTERED: dg.AssetIn(metadata={STREAM: True})},
+    )
+    def minhash_signatures(context: dg.AssetExecutionContext, kun: KunResource, filtered_corpus):
+        """A MinHash signature (dedup.num_perm values over character dedup.ngram-grams of the
+        normalised text) and an exact-text key per document: what duplicate_clusters compares
+        across shards. Config: dedup."""
+        out = {}
+        for key, batches in by_partition(context, filtered_corpus).items():
+            label = f"{SIGNATURES} {'/'.join(hive(key).values())}"
+            result = stages.sign(batches, kun.config, staged_sink(kun, SIGNATURES, key), label=label)
+            out[key] = report_stage(context, kun, SIGNATURES, key, result)
+        return out
+
+    # Every partition of a source depends on the signatures of all its shards (scope: all, of every source).
+    every_shard = (
+        dg.AllPartitionMapping()
+        if cfg.dedup.scope == "all"
+        else dg.MultiPartitionMapping(
+            {
+                SOURCE: dg.DimensionPartitionMapping(SOURCE, dg.IdentityPartitionMapping()),
+                SHARD: dg.DimensionPartitionMapping(SHARD, dg.AllPartitionMapping()),
+            }
+        )
+    )
+
+    @dg.asset(
+        name=CLUSTERS,
+        group_name=GROUP,
+        partitions_def=parts,
+        backfill_policy=SINGLE_RUN,
+        kinds=kinds(cfg, "parquet", checked=False),
+        ins={SIGNATURES: dg.AssetIn(partition_mapping=every_shard, metadata={ARROW: True})},
+    )
+    def duplicate_clusters(context: dg.AssetExecutionContext, kun: KunResource, minhash_signatures):
+        """Clusters of exact and near-duplicates (estimated Jaccard >= dedup.threshold, MinHash
+        LSH) over every shard of the source (dedup.scope: all: of every source), computed once per
+        source of the run. A partition holds the cluster members that live in it: each kept or
+        dropped, with the kept document's location. Config: dedup."""
+        tables = minhash_signatures if isinstance(minhash_signatures, dict) else {context.partition_keys[0]: minhash_signatures}
+        group = (lambda k: "all") if kun.config.dedup.scope == "all" else (lambda k: hive(k)["source"])
+        found = {}
+        for name in dict.fromkeys(group(k) for k in context.partition_keys):
+            try:
+                found[name] = stages.cluster([t for k, t in tables.items() if group(k) == name], kun.config)
+            except stages.DedupError as e:
+                raise dg.Failure(str(e), allow_retries=False) from e
+            st = found[name].stats
+            context.log.info(
+                f"{CLUSTERS} {name}: {st['documents']} documents, {st['clusters']} clusters (largest {st['largest_cluster']}), "
+                f"dropping {st['duplicates']} in {st['seconds']}s"
+            )
+        out = {}
+        for key in context.partition_keys:
+            part, result = hive(key), found[group(key)]
+            rows = result.rows
+            mine = rows[(rows["source"] == part["source"]) & (rows["shard"].astype(str) == part["shard"])].reset_index(drop=True)
+            stats = {**result.stats, "dropped_here": int((mine["role"] != "kept").sum())}
+            out[key] = report_stage(context, kun, CLUSTERS, key, stages.StageResult(mine, result.dropped, stats))
+        return out
+
+    @dg.asset(
+        name=versions.DEDUPED,
+        group_name=GROUP,
+        partitions_def=parts,
+        backfill_policy=SINGLE_RUN,
+        kinds=kinds(cfg, "parquet"),
+        ins={versions.FILTERED: dg.AssetIn(metadata={STREAM: True})},
+        check_specs=checks.specs(versions.DEDUPED),
+        output_required=False,
+    )
+    def deduped_corpus(context: dg.AssetExecutionContext, kun: KunResource, filtered_corpus, duplicate_clusters):
+        """filtered_corpus less every document that duplicate_clusters drops: exact copies
+        (duplicate_text) and near-duplicates (near_duplicate) of a document kept elsewhere,
+        quarantined with the kept document's location and the estimated Jaccard."""
+        clusters = by_partition(context, duplicate_clusters)
+        out = {}
+        for key, batches in by_partition(context, filtered_corpus).items():
+            label = f"{versions.DEDUPED} {'/'.join(hive(key).values())}"
+            result = stages.dedupe(batches, clusters[key], staged_sink(kun, versions.DEDUPED, key), label=label)
+            out[key] = report_stage(context, kun, versions.DEDUPED, key, result)
+        yield from checks.gate(context, kun, versions.DEDUPED, out)
+
+    return [raw_corpus, filtered_corpus, minhash_signatures, duplicate_clusters, deduped_corpus]

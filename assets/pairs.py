@@ -47,10 +47,10 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         )
 
     @dg.asset(**spec(versions.LABELED, "label"))
-    def labeled_pairs(context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, filtered_corpus, label_model: dict):
+    def labeled_pairs(context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, deduped_corpus, label_model: dict):
         """The label model writes the instruction each text answers (Kun's label prompt), kept as
         written; instructions holding a banned keyword are quarantined. Config: label, sampling."""
-        yield from _run(context, kun, versions.LABELED, by_partition(context, filtered_corpus), stages.label, label_llm.engine(label_model))
+        yield from _run(context, kun, versions.LABELED, by_partition(context, deduped_corpus), stages.label, label_llm.engine(label_model))
 
     @dg.asset(**spec(versions.SCORED, "chat"))
     def scored_pairs(context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, labeled_pairs, chat_model: dict):

@@ -103,6 +103,7 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     from checks.recovery import worker_tags
 
     from . import versions
+    from .names import SIGNATURES
     from .store import Store
 
     graph = defs.resolve_asset_graph()
@@ -130,9 +131,14 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     else:
         run(MODEL_ASSETS, "seed data and models")
     corpus_keys = graph.get(dg.AssetKey(versions.RAW)).partitions_def.get_partition_keys()
+    others = [s for s in cfg.sources if s.name not in sources]
+    if cfg.dedup.scope == "all" and others:  # duplicates across sources: every source's signatures are needed
+        for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] not in sources):
+            names = sorted({k.keys_by_dimension["source"] for k in keys})
+            run(list(versions.PARTITIONED[: versions.PARTITIONED.index(SIGNATURES) + 1]), f"signatures of {', '.join(names)}", keys)
     for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] in sources):
         names = sorted({k.keys_by_dimension["source"] for k in keys}, key=sources.index)
-        run(list(versions.CORPUS), f"{len(keys)} corpus partition(s) ({', '.join(names)})", keys)
+        run(list(versions.PARTITIONED), f"{len(keys)} corpus partition(s) ({', '.join(names)})", keys)
     source_keys = graph.get(dg.AssetKey(versions.DATASET)).partitions_def.get_partition_keys()
     for keys in _ranges(source_keys, lambda k: k in sources):
         run([versions.DATASET], f"{versions.DATASET} ({', '.join(keys)})", keys)

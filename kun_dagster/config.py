@@ -226,7 +226,28 @@ class FilterConfig(_Section):
     max_tokens: int = Field(512, ge=1, description="under the label model's tokenizer")
     perplexity_max: float | None = Field(10.0, gt=1, description="None disables the filter")
     perplexity_model: Literal["base", "label"] = "base"
-    dedup: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dedup" in data:
+            raise ValueError("filter.dedup is now dedup.exact (and dedup.near: near-duplicates across every shard)")
+        return data
+
+
+class DedupConfig(_Section):
+    """Source-wide deduplication before any LLM stage (dedup.py): exact duplicates (the text up to
+    whitespace) and near-duplicates (MinHash LSH over character n-grams of the normalised text)."""
+
+    exact: bool = True
+    near: bool = True
+    ngram: int = Field(5, ge=1, le=32, description="characters per shingle (Chinese has no word boundaries)")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: the estimate's error is about sqrt(J(1-J)/num_perm)")
+    threshold: float = Field(0.8, gt=0, lt=1, description="near-duplicates: estimated Jaccard of the shingle sets at least this")
+    scope: Literal["source", "all"] = Field(
+        "source", description="source: within each source; all: across sources (first source listed wins)"
+    )
+    seed: int = 1
 
 
 class LabelConfig(_Section):
@@ -292,6 +313,7 @@ class DatasetConfig(_Section):
 RETENTION = {
     "raw_corpus": (0.8, 1.0),
     "filtered_corpus": (0.3, 1.0),
+    "deduped_corpus": (0.5, 1.0),
     "labeled_pairs": (0.7, 1.0),
     "polished_pairs": (0.5, 1.0),
     "instruction_dataset": (0.01, 1.0),
@@ -355,6 +377,7 @@ class KunConfig(_Section):
     models: ModelsConfig = ModelsConfig()
     sampling: SamplingConfig = SamplingConfig()
     filter: FilterConfig = FilterConfig()
+    dedup: DedupConfig = DedupConfig()
     label: LabelConfig = LabelConfig()
     score: ScoreConfig = ScoreConfig()
     polish: PolishConfig = PolishConfig()

@@ -20,7 +20,7 @@ from pandera.typing import Series
 
 from .config import KunConfig, ScoreConfig
 from .corpus import QUARANTINE_COLUMNS
-from .names import DATASET
+from .names import CLUSTERS, DATASET, SIGNATURES
 from .scoring import SCORE_RULES
 from .text import NON_SPACE
 
@@ -47,7 +47,11 @@ class FilteredCorpus(RawCorpus):
     perplexity: Series[float] = pa.Field(gt=0, nullable=True)  # NaN where the filter is off
 
 
-class LabeledPairs(FilteredCorpus):
+class DedupedCorpus(FilteredCorpus):
+    """filtered_corpus less the duplicates of documents in other shards (and sources, scope: all)."""
+
+
+class LabeledPairs(DedupedCorpus):
     instruction: Series[str] = pa.Field(**NON_EMPTY)
     label_tokens: Series[int] = pa.Field(ge=0)
     label_finish: Series[str] = pa.Field(isin=["stop", "length"])
@@ -130,10 +134,40 @@ _NESTED = {
 QUARANTINE = pyarrow.schema([(c, pyarrow.int64() if c in ("shard", "row") else pyarrow.string()) for c in QUARANTINE_COLUMNS])
 
 
+_LOCATION = [("source", pyarrow.string()), ("shard", pyarrow.int64()), ("doc_id", pyarrow.string()), ("file", pyarrow.string())]
+# The dedup indices (dedup.py) are typed Arrow, not checked frames: they are derived, never edited.
+INDEXES = {
+    SIGNATURES: pyarrow.schema(
+        _LOCATION
+        + [
+            ("row", pyarrow.int64()),
+            ("shingles", pyarrow.int64()),
+            ("params", pyarrow.string()),  # what made the signature: algorithm, ngram, num_perm, seed
+            ("text_key", pyarrow.binary()),  # text.text_key: 16 bytes
+            ("signature", pyarrow.binary()),  # num_perm little-endian uint32
+        ]
+    ),
+    CLUSTERS: pyarrow.schema(
+        [("cluster", pyarrow.int64()), ("role", pyarrow.string())]
+        + _LOCATION
+        + [("row", pyarrow.int64()), ("jaccard", pyarrow.float64())]
+        + [(f"kept_{name}", t) for name, t in _LOCATION + [("row", pyarrow.int64())]]
+    ),
+}
+
+
+def known(asset: str) -> bool:
+    from .versions import BY_NAME
+
+    return asset in BY_NAME or asset in INDEXES or asset.startswith("quarantine/")
+
+
 def arrow_schema(asset: str) -> pyarrow.Schema:
     """The Arrow schema of an asset's partitions (and `quarantine/<asset>`'s)."""
     if asset.startswith("quarantine/"):
         return QUARANTINE
+    if asset in INDEXES:
+        return INDEXES[asset]
     columns = model(asset).to_schema().columns
     return pyarrow.schema([(name, _NESTED[name] if name in _NESTED else _ARROW[str(col.dtype)]) for name, col in columns.items()])
 

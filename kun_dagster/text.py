@@ -53,6 +53,11 @@ def dedup_key(text: str) -> str:
     return hashlib.sha1(_SPACES.sub("", text).encode("utf-8")).hexdigest()
 
 
+def text_key(text: str) -> bytes:
+    """dedup_key as 16 bytes: what a partition's exact dedup and the source-wide dedup compare."""
+    return hashlib.blake2b(dedup_key(text).encode("utf-8"), digest_size=16).digest()
+
+
 def find_keyword(text: str, keywords: list[str] | tuple[str, ...]) -> str | None:
     """The first banned keyword the text contains, or None."""
     for kw in keywords:

@@ -19,7 +19,7 @@ from upath import UPath
 
 from . import corpus, quality, schemas, stages, storage
 from .config import KunConfig
-from .names import DATASET, FILTERED, LABELED, POLISHED, RAW, SCORED
+from .names import CLUSTERS, DATASET, DEDUPED, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES
 from .stages import StageResult
 
 # A WARN check's measure: the partition's figure against its bound, from the stage's result.
@@ -78,6 +78,19 @@ def _duplicate_rate(code: str) -> WarnCheck:
     return _dropped_rate(
         "duplicate_rate", code, "max_duplicate_rate", "duplicates", f"Exact duplicates dropped ({code}) at most checks.max_duplicate_rate."
     )
+
+
+DEDUP_RATE = WarnCheck(
+    "duplicate_rate",
+    "Documents dropped as duplicates of documents in other shards (exact or near) at most checks.max_duplicate_rate.",
+    lambda cfg, r, base: quality.rate(
+        "duplicate_rate",
+        sum(r.stats.get("dropped", {}).values()),
+        _rows_in(r),
+        cfg.checks.max_duplicate_rate,
+        "duplicates across shards",
+    ),
+)
 
 
 def _fallback(cfg: KunConfig, r: StageResult, base: UPath) -> quality.Finding:
@@ -187,10 +200,17 @@ VERSIONS: tuple[Version, ...] = (
     ),
     Version(
         FILTERED,
-        "after cleaning, token-limit, perplexity and dedup filters",
+        "after cleaning, token-limit, exact dedup within the shard and perplexity filters",
         schemas.FilteredCorpus,
         (stages.EMPTY_AFTER_CLEAN, stages.TOO_MANY_TOKENS, stages.DUPLICATE_TEXT, stages.PERPLEXITY_UNDEFINED, stages.HIGH_PERPLEXITY),
         (_retention(FILTERED), _duplicate_rate(stages.DUPLICATE_TEXT)),
+    ),
+    Version(
+        DEDUPED,
+        "duplicates of other shards' documents removed (exact and near, dedup)",
+        schemas.DedupedCorpus,
+        (stages.DUPLICATE_TEXT, stages.NEAR_DUPLICATE),
+        (_retention(DEDUPED), DEDUP_RATE),
     ),
     Version(
         LABELED,
@@ -226,6 +246,8 @@ VERSIONS: tuple[Version, ...] = (
 )
 BY_NAME = {v.name: v for v in VERSIONS}
 CORPUS = tuple(v.name for v in VERSIONS if v.name != DATASET)  # partitioned by source x shard, in graph order
+# Every source x shard asset in graph order, the dedup indices included: what one run of a source materializes.
+PARTITIONED = (RAW, FILTERED, SIGNATURES, CLUSTERS) + CORPUS[CORPUS.index(DEDUPED) :]
 
 
 def get(asset: str) -> Version:

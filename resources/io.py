@@ -23,6 +23,7 @@ from kun_dagster.stages import StageResult
 from .kun import KunResource
 
 STREAM = "kun/stream"  # AssetIn metadata: load the partition as record batches (storage.PartitionBatches)
+ARROW = "kun/arrow"  # AssetIn metadata: load the partition as one Arrow table (the dedup signatures: no pandas)
 
 
 class _ParquetUPathIOManager(dg.UPathIOManager):
@@ -39,18 +40,27 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
         asset, part = "/".join(context.asset_key.path), storage.partition_of(path)
         if isinstance(obj, StageResult):
             version = versions.BY_NAME.get(asset)
-            if version is None or version.reasons or len(obj.dropped):  # a version that drops nothing has no quarantine
+            if (version is not None and version.reasons) or len(obj.dropped):  # what drops nothing has no quarantine
                 storage.write_partition(storage.quarantine_dir(self._base_path, asset, part), obj.dropped, schemas.QUARANTINE)
             obj = obj.rows
         # a staged file by one rename; a frame with its dataset version's schema
-        storage.publish(obj, path, schemas.arrow_schema(asset) if asset in versions.BY_NAME else None)
+        storage.publish(obj, path, schemas.arrow_schema(asset) if schemas.known(asset) else None)
         # published: its batch checkpoints are done
         storage.remove_tree(storage.staging_dir(self._base_path, asset, part), prune_up_to=self._base_path / storage.STAGING)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame | storage.PartitionBatches:
-        if context.definition_metadata.get(STREAM):
-            return storage.PartitionBatches(path, self.batch_rows)
-        return storage.read_partition(path)
+        try:
+            if context.definition_metadata.get(STREAM):
+                return storage.PartitionBatches(path, self.batch_rows)
+            if context.definition_metadata.get(ARROW):
+                return storage.read_table(path)
+            return storage.read_partition(path)
+        except FileNotFoundError as e:  # e.g. one shard's signatures, which source-wide dedup needs
+            raise dg.Failure(
+                f"{context.upstream_output.asset_key.to_user_string()} {storage.partition_of(path)}: not materialized ({e}); "
+                "materialize it first (a backfill of the whole source does)",
+                allow_retries=False,
+            ) from e
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:

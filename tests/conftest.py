@@ -17,7 +17,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["seed_data", "base_model", "label_model", "chat_model"]  # the unpartitioned assets
-CORPUS = ["raw_corpus", "filtered_corpus", "labeled_pairs", "scored_pairs", "polished_pairs"]  # source x shard
+CORPUS = [
+    "raw_corpus",
+    "filtered_corpus",
+    "minhash_signatures",
+    "duplicate_clusters",
+    "deduped_corpus",
+    "labeled_pairs",
+    "scored_pairs",
+    "polished_pairs",
+]  # source x shard, in graph order
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM's engine in-process: seconds, not a minute, to start
 warnings.filterwarnings("ignore", module="dagster")

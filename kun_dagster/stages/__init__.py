@@ -2,7 +2,7 @@
 
 No Dagster here: assets/ calls these once per partition. Every dropped row carries a reason code
 (and its doc id), so nothing disappears without a count. One module per stage, named after the
-dataset version it makes (raw, filtered, labeled, scored, polished); common.py holds what they share.
+dataset version it makes (raw, filtered, deduped, labeled, scored, polished); common.py holds what they share.
 """
 
 from .common import (
@@ -13,6 +13,7 @@ from .common import (
     EMPTY_AFTER_CLEAN,
     EMPTY_GENERATION,
     HIGH_PERPLEXITY,
+    NEAR_DUPLICATE,
     PERPLEXITY_UNDEFINED,
     PROMPT_OVER_BUDGET,
     REPEATED_PHRASE,
@@ -21,6 +22,7 @@ from .common import (
     StageResult,
     sampling_params,
 )
+from .deduped import DedupError, cluster, dedupe, sign
 from .filtered import filter_corpus
 from .labeled import clean_instruction, label
 from .polished import output_reason, polish
@@ -35,14 +37,18 @@ __all__ = [
     "EMPTY_AFTER_CLEAN",
     "EMPTY_GENERATION",
     "HIGH_PERPLEXITY",
+    "NEAR_DUPLICATE",
     "PERPLEXITY_UNDEFINED",
     "PROMPT_OVER_BUDGET",
     "REPEATED_PHRASE",
     "TOO_MANY_TOKENS",
     "TOO_SHORT",
+    "DedupError",
     "StageResult",
     "clean_instruction",
+    "cluster",
     "corpus_texts",
+    "dedupe",
     "filter_corpus",
     "ingest",
     "label",
@@ -50,4 +56,5 @@ __all__ = [
     "polish",
     "sampling_params",
     "score",
+    "sign",
 ]

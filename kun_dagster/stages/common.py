@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -11,14 +10,14 @@ import pandas as pd
 
 from ..config import KunConfig
 from ..corpus import QUARANTINE_COLUMNS
+from ..dedup import DUPLICATE_TEXT, NEAR_DUPLICATE  # noqa: F401 (reason codes: the same text, or near it)
 from ..llm.base import EngineError, SamplingParams
 from ..storage import Rows
-from ..text import dedup_key
+from ..text import text_key
 
 # Drop reason codes after ingest.
 EMPTY_AFTER_CLEAN = "empty_after_clean"
 TOO_MANY_TOKENS = "too_many_tokens"
-DUPLICATE_TEXT = "duplicate_text"
 HIGH_PERPLEXITY = "high_perplexity"
 PERPLEXITY_UNDEFINED = "perplexity_undefined"
 EMPTY_GENERATION = "empty_generation"
@@ -70,7 +69,7 @@ def mark_duplicates(
     (a 16-byte hash of each kept text -> its doc id) carries the kept texts across batches."""
     first = {} if first is None else first
     for i in df.index[reason.isna()]:
-        key = hashlib.blake2b(dedup_key(df.at[i, column]).encode("utf-8"), digest_size=16).digest()
+        key = text_key(df.at[i, column])
         if key in first:
             reason[i], detail[i] = code, f"same {column} as {first[key]}"
         else:

@@ -88,7 +88,7 @@ def _filter_batch(
     reason[over] = TOO_MANY_TOKENS
     detail[over] = df.loc[over, "n_tokens"].map(lambda n: f"{n} tokens > {cfg.filter.max_tokens}")
 
-    if cfg.filter.dedup:
+    if cfg.dedup.exact:  # within the partition, before perplexity; deduped_corpus does it across shards
         mark_duplicates(df, "text", reason, detail, DUPLICATE_TEXT, seen)
 
     df["perplexity"] = np.nan

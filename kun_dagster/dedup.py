@@ -1,0 +1,241 @@
+"""Exact and near-duplicate detection over a whole source (or every source): MinHash signatures per
+partition, then one clustering over all of them.
+
+Signatures: the text is normalised (NFKC, case-folded, whitespace, punctuation and control
+characters removed), cut into character n-gram shingles (Chinese has no word boundaries, so
+Data-Juicer and datatrove use character n-grams for it), the shingles hashed in numpy over a whole
+batch at once, and the MinHash of each document's hashes computed by rensa (Rust; bench/README.md
+compares it with datasketch). A 16-byte hash of the text up to whitespace (text.text_key, the key
+filtered_corpus dedups a partition by) finds exact duplicates.
+
+Clustering: candidates share one LSH band (bands and rows derived from the threshold, so that a
+pair at the threshold is a candidate with probability >= 0.99); a candidate pair is a
+near-duplicate when its estimated Jaccard (the share of equal signature values) reaches the
+threshold. Exact duplicates and near-duplicates are merged by connected components (union-find);
+each component keeps its first member in (source as listed, file, row) order and drops the rest,
+so the result does not depend on the order shards or files are read in.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import rensa
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .text import text_key
+
+ALGORITHM = f"rensa.RMinHash v{rensa.RMinHash.ALGORITHM_VERSION}"  # signatures of another algorithm do not compare
+CANDIDATE_RECALL = 0.99  # P(a pair at the threshold shares a band): LSH finds candidates, the estimate decides
+DUPLICATE_TEXT, NEAR_DUPLICATE, KEPT = "duplicate_text", "near_duplicate", "kept"
+
+_PRIME = np.uint64(0x100000001B3)  # FNV-1a's 64-bit prime: the rolling polynomial of a shingle's characters
+_CHUNK = 4096  # documents hashed at a time: bounds the shingle arrays to a few tens of MB
+
+
+@functools.cache
+def _dropped_chars() -> dict[int, None]:
+    """Whitespace, punctuation, control and format characters (Unicode categories Z, P, C):
+    a repost that changes only spacing or punctuation is the same text."""
+    return {cp: None for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp))[0] in "ZPC" or chr(cp).isspace()}
+
+
+def normalise(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).casefold().translate(_dropped_chars())
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads a polynomial hash's bits over all 64."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def shingle_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the 64-bit hashes of every document's character n-grams, one flat array; row offsets).
+    A normalised text shorter than n is one shingle; an empty one has none. Vectorised: one numpy
+    pass per character of the n-gram over the whole batch."""
+    norm = [normalise(t) for t in texts]
+    lens = np.fromiter(map(len, norm), dtype=np.int64, count=len(norm))
+    counts = np.where(lens >= n, lens - n + 1, (lens > 0).astype(np.int64))
+    offsets = np.zeros(len(norm) + 1, dtype=np.uint64)
+    np.cumsum(counts, out=offsets[1:])
+    chars = np.frombuffer("".join(norm).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    chars = np.concatenate([chars, np.zeros(n, dtype=np.uint64)])  # windows may read past the end; masked below
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else np.zeros(0, dtype=np.int64)
+    doc = np.repeat(np.arange(len(norm)), counts)
+    pos = starts[doc] + (np.arange(int(counts.sum())) - offsets[:-1].astype(np.int64)[doc])
+    width = np.minimum(lens, n)[doc]
+    h = np.zeros(len(pos), dtype=np.uint64)
+    for j in range(n):
+        h = h * _PRIME + chars[pos + j] * (j < width)
+    return _mix(h ^ width.astype(np.uint64)), offsets
+
+
+def signatures(texts: list[str], ngram: int, num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(MinHash signatures, one row of num_perm uint32 per text; shingles per text). A text with
+    no shingles (nothing but punctuation) has a meaningless signature: clustering skips it."""
+    sigs, counts = [np.zeros((0, num_perm), dtype=np.uint32)], [np.zeros(0, dtype=np.int64)]
+    for i in range(0, len(texts), _CHUNK):
+        hashes, offsets = shingle_hashes(texts[i : i + _CHUNK], ngram)
+        matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets, num_perm, seed)
+        sigs.append(np.array(matrix.to_rows(), dtype=np.uint32).reshape(-1, num_perm))
+        counts.append(np.diff(offsets).astype(np.int64))
+    return np.concatenate(sigs), np.concatenate(counts)
+
+
+def text_keys(texts: list[str]) -> np.ndarray:
+    """text.text_key of each text as two uint64 columns (what `cluster` compares)."""
+    return key_matrix([text_key(t) for t in texts])
+
+
+def key_matrix(keys: list[bytes] | bytes) -> np.ndarray:
+    raw = keys if isinstance(keys, bytes) else b"".join(keys)
+    return np.frombuffer(raw, dtype=">u8").reshape(-1, 2).astype(np.uint64)
+
+
+def bands(threshold: float, num_perm: int, recall: float = CANDIDATE_RECALL) -> tuple[int, int]:
+    """(bands, rows per band): the fewest bands (so the fewest spurious candidates) for which a
+    pair of Jaccard `threshold` shares at least one band with probability >= recall."""
+    for b in range(1, num_perm + 1):
+        r = num_perm // b
+        if 1 - (1 - threshold**r) ** b >= recall:
+            return b, r
+    return num_perm, 1
+
+
+def jaccard(sig: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Estimated Jaccard of the pairs (a[i], b[i]): the share of equal MinHash values."""
+    out = np.empty(len(a), dtype=np.float64)
+    for i in range(0, len(a), chunk):
+        out[i : i + chunk] = (sig[a[i : i + chunk]] == sig[b[i : i + chunk]]).mean(axis=1)
+    return out
+
+
+def _band_key(band: np.ndarray) -> np.ndarray:
+    h = np.zeros(len(band), dtype=np.uint64)
+    for col in band.T:
+        h = _mix(h ^ col.astype(np.uint64))
+    return h
+
+
+def _star_edges(keys: list[np.ndarray], rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each group of equal keys (columns of `keys`, compared together), an edge from its
+    first member by rank to every other member: union-find needs no more than this star."""
+    order = np.lexsort((rank, *reversed(keys)))
+    same = np.ones(len(order), dtype=bool)
+    same[0:1] = False
+    for k in keys:
+        ks = k[order]
+        same[1:] &= ks[1:] == ks[:-1]
+    head = order[np.maximum.accumulate(np.where(same, 0, np.arange(len(order))))]
+    return head[same], order[same]
+
+
+def candidate_pairs(sig: np.ndarray, rank: np.ndarray, n_bands: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs sharing a band (star edges per bucket, each pair once)."""
+    heads, members = [], []
+    for k in range(n_bands):
+        a, b = _star_edges([_band_key(sig[:, k * rows : (k + 1) * rows])], rank)
+        heads.append(a)
+        members.append(b)
+    a, b = np.concatenate(heads), np.concatenate(members)
+    pairs = np.unique(np.stack([a, b], axis=1), axis=0) if len(a) else np.zeros((0, 2), dtype=np.int64)
+    return pairs[:, 0], pairs[:, 1]
+
+
+@dataclass
+class Clusters:
+    """One entry per document: the index of its component's keeper (itself where it is kept or
+    alone), its reason when dropped (None when kept), its estimated Jaccard to the keeper."""
+
+    keeper: np.ndarray
+    reason: np.ndarray
+    jaccard: np.ndarray
+    candidates: int  # LSH candidate pairs verified
+    bands: tuple[int, int]
+
+
+def cluster(
+    sig: np.ndarray,
+    keys: np.ndarray,
+    shingles: np.ndarray,
+    rank: np.ndarray,
+    *,
+    exact: bool,
+    near: bool,
+    threshold: float,
+) -> Clusters:
+    """Connected components of exact duplicates (equal text keys) and near-duplicates (LSH
+    candidates with estimated Jaccard >= threshold); each keeps its member of lowest rank."""
+    n = len(rank)
+    b, r = bands(threshold, sig.shape[1])
+    src, dst, n_candidates = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], 0
+    a, d = _star_edges([keys[:, 0], keys[:, 1]], rank) if n else (np.zeros(0, dtype=np.int64),) * 2
+    if exact:
+        src.append(a)
+        dst.append(d)
+    if near:
+        # one document per exact text (its lowest rank) goes through LSH; equal texts follow it
+        alive = np.ones(n, dtype=bool)
+        alive[d] = False
+        alive &= shingles > 0
+        idx = np.flatnonzero(alive)
+        if len(idx) > 1:
+            ca, cb = candidate_pairs(sig[idx], rank[idx], b, r)
+            n_candidates = len(ca)
+            ok = jaccard(sig, idx[ca], idx[cb]) >= threshold
+            src.append(idx[ca][ok])
+            dst.append(idx[cb][ok])
+            if not exact:  # equal texts still belong together; they are named for what they are below
+                src.append(a)
+                dst.append(d)
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    first = np.lexsort((rank, label))  # by component, then rank: the first of each component keeps
+    keeper_of = np.empty(n, dtype=np.int64)
+    starts = np.r_[True, label[first][1:] != label[first][:-1]] if n else np.zeros(0, dtype=bool)
+    keeper_of[first] = first[np.maximum.accumulate(np.where(starts, np.arange(n), 0))] if n else first
+    same_text = (keys == keys[keeper_of]).all(axis=1) if n else np.zeros(0, dtype=bool)
+    dropped = keeper_of != np.arange(n)
+    reason = np.full(n, None, dtype=object)
+    reason[dropped & same_text] = DUPLICATE_TEXT
+    reason[dropped & ~same_text] = NEAR_DUPLICATE
+    sim = np.ones(n)
+    near_rows = np.flatnonzero(dropped & ~same_text)
+    sim[near_rows] = jaccard(sig, near_rows, keeper_of[near_rows])
+    return Clusters(keeper_of, reason, sim, n_candidates, (b, r))
+
+
+def sizes(keeper: np.ndarray) -> np.ndarray:
+    """Members per cluster of more than one document, largest first."""
+    counts = np.bincount(keeper, minlength=len(keeper))
+    return np.sort(counts[counts > 1])[::-1]
+
+
+def frame(locations: pd.DataFrame, c: Clusters) -> pd.DataFrame:
+    """The members of every cluster of more than one document: its rows (kept or dropped with a
+    reason), the kept document's location and the estimated Jaccard to it."""
+    members = np.flatnonzero(np.bincount(c.keeper, minlength=len(c.keeper))[c.keeper] > 1)
+    kept = c.keeper[members]
+    out = locations.iloc[members][["source", "shard", "doc_id", "file", "row"]].reset_index(drop=True)
+    # clusters numbered by their keeper's rank, so the table is the same whatever the input order
+    out.insert(0, "cluster", np.unique(locations["rank"].to_numpy()[kept], return_inverse=True)[1].astype(np.int64))
+    out["role"] = [x or KEPT for x in c.reason[members]]
+    out["jaccard"] = c.jaccard[members].round(4)
+    for col in ("source", "shard", "doc_id", "file", "row"):
+        out[f"kept_{col}"] = locations[col].to_numpy()[kept]
+    return out.sort_values(["cluster", "role", "source", "file", "row"], key=_kept_first).reset_index(drop=True)
+
+
+def _kept_first(col: pd.Series) -> pd.Series:
+    return col.map({KEPT: 0, DUPLICATE_TEXT: 1, NEAR_DUPLICATE: 2}) if col.name == "role" else col

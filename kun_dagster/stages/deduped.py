@@ -1,0 +1,195 @@
+"""Source-wide deduplication (dedup.py): minhash_signatures per partition, duplicate_clusters over
+every shard of a source (or every source), deduped_corpus dropping all but one member of each."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .. import dedup, progress
+from ..config import KunConfig
+from ..corpus import quarantine_frame
+from ..names import CLUSTERS, DEDUPED, SIGNATURES
+from ..storage import FrameSink, Sink
+from .common import DUPLICATE_TEXT, NEAR_DUPLICATE, StageResult, dropped_rows, no_reasons, stage_stats, summary
+
+
+class DedupError(ValueError):
+    """Signatures that cannot be clustered together; the message says which and what to re-run."""
+
+
+def params(cfg: KunConfig) -> str:
+    """What a signature depends on: signatures made otherwise do not compare."""
+    d = cfg.dedup
+    return f"{dedup.ALGORITHM} ngram={d.ngram} num_perm={d.num_perm} seed={d.seed}"
+
+
+def _batches(docs: pd.DataFrame | Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
+    return [docs] if isinstance(docs, pd.DataFrame) else docs
+
+
+def sign(docs: pd.DataFrame | Iterable[pd.DataFrame], cfg: KunConfig, sink: Sink | None = None, label: str = SIGNATURES) -> StageResult:
+    """A MinHash signature and an exact-text key per document, batch by batch."""
+    d, sink, made = cfg.dedup, sink or FrameSink(), params(cfg)
+    n, shingles, t0 = 0, [], time.perf_counter()
+    total = len(docs) if isinstance(docs, pd.DataFrame) else getattr(docs, "total", None)
+    with progress.task(label, total=total, unit="docs") as bar:
+        for batch in _batches(docs):
+            texts = batch["text"].astype(str).tolist()
+            sig, count = dedup.signatures(texts, d.ngram, d.num_perm, d.seed)
+            out = batch[["doc_id", "source", "shard", "file", "row"]].reset_index(drop=True)
+            out["shingles"] = count
+            out["params"] = made
+            out["text_key"] = [k.tobytes() for k in dedup.text_keys(texts).astype(">u8")]
+            out["signature"] = [s.astype("<u4").tobytes() for s in sig]
+            sink.write(out)
+            n += len(batch)
+            shingles.append(count)
+            bar.update(len(batch))
+    seconds = time.perf_counter() - t0
+    return StageResult(
+        rows=sink.close(),
+        dropped=quarantine_frame([]),
+        stats=stage_stats(
+            n,
+            n,
+            [],
+            shingles=summary(np.concatenate(shingles) if shingles else [], 0),
+            no_shingles=int(sum((c == 0).sum() for c in shingles)),
+            docs_per_second=round(n / seconds, 1) if n and seconds else None,
+            params=made,
+        ),
+    )
+
+
+def _fixed(column: pa.ChunkedArray, width: int, what: str) -> np.ndarray:
+    """A binary column whose values are all `width` bytes as an (n, width) uint8 matrix, chunk by
+    chunk from the Arrow buffers (no Python object per value; no 2 GiB limit of one binary array)."""
+    out = np.empty((len(column), width), dtype=np.uint8)
+    at = 0
+    for chunk in column.chunks:
+        if chunk.null_count:
+            raise DedupError(f"{SIGNATURES}: {chunk.null_count} empty {what} value(s)")
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+        if len(chunk) and not (np.diff(offsets) == width).all():
+            raise DedupError(f"{SIGNATURES}: {what} values are not all {width} bytes; re-materialize {SIGNATURES}")
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]] if len(chunk) else np.zeros(0, np.uint8)
+        out[at : at + len(chunk)] = data.reshape(-1, width)
+        at += len(chunk)
+    return out
+
+
+def cluster(tables: Iterable[pa.Table], cfg: KunConfig) -> StageResult:
+    """Clusters of exact and near-duplicates over every signature partition given (all shards of a
+    source, or of every source): the members of each cluster with more than one, the kept one first,
+    each dropped one with the kept one's location and its estimated Jaccard to it."""
+    t0, d, want = time.perf_counter(), cfg.dedup, params(cfg)
+    tables = [t for t in tables if len(t)]
+    columns = ["source", "shard", "doc_id", "file", "row", "shingles", "params", "text_key", "signature"]
+    table = pa.concat_tables([t.select(columns) for t in tables], promote_options="default") if tables else None
+    if table is None:
+        return StageResult(rows=pd.DataFrame(columns=[f.name for f in _schema()]), dropped=quarantine_frame([]), stats=_stats(0, None, t0))
+    made = set(table.column("params").unique().to_pylist())
+    if made != {want}:
+        raise DedupError(
+            f"{CLUSTERS}: signatures were made with {sorted(made)}, kun.yaml asks for {want!r}: re-materialize {SIGNATURES} for these partitions"
+        )
+    sig = _fixed(table.column("signature"), 4 * d.num_perm, "signature").view("<u4")
+    keys = _fixed(table.column("text_key"), 16, "text_key").view(">u8").astype(np.uint64)
+    locations = table.select(["source", "shard", "doc_id", "file", "row"]).to_pandas()
+    order = {s.name: i for i, s in enumerate(cfg.sources)}  # scope all: the source listed first keeps
+    by = locations.assign(_source=locations["source"].map(order)).sort_values(["_source", "file", "row"], kind="stable")
+    rank = np.empty(len(locations), dtype=np.int64)
+    rank[by.index.to_numpy()] = np.arange(len(locations))
+    locations["rank"] = rank
+    found = dedup.cluster(sig, keys, table.column("shingles").to_numpy(), rank, exact=d.exact, near=d.near, threshold=d.threshold)
+    del sig
+    return StageResult(rows=dedup.frame(locations, found), dropped=quarantine_frame([]), stats=_stats(len(locations), found, t0))
+
+
+def _schema() -> pa.Schema:
+    from ..schemas import INDEXES
+
+    return INDEXES[CLUSTERS]
+
+
+def _stats(n: int, found: dedup.Clusters | None, t0: float) -> dict:
+    sizes = dedup.sizes(found.keeper) if found is not None else np.zeros(0, dtype=np.int64)
+    reasons = pd.Series(found.reason if found is not None else [], dtype=object).value_counts()
+    return {
+        "documents": n,
+        "clusters": int(len(sizes)),
+        "largest_cluster": int(sizes[0]) if len(sizes) else 0,
+        "duplicates": {DUPLICATE_TEXT: int(reasons.get(DUPLICATE_TEXT, 0)), NEAR_DUPLICATE: int(reasons.get(NEAR_DUPLICATE, 0))},
+        "candidate_pairs": found.candidates if found is not None else 0,
+        "bands": found.bands[0] if found is not None else None,
+        "rows_per_band": found.bands[1] if found is not None else None,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _kept_at(m: pd.DataFrame) -> pd.Series:
+    return (
+        m["kept_doc_id"].astype(str)
+        + " ("
+        + m["kept_source"]
+        + " shard "
+        + m["kept_shard"].astype(str)
+        + ", "
+        + m["kept_file"]
+        + " row "
+        + m["kept_row"].astype(str)
+        + ")"
+    )
+
+
+def dedupe(
+    docs: pd.DataFrame | Iterable[pd.DataFrame], members: pd.DataFrame, sink: Sink | None = None, label: str = DEDUPED
+) -> StageResult:
+    """The partition less every document its cluster drops (duplicate_clusters' rows for it),
+    quarantined as duplicate_text or near_duplicate with the kept document's location."""
+    sink = sink or FrameSink()
+    gone = members[members["role"] != dedup.KEPT]
+    why: Mapping[str, tuple[str, str]] = (
+        dict(
+            zip(
+                gone["doc_id"],
+                zip(
+                    gone["role"],
+                    np.where(
+                        gone["role"] == DUPLICATE_TEXT,
+                        "same text as " + _kept_at(gone),
+                        "near-duplicate of " + _kept_at(gone) + ", estimated Jaccard " + gone["jaccard"].map("{:.2f}".format),
+                    ),
+                    strict=True,
+                ),
+                strict=True,
+            )
+        )
+        if len(gone)
+        else {}
+    )
+    n_in, reasons, dropped = 0, [], []
+    total = len(docs) if isinstance(docs, pd.DataFrame) else getattr(docs, "total", None)
+    with progress.task(label, total=total, unit="docs") as bar:
+        for batch in _batches(docs):
+            df = batch.reset_index(drop=True)
+            reason, detail = no_reasons(df)
+            hit = df["doc_id"].map(why)
+            mask = hit.notna()
+            reason[mask] = [r for r, _ in hit[mask]]
+            detail[mask] = [t for _, t in hit[mask]]
+            sink.write(df[~mask].reset_index(drop=True))
+            dropped.append(dropped_rows(df, reason, detail, "text"))
+            reasons += reason[mask].tolist()
+            n_in += len(df)
+            bar.update(len(df))
+    return StageResult(
+        rows=sink.close(),
+        dropped=pd.concat(dropped, ignore_index=True) if dropped else quarantine_frame([]),
+        stats=stage_stats(n_in, n_in - len(reasons), reasons),
+    )
