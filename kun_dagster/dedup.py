@@ -40,14 +40,43 @@ _CHUNK = 4096  # documents hashed at a time: bounds the shingle arrays to a few 
 
 
 @functools.cache
-def _dropped_chars() -> dict[int, None]:
-    """Whitespace, punctuation, control and format characters (Unicode categories Z, P, C):
-    a repost that changes only spacing or punctuation is the same text."""
-    return {cp: None for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp))[0] in "ZPC" or chr(cp).isspace()}
+def _dropped() -> np.ndarray:
+    """Per code point: is it whitespace, punctuation, a control or format character (Unicode
+    categories Z, P, C)? A repost that changes only spacing or punctuation is the same text."""
+    drop = np.zeros(sys.maxunicode + 1, dtype=bool)
+    drop[[cp for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp))[0] in "ZPC" or chr(cp).isspace()]] = True
+    return drop
+
+
+def _strip(text: str) -> str:
+    drop = _dropped()
+    return "".join(c for c in text if not drop[ord(c)])
 
 
 def normalise(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).casefold().translate(_dropped_chars())
+    """The text shingles are cut from: the characters of _dropped() removed, NFKC (full-width
+    letters and digits as ASCII, compatibility forms folded), case-folded, and removed again (a
+    compatibility form may hold punctuation: ℅ is c/o)."""
+    return _strip(unicodedata.normalize("NFKC", _strip(text)).casefold())
+
+
+def _decode(codes: np.ndarray) -> list[str]:
+    return codes.tobytes().decode("utf-32-le").split("\x00")
+
+
+def _normalised_codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(the code points of every normalised text, concatenated; each text's length): `normalise`
+    for a whole batch, the character drops in numpy. NUL separates the texts (it is never part
+    of a normalised text). NFKC, which is slow, runs only on the texts it changes: after the
+    drop, most Chinese text is already NFKC (its full-width punctuation, which is not, is gone)."""
+    drop = _dropped()
+    codes = np.frombuffer("\x00".join(t.replace("\x00", "") for t in texts).encode("utf-32-le"), dtype=np.uint32)
+    stripped = _decode(codes[~drop[codes] | (codes == 0)])
+    folded = "\x00".join(t if unicodedata.is_normalized("NFKC", t) else unicodedata.normalize("NFKC", t) for t in stripped).casefold()
+    codes = np.frombuffer(folded.encode("utf-32-le"), dtype=np.uint32)
+    doc = np.cumsum(codes == 0)
+    keep = ~drop[codes]
+    return codes[keep], np.bincount(doc[keep], minlength=len(texts)).astype(np.int64)
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -61,23 +90,30 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 def shingle_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     """(the 64-bit hashes of every document's character n-grams, one flat array; row offsets).
-    A normalised text shorter than n is one shingle; an empty one has none. Vectorised: one numpy
-    pass per character of the n-gram over the whole batch."""
-    norm = [normalise(t) for t in texts]
-    lens = np.fromiter(map(len, norm), dtype=np.int64, count=len(norm))
-    counts = np.where(lens >= n, lens - n + 1, (lens > 0).astype(np.int64))
-    offsets = np.zeros(len(norm) + 1, dtype=np.uint64)
-    np.cumsum(counts, out=offsets[1:])
-    chars = np.frombuffer("".join(norm).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    chars = np.concatenate([chars, np.zeros(n, dtype=np.uint64)])  # windows may read past the end; masked below
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else np.zeros(0, dtype=np.int64)
-    doc = np.repeat(np.arange(len(norm)), counts)
-    pos = starts[doc] + (np.arange(int(counts.sum())) - offsets[:-1].astype(np.int64)[doc])
-    width = np.minimum(lens, n)[doc]
-    h = np.zeros(len(pos), dtype=np.uint64)
+    A normalised text shorter than n is one shingle; an empty one has none. Vectorised: the
+    polynomial hash of every window of the batch's characters in n numpy passes over contiguous
+    slices, then the windows that stay inside one document are kept."""
+    codes, lens = _normalised_codes(texts)
+    total = len(codes)
+    chars = np.concatenate([codes.astype(np.uint64), np.zeros(n, dtype=np.uint64)])
+    h = np.zeros(total, dtype=np.uint64)
     for j in range(n):
-        h = h * _PRIME + chars[pos + j] * (j < width)
-    return _mix(h ^ width.astype(np.uint64)), offsets
+        h = h * _PRIME + chars[j : j + total]
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    valid = np.arange(total) + n <= np.repeat(ends, lens)  # the window ends inside its document
+    short = np.flatnonzero((lens > 0) & (lens < n))
+    width = np.full(total, n, dtype=np.uint64)
+    if len(short):  # one shingle of the whole text, hashed as a window padded with zeros
+        pos, w = starts[short], lens[short]
+        hs = np.zeros(len(short), dtype=np.uint64)
+        for j in range(n):
+            hs = hs * _PRIME + chars[np.minimum(pos + j, total)] * (j < w)
+        h[pos], width[pos], valid[pos] = hs, w, True
+    counts = np.where(lens >= n, lens - n + 1, (lens > 0).astype(np.int64))
+    offsets = np.zeros(len(texts) + 1, dtype=np.uint64)
+    np.cumsum(counts, out=offsets[1:])
+    return _mix(h[valid] ^ width[valid]), offsets
 
 
 def signatures(texts: list[str], ngram: int, num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,233 @@
+"""Source-wide dedup (dedup.py, stages/deduped.py): planted near-duplicates at known Jaccard, exact
+copies across shards, order independence, incremental shards, and the fast path against the rule."""
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kun_dagster import dedup, stages
+from kun_dagster.config import parse_config
+from kun_dagster.names import SIGNATURES
+from kun_dagster.schemas import INDEXES
+
+
+def config(**dedup_cfg):
+    sources = [{"name": n, "uri": "x", "format": "jsonl"} for n in ("web", "news")]
+    return parse_config({"sources": sources, "seed": {"uri": "s"}, "dedup": dedup_cfg}, env={})
+
+
+CFG = config()
+RNG = np.random.default_rng(7)
+
+
+def _random_text(n: int) -> str:
+    return "".join(map(chr, RNG.integers(0x4E00, 0x9FA5, size=n)))
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    t = dedup.normalise(text)
+    return {t[i : i + n] for i in range(max(len(t) - n + 1, 1))} if t else set()
+
+
+def true_jaccard(a: str, b: str) -> float:
+    x, y = shingles(a), shingles(b)
+    return len(x & y) / len(x | y)
+
+
+def variant(text: str, target: float, n: int = 5) -> str:
+    """A text whose 5-gram set has Jaccard `target` with `text`'s: the first k characters kept, the
+    rest new (k from |A & B| = s, |A| = |B| = m: J = s / (2m - s))."""
+    m = len(text) - n + 1
+    s = round(2 * target * m / (1 + target))
+    k = s + n - 1
+    return text[:k] + _random_text(len(text) - k)
+
+
+def frame(texts: list[str], source="web", shard=0, file="a.jsonl", start=0) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "doc_id": [f"{source}-{file}-{start + i}" for i in range(len(texts))],
+            "source": source,
+            "shard": shard,
+            "file": file,
+            "row": range(start, start + len(texts)),
+            "title": None,
+            "text": texts,
+        }
+    )
+
+
+def signed(df: pd.DataFrame, cfg=CFG) -> pa.Table:
+    return pa.Table.from_pandas(stages.sign(df, cfg).rows, schema=INDEXES[SIGNATURES], preserve_index=False)
+
+
+def members(partitions: list[pd.DataFrame], cfg=CFG) -> pd.DataFrame:
+    return stages.cluster([signed(p, cfg) for p in partitions], cfg).rows
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """300 unrelated texts, then 200 pairs at each Jaccard (0.95, 0.85, 0.5), the copy in another
+    shard and file than its original."""
+    base = [_random_text(300) for _ in range(300)]
+    pairs = {j: [(t := _random_text(300), variant(t, j)) for _ in range(200)] for j in (0.95, 0.85, 0.5)}
+    for j, ps in pairs.items():
+        got = [true_jaccard(a, b) for a, b in ps]
+        assert abs(np.mean(got) - j) < 0.01  # the plant means what it says
+    originals = base + [a for ps in pairs.values() for a, _ in ps]
+    copies = [b for ps in pairs.values() for _, b in ps]
+    parts = [frame(originals, shard=0, file="a.jsonl"), frame(copies, shard=1, file="b.jsonl")]
+    return {"parts": parts, "pairs": pairs, "base": len(base)}
+
+
+def _found(m: pd.DataFrame) -> dict[str, str]:
+    """doc id -> the kept doc id, for the dropped members."""
+    gone = m[m["role"] != "kept"]
+    return dict(zip(gone["doc_id"], gone["kept_doc_id"], strict=True))
+
+
+def test_planted_near_duplicates_are_found_above_the_threshold_and_not_below(planted):
+    m = members(planted["parts"])
+    found, n = _found(m), planted["base"]
+    recall = {}
+    for k, j in enumerate((0.95, 0.85, 0.5)):
+        hits = sum(found.get(f"web-b.jsonl-{k * 200 + i}") == f"web-a.jsonl-{n + k * 200 + i}" for i in range(200))
+        recall[j] = hits / 200
+    assert (recall[0.95] + recall[0.85]) / 2 >= 0.95, recall  # every pair above dedup.threshold (0.8)
+    assert recall[0.95] >= 0.99 and recall[0.85] >= 0.9, recall
+    assert recall[0.5] <= 0.01, recall
+    assert not any(d.startswith("web-a.jsonl-") for d in found)  # the original, at (file a, row), is always kept
+    assert set(m.loc[m["role"] == "near_duplicate", "jaccard"].round(1)) <= {0.8, 0.9, 1.0}
+    # the estimate is the rule's Jaccard within its error (sd sqrt(J(1-J)/128) ~ 0.03 at 0.85)
+    est = m[m["role"] == "near_duplicate"]
+    for doc, kept, j in zip(est["doc_id"], est["kept_doc_id"], est["jaccard"], strict=True):
+        a = planted["parts"][0].set_index("doc_id").at[kept, "text"]
+        b = planted["parts"][1].set_index("doc_id").at[doc, "text"]
+        assert abs(j - true_jaccard(a, b)) < 0.15
+
+
+def test_the_result_does_not_depend_on_the_order_of_shards_files_or_rows(planted):
+    want = members(planted["parts"])
+    a, b = planted["parts"]
+    shuffled = [b.sample(frac=1, random_state=1), a.iloc[::-1]]
+    split = [pd.concat([a.iloc[400:], b.iloc[:300]]), b.iloc[300:], a.iloc[:400]]  # rows of a file in other batches
+    for parts in (shuffled, split):
+        got = members(parts)
+        pd.testing.assert_frame_equal(
+            got.sort_values(["cluster", "doc_id"]).reset_index(drop=True), want.sort_values(["cluster", "doc_id"]).reset_index(drop=True)
+        )
+
+
+def test_a_new_shard_changes_only_the_clusters_it_touches(planted):
+    a, b = planted["parts"]
+    before = members([a, b])
+    # a new shard: copies of 20 originals that had no duplicate, and 50 unrelated texts
+    lone = a.iloc[:20]
+    new = frame([variant(t, 0.95) for t in lone["text"]] + [_random_text(300) for _ in range(50)], shard=2, file="c.jsonl")
+    after = members([a, b, new])
+    touched = set(lone["doc_id"]) | set(new["doc_id"])
+    key = ["doc_id", "role", "kept_doc_id"]
+    unchanged = lambda m: m[~m["doc_id"].isin(touched) & ~m["kept_doc_id"].isin(touched)][key].sort_values("doc_id")  # noqa: E731
+    pd.testing.assert_frame_equal(unchanged(before).reset_index(drop=True), unchanged(after).reset_index(drop=True))
+    assert _found(after).keys() - _found(before).keys() <= set(new["doc_id"])
+
+
+def test_exact_copies_across_shards_keep_the_first_location_and_name_it():
+    text = "复利是指在计算利息时，把上一期的利息加入本金，再计算下一期的利息。" * 3
+    parts = [
+        frame(["独立的一段文字，讲的是蜜蜂的分工。" * 4, text], shard=1, file="b.jsonl"),
+        frame([" " + text.replace("，", " ，") + "\n"], shard=0, file="z.jsonl"),  # same text up to whitespace
+        frame([text], shard=3, file="a.jsonl", start=5),
+    ]
+    m = members(parts)
+    assert list(m["role"]) == ["kept", "duplicate_text", "duplicate_text"]
+    assert m.iloc[0]["doc_id"] == "web-a.jsonl-5" and (m["kept_file"] == "a.jsonl").all() and (m["kept_row"] == 5).all()
+    res = stages.dedupe(parts[0], m[m["shard"] == 1])
+    assert res.rows["doc_id"].tolist() == ["web-b.jsonl-0"]
+    q = res.dropped.iloc[0]
+    assert q["reason"] == "duplicate_text" and "same text as web-a.jsonl-5 (web shard 3, a.jsonl row 5)" in q["detail"]
+    assert res.stats["dropped"] == {"duplicate_text": 1}
+
+
+def test_near_duplicates_go_to_the_quarantine_with_location_and_jaccard():
+    t = _random_text(400)
+    parts = [frame([t], shard=0, file="a.jsonl"), frame([variant(t, 0.9), _random_text(400)], shard=1, file="b.jsonl")]
+    m = members(parts)
+    res = stages.dedupe(parts[1], m[m["shard"] == 1])
+    assert res.rows["doc_id"].tolist() == ["web-b.jsonl-1"]
+    q = res.dropped.iloc[0]
+    assert q["reason"] == "near_duplicate" and q["file"] == "b.jsonl" and q["row"] == 0
+    assert q["detail"].startswith("near-duplicate of web-a.jsonl-0 (web shard 0, a.jsonl row 0), estimated Jaccard 0.")
+    assert abs(float(q["detail"].rsplit(" ", 1)[1]) - 0.9) < 0.12  # the estimate's sd at 0.9 is 0.027
+
+
+def test_scope_all_finds_duplicates_across_sources_and_the_first_source_listed_keeps():
+    t = _random_text(300)
+    web, news = frame([t], source="web", file="z.jsonl"), frame([t, variant(t, 0.95)], source="news", file="a.jsonl")
+    assert len(members([web, news], config(scope="all"))) == 3
+    m = members([news, web], config(scope="all"))
+    assert m.loc[m["role"] == "kept", "source"].tolist() == ["web"]  # listed first in kun.yaml, though its file sorts later
+    assert sorted(m.loc[m["role"] != "kept", "role"]) == ["duplicate_text", "near_duplicate"]
+
+
+def test_switches_empty_partitions_and_texts_without_shingles():
+    t = _random_text(300)
+    parts = [frame([t, "。。。！！", "……"], shard=0), frame([t, variant(t, 0.95)], shard=1, file="b.jsonl"), frame([], shard=2)]
+    assert sorted(members(parts)["role"]) == ["duplicate_text", "kept", "near_duplicate"]  # punctuation alone is no text
+    assert sorted(members(parts, config(near=False))["role"]) == ["duplicate_text", "kept"]
+    assert sorted(members(parts, config(exact=False, near=False))["role"]) == []
+    assert members([frame([], shard=0)]).empty and stages.cluster([], CFG).rows.empty
+    res = stages.dedupe(frame([]), members([frame([])]))
+    assert res.rows.empty and res.stats["rows_in"] == 0
+
+
+def test_signatures_of_another_configuration_are_refused():
+    parts = [signed(frame(["一段文字，足够长了吧，真的。"])), signed(frame(["另一段文字，也够长。"], shard=1), config(ngram=3))]
+    with pytest.raises(stages.DedupError, match="re-materialize minhash_signatures"):
+        stages.cluster(parts, CFG)
+
+
+def test_bands_catch_a_pair_at_the_threshold_with_probability_099():
+    for t, perm in ((0.8, 128), (0.7, 128), (0.9, 256), (0.5, 64)):
+        b, r = dedup.bands(t, perm)
+        assert b * r <= perm and 1 - (1 - t**r) ** b >= 0.99
+        assert b == 1 or 1 - (1 - t ** (perm // (b - 1))) ** (b - 1) < 0.99  # the fewest bands that do
+
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_TEXT, min_size=1, max_size=12), st.integers(1, 7))
+def test_shingle_hashes_are_the_n_grams_of_the_normalised_text_whatever_the_batch(texts, n):
+    """The vectorised hashing against the rule it stands for: each text's hashes are those of its
+    own n-grams (one for a text shorter than n, none for an empty one), wherever it sits in a batch."""
+    flat, offsets = dedup.shingle_hashes(texts, n)
+    for i, t in enumerate(texts):
+        mine = flat[offsets[i] : offsets[i + 1]]
+        alone, _ = dedup.shingle_hashes([t], n)
+        assert np.array_equal(mine, alone)
+        norm = dedup.normalise(t)
+        want = {norm[j : j + n] for j in range(max(len(norm) - n + 1, 1))} if norm else set()
+        assert len(mine) == max(len(norm) - n + 1, 1 if norm else 0)
+        grams = [norm[j : j + n] for j in range(len(mine))]
+        assert len(set(mine.tolist())) == len(set(grams)) == len(want)  # equal n-grams hash equal, others not
+
+
+@settings(max_examples=60, deadline=None)
+@given(_TEXT.filter(lambda t: len(dedup.normalise(t)) >= 1))
+def test_spacing_case_width_and_punctuation_do_not_change_a_signature(text):
+    other = "　" + text.upper().replace("，", ",") + " !\n"  # U+3000, upper case, ASCII comma, more punctuation
+    a, b = dedup.signatures([text, other], 5, 64, 1)[0]
+    assert np.array_equal(a, b) == (dedup.normalise(text) == dedup.normalise(other))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_TEXT, max_size=12))
+def test_the_batch_normalisation_is_normalise_text_by_text(texts):
+    codes, lens = dedup._normalised_codes(texts)
+    got = codes.tobytes().decode("utf-32-le")
+    assert got == "".join(map(dedup.normalise, texts)) and lens.tolist() == [len(dedup.normalise(t)) for t in texts]
