@@ -37,7 +37,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         results, cards = {}, {}
         for source in context.partition_keys:
             results[source], cards[source] = dataset.release(polished, source, c, kun.base, label_model["name"], chat_model["name"])
-            _report(context, kun, source, results[source].rows, results[source].stats["funnel"], cards[source])
+            _report(context, kun, source, results[source], cards[source])
         published = False
         for event in checks.gate(context, kun, versions.DATASET, results):  # all sources' records hold, or none is released
             published |= isinstance(event, dg.Output)
@@ -50,14 +50,20 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     return [instruction_dataset]
 
 
-def _report(context: dg.AssetExecutionContext, kun: KunResource, source: str, recs: pd.DataFrame, fun: dict, card: str) -> None:
+def _report(context: dg.AssetExecutionContext, kun: KunResource, source: str, result, card: str) -> None:
+    recs, st = result.rows, result.stats
+    div = st["diversity"]
     context.add_asset_metadata(
         {
             "dagster/row_count": len(recs),
             "dagster/column_schema": schema_of(storage.columns(recs)),
             "parquet": dg.MetadataValue.path(str(storage.partition_dir(kun.base, versions.DATASET, {"source": source}))),
             "release": dg.MetadataValue.path(str(dataset.release_dir(kun.base, source))),
-            "funnel": table(dataset.funnel_frame(fun, len(recs)), rows=None),
+            "funnel": table(dataset.funnel_frame(st["funnel"], len(recs), st["dropped"]), rows=None),
+            "quarantined": len(result.dropped),
+            "distinct_instruction_ratio": dg.MetadataValue.float(div["distinct_ratio"]) if div["texts"] else dg.MetadataValue.text("-"),
+            "instruction_clusters": div["near_duplicate_clusters"],
+            **({"largest_instruction_clusters": table(pd.DataFrame(div["largest"]), rows=None)} if div["largest"] else {}),
             "card": dg.MetadataValue.md(card),
             **({"preview": table(recs[["instruction", "output", "doc_id", "score"]])} if len(recs) else {}),
         },

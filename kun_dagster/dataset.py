@@ -9,13 +9,15 @@ import pandas as pd
 import yaml
 from upath import UPath
 
-from . import corpus, scoring, storage, versions
+from . import dedup, scoring, storage, versions
 from .config import KunConfig
-from .stages import StageResult
+from .stages import DUPLICATE_OUTPUT, StageResult
+from .stages.common import dropped_rows, mark_duplicates, no_reasons
 
 COIG_COLUMNS = ["instruction", "input", "output", "task_type", "domain", "answer_from", "human_verified", "copyright"]
 PROVENANCE_COLUMNS = ["source", "doc_id", "file", "row", "score", "score_method", "score_rule", "label_model", "chat_model"]
-# The partitioned stages, in order, as (asset, what its rows are).
+# Instructions are a sentence: 3-grams, as 5-grams of 15 characters are too few to estimate a Jaccard.
+INSTRUCTION_NGRAM = 3
 
 
 def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model: str) -> pd.DataFrame:
@@ -71,18 +73,39 @@ def funnel(base: UPath, source: str, shards: list[str], threshold: float) -> dic
     return {"rows": rows, "kept_by_score": kept, "scored_by": dict(sorted(scored_by.items())), "quarantined": quarantined}
 
 
-def funnel_frame(fun: dict, n_records: int) -> pd.DataFrame:
+def funnel_frame(fun: dict, n_records: int, dropped: dict | None = None) -> pd.DataFrame:
     """The funnel as rows: each stage (what it did), its rows, what it dropped; then kept and final."""
     rows = [
         (f"{v.name} ({v.what})", fun["rows"][v.name], ", ".join(f"{k}: {n}" for k, n in fun["quarantined"].get(v.name, {}).items()) or "-")
         for v in map(versions.get, versions.CORPUS)
     ]
     by = ", ".join(f"{rule}: {n}" for rule, n in fun.get("scored_by", {}).items())
-    rows += [("kept by score", fun["kept_by_score"], f"scored by {by}" if by else ""), (versions.DATASET, n_records, "")]
+    last = ", ".join(f"{k}: {n}" for k, n in (dropped or {}).items()) or "-"
+    rows += [("kept by score", fun["kept_by_score"], f"scored by {by}" if by else ""), (versions.DATASET, n_records, last)]
     return pd.DataFrame(rows, columns=["stage", "rows", "dropped (reason: count)"])
 
 
-def card(source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: str, chat_model: str) -> str:
+def instruction_diversity(instructions: list[str], cfg: KunConfig) -> dict:
+    d = cfg.dedup
+    return dedup.diversity(instructions, INSTRUCTION_NGRAM, d.num_perm, d.threshold, d.seed)
+
+
+def _diversity_md(div: dict, threshold: float) -> list[str]:
+    if not div["texts"]:
+        return ["No instructions."]
+    lines = [
+        f"{div['distinct_ratio']:.1%} of the {div['texts']} instructions are distinct (up to whitespace); "
+        f"{div['near_duplicate_clusters']} clusters of near-duplicates (Jaccard of character {INSTRUCTION_NGRAM}-grams "
+        f">= {threshold}, MinHash estimate)" + (", the largest:" if div["largest"] else "."),
+    ]
+    if div["largest"]:
+        lines += ["", pd.DataFrame(div["largest"]).to_markdown(index=False, colalign=("right", "left"))]
+    return lines
+
+
+def card(
+    source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: str, chat_model: str, div: dict | None = None, dropped=None
+) -> str:
     """A dataset card (Markdown with YAML front matter, as HF datasets expect)."""
     lines = [
         "---",
@@ -110,7 +133,11 @@ def card(source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: st
         "",
         "## Funnel",
         "",
-        funnel_frame(fun, n_records).to_markdown(index=False, colalign=("left", "right", "left")),
+        funnel_frame(fun, n_records, dropped).to_markdown(index=False, colalign=("left", "right", "left")),
+        "",
+        "## Instruction diversity",
+        "",
+        *_diversity_md(div or instruction_diversity([], cfg), cfg.dedup.threshold),
         "",
         "## Config used",
         "",
@@ -123,16 +150,31 @@ def card(source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: st
 
 
 def release(polished: pd.DataFrame, source: str, cfg: KunConfig, base: UPath, label_model: str, chat_model: str) -> tuple[StageResult, str]:
-    """One source's release as a stage result (its records; the funnel read from what is published
-    in stats, for the retention check) and its dataset card. A source with no rows left gets empty
-    records and its card: an empty result is a result."""
-    recs = records(polished[polished["source"] == source], cfg, label_model, chat_model)
+    """One source's release as a stage result (its records; answers that repeat one of another
+    shard quarantined as duplicate_output, the first by (file, row) kept, as Humpback dedups its
+    outputs; the funnel read from what is published in stats, for the retention check) and its
+    dataset card. A source with no rows left gets empty records and its card: an empty result is a result."""
+    mine = polished[polished["source"] == source].sort_values(["file", "row"], kind="stable").reset_index(drop=True)
+    reason, detail = no_reasons(mine)
+    if cfg.polish.dedup_outputs:
+        mark_duplicates(mine, "output", reason, detail, DUPLICATE_OUTPUT)
+    recs = records(mine[reason.isna()], cfg, label_model, chat_model)
+    dropped = reason.dropna().value_counts().to_dict()
     fun = funnel(base, source, cfg.shard_keys(), cfg.score.threshold)
+    div = instruction_diversity(recs["instruction"].tolist(), cfg)
     docs = fun["rows"][versions.RAW]
-    stats = {"rows_in": docs, "rows_out": len(recs), "retention": round(len(recs) / docs, 4) if docs else None, "funnel": fun}
-    return StageResult(rows=recs, dropped=corpus.quarantine_frame([]), stats=stats), card(
-        source, len(recs), fun, cfg, label_model, chat_model
-    )
+    stats = {
+        "rows_in": docs,
+        "rows_out": len(recs),
+        "retention": round(len(recs) / docs, 4) if docs else None,
+        "dropped": dropped,
+        "distinct_instruction_ratio": div["distinct_ratio"],
+        "instruction_clusters": div["near_duplicate_clusters"],
+        "funnel": fun,
+        "diversity": div,
+    }
+    result = StageResult(rows=recs, dropped=dropped_rows(mine, reason, detail, "output"), stats=stats)
+    return result, card(source, len(recs), fun, cfg, label_model, chat_model, div, dropped)
 
 
 def release_dir(base: UPath, source: str) -> UPath:

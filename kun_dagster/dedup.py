@@ -275,3 +275,21 @@ def frame(locations: pd.DataFrame, c: Clusters) -> pd.DataFrame:
 
 def _kept_first(col: pd.Series) -> pd.Series:
     return col.map({KEPT: 0, DUPLICATE_TEXT: 1, NEAR_DUPLICATE: 2}) if col.name == "role" else col
+
+
+def diversity(texts: list[str], ngram: int, num_perm: int, threshold: float, seed: int = 1, top: int = 5) -> dict:
+    """How varied a set of texts (a release's instructions) is: the share of distinct texts (up to
+    whitespace), and the largest clusters of near-duplicates (the same rule as the corpus dedup)."""
+    if not texts:
+        return {"texts": 0, "distinct_ratio": None, "near_duplicate_clusters": 0, "largest": []}
+    keys = text_keys(texts)
+    sig, count = signatures(texts, ngram, num_perm, seed)
+    c = cluster(sig, keys, count, np.arange(len(texts)), exact=True, near=True, threshold=threshold)
+    members = np.bincount(c.keeper, minlength=len(texts))
+    biggest = [int(k) for k in np.argsort(-members, kind="stable")[:top] if members[k] > 1]
+    return {
+        "texts": len(texts),
+        "distinct_ratio": round(len(np.unique(keys, axis=0)) / len(texts), 4),
+        "near_duplicate_clusters": int((members > 1).sum()),
+        "largest": [{"size": int(members[k]), "example": texts[k]} for k in biggest],
+    }

@@ -242,7 +242,13 @@ VERSIONS: tuple[Version, ...] = (
         ),
         (KEEP_RATE, _retention(POLISHED), EMPTY_OUTPUT_RATE, _duplicate_rate(stages.DUPLICATE_OUTPUT), FAITHFULNESS),
     ),
-    Version(DATASET, "COIG-CQIA records released", schemas.InstructionDataset, (), (RELEASE_RETENTION,)),
+    Version(
+        DATASET,
+        "COIG-CQIA records released (answers repeated across shards dropped)",
+        schemas.InstructionDataset,
+        (stages.DUPLICATE_OUTPUT,),
+        (RELEASE_RETENTION,),
+    ),
 )
 BY_NAME = {v.name: v for v in VERSIONS}
 CORPUS = tuple(v.name for v in VERSIONS if v.name != DATASET)  # partitioned by source x shard, in graph order

@@ -1,6 +1,8 @@
 """Source-wide dedup (dedup.py, stages/deduped.py): planted near-duplicates at known Jaccard, exact
 copies across shards, order independence, incremental shards, and the fast path against the rule."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -231,3 +233,40 @@ def test_the_batch_normalisation_is_normalise_text_by_text(texts):
     codes, lens = dedup._normalised_codes(texts)
     got = codes.tobytes().decode("utf-32-le")
     assert got == "".join(map(dedup.normalise, texts)) and lens.tolist() == [len(dedup.normalise(t)) for t in texts]
+
+
+def test_the_release_drops_answers_repeated_across_shards_and_its_card_reports_instruction_diversity(tmp_path):
+    from kun_dagster import dataset, schemas
+    from kun_dagster.names import POLISHED
+    from kun_dagster.store import upath
+
+    answer = "复利是指在计算利息时，把上一期的利息加入本金，再计算下一期的利息。"
+    rows = [  # (shard, file, row, instruction, output)
+        (1, "b.jsonl", 0, "什么是复利？", answer),
+        (0, "a.jsonl", 3, "什么是复利？请详细解释一下", answer + " "),  # the same answer up to whitespace, first by (file, row)
+        (0, "a.jsonl", 4, "什么是复利?请详细解释一下吧", "蜜蜂的分工很细：工蜂采蜜，蜂王产卵，雄蜂交配。" * 2),
+        (1, "b.jsonl", 1, "蜜蜂如何分工？", "长江是中国最长的河流，流经十一个省级行政区。" * 2),
+    ]
+    polished = schemas.empty_frame(POLISHED).reindex(range(len(rows)))
+    for i, (shard, file, row, ins, out) in enumerate(rows):
+        polished.loc[i, ["source", "shard", "file", "row", "doc_id", "instruction", "output"]] = [
+            "web",
+            shard,
+            file,
+            row,
+            f"d{i}",
+            ins,
+            out,
+        ]
+    polished[["score", "score_rule", "score_method"]] = [0.9, "probability", "kun_choice"]
+    result, card = dataset.release(polished, "web", CFG, upath(str(tmp_path)), "kun-label", "kun-chat")
+    assert result.rows["doc_id"].tolist() == ["d1", "d2", "d3"]  # d0 repeats d1's answer; a.jsonl row 3 comes first
+    q = result.dropped.iloc[0]
+    assert q["reason"] == "duplicate_output" and q["doc_id"] == "d0" and "same output as d1" in q["detail"]
+    assert result.stats["dropped"] == {"duplicate_output": 1}
+    div = result.stats["diversity"]
+    assert div["texts"] == 3 and div["distinct_ratio"] == 1.0
+    # 3-grams of the normalised instructions: 10 of 11 shared, Jaccard 0.91
+    assert div["largest"] == [{"size": 2, "example": "什么是复利？请详细解释一下"}] and div["near_duplicate_clusters"] == 1
+    assert "## Instruction diversity" in card and "100.0% of the 3 instructions are distinct" in card
+    assert re.search(r"^\| instruction_dataset .*\| duplicate_output: 1 *\|$", card, re.M)
