@@ -76,7 +76,11 @@ def to_table(df: pd.DataFrame, schema: pa.Schema | None = None) -> pa.Table:
     table = pa.Table.from_pandas(df, preserve_index=False)
     if schema is not None:
         extra = [table.schema.field(n) for n in table.column_names if n not in schema.names]
-        columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type) for f in schema]
+        # no rows: every column empty of its type (an empty batch's columns were typed by pandas)
+        columns = [
+            table.column(f.name).cast(f.type) if f.name in table.column_names and len(table) else pa.nulls(len(table), f.type)
+            for f in schema
+        ]
         table = pa.Table.from_arrays(columns + [table.column(f.name) for f in extra], schema=pa.schema(list(schema) + extra))
     for i, f in enumerate(table.schema):
         if pa.types.is_null(f.type):

@@ -39,7 +39,7 @@ def graph(models_run, tmp_path_factory):
     defs = build_definitions(cfg_file)
     instance = dg.DagsterInstance.ephemeral()
 
-    def run(selection, label_tokens=5):
+    def run(selection, label_tokens=5, key=KEY):
         class Scripted(LLMResource):
             def engine(self, model):
                 return LabelEngine(label_tokens)
@@ -50,12 +50,15 @@ def graph(models_run, tmp_path_factory):
             selection=selection,
             resources=resources,
             instance=instance,
-            partition_key=None if "seed_data" in selection else KEY,
+            partition_key=None if "seed_data" in selection else key,
             raise_on_error=False,
         )
 
     assert run(MODELS).success
-    assert run(["raw_corpus", "filtered_corpus"]).success
+    source = KEY.split("|")[0]
+    for shard in load_config(cfg_file).shard_keys():  # source-wide dedup reads every shard's signatures
+        assert run(["raw_corpus", "filtered_corpus", "minhash_signatures"], key=f"{source}|{shard}").success
+    assert run(["duplicate_clusters", "deduped_corpus"]).success
     return {"run": run, "instance": instance, "defs": defs, "base": upath(load_config(cfg_file).base_uri)}
 
 

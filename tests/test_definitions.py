@@ -55,7 +55,10 @@ def test_gpu_assets_share_the_pool_and_run_backfills_in_one_run(defs):
 def test_asset_graph_shape(defs):
     graph = defs.resolve_asset_graph()
     parents = {k.to_user_string(): sorted(p.to_user_string() for p in graph.get(k).parent_keys) for k in graph.get_all_asset_keys()}
-    assert parents["labeled_pairs"] == ["filtered_corpus", "label_model"]
+    assert parents["minhash_signatures"] == ["filtered_corpus"]
+    assert parents["duplicate_clusters"] == ["minhash_signatures"]
+    assert parents["deduped_corpus"] == ["duplicate_clusters", "filtered_corpus"]
+    assert parents["labeled_pairs"] == ["deduped_corpus", "label_model"]
     assert parents["scored_pairs"] == ["chat_model", "labeled_pairs"]
     assert parents["instruction_dataset"] == ["chat_model", "label_model", "polished_pairs"]
     assert parents["label_model"] == ["base_model", "seed_data"]

@@ -1,0 +1,248 @@
+"""Source-wide dedup: MinHash libraries compared, then the chosen path at 100k and 1M documents.
+
+Documents are Chinese text made from the demo paragraphs' sentences (6-12 sentences each, about
+300-500 characters, so unrelated documents share some sentences, as templated web pages do), with
+10% planted near-duplicates (one sentence replaced or added) and 5% exact copies (spacing changed).
+
+  compare: on --docs documents, signatures by datasketch (MinHash.bulk over UTF-8 shingles, its
+           sha1 hashing), rensa (RMinHash over str shingles) and ours (numpy shingle hashes, rensa's
+           digest matrix); then candidate search by datasketch MinHashLSH, rensa RMinHashLSH and ours
+           (numpy banding, verified, union-find). Reports docs/s, seconds, and the recall of the
+           planted near-duplicates each finds.
+  scale:   the stages as the assets run them: stages.sign streaming --docs documents into 8 shard
+           files (Parquet, like minhash_signatures), then stages.cluster over all of them, each
+           phase in its own process for its peak RSS.
+
+  .venv/bin/python bench/bench_dedup.py compare --docs 20000 --out bench/results/dedup_compare.json
+  .venv/bin/python bench/bench_dedup.py scale --docs 100000 1000000 --out bench/results/dedup_scale.json
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "demo"))
+
+from kun_dagster import dedup, stages, storage  # noqa: E402
+from kun_dagster.config import parse_config  # noqa: E402
+from kun_dagster.names import SIGNATURES  # noqa: E402
+from kun_dagster.schemas import INDEXES  # noqa: E402
+from kun_dagster.store import upath  # noqa: E402
+
+CFG = parse_config({"sources": [{"name": "web", "uri": "x", "format": "jsonl"}], "seed": {"uri": "s"}}, env={})
+SHARDS = 8
+
+
+def sentences() -> list[str]:
+    import paragraphs_a
+    import paragraphs_b
+    import paragraphs_c
+
+    texts = []
+    for mod in (paragraphs_a, paragraphs_b, paragraphs_c):
+        for name in dir(mod):
+            for item in getattr(mod, name) if isinstance(getattr(mod, name), list) else []:
+                texts += [x for x in (item if isinstance(item, (list, tuple)) else [item]) if isinstance(x, str)]
+    out = [s + "。" for t in texts for s in t.split("。") if len(s) >= 8]
+    return sorted(set(out))
+
+
+def make_docs(n: int, seed: int, pool: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
+    """n documents; returns the texts and the planted near-duplicate pairs (original, copy)."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(len(pool), size=rng.integers(6, 13), replace=False) for _ in range(n)]
+    texts = ["".join(pool[i] for i in p) for p in picks]
+    planted = []
+    for i in range(0, n, 20):  # 1 in 20: an exact copy with changed spacing, 2 in 20: a near-duplicate
+        if i + 2 >= n:
+            break
+        texts[i + 1] = " ".join(texts[i][k : k + 40] for k in range(0, len(texts[i]), 40))
+        p = list(picks[i])
+        p[rng.integers(len(p))] = rng.integers(len(pool))  # one sentence replaced, or one added
+        if rng.random() < 0.5:
+            p.append(rng.integers(len(pool)))
+        texts[i + 2] = "".join(pool[j] for j in p)
+        planted.append((i, i + 2))
+    return texts, planted
+
+
+def _rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _shingle_lists(texts: list[str], n: int) -> list[list[str]]:
+    out = []
+    for t in texts:
+        norm = dedup.normalise(t)
+        out.append([norm[i : i + n] for i in range(max(len(norm) - n + 1, 1))])
+    return out
+
+
+def compare(n: int) -> dict:
+    import datasketch
+    import rensa
+
+    d = CFG.dedup
+    texts, planted = make_docs(n, 0, sentences())
+    res = {"docs": n, "mean_chars": round(float(np.mean([len(t) for t in texts])), 1), "num_perm": d.num_perm, "ngram": d.ngram}
+    t0 = time.perf_counter()
+    grams = _shingle_lists(texts, d.ngram)
+    res["python_shingling_s"] = round(time.perf_counter() - t0, 2)
+
+    t0 = time.perf_counter()
+    ds = datasketch.MinHash.bulk([[g.encode("utf-8") for g in gs] for gs in grams], num_perm=d.num_perm, seed=d.seed)
+    res["datasketch_sig_docs_per_s"] = round(n / (time.perf_counter() - t0 + res["python_shingling_s"]))
+    t0 = time.perf_counter()
+    rm = rensa.RMinHash.digest_matrix_from_token_sets(grams, d.num_perm, d.seed)
+    rm_rows = np.array(rm.to_rows(), dtype=np.uint32)
+    res["rensa_str_sig_docs_per_s"] = round(n / (time.perf_counter() - t0 + res["python_shingling_s"]))
+    t0 = time.perf_counter()
+    sig, count = dedup.signatures(texts, d.ngram, d.num_perm, d.seed)
+    res["ours_sig_docs_per_s"] = round(n / (time.perf_counter() - t0))
+
+    # Each estimator against the true Jaccard of the planted pairs' shingle sets
+    def true_j(a, b):
+        x, y = set(grams[a]), set(grams[b])
+        return len(x & y) / len(x | y)
+
+    truth = np.array([true_j(a, b) for a, b in planted])
+    res["planted_true_jaccard"] = {"min": round(truth.min(), 3), "mean": round(truth.mean(), 3), "max": round(truth.max(), 3)}
+    for name, est in (
+        ("datasketch", [ds[a].jaccard(ds[b]) for a, b in planted]),
+        ("rensa_str", [(rm_rows[a] == rm_rows[b]).mean() for a, b in planted]),
+        ("ours", [(sig[a] == sig[b]).mean() for a, b in planted]),
+    ):
+        res[f"{name}_jaccard_mean_abs_error"] = round(float(np.mean(np.abs(np.array(est) - truth))), 4)
+    above = [(a, b) for (a, b), j in zip(planted, truth, strict=True) if j >= d.threshold]
+    res["planted_above_threshold"] = len(above)
+
+    # Candidate search. datasketch: its own (b, r) for the threshold; rensa: bands must divide num_perm
+    t0 = time.perf_counter()
+    lsh = datasketch.MinHashLSH(threshold=d.threshold, num_perm=d.num_perm)
+    with lsh.insertion_session() as s:
+        for i, m in enumerate(ds):
+            s.insert(i, m)
+    found = sum(b in lsh.query(ds[a]) for a, b in above)
+    res["datasketch_lsh"] = {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "bands_rows": [lsh.b, lsh.r],
+        "recall": round(found / len(above), 4),
+    }
+    b, r = dedup.bands(d.threshold, d.num_perm)
+    for bands in (16, 32):
+        t0 = time.perf_counter()
+        rl = rensa.RMinHashLSH(d.threshold, d.num_perm, bands)
+        mhs = rensa.RMinHash.from_token_sets(grams, d.num_perm, d.seed)
+        rl.insert_many(mhs, 0)
+        cands = rl.query_all(mhs)
+        found = sum(b_ in set(cands[a]) for a, b_ in above)
+        res[f"rensa_lsh_{bands}_bands"] = {
+            "seconds": round(time.perf_counter() - t0, 2),
+            "candidates": int(sum(len(c) - 1 for c in cands) // 2),
+            "recall_unverified": round(found / len(above), 4),
+        }
+    t0 = time.perf_counter()
+    keys = dedup.text_keys(texts)
+    c = dedup.cluster(sig, keys, count, np.arange(n), exact=True, near=True, threshold=d.threshold)
+    found = sum(c.keeper[b_] == c.keeper[a] for a, b_ in above)
+    res["ours_cluster"] = {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "bands_rows": list(c.bands),
+        "candidates": c.candidates,
+        "recall": round(found / len(above), 4),
+        "dropped": pd.Series(c.reason).value_counts().to_dict(),
+    }
+    return res
+
+
+def _sign_phase(n: int, out: Path) -> dict:
+    pool = sentences()
+    t0, made, batch = time.perf_counter(), 0, CFG.storage.batch_rows
+    sinks = [storage.ParquetSink(upath(str(out / f"source=web/shard={k}")) / storage.PART_NAME, INDEXES[SIGNATURES]) for k in range(SHARDS)]
+    gen = 0.0
+    while made < n:
+        g0 = time.perf_counter()
+        texts, _ = make_docs(min(batch, n - made), made, pool)
+        df = pd.DataFrame({"doc_id": [f"d{made + i}" for i in range(len(texts))], "source": "web", "file": "f.jsonl", "text": texts})
+        df["row"] = np.arange(made, made + len(texts))
+        df["shard"] = df["row"] % SHARDS
+        gen += time.perf_counter() - g0
+        for k in range(SHARDS):
+            part = df[df["shard"] == k]
+            stages.sign(part, CFG, sinks[k])
+        made += len(texts)
+    for s in sinks:
+        s.close()
+    seconds = time.perf_counter() - t0 - gen
+    size = sum(p.stat().st_size for p in out.rglob("*.parquet"))
+    return {
+        "docs": n,
+        "sign_seconds": round(seconds, 1),
+        "docs_per_s": round(n / seconds),
+        "bytes_per_doc": round(size / n, 1),
+        "peak_rss_mib": _rss_mib(),
+    }
+
+
+def _cluster_phase(out: Path) -> dict:
+    t0 = time.perf_counter()
+    tables = [storage.read_table(upath(str(d))) for d in sorted((out / "source=web").iterdir())]
+    read = time.perf_counter() - t0
+    result = stages.cluster(tables, CFG)
+    st = result.stats
+    return {
+        "read_seconds": round(read, 1),
+        "cluster_seconds": st["seconds"],
+        "clusters": st["clusters"],
+        "largest_cluster": st["largest_cluster"],
+        "duplicates": st["duplicates"],
+        "candidate_pairs": st["candidate_pairs"],
+        "peak_rss_mib": _rss_mib(),
+    }
+
+
+def _phase(mode: str, n: int, tmp: str) -> dict:
+    """One phase in a process of its own: its peak RSS is its own."""
+    cmd = [sys.executable, __file__, mode, "--docs", str(n), "--dir", tmp]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["compare", "scale", "_sign", "_cluster"])
+    ap.add_argument("--docs", type=int, nargs="+", default=[20000])
+    ap.add_argument("--dir")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.mode == "_sign":
+        print(json.dumps(_sign_phase(a.docs[0], Path(a.dir))))
+        return
+    if a.mode == "_cluster":
+        print(json.dumps(_cluster_phase(Path(a.dir))))
+        return
+    if a.mode == "compare":
+        results = compare(a.docs[0])
+    else:
+        results = []
+        for n in a.docs:
+            with tempfile.TemporaryDirectory() as tmp:
+                sign = _phase("_sign", n, tmp)
+                results.append({**{f"sign_{k}" if k == "peak_rss_mib" else k: v for k, v in sign.items()}, **_phase("_cluster", n, tmp)})
+            print(json.dumps(results[-1]), flush=True)
+    print(json.dumps(results, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
