@@ -166,24 +166,27 @@ def compare(n: int) -> dict:
 
 
 def _sign_phase(n: int, out: Path) -> dict:
-    pool = sentences()
-    t0, made, batch = time.perf_counter(), 0, CFG.storage.batch_rows
-    sinks = [storage.ParquetSink(upath(str(out / f"source=web/shard={k}")) / storage.PART_NAME, INDEXES[SIGNATURES]) for k in range(SHARDS)]
-    gen = 0.0
-    while made < n:
-        g0 = time.perf_counter()
-        texts, _ = make_docs(min(batch, n - made), made, pool)
-        df = pd.DataFrame({"doc_id": [f"d{made + i}" for i in range(len(texts))], "source": "web", "file": "f.jsonl", "text": texts})
-        df["row"] = np.arange(made, made + len(texts))
-        df["shard"] = df["row"] % SHARDS
-        gen += time.perf_counter() - g0
-        for k in range(SHARDS):
-            part = df[df["shard"] == k]
-            stages.sign(part, CFG, sinks[k])
-        made += len(texts)
-    for s in sinks:
-        s.close()
-    seconds = time.perf_counter() - t0 - gen
+    """stages.sign over SHARDS shards of n / SHARDS documents each, streamed in batch_rows batches
+    into Parquet as minhash_signatures writes them; document generation is timed apart."""
+    pool, batch, gen = sentences(), CFG.storage.batch_rows, [0.0]
+
+    def batches(shard: int, count: int):
+        for start in range(0, count, batch):
+            g0 = time.perf_counter()
+            texts, _ = make_docs(min(batch, count - start), shard * n + start, pool)
+            rows = np.arange(start, start + len(texts))
+            df = pd.DataFrame(
+                {"doc_id": [f"{shard}-{r}" for r in rows], "source": "web", "shard": shard, "file": f"{shard}.jsonl", "row": rows}
+            )
+            df["text"] = texts
+            gen[0] += time.perf_counter() - g0
+            yield df
+
+    t0 = time.perf_counter()
+    for k in range(SHARDS):
+        sink = storage.ParquetSink(upath(str(out / f"source=web/shard={k}")) / storage.PART_NAME, INDEXES[SIGNATURES])
+        stages.sign(batches(k, n // SHARDS), CFG, sink)
+    seconds = time.perf_counter() - t0 - gen[0]
     size = sum(p.stat().st_size for p in out.rglob("*.parquet"))
     return {
         "docs": n,
