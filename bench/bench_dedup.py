@@ -199,7 +199,7 @@ def _sign_phase(n: int, out: Path) -> dict:
 
 def _cluster_phase(out: Path) -> dict:
     t0 = time.perf_counter()
-    tables = [storage.read_table(upath(str(d))) for d in sorted((out / "source=web").iterdir())]
+    tables = [storage.PartitionTable(upath(str(d))) for d in sorted((out / "source=web").iterdir())]  # as the asset gets them
     read = time.perf_counter() - t0
     result = stages.cluster(tables, CFG)
     st = result.stats

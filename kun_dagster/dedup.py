@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import rensa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -176,11 +177,12 @@ def _star_edges(keys: list[np.ndarray], rank: np.ndarray) -> tuple[np.ndarray, n
     return head[same], order[same]
 
 
-def candidate_pairs(sig: np.ndarray, rank: np.ndarray, n_bands: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs sharing a band (star edges per bucket, each pair once)."""
+def candidate_pairs(sig: np.ndarray, idx: np.ndarray, rank: np.ndarray, n_bands: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of the rows `idx` of `sig` sharing a band (star edges per bucket, each pair once),
+    as positions in `idx`. One band's columns are copied at a time, never the matrix."""
     heads, members = [], []
     for k in range(n_bands):
-        a, b = _star_edges([_band_key(sig[:, k * rows : (k + 1) * rows])], rank)
+        a, b = _star_edges([_band_key(sig[idx, k * rows : (k + 1) * rows])], rank[idx])
         heads.append(a)
         members.append(b)
     a, b = np.concatenate(heads), np.concatenate(members)
@@ -226,7 +228,7 @@ def cluster(
         alive &= shingles > 0
         idx = np.flatnonzero(alive)
         if len(idx) > 1:
-            ca, cb = candidate_pairs(sig[idx], rank[idx], b, r)
+            ca, cb = candidate_pairs(sig, idx, rank, b, r)
             n_candidates = len(ca)
             ok = jaccard(sig, idx[ca], idx[cb]) >= threshold
             src.append(idx[ca][ok])
@@ -258,18 +260,21 @@ def sizes(keeper: np.ndarray) -> np.ndarray:
     return np.sort(counts[counts > 1])[::-1]
 
 
-def frame(locations: pd.DataFrame, c: Clusters) -> pd.DataFrame:
+def frame(locations: pa.Table, rank: np.ndarray, c: Clusters) -> pd.DataFrame:
     """The members of every cluster of more than one document: its rows (kept or dropped with a
-    reason), the kept document's location and the estimated Jaccard to it."""
+    reason), the kept document's location and the estimated Jaccard to it. `locations` (source,
+    shard, doc_id, file, row per document) stays Arrow: only the members become Python rows."""
     members = np.flatnonzero(np.bincount(c.keeper, minlength=len(c.keeper))[c.keeper] > 1)
     kept = c.keeper[members]
-    out = locations.iloc[members][["source", "shard", "doc_id", "file", "row"]].reset_index(drop=True)
+    columns = ["source", "shard", "doc_id", "file", "row"]
+    out = locations.select(columns).take(pa.array(members, type=pa.int64())).to_pandas()
     # clusters numbered by their keeper's rank, so the table is the same whatever the input order
-    out.insert(0, "cluster", np.unique(locations["rank"].to_numpy()[kept], return_inverse=True)[1].astype(np.int64))
+    out.insert(0, "cluster", np.unique(rank[kept], return_inverse=True)[1].astype(np.int64))
     out["role"] = [x or KEPT for x in c.reason[members]]
     out["jaccard"] = c.jaccard[members].round(4)
-    for col in ("source", "shard", "doc_id", "file", "row"):
-        out[f"kept_{col}"] = locations[col].to_numpy()[kept]
+    keeper = locations.select(columns).take(pa.array(kept, type=pa.int64())).to_pandas()
+    for col in columns:
+        out[f"kept_{col}"] = keeper[col].to_numpy()
     return out.sort_values(["cluster", "role", "source", "file", "row"], key=_kept_first).reset_index(drop=True)
 
 

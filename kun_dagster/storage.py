@@ -299,6 +299,24 @@ def read_table(directory: UPath, columns: list[str] | None = None) -> pa.Table:
 
 
 @dataclass
+class PartitionTable:
+    """A published partition to be read as Arrow when needed: a reader of many partitions holds one
+    at a time, and knows the rows of all from their footers first."""
+
+    directory: UPath
+
+    def __post_init__(self):
+        _published_parts(self.directory)  # fail at load, not halfway through
+
+    @property
+    def num_rows(self) -> int:
+        return partition_rows(self.directory)
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        return read_table(self.directory, columns)
+
+
+@dataclass
 class PartitionBatches:
     """A published partition read lazily, `rows` at a time: memory holds one batch, not the shard."""
 

@@ -23,7 +23,7 @@ from kun_dagster.stages import StageResult
 from .kun import KunResource
 
 STREAM = "kun/stream"  # AssetIn metadata: load the partition as record batches (storage.PartitionBatches)
-ARROW = "kun/arrow"  # AssetIn metadata: load the partition as one Arrow table (the dedup signatures: no pandas)
+ARROW = "kun/arrow"  # AssetIn metadata: load the partition as Arrow, when read (storage.PartitionTable: the dedup signatures)
 
 
 class _ParquetUPathIOManager(dg.UPathIOManager):
@@ -53,7 +53,7 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
             if context.definition_metadata.get(STREAM):
                 return storage.PartitionBatches(path, self.batch_rows)
             if context.definition_metadata.get(ARROW):
-                return storage.read_table(path)
+                return storage.PartitionTable(path)
             return storage.read_partition(path)
         except FileNotFoundError as e:  # e.g. one shard's signatures, which source-wide dedup needs
             raise dg.Failure(

@@ -9,12 +9,13 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import dedup, progress
 from ..config import KunConfig
 from ..corpus import quarantine_frame
 from ..names import CLUSTERS, DEDUPED, SIGNATURES
-from ..storage import FrameSink, Sink
+from ..storage import FrameSink, PartitionTable, Sink
 from .common import DUPLICATE_TEXT, NEAR_DUPLICATE, StageResult, dropped_rows, no_reasons, stage_stats, summary
 
 
@@ -83,32 +84,50 @@ def _fixed(column: pa.ChunkedArray, width: int, what: str) -> np.ndarray:
     return out
 
 
-def cluster(tables: Iterable[pa.Table], cfg: KunConfig) -> StageResult:
+def cluster(parts: Iterable[pa.Table | PartitionTable], cfg: KunConfig) -> StageResult:
     """Clusters of exact and near-duplicates over every signature partition given (all shards of a
     source, or of every source): the members of each cluster with more than one, the kept one first,
-    each dropped one with the kept one's location and its estimated Jaccard to it."""
+    each dropped one with the kept one's location and its estimated Jaccard to it. Partitions are
+    read one at a time into one signature matrix; locations stay Arrow (bench/README.md: memory)."""
     t0, d, want = time.perf_counter(), cfg.dedup, params(cfg)
-    tables = [t for t in tables if len(t)]
-    columns = ["source", "shard", "doc_id", "file", "row", "shingles", "params", "text_key", "signature"]
-    table = pa.concat_tables([t.select(columns) for t in tables], promote_options="default") if tables else None
-    if table is None:
-        return StageResult(rows=pd.DataFrame(columns=[f.name for f in _schema()]), dropped=quarantine_frame([]), stats=_stats(0, None, t0))
-    made = set(table.column("params").unique().to_pylist())
-    if made != {want}:
-        raise DedupError(
-            f"{CLUSTERS}: signatures were made with {sorted(made)}, kun.yaml asks for {want!r}: re-materialize {SIGNATURES} for these partitions"
-        )
-    sig = _fixed(table.column("signature"), 4 * d.num_perm, "signature").view("<u4")
-    keys = _fixed(table.column("text_key"), 16, "text_key").view(">u8").astype(np.uint64)
-    locations = table.select(["source", "shard", "doc_id", "file", "row"]).to_pandas()
-    order = {s.name: i for i, s in enumerate(cfg.sources)}  # scope all: the source listed first keeps
-    by = locations.assign(_source=locations["source"].map(order)).sort_values(["_source", "file", "row"], kind="stable")
-    rank = np.empty(len(locations), dtype=np.int64)
-    rank[by.index.to_numpy()] = np.arange(len(locations))
-    locations["rank"] = rank
-    found = dedup.cluster(sig, keys, table.column("shingles").to_numpy(), rank, exact=d.exact, near=d.near, threshold=d.threshold)
+    parts = list(parts)
+    n = sum(p.num_rows for p in parts)
+    sig = np.empty((n, d.num_perm), dtype=np.uint32)
+    keys = np.empty((n, 2), dtype=np.uint64)
+    shingles = np.empty(n, dtype=np.int64)
+    locations, at = [], 0
+    for part in parts:
+        table = part if isinstance(part, pa.Table) else part.read()
+        if not len(table):
+            continue
+        made = set(table.column("params").unique().to_pylist())
+        if made != {want}:
+            raise DedupError(
+                f"{CLUSTERS}: signatures were made with {sorted(made)}, kun.yaml asks for {want!r}: "
+                f"re-materialize {SIGNATURES} for these partitions"
+            )
+        k = len(table)
+        sig[at : at + k] = _fixed(table.column("signature"), 4 * d.num_perm, "signature").view("<u4")
+        keys[at : at + k] = _fixed(table.column("text_key"), 16, "text_key").view(">u8")
+        shingles[at : at + k] = table.column("shingles").to_numpy()
+        locations.append(table.select(["source", "shard", "doc_id", "file", "row"]).cast(_LOCATION))
+        at += k
+    if not n:
+        return StageResult(rows=pd.DataFrame(columns=_schema().names), dropped=quarantine_frame([]), stats=_stats(0, None, t0))
+    loc = pa.concat_tables(locations)
+    listed = pc.index_in(loc.column("source"), value_set=pa.array([s.name for s in cfg.sources]))  # scope all: the first listed keeps
+    by = pc.sort_indices(
+        loc.append_column("_source", listed),
+        sort_keys=[("_source", "ascending"), ("file", "ascending"), ("row", "ascending")],
+    ).to_numpy()
+    rank = np.empty(n, dtype=np.int64)
+    rank[by] = np.arange(n)
+    found = dedup.cluster(sig, keys, shingles, rank, exact=d.exact, near=d.near, threshold=d.threshold)
     del sig
-    return StageResult(rows=dedup.frame(locations, found), dropped=quarantine_frame([]), stats=_stats(len(locations), found, t0))
+    return StageResult(rows=dedup.frame(loc, rank, found), dropped=quarantine_frame([]), stats=_stats(n, found, t0))
+
+
+_LOCATION = pa.schema([("source", pa.string()), ("shard", pa.int64()), ("doc_id", pa.string()), ("file", pa.string()), ("row", pa.int64())])
 
 
 def _schema() -> pa.Schema:
