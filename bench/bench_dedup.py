@@ -155,6 +155,12 @@ def compare(n: int) -> dict:
     keys = dedup.text_keys(texts)
     c = dedup.cluster(sig, keys, count, np.arange(n), exact=True, near=True, threshold=d.threshold)
     found = sum(c.keeper[b_] == c.keeper[a] for a, b_ in above)
+    hit = np.array([c.keeper[b_] == c.keeper[a] for a, b_ in planted])
+    bins = [(0.0, 0.5), (0.5, 0.7), (0.7, 0.8), (0.8, 0.85), (0.85, 0.9), (0.9, 1.01)]
+    res["ours_found_by_true_jaccard"] = {
+        f"{lo}-{min(hi, 1.0)}": f"{int(hit[(truth >= lo) & (truth < hi)].sum())}/{int(((truth >= lo) & (truth < hi)).sum())}"
+        for lo, hi in bins
+    }
     res["ours_cluster"] = {
         "seconds": round(time.perf_counter() - t0, 2),
         "bands_rows": list(c.bands),

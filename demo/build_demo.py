@@ -50,10 +50,22 @@ for n, part in enumerate(halves(WUDAO)):
                 "stage": "filtered_corpus",
             }
         )
-    else:  # an empty text
+    else:  # an empty text; a repost of a document of the other file (shard): a near-duplicate
         recs.append({"id": "wd-1-empty", "uniqueKey": "uempty", "title": "空白", "content": "   ", "dataType": "百科"})
         planted.append(
             {"source": "wudao", "file": name, "row": len(recs), "doc_id": "wd-1-empty", "reason": "empty_text", "stage": "raw_corpus"}
+        )
+        title, content = WUDAO[3]
+        recs.append({"id": "wd-1-repost", "uniqueKey": "urepost", "title": title, "content": f"转载：{content}（完）", "dataType": "百科"})
+        planted.append(
+            {
+                "source": "wudao",
+                "file": name,
+                "row": len(recs),
+                "doc_id": "wd-1-repost",
+                "reason": "near_duplicate",
+                "stage": "deduped_corpus",
+            }
         )
     (OUT / "wudao" / name).write_text(json.dumps(recs, ensure_ascii=False, indent=1), encoding="utf-8")
 
@@ -86,6 +98,18 @@ for n, part in enumerate(halves(SKYPILE)):
                 "doc_id": f"{name}:{len(lines)}",
                 "reason": "duplicate_text",
                 "stage": "filtered_corpus",
+            }
+        )
+    else:  # an exact copy (up to spacing) of a document of the other file (shard)
+        lines.append(jline({"text": "  " + SKYPILE[3].replace("，", " ，") + "\n"}))
+        planted.append(
+            {
+                "source": "skypile",
+                "file": name,
+                "row": len(lines),
+                "doc_id": f"{name}:{len(lines)}",
+                "reason": "duplicate_text",
+                "stage": "deduped_corpus",
             }
         )
     (OUT / "skypile" / name).write_bytes(b"".join(lines))

@@ -207,7 +207,7 @@ VERSIONS: tuple[Version, ...] = (
     ),
     Version(
         DEDUPED,
-        "duplicates of other shards' documents removed (exact and near, dedup)",
+        "duplicates of documents in other shards removed: exact and near",
         schemas.DedupedCorpus,
         (stages.DUPLICATE_TEXT, stages.NEAR_DUPLICATE),
         (_retention(DEDUPED), DEDUP_RATE),

@@ -63,7 +63,7 @@ def test_no_instruction_holds_a_banned_keyword(graph):
 
 def test_quarantine_holds_exactly_the_planted_bad_rows(graph, planted):
     found = []
-    for asset in ("raw_corpus", "filtered_corpus"):
+    for asset in ("raw_corpus", "filtered_corpus", "deduped_corpus"):
         q = _read(graph, f"quarantine/{asset}")
         found += [(asset, r.source, r.file, int(r.row), r.reason) for r in q.itertuples()]
     expected = [(p["stage"], p["source"], p["file"], p["row"], p["reason"]) for p in planted]

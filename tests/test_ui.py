@@ -168,7 +168,7 @@ def test_one_partition_materialized_from_the_ui(ui):
 def test_a_one_source_backfill_runs_through_the_daemon_and_its_checks_read_on_the_page(ui):
     ui.goto("/asset-groups~" + urllib.parse.quote("group:corpus or group:pairs") + "/")
     ui.page.get_by_role("button", name="Materialize all…").click()
-    dialog = ui.page.get_by_role("dialog").filter(has_text="Launch runs to materialize 5 assets")
+    dialog = ui.page.get_by_role("dialog").filter(has_text="Launch runs to materialize 8 assets")
     ui.pick(dialog, 0, ["skypile"])
     dialog.get_by_role("button", name="All").nth(1).click()  # every shard
     expect(dialog.get_by_text("2 partitions", exact=True)).to_be_visible()
