@@ -22,15 +22,20 @@ GROUP = "corpus"
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
 
-    @dg.asset(
-        name=versions.RAW,
-        group_name=GROUP,
-        partitions_def=parts,
-        backfill_policy=SINGLE_RUN,
-        kinds=kinds(cfg, "parquet"),
-        check_specs=checks.specs(versions.RAW),
-        output_required=False,
-    )
+    def spec(name: str, *, checked: bool = True, role: str | None = None, **more) -> dict:
+        """What the corpus assets share: a checked one yields its output only if its schema holds (checks.gate)."""
+        checks_of = dict(check_specs=checks.specs(name), output_required=False) if checked else {}
+        return dict(
+            name=name,
+            group_name=GROUP,
+            partitions_def=parts,
+            backfill_policy=SINGLE_RUN,
+            kinds=kinds(cfg, "parquet", role=role, checked=checked),
+            **checks_of,
+            **more,
+        )
+
+    @dg.asset(**spec(versions.RAW))
     def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource):
         """Every document of the partition's files (a file's shard is a stable hash of its path),
         streamed in batches; unreadable rows go to the quarantine with a reason code, file and row.
@@ -49,17 +54,14 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     ppl_role = cfg.filter.perplexity_model if cfg.filter.perplexity_max is not None else None
 
     @dg.asset(
-        name=versions.FILTERED,
-        group_name=GROUP,
-        partitions_def=parts,
-        backfill_policy=SINGLE_RUN,
-        pool=GPU_POOL,
-        retry_policy=GPU_RETRY,
-        kinds=kinds(cfg, "parquet", role=ppl_role),
-        op_tags=gpu_tags(cfg, ppl_role),
-        ins={versions.RAW: dg.AssetIn(metadata={STREAM: True})},
-        check_specs=checks.specs(versions.FILTERED),
-        output_required=False,
+        **spec(
+            versions.FILTERED,
+            role=ppl_role,
+            pool=GPU_POOL,
+            retry_policy=GPU_RETRY,
+            op_tags=gpu_tags(cfg, ppl_role),
+            ins={versions.RAW: dg.AssetIn(metadata={STREAM: True})},
+        )
     )
     def filtered_corpus(
         context: dg.AssetExecutionContext,
@@ -91,14 +93,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             out[key] = report_stage(context, kun, versions.FILTERED, key, result, resumable)
         yield from checks.gate(context, kun, versions.FILTERED, out)
 
-    @dg.asset(
-        name=SIGNATURES,
-        group_name=GROUP,
-        partitions_def=parts,
-        backfill_policy=SINGLE_RUN,
-        kinds=kinds(cfg, "parquet", checked=False),
-        ins={versions.FILTERED: dg.AssetIn(metadata={STREAM: True})},
-    )
+    @dg.asset(**spec(SIGNATURES, checked=False, ins={versions.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
     def minhash_signatures(context: dg.AssetExecutionContext, kun: KunResource, filtered_corpus):
         """A MinHash signature (dedup.num_perm values over character dedup.ngram-grams of the
         normalised text) and an exact-text key per document: what duplicate_clusters compares
@@ -122,14 +117,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         )
     )
 
-    @dg.asset(
-        name=CLUSTERS,
-        group_name=GROUP,
-        partitions_def=parts,
-        backfill_policy=SINGLE_RUN,
-        kinds=kinds(cfg, "parquet", checked=False),
-        ins={SIGNATURES: dg.AssetIn(partition_mapping=every_shard, metadata={ARROW: True})},
-    )
+    @dg.asset(**spec(CLUSTERS, checked=False, ins={SIGNATURES: dg.AssetIn(partition_mapping=every_shard, metadata={ARROW: True})}))
     def duplicate_clusters(context: dg.AssetExecutionContext, kun: KunResource, minhash_signatures):
         """Clusters of exact and near-duplicates (estimated Jaccard >= dedup.threshold, MinHash
         LSH) over every shard of the source (dedup.scope: all: of every source), computed once per
@@ -157,16 +145,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             out[key] = report_stage(context, kun, CLUSTERS, key, stages.StageResult(mine, result.dropped, stats))
         return out
 
-    @dg.asset(
-        name=versions.DEDUPED,
-        group_name=GROUP,
-        partitions_def=parts,
-        backfill_policy=SINGLE_RUN,
-        kinds=kinds(cfg, "parquet"),
-        ins={versions.FILTERED: dg.AssetIn(metadata={STREAM: True})},
-        check_specs=checks.specs(versions.DEDUPED),
-        output_required=False,
-    )
+    @dg.asset(**spec(versions.DEDUPED, ins={versions.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
     def deduped_corpus(context: dg.AssetExecutionContext, kun: KunResource, filtered_corpus, duplicate_clusters):
         """filtered_corpus less every document that duplicate_clusters drops: exact copies
         (duplicate_text) and near-duplicates (near_duplicate) of a document kept elsewhere,

@@ -25,6 +25,10 @@ def halves(items):
     return items[:mid], items[mid:]
 
 
+def plant(source: str, file: str, row: int, doc_id: str, reason: str, stage: str) -> None:
+    planted.append({"source": source, "file": file, "row": row, "doc_id": doc_id, "reason": reason, "stage": stage})
+
+
 def jline(obj) -> bytes:
     return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -40,33 +44,13 @@ for n, part in enumerate(halves(WUDAO)):
     if n == 0:  # an oversized document: far over the 512-token limit
         long = "".join(c for _, c in WUDAO[:30])
         recs.append({"id": "wd-0-big", "uniqueKey": "ubig", "title": "合集", "content": long, "dataType": "百科"})
-        planted.append(
-            {
-                "source": "wudao",
-                "file": name,
-                "row": len(recs),
-                "doc_id": "wd-0-big",
-                "reason": "too_many_tokens",
-                "stage": "filtered_corpus",
-            }
-        )
+        plant("wudao", name, len(recs), "wd-0-big", "too_many_tokens", "filtered_corpus")
     else:  # an empty text; a repost of a document of the other file (shard): a near-duplicate
         recs.append({"id": "wd-1-empty", "uniqueKey": "uempty", "title": "空白", "content": "   ", "dataType": "百科"})
-        planted.append(
-            {"source": "wudao", "file": name, "row": len(recs), "doc_id": "wd-1-empty", "reason": "empty_text", "stage": "raw_corpus"}
-        )
+        plant("wudao", name, len(recs), "wd-1-empty", "empty_text", "raw_corpus")
         title, content = WUDAO[3]
         recs.append({"id": "wd-1-repost", "uniqueKey": "urepost", "title": title, "content": f"转载：{content}（完）", "dataType": "百科"})
-        planted.append(
-            {
-                "source": "wudao",
-                "file": name,
-                "row": len(recs),
-                "doc_id": "wd-1-repost",
-                "reason": "near_duplicate",
-                "stage": "deduped_corpus",
-            }
-        )
+        plant("wudao", name, len(recs), "wd-1-repost", "near_duplicate", "deduped_corpus")
     (OUT / "wudao" / name).write_text(json.dumps(recs, ensure_ascii=False, indent=1), encoding="utf-8")
 
 # WanJuan-like: gzipped JSONL of {id, content}.
@@ -76,10 +60,10 @@ for n, part in enumerate(halves(WANJUAN)):
     name = f"wanjuan-2023-{n + 1:02d}.jsonl.gz"  # names chosen to fall in both demo shards
     if n == 0:  # a broken JSON line (truncated mid-object)
         lines.insert(5, b'{"id": "wj-0-broken", "content": "\xe8\xbf\x99\xe4\xb8\x80\xe8\xa1\x8c\n')
-        planted.append({"source": "wanjuan", "file": name, "row": 6, "doc_id": "", "reason": "invalid_json", "stage": "raw_corpus"})
+        plant("wanjuan", name, 6, "", "invalid_json", "raw_corpus")
     else:  # a line with bytes that are not UTF-8 (a GBK fragment)
         lines.insert(3, b'{"id": "wj-1-gbk", "content": "' + "中文编码错误".encode("gbk") + b'"}\n')
-        planted.append({"source": "wanjuan", "file": name, "row": 4, "doc_id": "", "reason": "invalid_encoding", "stage": "raw_corpus"})
+        plant("wanjuan", name, 4, "", "invalid_encoding", "raw_corpus")
     with gzip.GzipFile(OUT / "wanjuan" / name, "wb", mtime=0) as f:
         f.write(b"".join(lines))
 
@@ -90,28 +74,10 @@ for n, part in enumerate(halves(SKYPILE)):
     name = f"skypile_{n:02d}.jsonl"
     if n == 0:  # an exact duplicate of the file's second document
         lines.append(jline({"text": part[1]}))
-        planted.append(
-            {
-                "source": "skypile",
-                "file": name,
-                "row": len(lines),
-                "doc_id": f"{name}:{len(lines)}",
-                "reason": "duplicate_text",
-                "stage": "filtered_corpus",
-            }
-        )
+        plant("skypile", name, len(lines), f"{name}:{len(lines)}", "duplicate_text", "filtered_corpus")
     else:  # an exact copy (up to spacing) of a document of the other file (shard)
         lines.append(jline({"text": "  " + SKYPILE[3].replace("，", " ，") + "\n"}))
-        planted.append(
-            {
-                "source": "skypile",
-                "file": name,
-                "row": len(lines),
-                "doc_id": f"{name}:{len(lines)}",
-                "reason": "duplicate_text",
-                "stage": "deduped_corpus",
-            }
-        )
+        plant("skypile", name, len(lines), f"{name}:{len(lines)}", "duplicate_text", "deduped_corpus")
     (OUT / "skypile" / name).write_bytes(b"".join(lines))
 
 # COIG-CQIA-shaped seed records.

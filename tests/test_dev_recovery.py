@@ -73,7 +73,7 @@ def test_a_killed_run_is_failed_freed_retried_and_resumed(backend, killed, model
     base, clean_base = upath(str(tmp_path / "killed" / "data")), upath(str(tmp_path / "clean" / "data"))
     for c in (cfg, clean_cfg):
         _in_subprocess(c, ",".join(MODELS))
-        _in_subprocess(c, "raw_corpus,filtered_corpus", KEY)
+        _in_subprocess(c, "raw_corpus,filtered_corpus,minhash_signatures,duplicate_clusters,deduped_corpus", KEY)  # one shard: all of wudao
     _in_subprocess(clean_cfg, "labeled_pairs", KEY)  # the uninterrupted run to compare with
 
     home = tmp_path / "home"

@@ -73,7 +73,9 @@ def test_quarantine_holds_exactly_the_planted_bad_rows(graph, planted):
 def test_scored_set_keeps_every_row_with_a_score(graph):
     labeled, scored = _read(graph, "labeled_pairs"), _read(graph, "scored_pairs")
     assert sorted(scored["doc_id"]) == sorted(labeled["doc_id"])
-    assert scored["score"].between(0, 1).all() and "keep" not in scored  # polish applies the threshold
+    unparsed = scored["score"].isna()  # a free-text reply that names no answer: NaN, never a made-up score
+    assert scored.loc[~unparsed, "score"].between(0, 1).all() and (scored.loc[unparsed, "score_rule"] == "freetext").all()
+    assert "keep" not in scored  # polish applies the threshold
     # the demo chat model answers in the format: its rows are scored by probability, by its own judgement
     prob = scored["score_rule"] == "probability"
     assert prob.mean() >= 0.9 and (scored.loc[prob, "answer_mass"] >= 0.5).all() and 0 < (scored["score"] >= 0.5).mean() < 1

@@ -20,6 +20,7 @@ from .conftest import MODELS, REPO, given_models, write_config
 pytestmark = pytest.mark.slow
 KEY = "wudao|0"
 PART = {"source": "wudao", "shard": "0"}
+DEDUP = ["raw_corpus", "filtered_corpus", "minhash_signatures", "duplicate_clusters", "deduped_corpus"]
 RUN_ONE = """
 import sys, dagster as dg
 from kun_dagster.definitions import build_definitions
@@ -33,10 +34,12 @@ def _setup(tmp, models_run):
     cfg_file = write_config(tmp, **given_models(models_run), **{"storage.checkpoint_rows": 2})
     defs = build_definitions(cfg_file)
     assert dg.materialize(list(defs.assets), selection=MODELS, resources=defs.resources).success
-    assert dg.materialize(
-        list(defs.assets), selection=["raw_corpus", "filtered_corpus"], resources=defs.resources, partition_key=KEY
-    ).success
     cfg = load_config(cfg_file)
+    source = KEY.split("|")[0]
+    for shard in cfg.shard_keys():  # source-wide dedup reads every shard's signatures
+        key = f"{source}|{shard}"
+        assert dg.materialize(list(defs.assets), selection=DEDUP[:3], resources=defs.resources, partition_key=key).success
+    assert dg.materialize(list(defs.assets), selection=DEDUP[3:], resources=defs.resources, partition_key=KEY).success
     return cfg_file, defs, upath(cfg.base_uri)
 
 
@@ -64,8 +67,8 @@ def test_sigkill_mid_partition_then_rerun_resumes_and_equals_an_uninterrupted_ru
         list(defs.assets), selection=["labeled_pairs"], resources=defs.resources, partition_key=KEY, instance=instance
     ).success
     md = instance.fetch_materializations(dg.AssetKey("labeled_pairs"), limit=1).records[0].asset_materialization.metadata
-    filtered_rows = storage.partition_rows(storage.partition_dir(base, "filtered_corpus", PART))
-    batches = -(-filtered_rows // 2)
+    deduped_rows = storage.partition_rows(storage.partition_dir(base, "deduped_corpus", PART))  # labeled_pairs' input
+    batches = -(-deduped_rows // 2)
     assert md["checkpoint_batches_reused"].value == len(finished)  # every batch finished before the kill, and only those
     assert md["checkpoint_batches_computed"].value == batches - len(finished) > 0  # killed mid-partition
     assert not staging.exists()  # published: the checkpoints are gone
@@ -80,4 +83,4 @@ def test_sigkill_mid_partition_then_rerun_resumes_and_equals_an_uninterrupted_ru
         assert resumed.equals(clean)
     resumed = storage.read_partition(published)
     assert len(resumed) > 0 and resumed["doc_id"].is_unique
-    assert len(resumed) + storage.partition_rows(storage.quarantine_dir(base, "labeled_pairs", PART)) == filtered_rows
+    assert len(resumed) + storage.partition_rows(storage.quarantine_dir(base, "labeled_pairs", PART)) == deduped_rows

@@ -199,7 +199,7 @@ def test_every_stage_and_its_quarantine_land_on_s3_as_hive_partitions(s3_run):
         assert all(fs.exists(f"kun/data/{asset}/source=wudao/shard={k}/part-0.parquet") for k in (0, 1)), asset
     raw = pads.dataset("kun/data/raw_corpus", filesystem=fs, partitioning="hive").to_table()
     quarantined = pads.dataset("kun/data/quarantine/raw_corpus", filesystem=fs, partitioning="hive").to_table()
-    assert raw.num_rows == 51 and quarantined.column("reason").to_pylist() == ["empty_text"]  # wudao's planted row
+    assert raw.num_rows == 52 and quarantined.column("reason").to_pylist() == ["empty_text"]  # wudao's planted row
     assert set(raw.column("file").to_pylist()) == {"wudao_00.json", "wudao_01.json"}  # read from s3://kun/corpora/wudao/
     assert fs.exists("kun/data/models/refs/label_model.json") and fs.exists("kun/data/release/wudao/train.jsonl")
     final = pads.dataset("kun/data/instruction_dataset", filesystem=fs, partitioning="hive").to_table()

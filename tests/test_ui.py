@@ -85,9 +85,9 @@ class UI:
 @pytest.fixture(scope="module")
 def ui(models_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
-    # The session's trained models as given checkpoints; max_unfaithful_rate 0: any unfaithful answer
-    # of the tiny models fails the faithfulness WARN check, so the sensor has a failure to alert on.
-    cfg = write_config(tmp, **given_models(models_run), **{"checks.max_unfaithful_rate": 0.0})
+    # The session's trained models as given checkpoints; max_unfaithful_rate 0 and min_overlap 1: any
+    # answer with a bigram not in its source fails the faithfulness WARN check, so the sensor has a failure to alert on.
+    cfg = write_config(tmp, **given_models(models_run), **{"checks.max_unfaithful_rate": 0.0, "checks.min_overlap": 1.0})
     home = tmp / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")  # as `kun demo` sets it up: gpu pool, run queue, retries

@@ -1,0 +1,80 @@
+"""Dedup through Dagster: the clusters asset reads every shard's signatures through its partition
+mapping (with dedup.scope: all, every source's), its metadata says what it found, and
+deduped_corpus quarantines the copies naming the kept location."""
+
+import json
+
+import dagster as dg
+import pyarrow.dataset as pads
+import pytest
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from kun_dagster.config import load_config
+from kun_dagster.definitions import build_definitions
+from kun_dagster.store import upath
+
+from .conftest import given_models, write_config
+
+pytestmark = pytest.mark.slow
+
+DEDUP = ["raw_corpus", "filtered_corpus", "minhash_signatures", "duplicate_clusters", "deduped_corpus"]
+PAGE = "长江是中国第一长河，全长约六千三百公里，流经青海、西藏、四川、云南、重庆、湖北、湖南、江西、安徽、江苏和上海。" * 2
+
+
+def _filler(i: int) -> str:
+    """A text like no other: 80 CJK characters from a stride through the block."""
+    return "".join(chr(0x4E00 + (i * 7919 + j * 104729) % 20000) for j in range(80)) + "。"
+
+
+def _source(tmp, name: str, texts: list[str]) -> dict:
+    folder = tmp / name
+    folder.mkdir()
+    for i, chunk in enumerate((texts[:3], texts[3:])):  # rows 1-3 of {name}_0.jsonl, then of {name}_1.jsonl
+        (folder / f"{name}_{i}.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in chunk))
+    return {"name": name, "uri": str(folder / "*.jsonl"), "format": "jsonl"}
+
+
+def _run(tmp_path, models_run, scope: str):
+    web = [_filler(i) for i in range(6)]
+    news = [_filler(10 + i) for i in range(6)]
+    web[4] = PAGE  # web_1.jsonl row 2
+    news[1] = "转载：" + PAGE + "（完）"  # news_0.jsonl row 2: a near-duplicate
+    news[5] = "  " + PAGE.replace("，", " ，") + "\n"  # news_1.jsonl row 3: the same text up to whitespace
+    sources = [_source(tmp_path, "web", web), _source(tmp_path, "news", news)]
+    overrides = {**given_models(models_run), "sources": sources, "shards": 2, "dedup.scope": scope, "filter.perplexity_max": None}
+    cfg_file = write_config(tmp_path, **overrides)
+    defs = build_definitions(cfg_file)
+    instance = dg.DagsterInstance.ephemeral()
+    keys = defs.resolve_asset_graph().get(dg.AssetKey("raw_corpus")).partitions_def.get_partition_keys()
+    tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}  # one run, every partition
+    assert dg.materialize(list(defs.assets), selection=DEDUP, resources=defs.resources, instance=instance, tags=tags).success
+    base = upath(load_config(cfg_file).base_uri)
+    q = pads.dataset(str(base / "quarantine" / "deduped_corpus"), partitioning="hive").to_table().to_pandas()
+    return instance, q.sort_values(["source", "file", "row"]).reset_index(drop=True)
+
+
+def _metadata(instance, key: str) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("duplicate_clusters"), asset_partitions=[key]), limit=1
+    ).records
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def test_scope_all_drops_copies_across_sources_and_the_first_source_listed_keeps(tmp_path, models_run):
+    instance, q = _run(tmp_path, models_run, "all")
+    assert q[["source", "file", "row", "reason"]].values.tolist() == [
+        ["news", "news_0.jsonl", 2, "near_duplicate"],
+        ["news", "news_1.jsonl", 3, "duplicate_text"],
+    ]
+    assert q["detail"].str.contains(r"web_1\.jsonl:2 \(web shard \d, web_1\.jsonl row 2\)").all()
+    for key in ("web|0", "web|1", "news|0", "news|1"):  # each partition shows the whole clustering's figures
+        md = _metadata(instance, key)
+        assert (md["documents"], md["clusters"], md["largest_cluster"]) == (12, 1, 3)
+
+
+def test_scope_source_keeps_each_sources_first_copy(tmp_path, models_run):
+    instance, q = _run(tmp_path, models_run, "source")
+    # web's page stays; within news, the repost (news_0 row 2) is first, and the copy is near it
+    assert q[["source", "file", "row", "reason"]].values.tolist() == [["news", "news_1.jsonl", 3, "near_duplicate"]]
+    assert "near-duplicate of news_0.jsonl:2 (news shard" in q.at[0, "detail"]
+    assert (_metadata(instance, "web|0")["clusters"], _metadata(instance, "news|0")["clusters"]) == (0, 1)
