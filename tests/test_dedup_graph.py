@@ -9,11 +9,12 @@ import pyarrow.dataset as pads
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from kun_dagster import cli
 from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 from kun_dagster.store import upath
 
-from .conftest import given_models, write_config
+from .conftest import MODELS, given_models, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def _source(tmp, name: str, texts: list[str]) -> dict:
     return {"name": name, "uri": str(folder / "*.jsonl"), "format": "jsonl"}
 
 
-def _run(tmp_path, models_run, scope: str):
+def _config(tmp_path, models_run, scope: str):
     web = [_filler(i) for i in range(6)]
     news = [_filler(10 + i) for i in range(6)]
     web[4] = PAGE  # web_1.jsonl row 2
@@ -42,15 +43,26 @@ def _run(tmp_path, models_run, scope: str):
     news[5] = "  " + PAGE.replace("，", " ，") + "\n"  # news_1.jsonl row 3: the same text up to whitespace
     sources = [_source(tmp_path, "web", web), _source(tmp_path, "news", news)]
     overrides = {**given_models(models_run), "sources": sources, "shards": 2, "dedup.scope": scope, "filter.perplexity_max": None}
-    cfg_file = write_config(tmp_path, **overrides)
+    return write_config(tmp_path, **overrides)
+
+
+def _quarantine(cfg_file):
+    base = upath(load_config(cfg_file).base_uri)
+    q = pads.dataset(str(base / "quarantine" / "deduped_corpus"), partitioning="hive").to_table().to_pandas()
+    return q.sort_values(["source", "file", "row"]).reset_index(drop=True)
+
+
+def _run(tmp_path, models_run, scope: str):
+    cfg_file = _config(tmp_path, models_run, scope)
     defs = build_definitions(cfg_file)
     instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize(
+        list(defs.assets), selection=MODELS, resources=defs.resources, instance=instance
+    ).success  # the given models' refs
     keys = defs.resolve_asset_graph().get(dg.AssetKey("raw_corpus")).partitions_def.get_partition_keys()
     tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}  # one run, every partition
     assert dg.materialize(list(defs.assets), selection=DEDUP, resources=defs.resources, instance=instance, tags=tags).success
-    base = upath(load_config(cfg_file).base_uri)
-    q = pads.dataset(str(base / "quarantine" / "deduped_corpus"), partitioning="hive").to_table().to_pandas()
-    return instance, q.sort_values(["source", "file", "row"]).reset_index(drop=True)
+    return instance, _quarantine(cfg_file)
 
 
 def _metadata(instance, key: str) -> dict:
@@ -78,3 +90,15 @@ def test_scope_source_keeps_each_sources_first_copy(tmp_path, models_run):
     assert q[["source", "file", "row", "reason"]].values.tolist() == [["news", "news_1.jsonl", 3, "near_duplicate"]]
     assert "near-duplicate of news_0.jsonl:2 (news shard" in q.at[0, "detail"]
     assert (_metadata(instance, "web|0")["clusters"], _metadata(instance, "news|0")["clusters"]) == (0, 1)
+
+
+def test_kun_run_of_one_source_under_scope_all_signs_the_other_sources_first(tmp_path, models_run, monkeypatch, capsys):
+    cfg_file = _config(tmp_path, models_run, "all")
+    monkeypatch.setenv("KUN_CONFIG", str(cfg_file))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert cli.main(["run", "--config", str(cfg_file), "--source", "news", "--progress", "off"]) == cli.OK, capsys.readouterr().err
+    assert "signatures of web: done" in capsys.readouterr().out
+    q = _quarantine(cfg_file)
+    assert q[["source", "reason"]].values.tolist() == [["news", "near_duplicate"], ["news", "duplicate_text"]]
+    base = upath(load_config(cfg_file).base_uri)
+    assert (base / "minhash_signatures" / "source=web").exists() and not (base / "deduped_corpus" / "source=web").exists()
