@@ -218,7 +218,7 @@ def cluster(
     b, r = bands(threshold, sig.shape[1])
     src, dst, n_candidates = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], 0
     a, d = _star_edges([keys[:, 0], keys[:, 1]], rank) if n else (np.zeros(0, dtype=np.int64),) * 2
-    if exact:
+    if exact or near:  # equal texts are also near-duplicates (Jaccard 1); named duplicate_text below
         src.append(a)
         dst.append(d)
     if near:
@@ -233,9 +233,6 @@ def cluster(
             ok = jaccard(sig, idx[ca], idx[cb]) >= threshold
             src.append(idx[ca][ok])
             dst.append(idx[cb][ok])
-            if not exact:  # equal texts still belong together; they are named for what they are below
-                src.append(a)
-                dst.append(d)
     src, dst = np.concatenate(src), np.concatenate(dst)
     graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
     _, label = connected_components(graph, directed=False)

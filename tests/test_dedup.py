@@ -181,6 +181,8 @@ def test_switches_empty_partitions_and_texts_without_shingles():
     assert sorted(members(parts)["role"]) == ["duplicate_text", "kept", "near_duplicate"]  # punctuation alone is no text
     assert sorted(members(parts, config(near=False))["role"]) == ["duplicate_text", "kept"]
     assert sorted(members(parts, config(exact=False, near=False))["role"]) == []
+    copies = [frame([t], shard=0), frame([" " + t], shard=1, file="b.jsonl")]  # one text, twice: nothing else to compare
+    assert sorted(members(copies, config(exact=False))["role"]) == ["duplicate_text", "kept"]  # Jaccard 1 is near too
     assert members([frame([], shard=0)]).empty and stages.cluster([], CFG).rows.empty
     res = stages.dedupe(frame([]), members([frame([])]))
     assert res.rows.empty and res.stats["rows_in"] == 0
