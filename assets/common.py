@@ -8,7 +8,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 
-from kun_dagster import schemas, storage
+from kun_dagster import schemas, storage, versions
 from kun_dagster.llm import resolve_backend
 from kun_dagster.llm.checkpoint import Checkpointed
 from kun_dagster.partitions import hive
@@ -116,10 +116,10 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
         "dagster/row_count": storage.row_count(rows),
         "dagster/column_schema": schema_of(storage.columns(rows)),
         "path": dg.MetadataValue.path(str(storage.partition_dir(kun.base, asset, part))),
-        "quarantine_path": dg.MetadataValue.path(str(qdir)),
-        "quarantined": len(result.dropped),
         **_flat(result.stats),
     }
+    if asset in versions.BY_NAME:  # a dataset version has a quarantine; the dedup indices drop nothing
+        md.update({"quarantine_path": dg.MetadataValue.path(str(qdir)), "quarantined": len(result.dropped)})
     if engine is not None:  # which engine wrote these rows: vllm or transformers, and the model
         md["engine"] = f"{engine.backend}: {engine.model_name}"
         md.update(getattr(engine, "stats", {}))  # checkpoint batches reused / computed
