@@ -7,6 +7,7 @@ from transformers import AutoTokenizer
 
 import checks
 from kun_dagster import stages, versions
+from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
 from kun_dagster.names import CLUSTERS, SIGNATURES
@@ -31,6 +32,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             partitions_def=parts,
             backfill_policy=SINGLE_RUN,
             kinds=kinds(cfg, "parquet", role=role, checked=checked),
+            code_version=code_version(name, cfg),
             **checks_of,
             **more,
         )

@@ -5,6 +5,7 @@ import pandas as pd
 
 import checks
 from kun_dagster import dataset, schemas, storage, versions
+from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
@@ -24,6 +25,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         ins={versions.POLISHED: dg.AssetIn(partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=SOURCE))},
         check_specs=checks.specs(versions.DATASET),
         output_required=False,
+        code_version=code_version(versions.DATASET, cfg),
     )
     def instruction_dataset(context: dg.AssetExecutionContext, kun: KunResource, polished_pairs, label_model: dict, chat_model: dict):
         """COIG-CQIA records (instruction, input, output, task_type, domain, ...) with provenance

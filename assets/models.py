@@ -9,6 +9,7 @@ import dagster as dg
 import pandas as pd
 
 from kun_dagster import model_store, stages, training
+from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from resources import KunResource
 
@@ -31,7 +32,7 @@ def _trained(kun: KunResource, context: dg.AssetExecutionContext, role: str, tra
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
-    @dg.asset(group_name=GROUP, kinds=kinds(cfg, "json", "parquet", checked=False))
+    @dg.asset(group_name=GROUP, kinds=kinds(cfg, "json", "parquet", checked=False), code_version=code_version("seed_data", cfg))
     def seed_data(context: dg.AssetExecutionContext, kun: KunResource) -> pd.DataFrame:
         """COIG-CQIA seed records (instruction, input, output, ...); multiple-choice items dropped
         (Kun). Config: seed."""
@@ -52,8 +53,14 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         return kept
 
     @dg.asset(
-        group_name=GROUP, kinds={"pytorch"}, pool=GPU_POOL, retry_policy=GPU_RETRY, io_manager_key=MODEL_IO, op_tags=gpu_tags(cfg, None)
-    )  # torch trains it
+        group_name=GROUP,
+        kinds={"pytorch"},  # torch trains it
+        pool=GPU_POOL,
+        retry_policy=GPU_RETRY,
+        io_manager_key=MODEL_IO,
+        op_tags=gpu_tags(cfg, None),
+        code_version=code_version("base_model", cfg),
+    )
     def base_model(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame) -> dict:
         """The base model: a configured checkpoint, or the tiny Qwen2 of the embedded default
         (tokenizer trained on the demo texts, short language-model pre-training). Config:
@@ -87,6 +94,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             io_manager_key=MODEL_IO,
             description=doc,
             op_tags=gpu_tags(cfg, None),
+            code_version=code_version(f"{role}_model", cfg),
         )
         def _asset(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dict:
             c = kun.config

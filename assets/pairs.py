@@ -4,6 +4,7 @@ import dagster as dg
 
 import checks
 from kun_dagster import stages, versions
+from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.llm import EngineError
 from resources import KunResource, LLMResource
@@ -44,6 +45,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             check_specs=checks.specs(name),
             kinds=kinds(cfg, "parquet", role=role),
             op_tags=gpu_tags(cfg, role),
+            code_version=code_version(name, cfg),
         )
 
     @dg.asset(**spec(versions.LABELED, "label"))

@@ -1,0 +1,83 @@
+"""Each asset's code version: a hash of the kun.yaml keys and the prompt texts that shape its output,
+and the package version. Dagster compares it with the version each partition was materialized
+under: a changed key makes exactly the assets it shapes stale (their downstream follow by data
+version). Keys that change how, not what (storage, checks, deploy, batch sizes, KV cache) are left
+out. docs/ARCHITECTURE.md has the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+
+from . import dedup, prompts
+from .config import KunConfig
+from .names import CLUSTERS, DATASET, DEDUPED, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES
+
+
+def _engine(role: str) -> tuple[str, ...]:
+    """What of a role's engine settings shapes its outputs: which engine, its numerics, its seeds."""
+    m = f"models.{role}"
+    return (
+        f"{m}.backend",
+        f"{m}.dtype",
+        f"{m}.vllm.quantization",
+        f"{m}.vllm.seed",
+        f"{m}.vllm.seed_per_request",
+        "models.keep_default_system",
+    )
+
+
+def _prompts() -> dict[str, str]:
+    """The prompt texts as the stages render them, placeholders for the row's fields."""
+    return {
+        "label": prompts.label_user("{text}"),
+        "point": prompts.point_user("{instruction}"),
+        "humpback": prompts.humpback_user("{instruction}", "{answer}"),
+        "answer": prompts.answer_user("{text}", "{instruction}"),
+    }
+
+
+# asset -> (kun.yaml keys, prompt names). Models' own weights reach their consumers as data versions.
+SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "seed_data": (("seed",), ()),
+    "base_model": (("models.base.path", "models.base.tiny", "sources", "shards"), ()),
+    "label_model": (("models.label.path", "models.label.train", "models.keep_default_system"), ("label",)),
+    "chat_model": (("models.chat.path", "models.chat.train", "models.keep_default_system"), ()),
+    RAW: (("sources", "shards"), ()),
+    FILTERED: (("filter", "dedup.exact"), ()),  # + the perplexity role's engine, added below
+    SIGNATURES: (("dedup.ngram", "dedup.num_perm", "dedup.seed"), ()),
+    CLUSTERS: (("dedup.exact", "dedup.near", "dedup.threshold", "dedup.scope", "sources"), ()),
+    DEDUPED: ((), ()),
+    LABELED: (("label.banned_keywords", "sampling", *_engine("label")), ("label",)),
+    SCORED: (("score.method", "score.min_answer_mass", "score.exact", "sampling", *_engine("chat")), ("point", "humpback")),
+    POLISHED: (("score.threshold", "polish", "label.whitespace_run", "sampling", *_engine("chat")), ("answer",)),
+    DATASET: (
+        ("dataset", "polish.dedup_outputs", "score.threshold", "score.method", "dedup.threshold", "dedup.num_perm", "dedup.seed"),
+        (),
+    ),
+}
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def shaping(asset: str, cfg: KunConfig) -> dict:
+    """The keys, prompt texts and versions an asset's output depends on, by name."""
+    keys, names = SHAPES[asset]
+    if asset == FILTERED and cfg.filter.perplexity_max is not None:
+        keys = keys + _engine(cfg.filter.perplexity_model)
+    tree = cfg.model_dump(mode="json")
+    texts = _prompts()
+    out = {"package": metadata.version("kun-dagster"), **{k: _get(tree, k) for k in keys}, **{f"prompt.{n}": texts[n] for n in names}}
+    if asset == SIGNATURES:
+        out["algorithm"] = dedup.ALGORITHM
+    return out
+
+
+def code_version(asset: str, cfg: KunConfig) -> str:
+    return hashlib.sha256(json.dumps(shaping(asset, cfg), sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]

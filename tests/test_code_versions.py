@@ -1,0 +1,76 @@
+"""Code versions (issue 17, first part): a kun.yaml key or prompt text changes the code version of
+exactly the assets it shapes; keys that change how, not what, change none."""
+
+import dagster as dg
+import pytest
+
+from kun_dagster import code_versions, prompts
+from kun_dagster.config import parse_config
+from kun_dagster.definitions import build_definitions
+
+from .conftest import write_config
+
+BASE = {"sources": [{"name": "web", "uri": "x", "format": "jsonl"}], "seed": {"uri": "s"}}
+
+
+def versions_of(**changes) -> dict[str, str]:
+    data = {**BASE}
+    for dotted, value in changes.items():
+        node = data
+        *path, last = dotted.split("__")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    cfg = parse_config(data, env={})
+    return {a: code_versions.code_version(a, cfg) for a in code_versions.SHAPES}
+
+
+def changed(**changes) -> set[str]:
+    before, after = versions_of(), versions_of(**changes)
+    return {a for a in before if before[a] != after[a]}
+
+
+@pytest.mark.parametrize(
+    "change,stale",
+    [
+        ({"score__threshold": 0.7}, {"polished_pairs", "instruction_dataset"}),  # nothing re-scores
+        ({"score__method": "kun_freetext"}, {"scored_pairs", "instruction_dataset"}),
+        ({"label__banned_keywords": ["新闻"]}, {"labeled_pairs"}),
+        ({"sampling__temperature": 0.7}, {"labeled_pairs", "scored_pairs", "polished_pairs"}),
+        ({"dedup__threshold": 0.9}, {"duplicate_clusters", "instruction_dataset"}),
+        ({"dedup__ngram": 4}, {"minhash_signatures"}),
+        ({"filter__max_tokens": 256}, {"filtered_corpus"}),
+        ({"models__chat__dtype": "bfloat16"}, {"scored_pairs", "polished_pairs"}),
+        ({"models__label__train": {"epochs": 3}}, {"label_model"}),
+        ({"shards": 8}, {"raw_corpus", "base_model"}),
+    ],
+)
+def test_a_key_changes_the_code_version_of_exactly_the_assets_it_shapes(change, stale):
+    assert changed(**change) == stale
+
+
+def test_keys_that_change_how_not_what_change_no_code_version():
+    assert not changed(
+        storage__checkpoint_rows=7,
+        storage__batch_rows=100,
+        deploy__owners=["a@b.c"],
+        checks__max_duplicate_rate=0.5,
+        models__chat__batch_size=2,
+        models__chat__vllm={"kv_cache_gib": 4, "max_num_seqs": 8, "gpu_memory_utilization": 0.5},
+    )
+
+
+def test_a_changed_prompt_text_changes_its_stages(monkeypatch):
+    before = versions_of()
+    real = prompts.templates()
+    monkeypatch.setattr(prompts, "templates", lambda: {**real, "labelPrompt": real["labelPrompt"] + "。"})
+    after = versions_of()
+    assert {a for a in before if before[a] != after[a]} == {"label_model", "labeled_pairs"}
+
+
+def test_every_asset_of_the_graph_carries_its_code_version(tmp_path):
+    graph = build_definitions(write_config(tmp_path)).resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert keys == set(code_versions.SHAPES)
+    cfg_versions = versions_of()
+    assert all(graph.get(dg.AssetKey(k)).code_version for k in keys) and len(set(cfg_versions.values())) == len(cfg_versions)
