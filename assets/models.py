@@ -19,9 +19,15 @@ GROUP = "models"
 MODEL_IO = "model_io_manager"  # model assets are JSON references, not frames
 
 
-def _given(kun: KunResource, role: str, path: str) -> dict:
+def _versioned(ref: dict) -> dg.Output:
+    """A model reference whose data version is its content fingerprint (weights and tokenizer): a
+    retrained or swapped checkpoint makes what it wrote stale; the same one re-registered does not."""
+    return dg.Output(ref, data_version=dg.DataVersion(ref["fingerprint"]))
+
+
+def _given(kun: KunResource, role: str, path: str) -> dg.Output:
     try:
-        return model_store.given(role, path, kun.store, kun.config.model_cache)
+        return _versioned(model_store.given(role, path, kun.store, kun.config.model_cache))
     except model_store.ModelError as e:
         raise dg.Failure(str(e), allow_retries=False) from e
 
@@ -61,7 +67,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         op_tags=gpu_tags(cfg, None),
         code_version=code_version("base_model", cfg),
     )
-    def base_model(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame) -> dict:
+    def base_model(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame) -> dg.Output[dict]:
         """The base model: a configured checkpoint, or the tiny Qwen2 of the embedded default
         (tokenizer trained on the demo texts, short language-model pre-training). Config:
         models.base (path, tiny)."""
@@ -82,7 +88,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
                 "loss_curve": dg.MetadataValue.json(report.loss_curve),
             }
         )
-        return ref
+        return _versioned(ref)
 
     def _role_asset(role: str, examples, doc: str):
         @dg.asset(
@@ -96,7 +102,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             op_tags=gpu_tags(cfg, None),
             code_version=code_version(f"{role}_model", cfg),
         )
-        def _asset(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dict:
+        def _asset(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dg.Output[dict]:
             c = kun.config
             rc = getattr(c.models, role)
             if rc.path:
@@ -117,7 +123,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
                     "loss_curve": dg.MetadataValue.json(report.loss_curve),
                 }
             )
-            return ref
+            return _versioned(ref)
 
         return _asset
 

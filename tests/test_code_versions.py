@@ -74,3 +74,27 @@ def test_every_asset_of_the_graph_carries_its_code_version(tmp_path):
     assert keys == set(code_versions.SHAPES)
     cfg_versions = versions_of()
     assert all(graph.get(dg.AssetKey(k)).code_version for k in keys) and len(set(cfg_versions.values())) == len(cfg_versions)
+
+
+@pytest.mark.slow
+def test_a_models_data_version_is_its_content_fingerprint(models_run, tmp_path):
+    """Registering the same checkpoint again keeps the data version (nothing it wrote goes stale);
+    each checkpoint has its own."""
+    from .conftest import MODELS, given_models
+
+    runs = []
+    for name, overrides in (("a", given_models(models_run)), ("b", given_models(models_run))):
+        (tmp_path / name).mkdir()
+        defs = build_definitions(write_config(tmp_path / name, **overrides))
+        instance = dg.DagsterInstance.ephemeral()
+        assert dg.materialize(list(defs.assets), selection=MODELS, resources=defs.resources, instance=instance).success
+        runs.append(
+            {
+                m: instance.get_latest_materialization_event(dg.AssetKey(m)).asset_materialization.tags["dagster/data_version"]
+                for m in MODELS[1:]
+            }
+        )
+    refs = models_run["refs"]
+    for m in MODELS[1:]:
+        assert runs[0][m] == runs[1][m] == refs[m]["fingerprint"]
+    assert len({runs[0][m] for m in MODELS[1:]}) == 3  # base, label and chat differ
