@@ -83,12 +83,15 @@ REASONS = set(versions.get(versions.RAW).reasons)  # ingest's reason codes
     payload=st.one_of(st.lists(RECORD, max_size=6), st.text(ANY_CHAR, max_size=80), st.binary(max_size=80)),
 )
 def test_json_and_txt_files_in_any_encoding_give_documents_or_reasons(fmt, encoding, payload):
-    if isinstance(payload, list):
-        data = json.dumps(payload, ensure_ascii=False).encode(encoding, "surrogatepass")
-    elif isinstance(payload, str):
-        data = payload.encode(encoding, "surrogatepass")
-    else:
-        data = payload
+    try:
+        if isinstance(payload, list):
+            data = json.dumps(payload, ensure_ascii=False).encode(encoding, "surrogatepass")
+        elif isinstance(payload, str):
+            data = payload.encode(encoding, "surrogatepass")
+        else:
+            data = payload
+    except UnicodeEncodeError:  # a lone surrogate has no GB18030 bytes (surrogatepass is UTF-only): no such file exists
+        assume(False)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / f"x.{fmt}").write_bytes(data)
         src = SourceConfig(name="t", uri="unused", format=fmt, encoding=encoding, id_field="id" if fmt == "json" else None)
