@@ -131,12 +131,7 @@ def signatures(texts: list[str], ngram: int, num_perm: int, seed: int) -> tuple[
 
 def text_keys(texts: list[str]) -> np.ndarray:
     """text.text_key of each text as two uint64 columns (what `cluster` compares)."""
-    return key_matrix([text_key(t) for t in texts])
-
-
-def key_matrix(keys: list[bytes] | bytes) -> np.ndarray:
-    raw = keys if isinstance(keys, bytes) else b"".join(keys)
-    return np.frombuffer(raw, dtype=">u8").reshape(-1, 2).astype(np.uint64)
+    return np.frombuffer(b"".join(text_key(t) for t in texts), dtype=">u8").reshape(-1, 2).astype(np.uint64)
 
 
 def bands(threshold: float, num_perm: int, recall: float = CANDIDATE_RECALL) -> tuple[int, int]:
@@ -259,17 +254,17 @@ def sizes(keeper: np.ndarray) -> np.ndarray:
 
 def frame(locations: pa.Table, rank: np.ndarray, c: Clusters) -> pd.DataFrame:
     """The members of every cluster of more than one document: its rows (kept or dropped with a
-    reason), the kept document's location and the estimated Jaccard to it. `locations` (source,
-    shard, doc_id, file, row per document) stays Arrow: only the members become Python rows."""
+    reason), the kept document's location and the estimated Jaccard to it. `locations` (one row per
+    document: schemas.LOCATION) stays Arrow: only the members become Python rows."""
     members = np.flatnonzero(np.bincount(c.keeper, minlength=len(c.keeper))[c.keeper] > 1)
     kept = c.keeper[members]
-    columns = ["source", "shard", "doc_id", "file", "row"]
-    out = locations.select(columns).take(pa.array(members, type=pa.int64())).to_pandas()
+    columns = locations.column_names
+    out = locations.take(pa.array(members, type=pa.int64())).to_pandas()
     # clusters numbered by their keeper's rank, so the table is the same whatever the input order
     out.insert(0, "cluster", np.unique(rank[kept], return_inverse=True)[1].astype(np.int64))
     out["role"] = [x or KEPT for x in c.reason[members]]
     out["jaccard"] = c.jaccard[members].round(4)
-    keeper = locations.select(columns).take(pa.array(kept, type=pa.int64())).to_pandas()
+    keeper = locations.take(pa.array(kept, type=pa.int64())).to_pandas()
     for col in columns:
         out[f"kept_{col}"] = keeper[col].to_numpy()
     return out.sort_values(["cluster", "role", "source", "file", "row"], key=_kept_first).reset_index(drop=True)

@@ -134,13 +134,21 @@ _NESTED = {
 QUARANTINE = pyarrow.schema([(c, pyarrow.int64() if c in ("shard", "row") else pyarrow.string()) for c in QUARANTINE_COLUMNS])
 
 
-_LOCATION = [("source", pyarrow.string()), ("shard", pyarrow.int64()), ("doc_id", pyarrow.string()), ("file", pyarrow.string())]
+# Where a document is: what the dedup indices hold of each, and of each cluster's kept document.
+LOCATION = pyarrow.schema(
+    [
+        ("source", pyarrow.string()),
+        ("shard", pyarrow.int64()),
+        ("doc_id", pyarrow.string()),
+        ("file", pyarrow.string()),
+        ("row", pyarrow.int64()),
+    ]
+)
 # The dedup indices (dedup.py) are typed Arrow, not checked frames: they are derived, never edited.
 INDEXES = {
     SIGNATURES: pyarrow.schema(
-        _LOCATION
+        list(LOCATION)
         + [
-            ("row", pyarrow.int64()),
             ("shingles", pyarrow.int64()),
             ("params", pyarrow.string()),  # what made the signature: algorithm, ngram, num_perm, seed
             ("text_key", pyarrow.binary()),  # text.text_key: 16 bytes
@@ -149,9 +157,9 @@ INDEXES = {
     ),
     CLUSTERS: pyarrow.schema(
         [("cluster", pyarrow.int64()), ("role", pyarrow.string())]
-        + _LOCATION
-        + [("row", pyarrow.int64()), ("jaccard", pyarrow.float64())]
-        + [(f"kept_{name}", t) for name, t in _LOCATION + [("row", pyarrow.int64())]]
+        + list(LOCATION)
+        + [("jaccard", pyarrow.float64())]
+        + [pyarrow.field(f"kept_{f.name}", f.type) for f in LOCATION]
     ),
 }
 

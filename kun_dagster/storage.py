@@ -274,24 +274,24 @@ def _file_batches(path: UPath, directory: UPath, rows: int) -> Iterator[pd.DataF
             yield _with_partition_columns(batch.to_pandas(), directory)
 
 
-def read_partition(directory: UPath, columns: list[str] | None = None) -> pd.DataFrame:
-    """The published frame of a partition, its partition columns restored from the path (numbers
-    as int64); FileNotFoundError if it was never published."""
+def _read_parts(directory: UPath, columns: list[str] | None) -> pa.Table:
     tables = []
     for p in _published_parts(directory):
         with p.open("rb") as f:
             tables.append(pq.read_table(f, columns=columns))
-    return _with_partition_columns(pa.concat_tables(tables, promote_options="default").to_pandas(), directory)
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def read_partition(directory: UPath, columns: list[str] | None = None) -> pd.DataFrame:
+    """The published frame of a partition, its partition columns restored from the path (numbers
+    as int64); FileNotFoundError if it was never published."""
+    return _with_partition_columns(_read_parts(directory, columns).to_pandas(), directory)
 
 
 def read_table(directory: UPath, columns: list[str] | None = None) -> pa.Table:
     """The published partition as one Arrow table (no pandas: binary columns stay one buffer),
     its partition columns appended from the path."""
-    tables = []
-    for p in _published_parts(directory):
-        with p.open("rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    table = pa.concat_tables(tables, promote_options="default")
+    table = _read_parts(directory, columns)
     for key, value in partition_of(directory).items():
         if key not in table.column_names:
             table = table.append_column(key, pa.array([int(value) if value.isdigit() else value] * len(table)))

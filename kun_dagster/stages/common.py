@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +75,13 @@ def mark_duplicates(
             reason[i], detail[i] = code, f"same {column} as {first[key]}"
         else:
             first[key] = df.at[i, "doc_id"]
+
+
+def batches(docs: pd.DataFrame | Iterable[pd.DataFrame]) -> tuple[Iterable[pd.DataFrame], int | None]:
+    """A stage's input as batches (a frame is one), and its row count where known (for progress)."""
+    if isinstance(docs, pd.DataFrame):
+        return [docs], len(docs)
+    return docs, getattr(docs, "total", None)
 
 
 def summary(values, digits: int = 2) -> dict:

@@ -15,8 +15,10 @@ from .. import dedup, progress
 from ..config import KunConfig
 from ..corpus import quarantine_frame
 from ..names import CLUSTERS, DEDUPED, SIGNATURES
+from ..schemas import INDEXES, LOCATION
 from ..storage import FrameSink, PartitionTable, Sink
-from .common import DUPLICATE_TEXT, NEAR_DUPLICATE, StageResult, dropped_rows, no_reasons, stage_stats, summary
+from ..text import text_key
+from .common import DUPLICATE_TEXT, NEAR_DUPLICATE, StageResult, batches, dropped_rows, no_reasons, stage_stats, summary
 
 
 class DedupError(ValueError):
@@ -29,23 +31,19 @@ def params(cfg: KunConfig) -> str:
     return f"{dedup.ALGORITHM} ngram={d.ngram} num_perm={d.num_perm} seed={d.seed}"
 
 
-def _batches(docs: pd.DataFrame | Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
-    return [docs] if isinstance(docs, pd.DataFrame) else docs
-
-
 def sign(docs: pd.DataFrame | Iterable[pd.DataFrame], cfg: KunConfig, sink: Sink | None = None, label: str = SIGNATURES) -> StageResult:
     """A MinHash signature and an exact-text key per document, batch by batch."""
     d, sink, made = cfg.dedup, sink or FrameSink(), params(cfg)
     n, shingles, t0 = 0, [], time.perf_counter()
-    total = len(docs) if isinstance(docs, pd.DataFrame) else getattr(docs, "total", None)
+    stream, total = batches(docs)
     with progress.task(label, total=total, unit="docs") as bar:
-        for batch in _batches(docs):
+        for batch in stream:
             texts = batch["text"].astype(str).tolist()
             sig, count = dedup.signatures(texts, d.ngram, d.num_perm, d.seed)
-            out = batch[["doc_id", "source", "shard", "file", "row"]].reset_index(drop=True)
+            out = batch[LOCATION.names].reset_index(drop=True)
             out["shingles"] = count
             out["params"] = made
-            out["text_key"] = [k.tobytes() for k in dedup.text_keys(texts).astype(">u8")]
+            out["text_key"] = [text_key(t) for t in texts]
             out["signature"] = [s.astype("<u4").tobytes() for s in sig]
             sink.write(out)
             n += len(batch)
@@ -110,10 +108,10 @@ def cluster(parts: Iterable[pa.Table | PartitionTable], cfg: KunConfig) -> Stage
         sig[at : at + k] = _fixed(table.column("signature"), 4 * d.num_perm, "signature").view("<u4")
         keys[at : at + k] = _fixed(table.column("text_key"), 16, "text_key").view(">u8")
         shingles[at : at + k] = table.column("shingles").to_numpy()
-        locations.append(table.select(["source", "shard", "doc_id", "file", "row"]).cast(_LOCATION))
+        locations.append(table.select(LOCATION.names).cast(LOCATION))
         at += k
     if not n:
-        return StageResult(rows=pd.DataFrame(columns=_schema().names), dropped=quarantine_frame([]), stats=_stats(0, None, t0))
+        return StageResult(rows=pd.DataFrame(columns=INDEXES[CLUSTERS].names), dropped=quarantine_frame([]), stats=_stats(0, None, t0))
     loc = pa.concat_tables(locations)
     listed = pc.index_in(loc.column("source"), value_set=pa.array([s.name for s in cfg.sources]))  # scope all: the first listed keeps
     by = pc.sort_indices(
@@ -125,15 +123,6 @@ def cluster(parts: Iterable[pa.Table | PartitionTable], cfg: KunConfig) -> Stage
     found = dedup.cluster(sig, keys, shingles, rank, exact=d.exact, near=d.near, threshold=d.threshold)
     del sig
     return StageResult(rows=dedup.frame(loc, rank, found), dropped=quarantine_frame([]), stats=_stats(n, found, t0))
-
-
-_LOCATION = pa.schema([("source", pa.string()), ("shard", pa.int64()), ("doc_id", pa.string()), ("file", pa.string()), ("row", pa.int64())])
-
-
-def _schema() -> pa.Schema:
-    from ..schemas import INDEXES
-
-    return INDEXES[CLUSTERS]
 
 
 def _stats(n: int, found: dedup.Clusters | None, t0: float) -> dict:
@@ -173,29 +162,17 @@ def dedupe(
     quarantined as duplicate_text or near_duplicate with the kept document's location."""
     sink = sink or FrameSink()
     gone = members[members["role"] != dedup.KEPT]
-    why: Mapping[str, tuple[str, str]] = (
-        dict(
-            zip(
-                gone["doc_id"],
-                zip(
-                    gone["role"],
-                    np.where(
-                        gone["role"] == DUPLICATE_TEXT,
-                        "same text as " + _kept_at(gone),
-                        "near-duplicate of " + _kept_at(gone) + ", estimated Jaccard " + gone["jaccard"].map("{:.2f}".format),
-                    ),
-                    strict=True,
-                ),
-                strict=True,
-            )
-        )
-        if len(gone)
-        else {}
+    kept = _kept_at(gone)
+    detail = np.where(
+        gone["role"] == DUPLICATE_TEXT,
+        "same text as " + kept,
+        "near-duplicate of " + kept + ", estimated Jaccard " + gone["jaccard"].map("{:.2f}".format),
     )
+    why: Mapping[str, tuple[str, str]] = dict(zip(gone["doc_id"], zip(gone["role"], detail, strict=True), strict=True))
     n_in, reasons, dropped = 0, [], []
-    total = len(docs) if isinstance(docs, pd.DataFrame) else getattr(docs, "total", None)
+    stream, total = batches(docs)
     with progress.task(label, total=total, unit="docs") as bar:
-        for batch in _batches(docs):
+        for batch in stream:
             df = batch.reset_index(drop=True)
             reason, detail = no_reasons(df)
             hit = df["doc_id"].map(why)

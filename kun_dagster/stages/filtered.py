@@ -22,6 +22,7 @@ from .common import (
     PERPLEXITY_UNDEFINED,
     TOO_MANY_TOKENS,
     StageResult,
+    batches,
     dropped_rows,
     mark_duplicates,
     no_reasons,
@@ -45,9 +46,9 @@ def filter_corpus(
     sink = sink or FrameSink()
     seen: dict[bytes, str] = {}
     n_in, counts, tokens, ppls, dropped = 0, Counter(), [], [], []
-    total = len(docs) if isinstance(docs, pd.DataFrame) else getattr(docs, "total", None)
+    stream, total = batches(docs)
     with progress.task(label, total=total, unit="docs") as bar:
-        for batch in [docs] if isinstance(docs, pd.DataFrame) else docs:
+        for batch in stream:
             kept, reason, out = _filter_batch(batch, tokenizer, ppl_engine, cfg, seen)
             sink.write(kept)
             n_in += len(batch)
