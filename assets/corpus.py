@@ -6,11 +6,11 @@ import dagster as dg
 from transformers import AutoTokenizer
 
 import checks
-from kun_dagster import stages, versions
+from kun_dagster import stages, storage, versions
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
-from kun_dagster.names import CLUSTERS, SIGNATURES
+from kun_dagster.names import CLUSTERS, SIGNATURES, SOURCE_FILES
 from kun_dagster.partitions import SHARD, SOURCE, hive
 from resources import ARROW, STREAM, KunResource, LLMResource
 
@@ -30,14 +30,13 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             name=name,
             group_name=GROUP,
             partitions_def=parts,
-            backfill_policy=SINGLE_RUN,
             kinds=kinds(cfg, "parquet", role=role, checked=checked),
             code_version=code_version(name, cfg),
             **checks_of,
-            **more,
+            **{"backfill_policy": SINGLE_RUN, **more},
         )
 
-    @dg.asset(**spec(versions.RAW))
+    @dg.asset(**spec(versions.RAW, deps=[SOURCE_FILES]))
     def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource):
         """Every document of the partition's files (a file's shard is a stable hash of its path),
         streamed in batches; unreadable rows go to the quarantine with a reason code, file and row.
@@ -119,7 +118,18 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         )
     )
 
-    @dg.asset(**spec(CLUSTERS, checked=False, ins={SIGNATURES: dg.AssetIn(partition_mapping=every_shard, metadata={ARROW: True})}))
+    # One source per run (scope: all: one run for everything), so the run's one data version is that
+    # source's clusters (see below); a source's shards are contiguous keys, so the chunks align.
+    per_source = SINGLE_RUN if cfg.dedup.scope == "all" else dg.BackfillPolicy.multi_run(max_partitions_per_run=cfg.shards)
+
+    @dg.asset(
+        **spec(
+            CLUSTERS,
+            checked=False,
+            backfill_policy=per_source,
+            ins={SIGNATURES: dg.AssetIn(partition_mapping=every_shard, metadata={ARROW: True})},
+        )
+    )
     def duplicate_clusters(context: dg.AssetExecutionContext, kun: KunResource, minhash_signatures):
         """Clusters of exact and near-duplicates (estimated Jaccard >= dedup.threshold, MinHash
         LSH) over every shard of the source (dedup.scope: all: of every source), computed once per
@@ -145,7 +155,11 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             mine = rows[(rows["source"] == part["source"]) & (rows["shard"].astype(str) == part["shard"])].reset_index(drop=True)
             stats = {**result.stats, "dropped_here": int((mine["role"] != "kept").sum())}
             out[key] = report_stage(context, kun, CLUSTERS, key, stages.StageResult(mine, result.dropped, stats))
-        return out
+        # The clusters' content as the data version: a new file that duplicates nothing re-clusters its
+        # source to the same clusters, and deduped_corpus of the other shards stays fresh. Dagster 1.13
+        # gives every partition of a run the one version, hence one source per run.
+        content = storage.content_hash(found[name].rows for name in sorted(found))
+        return dg.Output(out, data_version=dg.DataVersion(content))
 
     @dg.asset(**spec(versions.DEDUPED, ins={versions.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
     def deduped_corpus(context: dg.AssetExecutionContext, kun: KunResource, filtered_corpus, duplicate_clusters):

@@ -103,7 +103,7 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     from checks.recovery import worker_tags
 
     from . import versions
-    from .names import SIGNATURES
+    from .names import CLUSTERS, SIGNATURES
     from .store import Store
 
     graph = defs.resolve_asset_graph()
@@ -130,15 +130,31 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
         print("  seed data and models: reusing the last materialization", flush=True)
     else:
         run(MODEL_ASSETS, "seed data and models")
+    # the source files' data versions first: raw_corpus records what it read, the daemon sees no change
+    from automation import record_observations
+
+    changed = record_observations(instance, cfg, Store.from_env(cfg.storage, os.environ))
+    print(f"  source files: {len(changed)} partition(s) new or changed since the last observation", flush=True)
     corpus_keys = graph.get(dg.AssetKey(versions.RAW)).partitions_def.get_partition_keys()
     others = [s for s in cfg.sources if s.name not in sources]
     if cfg.dedup.scope == "all" and others:  # duplicates across sources: every source's signatures are needed
         for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] not in sources):
             names = sorted({k.keys_by_dimension["source"] for k in keys})
             run(list(versions.PARTITIONED[: versions.PARTITIONED.index(SIGNATURES) + 1]), f"signatures of {', '.join(names)}", keys)
+    # Each contiguous range of sources in one run per step group (one model load per stage); the
+    # clusters one source per run, as their backfill policy has it (assets/corpus.py says why).
+    signed = versions.PARTITIONED.index(SIGNATURES) + 1
+    head, tail = list(versions.PARTITIONED[:signed]), list(versions.PARTITIONED[signed + 1 :])
     for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] in sources):
         names = sorted({k.keys_by_dimension["source"] for k in keys}, key=sources.index)
-        run(list(versions.PARTITIONED), f"{len(keys)} corpus partition(s) ({', '.join(names)})", keys)
+        what = f"{len(keys)} corpus partition(s) ({', '.join(names)})"
+        run(head, f"{what}: ingest, filter, sign", keys)
+        if cfg.dedup.scope == "all":
+            run([CLUSTERS], f"{CLUSTERS} (every source)", corpus_keys)
+        else:
+            for name in names:
+                run([CLUSTERS], f"{CLUSTERS} ({name})", [k for k in keys if k.keys_by_dimension["source"] == name])
+        run(tail, f"{what}: dedupe and the LLM stages", keys)
     source_keys = graph.get(dg.AssetKey(versions.DATASET)).partitions_def.get_partition_keys()
     for keys in _ranges(source_keys, lambda k: k in sources):
         run([versions.DATASET], f"{versions.DATASET} ({', '.join(keys)})", keys)

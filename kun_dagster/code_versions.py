@@ -69,6 +69,9 @@ def _get(tree: dict, dotted: str):
 def shaping(asset: str, cfg: KunConfig) -> dict:
     """The keys, prompt texts and versions an asset's output depends on, by name."""
     keys, names = SHAPES[asset]
+    role = asset.removesuffix("_model")
+    if role in ("base", "label", "chat") and getattr(cfg.models, role).path:  # a given checkpoint is used as it is
+        keys, names = (f"models.{role}.path",), ()
     if asset == FILTERED and cfg.filter.perplexity_max is not None:
         keys = keys + _engine(cfg.filter.perplexity_model)
     tree = cfg.model_dump(mode="json")

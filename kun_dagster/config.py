@@ -359,6 +359,12 @@ class DeployConfig(_Section):
     executor: Literal["default", "k8s"] = "default"
     k8s: dict[str, Any] = Field(default_factory=dict, description="k8s_job_executor config: job_namespace, env_secrets, ...")
     owners: list[str] = Field(default_factory=lambda: ["team:kun-data"], description="every asset's owners in the UI: emails or team:name")
+    automation: Literal["off", "corpus", "all"] = Field(
+        "corpus",
+        description="what the daemon keeps fresh by itself (Declarative Automation): corpus: the corpus group, "
+        "up to deduped_corpus; all: also the models, the LLM stages and the release (GPU time); off: nothing",
+    )
+    observe_interval: int = Field(300, ge=1, description="seconds between observations of the source files (new, changed, removed)")
 
     @field_validator("owners")
     @classmethod

@@ -77,6 +77,27 @@ def list_files(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
     return fs, [(p, _relative(p, root)) for p in found]
 
 
+def _stamp(info: dict) -> str:
+    """What says a file's bytes changed without reading them: its ETag on object stores, else its
+    modification time."""
+    return str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("created") or "")
+
+
+def shard_versions(source: SourceConfig, uri: str, shards: int, storage_options: dict | None = None) -> dict[int, str]:
+    """Each shard's data version: a hash of (relative path, size, ETag or mtime) over its files, from
+    one listing and no reads. A new, changed or removed file changes only its own shard's version;
+    a shard with no files has the version of the empty list."""
+    try:
+        _, root, found = _glob(uri, storage_options)
+    except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
+        raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e
+    files: dict[int, list] = {shard: [] for shard in range(shards)}
+    for path, info in found.items():
+        rel = _relative(path, root)
+        files[shard_of(rel, shards)].append((rel, info.get("size"), _stamp(info)))
+    return {shard: hashlib.sha256(json.dumps(sorted(fs), default=str).encode()).hexdigest()[:16] for shard, fs in files.items()}
+
+
 def shard_of(relpath: str, shards: int) -> int:
     """A file's shard: a stable hash of its relative path, so adding files never moves old ones."""
     return int.from_bytes(hashlib.sha1(relpath.encode("utf-8")).digest()[:8], "big") % shards
@@ -274,7 +295,7 @@ def first_locations(source: SourceConfig, fs, root: str, found: dict[str, dict])
         return {}
     key = (
         source.model_dump_json(),
-        tuple((p, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))) for p, info in found.items()),
+        tuple((p, info.get("size"), _stamp(info)) for p, info in found.items()),
     )
     if key not in _FIRST_IDS:
         first: dict[str, tuple[str, int]] = {}

@@ -11,6 +11,7 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 from assets import corpus, dataset, models, pairs
+from automation import apply_automation, automation_sensors, observe_sources, source_files
 from checks import check_failure_alerts, dead_run_recovery, run_failure_alerts
 from resources import KunResource, LLMResource, ModelRefIOManager, ParquetIOManager
 
@@ -32,8 +33,9 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
     }
     kun = KunResource(config_path=str(cfg_file), **secrets)
     llm = {f"{role}_llm": LLMResource(kun=kun, role=role) for role in ("base", "label", "chat")}
-    all_assets = models.build(cfg) + corpus.build(cfg) + pairs.build(cfg) + dataset.build(cfg)
+    all_assets = [source_files(cfg)] + models.build(cfg) + corpus.build(cfg) + pairs.build(cfg) + dataset.build(cfg)
     all_assets = dg.map_asset_specs(lambda spec: spec.replace_attributes(owners=cfg.deploy.owners), all_assets)
+    all_assets = apply_automation(all_assets, cfg)
     executor = None
     if cfg.deploy.executor == "k8s":  # one Kubernetes job per step; GPU steps request GPUs via op tags
         from dagster_k8s import k8s_job_executor
@@ -42,7 +44,7 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=all_assets,
         resources={"kun": kun, "io_manager": ParquetIOManager(kun=kun), models.MODEL_IO: ModelRefIOManager(kun=kun), **llm},
-        sensors=[check_failure_alerts, run_failure_alerts, dead_run_recovery],
+        sensors=[check_failure_alerts, run_failure_alerts, dead_run_recovery, observe_sources(cfg), *automation_sensors(cfg)],
         executor=executor,
     )
 

@@ -14,3 +14,6 @@ RAW, FILTERED, DEDUPED, LABELED, SCORED, POLISHED, DATASET = (
 # The dedup indices (dedup.py): a MinHash signature per document, and the clusters over a whole
 # source that deduped_corpus drops by. They hold data but are not dataset versions (no funnel row).
 SIGNATURES, CLUSTERS = "minhash_signatures", "duplicate_clusters"
+
+# The source corpora's files, observed per source x shard (automation/sources.py): raw_corpus's input.
+SOURCE_FILES = "source_files"

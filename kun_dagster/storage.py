@@ -8,6 +8,7 @@ rename is a server-side copy of one object, which also appears whole).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -94,6 +95,19 @@ def file_schema(schema: pa.Schema | None, directory: UPath) -> pa.Schema | None:
         return None
     in_path = partition_of(directory)
     return pa.schema([f for f in schema if f.name not in in_path])
+
+
+def content_hash(frames: Iterable[pd.DataFrame]) -> str:
+    """A hash of the frames' rows (values, column names and types, in order): the same data hashes
+    the same in any process, so it can serve as a data version."""
+    h = hashlib.sha256()
+    for df in frames:
+        sink = pa.BufferOutputStream()
+        table = to_table(df.reset_index(drop=True))
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        h.update(sink.getvalue().to_pybytes())
+    return h.hexdigest()[:16]
 
 
 def write_atomic(path: UPath, data: bytes) -> None:

@@ -1,0 +1,7 @@
+"""Keeping the graph fresh: the source files observed per partition (their data versions), the
+automation conditions the daemon evaluates, and a graph-wide view of which partitions are stale."""
+
+from .conditions import apply_automation, automation_sensors
+from .sources import SOURCE_FILES, observe_sources, record_observations, source_files
+
+__all__ = ["SOURCE_FILES", "apply_automation", "automation_sensors", "observe_sources", "record_observations", "source_files"]

@@ -1,0 +1,105 @@
+"""source_files: the source corpora's files as an observable source asset, partitioned like the
+corpus (source x shard). A partition's data version hashes (path, size, ETag or mtime) of the
+files that fall in that shard, so a new, changed or removed file makes exactly its shard's
+raw_corpus partition stale ("has a new dependency data version"). The `observe_sources` sensor
+records versions every deploy.observe_interval seconds, and only those that changed; `kun run`
+records them before it ingests.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag Dagster reads a data version from
+from dagster._core.events import DagsterEventType
+
+from assets.partitions import corpus_partitions
+from kun_dagster.config import KunConfig
+from kun_dagster.corpus import CorpusError, shard_versions
+from kun_dagster.names import SOURCE_FILES
+from kun_dagster.store import Store
+from resources import KunResource
+
+KEY = dg.AssetKey(SOURCE_FILES)
+
+
+def observe(cfg: KunConfig, store: Store, sources: list[str] | None = None, errors: list[str] | None = None) -> dict[str, str]:
+    """{corpus partition key: data version} of every shard of the given sources (default: all).
+    A source that cannot be listed is left out and said in `errors` (or raised when errors is None)."""
+    out = {}
+    for source in cfg.sources:
+        if sources is not None and source.name not in sources:
+            continue
+        uri = cfg.resolve(source.uri)
+        try:
+            found = shard_versions(source, uri, cfg.shards, store.options(uri))
+        except CorpusError as e:
+            if errors is None:
+                raise
+            errors.append(str(e))
+            continue
+        # Dagster's multi-partition key: dimension values joined in dimension-name order (source|shard)
+        out.update({f"{source.name}|{shard}": version for shard, version in found.items()})
+    return out
+
+
+def last_observed(instance: dg.DagsterInstance) -> dict[str, str]:
+    """The data version last recorded for each partition of source_files (one query)."""
+    tags = instance.event_log_storage.get_latest_tags_by_partition(KEY, DagsterEventType.ASSET_OBSERVATION, [DATA_VERSION_TAG])
+    return {k: t[DATA_VERSION_TAG] for k, t in tags.items() if DATA_VERSION_TAG in t}
+
+
+def _events(changed: dict[str, str]) -> list[dg.AssetObservation]:
+    return [dg.AssetObservation(asset_key=KEY, partition=k, tags={DATA_VERSION_TAG: v}) for k, v in sorted(changed.items())]
+
+
+def record_observations(instance: dg.DagsterInstance, cfg: KunConfig, store: Store, sources: list[str] | None = None) -> dict[str, str]:
+    """Observe the sources and record each partition whose version changed (or was never
+    recorded): what `kun run` does before it ingests, so its runs and the daemon agree."""
+    before = last_observed(instance)  # a source that cannot be listed is left to raw_corpus, which says why
+    changed = {k: v for k, v in observe(cfg, store, sources, errors=[]).items() if before.get(k) != v}
+    for event in _events(changed):
+        instance.report_runless_asset_event(event)
+    return changed
+
+
+def source_files(cfg: KunConfig) -> dg.AssetsDefinition:
+    spec = dg.AssetSpec(
+        SOURCE_FILES,
+        group_name="corpus",
+        partitions_def=corpus_partitions(cfg),
+        kinds={"s3"} if any(s.uri.startswith("s3://") for s in cfg.sources) else {"file"},
+        description="The files of each source corpus (kun.yaml: sources), by shard. A partition's data version "
+        "hashes the path, size and ETag or modification time of its files: a new, changed or removed file "
+        "makes that shard's raw_corpus stale. Observed by the observe_sources sensor every "
+        "deploy.observe_interval seconds.",
+    )
+
+    @dg.multi_observable_source_asset(specs=[spec], partitions_def=spec.partitions_def)
+    def _observe(kun: KunResource) -> dg.DataVersionsByPartition:
+        return dg.DataVersionsByPartition({k: dg.DataVersion(v) for k, v in observe(kun.config, kun.store).items()})
+
+    return _observe
+
+
+def observe_sources(cfg: KunConfig) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="observe_sources",
+        minimum_interval_seconds=cfg.deploy.observe_interval,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Lists every source's files and records the data version of each shard that changed.",
+    )
+    def _sensor(context: dg.SensorEvaluationContext, kun: KunResource):
+        errors: list[str] = []
+        now = observe(kun.config, kun.store, errors=errors)
+        for e in errors:
+            context.log.warning(f"observe_sources: {e}")
+        before = last_observed(context.instance)
+        changed = {k: v for k, v in now.items() if before.get(k) != v}
+        if not changed:
+            return dg.SkipReason(
+                f"no source file changed in {len(now)} partition(s)" + (f"; {len(errors)} source(s) unreadable" if errors else "")
+            )
+        context.log.info(f"observe_sources: {len(changed)} partition(s) changed: {', '.join(sorted(changed)[:20])}")
+        return dg.SensorResult(asset_events=_events(changed))
+
+    return _sensor
