@@ -2,6 +2,7 @@
 
 import dagster as dg
 import pandas as pd
+from dagster._core.definitions.data_version import CODE_VERSION_TAG, INPUT_DATA_VERSION_TAG_PREFIX  # Dagster's provenance tags
 
 import checks
 from kun_dagster import dataset, schemas, storage, versions
@@ -37,8 +38,14 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         frames = polished_pairs if isinstance(polished_pairs, dict) else {"all": polished_pairs}
         polished = pd.concat([schemas.empty_frame(versions.POLISHED), *frames.values()], ignore_index=True)
         results, cards = {}, {}
+        current = {asset: code_version(asset, c) for asset in versions.PARTITIONED}
         for source in context.partition_keys:
-            results[source], cards[source] = dataset.release(polished, source, c, kun.base, label_model["name"], chat_model["name"])
+            made = _made_from(context.instance, source, c.shard_keys())
+            results[source], cards[source] = dataset.release(
+                polished, source, c, kun.base, label_model["name"], chat_model["name"], made, current
+            )
+            for line in results[source].stats["mixed_versions"]:
+                context.log.warning(f"{versions.DATASET} {source}: mixed versions: {line}")
             _report(context, kun, source, results[source], cards[source])
         published = False
         for event in checks.gate(context, kun, versions.DATASET, results):  # all sources' records hold, or none is released
@@ -52,6 +59,34 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     return [instruction_dataset]
 
 
+MODELS = ("base_model", "label_model", "chat_model")
+
+
+def _made_from(instance: dg.DagsterInstance, source: str, shards: list[str]) -> list[dict]:
+    """The code and model versions that each source x shard partition of the source was last
+    materialized under, from the tags Dagster records on every materialization (newest first, paged
+    until every partition is found)."""
+    keys = [f"{source}|{shard}" for shard in shards]
+    made = []
+    for asset in versions.PARTITIONED:
+        latest: dict[str, dict] = {}
+        cursor = None
+        while len(latest) < len(keys):
+            page = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=keys), limit=1000, cursor=cursor
+            )
+            for record in page.records:
+                latest.setdefault(record.partition_key, record.event_log_entry.tags or {})
+            if not page.has_more:
+                break
+            cursor = page.cursor
+        for key in keys:
+            t = latest.get(key, {})
+            models = {m: t[f"{INPUT_DATA_VERSION_TAG_PREFIX}/{m}"] for m in MODELS if f"{INPUT_DATA_VERSION_TAG_PREFIX}/{m}" in t}
+            made.append({"stage": asset, "partition": key, "code_version": t.get(CODE_VERSION_TAG), "models": models})
+    return made
+
+
 def _report(context: dg.AssetExecutionContext, kun: KunResource, source: str, result, card: str) -> None:
     recs, st = result.rows, result.stats
     div = st["diversity"]
@@ -63,6 +98,7 @@ def _report(context: dg.AssetExecutionContext, kun: KunResource, source: str, re
             "release": dg.MetadataValue.path(str(dataset.release_dir(kun.base, source))),
             "funnel": table(dataset.funnel_frame(st["funnel"], len(recs), st["dropped"]), rows=None),
             "quarantined": len(result.dropped),
+            "mixed_versions": len(st["mixed_versions"]),
             "distinct_instruction_ratio": dg.MetadataValue.float(div["distinct_ratio"]) if div["texts"] else dg.MetadataValue.text("-"),
             "instruction_clusters": div["near_duplicate_clusters"],
             **({"largest_instruction_clusters": table(pd.DataFrame(div["largest"]), rows=None)} if div["largest"] else {}),

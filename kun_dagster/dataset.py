@@ -103,8 +103,51 @@ def _diversity_md(div: dict, threshold: float) -> list[str]:
     return lines
 
 
+def made_under(made: list[dict], current: dict[str, str]) -> tuple[list[str], list[str]]:
+    """The card's "Versions" lines, and what is mixed. `made`: one row per partition the release was
+    made from, {stage, partition, code_version, models: {model asset: data version}}; `current`:
+    each stage's code version under the config now. Mixed: a stage whose partitions were made under
+    more than one code version or model, or under a code version that is no longer current."""
+    if not made:
+        return ["No partitions recorded."], []
+    frame = pd.DataFrame(made)
+    lines = ["| stage | partitions | code version | models |", "|---|---:|---|---|"]
+    mixed = []
+    for stage, rows in frame.groupby("stage", sort=False):
+        codes = sorted({c for c in rows["code_version"] if c})
+        models: dict[str, set] = {}
+        for m in rows["models"]:
+            for name, version in m.items():
+                models.setdefault(name, set()).add(version)
+        old = [c for c in codes if c != current.get(stage)]
+        code_text = ", ".join(f"`{c}`" + (" (not current)" if c in old else "") for c in codes) or "-"
+        model_text = "; ".join(f"{name} " + ", ".join(f"`{v[:12]}`" for v in sorted(vs)) for name, vs in sorted(models.items())) or "-"
+        lines.append(f"| {stage} | {len(rows)} | {code_text} | {model_text} |")
+        if len(codes) > 1:
+            by = rows.groupby("code_version")["partition"].apply(lambda p: ", ".join(sorted(p)))
+            mixed.append(f"{stage}: {len(codes)} code versions (" + "; ".join(f"{c}: {p}" for c, p in by.items()) + ")")
+        elif old:
+            mixed.append(f"{stage}: made under code version {old[0]}, the config now gives {current.get(stage)}")
+        mixed += [f"{stage}: {len(vs)} versions of {name}" for name, vs in sorted(models.items()) if len(vs) > 1]
+    verdict = (
+        ["", "**Mixed versions.** Re-materialize the stale partitions (the UI marks them) for a release made under one config:", ""]
+        + [f"- {m}" for m in mixed]
+        if mixed
+        else ["", "Every stage's partitions were made under one code version (the current one) and one version of each model."]
+    )
+    return lines + verdict, mixed
+
+
 def card(
-    source: str, n_records: int, fun: dict, cfg: KunConfig, label_model: str, chat_model: str, div: dict | None = None, dropped=None
+    source: str,
+    n_records: int,
+    fun: dict,
+    cfg: KunConfig,
+    label_model: str,
+    chat_model: str,
+    div: dict | None = None,
+    dropped=None,
+    versions_md: list[str] | None = None,
 ) -> str:
     """A dataset card (Markdown with YAML front matter, as HF datasets expect)."""
     lines = [
@@ -139,6 +182,13 @@ def card(
         "",
         *_diversity_md(div or instruction_diversity([], cfg), cfg.dedup.threshold),
         "",
+        "## Versions",
+        "",
+        "The code version (a hash of the kun.yaml keys and prompts that shape the stage) and the model versions "
+        "(content fingerprints) each stage's partitions of this source were made under.",
+        "",
+        *(versions_md or ["Not recorded."]),
+        "",
         "## Config used",
         "",
         "```yaml",
@@ -149,11 +199,21 @@ def card(
     return "\n".join(lines)
 
 
-def release(polished: pd.DataFrame, source: str, cfg: KunConfig, base: UPath, label_model: str, chat_model: str) -> tuple[StageResult, str]:
+def release(
+    polished: pd.DataFrame,
+    source: str,
+    cfg: KunConfig,
+    base: UPath,
+    label_model: str,
+    chat_model: str,
+    made: list[dict] | None = None,
+    current: dict[str, str] | None = None,
+) -> tuple[StageResult, str]:
     """One source's release as a stage result (its records; answers that repeat one of another
     shard quarantined as duplicate_output, the first by (file, row) kept, as Humpback dedups its
     outputs; the funnel read from what is published in stats, for the retention check) and its
-    dataset card. A source with no rows left gets empty records and its card: an empty result is a result."""
+    dataset card. A source with no rows left gets empty records and its card: an empty result is a result.
+    `made` and `current`: the versions its partitions were made under (made_under)."""
     mine = polished[polished["source"] == source].sort_values(["file", "row"], kind="stable").reset_index(drop=True)
     reason, detail = no_reasons(mine)
     if cfg.polish.dedup_outputs:
@@ -173,8 +233,10 @@ def release(polished: pd.DataFrame, source: str, cfg: KunConfig, base: UPath, la
         "funnel": fun,
         "diversity": div,
     }
+    versions_md, mixed = made_under(made, current or {}) if made is not None else (None, [])
+    stats["mixed_versions"] = mixed
     result = StageResult(rows=recs, dropped=dropped_rows(mine, reason, detail, "output"), stats=stats)
-    return result, card(source, len(recs), fun, cfg, label_model, chat_model, div, dropped)
+    return result, card(source, len(recs), fun, cfg, label_model, chat_model, div, dropped, versions_md)
 
 
 def release_dir(base: UPath, source: str) -> UPath:

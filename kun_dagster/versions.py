@@ -177,6 +177,25 @@ RELEASE_RETENTION = WarnCheck(
     _release_retention,
 )
 
+
+def _one_version(cfg: KunConfig, r: StageResult, base: UPath) -> quality.Finding:
+    mixed = r.stats.get("mixed_versions") or []
+    return quality.Finding(
+        "one_version",
+        not mixed,
+        len(mixed),
+        "0 mixed",
+        "; ".join(mixed[:5]) or "every stage made under one code version (the current one) and one version of each model",
+    )
+
+
+ONE_VERSION = WarnCheck(
+    "one_version",
+    "The release was made from partitions of one code version per stage (the current one) and one version of each "
+    "model; else the dataset card lists what is mixed, and the UI marks the stale partitions.",
+    _one_version,
+)
+
 # -- the registry ------------------------------------------------------------------------------------
 VERSIONS: tuple[Version, ...] = (
     Version(
@@ -247,7 +266,7 @@ VERSIONS: tuple[Version, ...] = (
         "COIG-CQIA records released (answers repeated across shards dropped)",
         schemas.InstructionDataset,
         (stages.DUPLICATE_OUTPUT,),
-        (RELEASE_RETENTION,),
+        (RELEASE_RETENTION, ONE_VERSION),
     ),
 )
 BY_NAME = {v.name: v for v in VERSIONS}

@@ -230,3 +230,17 @@ def test_a_new_file_stales_only_its_shard_and_automation_requests_only_that(worl
     view = stale_partitions(defs, instance)
     assert stale_keys(view) == {"labeled_pairs": {key}, "scored_pairs": {key}, "polished_pairs": {key}, "instruction_dataset": {"wudao"}}
     assert view["labeled_pairs"][key] == [f"upstream data changed: deduped_corpus {key}"]
+
+
+def test_the_card_records_the_versions_and_flags_a_release_of_mixed_versions(world):
+    """Runs after the new-file test: one partition re-polished under a new threshold, then released."""
+    base, instance = Path(world["cfg"].base_uri), world["instance"]
+    card = (base / "release" / "wudao" / "README.md").read_text()
+    assert "## Versions" in card and "Every stage's partitions were made under one code version" in card
+    defs = build_definitions(configure(world["tmp"], world["models_run"], "threshold", **{"score.threshold": 0.7}))
+    materialize(defs, instance, ["polished_pairs"], ["wudao|0"])
+    materialize(defs, instance, ["instruction_dataset"], ["wudao"])
+    card = (base / "release" / "wudao" / "README.md").read_text()
+    assert "**Mixed versions.**" in card and "polished_pairs: 2 code versions" in card
+    check = instance.get_latest_asset_check_evaluation_record(dg.AssetCheckKey(dg.AssetKey("instruction_dataset"), "one_version"))
+    assert check is not None and not check.event.asset_check_evaluation.passed
