@@ -31,9 +31,10 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             group_name=GROUP,
             partitions_def=parts,
             kinds=kinds(cfg, "parquet", role=role, checked=checked),
+            backfill_policy=SINGLE_RUN,
             code_version=code_version(name, cfg),
             **checks_of,
-            **{"backfill_policy": SINGLE_RUN, **more},
+            **more,
         )
 
     @dg.asset(**spec(versions.RAW, deps=[SOURCE_FILES]))
@@ -118,18 +119,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         )
     )
 
-    # One source per run (scope: all: one run for everything), so the run's one data version is that
-    # source's clusters (see below); a source's shards are contiguous keys, so the chunks align.
-    per_source = SINGLE_RUN if cfg.dedup.scope == "all" else dg.BackfillPolicy.multi_run(max_partitions_per_run=cfg.shards)
-
-    @dg.asset(
-        **spec(
-            CLUSTERS,
-            checked=False,
-            backfill_policy=per_source,
-            ins={SIGNATURES: dg.AssetIn(partition_mapping=every_shard, metadata={ARROW: True})},
-        )
-    )
+    @dg.asset(**spec(CLUSTERS, checked=False, ins={SIGNATURES: dg.AssetIn(partition_mapping=every_shard, metadata={ARROW: True})}))
     def duplicate_clusters(context: dg.AssetExecutionContext, kun: KunResource, minhash_signatures):
         """Clusters of exact and near-duplicates (estimated Jaccard >= dedup.threshold, MinHash
         LSH) over every shard of the source (dedup.scope: all: of every source), computed once per
@@ -157,7 +147,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             out[key] = report_stage(context, kun, CLUSTERS, key, stages.StageResult(mine, result.dropped, stats))
         # The clusters' content as the data version: a new file that duplicates nothing re-clusters its
         # source to the same clusters, and deduped_corpus of the other shards stays fresh. Dagster 1.13
-        # gives every partition of a run the one version, hence one source per run.
+        # gives every partition of a run one version: a run of one source (what a new file, a
+        # one-source backfill and `kun run` make) is that source's clusters.
         content = storage.content_hash(found[name].rows for name in sorted(found))
         return dg.Output(out, data_version=dg.DataVersion(content))
 

@@ -32,18 +32,16 @@ AUTOMATED = {"off": (), "corpus": CORPUS, "all": ALL}
 def fresh(across: tuple[str, ...] = ()) -> dg.AutomationCondition:
     """eager(), where an input is updated when its data version changed (or it is requested on this
     tick, except from the inputs `across`, which are awaited instead), or the asset's own code
-    version changed (a kun.yaml key that shapes it)."""
+    version changed (a kun.yaml key that shapes it); on partitions that exist. A partition never
+    made is the user's to make first (or it is new: a source added), as with eager(): a fresh
+    instance's first observation of the sources starts nothing."""
     new_version = AC.any_deps_match((AC.data_version_changed() & ~AC.executed_with_root_target()).with_label("new data version"))
     requested = AC.any_deps_match(AC.will_be_requested())
     if across:
         requested = requested.ignore(dg.AssetSelection.assets(*across))
     updated = (new_version | requested).with_label("an input has new data")
-    cond = (
-        (AC.newly_missing() | updated | AC.code_version_changed()).since_last_handled()
-        & ~AC.any_deps_missing()
-        & ~AC.any_deps_in_progress()
-        & ~AC.in_progress()
-    )
+    changed = ((updated | AC.code_version_changed()) & ~AC.missing()).with_label("made, and changed since")
+    cond = (AC.newly_missing() | changed).since_last_handled() & ~AC.any_deps_missing() & ~AC.any_deps_in_progress() & ~AC.in_progress()
     if across:  # ... and waits while what those inputs are made from is being updated (they follow on a later tick)
         upstream_moving = AC.any_deps_match(AC.will_be_requested() | AC.in_progress()).with_label("its inputs are being updated")
         cond = cond & ~AC.any_deps_match(upstream_moving).allow(dg.AssetSelection.assets(*across))

@@ -27,6 +27,9 @@ GROUP = CORPUS[: CORPUS.index("deduped_corpus") + 1]  # what deploy.automation: 
 TICKS = """{ sensorOrError(sensorSelector: {repositoryLocationName: "kun", repositoryName: "__repository__", sensorName: "%s"})
   { ... on Sensor { sensorState { ticks(limit: 100) { status timestamp } } } } }"""
 
+STALE = """{ assetNodeOrError(assetKey: {path: ["raw_corpus"]}) { ... on AssetNode { staleStatus(partition: "%s")
+  staleCauses(partition: "%s") { category reason dependency { path } } } } }"""
+
 
 def ticks(url: str, sensor: str, since: float) -> int:
     got = graphql(url, TICKS % sensor)["sensorOrError"]
@@ -79,6 +82,14 @@ def test_the_daemon_keeps_the_corpus_fresh_and_only_where_files_changed(mode, mo
         wait_for("the new file's observation", lambda: last_observed(instance).get(key) == new, 120, log)
 
         if mode == "off":
+            # What the asset's partition view asks the webserver (Dagster UI's AssetPartitionStaleQuery)
+            for key_ in (key, other):
+                node = graphql(url, STALE % (key_, key_))["assetNodeOrError"]
+                assert node["staleStatus"] == ("STALE" if key_ == key else "FRESH"), node
+            causes = graphql(url, STALE % (key, key))["assetNodeOrError"]["staleCauses"]
+            assert [(c["category"], c["reason"], c["dependency"]["path"]) for c in causes] == [
+                ("DATA", "has a new dependency data version", ["source_files"])
+            ]
             time.sleep(10)  # ticks of the observe sensor come and go; no automation sensor exists to act on them
             assert instance.get_runs_count() == before and not instance.get_backfills() and materialized_since(instance, dropped) == {}
             return
