@@ -154,7 +154,7 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
         else:
             for name in names:
                 run([CLUSTERS], f"{CLUSTERS} ({name})", [k for k in keys if k.keys_by_dimension["source"] == name])
-        run(tail, f"{what}: dedupe and the LLM stages", keys)
+        run(tail, what, keys)  # dedupe and the LLM stages
     source_keys = graph.get(dg.AssetKey(versions.DATASET)).partitions_def.get_partition_keys()
     for keys in _ranges(source_keys, lambda k: k in sources):
         run([versions.DATASET], f"{versions.DATASET} ({', '.join(keys)})", keys)
