@@ -65,7 +65,7 @@ def record_observations(instance: dg.DagsterInstance, cfg: KunConfig, store: Sto
 def source_files(cfg: KunConfig) -> dg.AssetsDefinition:
     spec = dg.AssetSpec(
         SOURCE_FILES,
-        group_name="corpus",
+        group_name="sources",  # not "corpus": that group's "Materialize all" would include an observation
         partitions_def=corpus_partitions(cfg),
         kinds={"s3"} if any(s.uri.startswith("s3://") for s in cfg.sources) else {"file"},
         description="The files of each source corpus (kun.yaml: sources), by shard. A partition's data version "
