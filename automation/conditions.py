@@ -1,7 +1,8 @@
 """Declarative Automation: which assets the daemon keeps fresh (deploy.automation), and when.
 
-The condition is Dagster's eager() with one change: an input counts as updated when its data
-version changed, not on every materialization. Dagster 1.13 records one data version per run, not
+The condition is Dagster's eager() with these changes: an input counts as updated when its data
+version changed, not on every materialization; the asset's own code version changing counts too;
+and only partitions that exist are refreshed. Dagster 1.13 records one data version per run, not
 per partition, so a partition re-materialized beside a changed one looks changed too; the
 data-version test stops that from cascading where it costs most. duplicate_clusters is the one
 source-wide step: a new file re-clusters every shard of its source, and its data version hashes

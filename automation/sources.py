@@ -16,7 +16,7 @@ from assets.partitions import corpus_partitions
 from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError, shard_versions
 from kun_dagster.names import SOURCE_FILES
-from kun_dagster.store import Store
+from kun_dagster.store import Store, is_s3
 from resources import KunResource
 
 KEY = dg.AssetKey(SOURCE_FILES)
@@ -48,15 +48,21 @@ def last_observed(instance: dg.DagsterInstance) -> dict[str, str]:
     return {k: t[DATA_VERSION_TAG] for k, t in tags.items() if DATA_VERSION_TAG in t}
 
 
+def changes(instance: dg.DagsterInstance, now: dict[str, str]) -> dict[str, str]:
+    """The partitions of `now` whose version differs from the one last recorded (or was never recorded)."""
+    before = last_observed(instance)
+    return {k: v for k, v in now.items() if before.get(k) != v}
+
+
 def _events(changed: dict[str, str]) -> list[dg.AssetObservation]:
     return [dg.AssetObservation(asset_key=KEY, partition=k, tags={DATA_VERSION_TAG: v}) for k, v in sorted(changed.items())]
 
 
 def record_observations(instance: dg.DagsterInstance, cfg: KunConfig, store: Store, sources: list[str] | None = None) -> dict[str, str]:
-    """Observe the sources and record each partition whose version changed (or was never
-    recorded): what `kun run` does before it ingests, so its runs and the daemon agree."""
-    before = last_observed(instance)  # a source that cannot be listed is left to raw_corpus, which says why
-    changed = {k: v for k, v in observe(cfg, store, sources, errors=[]).items() if before.get(k) != v}
+    """Observe the sources and record each partition whose version changed: what `kun run` does
+    before it ingests, so its runs and the daemon agree. A source that cannot be listed is left to
+    raw_corpus, which says why."""
+    changed = changes(instance, observe(cfg, store, sources, errors=[]))
     for event in _events(changed):
         instance.report_runless_asset_event(event)
     return changed
@@ -67,7 +73,7 @@ def source_files(cfg: KunConfig) -> dg.AssetsDefinition:
         SOURCE_FILES,
         group_name="sources",  # not "corpus": that group's "Materialize all" would include an observation
         partitions_def=corpus_partitions(cfg),
-        kinds={"s3"} if any(s.uri.startswith("s3://") for s in cfg.sources) else {"file"},
+        kinds={"s3"} if any(is_s3(s.uri) for s in cfg.sources) else {"file"},
         description="The files of each source corpus (kun.yaml: sources), by shard. A partition's data version "
         "hashes the path, size and ETag or modification time of its files: a new, changed or removed file "
         "makes that shard's raw_corpus stale. Observed by the observe_sources sensor every "
@@ -93,8 +99,7 @@ def observe_sources(cfg: KunConfig) -> dg.SensorDefinition:
         now = observe(kun.config, kun.store, errors=errors)
         for e in errors:
             context.log.warning(f"observe_sources: {e}")
-        before = last_observed(context.instance)
-        changed = {k: v for k, v in now.items() if before.get(k) != v}
+        changed = changes(context.instance, now)
         if not changed:
             return dg.SkipReason(
                 f"no source file changed in {len(now)} partition(s)" + (f"; {len(errors)} source(s) unreadable" if errors else "")

@@ -110,7 +110,8 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     assets = list(defs.assets)
     # Dagster's own console log stays quiet unless --debug: failures are reported below, readably
     run_config = {"loggers": {"console": {"config": {"log_level": log_level if debug else "CRITICAL"}}}}
-    base = Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
+    store = Store.from_env(cfg.storage, os.environ)
+    base = store.path(cfg.base_uri)
 
     def run(keys: list[str], what: str, keys_range: list | None = None) -> None:
         t0 = time.time()
@@ -133,18 +134,19 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     # the source files' data versions first: raw_corpus records what it read, the daemon sees no change
     from automation import record_observations
 
-    changed = record_observations(instance, cfg, Store.from_env(cfg.storage, os.environ))
+    changed = record_observations(instance, cfg, store)
     print(f"  source files: {len(changed)} partition(s) new or changed since the last observation", flush=True)
     corpus_keys = graph.get(dg.AssetKey(versions.RAW)).partitions_def.get_partition_keys()
+    signed = versions.PARTITIONED.index(SIGNATURES) + 1
+    head, tail = list(versions.PARTITIONED[:signed]), list(versions.PARTITIONED[signed + 1 :])  # around the clusters
     others = [s for s in cfg.sources if s.name not in sources]
     if cfg.dedup.scope == "all" and others:  # duplicates across sources: every source's signatures are needed
         for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] not in sources):
             names = sorted({k.keys_by_dimension["source"] for k in keys})
-            run(list(versions.PARTITIONED[: versions.PARTITIONED.index(SIGNATURES) + 1]), f"signatures of {', '.join(names)}", keys)
+            run(head, f"signatures of {', '.join(names)}", keys)
     # Each contiguous range of sources in one run per step group (one model load per stage); the
-    # clusters one source per run, as their backfill policy has it (assets/corpus.py says why).
-    signed = versions.PARTITIONED.index(SIGNATURES) + 1
-    head, tail = list(versions.PARTITIONED[:signed]), list(versions.PARTITIONED[signed + 1 :])
+    # clusters one source per run, so that their content data version is one source's
+    # (docs/ARCHITECTURE.md, departure 27).
     for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] in sources):
         names = sorted({k.keys_by_dimension["source"] for k in keys}, key=sources.index)
         what = f"{len(keys)} corpus partition(s) ({', '.join(names)})"

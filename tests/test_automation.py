@@ -73,6 +73,20 @@ def materialize(defs, instance, selection, keys=None) -> None:
     assert dg.materialize(list(defs.assets), selection=selection, resources=defs.resources, instance=instance, tags=tags).success
 
 
+def materialize_as_kun_run(defs, instance, cfg, assets: list[str]) -> None:
+    """The models, the sources observed, then `assets` (of CORPUS, in graph order) over every
+    partition as `kun run` runs them: one run before the clusters, the clusters one source per run,
+    one run after."""
+    materialize(defs, instance, MODELS)
+    record_observations(instance, cfg, Store(cfg.storage))
+    keys = [str(k) for k in defs.resolve_asset_graph().get(dg.AssetKey("raw_corpus")).partitions_def.get_partition_keys()]
+    signed = assets.index("duplicate_clusters")
+    materialize(defs, instance, assets[:signed], keys)
+    for source in SOURCES:
+        materialize(defs, instance, ["duplicate_clusters"], [k for k in keys if k.startswith(source)])
+    materialize(defs, instance, assets[signed + 1 :], keys)
+
+
 @pytest.fixture(scope="module")
 def world(models_run, tmp_path_factory):
     """The whole graph of two sources x two shards materialized once, as `kun run` does it."""
@@ -81,15 +95,9 @@ def world(models_run, tmp_path_factory):
     cfg_file = configure(tmp, models_run, "world")
     defs = build_definitions(cfg_file)
     instance = dg.DagsterInstance.ephemeral()
-    materialize(defs, instance, MODELS)
     cfg = load_config(cfg_file)
-    assert len(record_observations(instance, cfg, Store(cfg.storage))) == 4  # the first observation: every partition
-    keys = [str(k) for k in defs.resolve_asset_graph().get(dg.AssetKey("raw_corpus")).partitions_def.get_partition_keys()]
-    signed = CORPUS.index("duplicate_clusters")
-    materialize(defs, instance, CORPUS[:signed], keys)
-    for source in SOURCES:  # the clusters one source per run, as their backfill policy (and `kun run`) has it
-        materialize(defs, instance, ["duplicate_clusters"], [k for k in keys if k.startswith(source)])
-    materialize(defs, instance, CORPUS[signed + 1 :], keys)
+    materialize_as_kun_run(defs, instance, cfg, CORPUS)
+    assert len(last_observed(instance)) == 4  # the first observation: every partition
     materialize(defs, instance, ["instruction_dataset"], SOURCES)
     return {"tmp": tmp, "defs": defs, "instance": instance, "cfg": cfg, "models_run": models_run}
 

@@ -13,14 +13,13 @@ from datetime import datetime
 import dagster as dg
 import pytest
 
-from automation import record_observations
 from automation.sources import last_observed, observe
 from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 from kun_dagster.store import Store
 
 from .conftest import CORPUS, MODELS, REPO, dagster_dev, free_port, graphql, wait_for
-from .test_automation import SOURCES, add_file, configure, corpora, materialize
+from .test_automation import add_file, configure, corpora, materialize_as_kun_run
 
 pytestmark = pytest.mark.slow
 GROUP = CORPUS[: CORPUS.index("deduped_corpus") + 1]  # what deploy.automation: corpus keeps fresh
@@ -56,14 +55,8 @@ def test_the_daemon_keeps_the_corpus_fresh_and_only_where_files_changed(mode, mo
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     defs = build_definitions(cfg_file)
-    keys = [str(k) for k in defs.resolve_asset_graph().get(dg.AssetKey("raw_corpus")).partitions_def.get_partition_keys()]
     with dg.DagsterInstance.from_config(str(home)) as instance:  # as `kun run` leaves it: observed, then materialized
-        materialize(defs, instance, MODELS)
-        record_observations(instance, cfg, Store(cfg.storage))
-        materialize(defs, instance, GROUP[: GROUP.index("duplicate_clusters")], keys)
-        for source in SOURCES:
-            materialize(defs, instance, ["duplicate_clusters"], [k for k in keys if k.startswith(source)])
-        materialize(defs, instance, ["deduped_corpus"], keys)
+        materialize_as_kun_run(defs, instance, cfg, GROUP)
 
     port, log = free_port(), tmp_path / "dagster-dev.log"
     with (
