@@ -148,6 +148,21 @@ def given_models(models_run) -> dict[str, str]:
     return {f"models.{r}.path": models_run["refs"][f"{r}_model"]["path"] for r in ("base", "label", "chat")}
 
 
+def assert_fresh(cfg_file: Path, instance) -> None:
+    """After a finished `kun run`: no partition is stale (automation/stale.py over Dagster's own
+    resolver), and two ticks of the daemon's automation would request nothing."""
+    import dagster as dg
+
+    from automation.stale import stale_partitions
+    from kun_dagster.definitions import build_definitions
+
+    defs = build_definitions(cfg_file)
+    assert stale_partitions(defs, instance) == {}
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert first.total_requested == 0 and second.total_requested == 0
+
+
 def figures(table) -> dict:
     """A two-column table metadata value (ui.figures) back as {first column: second}."""
     key, value = (c.name for c in table.schema.columns[:2])

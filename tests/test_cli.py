@@ -8,7 +8,7 @@ import pytest
 from kun_dagster import cli
 from kun_dagster.store import upath
 
-from .conftest import given_models, write_config
+from .conftest import assert_fresh, given_models, write_config
 
 
 def test_validate_names_every_problem_before_a_run(tmp_path, capsys):
@@ -110,6 +110,7 @@ def test_a_killed_kun_run_is_recovered_by_the_next(models_run, tmp_path, monkeyp
         md = instance.fetch_materializations(dg.AssetKey("labeled_pairs"), limit=1).records[0].asset_materialization.metadata
         assert md["checkpoint_batches_reused"].value == finished and md["checkpoint_batches_computed"].value > 0
         assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
+        assert_fresh(cfg, instance)  # what the killed run left half-done is re-made, and nothing is left stale
 
 
 def test_validate_reaches_the_store_unless_offline(tmp_path, capsys):

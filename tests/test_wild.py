@@ -15,7 +15,7 @@ from kun_dagster.config import load_config
 from kun_dagster.store import upath
 
 from . import wild
-from .conftest import CORPUS, given_models, write_config
+from .conftest import CORPUS, assert_fresh, given_models, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -77,3 +77,4 @@ def test_kun_run_on_a_wild_corpus(shards, corpus, models_run, tmp_path, monkeypa
         latest = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
         ev = latest.evaluation
         assert not ev.passed and "toolong" in ev.description and "too_many_tokens" in ev.description
+        assert_fresh(cfg_file, instance)  # empty shards, an all-filtered source: every partition as fresh as its input
