@@ -16,13 +16,14 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 from dagster._core.execution.backfill import BulkActionStatus  # not exported at the top level
 
 from kun_dagster import storage
 from kun_dagster.definitions import build_definitions
 from kun_dagster.store import upath
 
-from .conftest import CORPUS, MODELS, REPO, dagster_dev, free_port, given_models, graphql, wait_for, write_config
+from .conftest import CORPUS, MODELS, REPO, dagster_dev, free_port, given_models, graphql, location_loaded, wait_for, write_config
 from .fakes import Receiver
 
 CHROMIUM = os.environ.get("KUN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -56,8 +57,9 @@ RUN_TIMEOUT = 600  # seconds for a run or a backfill on 2 CPU cores (a one-sourc
 class UI:
     """The browser page on `dagster dev`, the instance behind it, and the webhook its sensors post to."""
 
-    def __init__(self, page, url: str, instance: dg.DagsterInstance, hook: Receiver, log: Path, shots: Path, base):
+    def __init__(self, page, url: str, instance: dg.DagsterInstance, hook: Receiver, log: Path, shots: Path, base, cfg: Path):
         self.page, self.url, self.instance, self.hook, self.log, self.shots, self.base = page, url, instance, hook, log, shots, base
+        self.cfg = cfg
         self.n = 0
 
     def goto(self, path: str) -> None:
@@ -111,7 +113,7 @@ def ui(models_run, tmp_path_factory):
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
                 page = browser.new_page(viewport={"width": 1600, "height": 1000})
                 page.set_default_timeout(60_000)
-                yield UI(page, url, instance, hook, log, shots, upath(str(tmp / "data")))
+                yield UI(page, url, instance, hook, log, shots, upath(str(tmp / "data")), cfg)
                 browser.close()
     finally:
         hook.shutdown()
@@ -236,3 +238,36 @@ def test_a_one_source_backfill_runs_through_the_daemon_and_its_checks_read_on_th
         ui.log,
     )
     assert not any("run failed" in b["text"] for b in ui.hook.bodies)
+
+
+STALE = """{ assetNodeOrError(assetKey: {path: ["%s"]}) { ... on AssetNode { staleStatus(partition: "%s")
+  staleCauses(partition: "%s") { category reason } } } }"""
+
+
+def test_a_changed_threshold_marks_the_polished_partitions_stale_and_says_why(ui):
+    """Last in the module: it edits the config. A new score.threshold and the code location
+    reloaded: the partitions the backfill polished are stale, because polished_pairs' code version
+    changed; scored_pairs' stay fresh (nothing re-scores)."""
+    cfg = yaml.safe_load(ui.cfg.read_text())
+    cfg.setdefault("score", {})["threshold"] = 0.7  # kun.yaml leaves the section at its defaults
+    ui.cfg.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    graphql(ui.url, 'mutation { reloadRepositoryLocation(repositoryLocationName: "kun") { __typename } }')
+
+    def status(asset: str) -> dict:
+        return graphql(ui.url, STALE % (asset, "skypile|0", "skypile|0"))["assetNodeOrError"]
+
+    # the reload takes a code server restart: until then the old definitions answer (FRESH)
+    wait_for(
+        "polished_pairs skypile|0 to be stale",
+        lambda: location_loaded(ui.url) and status("polished_pairs").get("staleStatus") == "STALE",
+        180,
+        ui.log,
+    )
+    assert status("polished_pairs")["staleCauses"] == [{"category": "CODE", "reason": "has a new code version"}]
+    assert status("scored_pairs")["staleStatus"] == "FRESH"
+    ui.goto("/assets/polished_pairs?view=partitions&partition=" + urllib.parse.quote("skypile|0"))
+    badge = ui.page.get_by_text("Unsynced (1)", exact=True)  # the UI's word for stale, with the count of causes
+    expect(badge).to_be_visible()
+    badge.hover()
+    expect(ui.page.get_by_text("Code version", exact=False).first).to_be_visible()  # the cause, in its popover
+    ui.shot("stale-partition")
