@@ -118,7 +118,7 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
         "path": dg.MetadataValue.path(str(storage.partition_dir(kun.base, asset, part))),
         **_flat(result.stats),
     }
-    if asset in versions.BY_NAME:  # a dataset version has a quarantine; the dedup indices drop nothing
+    if versions.find(asset) is not None:  # a dataset version has a quarantine; the dedup indices drop nothing
         md.update({"quarantine_path": dg.MetadataValue.path(str(qdir)), "quarantined": len(result.dropped)})
     if engine is not None:  # which engine wrote these rows: vllm or transformers, and the model
         md["engine"] = f"{engine.backend}: {engine.model_name}"

@@ -1,74 +1,186 @@
 """instruction_dataset: the final COIG-CQIA records of one source, with provenance and a dataset card."""
 
+import json
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 from dagster._core.definitions.data_version import CODE_VERSION_TAG, INPUT_DATA_VERSION_TAG_PREFIX  # Dagster's provenance tags
 
 import checks
-from kun_dagster import dataset, schemas, storage, versions
+from kun_dagster import dataset, schemas, storage, training, versions
+from kun_dagster import evaluation as evaluation_core
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
-from resources import KunResource
+from kun_dagster.llm import load_engine
+from kun_dagster.llm.base import EngineSpec
+from kun_dagster.names import CHAT_MODEL, EVALUATION, ROUND_STAGES, in_round
+from resources import KunResource, LLMResource
 
-from .common import SINGLE_RUN, kinds, schema_of, table
+from .common import GPU_POOL, SINGLE_RUN, gpu_tags, kinds, schema_of, table
+from .pairs import round_group
 from .partitions import SOURCE, source_partitions
 
 GROUP = "dataset"
+REPORT_IO = "report_io_manager"  # the evaluation's figures: JSON under {base}/reports
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
+    out = []
+    for k in range(1, cfg.iterations + 1):
+        out.append(_release(cfg, k))
+        if cfg.evaluation.enabled:
+            out.append(_evaluation(cfg, k))
+    return out
+
+
+def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
+    name, polished, chat = (in_round(s, k) for s in (versions.DATASET, versions.POLISHED, CHAT_MODEL))
+    where = "release/{source}" if k == cfg.iterations else f"release/round{k}/{{source}} (release/{{source}} is the last round's)"
+
     @dg.asset(
-        name=versions.DATASET,
-        group_name=GROUP,
+        name=name,
+        group_name=round_group(k, GROUP),
         partitions_def=source_partitions(cfg),
         backfill_policy=SINGLE_RUN,
         kinds=kinds(cfg, "parquet", "json"),
-        ins={versions.POLISHED: dg.AssetIn(partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=SOURCE))},
-        check_specs=checks.specs(versions.DATASET),
+        ins={
+            "polished_pairs": dg.AssetIn(
+                key=polished, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=SOURCE)
+            ),
+            "chat_model": dg.AssetIn(key=chat),
+            "label_model": dg.AssetIn(),
+        },
+        check_specs=checks.specs(name),
         output_required=False,
-        code_version=code_version(versions.DATASET, cfg),
+        code_version=code_version(name, cfg),
+        description=(
+            f"Round {k}'s COIG-CQIA records (instruction, input, output, task_type, domain, ...) with provenance "
+            "(source, doc_id, file, row, score, models), published and gated like every dataset version (Parquet under "
+            f"{name}/source=...), then released as {where}: train.jsonl and a dataset card (counts, stage funnel, "
+            "rounds, versions, config). Config: dataset, tags, and the retention bound checks.retention.instruction_dataset."
+        ),
     )
     def instruction_dataset(context: dg.AssetExecutionContext, kun: KunResource, polished_pairs, label_model: dict, chat_model: dict):
-        """COIG-CQIA records (instruction, input, output, task_type, domain, ...) with provenance
-        (source, doc_id, file, row, score, models), published and gated like every dataset version
-        (Parquet under instruction_dataset/source=...), then released as
-        release/{source}/train.jsonl with a dataset card (counts, stage funnel, config). Config:
-        dataset, and the retention bound checks.retention.instruction_dataset."""
         c = kun.config
         frames = polished_pairs if isinstance(polished_pairs, dict) else {"all": polished_pairs}
-        polished = pd.concat([schemas.empty_frame(versions.POLISHED), *frames.values()], ignore_index=True)
+        polished_rows = pd.concat([schemas.empty_frame(versions.POLISHED), *frames.values()], ignore_index=True)
         results, cards = {}, {}
-        current = {asset: code_version(asset, c) for asset in versions.PARTITIONED}
+        current = {asset: code_version(asset, c) for asset in _partitioned(k)}
+        reports = _reports(kun, k - 1)
         for source in context.partition_keys:
-            made = _made_from(context.instance, source, c.shard_keys())
+            made = _made_from(context.instance, source, c.shard_keys(), k)
             results[source], cards[source] = dataset.release(
-                polished, source, c, kun.base, label_model["name"], chat_model["name"], made, current
+                polished_rows, source, c, kun.base, label_model["name"], chat_model["name"], made, current, k, reports
             )
             for line in results[source].stats["mixed_versions"]:
-                context.log.warning(f"{versions.DATASET} {source}: mixed versions: {line}")
-            _report(context, kun, source, results[source], cards[source])
+                context.log.warning(f"{name} {source}: mixed versions: {line}")
+            _report(context, kun, name, source, results[source], cards[source], k)
         published = False
-        for event in checks.gate(context, kun, versions.DATASET, results):  # all sources' records hold, or none is released
+        for event in checks.gate(context, kun, name, results):  # all sources' records hold, or none is released
             published |= isinstance(event, dg.Output)
             yield event
         if published:  # the Parquet partitions are in place: the JSONL copies and cards go beside them
             for source, result in results.items():
-                out = dataset.publish_release(kun.base, source, result.rows, cards[source])
-                context.log.info(f"{versions.DATASET} {source}: {len(result.rows)} records -> {out}")
+                out = dataset.publish_release(dataset.release_dir(kun.base, source, k, c.iterations), result.rows, cards[source])
+                context.log.info(f"{name} {source}: {len(result.rows)} records -> {out}")
 
-    return [instruction_dataset]
+    return instruction_dataset
+
+
+def _reports(kun: KunResource, upto: int) -> dict[int, dict]:
+    """The evaluations of rounds 1..upto that have run (their JSON reports)."""
+    out = {}
+    for k in range(1, upto + 1):
+        path = kun.base / "reports" / f"{in_round(EVALUATION, k)}.json"
+        if path.exists():
+            out[k] = json.loads(path.read_text(encoding="utf-8"))
+    return out
+
+
+def _evaluation(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
+    name, release = in_round(EVALUATION, k), in_round(versions.DATASET, k)
+
+    @dg.asset(
+        name=name,
+        group_name=round_group(k, GROUP),
+        kinds={"pytorch", "json"},
+        pool=GPU_POOL,
+        io_manager_key=REPORT_IO,
+        deps=[release],  # read from what is published: every source's records that exist
+        ins={"seed_data": dg.AssetIn(), "base_model": dg.AssetIn(), "chat_model": dg.AssetIn()},
+        op_tags=gpu_tags(cfg, "chat"),
+        code_version=code_version(name, cfg),
+        description=(
+            f"Does round {k}'s release help? The base fine-tuned (models.chat.train; LoRA per evaluation.lora) on the "
+            "training seeds alone and on the seeds + the release (each source's, and all together), compared on the "
+            "held-out seeds (seed.eval_fraction): loss of the held-out answers, and the chat model's pairwise judgement "
+            "(both orders, win rate with a bootstrap 95% interval). Adds its figures to the dataset cards. Config: evaluation."
+        ),
+    )
+    def evaluation(
+        context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, seed_data, base_model: dict, chat_model: dict
+    ):
+        c = kun.config
+        sources = [s.name for s in c.sources]
+        releases = dataset.read_records(kun.base, release, sources)
+        if training.heldout_seeds(seed_data).empty:
+            raise dg.Failure("no held-out seeds: set seed.eval_fraction above 0 to evaluate", allow_retries=False)
+
+        def load(path: str, model_name: str):
+            return load_engine(EngineSpec(path=path, model_name=model_name, settings=c.models.chat))
+
+        result = evaluation_core.run(
+            seed_data,
+            releases,
+            base_model,
+            kun.local_model(base_model["path"]),
+            c,
+            Path(c.model_cache) / "evaluation",
+            load,
+            lambda: chat_llm.engine(chat_model),
+        )
+        report = {"round": k, "heldout": result.heldout, "models": result.models, "samples": result.samples}
+        reports = {**_reports(kun, k - 1), k: report}
+        for source in sources:  # the round's cards get the figures (the release was written before them)
+            card_path = dataset.release_dir(kun.base, source, k, c.iterations) / "README.md"
+            if card_path.exists():
+                rows = dataset.round_rows(kun.base, source, c, k, len(releases.get(source, [])), reports)
+                storage.write_atomic(card_path, dataset.amend_card(card_path.read_text(encoding="utf-8"), rows).encode("utf-8"))
+        numbers = {}  # plotted across runs in the UI
+        for row in result.models:
+            numbers[f"{row['model']}/heldout_loss"] = float(row["heldout_loss"])
+            if row.get("win_rate") is not None:
+                numbers[f"{row['model']}/win_rate"] = float(row["win_rate"])
+        context.add_output_metadata(
+            {
+                "heldout_seeds": result.heldout,
+                "models": table(result.frame(), rows=None, width=200),
+                **numbers,
+                "samples": dg.MetadataValue.json(result.samples),
+            }
+        )
+        return report
+
+    return evaluation
+
+
+def _partitioned(k: int) -> tuple[str, ...]:
+    """The source x shard assets round k's release is made from."""
+    return tuple(in_round(a, k) if a in ROUND_STAGES else a for a in versions.PARTITIONED)
 
 
 MODELS = ("base_model", "label_model", "chat_model")
 
 
-def _made_from(instance: dg.DagsterInstance, source: str, shards: list[str]) -> list[dict]:
+def _made_from(instance: dg.DagsterInstance, source: str, shards: list[str], k: int = 1) -> list[dict]:
     """The code and model versions that each source x shard partition of the source was last
     materialized under, from the tags Dagster records on every materialization (newest first, paged
     until every partition is found)."""
     keys = [f"{source}|{shard}" for shard in shards]
     made = []
-    for asset in versions.PARTITIONED:
+    models = (*MODELS[:-1], in_round(CHAT_MODEL, k))
+    for asset in _partitioned(k):
         latest: dict[str, dict] = {}
         cursor = None
         while len(latest) < len(keys):
@@ -82,26 +194,27 @@ def _made_from(instance: dg.DagsterInstance, source: str, shards: list[str]) -> 
             cursor = page.cursor
         for key in keys:
             t = latest.get(key, {})
-            models = {m: t[f"{INPUT_DATA_VERSION_TAG_PREFIX}/{m}"] for m in MODELS if f"{INPUT_DATA_VERSION_TAG_PREFIX}/{m}" in t}
-            made.append({"stage": asset, "partition": key, "code_version": t.get(CODE_VERSION_TAG), "models": models})
+            used = {m: t[f"{INPUT_DATA_VERSION_TAG_PREFIX}/{m}"] for m in models if f"{INPUT_DATA_VERSION_TAG_PREFIX}/{m}" in t}
+            made.append({"stage": asset, "partition": key, "code_version": t.get(CODE_VERSION_TAG), "models": used})
     return made
 
 
-def _report(context: dg.AssetExecutionContext, kun: KunResource, source: str, result, card: str) -> None:
+def _report(context: dg.AssetExecutionContext, kun: KunResource, name: str, source: str, result, card: str, k: int) -> None:
     recs, st = result.rows, result.stats
     div = st["diversity"]
     context.add_asset_metadata(
         {
             "dagster/row_count": len(recs),
             "dagster/column_schema": schema_of(storage.columns(recs)),
-            "parquet": dg.MetadataValue.path(str(storage.partition_dir(kun.base, versions.DATASET, {"source": source}))),
-            "release": dg.MetadataValue.path(str(dataset.release_dir(kun.base, source))),
+            "parquet": dg.MetadataValue.path(str(storage.partition_dir(kun.base, name, {"source": source}))),
+            "release": dg.MetadataValue.path(str(dataset.release_dir(kun.base, source, k, kun.config.iterations))),
             "funnel": table(dataset.funnel_frame(st["funnel"], len(recs), st["dropped"]), rows=None),
             "quarantined": len(result.dropped),
             "mixed_versions": len(st["mixed_versions"]),
             "distinct_instruction_ratio": dg.MetadataValue.float(div["distinct_ratio"]) if div["texts"] else dg.MetadataValue.text("-"),
             "instruction_clusters": div["near_duplicate_clusters"],
             **({"largest_instruction_clusters": table(pd.DataFrame(div["largest"]), rows=None)} if div["largest"] else {}),
+            **({"rounds": table(pd.DataFrame(st["rounds"]), rows=None, width=200)} if st["rounds"] else {}),
             "card": dg.MetadataValue.md(card),
             **({"preview": table(recs[["instruction", "output", "doc_id", "score"]])} if len(recs) else {}),
         },

@@ -8,9 +8,10 @@ given checkpoint as it is. Each model asset's value is a reference {name, path, 
 import dagster as dg
 import pandas as pd
 
-from kun_dagster import model_store, stages, training
+from kun_dagster import dataset, model_store, stages, training
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
+from kun_dagster.names import CHAT_MODEL, DATASET, in_round
 from resources import KunResource
 
 from .common import GPU_POOL, GPU_RETRY, gpu_tags, kinds, table
@@ -45,13 +46,14 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         c = kun.config
         uri = c.resolve(c.seed.uri)
         try:
-            kept, n_mc = training.load_seeds(uri, kun.store.options(uri), c.seed.drop_multiple_choice)
+            kept, n_mc = training.load_seeds(uri, kun.store.options(uri), c.seed.drop_multiple_choice, c.seed.eval_fraction)
         except ValueError as e:
             raise dg.Failure(str(e), allow_retries=False) from e
         context.add_output_metadata(
             {
                 "dagster/row_count": len(kept),
                 "dropped_multiple_choice": n_mc,
+                "held_out": int((kept["split"] == training.EVAL).sum()),  # seed.eval_fraction: in no training set
                 "source": dg.MetadataValue.path(uri),
                 "preview": table(kept[["instruction", "input", "output"]]),
             }
@@ -140,4 +142,50 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         "Forward chat model (instruction -> output on the seeds): scores instructions and polishes answers; or a given "
         "checkpoint. Config: models.chat (path, train, engine settings).",
     )
-    return [seed_data, base_model, label_model, chat_model]
+    return [seed_data, base_model, label_model, chat_model] + [_chat_round(cfg, k) for k in range(2, cfg.iterations + 1)]
+
+
+def _chat_round(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
+    """Humpback's round k chat model: the base fine-tuned (models.chat.train) on the training seeds
+    + round k-1's release, every source's (M_k trained on seeds + A_{k-1})."""
+    name, previous = in_round(CHAT_MODEL, k), in_round(DATASET, k - 1)
+
+    @dg.asset(
+        name=name,
+        group_name=f"round{k}",
+        kinds={"pytorch"},
+        pool=GPU_POOL,
+        retry_policy=GPU_RETRY,
+        io_manager_key=MODEL_IO,
+        deps=[previous],  # read from what is published: every source's records that exist
+        op_tags=gpu_tags(cfg, None),
+        code_version=code_version(name, cfg),
+        description=f"Round {k}'s chat model: the base fine-tuned on the training seeds + round {k - 1}'s release ({previous}, "
+        "every source), as Humpback's M_k; it re-scores and polishes the same labeled_pairs. Config: models.chat.train.",
+    )
+    def chat_round(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dg.Output[dict]:
+        c = kun.config
+        released = dataset.read_records(kun.base, previous, [s.name for s in c.sources])
+        records = pd.concat(list(released.values()), ignore_index=True) if released else None
+        examples = training.chat_examples(seed_data, records)
+        base = kun.local_model(base_model["path"])
+        ref, report = _trained(
+            kun,
+            context,
+            f"chat_round{k}",
+            lambda out: training.fine_tune(base, out, examples, c.models.chat.train, f"chat_round{k}", c.models.keep_default_system),
+        )
+        context.add_output_metadata(
+            {
+                "examples": report.examples,
+                "release_records": 0 if records is None else len(records),
+                "by_source": dg.MetadataValue.json({s: len(r) for s, r in released.items()}),
+                "mean_loss": report.mean_loss or 0.0,
+                "seconds": report.seconds,
+                "base": base_model["name"],
+                "loss_curve": dg.MetadataValue.json(report.loss_curve),
+            }
+        )
+        return _versioned(ref)
+
+    return chat_round

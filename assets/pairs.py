@@ -7,6 +7,7 @@ from kun_dagster import stages, versions
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.llm import EngineError
+from kun_dagster.names import CHAT_MODEL, in_round
 from resources import KunResource, LLMResource
 
 from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage
@@ -28,15 +29,20 @@ def _run(context, kun, asset: str, frames: dict, stage, engine):
     yield from checks.gate(context, kun, asset, out)
 
 
+def round_group(k: int, group: str) -> str:
+    """Round 1's assets stay in their groups; a later round's stages are one group, round<k>."""
+    return group if k == 1 else f"round{k}"
+
+
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
 
-    def spec(name: str, role: str) -> dict:
+    def spec(name: str, role: str, k: int) -> dict:
         """What the three LLM stages share; output_required=False: a failed schema check publishes
         nothing (checks.gate)."""
         return dict(
             name=name,
-            group_name=GROUP,
+            group_name=round_group(k, GROUP),
             partitions_def=parts,
             backfill_policy=SINGLE_RUN,
             pool=GPU_POOL,
@@ -48,25 +54,43 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             code_version=code_version(name, cfg),
         )
 
-    @dg.asset(**spec(versions.LABELED, "label"))
+    @dg.asset(**spec(versions.LABELED, "label", 1))
     def labeled_pairs(context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, deduped_corpus, label_model: dict):
         """The label model writes the instruction each text answers (Kun's label prompt), kept as
         written; instructions holding a banned keyword are quarantined. Config: label, sampling."""
         yield from _run(context, kun, versions.LABELED, by_partition(context, deduped_corpus), stages.label, label_llm.engine(label_model))
 
-    @dg.asset(**spec(versions.SCORED, "chat"))
+    return [labeled_pairs] + [a for k in range(1, cfg.iterations + 1) for a in _round(cfg, k, spec)]
+
+
+def _round(cfg: KunConfig, k: int, spec) -> list[dg.AssetsDefinition]:
+    """Round k's scoring and polishment: the same labeled_pairs, round k's chat model."""
+    scored, polished, chat = (in_round(s, k) for s in (versions.SCORED, versions.POLISHED, CHAT_MODEL))
+    chat_in = {"chat_model": dg.AssetIn(key=chat)}
+    which = "the chat model" if k == 1 else f"round {k}'s chat model ({chat}: the base fine-tuned on the seeds + round {k - 1}'s release)"
+
+    @dg.asset(
+        **spec(scored, "chat", k),
+        ins={"labeled_pairs": dg.AssetIn(), **chat_in},
+        description=(
+            f"Every pair with {which}'s score of its instruction alone (config: score): by the answers' probabilities where "
+            "the model answers in the format, else by generating and parsing its reply; each row names its rule. No keep "
+            "flag: polished_pairs applies score.threshold, so a new threshold re-runs polish, not the scorer."
+        ),
+    )
     def scored_pairs(context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, labeled_pairs, chat_model: dict):
-        """Every pair with the chat model's score of its instruction alone (config: score): by the
-        answers' probabilities where the model answers in the format, else by generating and
-        parsing its reply; each row names its rule. No keep flag: polished_pairs applies
-        score.threshold, so a new threshold re-runs polish, not the scorer."""
-        yield from _run(context, kun, versions.SCORED, by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
+        yield from _run(context, kun, scored, by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
 
-    @dg.asset(**spec(versions.POLISHED, "chat"))
+    @dg.asset(
+        **spec(polished, "chat", k),
+        ins={"scored_pairs": dg.AssetIn(key=scored), **chat_in},
+        description=(
+            f"Pairs whose score reaches score.threshold, the text rewritten by {which} into an answer to the cleaned "
+            "instruction (config: polish: prompt_token_budget, output filters, output dedup), then tagged from the "
+            "taxonomy (config: tags)."
+        ),
+    )
     def polished_pairs(context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, scored_pairs, chat_model: dict):
-        """Pairs whose score reaches score.threshold, the text rewritten by the chat model into an
-        answer to the cleaned instruction (config: polish: prompt_token_budget, output filters,
-        output dedup)."""
-        yield from _run(context, kun, versions.POLISHED, by_partition(context, scored_pairs), stages.polish, chat_llm.engine(chat_model))
+        yield from _run(context, kun, polished, by_partition(context, scored_pairs), stages.polish, chat_llm.engine(chat_model))
 
-    return [labeled_pairs, scored_pairs, polished_pairs]
+    return [scored_pairs, polished_pairs]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dagster as dg
 
 from kun_dagster.config import KunConfig
-from kun_dagster.names import CLUSTERS, DATASET, DEDUPED, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES
+from kun_dagster.names import CLUSTERS, DATASET, DEDUPED, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES, stage_of
 
 AC = dg.AutomationCondition
 
@@ -61,7 +61,11 @@ def apply_automation(assets: list, cfg: KunConfig) -> list:
     """The assets, those that deploy.automation names with their condition."""
     names = set(AUTOMATED[cfg.deploy.automation])
     return dg.map_asset_specs(
-        lambda spec: spec.replace_attributes(automation_condition=condition(spec.key.path[-1])) if spec.key.path[-1] in names else spec,
+        lambda spec: (
+            spec.replace_attributes(automation_condition=condition(spec.key.path[-1]))
+            if stage_of(spec.key.path[-1]) in names  # a later round's stages as round 1's; the evaluation is never automated
+            else spec
+        ),
         assets,
     )
 

@@ -24,7 +24,7 @@ PARTITION_SCHEMA = "Blocking: the partition matches its Pandera schema; on failu
 
 def specs(asset: str) -> list[dg.AssetCheckSpec]:
     """The blocking schema check, then the asset's WARN checks (kun_dagster.versions)."""
-    schema = DATASET_SCHEMA if asset == versions.DATASET else PARTITION_SCHEMA
+    schema = DATASET_SCHEMA if versions.stage_of(asset) == versions.DATASET else PARTITION_SCHEMA
     return [dg.AssetCheckSpec(SCHEMA, asset=asset, blocking=True, description=schema)] + [
         dg.AssetCheckSpec(c.name, asset=asset, description=c.description) for c in versions.get(asset).checks
     ]

@@ -103,7 +103,7 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     from checks.recovery import worker_tags
 
     from . import versions
-    from .names import CLUSTERS, SIGNATURES
+    from .names import CHAT_MODEL, CLUSTERS, EVALUATION, SIGNATURES, in_round
     from .store import Store
 
     graph = defs.resolve_asset_graph()
@@ -158,27 +158,40 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
                 run([CLUSTERS], f"{CLUSTERS} ({name})", [k for k in keys if k.keys_by_dimension["source"] == name])
         run(tail, what, keys)  # dedupe and the LLM stages
     source_keys = graph.get(dg.AssetKey(versions.DATASET)).partitions_def.get_partition_keys()
-    for keys in _ranges(source_keys, lambda k: k in sources):
-        run([versions.DATASET], f"{versions.DATASET} ({', '.join(keys)})", keys)
+    for k in range(1, cfg.iterations + 1):  # Humpback's rounds: round k's chat model re-scores the same labeled pairs
+        if k > 1:
+            run([in_round(CHAT_MODEL, k)], f"round {k}: {in_round(CHAT_MODEL, k)} (seeds + round {k - 1}'s release)")
+            for keys in _ranges(corpus_keys, lambda p: p.keys_by_dimension["source"] in sources):
+                names = sorted({p.keys_by_dimension["source"] for p in keys}, key=sources.index)
+                stages = [in_round(versions.SCORED, k), in_round(versions.POLISHED, k)]
+                run(stages, f"round {k}: {len(keys)} corpus partition(s) ({', '.join(names)})", keys)
+        for keys in _ranges(source_keys, lambda s: s in sources):
+            run([in_round(versions.DATASET, k)], f"{in_round(versions.DATASET, k)} ({', '.join(keys)})", keys)
+        if cfg.evaluation.enabled:
+            run([in_round(EVALUATION, k)], f"{in_round(EVALUATION, k)} (fine-tune on seeds / seeds + release, judge)")
 
 
 def _print_funnel(cfg, sources: list[str]) -> None:
     from . import dataset, storage, versions
+    from .names import CHAT_MODEL, in_round
     from .store import Store
 
     base = Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
     stages = list(versions.CORPUS)
+    last = in_round(versions.DATASET, cfg.iterations)
+    if cfg.iterations > 1:
+        print(f"\nRound {cfg.iterations} of {cfg.iterations}: scored and polished by {in_round(CHAT_MODEL, cfg.iterations)}")
     head = f"{'source':<10}" + "".join(f"{s:>17}" for s in stages) + f"{'kept':>8}{'final':>8}{'quarantined':>13}"
     print("\nFunnel (rows per stage):\n" + head)
     for name in sources:
-        f = dataset.funnel(base, name, cfg.shard_keys(), cfg.score.threshold)
-        final = storage.partition_rows(storage.partition_dir(base, versions.DATASET, {"source": name}))
+        f = dataset.funnel(base, name, cfg.shard_keys(), cfg.score.threshold, cfg.iterations)
+        final = storage.partition_rows(storage.partition_dir(base, last, {"source": name}))
         q = sum(sum(v.values()) for v in f["quarantined"].values())
         print(f"{name:<10}" + "".join(f"{f['rows'][a]:>17}" for a in stages) + f"{f['kept_by_score']:>8}{final:>8}{q:>13}")
         for asset, reasons in f["quarantined"].items():
             if reasons:
                 print(f"{'':<10}  {asset} quarantined: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
-    print(f"\nDataset: {base}/{versions.DATASET}/source=*/part-0.parquet")
+    print(f"\nDataset: {base}/{last}/source=*/part-0.parquet")
     print(f"         {base}/release/<source>/train.jsonl and README.md (dataset card)")
     print(f"Quarantine: {base}/quarantine/<stage>/source=*/shard=*/")
 

@@ -11,9 +11,9 @@ import hashlib
 import json
 from importlib import metadata
 
-from . import dedup, prompts
+from . import dedup, evaluation, prompts
 from .config import KunConfig
-from .names import CLUSTERS, DATASET, DEDUPED, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES
+from .names import CHAT_MODEL, CLUSTERS, DATASET, DEDUPED, EVALUATION, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES, split_round
 
 
 def _engine(role: str) -> tuple[str, ...]:
@@ -36,6 +36,9 @@ def _prompts() -> dict[str, str]:
         "point": prompts.point_user("{instruction}"),
         "humpback": prompts.humpback_user("{instruction}", "{answer}"),
         "answer": prompts.answer_user("{text}", "{instruction}"),
+        "tag_task_type": prompts.tag_user("task_type", "{instruction}", "{answer}", ["{options}"]),
+        "tag_domain": prompts.tag_user("domain", "{instruction}", "{answer}", ["{options}"]),
+        "judge": evaluation.judge_user("{instruction}", "{first}", "{second}") + evaluation.JUDGE_PREFIX,
     }
 
 
@@ -52,12 +55,30 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     DEDUPED: ((), ()),
     LABELED: (("label.banned_keywords", "sampling", *_engine("label")), ("label",)),
     SCORED: (("score.method", "score.min_answer_mass", "score.exact", "sampling", *_engine("chat")), ("point", "humpback")),
-    POLISHED: (("score.threshold", "polish", "label.whitespace_run", "sampling", *_engine("chat")), ("answer",)),
+    POLISHED: (
+        ("score.threshold", "polish", "label.whitespace_run", "sampling", "tags", "score.min_answer_mass", *_engine("chat")),
+        ("answer", "tag_task_type", "tag_domain"),
+    ),
     DATASET: (
-        ("dataset", "polish.dedup_outputs", "score.threshold", "score.method", "dedup.threshold", "dedup.num_perm", "dedup.seed"),
+        (
+            "dataset",
+            "polish.dedup_outputs",
+            "score.threshold",
+            "score.method",
+            "dedup.threshold",
+            "dedup.num_perm",
+            "dedup.seed",
+            "iterations",  # where it is released: release/{source} is the last round's
+        ),
         (),
     ),
+    EVALUATION: (
+        ("evaluation", "models.chat.train", "models.keep_default_system", "sampling.repetition_penalty", *_engine("chat")),
+        ("judge",),
+    ),
 }
+# A later round's chat model is always trained (on the seeds + the previous round's release).
+ROUND_CHAT = (("models.chat.train", "models.keep_default_system"), ())
 
 
 def _get(tree: dict, dotted: str):
@@ -68,7 +89,8 @@ def _get(tree: dict, dotted: str):
 
 def shaping(asset: str, cfg: KunConfig) -> dict:
     """The keys, prompt texts and versions an asset's output depends on, by name."""
-    keys, names = SHAPES[asset]
+    stage, round_ = split_round(asset)
+    keys, names = ROUND_CHAT if stage == CHAT_MODEL and round_ > 1 else SHAPES[stage]
     role = asset.removesuffix("_model")
     if role in ("base", "label", "chat") and getattr(cfg.models, role).path:  # a given checkpoint is used as it is
         keys, names = (f"models.{role}.path",), ()

@@ -35,6 +35,61 @@ KUN_INSTRUCTION_KEYWORDS = (
 )
 # Outputs that talk about themselves, their sources or their cut-off (stage 5).
 KUN_OUTPUT_KEYWORDS = ("作为", "根据", "知识库", "2023", "抱歉")
+# The tag taxonomy: COIG-CQIA's minor task types and domains (its records' task_type.minor and
+# domain; the demo seeds use 百科问答, 指令评价, 翻译, 选择题 and 通用), at most 26 each: the chat
+# model answers with an option's letter (tagging.py).
+COIG_TASK_TYPES = (
+    "百科问答",
+    "知识问答",
+    "常识推理",
+    "逻辑推理",
+    "数学",
+    "代码",
+    "翻译",
+    "摘要",
+    "分类",
+    "信息抽取",
+    "文本改写",
+    "写作",
+    "创意写作",
+    "建议",
+    "解释",
+    "观点评论",
+    "选择题",
+    "古诗文",
+    "文言文",
+    "对联",
+    "指令评价",
+    "其他",
+)
+COIG_DOMAINS = (
+    "通用",
+    "医学",
+    "法律",
+    "金融",
+    "经济",
+    "教育",
+    "科技",
+    "计算机",
+    "数学",
+    "物理",
+    "化学",
+    "生物",
+    "历史",
+    "地理",
+    "文学",
+    "哲学",
+    "心理",
+    "艺术",
+    "体育",
+    "娱乐",
+    "生活",
+    "社会",
+    "政治",
+    "军事",
+    "农业",
+    "其他",
+)
 
 CONFIG_ENV = "KUN_CONFIG"
 DEFAULT_CONFIG_NAME = "kun.yaml"
@@ -220,6 +275,13 @@ class SeedConfig(_Section):
         ge=0,
         description="the label model trains on seeds whose output has at least this many characters: it labels documents, not verdicts",
     )
+    eval_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="seeds held out of every training set (a hash of the record: the same ones whatever the file's order); "
+        "the evaluation asset compares models on them",
+    )
 
 
 class FilterConfig(_Section):
@@ -302,6 +364,53 @@ class PolishConfig(_Section):
         description="a repeated phrase has at least this many characters, not all one character: ------, …… and 哈哈哈 are not phrases",
     )
     dedup_outputs: bool = True  # Humpback dedups; Kun does not
+
+
+def _switch(data: Any) -> Any:
+    """`tags: off` / `evaluation: on` (YAML reads them as booleans) for {enabled: ...}."""
+    if isinstance(data, bool):
+        return {"enabled": data}
+    if isinstance(data, str) and data.lower() in ("on", "off"):
+        return {"enabled": data.lower() == "on"}
+    return data
+
+
+class TagsConfig(_Section):
+    """task_type.minor and domain of each record, chosen by the chat model from a fixed taxonomy
+    (tagging.py) with the scorer's rule: the options' probabilities where the model answers with
+    one, else its free-text reply parsed. `tags: off` keeps the constants (minor kun:<source>, domain 通用)."""
+
+    enabled: bool = True
+    task_types: list[str] = Field(default_factory=lambda: list(COIG_TASK_TYPES), min_length=1, max_length=26)
+    domains: list[str] = Field(default_factory=lambda: list(COIG_DOMAINS), min_length=1, max_length=26)
+    answer_chars: int = Field(200, ge=0, description="characters of the answer shown with the instruction")
+    max_tokens: int = Field(16, ge=1, description="free-text fallback: tokens of the reply parsed for an option")
+
+    _on = model_validator(mode="before")(classmethod(lambda cls, data: _switch(data)))
+
+    @field_validator("task_types", "domains")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        if len(set(names)) < len(names) or not all(n.strip() for n in names):
+            raise ValueError("names must be distinct and non-empty")
+        return names
+
+
+class EvaluationConfig(_Section):
+    """The evaluation asset (evaluation.py): the base fine-tuned on the seeds alone and on the seeds +
+    each release, compared on the held-out seeds (seed.eval_fraction) by loss and by the chat model's
+    pairwise judgement. Off by default: it trains two or more models per round."""
+
+    enabled: bool = False
+    per_source: bool = True  # also one model per source's release, beside all sources together
+    max_tokens: int = Field(256, ge=1, description="of each held-out answer the models write (greedy) for the judge")
+    lora: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: LoRA (models.chat.train.lora or r=16) for bases over 3B parameters"
+    )
+    bootstrap: int = Field(2000, ge=100, description="resamples of the held-out items for the win rate's 95% interval")
+    seed: int = 0
+
+    _on = model_validator(mode="before")(classmethod(lambda cls, data: _switch(data)))
 
 
 class DatasetConfig(_Section):
@@ -388,6 +497,15 @@ class KunConfig(_Section):
     score: ScoreConfig = ScoreConfig()
     polish: PolishConfig = PolishConfig()
     dataset: DatasetConfig = DatasetConfig()
+    tags: TagsConfig = TagsConfig()
+    iterations: int = Field(
+        1,
+        ge=1,
+        le=9,
+        description="Humpback's rounds: 1 is Kun's single pass; round k >= 2 fine-tunes the base on the seeds + round k-1's "
+        "release and re-scores the same labeled_pairs with it",
+    )
+    evaluation: EvaluationConfig = EvaluationConfig()
     checks: ChecksConfig = ChecksConfig()
     deploy: DeployConfig = DeployConfig()
 

@@ -11,6 +11,7 @@ from upath import UPath
 
 from . import dedup, scoring, storage, versions
 from .config import KunConfig
+from .names import ROUND_STAGES, in_round
 from .stages import DUPLICATE_OUTPUT, StageResult
 from .stages.common import dropped_rows, mark_duplicates, no_reasons
 
@@ -30,9 +31,9 @@ def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model
             "input": "",
             "output": polished["output"].astype(str),
             "task_type": pd.Series(
-                [{"major": list(d.task_major), "minor": [f"kun:{s}"]} for s in polished["source"]], index=polished.index, dtype=object
+                [{"major": list(d.task_major), "minor": [m]} for m in polished["task_minor"]], index=polished.index, dtype=object
             ),
-            "domain": pd.Series([["通用"]] * len(polished), index=polished.index, dtype=object),
+            "domain": pd.Series([[x] for x in polished["domain"]], index=polished.index, dtype=object),
             "answer_from": d.answer_from,
             "human_verified": False,
             "copyright": d.copyright,
@@ -50,22 +51,24 @@ def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model
     return out.sort_values(["source", "doc_id"]).reset_index(drop=True)
 
 
-def funnel(base: UPath, source: str, shards: list[str], threshold: float) -> dict:
-    """Rows per stage and quarantine reasons for one source, read from what is published."""
+def funnel(base: UPath, source: str, shards: list[str], threshold: float, round_: int = 1) -> dict:
+    """Rows per stage and quarantine reasons for one source, read from what is published; scoring
+    and polishment as round `round_` made them (the stages before are every round's)."""
     rows, quarantined = {}, {}
-    for asset in versions.CORPUS:
-        rows[asset] = 0
+    for stage in versions.CORPUS:
+        rows[stage] = 0
         reasons: Counter = Counter()
+        asset = in_round(stage, round_) if stage in ROUND_STAGES else stage
         for shard in shards:
             part = {"source": source, "shard": shard}
-            rows[asset] += storage.partition_rows(storage.partition_dir(base, asset, part))
+            rows[stage] += storage.partition_rows(storage.partition_dir(base, asset, part))
             qdir = storage.quarantine_dir(base, asset, part)
             if storage.partition_rows(qdir):
                 reasons.update(storage.read_partition(qdir, ["reason"])["reason"])
-        quarantined[asset] = dict(sorted(reasons.items()))
+        quarantined[stage] = dict(sorted(reasons.items()))
     kept, scored_by = 0, Counter()
     for shard in shards:
-        d = storage.partition_dir(base, versions.SCORED, {"source": source, "shard": shard})
+        d = storage.partition_dir(base, in_round(versions.SCORED, round_), {"source": source, "shard": shard})
         if storage.partition_rows(d):
             part = storage.read_partition(d, ["score", "score_rule"])
             kept += int(scoring.keep(part["score"].to_numpy(dtype=float), threshold).sum())
@@ -148,6 +151,7 @@ def card(
     div: dict | None = None,
     dropped=None,
     versions_md: list[str] | None = None,
+    rounds: list[dict] | None = None,
 ) -> str:
     """A dataset card (Markdown with YAML front matter, as HF datasets expect)."""
     lines = [
@@ -182,6 +186,7 @@ def card(
         "",
         *_diversity_md(div or instruction_diversity([], cfg), cfg.dedup.threshold),
         "",
+        *rounds_md(rounds or []),
         "## Versions",
         "",
         "The code version (a hash of the kun.yaml keys and prompts that shape the stage) and the model versions "
@@ -208,19 +213,22 @@ def release(
     chat_model: str,
     made: list[dict] | None = None,
     current: dict[str, str] | None = None,
+    round_: int = 1,
+    reports: dict[int, dict] | None = None,
 ) -> tuple[StageResult, str]:
     """One source's release as a stage result (its records; answers that repeat one of another
     shard quarantined as duplicate_output, the first by (file, row) kept, as Humpback dedups its
     outputs; the funnel read from what is published in stats, for the retention check) and its
     dataset card. A source with no rows left gets empty records and its card: an empty result is a result.
-    `made` and `current`: the versions its partitions were made under (made_under)."""
+    `made` and `current`: the versions its partitions were made under (made_under); `round_`:
+    whose scores and polishment these are; `reports`: the evaluations of the rounds so far."""
     mine = polished[polished["source"] == source].sort_values(["file", "row"], kind="stable").reset_index(drop=True)
     reason, detail = no_reasons(mine)
     if cfg.polish.dedup_outputs:
         mark_duplicates(mine, "output", reason, detail, DUPLICATE_OUTPUT)
     recs = records(mine[reason.isna()], cfg, label_model, chat_model)
     dropped = reason.dropna().value_counts().to_dict()
-    fun = funnel(base, source, cfg.shard_keys(), cfg.score.threshold)
+    fun = funnel(base, source, cfg.shard_keys(), cfg.score.threshold, round_)
     div = instruction_diversity(recs["instruction"].tolist(), cfg)
     docs = fun["rows"][versions.RAW]
     stats = {
@@ -236,11 +244,97 @@ def release(
     versions_md, mixed = made_under(made, current or {}) if made is not None else (None, [])
     stats["mixed_versions"] = mixed
     result = StageResult(rows=recs, dropped=dropped_rows(mine, reason, detail, "output"), stats=stats)
-    return result, card(source, len(recs), fun, cfg, label_model, chat_model, div, dropped, versions_md)
+    rounds = round_rows(base, source, cfg, round_, len(recs), reports or {}) if cfg.iterations > 1 or reports else None
+    stats["rounds"] = rounds or []
+    return result, card(source, len(recs), fun, cfg, label_model, chat_model, div, dropped, versions_md, rounds)
 
 
-def release_dir(base: UPath, source: str) -> UPath:
-    return base / "release" / source
+def evaluated(report: dict | None, source: str) -> dict | None:
+    """The evaluation's row for a source's release: its own model, else the one on every source's."""
+    if not report:
+        return None
+    rows = {r["model"]: r for r in report.get("models", [])}
+    return rows.get(f"seeds+{source}") or rows.get("seeds+all")
+
+
+def round_rows(base: UPath, source: str, cfg: KunConfig, upto: int, records_now: int, reports: dict[int, dict]) -> list[dict]:
+    """One row per round 1..upto for the card: keep rate, records, and the evaluation where it ran."""
+    out = []
+    for k in range(1, upto + 1):
+        fun = funnel(base, source, cfg.shard_keys(), cfg.score.threshold, k)
+        scored = fun["rows"][versions.SCORED]
+        n = (
+            records_now
+            if k == upto
+            else storage.partition_rows(storage.partition_dir(base, in_round(versions.DATASET, k), {"source": source}))
+        )
+        ev, report = evaluated(reports.get(k), source), reports.get(k) or {}
+        base_row = next((r for r in report.get("models", []) if r["model"] == "seeds"), None)
+        out.append(
+            {
+                "round": k,
+                "chat model": "chat_model" if k == 1 else in_round("chat_model", k),
+                "keep rate": f"{fun['kept_by_score'] / scored:.1%}" if scored else "-",
+                "kept by score": fun["kept_by_score"],
+                "records": n,
+                "held-out loss (seeds only -> + release)": f"{base_row['heldout_loss']:.3f} -> {ev['heldout_loss']:.3f}"
+                if ev and base_row
+                else "-",
+                "win rate vs seeds only [95% CI]": f"{ev['win_rate']:.1%} [{ev['win_ci_low']:.1%}, {ev['win_ci_high']:.1%}] of {report['heldout']}"
+                if ev and ev.get("win_rate") is not None
+                else "-",
+            }
+        )
+    return out
+
+
+def amend_card(card_md: str, rounds: list[dict]) -> str:
+    """The card with its Rounds section replaced (the evaluation adds its figures after the release)."""
+    new = "\n".join(rounds_md(rounds)) + "\n"
+    head, sep, rest = card_md.partition("## Rounds\n")
+    if not sep:
+        head, sep, rest = card_md.partition("## Versions\n")
+        return head + new + sep + rest
+    _, nxt, tail = rest.partition("\n## ")
+    return head + new + nxt.lstrip("\n") + tail if nxt else head + new
+
+
+def release_dir(base: UPath, source: str, round_: int = 1, rounds: int = 1) -> UPath:
+    """release/{source}: the last round's release; an earlier round's is kept beside it, under
+    release/round{k}/{source}."""
+    return base / "release" / source if round_ == rounds else base / "release" / f"round{round_}" / source
+
+
+def read_records(base: UPath, asset: str, sources: list[str]) -> dict[str, pd.DataFrame]:
+    """The published records of each source that has them (a round's release, for the next
+    round's chat model and the evaluation)."""
+    out = {}
+    for source in sources:
+        d = storage.partition_dir(base, asset, {"source": source})
+        if storage.partition_rows(d):
+            out[source] = storage.read_partition(d, ["instruction", "input", "output"])
+    return out
+
+
+def rounds_md(rows: list[dict]) -> list[str]:
+    """The card's "Rounds" lines: per round, its chat model, keep rate, records and, where the
+    evaluation ran, the held-out loss and win rate against the seeds-only model."""
+    if not rows:
+        return []
+    frame = pd.DataFrame(rows)
+    lines = [
+        "## Rounds",
+        "",
+        "Round 1 is Kun's single pass; each later round fine-tunes the base on the seeds + the previous round's "
+        "release and re-scores the same labeled pairs (Humpback's self-curation). Evaluation: the base fine-tuned on "
+        "the training seeds alone and on the seeds + this source's release, compared on the held-out seeds "
+        "(seed.eval_fraction): loss of the held-out answers, and the chat model's pairwise judgement (both orders; "
+        "win rate against the seeds-only model with a bootstrap 95% interval). '-': not evaluated.",
+        "",
+        frame.to_markdown(index=False),
+        "",
+    ]
+    return lines
 
 
 def publish_release(base: UPath, source: str, recs: pd.DataFrame, card_md: str) -> UPath:

@@ -13,7 +13,7 @@ warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 from assets import corpus, dataset, models, pairs
 from automation import apply_automation, automation_sensors, observe_sources, source_files
 from checks import check_failure_alerts, dead_run_recovery, run_failure_alerts
-from resources import KunResource, LLMResource, ModelRefIOManager, ParquetIOManager
+from resources import KunResource, LLMResource, ModelRefIOManager, ParquetIOManager, ReportIOManager
 
 from .config import config_path, load_config
 
@@ -43,7 +43,13 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
         executor = k8s_job_executor.configured(cfg.deploy.k8s) if cfg.deploy.k8s else k8s_job_executor
     return dg.Definitions(
         assets=all_assets,
-        resources={"kun": kun, "io_manager": ParquetIOManager(kun=kun), models.MODEL_IO: ModelRefIOManager(kun=kun), **llm},
+        resources={
+            "kun": kun,
+            "io_manager": ParquetIOManager(kun=kun),
+            models.MODEL_IO: ModelRefIOManager(kun=kun),
+            dataset.REPORT_IO: ReportIOManager(kun=kun),
+            **llm,
+        },
         sensors=[check_failure_alerts, run_failure_alerts, dead_run_recovery, observe_sources(cfg), *automation_sensors(cfg)],
         executor=executor,
     )

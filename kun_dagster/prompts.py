@@ -110,6 +110,18 @@ def humpback_user(instruction: str, answer: str) -> str:
     return f"{humpback_prompt_text()}\n\n指令：{instruction}\n\n答案：{answer}"
 
 
+# Tags (tagging.py): the chat model picks one option of a fixed taxonomy by its letter.
+TAG_KINDS = {"task_type": "任务类型", "domain": "所属领域"}
+
+
+def tag_user(kind: str, instruction: str, answer: str, options: list[str]) -> str:
+    listed = "\n".join(f"{chr(65 + i)}. {name}" for i, name in enumerate(options))
+    return (
+        f"下面是一条指令和它的回答。请从选项中选出这条指令的{TAG_KINDS[kind]}，只回答选项的字母。\n"
+        f"选项：\n{listed}\n\n指令：{instruction}\n回答：{answer}"
+    )
+
+
 HUMPBACK_PREFIX = "得分："  # the probability path opens the reply at the score and reads the digit after it
 
 

@@ -20,8 +20,9 @@ from pandera.typing import Series
 
 from .config import KunConfig, ScoreConfig
 from .corpus import QUARANTINE_COLUMNS
-from .names import CLUSTERS, DATASET, SIGNATURES
+from .names import CLUSTERS, DATASET, SIGNATURES, stage_of
 from .scoring import SCORE_RULES
+from .tagging import DEFAULT_DOMAIN, TAG_RULES
 from .text import NON_SPACE
 
 # Holds a non-space character anywhere: str_contains searches (str_matches would anchor at the start
@@ -81,6 +82,10 @@ class PolishedPairs(LabeledPairs):
     instruction_truncated: Series[bool]
     polish_tokens: Series[int] = pa.Field(ge=1)
     polish_finish: Series[str] = pa.Field(isin=["stop", "length"])
+    task_minor: Series[str] = pa.Field(str_length={"min_value": 1})  # in tags.task_types (or kun:<source>, tags off)
+    domain: Series[str] = pa.Field(str_length={"min_value": 1})  # in tags.domains (or 通用, tags off)
+    task_minor_rule: Series[str] = pa.Field(isin=TAG_RULES)
+    domain_rule: Series[str] = pa.Field(isin=TAG_RULES)
 
 
 class InstructionDataset(pa.DataFrameModel):
@@ -167,7 +172,7 @@ INDEXES = {
 def known(asset: str) -> bool:
     from .versions import BY_NAME
 
-    return asset in BY_NAME or asset in INDEXES or asset.startswith("quarantine/")
+    return stage_of(asset) in BY_NAME or asset in INDEXES or asset.startswith("quarantine/")
 
 
 def arrow_schema(asset: str) -> pyarrow.Schema:
@@ -200,9 +205,10 @@ def schema(asset: str, cfg: KunConfig) -> pa.DataFrameSchema:
     """The asset's DataFrameModel with the constraints kun.yaml sets."""
     s = model(asset).to_schema()
     s = _add(s, "n_tokens", pa.Check.le(cfg.filter.max_tokens, name="within_token_limit"))
-    if asset != DATASET:  # its instructions are polished_pairs', already checked
+    if stage_of(asset) != DATASET:  # its instructions are polished_pairs', already checked
         s = _add(s, "instruction", _no_keyword(cfg.label.banned_keywords, "no_banned_keyword"))
     s = _add(s, "score", pa.Check.in_range(*cfg.score.scale, name="within_score_scale"))
+    s = _taxonomy(s, cfg)
     s = _add(
         s,
         "output",
@@ -210,6 +216,29 @@ def schema(asset: str, cfg: KunConfig) -> pa.DataFrameSchema:
         _no_keyword(cfg.polish.banned_keywords, "no_banned_output_keyword"),
     )
     return s
+
+
+def _taxonomy(s: pa.DataFrameSchema, cfg: KunConfig) -> pa.DataFrameSchema:
+    """Every tag is one of the taxonomy's (tags on), or the constants (tags off): polished_pairs
+    holds one of each as a string, the COIG-CQIA records as lists."""
+    t = cfg.tags
+    minors = set(t.task_types) if t.enabled else None
+    domains = set(t.domains) if t.enabled else {DEFAULT_DOMAIN}
+    where = "tags.task_types / tags.domains" if t.enabled else "kun:<source> / 通用 (tags off)"
+
+    def minor_ok(v) -> bool:
+        return v in minors if minors is not None else isinstance(v, str) and v.startswith("kun:")
+
+    if "task_type" in s.columns:  # the records
+        return _add(
+            _add(
+                s, "task_type", pa.Check(lambda v: all(map(minor_ok, v["minor"])), element_wise=True, name="minor_in_taxonomy", error=where)
+            ),
+            "domain",
+            pa.Check(lambda v: all(d in domains for d in v), element_wise=True, name="domain_in_taxonomy", error=where),
+        )
+    s = _add(s, "task_minor", pa.Check(minor_ok, element_wise=True, name="in_taxonomy", error=where))
+    return _add(s, "domain", pa.Check.isin(sorted(domains), name="in_taxonomy", error=where))
 
 
 @dataclass
@@ -237,7 +266,7 @@ def validate(asset: str, frames: pd.DataFrame | Iterable[pd.DataFrame], cfg: Kun
             s.validate(df, lazy=True)
         except pa.errors.SchemaErrors as e:
             cases.append(e.failure_cases[["column", "check", "index"]])
-        if "doc_id" in df and asset != DATASET:
+        if "doc_id" in df and stage_of(asset) != DATASET:
             again = df.index[df["doc_id"].isin(seen).to_numpy()]
             cases.append(pd.DataFrame({"column": "doc_id", "check": "unique across batches", "index": again}))
             seen.update(df["doc_id"])

@@ -9,6 +9,7 @@ place when complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -192,16 +193,49 @@ def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSet
 
 
 # -- seed pairs ----------------------------------------------------------------------------------------
-def load_seeds(uri: str, storage_options: dict | None, drop_multiple_choice: bool) -> tuple[pd.DataFrame, int]:
+TRAIN, EVAL = "train", "eval"  # the seeds' split (column `split`)
+
+
+def load_seeds(uri: str, storage_options: dict | None, drop_multiple_choice: bool, eval_fraction: float = 0.0) -> tuple[pd.DataFrame, int]:
     """COIG-CQIA seed records (instruction, input, output, ...) from JSONL, with `input` filled in
-    ("" when absent); multiple-choice items dropped (Kun). Returns (seeds, items dropped)."""
+    ("" when absent); multiple-choice items dropped (Kun); `split` eval for the held-out share
+    (seed_split), train for the rest. Returns (seeds, items dropped)."""
     seeds = pd.read_json(uri, lines=True, dtype=False, storage_options=storage_options or None)  # None for a local file
     missing = {"instruction", "output"} - set(seeds.columns)
     if missing:
         raise ValueError(f"seed file {uri} lacks fields {sorted(missing)}")
     seeds["input"] = seeds.get("input", pd.Series([""] * len(seeds))).fillna("").astype(str)
     mc = seeds["input"].map(is_multiple_choice) if drop_multiple_choice else pd.Series(False, index=seeds.index)
-    return seeds[~mc].reset_index(drop=True), int(mc.sum())
+    kept = seeds[~mc].reset_index(drop=True)
+    kept["split"] = seed_split(kept, eval_fraction)
+    return kept, int(mc.sum())
+
+
+def seed_split(seeds: pd.DataFrame, eval_fraction: float) -> pd.Series:
+    """eval for the held-out seeds, train for the rest: a record is held out when the hash of its
+    instruction, input and output falls under eval_fraction, so the split is the same whatever the
+    file's order or the seeds added beside it. At least one is held out when the fraction is not 0."""
+    u = pd.Series(
+        [
+            int.from_bytes(hashlib.blake2b(f"{i}\0{inp}\0{o}".encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") / 2**64
+            for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])
+        ],
+        index=seeds.index,
+        dtype=float,
+    )
+    held = u < eval_fraction
+    if eval_fraction > 0 and not held.any() and len(seeds) > 1:
+        held[u.idxmin()] = True
+    return held.map({True: EVAL, False: TRAIN}).astype(object)
+
+
+def training_seeds(seeds: pd.DataFrame) -> pd.DataFrame:
+    """The seeds every model trains on: the held-out ones left out (seed_data without a split: all)."""
+    return seeds[seeds["split"] != EVAL] if "split" in seeds else seeds
+
+
+def heldout_seeds(seeds: pd.DataFrame) -> pd.DataFrame:
+    return seeds[seeds["split"] == EVAL].reset_index(drop=True) if "split" in seeds else seeds.iloc[:0]
 
 
 def is_multiple_choice(record_input: str) -> bool:
@@ -209,7 +243,7 @@ def is_multiple_choice(record_input: str) -> bool:
     return all(ch in (record_input or "") for ch in "ABCD")
 
 
-def _prompt_of(instruction: str, inp: str) -> str:
+def prompt_of(instruction: str, inp: str) -> str:
     return f"{instruction}\n{inp}" if inp else instruction
 
 
@@ -217,16 +251,22 @@ def label_examples(seeds: pd.DataFrame, min_output_chars: int = 0) -> list[tuple
     """Backward pairs: the seed output as the user turn (in the label prompt that inference uses),
     instruction + input as the assistant turn. Seeds whose output is shorter than min_output_chars
     (a bare verdict such as 【好】) are left out: the backward model labels documents."""
+    seeds = training_seeds(seeds)
     return [
-        (label_user(o), _prompt_of(i, inp))
+        (label_user(o), prompt_of(i, inp))
         for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])
         if len(o.strip()) >= min_output_chars
     ]
 
 
-def chat_examples(seeds: pd.DataFrame) -> list[tuple[str, str]]:
-    """Forward pairs: instruction + input -> output."""
-    return [(_prompt_of(i, inp), o) for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])]
+def chat_examples(seeds: pd.DataFrame, records: pd.DataFrame | None = None) -> list[tuple[str, str]]:
+    """Forward pairs: instruction + input -> output, of the training seeds and then of `records`
+    (a release's, in Humpback's later rounds and the evaluation)."""
+    seeds = training_seeds(seeds)
+    pairs = [(prompt_of(i, inp), o) for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])]
+    if records is not None:
+        pairs += [(prompt_of(i, inp), o) for i, inp, o in zip(records["instruction"], records["input"], records["output"])]
+    return pairs
 
 
 def fine_tune(

@@ -19,7 +19,7 @@ from upath import UPath
 
 from . import corpus, quality, schemas, stages, storage
 from .config import KunConfig
-from .names import CLUSTERS, DATASET, DEDUPED, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES
+from .names import CLUSTERS, DATASET, DEDUPED, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES, stage_of
 from .stages import StageResult
 
 # A WARN check's measure: the partition's figure against its bound, from the stage's result.
@@ -115,7 +115,7 @@ def _score_shift(cfg: KunConfig, r: StageResult, base: UPath) -> quality.Finding
     """Scores of this partition against the source's other published scored_pairs partitions."""
     rows, earlier = r.rows, []
     for other in cfg.shard_keys() if len(rows) else []:
-        d = storage.partition_dir(base, SCORED, {"source": rows["source"].iloc[0], "shard": other})
+        d = storage.partition_dir(base, r.stats.get("asset", SCORED), {"source": rows["source"].iloc[0], "shard": other})
         if other != str(rows["shard"].iloc[0]) and storage.partition_rows(d):
             earlier.append(storage.read_partition(d, ["score"])["score"].to_numpy(dtype=float))
     return quality.score_shift(
@@ -276,9 +276,15 @@ PARTITIONED = (RAW, FILTERED, SIGNATURES, CLUSTERS) + CORPUS[CORPUS.index(DEDUPE
 
 
 def get(asset: str) -> Version:
-    return BY_NAME[asset]
+    """The registry entry of an asset, a later round's (scored_pairs_round2) being its stage's."""
+    return BY_NAME[stage_of(asset)]
+
+
+def find(asset: str) -> Version | None:
+    return BY_NAME.get(stage_of(asset))
 
 
 def findings(asset: str, cfg: KunConfig, result: StageResult, base: UPath) -> list[quality.Finding]:
     """Every WARN check of one partition (or, for instruction_dataset, one source)."""
+    result.stats.setdefault("asset", asset)  # the score distribution compares with the same round's partitions
     return [c.measure(cfg, result, base) for c in get(asset).checks]

@@ -39,7 +39,7 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame | StageResult, path: UPath) -> None:
         asset, part = "/".join(context.asset_key.path), storage.partition_of(path)
         if isinstance(obj, StageResult):
-            version = versions.BY_NAME.get(asset)
+            version = versions.find(asset)
             if (version is not None and version.reasons) or len(obj.dropped):  # what drops nothing has no quarantine
                 storage.write_partition(storage.quarantine_dir(self._base_path, asset, part), obj.dropped, schemas.QUARANTINE)
             obj = obj.rows
@@ -95,6 +95,15 @@ class _JsonUPathIOManager(dg.UPathIOManager):
     def load_from_path(self, context, path: UPath) -> dict:
         with path.open("r", encoding="utf-8") as f:
             return json.load(f)
+
+
+class ReportIOManager(dg.ConfigurableIOManagerFactory):
+    """Reports (the evaluation's figures) as JSON under {base}/reports/{asset}.json."""
+
+    kun: KunResource
+
+    def create_io_manager(self, context) -> _JsonUPathIOManager:
+        return _JsonUPathIOManager(base_path=self.kun.checked_base() / "reports")
 
 
 class ModelRefIOManager(dg.ConfigurableIOManagerFactory):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .. import prompts, scoring
+from .. import prompts, scoring, tagging
 from ..config import KunConfig
 from ..llm.base import Engine
 from ..names import POLISHED
@@ -80,6 +80,7 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
             reason[i], detail[i] = why
     if cfg.polish.dedup_outputs:
         mark_duplicates(df, "output", reason, detail, DUPLICATE_OUTPUT)
+    tag_stats = _tag(df, reason, engine, cfg)
     return finish(
         df,
         reason,
@@ -91,5 +92,20 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
             "threshold": cfg.score.threshold,
             "output_chars": summary(kept["output"].astype(str).str.len(), 0),
             "truncated_at_max_tokens": int((df["polish_finish"] == "length").sum()),
+            **tag_stats,
         },
     )
+
+
+def _tag(df: pd.DataFrame, reason: pd.Series, engine: Engine, cfg: KunConfig) -> dict:
+    """The COIG-CQIA tags of the rows kept (tagging.py); with tags off, today's constants."""
+    df["task_minor"] = "kun:" + df["source"].astype(str)
+    df["domain"] = tagging.DEFAULT_DOMAIN
+    df["task_minor_rule"] = df["domain_rule"] = tagging.OFF
+    kept = df.index[reason.isna()]
+    if not cfg.tags.enabled or not len(kept):
+        return {}
+    got = tagging.tag(engine, df.loc[kept, "instruction"].tolist(), df.loc[kept, "output"].tolist(), cfg, sampling_params(cfg))
+    for column, values in got["columns"].items():
+        df.loc[kept, column] = pd.Series(values, index=kept, dtype=object)
+    return got["stats"]
