@@ -337,9 +337,8 @@ def rounds_md(rows: list[dict]) -> list[str]:
     return lines
 
 
-def publish_release(base: UPath, source: str, recs: pd.DataFrame, card_md: str) -> UPath:
-    """{base}/release/{source}/train.jsonl and README.md (the Parquet copy is the asset's partition)."""
-    out = release_dir(base, source)
+def publish_release(out: UPath, recs: pd.DataFrame, card_md: str) -> UPath:
+    """train.jsonl and README.md into a release folder (release_dir; the Parquet copy is the asset's partition)."""
     jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs.to_dict(orient="records"))
     storage.write_atomic(out / "train.jsonl", jsonl.encode("utf-8"))
     storage.write_atomic(out / "README.md", card_md.encode("utf-8"))

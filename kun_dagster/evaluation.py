@@ -23,6 +23,8 @@ import gc
 import hashlib
 import json
 import logging
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from .llm.base import Engine, SamplingParams
 log = logging.getLogger(__name__)
 
 BASELINE = "seeds"
+PROBABILITY, FREETEXT, TIE = "probability", "freetext", "tie"  # how a verdict was read
 JUDGE_CHOICES = ("1", "2")
 JUDGE_PREFIX = "更好的回答是："
 LORA_ABOVE = 3e9  # parameters: evaluation.lora auto trains LoRA adapters on larger bases
@@ -49,17 +52,33 @@ def judge_user(instruction: str, first: str, second: str) -> str:
 
 
 # -- the pairwise judgement -------------------------------------------------------------------------
-def first_better(judge: Engine, items: list[tuple[str, str, str]], keep_system: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """P(the first answer is better) per (instruction, first, second), among the judge's two
-    answers; and the mass it puts on them (how far it answers in the format at all)."""
+def parse_verdict(reply: str) -> float:
+    """A free-text verdict: 1.0 when it names answer 1 first, 0.0 for answer 2, 0.5 (a tie) for neither."""
+    found = re.search(r"[12]", reply or "")
+    return 0.5 if not found else 1.0 if found.group() == "1" else 0.0
+
+
+def first_better(judge: Engine, items: list[tuple[str, str, str]], cfg: KunConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """P(the first answer is better) per (instruction, first, second), and how it was read, by the
+    scorer's rule: where the judge puts at least score.min_answer_mass on the answers 1 / 2, their
+    probabilities (normalised over the two); elsewhere its free-text verdict, parsed (`freetext`),
+    or a tie when it names neither (`tie`). Also the mass on the two answers."""
     if not items:
-        return np.zeros(0), np.zeros(0)
+        return np.zeros(0), np.zeros(0), []
+    keep_system = cfg.models.keep_default_system
     rendered = [prompts.render(judge.tokenizer, judge_user(*it), JUDGE_PREFIX, keep_system) for it in items]
     p = np.exp(np.asarray(judge.choice_logprobs(rendered, list(JUDGE_CHOICES)), dtype=float))
     mass = p.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         first = np.where(mass > 0, p[:, 0] / np.where(mass > 0, mass, 1), 0.5)
-    return first, mass
+    rules = [PROBABILITY if m >= cfg.score.min_answer_mass else FREETEXT for m in mass]
+    low = [i for i, r in enumerate(rules) if r == FREETEXT]
+    if low:
+        params = SamplingParams(temperature=0.0, max_tokens=16, repetition_penalty=cfg.sampling.repetition_penalty)
+        for i, g in zip(low, judge.generate([rendered[i] for i in low], params)):
+            first[i] = parse_verdict(g.text)
+            rules[i] = FREETEXT if first[i] != 0.5 else TIE
+    return first, mass, rules
 
 
 @dataclass
@@ -67,6 +86,7 @@ class Comparison:
     wins: np.ndarray  # per item: the candidate's win probability, both orders averaged
     position_bias: float  # mean P(first) + P(first, swapped) - 1: 0 none, > 0 the first position preferred
     judge_mass: float  # median mass on the answers 1 / 2
+    judged_by: dict  # rule -> verdicts read by it (probability, freetext, tie)
     win_rate: float = 0.0
     ci: tuple[float, float] = (0.0, 0.0)
 
@@ -74,14 +94,14 @@ class Comparison:
 def compare(judge: Engine, instructions: list[str], candidate: list[str], baseline: list[str], cfg: KunConfig) -> Comparison:
     """The candidate's answers against the baseline's, each pair judged in both orders."""
     n = len(instructions)
-    keep_system = cfg.models.keep_default_system
-    ab, mass_ab = first_better(judge, list(zip(instructions, baseline, candidate)), keep_system)  # baseline first
-    ba, mass_ba = first_better(judge, list(zip(instructions, candidate, baseline)), keep_system)  # candidate first
+    ab, mass_ab, rules_ab = first_better(judge, list(zip(instructions, baseline, candidate)), cfg)  # baseline first
+    ba, mass_ba, rules_ba = first_better(judge, list(zip(instructions, candidate, baseline)), cfg)  # candidate first
     wins = (ba + (1 - ab)) / 2
     out = Comparison(
         wins=wins,
         position_bias=float(np.mean(ab + ba - 1)) if n else 0.0,
         judge_mass=float(np.median(np.concatenate([mass_ab, mass_ba]))) if n else 0.0,
+        judged_by=dict(Counter(rules_ab + rules_ba)),
     )
     out.win_rate, out.ci = win_rate(wins, cfg.evaluation.bootstrap, cfg.evaluation.seed)
     return out
@@ -245,7 +265,7 @@ def run(
         engine = judge()
         for row in result.models:
             if row["model"] == BASELINE:
-                row.update(win_rate=None, win_ci_low=None, win_ci_high=None, position_bias=None, judge_mass=None)
+                row.update(win_rate=None, win_ci_low=None, win_ci_high=None, position_bias=None, judge_mass=None, judged_by=None)
                 continue
             c = compare(engine, users, written[row["model"]], written[BASELINE], cfg)
             row.update(
@@ -254,6 +274,7 @@ def run(
                 win_ci_high=round(c.ci[1], 4),
                 position_bias=round(c.position_bias, 4),
                 judge_mass=round(c.judge_mass, 6),
+                judged_by=", ".join(f"{r}: {n}" for r, n in sorted(c.judged_by.items())),
             )
     result.samples = [{"instruction": u, **{m: written[m][i] for m in written}} for i, u in enumerate(users[:3])]
     return result

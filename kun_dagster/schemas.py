@@ -182,7 +182,7 @@ def arrow_schema(asset: str) -> pyarrow.Schema:
     if asset in INDEXES:
         return INDEXES[asset]
     columns = model(asset).to_schema().columns
-    return pyarrow.schema([(name, _NESTED[name] if name in _NESTED else _ARROW[str(col.dtype)]) for name, col in columns.items()])
+    return pyarrow.schema([(name, _ARROW[str(col.dtype)] if str(col.dtype) in _ARROW else _NESTED[name]) for name, col in columns.items()])
 
 
 def empty_frame(asset: str) -> pd.DataFrame:

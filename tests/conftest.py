@@ -42,6 +42,7 @@ def write_config(tmp: Path, **overrides) -> Path:
     cfg["models"]["base"]["tiny"]["pretrain_epochs"] = 8  # fewer than the demo's 20: a weaker but quicker base
     cfg["sampling"]["max_tokens"] = 64
     cfg["filter"]["perplexity_max"] = 1e5  # computed, but the weaker base must not drop real text
+    cfg["iterations"], cfg["evaluation"] = 1, {"enabled": False}  # the demo's rounds and evaluation: tests/test_rounds.py
     for role in ("base", "label", "chat"):  # the reference engine; tests/test_vllm.py runs the graph on vLLM
         cfg["models"][role]["backend"] = "transformers"
     for key, value in overrides.items():

@@ -1,0 +1,256 @@
+"""Closing the loop: the held-out seeds, the pairwise judge, the COIG-CQIA tags, and Humpback's
+rounds with the evaluation run end to end by `kun run`."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kun_dagster import evaluation, schemas, tagging, training
+from kun_dagster.config import COIG_DOMAINS, COIG_TASK_TYPES, ConfigError, parse_config
+
+from .conftest import REPO, assert_fresh, given_models, write_config
+from .fakes import ScriptedEngine
+
+SEEDS = REPO / "demo" / "seed" / "coig_cqia_seed.jsonl"
+
+
+def config(**over):
+    import yaml
+
+    data = yaml.safe_load((REPO / "kun.yaml").read_text())
+    data.update(over)
+    return parse_config(data, root=REPO, env={})
+
+
+# -- the held-out seeds ------------------------------------------------------------------------------
+def test_held_out_seeds_are_the_same_whatever_the_order_and_in_no_training_set():
+    seeds, _ = training.load_seeds(str(SEEDS), None, True, 0.1)
+    held = set(training.heldout_seeds(seeds)["instruction"] + "\0" + training.heldout_seeds(seeds)["output"])
+    assert 0.04 < len(held) / len(seeds) < 0.2  # about eval_fraction of them
+    shuffled = seeds.drop(columns="split").sample(frac=1, random_state=3).reset_index(drop=True)
+    shuffled["split"] = training.seed_split(shuffled, 0.1)
+    assert set(training.heldout_seeds(shuffled)["instruction"] + "\0" + training.heldout_seeds(shuffled)["output"]) == held
+    chat, label = set(training.chat_examples(seeds)), set(training.label_examples(seeds))
+    for _, row in training.heldout_seeds(seeds).iterrows():
+        prompt = training.prompt_of(row["instruction"], row["input"])
+        assert (prompt, row["output"]) not in chat and (training.label_user(row["output"]), prompt) not in label
+    none, _ = training.load_seeds(str(SEEDS), None, True, 0.0)
+    assert (none["split"] == training.TRAIN).all() and len(training.chat_examples(none)) == len(none)
+
+
+@given(st.lists(st.text(min_size=1, max_size=8), min_size=2, max_size=30, unique=True), st.floats(0.01, 0.9))
+@settings(max_examples=50, deadline=None)
+def test_a_fraction_above_zero_holds_out_at_least_one_and_never_all_by_chance(texts, fraction):
+    seeds = pd.DataFrame({"instruction": texts, "input": "", "output": "答"})
+    split = training.seed_split(seeds, fraction)
+    assert (split == training.EVAL).sum() >= 1
+    assert split.equals(training.seed_split(seeds.iloc[::-1], fraction).sort_index())
+
+
+# -- the pairwise judge ------------------------------------------------------------------------------
+class Judge(ScriptedEngine):
+    """A judge that prefers whichever answer comes first by `bias` (in log-odds) and answers that
+    hold 好答案 by `taste`; it always answers in the format (the mass on 1 / 2 is 0.9)."""
+
+    def __init__(self, bias: float, taste: float):
+        super().__init__()
+        self.bias, self.taste = bias, taste
+
+    def choice_logprobs(self, prompts, choices, exact=False):
+        out = []
+        for p in prompts:
+            first, second = p.split("回答1：")[1].split("回答2：")
+            logit = self.bias + self.taste * (("好答案" in first) - ("好答案" in second))
+            p1 = 0.9 / (1 + np.exp(-logit))
+            out.append([np.log(p1), np.log(0.9 - p1)])
+        return np.asarray(out)
+
+
+def test_swapping_the_order_cancels_a_judges_position_bias():
+    cfg = config()
+    items = [f"问题{i}" for i in range(40)]
+    same = [f"回答{i}" for i in range(40)]
+    # a judge that only likes the first position: one order alone would give the candidate 20% (or 80%)
+    biased = Judge(bias=np.log(4), taste=0.0)
+    ab, _, rules = evaluation.first_better(biased, list(zip(items, same, same)), cfg)
+    assert np.allclose(ab, 0.8) and set(rules) == {"probability"}
+    c = evaluation.compare(biased, items, same, same, cfg)
+    assert np.allclose(c.wins, 0.5) and c.win_rate == pytest.approx(0.5) and c.position_bias == pytest.approx(0.6)
+    # the same bias plus a real preference: the preference survives, the bias does not
+    better = [a + "，好答案" for a in same]
+    fair, tilted = (
+        evaluation.compare(Judge(0.0, 1.0), items, better, same, cfg),
+        evaluation.compare(Judge(np.log(4), 1.0), items, better, same, cfg),
+    )
+    assert fair.win_rate > 0.7 and tilted.win_rate > 0.6 and tilted.position_bias > 0.4
+    assert evaluation.compare(Judge(np.log(4), 1.0), items, same, better, cfg).win_rate == pytest.approx(1 - tilted.win_rate)
+
+
+def test_a_judge_that_does_not_answer_in_the_format_is_read_from_its_reply_or_counted_a_tie():
+    cfg = config()
+    judge = ScriptedEngine(replies=["回答2更好", "我不知道"], probs=[[1e-4, 1e-4], [1e-4, 1e-4]])
+    first, mass, rules = evaluation.first_better(judge, [("问", "甲", "乙"), ("问", "丙", "丁")], cfg)
+    assert list(first) == [0.0, 0.5] and rules == ["freetext", "tie"] and np.allclose(mass, 2e-4)
+
+
+def test_the_win_rate_interval_is_a_bootstrap_over_items_and_repeatable():
+    wins = np.array([1.0] * 30 + [0.0] * 10)
+    rate, (lo, hi) = evaluation.win_rate(wins, 2000, 0)
+    assert rate == 0.75 and lo < 0.75 < hi and 0.05 < hi - lo < 0.4
+    assert evaluation.win_rate(wins, 2000, 0) == (rate, (lo, hi))
+    assert np.isnan(evaluation.win_rate(np.array([]), 100, 0)[0])
+
+
+# -- tags --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("reply", "want"),
+    [("B", 1), ("【C】", 2), ("选项：A", 0), ("这是翻译任务", COIG_TASK_TYPES.index("翻译")), ("Z", None), ("不知道", None), ("", None)],
+)
+def test_a_free_text_tag_reply_is_read_for_its_letter_or_an_options_name(reply, want):
+    assert tagging.parse_reply(reply, list(COIG_TASK_TYPES)) == want
+
+
+def test_tags_follow_the_scorers_answer_mass_rule():
+    cfg = config()
+    opts = ["百科问答", "翻译", "其他"]
+    probs = [[0.7, 0.2, 0.05], [0.01, 0.02, 0.01], [0.01, 0.03, 0.02]]  # sure; unsure, says 翻译; unsure, says nothing
+    engine = ScriptedEngine(replies=["这是翻译", "嗯"], probs=probs)
+    tags, rules, mass = tagging.choose(engine, ["u1", "u2", "u3"], opts, cfg, tagging_params())
+    assert tags == ["百科问答", "翻译", "翻译"] and rules == ["probability", "freetext", "most_likely"]
+    assert np.allclose(mass, [0.95, 0.04, 0.06])
+    assert engine.prompts[3:] == engine.prompts[1:3]  # the unsure rows' replies were generated from the same prompts
+    both = ScriptedEngine(probs=[[0.9, 0.0, 0.0], [0.0, 0.0, 0.8]])
+    cfg3 = config(tags={"task_types": opts, "domains": ["通用", "医学", "法律"]})
+    got = tagging.tag(both, ["什么是感冒？"], ["感冒是一种常见病。" * 40], cfg3, tagging_params())
+    assert got["columns"] == {"task_minor": ["百科问答"], "task_minor_rule": ["probability"], "domain": ["法律"], "domain_rule": ["probability"]}
+    assert "A. 百科问答\nB. 翻译\nC. 其他" in both.prompts[0] and "A. 通用\nB. 医学\nC. 法律" in both.prompts[1]
+    assert "感冒是一种常见病。" * 23 not in both.prompts[0]  # the answer is cut to tags.answer_chars
+
+
+def tagging_params():
+    from kun_dagster.llm.base import SamplingParams
+
+    return SamplingParams(max_tokens=16)
+
+
+def test_tags_config_switches_and_bounds():
+    assert not config(tags=False).tags.enabled and config(evaluation="on").evaluation.enabled
+    assert config().tags.task_types == list(COIG_TASK_TYPES) and config().tags.domains == list(COIG_DOMAINS)
+    with pytest.raises(ConfigError, match="tags.domains"):
+        config(tags={"domains": [f"领域{i}" for i in range(27)]})
+    with pytest.raises(ConfigError, match="distinct"):
+        config(tags={"task_types": ["翻译", "翻译"]})
+
+
+def test_the_schemas_hold_every_tag_to_the_taxonomy():
+    cfg, off = config(), config(tags="off")
+    recs = pd.DataFrame(
+        {"task_type": [{"major": ["问答"], "minor": ["翻译"]}, {"major": ["问答"], "minor": ["乱写"]}], "domain": [["通用"], ["火星"]]}
+    )
+    s = schemas.schema("instruction_dataset", cfg)
+    assert [s.columns[c].checks[-1](recs[c]).check_passed for c in ("task_type", "domain")] == [False, False]
+    assert s.columns["task_type"].checks[-1](recs[["task_type"]].iloc[:1]["task_type"]).check_passed
+    p = schemas.schema("polished_pairs_round2", off)  # a later round's asset: its stage's schema
+    assert p.columns["task_minor"].checks[-1](pd.Series(["kun:wudao"])).check_passed
+    assert not p.columns["task_minor"].checks[-1](pd.Series(["翻译"])).check_passed
+    assert not p.columns["domain"].checks[-1](pd.Series(["医学"])).check_passed
+
+
+# -- the rounds and the evaluation, end to end -----------------------------------------------------
+@pytest.mark.slow
+def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkeypatch, capsys):
+    import dagster as dg
+
+    from kun_dagster import cli, storage
+    from kun_dagster.config import load_config
+
+    cfg_file = write_config(
+        tmp_path,
+        shards=1,
+        iterations=2,
+        evaluation={"enabled": True, "per_source": False, "max_tokens": 24},
+        **given_models(models_run),
+    )
+    cfg = load_config(cfg_file)
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("KUN_CONFIG", str(cfg_file))
+    assert cli.main(["run", "--config", str(cfg_file), "--source", "wudao", "--progress", "off"]) == cli.OK
+    out = capsys.readouterr().out
+    assert "round 2: chat_model_round2 (seeds + round 1's release): done" in out and "evaluation_round2" in out
+    data = tmp_path / "data"
+    round1 = pd.read_json(data / "release" / "round1" / "wudao" / "train.jsonl", lines=True)
+    final = pd.read_json(data / "release" / "wudao" / "train.jsonl", lines=True)
+    assert len(round1) and (final["chat_model"] == "kun-chat_round2").all() and (round1["chat_model"] == "kun-chat").all()
+
+    # the same labeled pairs, scored again by round 2's model
+    labeled = storage.read_partition(storage.partition_dir(upath(data), "labeled_pairs", {"source": "wudao", "shard": "0"}))
+    s1, s2 = (
+        storage.read_partition(storage.partition_dir(upath(data), name, {"source": "wudao", "shard": "0"}))
+        for name in ("scored_pairs", "scored_pairs_round2")
+    )
+    assert sorted(s2["doc_id"]) == sorted(s1["doc_id"]) == sorted(labeled["doc_id"])
+    assert not np.allclose(s1.sort_values("doc_id")["score"], s2.sort_values("doc_id")["score"], equal_nan=True)
+
+    with dg.DagsterInstance.get() as instance:
+
+        def md(asset):
+            return instance.fetch_materializations(dg.AssetKey(asset), limit=1).records[0].asset_materialization.metadata
+
+        seeds = pd.read_parquet(data / "seed_data")
+        n_train = int((seeds["split"] == "train").sum())
+        assert md("chat_model_round2")["examples"].value == n_train + len(round1)  # M2: training seeds + round 1's release
+        chat2 = json.loads((data / "models" / "refs" / "chat_model_round2.json").read_text())
+        assert chat2["fingerprint"] != models_run["refs"]["chat_model"]["fingerprint"]
+        assert_fresh(cfg_file, instance)
+
+    # the evaluation: a baseline and the seeds + release model per round, each measured and judged
+    reports = {k: json.loads((data / "reports" / f"evaluation{'' if k == 1 else '_round2'}.json").read_text()) for k in (1, 2)}
+    for k, rep in reports.items():
+        rows = {r["model"]: r for r in rep["models"]}
+        assert set(rows) == {"seeds", "seeds+wudao"} and rep["heldout"] == int((seeds["split"] == "eval").sum())
+        assert rows["seeds"]["examples"] == n_train and rows["seeds+wudao"]["examples"] == n_train + len(round1 if k == 1 else final)
+        assert np.isfinite(rows["seeds+wudao"]["heldout_loss"]) and 0 <= rows["seeds+wudao"]["win_rate"] <= 1
+        assert rows["seeds+wudao"]["win_ci_low"] <= rows["seeds+wudao"]["win_rate"] <= rows["seeds+wudao"]["win_ci_high"]
+    assert reports[2]["models"][0]["trained"] == "cached"  # the baseline is trained once for every round
+    assert reports[1]["models"][0]["heldout_loss"] == reports[2]["models"][0]["heldout_loss"]
+
+    # the card compares the rounds with the evaluation's figures
+    card = (data / "release" / "wudao" / "README.md").read_text()
+    rounds = card.split("## Rounds")[1].split("## Versions")[0]
+    for k, rep in reports.items():
+        row = next(r for r in rep["models"] if r["model"] == "seeds+wudao")
+        line = next(ln for ln in rounds.splitlines() if ln.startswith(f"|       {k} |"))
+        assert f"{row['heldout_loss']:.3f}" in line and f"{row['win_rate']:.1%}" in line
+    assert "## Versions" in card and "scored_pairs_round2" in card
+
+    # tags come from the taxonomy, each with the rule that chose it
+    for rec in final.itertuples():
+        assert rec.task_type["minor"][0] in cfg.tags.task_types and rec.domain[0] in cfg.tags.domains
+    pol = storage.read_partition(storage.partition_dir(upath(data), "polished_pairs_round2", {"source": "wudao", "shard": "0"}))
+    assert set(pol["task_minor_rule"]) <= {"probability", "freetext", "most_likely"}
+
+    # the same seed gives the same numbers: the evaluation re-trained from scratch matches
+    first = reports[2]
+    shutil.rmtree(f"{cfg.model_cache}/evaluation")
+    with dg.DagsterInstance.get() as instance:
+        from kun_dagster.definitions import build_definitions
+
+        defs = build_definitions(cfg_file)
+        result = dg.materialize(list(defs.assets), selection=["evaluation_round2"], resources=defs.resources, instance=instance)
+        assert result.success
+    again = json.loads((data / "reports" / "evaluation_round2.json").read_text())
+    assert [r["trained"] for r in again["models"]] == ["now", "now"]
+    keys = ("heldout_loss", "win_rate", "win_ci_low", "win_ci_high", "examples")
+    assert [[r[k] for k in keys] for r in again["models"]] == [[r[k] for k in keys] for r in first["models"]]
+
+
+def upath(p):
+    from upath import UPath
+
+    return UPath(str(p))
