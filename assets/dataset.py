@@ -1,28 +1,22 @@
-"""instruction_dataset: the final COIG-CQIA records of one source, with provenance and a dataset card."""
-
-import json
-from pathlib import Path
+"""instruction_dataset (one per round): the final COIG-CQIA records of one source, with provenance and a dataset card."""
 
 import dagster as dg
 import pandas as pd
 from dagster._core.definitions.data_version import CODE_VERSION_TAG, INPUT_DATA_VERSION_TAG_PREFIX  # Dagster's provenance tags
 
 import checks
-from kun_dagster import dataset, schemas, storage, training, versions
-from kun_dagster import evaluation as evaluation_core
+from kun_dagster import dataset, schemas, storage, versions
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
-from kun_dagster.llm import load_engine
-from kun_dagster.llm.base import EngineSpec
-from kun_dagster.names import CHAT_MODEL, EVALUATION, ROUND_STAGES, in_round
-from resources import KunResource, LLMResource
+from kun_dagster.names import CHAT_MODEL, ROUND_STAGES, in_round
+from resources import KunResource
 
-from .common import GPU_POOL, SINGLE_RUN, gpu_tags, kinds, schema_of, table
+from . import evaluation
+from .common import SINGLE_RUN, kinds, schema_of, table
 from .pairs import round_group
 from .partitions import SOURCE, source_partitions
 
 GROUP = "dataset"
-REPORT_IO = "report_io_manager"  # the evaluation's figures: JSON under {base}/reports
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
@@ -30,7 +24,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     for k in range(1, cfg.iterations + 1):
         out.append(_release(cfg, k))
         if cfg.evaluation.enabled:
-            out.append(_evaluation(cfg, k))
+            out.append(evaluation.build(cfg, k))
     return out
 
 
@@ -67,7 +61,7 @@ def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         polished_rows = pd.concat([schemas.empty_frame(versions.POLISHED), *frames.values()], ignore_index=True)
         results, cards = {}, {}
         current = {asset: code_version(asset, c) for asset in _partitioned(k)}
-        reports = _reports(kun, k - 1)
+        reports = dataset.read_reports(kun.base, k - 1)
         for source in context.partition_keys:
             made = _made_from(context.instance, source, c.shard_keys(), k)
             results[source], cards[source] = dataset.release(
@@ -86,83 +80,6 @@ def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
                 context.log.info(f"{name} {source}: {len(result.rows)} records -> {out}")
 
     return instruction_dataset
-
-
-def _reports(kun: KunResource, upto: int) -> dict[int, dict]:
-    """The evaluations of rounds 1..upto that have run (their JSON reports)."""
-    out = {}
-    for k in range(1, upto + 1):
-        path = kun.base / "reports" / f"{in_round(EVALUATION, k)}.json"
-        if path.exists():
-            out[k] = json.loads(path.read_text(encoding="utf-8"))
-    return out
-
-
-def _evaluation(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
-    name, release = in_round(EVALUATION, k), in_round(versions.DATASET, k)
-
-    @dg.asset(
-        name=name,
-        group_name=round_group(k, GROUP),
-        kinds={"pytorch", "json"},
-        pool=GPU_POOL,
-        io_manager_key=REPORT_IO,
-        deps=[release],  # read from what is published: every source's records that exist
-        ins={"seed_data": dg.AssetIn(), "base_model": dg.AssetIn(), "chat_model": dg.AssetIn()},
-        op_tags=gpu_tags(cfg, "chat"),
-        code_version=code_version(name, cfg),
-        description=(
-            f"Does round {k}'s release help? The base fine-tuned (models.chat.train; LoRA per evaluation.lora) on the "
-            "training seeds alone and on the seeds + the release (each source's, and all together), compared on the "
-            "held-out seeds (seed.eval_fraction): loss of the held-out answers, and the chat model's pairwise judgement "
-            "(both orders, win rate with a bootstrap 95% interval). Adds its figures to the dataset cards. Config: evaluation."
-        ),
-    )
-    def evaluation(
-        context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, seed_data, base_model: dict, chat_model: dict
-    ):
-        c = kun.config
-        sources = [s.name for s in c.sources]
-        releases = dataset.read_records(kun.base, release, sources)
-        if training.heldout_seeds(seed_data).empty:
-            raise dg.Failure("no held-out seeds: set seed.eval_fraction above 0 to evaluate", allow_retries=False)
-
-        def load(path: str, model_name: str):
-            return load_engine(EngineSpec(path=path, model_name=model_name, settings=c.models.chat))
-
-        result = evaluation_core.run(
-            seed_data,
-            releases,
-            base_model,
-            kun.local_model(base_model["path"]),
-            c,
-            Path(c.model_cache) / "evaluation",
-            load,
-            lambda: chat_llm.engine(chat_model),
-        )
-        report = {"round": k, "heldout": result.heldout, "models": result.models, "samples": result.samples}
-        reports = {**_reports(kun, k - 1), k: report}
-        for source in sources:  # the round's cards get the figures (the release was written before them)
-            card_path = dataset.release_dir(kun.base, source, k, c.iterations) / "README.md"
-            if card_path.exists():
-                rows = dataset.round_rows(kun.base, source, c, k, len(releases.get(source, [])), reports)
-                storage.write_atomic(card_path, dataset.amend_card(card_path.read_text(encoding="utf-8"), rows).encode("utf-8"))
-        numbers = {}  # plotted across runs in the UI
-        for row in result.models:
-            numbers[f"{row['model']}/heldout_loss"] = float(row["heldout_loss"])
-            if row.get("win_rate") is not None:
-                numbers[f"{row['model']}/win_rate"] = float(row["win_rate"])
-        context.add_output_metadata(
-            {
-                "heldout_seeds": result.heldout,
-                "models": table(result.frame(), rows=None, width=200),
-                **numbers,
-                "samples": dg.MetadataValue.json(result.samples),
-            }
-        )
-        return report
-
-    return evaluation
 
 
 def _partitioned(k: int) -> tuple[str, ...]:

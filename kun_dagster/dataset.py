@@ -11,7 +11,7 @@ from upath import UPath
 
 from . import dedup, scoring, storage, versions
 from .config import KunConfig
-from .names import ROUND_STAGES, in_round
+from .names import EVALUATION, ROUND_STAGES, in_round
 from .stages import DUPLICATE_OUTPUT, StageResult
 from .stages.common import dropped_rows, mark_duplicates, no_reasons
 
@@ -280,12 +280,32 @@ def round_rows(base: UPath, source: str, cfg: KunConfig, upto: int, records_now:
                 "held-out loss (seeds only -> + release)": f"{base_row['heldout_loss']:.3f} -> {ev['heldout_loss']:.3f}"
                 if ev and base_row
                 else "-",
-                "win rate vs seeds only [95% CI]": f"{ev['win_rate']:.1%} [{ev['win_ci_low']:.1%}, {ev['win_ci_high']:.1%}] of {report['heldout']}"
+                "win rate vs seeds only [95% CI]": f"{ev['win_rate']:.1%} [{ev['win_ci_low']:.1%}, {ev['win_ci_high']:.1%}] "
+                f"on {report['heldout']} ({ev.get('judged_by') or '-'})"
                 if ev and ev.get("win_rate") is not None
                 else "-",
             }
         )
     return out
+
+
+def read_reports(base: UPath, upto: int) -> dict[int, dict]:
+    """The evaluation reports of rounds 1..upto that have run ({base}/reports/evaluation*.json)."""
+    out = {}
+    for k in range(1, upto + 1):
+        path = base / "reports" / f"{in_round(EVALUATION, k)}.json"
+        if path.exists():
+            out[k] = json.loads(path.read_text(encoding="utf-8"))
+    return out
+
+
+def add_evaluation(base: UPath, cfg: KunConfig, k: int, reports: dict[int, dict], releases: dict[str, pd.DataFrame]) -> None:
+    """Round k's cards get its evaluation's figures (the release was written before them)."""
+    for source in [s.name for s in cfg.sources]:
+        path = release_dir(base, source, k, cfg.iterations) / "README.md"
+        if path.exists():
+            rows = round_rows(base, source, cfg, k, len(releases.get(source, [])), reports)
+            storage.write_atomic(path, amend_card(path.read_text(encoding="utf-8"), rows).encode("utf-8"))
 
 
 def amend_card(card_md: str, rounds: list[dict]) -> str:
@@ -329,7 +349,8 @@ def rounds_md(rows: list[dict]) -> list[str]:
         "release and re-scores the same labeled pairs (Humpback's self-curation). Evaluation: the base fine-tuned on "
         "the training seeds alone and on the seeds + this source's release, compared on the held-out seeds "
         "(seed.eval_fraction): loss of the held-out answers, and the chat model's pairwise judgement (both orders; "
-        "win rate against the seeds-only model with a bootstrap 95% interval). '-': not evaluated.",
+        "win rate against the seeds-only model with a bootstrap 95% interval; in brackets how the verdicts were read: "
+        "by probability, from a free-text reply, or a tie when the judge named neither answer). '-': not evaluated.",
         "",
         frame.to_markdown(index=False),
         "",

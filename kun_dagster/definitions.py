@@ -10,7 +10,7 @@ import dagster as dg
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-from assets import corpus, dataset, models, pairs
+from assets import corpus, dataset, evaluation, models, pairs
 from automation import apply_automation, automation_sensors, observe_sources, source_files
 from checks import check_failure_alerts, dead_run_recovery, run_failure_alerts
 from resources import KunResource, LLMResource, ModelRefIOManager, ParquetIOManager, ReportIOManager
@@ -47,7 +47,7 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
             "kun": kun,
             "io_manager": ParquetIOManager(kun=kun),
             models.MODEL_IO: ModelRefIOManager(kun=kun),
-            dataset.REPORT_IO: ReportIOManager(kun=kun),
+            evaluation.REPORT_IO: ReportIOManager(kun=kun),
             **llm,
         },
         sensors=[check_failure_alerts, run_failure_alerts, dead_run_recovery, observe_sources(cfg), *automation_sensors(cfg)],

@@ -9,9 +9,11 @@ set):
   (the SFT loss, prompt masked), and its perplexity;
 - a pairwise judgement by the chat model: for each held-out instruction, the candidate's answer and
   the baseline's, in both orders; the judge's probability that the first is better is read from
-  the answers 1 / 2 (one decode step). A position bias (the judge preferring whichever comes
-  first) cancels in the mean of the two orders: win = (P(first | B, A) + 1 - P(first | A, B)) / 2.
-  The win rate is the mean over items, with a bootstrap 95% interval over items.
+  the answers 1 / 2 (one decode step), by the scorer's rule: where the judge puts under
+  score.min_answer_mass on them, its free-text verdict is parsed instead, and a reply naming
+  neither is a tie (0.5). A position bias (the judge preferring whichever comes first) cancels in
+  the mean of the two orders: win = (P(first | B, A) + 1 - P(first | A, B)) / 2. The win rate is
+  the mean over items, with a bootstrap 95% interval over items.
 
 Trained models are cached by their content (base fingerprint, examples, settings): a second round
 or a rerun re-trains only what changed (the baseline is trained once for every round).
@@ -146,13 +148,13 @@ def fine_tuned(
     base_dir: str, base_fingerprint: str, examples: list[tuple[str, str]], settings: TrainSettings, cfg: KunConfig, cache: Path, name: str
 ) -> tuple[str, bool]:
     """The base fine-tuned on `examples`, from the cache when the same base, examples and settings
-    were trained before. Returns (folder, trained now)."""
+    were trained before, under any name. Returns (folder, trained now)."""
     key = hashlib.sha256(
         json.dumps(
             [base_fingerprint, examples, settings.model_dump(mode="json"), cfg.models.keep_default_system], ensure_ascii=False
         ).encode()
     ).hexdigest()[:16]
-    out = cache / f"{name}-{key}"
+    out = cache / key
     if (out / "config.json").is_file():
         return str(out), False
     training.fine_tune(base_dir, out, examples, settings, f"evaluation {name}", cfg.models.keep_default_system)
@@ -232,12 +234,14 @@ def run(
     users = [training.prompt_of(i, inp) for i, inp in zip(held["instruction"], held["input"])]
     pairs = list(zip(users, held["output"]))
     settings = train_settings(cfg, base_dir)
+    releases = {s: r for s, r in releases.items() if len(r)}  # a source with no records adds nothing to evaluate
     candidates = {BASELINE: None}
     if cfg.evaluation.per_source and len(releases) > 1:
         candidates.update({f"seeds+{s}": r for s, r in releases.items()})
-    candidates["seeds+" + ("all" if len(releases) > 1 else next(iter(releases), "release"))] = (
-        pd.concat(list(releases.values()), ignore_index=True) if releases else None
-    )
+    if releases:
+        candidates["seeds+" + ("all" if len(releases) > 1 else next(iter(releases)))] = pd.concat(
+            list(releases.values()), ignore_index=True
+        )
     result = Result(heldout=len(held))
     written: dict[str, list[str]] = {}
     for name, records in candidates.items():

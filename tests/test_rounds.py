@@ -143,6 +143,40 @@ def tagging_params():
     return SamplingParams(max_tokens=16)
 
 
+def test_polish_tags_each_kept_answer_or_keeps_the_constants_with_tags_off():
+    from kun_dagster import stages
+
+    scored = pd.DataFrame(
+        {"doc_id": ["d0", "d1"], "source": "web", "shard": 0, "file": "f", "row": [1, 2], "title": None, "text": ["甲文", "乙文"]}
+    ).assign(instruction="如何翻译这句话？", score=[0.9, 0.1], score_method="kun_choice", score_rule="probability")
+    good = "这句话可以译为：天气很好，我们去公园散步吧。"
+    cfg = config(tags={"task_types": ["百科问答", "翻译"], "domains": ["通用", "文学"]})
+    eng = ScriptedEngine(replies=[good], probs=[[0.1, 0.85], [0.9, 0.05]])
+    res = stages.polish(scored, eng, cfg)
+    assert res.rows[["doc_id", "task_minor", "domain", "task_minor_rule", "domain_rule"]].values.tolist() == [
+        ["d0", "翻译", "通用", "probability", "probability"]
+    ]
+    assert res.stats["task_minor_by_rule"] == {"probability": 1} and res.stats["domain_tags"] == {"通用": 1}
+    assert schemas.validate("polished_pairs", res.rows, cfg).passed
+    off = stages.polish(scored, ScriptedEngine(replies=[good]), config(tags="off"))
+    assert off.rows[["task_minor", "domain", "task_minor_rule"]].values.tolist() == [["kun:web", "通用", "off"]]
+    assert not schemas.validate("polished_pairs", off.rows, cfg).passed  # kun:web is not in the taxonomy
+    assert schemas.validate("polished_pairs", off.rows, config(tags="off")).passed
+
+
+def test_evaluation_trains_lora_adapters_on_large_bases(tmp_path, monkeypatch):
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros((3, 4), dtype=np.float32), "b": np.zeros(4, dtype=np.float32)}, str(tmp_path / "model.safetensors"))
+    assert evaluation.n_params(tmp_path) == 16
+    cfg = config()
+    assert evaluation.train_settings(cfg, tmp_path).lora is None  # 16 parameters: full fine-tuning
+    monkeypatch.setattr(evaluation, "LORA_ABOVE", 10)
+    assert evaluation.train_settings(cfg, tmp_path).lora.r == 16  # "over 3B": adapters
+    assert evaluation.train_settings(config(evaluation={"lora": "off"}), tmp_path).lora is None
+    assert evaluation.train_settings(config(evaluation={"lora": "on"}), tmp_path / "none").lora is not None
+
+
 def test_tags_config_switches_and_bounds():
     assert not config(tags=False).tags.enabled and config(evaluation="on").evaluation.enabled
     assert config().tags.task_types == list(COIG_TASK_TYPES) and config().tags.domains == list(COIG_DOMAINS)
