@@ -76,10 +76,9 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         c = kun.config
         if c.models.base.path:
             return _given(kun, "base", c.resolve(c.models.base.path))
+        seeds = training.training_seeds(seed_data)  # the held-out seeds stay out of every training set, this one too
         texts = (
-            stages.corpus_texts(c, c.models.base.tiny.pretrain_docs, kun.store)
-            + seed_data["instruction"].tolist()
-            + seed_data["output"].tolist()
+            stages.corpus_texts(c, c.models.base.tiny.pretrain_docs, kun.store) + seeds["instruction"].tolist() + seeds["output"].tolist()
         )
         ref, report = _trained(kun, context, "base", lambda out: training.build_tiny_base(texts, out, c.models.base.tiny))
         context.add_output_metadata(

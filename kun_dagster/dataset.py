@@ -9,7 +9,7 @@ import pandas as pd
 import yaml
 from upath import UPath
 
-from . import dedup, scoring, storage, versions
+from . import dedup, scoring, storage, tagging, versions
 from .config import KunConfig
 from .names import EVALUATION, ROUND_STAGES, in_round
 from .stages import DUPLICATE_OUTPUT, StageResult
@@ -23,8 +23,12 @@ INSTRUCTION_NGRAM = 3
 
 def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model: str) -> pd.DataFrame:
     """COIG-CQIA records (instruction, input, output, task_type, domain, ...) plus provenance;
-    typed like any other, also when there are none (a source whose rows were all filtered)."""
+    typed like any other, also when there are none (a source whose rows were all filtered). Rows
+    polished before tags existed get the constants (the schema then fails them when tags are on:
+    their polished_pairs partitions are stale, and the UI says so)."""
     d = cfg.dataset
+    if "task_minor" not in polished:
+        polished = polished.assign(task_minor="kun:" + polished["source"].astype(str), domain=tagging.DEFAULT_DOMAIN)
     out = pd.DataFrame(
         {
             "instruction": polished["instruction"].astype(str),

@@ -224,19 +224,22 @@ def _taxonomy(s: pa.DataFrameSchema, cfg: KunConfig) -> pa.DataFrameSchema:
     t = cfg.tags
     minors = set(t.task_types) if t.enabled else None
     domains = set(t.domains) if t.enabled else {DEFAULT_DOMAIN}
-    where = "tags.task_types / tags.domains" if t.enabled else "kun:<source> / 通用 (tags off)"
+    where = "in the taxonomy (" + ("tags.task_types / tags.domains)" if t.enabled else "tags off: kun:<source> / 通用)")
 
     def minor_ok(v) -> bool:
         return v in minors if minors is not None else isinstance(v, str) and v.startswith("kun:")
 
-    if "task_type" in s.columns:  # the records
-        return _add(
-            _add(
-                s, "task_type", pa.Check(lambda v: all(map(minor_ok, v["minor"])), element_wise=True, name="minor_in_taxonomy", error=where)
-            ),
-            "domain",
-            pa.Check(lambda v: all(d in domains for d in v), element_wise=True, name="domain_in_taxonomy", error=where),
+    if "task_type" in s.columns:  # the records (their shape is coig_task_type's and coig_domain's to check)
+        minor = pa.Check(
+            lambda v: isinstance(v, dict) and all(map(minor_ok, v.get("minor") or [])),
+            element_wise=True,
+            name="minor_in_taxonomy",
+            error=where,
         )
+        domain = pa.Check(
+            lambda v: not isinstance(v, str) and all(d in domains for d in v), element_wise=True, name="domain_in_taxonomy", error=where
+        )
+        return _add(_add(s, "task_type", minor), "domain", domain)
     s = _add(s, "task_minor", pa.Check(minor_ok, element_wise=True, name="in_taxonomy", error=where))
     return _add(s, "domain", pa.Check.isin(sorted(domains), name="in_taxonomy", error=where))
 

@@ -7,7 +7,7 @@ import pytest
 from kun_dagster import code_versions, prompts
 from kun_dagster.config import parse_config
 from kun_dagster.definitions import build_definitions
-from kun_dagster.names import SOURCE_FILES
+from kun_dagster.names import ROUND_STAGES, SOURCE_FILES, split_round
 
 from .conftest import write_config
 
@@ -41,7 +41,11 @@ def changed(**changes) -> set[str]:
         ({"dedup__threshold": 0.9}, {"duplicate_clusters", "instruction_dataset"}),
         ({"dedup__ngram": 4}, {"minhash_signatures"}),
         ({"filter__max_tokens": 256}, {"filtered_corpus"}),
-        ({"models__chat__dtype": "bfloat16"}, {"scored_pairs", "polished_pairs"}),
+        ({"models__chat__dtype": "bfloat16"}, {"scored_pairs", "polished_pairs", "evaluation"}),
+        ({"tags": {"domains": ["通用", "医学"]}}, {"polished_pairs"}),
+        ({"iterations": 2}, {"instruction_dataset"}),  # release/{source} is the last round's
+        ({"evaluation__max_tokens": 64}, {"evaluation"}),
+        ({"seed__eval_fraction": 0.2}, {"seed_data"}),  # the models follow by its data version
         ({"models__label__train": {"epochs": 3}}, {"label_model"}),
         ({"shards": 8}, {"raw_corpus", "base_model"}),
     ],
@@ -70,9 +74,10 @@ def test_a_changed_prompt_text_changes_its_stages(monkeypatch):
 
 
 def test_every_asset_of_the_graph_carries_its_code_version(tmp_path):
-    graph = build_definitions(write_config(tmp_path)).resolve_asset_graph()
+    graph = build_definitions(write_config(tmp_path, iterations=2, evaluation="on")).resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()} - {SOURCE_FILES}  # observed: its data version is the files'
-    assert keys == set(code_versions.SHAPES)
+    assert {split_round(k)[0] for k in keys} == set(code_versions.SHAPES)
+    assert {k for k in keys if split_round(k)[1] == 2} == {f"{s}_round2" for s in ROUND_STAGES}
     cfg_versions = versions_of()
     assert all(graph.get(dg.AssetKey(k)).code_version for k in keys) and len(set(cfg_versions.values())) == len(cfg_versions)
 

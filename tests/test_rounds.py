@@ -146,9 +146,9 @@ def tagging_params():
 def test_polish_tags_each_kept_answer_or_keeps_the_constants_with_tags_off():
     from kun_dagster import stages
 
-    scored = pd.DataFrame(
-        {"doc_id": ["d0", "d1"], "source": "web", "shard": 0, "file": "f", "row": [1, 2], "title": None, "text": ["甲文", "乙文"]}
-    ).assign(instruction="如何翻译这句话？", score=[0.9, 0.1], score_method="kun_choice", score_rule="probability")
+    from .test_schemas import labeled
+
+    scored = labeled(2).assign(instruction="如何翻译这句话？", score=[0.9, 0.1], score_method="kun_choice", score_rule="probability")
     good = "这句话可以译为：天气很好，我们去公园散步吧。"
     cfg = config(tags={"task_types": ["百科问答", "翻译"], "domains": ["通用", "文学"]})
     eng = ScriptedEngine(replies=[good], probs=[[0.1, 0.85], [0.9, 0.05]])
@@ -213,6 +213,8 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
         shards=1,
         iterations=2,
         evaluation={"enabled": True, "per_source": False, "max_tokens": 24},
+        # held out of every model trained here (the given session models saw them: a given model is as it is)
+        **{"seed.eval_fraction": 0.1},
         # the test's weak models keep few answers by Kun's bounds: keep every scored row, and short answers
         **{"score.threshold": 0.0, "polish.min_output_chars": 2},
         **given_models(models_run),
