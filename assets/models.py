@@ -38,6 +38,26 @@ def _trained(kun: KunResource, context: dg.AssetExecutionContext, role: str, tra
     return model_store.trained(role, c.models_dir, c.model_cache, context.run_id[:8], kun.store, train)
 
 
+def _fine_tuned(kun: KunResource, context, role: str, settings, base_model: dict, examples: list, **metadata) -> dg.Output[dict]:
+    """The base fine-tuned on `examples` (models_dir/<role>), with its training figures as metadata."""
+    c = kun.config
+    base = kun.local_model(base_model["path"])
+    ref, report = _trained(
+        kun, context, role, lambda out: training.fine_tune(base, out, examples, settings, role, c.models.keep_default_system)
+    )
+    context.add_output_metadata(
+        {
+            "examples": report.examples,
+            **metadata,
+            "mean_loss": report.mean_loss or 0.0,
+            "seconds": report.seconds,
+            "base": base_model["name"],
+            "loss_curve": dg.MetadataValue.json(report.loss_curve),
+        }
+    )
+    return _versioned(ref)
+
+
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name=GROUP, kinds=kinds(cfg, "json", "parquet", checked=False), code_version=code_version("seed_data", cfg))
     def seed_data(context: dg.AssetExecutionContext, kun: KunResource) -> pd.DataFrame:
@@ -108,23 +128,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             rc = getattr(c.models, role)
             if rc.path:
                 return _given(kun, role, c.resolve(rc.path))
-            base = kun.local_model(base_model["path"])
-            ref, report = _trained(
-                kun,
-                context,
-                role,
-                lambda out: training.fine_tune(base, out, examples(seed_data), rc.train, role, c.models.keep_default_system),
-            )
-            context.add_output_metadata(
-                {
-                    "examples": report.examples,
-                    "mean_loss": report.mean_loss or 0.0,
-                    "seconds": report.seconds,
-                    "base": base_model["name"],
-                    "loss_curve": dg.MetadataValue.json(report.loss_curve),
-                }
-            )
-            return _versioned(ref)
+            return _fine_tuned(kun, context, role, rc.train, base_model, examples(seed_data))
 
         return _asset
 
@@ -166,25 +170,15 @@ def _chat_round(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         c = kun.config
         released = dataset.read_records(kun.base, previous, [s.name for s in c.sources])
         records = pd.concat(list(released.values()), ignore_index=True) if released else None
-        examples = training.chat_examples(seed_data, records)
-        base = kun.local_model(base_model["path"])
-        ref, report = _trained(
+        return _fine_tuned(
             kun,
             context,
             f"chat_round{k}",
-            lambda out: training.fine_tune(base, out, examples, c.models.chat.train, f"chat_round{k}", c.models.keep_default_system),
+            c.models.chat.train,
+            base_model,
+            training.chat_examples(seed_data, records),
+            release_records=0 if records is None else len(records),
+            by_source=dg.MetadataValue.json({s: len(r) for s, r in released.items()}),
         )
-        context.add_output_metadata(
-            {
-                "examples": report.examples,
-                "release_records": 0 if records is None else len(records),
-                "by_source": dg.MetadataValue.json({s: len(r) for s, r in released.items()}),
-                "mean_loss": report.mean_loss or 0.0,
-                "seconds": report.seconds,
-                "base": base_model["name"],
-                "loss_curve": dg.MetadataValue.json(report.loss_curve),
-            }
-        )
-        return _versioned(ref)
 
     return chat_round

@@ -254,11 +254,13 @@ def release(
 
 
 def evaluated(report: dict | None, source: str) -> dict | None:
-    """The evaluation's row for a source's release: its own model, else the one on every source's."""
+    """The evaluation's row for a source's release: its own model; with evaluation.per_source off
+    (no per-source models), the one on every source's. None where the source had no records."""
     if not report:
         return None
     rows = {r["model"]: r for r in report.get("models", [])}
-    return rows.get(f"seeds+{source}") or rows.get("seeds+all")
+    per_source = any(m.startswith("seeds+") and m != "seeds+all" for m in rows)
+    return rows.get(f"seeds+{source}") if per_source else rows.get("seeds+all")
 
 
 def round_rows(base: UPath, source: str, cfg: KunConfig, upto: int, records_now: int, reports: dict[int, dict]) -> list[dict]:
@@ -351,7 +353,8 @@ def rounds_md(rows: list[dict]) -> list[str]:
         "",
         "Round 1 is Kun's single pass; each later round fine-tunes the base on the seeds + the previous round's "
         "release and re-scores the same labeled pairs (Humpback's self-curation). Evaluation: the base fine-tuned on "
-        "the training seeds alone and on the seeds + this source's release, compared on the held-out seeds "
+        "the training seeds alone and on the seeds + this source's release (evaluation.per_source off: every source's), "
+        "compared on the held-out seeds "
         "(seed.eval_fraction): loss of the held-out answers, and the chat model's pairwise judgement (both orders; "
         "win rate against the seeds-only model with a bootstrap 95% interval; in brackets how the verdicts were read: "
         "by probability, from a free-text reply, or a tie when the judge named neither answer). '-': not evaluated.",

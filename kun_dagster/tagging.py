@@ -11,6 +11,7 @@ it has (`most_likely`), so every record holds a taxonomy tag and the counts say 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 
@@ -70,14 +71,7 @@ def tag(engine: Engine, instructions: list[str], answers: list[str], cfg: KunCon
     """Per row: task_minor, domain, and the rule of each; stats counts by rule and by tag."""
     t = cfg.tags
     shown = [a[: t.answer_chars] for a in answers]
-    sp = SamplingParams(
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        repetition_penalty=sampling.repetition_penalty,
-        max_tokens=t.max_tokens,
-        seed=sampling.seed,
-        stop=sampling.stop,
-    )
+    sp = dataclasses.replace(sampling, max_tokens=t.max_tokens)  # a reply names an option, or it never will
     out, stats = {}, {}
     for kind, column, options in (("task_type", "task_minor", t.task_types), ("domain", "domain", t.domains)):
         users = [prompts.tag_user(kind, i, a, options) for i, a in zip(instructions, shown)]
