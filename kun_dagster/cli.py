@@ -147,8 +147,11 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     # Each contiguous range of sources in one run per step group (one model load per stage); the
     # clusters one source per run, so that their content data version is one source's
     # (docs/ARCHITECTURE.md, departure 27).
-    for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] in sources):
-        names = sorted({k.keys_by_dimension["source"] for k in keys}, key=sources.index)
+    ranges = [
+        (keys, sorted({k.keys_by_dimension["source"] for k in keys}, key=sources.index))
+        for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] in sources)
+    ]
+    for keys, names in ranges:
         what = f"{len(keys)} corpus partition(s) ({', '.join(names)})"
         run(head, f"{what}: ingest, filter, sign", keys)
         if cfg.dedup.scope == "all":
@@ -161,8 +164,7 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     for k in range(1, cfg.iterations + 1):  # Humpback's rounds: round k's chat model re-scores the same labeled pairs
         if k > 1:
             run([in_round(CHAT_MODEL, k)], f"round {k}: {in_round(CHAT_MODEL, k)} (seeds + round {k - 1}'s release)")
-            for keys in _ranges(corpus_keys, lambda p: p.keys_by_dimension["source"] in sources):
-                names = sorted({p.keys_by_dimension["source"] for p in keys}, key=sources.index)
+            for keys, names in ranges:
                 stages = [in_round(versions.SCORED, k), in_round(versions.POLISHED, k)]
                 run(stages, f"round {k}: {len(keys)} corpus partition(s) ({', '.join(names)})", keys)
         for keys in _ranges(source_keys, lambda s: s in sources):

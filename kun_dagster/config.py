@@ -366,27 +366,30 @@ class PolishConfig(_Section):
     dedup_outputs: bool = True  # Humpback dedups; Kun does not
 
 
-def _switch(data: Any) -> Any:
-    """`tags: off` / `evaluation: on` (YAML reads them as booleans) for {enabled: ...}."""
-    if isinstance(data, bool):
-        return {"enabled": data}
-    if isinstance(data, str) and data.lower() in ("on", "off"):
-        return {"enabled": data.lower() == "on"}
-    return data
+class _Switched(_Section):
+    """A section that `name: on` / `name: off` switches (YAML reads them as booleans): {enabled: ...}."""
+
+    enabled: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, data: Any) -> Any:
+        if isinstance(data, bool):
+            return {"enabled": data}
+        if isinstance(data, str) and data.lower() in ("on", "off"):
+            return {"enabled": data.lower() == "on"}
+        return data
 
 
-class TagsConfig(_Section):
+class TagsConfig(_Switched):
     """task_type.minor and domain of each record, chosen by the chat model from a fixed taxonomy
     (tagging.py) with the scorer's rule: the options' probabilities where the model answers with
     one, else its free-text reply parsed. `tags: off` keeps the constants (minor kun:<source>, domain 通用)."""
 
-    enabled: bool = True
     task_types: list[str] = Field(default_factory=lambda: list(COIG_TASK_TYPES), min_length=1, max_length=26)
     domains: list[str] = Field(default_factory=lambda: list(COIG_DOMAINS), min_length=1, max_length=26)
     answer_chars: int = Field(200, ge=0, description="characters of the answer shown with the instruction")
     max_tokens: int = Field(16, ge=1, description="free-text fallback: tokens of the reply parsed for an option")
-
-    _on = model_validator(mode="before")(classmethod(lambda cls, data: _switch(data)))
 
     @field_validator("task_types", "domains")
     @classmethod
@@ -396,7 +399,7 @@ class TagsConfig(_Section):
         return names
 
 
-class EvaluationConfig(_Section):
+class EvaluationConfig(_Switched):
     """The evaluation asset (evaluation.py): the base fine-tuned on the seeds alone and on the seeds +
     each release, compared on the held-out seeds (seed.eval_fraction) by loss and by the chat model's
     pairwise judgement. Off by default: it trains two or more models per round."""
@@ -409,8 +412,6 @@ class EvaluationConfig(_Section):
     )
     bootstrap: int = Field(2000, ge=100, description="resamples of the held-out items for the win rate's 95% interval")
     seed: int = 0
-
-    _on = model_validator(mode="before")(classmethod(lambda cls, data: _switch(data)))
 
 
 class DatasetConfig(_Section):

@@ -70,14 +70,21 @@ def funnel(base: UPath, source: str, shards: list[str], threshold: float, round_
             if storage.partition_rows(qdir):
                 reasons.update(storage.read_partition(qdir, ["reason"])["reason"])
         quarantined[stage] = dict(sorted(reasons.items()))
-    kept, scored_by = 0, Counter()
+    _, kept, scored_by = scored(base, source, shards, threshold, round_)
+    return {"rows": rows, "kept_by_score": kept, "scored_by": dict(sorted(scored_by.items())), "quarantined": quarantined}
+
+
+def scored(base: UPath, source: str, shards: list[str], threshold: float, round_: int = 1) -> tuple[int, int, Counter]:
+    """Round `round_`'s scored rows of a source: how many, how many reach the threshold, and by which rule."""
+    n, kept, scored_by = 0, 0, Counter()
     for shard in shards:
         d = storage.partition_dir(base, in_round(versions.SCORED, round_), {"source": source, "shard": shard})
         if storage.partition_rows(d):
             part = storage.read_partition(d, ["score", "score_rule"])
+            n += len(part)
             kept += int(scoring.keep(part["score"].to_numpy(dtype=float), threshold).sum())
             scored_by.update(part["score_rule"])
-    return {"rows": rows, "kept_by_score": kept, "scored_by": dict(sorted(scored_by.items())), "quarantined": quarantined}
+    return n, kept, scored_by
 
 
 def funnel_frame(fun: dict, n_records: int, dropped: dict | None = None) -> pd.DataFrame:
@@ -267,8 +274,7 @@ def round_rows(base: UPath, source: str, cfg: KunConfig, upto: int, records_now:
     """One row per round 1..upto for the card: keep rate, records, and the evaluation where it ran."""
     out = []
     for k in range(1, upto + 1):
-        fun = funnel(base, source, cfg.shard_keys(), cfg.score.threshold, k)
-        scored = fun["rows"][versions.SCORED]
+        n_scored, kept, _ = scored(base, source, cfg.shard_keys(), cfg.score.threshold, k)
         n = (
             records_now
             if k == upto
@@ -280,8 +286,8 @@ def round_rows(base: UPath, source: str, cfg: KunConfig, upto: int, records_now:
             {
                 "round": k,
                 "chat model": "chat_model" if k == 1 else in_round("chat_model", k),
-                "keep rate": f"{fun['kept_by_score'] / scored:.1%}" if scored else "-",
-                "kept by score": fun["kept_by_score"],
+                "keep rate": f"{kept / n_scored:.1%}" if n_scored else "-",
+                "kept by score": kept,
                 "records": n,
                 "held-out loss (seeds only -> + release)": f"{base_row['heldout_loss']:.3f} -> {ev['heldout_loss']:.3f}"
                 if ev and base_row
@@ -295,11 +301,14 @@ def round_rows(base: UPath, source: str, cfg: KunConfig, upto: int, records_now:
     return out
 
 
+REPORTS = "reports"  # {base}/reports/{asset}.json: the evaluation's figures (resources/io.py writes them)
+
+
 def read_reports(base: UPath, upto: int) -> dict[int, dict]:
-    """The evaluation reports of rounds 1..upto that have run ({base}/reports/evaluation*.json)."""
+    """The evaluation reports of rounds 1..upto that have run."""
     out = {}
     for k in range(1, upto + 1):
-        path = base / "reports" / f"{in_round(EVALUATION, k)}.json"
+        path = base / REPORTS / f"{in_round(EVALUATION, k)}.json"
         if path.exists():
             out[k] = json.loads(path.read_text(encoding="utf-8"))
     return out

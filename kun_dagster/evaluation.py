@@ -21,7 +21,6 @@ or a rerun re-trains only what changed (the baseline is trained once for every r
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ import pandas as pd
 
 from . import prompts, training
 from .config import KunConfig, LoraSettings, TrainSettings
-from .llm.base import Engine, SamplingParams
+from .llm.base import Engine, EngineSpec, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -161,42 +160,26 @@ def fine_tuned(
     return str(out), True
 
 
-def heldout_loss(model_dir: str, pairs: list[tuple[str, str]], cfg: KunConfig, batch: int = 8) -> tuple[float, int]:
+def heldout_loss(model_dir: str, pairs: list[tuple[str, str]], cfg: KunConfig) -> tuple[float, int]:
     """Mean negative log-likelihood per answer token of `pairs` (user turn, answer), the prompt
-    masked as in training; and the number of answer tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    masked as in training (training.sft_features); and the number of answer tokens. Read by the
+    transformers engine whatever the chat role's backend: it needs the answer tokens' own
+    log-probabilities, which the engine protocol does not give."""
+    from .llm.hf import HFEngine  # torch, only when an evaluation runs
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device).eval()
-    max_length = cfg.models.chat.train.max_length
-    feats = [training.sft_features(tok, u, a, max_length, cfg.models.keep_default_system) for u, a in pairs]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    scorer = HFEngine(EngineSpec(path=model_dir, model_name="heldout-loss", settings=cfg.models.chat))
+    keep_system, max_length = cfg.models.keep_default_system, cfg.models.chat.train.max_length
+    feats = [training.sft_features(scorer.tokenizer, u, a, max_length, keep_system) for u, a in pairs]
     nll, count = 0.0, 0
     try:
-        for start in range(0, len(feats), batch):
-            chunk = feats[start : start + batch]
-            width = max(len(f["input_ids"]) for f in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, f in enumerate(chunk):
-                n = len(f["input_ids"])
-                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-            with torch.inference_mode():
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            target = labels[:, 1:].to(device)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
-            keep = target != -100
-            nll -= float(picked[keep].sum())
-            count += int(keep.sum())
+        for start in range(0, len(feats), scorer.batch_size):
+            chunk = feats[start : start + scorer.batch_size]
+            for f, logp in zip(chunk, scorer.token_logprobs([f["input_ids"] for f in chunk])):
+                answer = np.asarray(f["labels"][1:]) != -100  # token t >= 1 is predicted at position t - 1
+                nll -= float(logp[answer].sum())
+                count += int(answer.sum())
     finally:
-        del model
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        scorer.close()
     return (nll / count if count else float("nan")), count
 
 

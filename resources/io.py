@@ -16,7 +16,7 @@ import dagster as dg
 import pandas as pd
 from upath import UPath
 
-from kun_dagster import schemas, storage, versions
+from kun_dagster import dataset, schemas, storage, versions
 from kun_dagster.partitions import hive
 from kun_dagster.stages import StageResult
 
@@ -103,7 +103,7 @@ class ReportIOManager(dg.ConfigurableIOManagerFactory):
     kun: KunResource
 
     def create_io_manager(self, context) -> _JsonUPathIOManager:
-        return _JsonUPathIOManager(base_path=self.kun.checked_base() / "reports")
+        return _JsonUPathIOManager(base_path=self.kun.checked_base() / dataset.REPORTS)
 
 
 class ModelRefIOManager(dg.ConfigurableIOManagerFactory):

@@ -158,7 +158,7 @@ def test_answer_rows_under_the_prefix_cache_are_recomputed(engines, monkeypatch)
     monkeypatch.setattr(vl, "_run", lambda p, params: reads.append(params.skip_reading_prefix_cache) or real_run(p, params))
     got = vl._answer_logprobs([ids], answers)[0]
     assert True in reads  # the rerun without the cache happened
-    want = [lp[n - 1 :].sum() for lp in hf._token_logprobs([ids + a for a in answers])]
+    want = [lp[n - 1 :].sum() for lp in hf.token_logprobs([ids + a for a in answers])]
     assert np.allclose(got, want, atol=1e-3)
 
 

@@ -66,7 +66,7 @@ class HFEngine:
             mask[i, sl] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _token_logprobs(self, seqs: list[list[int]]) -> list[np.ndarray]:
+    def token_logprobs(self, seqs: list[list[int]]) -> list[np.ndarray]:
         """log p(token_t | tokens_<t) for t >= 1 of each sequence (right-padded batch)."""
         ids, mask = self._pad(seqs, left=False)
         with torch.inference_mode():
@@ -155,7 +155,7 @@ class HFEngine:
             idx = [i for i in order[start : start + self.batch_size] if len(encoded[i]) >= 2]
             if not idx:
                 continue
-            for i, lp in zip(idx, self._token_logprobs([encoded[i] for i in idx])):
+            for i, lp in zip(idx, self.token_logprobs([encoded[i] for i in idx])):
                 out[i] = float(np.exp(-lp.mean()))
         return out
 
