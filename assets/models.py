@@ -8,7 +8,7 @@ given checkpoint as it is. Each model asset's value is a reference {name, path, 
 import dagster as dg
 import pandas as pd
 
-from kun_dagster import dataset, model_store, stages, training
+from kun_dagster import dataset, model_store, stages, storage, training
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.names import CHAT_MODEL, DATASET, in_round
@@ -60,7 +60,7 @@ def _fine_tuned(kun: KunResource, context, role: str, settings, base_model: dict
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name=GROUP, kinds=kinds(cfg, "json", "parquet", checked=False), code_version=code_version("seed_data", cfg))
-    def seed_data(context: dg.AssetExecutionContext, kun: KunResource) -> pd.DataFrame:
+    def seed_data(context: dg.AssetExecutionContext, kun: KunResource) -> dg.Output[pd.DataFrame]:
         """COIG-CQIA seed records (instruction, input, output, ...); multiple-choice items dropped
         (Kun). Config: seed."""
         c = kun.config
@@ -78,7 +78,9 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
                 "preview": table(kept[["instruction", "input", "output"]]),
             }
         )
-        return kept
+        # the seeds' content as the data version: an edited seed file makes the models trained on it
+        # stale, and re-reading an unchanged one (kun run does, every time) does not
+        return dg.Output(kept, data_version=dg.DataVersion(storage.content_hash([kept])))
 
     @dg.asset(
         group_name=GROUP,

@@ -64,3 +64,24 @@ def stale_partitions(defs: dg.Definitions, instance: dg.DagsterInstance) -> dict
 
 def _name(akp: AssetKeyPartitionKey) -> str:
     return akp.asset_key.to_user_string() + (f" {akp.partition_key}" if akp.partition_key else "")
+
+
+def to_make(graph, instance: dg.DagsterInstance, assets: list[str], keys: list | None) -> tuple[list[str], list]:
+    """What a run of `assets` (in graph order) over partition `keys` (None: unpartitioned) must
+    make, by Dagster's resolver: the assets missing or stale on some key, with everything below
+    them among `assets` (their inputs are about to change, which the resolver cannot know yet),
+    and the keys where any is missing or stale. ([], []) when everything is fresh."""
+    resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+    hit: set[str] = set()
+    where = []
+    for pk in keys if keys is not None else [None]:
+        found = {a for a in assets if resolver.get_status(dg.AssetKey(a), pk) != StaleStatus.FRESH}
+        if found:
+            hit |= found
+            where.append(pk)
+    chosen: list[str] = []
+    for a in assets:
+        parents = {p.to_user_string() for p in graph.get(dg.AssetKey(a)).parent_keys}
+        if a in hit or parents & set(chosen):
+            chosen.append(a)
+    return chosen, where

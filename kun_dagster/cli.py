@@ -91,15 +91,20 @@ def _report(result, cfg, base, home: Path, debug: bool) -> None:
     )
 
 
-def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug: bool, log_level: str, reuse_models: bool) -> None:
+def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug: bool, log_level: str, force: bool) -> None:
     """Models first, then each source's corpus partitions in one run per contiguous key range (one
-    model load per stage), then the dataset. Raises RunFailed after printing what failed."""
+    model load per stage), then the dataset, its rounds and evaluations. Only what is missing or
+    stale is made (Dagster's code and data versions), unless `force`: a run after a kill, a new
+    threshold or a new file re-makes what they touched and nothing else. Raises RunFailed after
+    printing what failed."""
     import dagster as dg
 
     # dg.materialize takes one partition key; a key range (one run per source) goes as the tags a
     # single-run backfill sets, which Dagster names only internally
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+    from automation import record_observations
+    from automation.stale import to_make
     from checks.recovery import worker_tags
 
     from . import versions
@@ -112,6 +117,7 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     run_config = {"loggers": {"console": {"config": {"log_level": log_level if debug else "CRITICAL"}}}}
     store = Store.from_env(cfg.storage, os.environ)
     base = store.path(cfg.base_uri)
+    made: set[tuple[str, object]] = set()  # (asset, partition key) made by this kun run
 
     def run(keys: list[str], what: str, keys_range: list | None = None) -> None:
         t0 = time.time()
@@ -125,15 +131,38 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
             print(f"kun: {what} failed (run {result.run_id[:8]}):", file=sys.stderr)
             _report(result, cfg, base, home, debug)
             raise RunFailed(what)
+        made.update((a, pk) for a in keys for pk in keys_range or [None])
         print(f"  {what}: done in {time.time() - t0:.0f}s", flush=True)
 
-    if reuse_models and all(instance.get_latest_materialization_event(dg.AssetKey(k)) for k in MODEL_ASSETS):
-        print("  seed data and models: reusing the last materialization", flush=True)
-    else:
-        run(MODEL_ASSETS, "seed data and models")
-    # the source files' data versions first: raw_corpus records what it read, the daemon sees no change
-    from automation import record_observations
+    def make(keys: list[str], what: str, partitions: list | None = None, whole: bool = False, inputs_made: bool = False) -> None:
+        """Run the assets `keys` over `partitions` (a key range; None: unpartitioned) where they are
+        missing or stale, each contiguous range of those partitions in one run; `whole`: over all of
+        `partitions` once any is, or once this kun run made any of its inputs (`inputs_made`: a
+        source-wide step, whose inputs Dagster's resolver stops reading at 100 partitions)."""
+        if force or (whole and inputs_made):
+            return run(keys, what, partitions)
+        chosen, where = to_make(graph, instance, keys, partitions)
+        if not chosen:
+            print(f"  {what}: up to date", flush=True)
+            return
+        only = "" if chosen == keys else f" [{', '.join(chosen)}]"
+        if partitions is None or whole:
+            return run(chosen, what + only, partitions)
+        stale = set(where)
+        for sub in _ranges(partitions, stale.__contains__):
+            part = "" if len(sub) == len(partitions) else f" [{len(sub)} of {len(partitions)} partitions: {sub[0]}..{sub[-1]}]"
+            run(chosen, what + only + part, sub)
 
+    if force:
+        run(MODEL_ASSETS, "seed data and models")
+    else:
+        # Re-read every time (seconds): an edited seed file or a swapped given checkpoint shows as a
+        # new data version (content hash, fingerprint), which makes what was made from it stale.
+        given = [f"{role}_model" for role in ("base", "label", "chat") if getattr(cfg.models, role).path]
+        run(["seed_data", *given], "seed data" + (" and given models" if given else "") + ": read")
+        if trained := [k for k in MODEL_ASSETS if k != "seed_data" and k not in given]:
+            make(trained, "trained models")
+    # the source files' data versions first: raw_corpus records what it read, the daemon sees no change
     changed = record_observations(instance, cfg, store)
     print(f"  source files: {len(changed)} partition(s) new or changed since the last observation", flush=True)
     corpus_keys = graph.get(dg.AssetKey(versions.RAW)).partitions_def.get_partition_keys()
@@ -143,7 +172,7 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     if cfg.dedup.scope == "all" and others:  # duplicates across sources: every source's signatures are needed
         for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] not in sources):
             names = sorted({k.keys_by_dimension["source"] for k in keys})
-            run(head, f"signatures of {', '.join(names)}", keys)
+            make(head, f"signatures of {', '.join(names)}", keys)
     # Each contiguous range of sources in one run per step group (one model load per stage); the
     # clusters one source per run, so that their content data version is one source's
     # (docs/ARCHITECTURE.md, departure 27).
@@ -153,24 +182,27 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     ]
     for keys, names in ranges:
         what = f"{len(keys)} corpus partition(s) ({', '.join(names)})"
-        run(head, f"{what}: ingest, filter, sign", keys)
+        make(head, f"{what}: ingest, filter, sign", keys)
         if cfg.dedup.scope == "all":
-            run([CLUSTERS], f"{CLUSTERS} (every source)", corpus_keys)
+            signed_now = any((SIGNATURES, k) in made for k in corpus_keys)
+            make([CLUSTERS], f"{CLUSTERS} (every source)", corpus_keys, whole=True, inputs_made=signed_now)
         else:
             for name in names:
-                run([CLUSTERS], f"{CLUSTERS} ({name})", [k for k in keys if k.keys_by_dimension["source"] == name])
-        run(tail, what, keys)  # dedupe and the LLM stages
+                mine = [k for k in keys if k.keys_by_dimension["source"] == name]
+                signed_now = any((SIGNATURES, k) in made for k in mine)
+                make([CLUSTERS], f"{CLUSTERS} ({name})", mine, whole=True, inputs_made=signed_now)
+        make(tail, what, keys)  # dedupe and the LLM stages
     source_keys = graph.get(dg.AssetKey(versions.DATASET)).partitions_def.get_partition_keys()
     for k in range(1, cfg.iterations + 1):  # Humpback's rounds: round k's chat model re-scores the same labeled pairs
         if k > 1:
-            run([in_round(CHAT_MODEL, k)], f"round {k}: {in_round(CHAT_MODEL, k)} (seeds + round {k - 1}'s release)")
+            make([in_round(CHAT_MODEL, k)], f"round {k}: {in_round(CHAT_MODEL, k)} (seeds + round {k - 1}'s release)")
             for keys, names in ranges:
                 stages = [in_round(versions.SCORED, k), in_round(versions.POLISHED, k)]
-                run(stages, f"round {k}: {len(keys)} corpus partition(s) ({', '.join(names)})", keys)
+                make(stages, f"round {k}: {len(keys)} corpus partition(s) ({', '.join(names)})", keys)
         for keys in _ranges(source_keys, lambda s: s in sources):
-            run([in_round(versions.DATASET, k)], f"{in_round(versions.DATASET, k)} ({', '.join(keys)})", keys)
+            make([in_round(versions.DATASET, k)], f"{in_round(versions.DATASET, k)} ({', '.join(keys)})", keys)
         if cfg.evaluation.enabled:
-            run([in_round(EVALUATION, k)], f"{in_round(EVALUATION, k)} (fine-tune on seeds / seeds + release, judge)")
+            make([in_round(EVALUATION, k)], f"{in_round(EVALUATION, k)} (fine-tune on seeds / seeds + release, judge)")
 
 
 def _print_funnel(cfg, sources: list[str]) -> None:
@@ -261,7 +293,7 @@ def run(args: argparse.Namespace, demo: bool = False) -> int:
 
         recover(instance, lambda line: print(f"kun {cmd}: {line}", flush=True))
         try:
-            _materialize_all(defs, instance, cfg, home, sources, args.debug, args.log_level, args.reuse_models)
+            _materialize_all(defs, instance, cfg, home, sources, args.debug, args.log_level, args.force)
         except RunFailed:
             return FAILED
     print(f"kun {cmd}: whole graph materialized in {time.time() - t0:.0f}s")
@@ -289,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--config", help="kun.yaml (default: $KUN_CONFIG or ./kun.yaml)")
         sp.add_argument("--source", action="append", help="only this source (repeatable); default: every source")
         sp.add_argument("--dagster-home", default=".dagster_home", help="where runs are recorded, unless $DAGSTER_HOME is set")
-        sp.add_argument("--reuse-models", action="store_true", help="skip the model assets if this DAGSTER_HOME has them")
+        sp.add_argument("--force", action="store_true", help="make every asset again, also those that are up to date")
         sp.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="progress bars on stderr (auto: on a terminal)")
         sp.add_argument("--offline", action="store_true", help="skip the checks that need the network (remote sources, models, store)")
         sp.add_argument("--debug", action="store_true", help="Dagster's own log and full tracebacks")

@@ -13,6 +13,7 @@ from importlib import metadata
 
 from . import dedup, evaluation, prompts
 from .config import KunConfig
+from .llm.factory import resolve_backend
 from .names import CHAT_MODEL, CLUSTERS, DATASET, DEDUPED, EVALUATION, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES, split_round
 
 
@@ -99,6 +100,9 @@ def shaping(asset: str, cfg: KunConfig) -> dict:
     tree = cfg.model_dump(mode="json")
     texts = _prompts()
     out = {"package": metadata.version("kun-dagster"), **{k: _get(tree, k) for k in keys}, **{f"prompt.{n}": texts[n] for n in names}}
+    for k in keys:
+        if k.endswith(".backend"):  # the engine that runs: `auto` on a machine that gains or loses vLLM is another
+            out[k] = resolve_backend(out[k])
     if asset == SIGNATURES:
         out["algorithm"] = dedup.ALGORITHM
     return out

@@ -1,5 +1,6 @@
 """`kun validate` and `kun run` as a user meets them: every problem of a config named before a
-long run (exit 2), a failing stage reported as what failed, without a traceback (exit 1)."""
+long run (exit 2), a failing stage reported as what failed, without a traceback (exit 1), a killed
+run finished by the next, and a second run that makes only what is missing or stale."""
 
 import shutil
 
@@ -8,7 +9,7 @@ import pytest
 from kun_dagster import cli
 from kun_dagster.store import upath
 
-from .conftest import assert_fresh, given_models, write_config
+from .conftest import CORPUS, MODELS, REPO, assert_fresh, given_models, write_config
 
 
 def test_validate_names_every_problem_before_a_run(tmp_path, capsys):
@@ -105,6 +106,8 @@ def test_a_killed_kun_run_is_recovered_by_the_next(models_run, tmp_path, monkeyp
     out = capsys.readouterr().out
     assert f"kun run: run {dead[0].run_id[:8]} (__ephemeral_asset_job__) was STARTED but its worker" in out
     assert "is gone: marked failed, its pool slots freed" in out and "Funnel" in out
+    # what the killed run had finished is not made again: only the step it was killed in
+    assert "ingest, filter, sign: up to date" in out and "duplicate_clusters (wudao): up to date" in out
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_run_by_id(dead[0].run_id).status == dg.DagsterRunStatus.FAILURE
         md = instance.fetch_materializations(dg.AssetKey("labeled_pairs"), limit=1).records[0].asset_materialization.metadata
@@ -147,3 +150,80 @@ def test_validate_reads_the_first_records_and_names_a_misspelt_field(tmp_path, c
         tmp_path, sources=[{"name": "web", "uri": str(tmp_path / "src" / "*.jsonl"), "format": "jsonl", "text_field": "content"}]
     )
     assert cli.main(["validate", "--config", str(fixed)]) == cli.OK
+
+
+def _made(home) -> dict[str, int]:
+    """How many partitions of each asset have been materialized in this DAGSTER_HOME, all runs."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return {
+            a: len(instance.fetch_materializations(dg.AssetKey(a), limit=10_000).records) for a in [*MODELS, *CORPUS, "instruction_dataset"]
+        }
+
+
+def _delta(before: dict, after: dict) -> dict[str, int]:
+    return {a: after[a] - before[a] for a in after if after[a] != before[a]}
+
+
+@pytest.mark.slow
+def test_a_second_kun_run_makes_only_what_is_missing_or_stale(models_run, tmp_path, monkeypatch, capsys):
+    import json
+
+    import dagster as dg
+    import yaml
+
+    from kun_dagster.corpus import shard_of
+
+    src = tmp_path / "wudao"
+    shutil.copytree(REPO / "demo" / "corpora" / "wudao", src)
+    wudao = {"name": "wudao", "uri": str(src / "*.json"), "format": "json", "text_field": "content", "id_field": "id"}
+    cfg = write_config(tmp_path, shards=2, sources=[wudao], **given_models(models_run))
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("KUN_CONFIG", str(cfg))
+
+    def kun_run() -> str:
+        assert cli.main(["run", "--config", str(cfg), "--progress", "off"]) == cli.OK, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    kun_run()
+    first = _made(home)
+    assert first["raw_corpus"] == 2 and first["polished_pairs"] == 2 and first["instruction_dataset"] == 1
+
+    # nothing changed: the seeds and the given models are read again (seconds), nothing is made
+    out = kun_run()
+    again = _made(home)
+    assert _delta(first, again) == {"seed_data": 1, "base_model": 1, "label_model": 1, "chat_model": 1}, out
+    for step in ("ingest, filter, sign: up to date", "duplicate_clusters (wudao): up to date", "instruction_dataset (wudao): up to date"):
+        assert step in out, out
+    assert "Funnel (rows per stage)" in out
+
+    # a new threshold: polish and the release again, never the scorer (its checkpoints are gone)
+    doc = yaml.safe_load(cfg.read_text())
+    doc.setdefault("score", {})["threshold"] = 0.9
+    cfg.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    out = kun_run()
+    changed = _made(home)
+    assert _delta(again, changed) == {**_delta(first, again), "polished_pairs": 2, "instruction_dataset": 1}, out
+    assert "[polished_pairs]" in out  # the tail's run names the one asset it makes
+
+    # a new file in one shard: only that shard is ingested, filtered and signed; its source re-clustered
+    name = next(f"wudao_new_{i}.json" for i in range(100) if shard_of(f"wudao_new_{i}.json", 2) == 1)
+    texts = ["新到的一篇文章讲述了城市公园的四季景色，春天桃花盛开，夏天荷叶连天，秋天银杏金黄，冬天雪落松枝。" * 2]
+    (src / name).write_text(json.dumps([{"id": "wd-new-0", "title": "公园", "content": texts[0]}], ensure_ascii=False), encoding="utf-8")
+    out = kun_run()
+    grown = _made(home)
+    moved = _delta(changed, grown)
+    assert {a: moved.get(a) for a in ("raw_corpus", "filtered_corpus", "minhash_signatures")} == dict.fromkeys(
+        ("raw_corpus", "filtered_corpus", "minhash_signatures"), 1
+    ), out
+    assert moved.get("duplicate_clusters") == 2 and "source files: 1 partition(s) new or changed" in out
+    assert "[1 of 2 partitions: wudao|1..wudao|1]" in out
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert_fresh(cfg, instance)
+
+    # --force makes everything again
+    assert cli.main(["run", "--config", str(cfg), "--progress", "off", "--force"]) == cli.OK
+    forced = _delta(grown, _made(home))
+    assert forced["raw_corpus"] == 2 and forced["polished_pairs"] == 2 and forced["instruction_dataset"] == 1

@@ -104,3 +104,23 @@ def test_a_models_data_version_is_its_content_fingerprint(models_run, tmp_path):
     for m in MODELS[1:]:
         assert runs[0][m] == runs[1][m] == refs[m]["fingerprint"]
     assert len({runs[0][m] for m in MODELS[1:]}) == 3  # base, label and chat differ
+
+
+def test_backend_auto_hashes_the_engine_that_runs(monkeypatch):
+    """`auto` is vLLM where it is installed: installing it changes the text the LLM stages write,
+    so their partitions must turn stale, and an explicit backend naming the same engine must not."""
+    from kun_dagster.llm import factory
+
+    monkeypatch.setattr(factory, "vllm_installed", lambda: True)
+    with_vllm = versions_of()
+    named = versions_of(**{f"models__{r}__backend": "vllm" for r in ("base", "label", "chat")})
+    monkeypatch.setattr(factory, "vllm_installed", lambda: False)
+    without = versions_of()
+    assert with_vllm == named
+    assert {a for a in with_vllm if with_vllm[a] != without[a]} == {
+        "filtered_corpus",
+        "labeled_pairs",
+        "scored_pairs",
+        "polished_pairs",
+        "evaluation",
+    }
