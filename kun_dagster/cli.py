@@ -159,7 +159,7 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
         # Re-read every time (seconds): an edited seed file or a swapped given checkpoint shows as a
         # new data version (content hash, fingerprint), which makes what was made from it stale.
         given = [f"{role}_model" for role in ("base", "label", "chat") if getattr(cfg.models, role).path]
-        run(["seed_data", *given], "seed data" + (" and given models" if given else "") + ": read")
+        run(["seed_data", *given], ("seed data and given models" if given else "seed data") + " (read every run)")
         if trained := [k for k in MODEL_ASSETS if k != "seed_data" and k not in given]:
             make(trained, "trained models")
     # the source files' data versions first: raw_corpus records what it read, the daemon sees no change
