@@ -6,7 +6,8 @@ stay fresh until that one is re-materialized and its data version moves. For "wh
 re-run" that is half the answer, so this view adds the rest: every partition downstream of a stale
 one (through the graph's partition mappings) is stale too, naming the partition it waits on;
 except across duplicate_clusters -> deduped_corpus, where a shard's deduped_corpus is stale only
-once the re-clustered source moved its clusters (as automation treats it: conditions.AWAITS).
+once the re-clustered source moved its clusters (as automation treats it: conditions.AWAITS). `to_make` answers the narrower question `kun run`
+asks before each step group: which of its assets and partitions must be made again.
 """
 
 from __future__ import annotations
