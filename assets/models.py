@@ -51,6 +51,7 @@ def _fine_tuned(kun: KunResource, context, role: str, settings, base_model: dict
             **metadata,
             "mean_loss": report.mean_loss or 0.0,
             "seconds": report.seconds,
+            "resumed_from_step": report.resumed_from_step,  # a killed fine-tuning resumed from its checkpoint (0: none)
             "base": base_model["name"],
             "loss_curve": dg.MetadataValue.json(report.loss_curve),
         }

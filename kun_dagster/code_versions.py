@@ -12,7 +12,7 @@ import json
 from importlib import metadata
 
 from . import dedup, evaluation, prompts
-from .config import KunConfig
+from .config import KunConfig, TrainSettings
 from .llm.factory import resolve_backend
 from .names import CHAT_MODEL, CLUSTERS, DATASET, DEDUPED, EVALUATION, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES, split_round
 
@@ -103,6 +103,8 @@ def shaping(asset: str, cfg: KunConfig) -> dict:
     for k in keys:
         if k.endswith(".backend"):  # the engine that runs: `auto` on a machine that gains or loses vLLM is another
             out[k] = resolve_backend(out[k])
+        elif k.endswith(".train"):  # how often training saves a checkpoint changes no weight
+            out[k] = {x: v for x, v in out[k].items() if x not in TrainSettings.NOT_SHAPING}
     if asset == SIGNATURES:
         out["algorithm"] = dedup.ALGORITHM
     return out

@@ -11,7 +11,7 @@ import codecs
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -174,6 +174,15 @@ class TrainSettings(_Section):
     max_length: int = Field(2048, ge=16)
     seed: int = 0
     lora: LoraSettings | None = None
+    save_steps: int = Field(
+        500, ge=0, description="optimizer steps between resumable checkpoints (0: none): a killed fine-tuning resumes from the last"
+    )
+
+    NOT_SHAPING: ClassVar[frozenset[str]] = frozenset({"save_steps"})  # how often to save changes no weight
+
+    def shaping(self) -> dict:
+        """The settings that shape the trained weights (code versions, cache and resume keys)."""
+        return self.model_dump(mode="json", exclude=set(self.NOT_SHAPING))
 
 
 class TinyBaseSettings(_Section):

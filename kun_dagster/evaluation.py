@@ -149,9 +149,7 @@ def fine_tuned(
     """The base fine-tuned on `examples`, from the cache when the same base, examples and settings
     were trained before, under any name. Returns (folder, trained now)."""
     key = hashlib.sha256(
-        json.dumps(
-            [base_fingerprint, examples, settings.model_dump(mode="json"), cfg.models.keep_default_system], ensure_ascii=False
-        ).encode()
+        json.dumps([base_fingerprint, examples, settings.shaping(), cfg.models.keep_default_system], ensure_ascii=False).encode()
     ).hexdigest()[:16]
     out = cache / key
     if (out / "config.json").is_file():

@@ -4,7 +4,9 @@ SFT runs on transformers' Trainer with the prompt tokens masked out of the label
 on the assistant turn only (KUN_METHOD.md); LoRA through peft is an option, merged before saving so
 every engine loads a plain checkpoint. (TRL's SFTTrainer does the same masking but patches in a
 chunked LM head that trains 7x slower on CPU: docs/ARCHITECTURE.md.) Checkpoints are written to a temporary folder and renamed into
-place when complete.
+place when complete. A fine-tuning's folder is named by what it trains (base, examples, settings) and
+the Trainer saves a resumable checkpoint every `save_steps`, so a run killed mid-training is resumed
+from its last checkpoint by the next one, as the LLM stages resume from their batches.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import uuid
@@ -23,7 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from . import progress
 from .config import TinyBaseSettings, TrainSettings
-from .model_store import MODEL_CARD
+from .model_store import MODEL_CARD, fingerprint
 from .prompts import chat, label_user
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class TrainReport:
     mean_loss: float | None  # mean training loss over the run, as the Trainer reports it
     seconds: float
     loss_curve: list[tuple[int, float]]  # (step, loss) every logging_steps
+    resumed_from_step: int = 0  # the checkpoint a killed fine-tuning was resumed from (0: from the start)
 
 
 def _publish_dir(tmp: Path, final: Path) -> None:
@@ -59,6 +63,24 @@ def _publish_dir(tmp: Path, final: Path) -> None:
 def _staging(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def _resumable_staging(final: Path, role: str, what: list) -> Path:
+    """The folder a fine-tuning works in, named by `what` it trains: a run killed mid-training and
+    the next one meet in the same folder and the next resumes (any run id, any output name)."""
+    key = hashlib.sha256(json.dumps(what, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+    path = final.parent / f".{re.sub(r'[^A-Za-z0-9_]+', '-', role)}.train-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def last_checkpoint(trainer_dir: Path) -> Path | None:
+    """The Trainer's latest complete checkpoint: it writes the trainer state last, so a folder
+    without one was cut short by a kill."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    done = [p for p in trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -92,7 +114,9 @@ def _training_args(out: Path, *, epochs: float, lr: float, batch: int, seed: int
         warmup_steps=0 if settings else 10,
         seed=seed,
         data_seed=seed,
-        save_strategy="no",
+        save_strategy="steps" if settings and settings.save_steps else "no",
+        save_steps=settings.save_steps if settings and settings.save_steps else 500,
+        save_total_limit=1,  # the newest complete checkpoint; the one before is deleted only after it
         report_to=[],
         logging_steps=10,
         disable_tqdm=True,
@@ -107,8 +131,9 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=None, what: str = "training"):
-    """Run the Trainer; returns (model ready to save, mean training loss, loss curve)."""
+def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=None, what: str = "training", resume: Path | None = None):
+    """Run the Trainer (from the checkpoint `resume` when given); returns (model ready to save, mean
+    training loss, loss curve)."""
     from transformers import PrinterCallback, Trainer, TrainerCallback
 
     if peft_config is not None:
@@ -124,7 +149,7 @@ def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=N
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[Steps()])
     trainer.remove_callback(PrinterCallback)  # losses go to the report and the log, not to stdout
     with progress.task(what, unit="steps") as bar:
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     curve = [(int(h["step"]), round(float(h["loss"]), 4)) for h in trainer.state.log_history if "loss" in h]
     log.info("training loss by step: %s", curve)
     model = trainer.model
@@ -288,7 +313,10 @@ def fine_tune(
         raise ValueError(f"{role}: no training examples")
     t0 = time.time()
     final = Path(out_dir)
-    tmp = _staging(final)
+    tmp = _resumable_staging(final, role, [fingerprint(base_dir), examples, settings.shaping(), keep_system])
+    resume = last_checkpoint(tmp / "_trainer")
+    if resume:
+        log.info("%s: resuming the fine-tuning from %s", role, resume.name)
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if _cuda() else torch.float32)
@@ -305,12 +333,21 @@ def fine_tune(
         tmp, epochs=settings.epochs, lr=settings.learning_rate, batch=settings.batch_size, seed=settings.seed, settings=settings
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    model, loss, curve = _train(model, tokenizer, data, args, collator, peft_config, what=f"{role}_model fine-tuning")
+    model, loss, curve = _train(model, tokenizer, data, args, collator, peft_config, what=f"{role}_model fine-tuning", resume=resume)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(tmp / "_trainer", ignore_errors=True)
-    report = TrainReport(path=str(final), examples=len(examples), mean_loss=loss, seconds=round(time.time() - t0, 1), loss_curve=curve)
+    report = TrainReport(
+        path=str(final),
+        examples=len(examples),
+        mean_loss=loss,
+        seconds=round(time.time() - t0, 1),
+        loss_curve=curve,
+        resumed_from_step=int(resume.name.rsplit("-", 1)[1]) if resume else 0,
+    )
     card = {"kind": f"{role}_sft", "base": str(base_dir), "settings": settings.model_dump(), **report.__dict__}
     (tmp / MODEL_CARD).write_text(json.dumps(card, ensure_ascii=False, indent=1))
     _publish_dir(tmp, final)
+    for abandoned in final.parent.glob(f"{tmp.name.rsplit('-', 1)[0]}-*"):  # this role's work on inputs since changed
+        shutil.rmtree(abandoned, ignore_errors=True)
     return report

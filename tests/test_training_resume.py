@@ -1,0 +1,78 @@
+"""A fine-tuning killed mid-way (SIGKILL) is resumed by the next one from its last complete Trainer
+checkpoint, and ends with the weights an uninterrupted fine-tuning gives."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from kun_dagster import training
+from kun_dagster.config import TrainSettings
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = {"epochs": 3, "learning_rate": 2e-3, "batch_size": 2, "max_length": 256, "save_steps": 5}
+# the fine-tuning, as a separate process that the test can kill
+SCRIPT = """
+import json, sys
+from kun_dagster import training
+from kun_dagster.config import TrainSettings
+a = json.loads(sys.argv[1])
+training.fine_tune(a["base"], a["out"], [tuple(e) for e in a["examples"]], TrainSettings(**a["settings"]), "label")
+"""
+
+
+def _weights(folder) -> dict:
+    return load_file(str(next(folder.glob("*.safetensors"))))
+
+
+def test_a_killed_fine_tuning_resumes_from_its_last_checkpoint(models_run, tmp_path):
+    base = models_run["refs"]["base_model"]["path"]
+    seeds, _ = training.load_seeds(str(REPO / "demo" / "seed" / "coig_cqia_seed.jsonl"), None, True)
+    examples = training.chat_examples(seeds)[:80]  # 3 epochs of 40 steps
+    out = tmp_path / "killed" / "label"
+    args = json.dumps({"base": base, "out": str(out), "examples": examples, "settings": SETTINGS}, ensure_ascii=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, args],
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while True:  # kill it once it has saved a checkpoint past step 20
+        done = [training.last_checkpoint(d / "_trainer") for d in out.parent.glob(".label.train-*")]
+        saved = max((int(c.name.rsplit("-", 1)[1]) for c in done if c), default=0)
+        if saved >= 20:
+            break
+        assert proc.poll() is None, f"the fine-tuning ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        assert time.time() < deadline, "no checkpoint past step 20 within 300 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert not out.exists()  # nothing published by the killed run
+
+    resumed = training.fine_tune(base, out, examples, TrainSettings(**SETTINGS), "label")
+    assert resumed.resumed_from_step >= saved and resumed.resumed_from_step < 120
+    assert not list(out.parent.glob(".label.train-*"))  # the work folder became the model
+
+    # the same fine-tuning, uninterrupted, in a folder of its own (its own work folder too)
+    whole = training.fine_tune(base, tmp_path / "whole" / "label", examples, TrainSettings(**SETTINGS), "label")
+    assert whole.resumed_from_step == 0
+    a, b = _weights(out), _weights(tmp_path / "whole" / "label")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # the same steps on the same data: bit for bit
+    assert resumed.loss_curve[-1] == whole.loss_curve[-1]
+
+
+def test_save_steps_shape_no_code_version_and_no_cache_key():
+    assert "save_steps" not in TrainSettings(save_steps=7).shaping()
+    assert TrainSettings(save_steps=7).shaping() == TrainSettings(save_steps=0).shaping()
