@@ -44,7 +44,7 @@ hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run l
 class TrainReport:
     path: str
     examples: int
-    mean_loss: float | None  # mean training loss over the run, as the Trainer reports it
+    mean_loss: float | None  # mean training loss over the steps this call ran (a resumed one: from its checkpoint on)
     seconds: float
     loss_curve: list[tuple[int, float]]  # (step, loss) every logging_steps
     resumed_from_step: int = 0  # the checkpoint a killed fine-tuning was resumed from (0: from the start)
