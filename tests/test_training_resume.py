@@ -1,5 +1,5 @@
 """A fine-tuning killed mid-way (SIGKILL) is resumed by the next one from its last complete Trainer
-checkpoint, and ends with the weights an uninterrupted fine-tuning gives."""
+checkpoint, and ends with the weights an uninterrupted fine-tuning gives; through `kun run` too."""
 
 import json
 import os
@@ -76,3 +76,47 @@ def test_a_killed_fine_tuning_resumes_from_its_last_checkpoint(models_run, tmp_p
 def test_save_steps_shape_no_code_version_and_no_cache_key():
     assert "save_steps" not in TrainSettings(save_steps=7).shaping()
     assert TrainSettings(save_steps=7).shaping() == TrainSettings(save_steps=0).shaping()
+
+
+def test_a_killed_kun_run_resumes_the_fine_tuning_it_was_killed_in(tmp_path, monkeypatch, capsys):
+    """The whole path: `kun run` trains the models (no given checkpoints) and is killed while the
+    label model fine-tunes; the next `kun run` keeps the base it had finished and resumes the label
+    model from its checkpoint."""
+    import dagster as dg
+
+    from kun_dagster import cli
+
+    from .conftest import write_config
+
+    cfg = write_config(tmp_path, shards=1, **{"models.label.train.save_steps": 5})
+    home = tmp_path / "home"
+    env = {**os.environ, "DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg), "TOKENIZERS_PARALLELISM": "false"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "kun_dagster.cli", "run", "--config", str(cfg), "--source", "wudao", "--progress", "off"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    models = tmp_path / "data" / "models"
+    deadline = time.time() + 600
+    while not any(training.last_checkpoint(d / "_trainer") for d in models.glob(".label.train-*")):
+        assert first.poll() is None, f"kun run ended before it could be killed: {first.stderr.read().decode()[-2000:]}"
+        assert time.time() < deadline, "no label-model checkpoint within 600 s"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(30)
+
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("KUN_CONFIG", str(cfg))
+    assert cli.main(["run", "--config", str(cfg), "--source", "wudao", "--progress", "off"]) == cli.OK
+    out = capsys.readouterr().out
+    assert "trained models [label_model" in out  # the base, finished before the kill, is not trained again
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+
+        def made(asset):
+            return instance.fetch_materializations(dg.AssetKey(asset), limit=10).records
+
+        assert len(made("base_model")) == 1
+        assert made("label_model")[0].asset_materialization.metadata["resumed_from_step"].value >= 5
+    assert not list(models.glob(".label.train-*"))
