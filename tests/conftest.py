@@ -147,6 +147,26 @@ def dagster_dev(env: dict, log: Path, port: int):
                 pass
 
 
+def kill_kun_run_when(cfg: Path, home: Path, ready, what: str, timeout: float = 300) -> None:
+    """Start `kun run --source wudao` on `cfg` in a process group of its own and SIGKILL the group
+    once `ready()` holds (as an OOM kill or a closed laptop would), failing if it ends first."""
+    env = {**os.environ, "DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kun_dagster.cli", "run", "--config", str(cfg), "--source", "wudao", "--progress", "off"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"kun run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        assert time.time() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
 def given_models(models_run) -> dict[str, str]:
     """write_config overrides that use the session's trained models as given checkpoints."""
     return {f"models.{r}.path": models_run["refs"][f"{r}_model"]["path"] for r in ("base", "label", "chat")}

@@ -9,7 +9,7 @@ import pytest
 from kun_dagster import cli
 from kun_dagster.store import upath
 
-from .conftest import CORPUS, MODELS, REPO, assert_fresh, given_models, write_config
+from .conftest import CORPUS, MODELS, REPO, assert_fresh, given_models, kill_kun_run_when, write_config
 
 
 def test_validate_names_every_problem_before_a_run(tmp_path, capsys):
@@ -67,11 +67,6 @@ def test_a_failing_stage_is_reported_as_what_failed(models_run, tmp_path, monkey
 
 @pytest.mark.slow
 def test_a_killed_kun_run_is_recovered_by_the_next(models_run, tmp_path, monkeypatch, capsys):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     import dagster as dg
 
@@ -79,22 +74,8 @@ def test_a_killed_kun_run_is_recovered_by_the_next(models_run, tmp_path, monkeyp
 
     cfg = write_config(tmp_path, shards=1, **{**given_models(models_run), "storage.checkpoint_rows": 1})
     home = tmp_path / "home"
-    env = {**os.environ, "DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg)}
     staging = storage.staging_dir(upath(str(tmp_path / "data")), "labeled_pairs", {"source": "wudao", "shard": "0"})
-    first = subprocess.Popen(
-        [sys.executable, "-m", "kun_dagster.cli", "run", "--config", str(cfg), "--source", "wudao", "--progress", "off"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while len(list(staging.glob("generate-*.parquet"))) < 2:
-        assert first.poll() is None, f"kun run ended before it could be killed: {first.stderr.read().decode()[-2000:]}"
-        assert time.time() < deadline, "no labeled_pairs batch within 300 s"
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)  # Ctrl-\\, an OOM kill, a closed laptop
-    first.wait(30)
+    kill_kun_run_when(cfg, home, lambda: len(list(staging.glob("generate-*.parquet"))) >= 2, "labeled_pairs batch")
     finished = len(list(staging.glob("generate-*.parquet")))
     with dg.DagsterInstance.from_config(str(home)) as instance:
         dead = [r for r in instance.get_runs() if r.status == dg.DagsterRunStatus.STARTED]

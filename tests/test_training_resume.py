@@ -86,26 +86,13 @@ def test_a_killed_kun_run_resumes_the_fine_tuning_it_was_killed_in(tmp_path, mon
 
     from kun_dagster import cli
 
-    from .conftest import write_config
+    from .conftest import kill_kun_run_when, write_config
 
     cfg = write_config(tmp_path, shards=1, **{"models.label.train.save_steps": 5})
     home = tmp_path / "home"
-    env = {**os.environ, "DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg), "TOKENIZERS_PARALLELISM": "false"}
-    first = subprocess.Popen(
-        [sys.executable, "-m", "kun_dagster.cli", "run", "--config", str(cfg), "--source", "wudao", "--progress", "off"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
     models = tmp_path / "data" / "models"
-    deadline = time.time() + 600
-    while not any(training.last_checkpoint(d / "_trainer") for d in models.glob(".label.train-*")):
-        assert first.poll() is None, f"kun run ended before it could be killed: {first.stderr.read().decode()[-2000:]}"
-        assert time.time() < deadline, "no label-model checkpoint within 600 s"
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(30)
+    checkpointed = lambda: any(training.last_checkpoint(d / "_trainer") for d in models.glob(".label.train-*"))  # noqa: E731
+    kill_kun_run_when(cfg, home, checkpointed, "label-model checkpoint", timeout=600)
 
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("KUN_CONFIG", str(cfg))
