@@ -159,12 +159,15 @@ def kill_kun_run_when(cfg: Path, home: Path, ready, what: str, timeout: float = 
         start_new_session=True,
     )
     deadline = time.time() + timeout
-    while not ready():
-        assert proc.poll() is None, f"kun run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        assert time.time() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
+    try:
+        while not ready():
+            assert proc.poll() is None, f"kun run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            assert time.time() < deadline, f"no {what} within {timeout:.0f} s"
+            time.sleep(0.05)
+    finally:  # also when the wait fails or the test is interrupted: no kun run outlives its test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
 
 
 def given_models(models_run) -> dict[str, str]:

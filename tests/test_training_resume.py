@@ -47,16 +47,21 @@ def test_a_killed_fine_tuning_resumes_from_its_last_checkpoint(models_run, tmp_p
         start_new_session=True,
     )
     deadline = time.time() + 300
-    while True:  # kill it once it has saved a checkpoint past step 20
-        done = [training.last_checkpoint(d / "_trainer") for d in out.parent.glob(".label.train-*")]
-        saved = max((int(c.name.rsplit("-", 1)[1]) for c in done if c), default=0)
-        if saved >= 20:
-            break
-        assert proc.poll() is None, f"the fine-tuning ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        assert time.time() < deadline, "no checkpoint past step 20 within 300 s"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
+    try:
+        while True:  # kill it once it has saved a checkpoint past step 20
+            done = [training.last_checkpoint(d / "_trainer") for d in out.parent.glob(".label.train-*")]
+            saved = max((int(c.name.rsplit("-", 1)[1]) for c in done if c), default=0)
+            if saved >= 20:
+                break
+            assert proc.poll() is None, f"the fine-tuning ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            assert time.time() < deadline, "no checkpoint past step 20 within 300 s"
+            time.sleep(0.05)
+    finally:  # also when the wait fails: no fine-tuning outlives its test
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
     assert not out.exists()  # nothing published by the killed run
 
     resumed = training.fine_tune(base, out, examples, TrainSettings(**SETTINGS), "label")
