@@ -147,27 +147,27 @@ def dagster_dev(env: dict, log: Path, port: int):
                 pass
 
 
-def kill_kun_run_when(cfg: Path, home: Path, ready, what: str, timeout: float = 300) -> None:
-    """Start `kun run --source wudao` on `cfg` in a process group of its own and SIGKILL the group
-    once `ready()` holds (as an OOM kill or a closed laptop would), failing if it ends first."""
-    env = {**os.environ, "DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kun_dagster.cli", "run", "--config", str(cfg), "--source", "wudao", "--progress", "off"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+def kill_when(argv: list[str], env: dict, ready, what: str, timeout: float = 300) -> None:
+    """Start `argv` in a process group of its own and SIGKILL the group once `ready()` holds (as an
+    OOM kill or a closed laptop would), failing if it ends first."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + timeout
     try:
         while not ready():
-            assert proc.poll() is None, f"kun run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            assert proc.poll() is None, f"the process ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
             assert time.time() < deadline, f"no {what} within {timeout:.0f} s"
             time.sleep(0.05)
-    finally:  # also when the wait fails or the test is interrupted: no kun run outlives its test
+    finally:  # also when the wait fails or the test is interrupted: nothing outlives its test
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
+
+
+def kill_kun_run_when(cfg: Path, home: Path, ready, what: str, timeout: float = 300) -> None:
+    """`kun run --source wudao` on `cfg`, SIGKILLed once `ready()` holds."""
+    env = {**os.environ, "DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg), "TOKENIZERS_PARALLELISM": "false"}
+    argv = [sys.executable, "-m", "kun_dagster.cli", "run", "--config", str(cfg), "--source", "wudao", "--progress", "off"]
+    kill_when(argv, env, ready, what, timeout)
 
 
 def given_models(models_run) -> dict[str, str]:

@@ -3,10 +3,7 @@ checkpoint, and ends with the weights an uninterrupted fine-tuning gives; throug
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ from safetensors.numpy import load_file
 from kun_dagster import training
 from kun_dagster.config import TrainSettings
 
-from .conftest import REPO
+from .conftest import REPO, kill_when
 
 pytestmark = pytest.mark.slow
 
@@ -40,28 +37,16 @@ def test_a_killed_fine_tuning_resumes_from_its_last_checkpoint(models_run, tmp_p
     examples = training.chat_examples(seeds)[:80]  # 3 epochs of 40 steps
     out = tmp_path / "killed" / "label"
     args = json.dumps({"base": base, "out": str(out), "examples": examples, "settings": SETTINGS}, ensure_ascii=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, args],
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    try:
-        while True:  # kill it once it has saved a checkpoint past step 20
-            done = [training.last_checkpoint(d / "_trainer") for d in out.parent.glob(".label.train-*")]
-            saved = max((int(c.name.rsplit("-", 1)[1]) for c in done if c), default=0)
-            if saved >= 20:
-                break
-            assert proc.poll() is None, f"the fine-tuning ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-            assert time.time() < deadline, "no checkpoint past step 20 within 300 s"
-            time.sleep(0.05)
-    finally:  # also when the wait fails: no fine-tuning outlives its test
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(30)
+    saved = []
+
+    def checkpointed() -> bool:  # a checkpoint past step 20
+        done = [training.last_checkpoint(d / "_trainer") for d in out.parent.glob(".label.train-*")]
+        saved.append(max((int(c.name.rsplit("-", 1)[1]) for c in done if c), default=0))
+        return saved[-1] >= 20
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    kill_when([sys.executable, "-c", SCRIPT, args], env, checkpointed, "checkpoint past step 20")
+    saved = saved[-1]
     assert not out.exists()  # nothing published by the killed run
 
     resumed = training.fine_tune(base, out, examples, TrainSettings(**SETTINGS), "label")
