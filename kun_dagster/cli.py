@@ -251,9 +251,15 @@ def _preflight(cfg, offline: bool) -> bool:
     return not found
 
 
+FULL_DEMO = {"KUN__iterations": "2", "KUN__evaluation": "on"}  # what `kun demo --full` adds to kun.yaml
+
+
 def run(args: argparse.Namespace, demo: bool = False) -> int:
     from dagster import DagsterInstance
 
+    if demo and args.full:  # environment overrides, so that every read of the config (steps included) sees them
+        for key, value in FULL_DEMO.items():
+            os.environ.setdefault(key, value)
     loaded = _load(args)
     if loaded is None or not _preflight(loaded[1], args.offline):
         return BAD_INPUT
@@ -281,7 +287,7 @@ def run(args: argparse.Namespace, demo: bool = False) -> int:
             f"to get it: cp {instance_yaml} {home}/",
             file=sys.stderr,
         )
-    progress.show(args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
+    progress.show(progress.mode(args.progress, sys.stdout.isatty(), sys.stderr.isatty()))
     from .definitions import build_definitions
 
     defs = build_definitions(cfg_file)
@@ -322,7 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--source", action="append", help="only this source (repeatable); default: every source")
         sp.add_argument("--dagster-home", default=".dagster_home", help="where runs are recorded, unless $DAGSTER_HOME is set")
         sp.add_argument("--force", action="store_true", help="make every asset again, also those that are up to date")
-        sp.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="progress bars on stderr (auto: on a terminal)")
+        sp.add_argument(
+            "--progress",
+            choices=["auto", "bars", "lines", "off", "on"],
+            default="auto",
+            help="bars on stderr, or plain lines on stdout at least every 30 s (auto: bars on a terminal, lines in a log; on: bars)",
+        )
         sp.add_argument("--offline", action="store_true", help="skip the checks that need the network (remote sources, models, store)")
         sp.add_argument("--debug", action="store_true", help="Dagster's own log and full tracebacks")
         sp.add_argument("--log-level", default="INFO", help="Dagster console log level with --debug")
@@ -332,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(fn=run)
     d = sub.add_parser("demo", help="kun run on the embedded default: demo corpora, tiny models trained here")
     graph_options(d)
+    d.add_argument("--full", action="store_true", help="also Humpback's second round and the evaluation (iterations 2, evaluation on)")
     d.set_defaults(fn=lambda a: run(a, demo=True))
     v = sub.add_parser("validate", help="check a config: keys, source globs, seed file, given models, store")
     v.add_argument("--config")

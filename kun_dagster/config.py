@@ -196,6 +196,8 @@ class TinyBaseSettings(_Section):
     intermediate_size: int = Field(256, ge=8)
     max_position_embeddings: int = Field(2048, ge=128)
     pretrain_epochs: float = Field(4, ge=0)
+    block_size: int = Field(64, ge=16, description="tokens per pre-training example: the texts packed end to end, no padding")
+    batch_size: int = Field(8, ge=1, description="pre-training examples (blocks) per step")
     pretrain_docs: int = Field(20000, ge=0, description="corpus documents (at most) it is pre-trained on, with the seeds")
     learning_rate: float = Field(3e-3, gt=0)
     seed: int = 0
@@ -206,6 +208,8 @@ class TinyBaseSettings(_Section):
             raise ValueError("hidden_size / num_heads must be a whole number >= 32 (vLLM's CPU backend needs head_dim >= 32)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.block_size > self.max_position_embeddings:
+            raise ValueError("block_size must be at most max_position_embeddings")
         return self
 
 

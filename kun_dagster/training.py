@@ -117,6 +117,8 @@ def _training_args(out: Path, *, epochs: float, lr: float, batch: int, seed: int
         save_strategy="steps" if settings and settings.save_steps else "no",
         save_steps=settings.save_steps if settings and settings.save_steps else 500,
         save_total_limit=1,  # the newest complete checkpoint; the one before is deleted only after it
+        # SFT batches of like lengths: less padding to compute through (pre-training blocks have none)
+        train_sampling_strategy="group_by_length" if settings else "random",
         report_to=[],
         logging_steps=10,
         disable_tqdm=True,
@@ -171,13 +173,80 @@ def sft_features(tokenizer, user: str, assistant: str, max_length: int, keep_sys
     return {"input_ids": ids, "labels": [-100] * min(len(p_ids), len(ids)) + ids[len(p_ids) :]}
 
 
+def pack(docs: list[list[int]], block_size: int) -> list[dict]:
+    """Language-model examples of `block_size` tokens: the documents end to end, as GPT-style
+    pre-training packs them, with position ids that restart at each document, so that attention
+    stays within one (transformers builds that mask from the positions) and a text is learned as
+    the perplexity filter reads it, alone. No token is padding. A document longer than what is
+    left of a block goes on in the next one, its positions running on; the last, short block is
+    dropped unless it is the only one."""
+    ids: list[int] = []
+    pos: list[int] = []
+    for doc in docs:
+        ids.extend(doc)
+        pos.extend(range(len(doc)))
+    n = len(ids) // block_size * block_size or len(ids)
+    return [{"input_ids": ids[i : i + block_size], "position_ids": pos[i : i + block_size]} for i in range(0, n, block_size)]
+
+
+def _blocks(batch: list[dict]) -> dict:
+    """Collate packed blocks (all of one length): labels are the inputs."""
+    import torch
+
+    ids = torch.tensor([b["input_ids"] for b in batch])
+    return {"input_ids": ids, "position_ids": torch.tensor([b["position_ids"] for b in batch]), "labels": ids.clone()}
+
+
+class ReplyBatches:
+    """Collate SFT examples left-padded, so that every reply ends its row, and ask the model for
+    logits over the last K positions only (K: what the longest reply needs, from the token before
+    its first labelled one): the LM head, most of a small model's compute, runs where the loss is,
+    not over the prompt. Position ids count from each row's first real token, so the batch is the
+    same computation as a right-padded one (tests/test_training.py compares loss and gradients).
+    A model whose forward takes no logits_to_keep gets right-padded batches and every logit."""
+
+    def __init__(self, tokenizer, model):
+        import inspect
+
+        from transformers import DataCollatorForSeq2Seq
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = 0 if pad is None else pad
+        forward = getattr(model, "get_base_model", lambda: model)().forward
+        self.tail_only = "logits_to_keep" in inspect.signature(forward).parameters
+        self.fallback = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        if not self.tail_only:
+            return self.fallback([{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batch])
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        keep = 1
+        for row, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[row, width - n :] = torch.tensor(b["input_ids"])
+            labels[row, width - n :] = torch.tensor(b["labels"])
+            mask[row, width - n :] = 1
+            positions[row, width - n :] = torch.arange(n)
+            first = next((i for i, t in enumerate(b["labels"]) if t != -100), n)
+            keep = max(keep, n - first + 1)
+        # logits at the last `keep` positions predict the labels one to their right: the loss
+        # shifts the labels it is given, so it is given the same last `keep` of them
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels[:, -keep:], "logits_to_keep": keep}
+
+
 def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSettings) -> TrainReport:
     """The embedded default's base: a tokenizer trained on `texts`, a small Qwen2 config, and a
     short language-model pre-training on the same texts so that perplexity means something."""
     import time
 
     import torch
-    from transformers import DataCollatorForLanguageModeling, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     t0 = time.time()
     final = Path(out_dir)
@@ -201,11 +270,11 @@ def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSet
     loss, curve = None, []
     if settings.pretrain_epochs > 0:
         eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        examples = [{"input_ids": tokenizer(t)["input_ids"][: settings.max_position_embeddings - 1] + [eos]} for t in texts]
-        args = _training_args(tmp, epochs=settings.pretrain_epochs, lr=settings.learning_rate, batch=8, seed=settings.seed)
-        model, loss, curve = _train(
-            model, tokenizer, examples, args, DataCollatorForLanguageModeling(tokenizer, mlm=False), what="base_model pre-training"
+        examples = pack([tokenizer(t)["input_ids"] + [eos] for t in texts], settings.block_size)
+        args = _training_args(
+            tmp, epochs=settings.pretrain_epochs, lr=settings.learning_rate, batch=settings.batch_size, seed=settings.seed
         )
+        model, loss, curve = _train(model, tokenizer, examples, args, _blocks, what="base_model pre-training")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp)
@@ -307,7 +376,7 @@ def fine_tune(
     import time
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not examples:
         raise ValueError(f"{role}: no training examples")
@@ -332,8 +401,9 @@ def fine_tune(
     args = _training_args(
         tmp, epochs=settings.epochs, lr=settings.learning_rate, batch=settings.batch_size, seed=settings.seed, settings=settings
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    model, loss, curve = _train(model, tokenizer, data, args, collator, peft_config, what=f"{role}_model fine-tuning", resume=resume)
+    model, loss, curve = _train(
+        model, tokenizer, data, args, ReplyBatches(tokenizer, model), peft_config, what=f"{role}_model fine-tuning", resume=resume
+    )
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(tmp / "_trainer", ignore_errors=True)
