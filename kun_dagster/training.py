@@ -76,10 +76,18 @@ def _resumable_staging(final: Path, role: str, what: list) -> Path:
 
 def last_checkpoint(trainer_dir: Path) -> Path | None:
     """The Trainer's latest complete checkpoint: it writes the trainer state last, so a folder
-    without one was cut short by a kill."""
+    without one, or with one a kill cut short mid-write (not JSON), is skipped; the one before it
+    is still there (the Trainer deletes old checkpoints only after saving a new one)."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    done = [p for p in trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (p / "trainer_state.json").is_file()]
+    def complete(p: Path) -> bool:
+        try:
+            json.loads((p / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return True
+
+    done = [p for p in trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if complete(p)]
     return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 

@@ -105,3 +105,14 @@ def test_reply_batches_fall_back_to_every_logit_for_a_model_without_logits_to_ke
     assert not reply.tail_only
     got = reply(sft_examples(0, 3))
     assert "logits_to_keep" not in got and got["labels"].shape == got["input_ids"].shape
+
+
+def test_a_checkpoint_whose_state_a_kill_cut_short_is_not_resumed_from(tmp_path):
+    """The Trainer writes trainer_state.json last; a SIGKILL during that write leaves it empty or
+    cut, and the checkpoint before it (deleted only after a new one is saved) is the one to resume."""
+    for step, state in [(10, '{"global_step": 10}'), (20, ""), (30, '{"global_st')]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-40").mkdir()  # the weights begun, no state yet
+    assert training.last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert training.last_checkpoint(tmp_path / "none") is None
