@@ -208,3 +208,33 @@ def test_a_second_kun_run_makes_only_what_is_missing_or_stale(models_run, tmp_pa
     assert cli.main(["run", "--config", str(cfg), "--progress", "off", "--force"]) == cli.OK
     forced = _delta(grown, _made(home))
     assert forced["raw_corpus"] == 2 and forced["polished_pairs"] == 2 and forced["instruction_dataset"] == 1
+
+
+def test_demo_full_turns_on_the_rounds_and_the_evaluation_for_every_read_of_the_config(tmp_path, monkeypatch):
+    """`kun demo` is Kun's single pass (kun.yaml); `--full` adds Humpback's second round and the
+    evaluation through the environment, so the steps' own reads of the config see them too; a
+    value the user set stays."""
+    from kun_dagster.config import load_config
+
+    seen = {}
+
+    cfg = write_config(tmp_path, **{"iterations": 1, "evaluation": {"enabled": False}})
+
+    def load(args):
+        seen[args.full] = load_config(cfg)
+        return None  # stop before running anything
+
+    monkeypatch.setattr(cli, "_load", load)
+    for var in cli.FULL_DEMO:
+        monkeypatch.delenv(var, raising=False)
+    assert cli.main(["demo", "--progress", "off"]) == cli.BAD_INPUT
+    assert seen[False].iterations == 1 and not seen[False].evaluation.enabled
+    assert cli.main(["demo", "--full", "--progress", "off"]) == cli.BAD_INPUT
+    assert seen[True].iterations == 2 and seen[True].evaluation.enabled
+    monkeypatch.setenv("KUN__iterations", "3")
+    assert cli.main(["demo", "--full", "--progress", "off"]) == cli.BAD_INPUT
+    assert seen[True].iterations == 3
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "kun.yaml").read_text())
+    assert shipped["iterations"] == 1 and shipped["evaluation"] in (False, "off")  # the demo's default: minutes, not ten
