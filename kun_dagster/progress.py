@@ -95,10 +95,10 @@ def show(on: bool | str = True, interval: float = INTERVAL, out: TextIO | None =
     """From now on in this process (the CLI runs Dagster's steps in-process): `bars` (or True),
     `lines` every `interval` seconds to `out` (default stdout), or `off` (or False)."""
     global _mode, _interval, _out, _last
-    mode = BARS if on is True else OFF if on is False else on
-    if mode not in (OFF, BARS, LINES):
+    chosen = BARS if on is True else OFF if on is False else on
+    if chosen not in (OFF, BARS, LINES):
         raise ValueError(f"progress: {on!r} is not one of {OFF}, {BARS}, {LINES}")
-    _mode, _interval, _out, _last = mode, interval, out, time.monotonic()
+    _mode, _interval, _out, _last = chosen, interval, out, time.monotonic()
 
 
 def mode(choice: str, stdout_tty: bool, stderr_tty: bool) -> str:

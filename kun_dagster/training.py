@@ -278,7 +278,7 @@ def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSet
     loss, curve = None, []
     if settings.pretrain_epochs > 0:
         eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        examples = pack([tokenizer(t)["input_ids"] + [eos] for t in texts], settings.block_size)
+        examples = pack([tokenizer(t)["input_ids"][: settings.max_position_embeddings - 1] + [eos] for t in texts], settings.block_size)
         args = _training_args(
             tmp, epochs=settings.pretrain_epochs, lr=settings.learning_rate, batch=settings.batch_size, seed=settings.seed
         )

@@ -23,7 +23,7 @@ import yaml
 from kun_dagster import storage
 from kun_dagster.store import upath
 
-from .conftest import MODELS, REPO, dagster_dev, free_port, given_models, wait_for, write_config
+from .conftest import CORPUS, MODELS, REPO, dagster_dev, free_port, given_models, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 KEY = "wudao|0"
@@ -35,7 +35,7 @@ defs = build_definitions(sys.argv[1])
 for selection, key in json.loads(sys.argv[2]):
     assert dg.materialize(list(defs.assets), selection=selection, resources=defs.resources, partition_key=key).success
 """
-HEAD = ["raw_corpus", "filtered_corpus", "minhash_signatures", "duplicate_clusters", "deduped_corpus"]
+HEAD = CORPUS[: CORPUS.index("deduped_corpus") + 1]  # ingest to dedupe: what labeled_pairs reads
 
 
 def _in_subprocess(cfg: Path, *runs: tuple[list[str], str | None]) -> None:
