@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 a stage or a blocking check failed, 2 bad config or input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -254,12 +255,28 @@ def _preflight(cfg, offline: bool) -> bool:
 FULL_DEMO = {"KUN__iterations": "2", "KUN__evaluation": "on"}  # what `kun demo --full` adds to kun.yaml
 
 
+@contextlib.contextmanager
+def _defaults(env: dict[str, str]):
+    """Set the variables the caller has not set, for the time of the block: the steps run in this
+    process and read them; a caller that goes on (a test, a notebook) gets its environment back."""
+    added = [key for key in env if key not in os.environ]
+    os.environ.update({key: env[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def run(args: argparse.Namespace, demo: bool = False) -> int:
+    # --full as environment overrides, so that every read of the config (steps included) sees them
+    with _defaults(FULL_DEMO if demo and args.full else {}):
+        return _run(args, demo)
+
+
+def _run(args: argparse.Namespace, demo: bool) -> int:
     from dagster import DagsterInstance
 
-    if demo and args.full:  # environment overrides, so that every read of the config (steps included) sees them
-        for key, value in FULL_DEMO.items():
-            os.environ.setdefault(key, value)
     loaded = _load(args)
     if loaded is None or not _preflight(loaded[1], args.offline):
         return BAD_INPUT

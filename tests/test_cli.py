@@ -2,6 +2,7 @@
 long run (exit 2), a failing stage reported as what failed, without a traceback (exit 1), a killed
 run finished by the next, and a second run that makes only what is missing or stale."""
 
+import os
 import shutil
 
 import pytest
@@ -231,9 +232,11 @@ def test_demo_full_turns_on_the_rounds_and_the_evaluation_for_every_read_of_the_
     assert seen[False].iterations == 1 and not seen[False].evaluation.enabled
     assert cli.main(["demo", "--full", "--progress", "off"]) == cli.BAD_INPUT
     assert seen[True].iterations == 2 and seen[True].evaluation.enabled
+    assert not any(var in os.environ for var in cli.FULL_DEMO)  # the caller gets its environment back
     monkeypatch.setenv("KUN__iterations", "3")
     assert cli.main(["demo", "--full", "--progress", "off"]) == cli.BAD_INPUT
-    assert seen[True].iterations == 3
+    assert seen[True].iterations == 3 and os.environ["KUN__iterations"] == "3"
+    assert "KUN__evaluation" not in os.environ
     import yaml
 
     shipped = yaml.safe_load((REPO / "kun.yaml").read_text())
