@@ -65,12 +65,11 @@ def checkpointed(kun, asset: str, key, engine) -> Checkpointed:
     )
 
 
-def staged_sink(kun, asset: str, key) -> storage.ParquetSink:
-    """A sink that streams the partition's rows into a file in its staging folder; the IO manager
-    publishes it with one rename once the step has succeeded."""
-    return storage.ParquetSink(
-        storage.staging_dir(kun.base, asset, hive(key)) / f"rows-{uuid.uuid4().hex[:12]}.parquet", schemas.arrow_schema(asset)
-    )
+def staged_sink(kun, asset: str, key, quarantine: bool = False) -> storage.ParquetSink:
+    """A sink that streams the partition's rows (or its quarantine rows) into a file in its staging
+    folder; the IO manager publishes it with one rename once the step has succeeded."""
+    what, schema = ("quarantine", schemas.QUARANTINE) if quarantine else ("rows", schemas.arrow_schema(asset))
+    return storage.ParquetSink(storage.staging_dir(kun.base, asset, hive(key)) / f"{what}-{uuid.uuid4().hex[:12]}.parquet", schema)
 
 
 def schema_of(df: pd.DataFrame | pa.Schema) -> dg.TableSchema:
@@ -104,8 +103,8 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
     part = hive(key)
     source, shard = part["source"], part["shard"]
     qdir = storage.quarantine_dir(kun.base, asset, part)
-    for reason, n in result.dropped["reason"].value_counts().items():
-        sample = result.dropped[result.dropped["reason"] == reason].iloc[0]
+    n_dropped = storage.row_count(result.dropped)
+    for reason, (n, sample) in storage.by_reason(result.dropped).items():
         context.log.warning(
             f"{asset} {source}/{shard}: quarantined {n} row(s) as {reason}, e.g. "
             f"file {sample['file']} row {sample['row']}: {sample['detail']}"
@@ -119,14 +118,12 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
         **_flat(result.stats),
     }
     if versions.find(asset) is not None:  # a dataset version has a quarantine; the dedup indices drop nothing
-        md.update({"quarantine_path": dg.MetadataValue.path(str(qdir)), "quarantined": len(result.dropped)})
+        md.update({"quarantine_path": dg.MetadataValue.path(str(qdir)), "quarantined": n_dropped})
     if engine is not None:  # which engine wrote these rows: vllm or transformers, and the model
         md["engine"] = f"{engine.backend}: {engine.model_name}"
         md.update(getattr(engine, "stats", {}))  # checkpoint batches reused / computed
     if len(head):
         md["preview"] = table(head)
     context.add_asset_metadata(md, partition_key=key)
-    context.log.info(
-        f"{asset} {source}/{shard}: {result.stats.get('rows_in')} in, {md['dagster/row_count']} out, {len(result.dropped)} quarantined"
-    )
+    context.log.info(f"{asset} {source}/{shard}: {result.stats.get('rows_in')} in, {md['dagster/row_count']} out, {n_dropped} quarantined")
     return result

@@ -41,13 +41,20 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource):
         """Every document of the partition's files (a file's shard is a stable hash of its path),
         streamed in batches; unreadable rows go to the quarantine with a reason code, file and row.
-        Config: sources (uri, format, encoding, fields), shards, storage.batch_rows."""
+        Config: sources (uri, format, encoding, fields), shards, ingest (size limits), storage.batch_rows."""
         out = {}
         for key in context.partition_keys:
             part = hive(key)
             source_name, shard = part["source"], int(part["shard"])
             try:
-                result = stages.ingest(kun.config, source_name, shard, kun.store, staged_sink(kun, versions.RAW, key))
+                result = stages.ingest(
+                    kun.config,
+                    source_name,
+                    shard,
+                    kun.store,
+                    staged_sink(kun, versions.RAW, key),
+                    quarantine=staged_sink(kun, versions.RAW, key, quarantine=True),
+                )
             except CorpusError as e:
                 raise dg.Failure(str(e), allow_retries=False) from e
             out[key] = report_stage(context, kun, versions.RAW, key, result)

@@ -70,14 +70,24 @@ def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
             for line in results[source].stats["mixed_versions"]:
                 context.log.warning(f"{name} {source}: mixed versions: {line}")
             _report(context, kun, name, source, results[source], cards[source], k)
-        published = False
-        for event in checks.gate(context, kun, name, results):  # all sources' records hold, or none is released
-            published |= isinstance(event, dg.Output)
-            yield event
-        if published:  # the Parquet partitions are in place: the JSONL copies and cards go beside them
+        mixed = [f"{s}: {line}" for s, r in results.items() for line in r.stats["mixed_versions"]]
+        if mixed and c.dataset.mixed_versions == "block":  # what the card would flag, refused outright
+            raise dg.Failure(
+                f"{name} not released: its inputs were made under another config or model ("
+                + "; ".join(mixed[:5])
+                + (f"; and {len(mixed) - 5} more" if len(mixed) > 5 else "")
+                + "). Re-materialize the stale partitions (`kun run` does; the UI marks them), "
+                "or set dataset.mixed_versions: warn to release it flagged.",
+                allow_retries=False,
+            )
+        folders = {source: dataset.release_dir(kun.base, source, k, c.iterations) for source in results}
+
+        def publish() -> None:  # the JSONL copies and cards of every source, before the output is recorded
+            dataset.publish_releases({folders[s]: (r.rows, cards[s]) for s, r in results.items()}, context.run_id)
             for source, result in results.items():
-                out = dataset.publish_release(dataset.release_dir(kun.base, source, k, c.iterations), result.rows, cards[source])
-                context.log.info(f"{name} {source}: {len(result.rows)} records -> {out}")
+                context.log.info(f"{name} {source}: {len(result.rows)} records -> {folders[source]}")
+
+        yield from checks.gate(context, kun, name, results, publish)  # all sources' records hold, or none is released
 
     return instruction_dataset
 

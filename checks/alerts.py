@@ -27,8 +27,21 @@ def run_url(run_id: str) -> str:
     return f"{os.environ.get(UI_ENV, 'http://localhost:3000').rstrip('/')}/runs/{run_id}"
 
 
+def _redacted(text: str) -> str:
+    """The alert without a credential: those of the config the code location runs ($KUN_CONFIG)
+    and of the environment, and URI passwords."""
+    from kun_dagster.config import load_config
+    from kun_dagster.secrets import mask_uris, redact, secret_values
+
+    try:
+        return redact(text, secret_values(load_config(os.environ["KUN_CONFIG"])))
+    except Exception:  # noqa: BLE001 - no config to read: still no URI password
+        return mask_uris(text)
+
+
 def post(text: str, log) -> bool:
     """Send one alert; False (and a log line) when no webhook is set or the post fails."""
+    text = _redacted(text)
     url = os.environ.get(WEBHOOK_ENV)
     if not url:
         log.warning(f"alert (no ${WEBHOOK_ENV} set, so only logged): {text}")

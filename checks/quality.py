@@ -114,10 +114,14 @@ def log_failures(context, asset: str, results: list[dg.AssetCheckResult]) -> Non
             log(f"{asset} check {r.check_name} failed: {r.description}")
 
 
-def gate(context: dg.AssetExecutionContext, kun, asset: str, results: dict):
+def gate(context: dg.AssetExecutionContext, kun, asset: str, results: dict, publish=None):
     """Yield the asset's output only when its schema passed, then every check result (a failed
-    blocking check fails the step: nothing of it is published, nothing downstream runs)."""
+    blocking check fails the step: nothing of it is published, nothing downstream runs).
+    `publish`: what else the asset writes (the release files), done before the output is recorded,
+    so a failure there leaves the asset unrecorded and the next run makes it again."""
     check_results = evaluate(context, kun, asset, results)
     if check_results[0].passed:
+        if publish is not None:
+            publish()
         yield dg.Output(results)
     yield from check_results

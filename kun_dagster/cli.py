@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from . import progress
+from .secrets import mask_uris
 
 OK, FAILED, BAD_INPUT = 0, 1, 2
 MODEL_ASSETS = ["seed_data", "base_model", "label_model", "chat_model"]
@@ -52,7 +53,10 @@ def _report(result, cfg, base, home: Path, debug: bool) -> None:
     offending rows with file:row, then where the quarantine and the UI are."""
     import dagster as dg
 
-    say = lambda line="": print(line, file=sys.stderr)  # noqa: E731
+    from .secrets import redact, secret_values
+
+    hidden = secret_values(cfg)
+    say = lambda line="": print(redact(line, hidden), file=sys.stderr)  # noqa: E731 - no credential reaches a terminal or a CI log
     for ev in result.get_asset_check_evaluations():
         if ev.passed or ev.severity != dg.AssetCheckSeverity.ERROR:
             continue
@@ -309,7 +313,7 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
 
     defs = build_definitions(cfg_file)
     cmd = "demo" if demo else "run"
-    print(f"kun {cmd}: config {cfg_file}, sources {', '.join(sources)}, storage {cfg.base_uri}, DAGSTER_HOME {home}", flush=True)
+    print(f"kun {cmd}: config {cfg_file}, sources {', '.join(sources)}, storage {mask_uris(cfg.base_uri)}, DAGSTER_HOME {home}", flush=True)
     t0 = time.time()
     with DagsterInstance.get() as instance:
         from checks.recovery import recover  # runs of this host killed earlier: failed, their gpu slots freed
@@ -330,7 +334,7 @@ def validate(args: argparse.Namespace) -> int:
     if loaded is None or not _preflight(loaded[1], args.offline):
         return BAD_INPUT
     cfg = loaded[1]
-    print(f"{cfg.origin}: ok ({len(cfg.sources)} sources x {cfg.shards} shards, storage {cfg.base_uri})")
+    print(f"{cfg.origin}: ok ({len(cfg.sources)} sources x {cfg.shards} shards, storage {mask_uris(cfg.base_uri)})")
     return OK
 
 

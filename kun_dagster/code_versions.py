@@ -11,7 +11,7 @@ import hashlib
 import json
 from importlib import metadata
 
-from . import dedup, evaluation, prompts
+from . import dedup, evaluation, prompts, secrets
 from .config import KunConfig, TrainSettings
 from .llm.factory import resolve_backend
 from .names import CHAT_MODEL, CLUSTERS, DATASET, DEDUPED, EVALUATION, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES, split_round
@@ -49,7 +49,7 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "base_model": (("models.base.path", "models.base.tiny", "sources", "shards"), ()),
     "label_model": (("models.label.path", "models.label.train", "models.keep_default_system"), ("label",)),
     "chat_model": (("models.chat.path", "models.chat.train", "models.keep_default_system"), ()),
-    RAW: (("sources", "shards"), ()),
+    RAW: (("sources", "shards", "ingest"), ()),
     FILTERED: (("filter", "dedup.exact"), ()),  # + the perplexity role's engine, added below
     SIGNATURES: (("dedup.ngram", "dedup.num_perm", "dedup.seed"), ()),
     CLUSTERS: (("dedup.exact", "dedup.near", "dedup.threshold", "dedup.scope", "sources"), ()),
@@ -108,6 +108,34 @@ def shaping(asset: str, cfg: KunConfig) -> dict:
     if asset == SIGNATURES:
         out["algorithm"] = dedup.ALGORITHM
     return out
+
+
+def data_keys() -> set[str]:
+    """Every kun.yaml key that shapes some asset's output: what a dataset card may publish."""
+    keys = {k for shaped, _ in (*SHAPES.values(), ROUND_CHAT) for k in shaped}
+    keys |= {k for role in ("base", "label", "chat") for k in _engine(role)}
+    return {k for k in keys if not any(k.startswith(other + ".") for other in keys)}  # "filter" covers "filter.max_tokens"
+
+
+def published_config(cfg: KunConfig) -> dict:
+    """The config as a card publishes it: only the keys that shape the data (storage, credentials,
+    engine_kwargs, deploy and checks are not among them), in kun.yaml's order, with credential-shaped
+    values and URI passwords masked all the same."""
+    keys = data_keys()
+
+    def pick(node, path: str):
+        if path in keys:
+            return secrets.published(node)
+        if not isinstance(node, dict):
+            return _SKIP
+        out = {k: pick(v, f"{path}.{k}" if path else k) for k, v in node.items()}
+        return {k: v for k, v in out.items() if v is not _SKIP} or _SKIP
+
+    picked = pick(cfg.model_dump(mode="json"), "")
+    return {} if picked is _SKIP else picked
+
+
+_SKIP = object()
 
 
 def code_version(asset: str, cfg: KunConfig) -> str:

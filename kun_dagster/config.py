@@ -124,6 +124,20 @@ class SourceConfig(_Section):
             raise ValueError(f"unknown encoding {name!r} (e.g. utf-8, gb18030, utf-16)") from None
 
 
+class IngestConfig(_Section):
+    """What one reader may hold at a time: a hostile or broken file (one 700 MB line, a gzip bomb)
+    costs its own rows, as quarantine rows, never the run's memory or the rest of its file."""
+
+    max_record_bytes: int = Field(
+        16 * 2**20, ge=1024, description="a jsonl line, a txt paragraph, a Parquet record's text (UTF-8); over: record_too_large"
+    )
+    max_file_bytes: int = Field(
+        256 * 2**20,
+        ge=1024,
+        description="a whole-file JSON (decompressed), a Parquet row group's columns read; over: file_too_large / row_group_too_large",
+    )
+
+
 class S3Settings(_Section):
     """How to reach S3 or an S3-compatible store (MinIO, Ceph, R2, ...): applies to every s3:// URI."""
 
@@ -299,6 +313,9 @@ class SeedConfig(_Section):
 
 class FilterConfig(_Section):
     max_tokens: int = Field(512, ge=1, description="under the label model's tokenizer")
+    max_doc_chars: int = Field(
+        100_000, ge=1, description="longer texts are dropped (text_too_long) before they are tokenized: bounds the tokenizer's memory"
+    )
     perplexity_max: float | None = Field(10.0, gt=1, description="None disables the filter")
     perplexity_model: Literal["base", "label"] = "base"
 
@@ -325,9 +342,18 @@ class DedupConfig(_Section):
     seed: int = 1
 
 
+def _keywords(words: list[str]) -> list[str]:
+    """An empty entry would match every text: refused, with the way to turn the filter off."""
+    if any(not w.strip() for w in words):
+        raise ValueError("an empty keyword would match every text; [] turns the filter off")
+    return words
+
+
 class LabelConfig(_Section):
-    banned_keywords: list[str] = Field(default_factory=lambda: list(KUN_INSTRUCTION_KEYWORDS))
+    banned_keywords: list[str] = Field(default_factory=lambda: list(KUN_INSTRUCTION_KEYWORDS), description="[]: no filter")
     whitespace_run: int = Field(5, ge=2, description="cut an instruction at a run of this many whitespace characters")
+
+    _no_empty = field_validator("banned_keywords")(_keywords)
 
 
 SCORE_METHODS = ("kun_choice", "kun_freetext", "humpback_choice", "humpback_freetext")
@@ -368,7 +394,7 @@ class ScoreConfig(_Section):
 
 class PolishConfig(_Section):
     prompt_token_budget: int = Field(512, ge=16)
-    banned_keywords: list[str] = Field(default_factory=lambda: list(KUN_OUTPUT_KEYWORDS))
+    banned_keywords: list[str] = Field(default_factory=lambda: list(KUN_OUTPUT_KEYWORDS), description="[]: no filter")
     min_output_chars: int = Field(20, ge=0)
     max_phrase_repeats: int = Field(6, ge=2, description="drop outputs that start with a phrase repeated this often")
     min_phrase_chars: int = Field(
@@ -377,6 +403,8 @@ class PolishConfig(_Section):
         description="a repeated phrase has at least this many characters, not all one character: ------, …… and 哈哈哈 are not phrases",
     )
     dedup_outputs: bool = True  # Humpback dedups; Kun does not
+
+    _no_empty = field_validator("banned_keywords")(_keywords)
 
 
 class _Switched(_Section):
@@ -431,6 +459,11 @@ class DatasetConfig(_Section):
     task_major: list[str] = Field(default_factory=lambda: ["问答"])
     answer_from: str = "llm"
     copyright: str = "Derived from the source corpus; check its licence before redistribution."
+    mixed_versions: Literal["block", "warn"] = Field(
+        "block",
+        description="a release over partitions made under another config or model (a single-asset materialization after a "
+        "change): block fails it, naming the stale partitions; warn releases it, the card and the one_version check say so",
+    )
 
 
 RETENTION = {
@@ -502,6 +535,7 @@ class KunConfig(_Section):
     sources: list[SourceConfig] = Field(min_length=1)
     shards: int = Field(4, ge=1, le=4096)
     storage: StorageConfig = StorageConfig()
+    ingest: IngestConfig = IngestConfig()
     seed: SeedConfig
     models: ModelsConfig = ModelsConfig()
     sampling: SamplingConfig = SamplingConfig()

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 
 import fsspec
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import SourceConfig
+from .config import IngestConfig, SourceConfig
 from .text import has_content
 
 DOC_COLUMNS = ["doc_id", "source", "shard", "file", "row", "title", "text"]
@@ -37,7 +39,11 @@ EMPTY_TEXT = "empty_text"  # nothing but spaces, control characters, escapes
 MISSING_ID = "missing_id"  # absent, null, empty, or not a string or number
 DUPLICATE_ID = "duplicate_id"  # an earlier document of the source has this id (the detail names where)
 EMPTY_FILE = "empty_file"  # zero bytes: no records (one row, so the file is seen)
-UNREADABLE_FILE = "unreadable_file"
+UNREADABLE_FILE = "unreadable_file"  # the file itself broke (a corrupt archive): the rows after it cannot be read
+RECORD_TOO_LARGE = "record_too_large"  # over ingest.max_record_bytes; the rest of the file is read
+FILE_TOO_LARGE = "file_too_large"  # a whole-file JSON over ingest.max_file_bytes
+ROW_GROUP_TOO_LARGE = "row_group_too_large"  # a Parquet row group whose columns read are over ingest.max_file_bytes
+RECORD_ERROR = "record_error"  # a record no rule expected broke the reader; the rest of the file is read
 
 
 class CorpusError(RuntimeError):
@@ -114,7 +120,10 @@ def _compression(path: str, source: SourceConfig) -> str | None:
 def _sample(raw: bytes | str | object, limit: int = 200) -> str:
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")
-    text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
+    try:
+        text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):  # nested too deep, a circular structure
+        text = repr(raw)[:limit]
     return _SURROGATE.sub("\ufffd", text[:limit])  # the quarantine itself must be writable as UTF-8
 
 
@@ -141,75 +150,197 @@ def _undecodable(text: str, source: SourceConfig) -> str | None:
     return f"bytes {' '.join(bad)} at character {m.start()} are not valid {source.encoding}"
 
 
-# A reader yields (row, record-or-None, reason, detail, raw) per record.
+# A reader yields (row, record-or-None, reason, detail, raw) per record. It holds one record at a
+# time, at most `limits.max_record_bytes` of it, and never raises for a record: only the file
+# itself (a corrupt archive, a lost connection) can end it early.
 Record = tuple[int, dict | None, str | None, str, object]
+_PIECE = 2**20  # characters read at a time past a record over the limit
 
 
-def _read_jsonl(f, source: SourceConfig) -> Iterator[Record]:
-    lines = io.TextIOWrapper(f, encoding=_codec(source), errors=_MARK, newline="\n")
-    for row, line in enumerate(lines, start=1):
-        line = line.rstrip("\r\n")
-        if not line.strip():
+def _lines(f, source: SourceConfig, limit: int) -> Iterator[tuple[int, str | None, str]]:
+    """(row, line without its ending or None when over `limit` bytes, first characters) per line.
+    Lines end at LF, CR LF or a lone CR (old Mac files). A line over the limit is read past in
+    pieces, never held whole."""
+    text = io.TextIOWrapper(f, encoding=_codec(source), errors=_MARK, newline=None)
+    row = 0
+    while line := text.readline(limit + 1):
+        row += 1
+        if line.endswith("\n"):
+            line = line[:-1]
+        elif len(line) > limit:  # more characters than the limit allows bytes: no need to see its end
+            while (piece := text.readline(_PIECE)) and not piece.endswith("\n"):
+                pass
+            yield row, None, line[:200]
             continue
-        bad = _undecodable(line, source)
-        if bad:
-            yield row, None, INVALID_ENCODING, bad, line
-            continue
-        try:
-            yield row, json.loads(line), None, "", line
-        except json.JSONDecodeError as e:
-            yield row, None, INVALID_JSON, str(e), line
+        yield (row, None, line[:200]) if _over(line, limit) else (row, line, line)
 
 
-def _read_json(f, source: SourceConfig) -> Iterator[Record]:
-    text = f.read().decode(_codec(source), errors=_MARK)
+def _over(text: str, limit: int) -> bool:
+    """More than `limit` bytes in UTF-8 (a character is at most 4 of them)."""
+    return len(text) > limit or (len(text) * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit)
+
+
+def _too_large(limit: int) -> str:
+    return f"longer than ingest.max_record_bytes ({limit:,} bytes); the rest of the file is read"
+
+
+def _big_int(digits: str) -> int | str:
+    """A JSON integer over Python's 4,300-digit limit stays its digits (a string), so a record with
+    one in a field nobody reads is still a document."""
+    return int(digits) if len(digits) <= 4000 else digits
+
+
+def _parse(text: str) -> tuple[object, str | None, str]:
+    """(value, None, "") or (None, invalid_json, why)."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
+        return json.loads(text, parse_int=_big_int), None, ""
+    except RecursionError:
+        return None, INVALID_JSON, "nested too deeply to parse"
+    except ValueError as e:  # JSONDecodeError among them
+        return None, INVALID_JSON, str(e)[:300]
+
+
+def _read_jsonl(f, source: SourceConfig, limits: IngestConfig) -> Iterator[Record]:
+    for row, line, head in _lines(f, source, limits.max_record_bytes):
+        if line is None:
+            yield row, None, RECORD_TOO_LARGE, _too_large(limits.max_record_bytes), head
+        elif not line.strip():
+            continue
+        elif bad := _undecodable(line, source):
+            yield row, None, INVALID_ENCODING, bad, line
+        else:
+            yield row, *_parse(line), line
+
+
+def _read_json(f, source: SourceConfig, limits: IngestConfig) -> Iterator[Record]:
+    raw = f.read(limits.max_file_bytes + 1)  # decompressed bytes: a small gzip can expand to any size
+    if len(raw) > limits.max_file_bytes:
+        yield (
+            0,
+            None,
+            FILE_TOO_LARGE,
+            f"whole file: over ingest.max_file_bytes ({limits.max_file_bytes:,} bytes); write it as jsonl",
+            raw[:200],
+        )
+        return
+    text = raw.decode(_codec(source), errors=_MARK)
+    del raw
+    data, reason, why = _parse(text)
+    if reason:
         bad = _undecodable(text, source)
-        yield 0, None, INVALID_ENCODING if bad else INVALID_JSON, f"whole file: {bad or e}", text
+        yield 0, None, INVALID_ENCODING if bad else reason, f"whole file: {bad or why}", text[:200]
         return
     if isinstance(data, dict):  # {"data": [...]} and similar wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]
     if not isinstance(data, list):
-        yield 0, None, NOT_AN_OBJECT, f"whole file: expected a list of objects, got {type(data).__name__}", text
+        yield 0, None, NOT_AN_OBJECT, f"whole file: expected a list of objects, got {type(data).__name__}", text[:200]
         return
+    del text
     for row, rec in enumerate(data, start=1):
         yield row, rec, None, "", rec
 
 
-def _read_parquet(f, source: SourceConfig) -> Iterator[Record]:
-    pf = pq.ParquetFile(f)
-    row = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for rec in batch.to_pylist():
-            row += 1
-            yield row, rec, None, "", rec
+def _columns(names: list[str], source: SourceConfig) -> list[str]:
+    """The top-level columns a source's fields live in (a dotted field in its first part's column,
+    unless a column holds the dotted name): the only ones read."""
+    wanted = [f for f in (source.text_field, source.id_field, source.title_field) if f]
+    return list(dict.fromkeys(f if f in names else f.split(".")[0] for f in wanted if f in names or f.split(".")[0] in names))
 
 
-_PARAGRAPH_BREAK = re.compile(r"\r?\n[ \t]*\r?\n")
+def _text_bytes(batch, source: SourceConfig) -> list[int] | None:
+    """Each row's text size in bytes, read from Arrow without making the strings (a top-level string
+    column, dictionary-encoded or not); None where the text is nested in another column."""
+    if source.text_field not in batch.schema.names:
+        return None
+    col = batch.column(source.text_field)
+    if pa.types.is_dictionary(col.type) and pa.types.is_string(col.type.value_type):
+        return pc.binary_length(col.dictionary).take(col.indices).fill_null(0).to_pylist()
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return pc.binary_length(col).fill_null(0).to_pylist()
+    return None
 
 
-def _read_txt(f, source: SourceConfig) -> Iterator[Record]:
-    """One document per blank-line-separated paragraph."""
-    text = f.read().decode(_codec(source), errors=_MARK)
-    for row, para in enumerate(_PARAGRAPH_BREAK.split(text), start=1):
-        if not para.strip():
+def _read_parquet(f, source: SourceConfig, limits: IngestConfig) -> Iterator[Record]:
+    """Only the columns the source's fields live in; a row group whose columns are over
+    max_file_bytes is not read; within one, rows are made into records at most max_file_bytes of text
+    at a time (a dictionary page can repeat one large text on every row) and a text over
+    max_record_bytes is quarantined without being made."""
+    pf = pq.ParquetFile(f, read_dictionary=[source.text_field])
+    cols = _columns(pf.schema_arrow.names, source)
+    meta, row = pf.metadata, 0
+    for g in range(pf.num_row_groups):
+        group = meta.row_group(g)
+        leaves = [group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema.split(".")[0] in cols]
+        size = sum(c.total_uncompressed_size for c in leaves)
+        if size > limits.max_file_bytes or not cols:  # each of its rows counted, none read
+            why = (
+                f"row group {g} (rows {row + 1}-{row + group.num_rows}): {size:,} bytes in {', '.join(cols)} > "
+                f"ingest.max_file_bytes ({limits.max_file_bytes:,}); rewrite the file with smaller row groups"
+            )
+            for _ in range(group.num_rows):
+                row += 1  # no column holds a field the source reads: every row lacks its text
+                yield (row, {}, None, "", {}) if not cols else (row, None, ROW_GROUP_TOO_LARGE, why, "")
             continue
-        bad = _undecodable(para, source)
-        if bad:
-            yield row, None, INVALID_ENCODING, bad, para
+        for batch in pf.iter_batches(batch_size=1024, row_groups=[g], columns=cols):
+            sizes = _text_bytes(batch, source) or [0] * batch.num_rows
+            start = 0
+            while start < batch.num_rows:
+                end, held = start, 0
+                while end < batch.num_rows and (end == start or held + sizes[end] <= limits.max_file_bytes):
+                    held += sizes[end] if sizes[end] <= limits.max_record_bytes else 0
+                    end += 1
+                part = batch.slice(start, end - start)
+                fits = [sizes[i] <= limits.max_record_bytes for i in range(start, end)]
+                recs = iter(part.to_pylist() if all(fits) else part.filter(pa.array(fits)).to_pylist())  # an oversized text never made
+                for i in range(start, end):
+                    row += 1
+                    rec = next(recs) if sizes[i] <= limits.max_record_bytes else None
+                    text = field_value(rec, source.text_field) if rec is not None else None
+                    if rec is None or (isinstance(text, str) and _over(text, limits.max_record_bytes)):
+                        sample = text[:200] if isinstance(text, str) else f"{sizes[i]:,} bytes of text"
+                        yield row, None, RECORD_TOO_LARGE, _too_large(limits.max_record_bytes), sample
+                    else:
+                        yield row, rec, None, "", rec
+                start = end
+
+
+def _read_txt(f, source: SourceConfig, limits: IngestConfig) -> Iterator[Record]:
+    """One document per paragraph (lines between blank lines), read line by line: a paragraph over
+    the limit is quarantined and read past."""
+    row, para, size, over = 0, [], 0, False
+
+    def flush():
+        text = "\n".join(para)
+        if over:
+            return row, None, RECORD_TOO_LARGE, _too_large(limits.max_record_bytes), text[:200]
+        if bad := _undecodable(text, source):
+            return row, None, INVALID_ENCODING, bad, text
+        return row, {"text": text}, None, "", text
+
+    for _, line, head in _lines(f, source, limits.max_record_bytes):
+        if line is not None and not line.strip(" \t"):
+            if para or over:
+                yield flush()
+            para, size, over = [], 0, False
+            continue
+        if not para and not over:
+            row += 1
+        size += limits.max_record_bytes + 1 if line is None else len(line.encode("utf-8", "surrogatepass")) + 1  # + its \\n
+        if size > limits.max_record_bytes:
+            over, para = True, para[:1] or [head]
         else:
-            yield row, {"text": para}, None, "", para
+            para.append(line)
+    if para or over:
+        yield flush()
 
 
 _READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "txt": _read_txt}
 
 
-def read_records(fs, path: str, source: SourceConfig) -> Iterator[Record]:
+def read_records(fs, path: str, source: SourceConfig, limits: IngestConfig | None = None) -> Iterator[Record]:
     with fs.open(path, "rb", compression=_compression(path, source)) as f:
-        yield from _READERS[source.format](f, source)
+        yield from _READERS[source.format](f, source, limits or IngestConfig())
 
 
 # -- records to documents ---------------------------------------------------------------------------------
@@ -230,6 +361,16 @@ def field_value(rec: dict, path: str) -> object:
 
 def _kind(value: object) -> str:
     return "null" if value is None else "missing" if value is _ABSENT else f"a {type(value).__name__}, not a string"
+
+
+def record_id(rec: dict, rel: str, row: int, source: SourceConfig) -> str:
+    """The id a record carries ('' where it has none usable), or file:row for a source without ids:
+    named in its quarantine row too, so a dropped record can be found by its own id."""
+    if not source.id_field:
+        return f"{rel}:{row}"
+    raw_id = field_value(rec, source.id_field)
+    ok = isinstance(raw_id, (str, int, float)) and not isinstance(raw_id, bool) and raw_id != ""
+    return str(raw_id) if ok and not (isinstance(raw_id, str) and _SURROGATE.search(raw_id)) else ""
 
 
 def _document(rec: dict, rel: str, row: int, source: SourceConfig) -> tuple[str, str | None, str] | tuple[None, str, str]:
@@ -258,33 +399,48 @@ def _document(rec: dict, rel: str, row: int, source: SourceConfig) -> tuple[str,
     return doc_id, title if isinstance(title, str) and not _SURROGATE.search(title) else None, text
 
 
-def documents(fs, path: str, rel: str, source: SourceConfig) -> Iterator[tuple]:
-    """("doc", row, doc_id, title, text) or ("bad", row, reason, detail, raw) for each record of one
-    file. A file that breaks mid-way (a truncated archive) keeps the rows read before the break."""
-    records, row = read_records(fs, path, source), 0
+def documents(fs, path: str, rel: str, source: SourceConfig, limits: IngestConfig | None = None) -> Iterator[tuple]:
+    """("doc", row, doc_id, title, text) or ("bad", row, reason, detail, raw, doc_id) for each record of one
+    file. Only the file itself breaking (a truncated archive) ends it early: the rows read before
+    the break are kept and one unreadable_file row says where it broke."""
+    records, row = read_records(fs, path, source, limits), 0
     while True:
         try:
             item = next(records, None)
         except Exception as e:  # noqa: BLE001 - a corrupt archive or unreadable object
-            yield "bad", row, UNREADABLE_FILE, f"{type(e).__name__}: {e}" + (f" (after row {row}; rows before it kept)" if row else ""), b""
+            yield (
+                "bad",
+                row,
+                UNREADABLE_FILE,
+                f"{type(e).__name__}: {e}" + (f" (after row {row}; rows before it kept)" if row else ""),
+                b"",
+                "",
+            )
             return
         if item is None:
             return
         row, rec, reason, detail, raw = item
         if reason:
-            yield "bad", row, reason, detail, raw
+            yield "bad", row, reason, detail, raw, ""
         elif not isinstance(rec, dict):
-            yield "bad", row, NOT_AN_OBJECT, f"expected an object, got {type(rec).__name__}", raw
+            yield "bad", row, NOT_AN_OBJECT, f"expected an object, got {type(rec).__name__}", raw, ""
         else:
-            doc_id, *rest = _document(rec, rel, row, source)
-            yield ("doc", row, doc_id, *rest) if doc_id is not None else ("bad", row, *rest, raw)
+            try:
+                doc_id, *rest = _document(rec, rel, row, source)
+                if doc_id is None:
+                    rest = [*rest, raw, record_id(rec, rel, row, source)]
+            except Exception as e:  # noqa: BLE001 - one record no rule expected costs itself only
+                doc_id, rest = None, [RECORD_ERROR, f"{type(e).__name__}: {str(e)[:300]}", raw, ""]
+            yield ("doc", row, doc_id, *rest) if doc_id is not None else ("bad", row, *rest)
 
 
 # -- ids unique per source ------------------------------------------------------------------------------
 _FIRST_IDS: dict[tuple, dict[str, tuple[str, int]]] = {}  # per process: one index per source listing
 
 
-def first_locations(source: SourceConfig, fs, root: str, found: dict[str, dict]) -> dict[str, tuple[str, int]]:
+def first_locations(
+    source: SourceConfig, fs, root: str, found: dict[str, dict], limits: IngestConfig | None = None
+) -> dict[str, tuple[str, int]]:
     """For every id that more than one document of the source carries, where it is kept: the first
     valid document in (file, row) order over all the source's files. Ingest of any shard then
     quarantines the others as duplicate_id, naming that place, so ids are unique per source (what
@@ -295,6 +451,7 @@ def first_locations(source: SourceConfig, fs, root: str, found: dict[str, dict])
         return {}
     key = (
         source.model_dump_json(),
+        (limits or IngestConfig()).model_dump_json(),
         tuple((p, info.get("size"), _stamp(info)) for p, info in found.items()),
     )
     if key not in _FIRST_IDS:
@@ -302,7 +459,7 @@ def first_locations(source: SourceConfig, fs, root: str, found: dict[str, dict])
         repeated: set[str] = set()
         for path in found:
             rel = _relative(path, root)
-            for kind, row, doc_id, *_ in documents(fs, path, rel, source):
+            for kind, row, doc_id, *_ in documents(fs, path, rel, source, limits):
                 if kind == "doc":
                     if doc_id in first:
                         repeated.add(doc_id)
@@ -314,14 +471,20 @@ def first_locations(source: SourceConfig, fs, root: str, found: dict[str, dict])
 
 
 def iter_shard(
-    source: SourceConfig, uri: str, shard: int, shards: int, storage_options: dict | None = None, batch_rows: int = 20000
+    source: SourceConfig,
+    uri: str,
+    shard: int,
+    shards: int,
+    storage_options: dict | None = None,
+    batch_rows: int = 20000,
+    limits: IngestConfig | None = None,
 ) -> Iterator[Ingested]:
     """Read every file of `source` that falls in `shard`, as batches of at most `batch_rows`
     documents (each with the quarantined rows met since the last): memory holds one batch, not
     the shard. Always yields at least one batch."""
     try:
         fs, root, found = _glob(uri, storage_options)
-        kept_at = first_locations(source, fs, root, found)
+        kept_at = first_locations(source, fs, root, found, limits)
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
         raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e
     if not found:
@@ -359,7 +522,9 @@ def iter_shard(
         if found[path].get("size") == 0:
             reject(rel, 0, EMPTY_FILE, "the file has zero bytes", b"")
             continue
-        for kind, row, *item in documents(fs, path, rel, source):
+        for kind, row, *item in documents(fs, path, rel, source, limits):
+            if len(docs) + len(bad) >= batch_rows:  # quarantine rows count too: a file of bad lines is bounded alike
+                yield batch()
             if kind == "bad":
                 reject(rel, row, *item)
                 continue
@@ -369,8 +534,6 @@ def iter_shard(
                 reject(rel, row, DUPLICATE_ID, f"doc id {doc_id!r} is kept at {kf}:{kr} (first in the source)", text, doc_id)
                 continue
             docs.append({"doc_id": doc_id, "source": source.name, "shard": shard, "file": rel, "row": row, "title": title, "text": text})
-            if len(docs) >= batch_rows:
-                yield batch()
     yield batch()
 
 

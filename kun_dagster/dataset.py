@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 
@@ -10,10 +11,12 @@ import yaml
 from upath import UPath
 
 from . import dedup, scoring, storage, tagging, versions
+from .code_versions import published_config
 from .config import KunConfig
 from .names import EVALUATION, ROUND_STAGES, in_round
 from .stages import DUPLICATE_OUTPUT, StageResult
-from .stages.common import dropped_rows, mark_duplicates, no_reasons
+from .stages.common import BANNED_KEYWORD, BELOW_THRESHOLD, dropped_rows, mark_duplicates, no_reasons
+from .text import find_keyword
 
 COIG_COLUMNS = ["instruction", "input", "output", "task_type", "domain", "answer_from", "human_verified", "copyright"]
 PROVENANCE_COLUMNS = ["source", "doc_id", "file", "row", "score", "score_method", "score_rule", "label_model", "chat_model"]
@@ -207,8 +210,10 @@ def card(
         "",
         "## Config used",
         "",
+        "The kun.yaml keys that shape the data (storage, credentials, engine and deploy settings are left out).",
+        "",
         "```yaml",
-        yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False).rstrip(),
+        yaml.safe_dump(published_config(cfg), allow_unicode=True, sort_keys=False).rstrip(),
         "```",
         "",
     ]
@@ -235,6 +240,7 @@ def release(
     whose scores and polishment these are; `reports`: the evaluations of the rounds so far."""
     mine = polished[polished["source"] == source].sort_values(["file", "row"], kind="stable").reset_index(drop=True)
     reason, detail = no_reasons(mine)
+    gate(mine, cfg, reason, detail)
     if cfg.polish.dedup_outputs:
         mark_duplicates(mine, "output", reason, detail, DUPLICATE_OUTPUT)
     recs = records(mine[reason.isna()], cfg, label_model, chat_model)
@@ -258,6 +264,20 @@ def release(
     rounds = round_rows(base, source, cfg, round_, len(recs), reports or {}) if cfg.iterations > 1 or reports else None
     stats["rounds"] = rounds or []
     return result, card(source, len(recs), fun, cfg, label_model, chat_model, div, dropped, versions_md, rounds)
+
+
+def gate(rows: pd.DataFrame, cfg: KunConfig, reason: pd.Series, detail: pd.Series) -> None:
+    """The release's own rules, whatever config its inputs were made under (a single-asset
+    materialization after a change): the score threshold now in force and both keyword lists."""
+    low = reason.isna() & (rows["score"] < cfg.score.threshold)
+    reason[low], detail[low] = (
+        BELOW_THRESHOLD,
+        rows.loc[low, "score"].map(lambda x: f"score {x:.3f} < score.threshold {cfg.score.threshold}"),
+    )
+    for column, keywords, key in (("instruction", cfg.label.banned_keywords, "label"), ("output", cfg.polish.banned_keywords, "polish")):
+        for i in rows.index[reason.isna()]:
+            if kw := find_keyword(rows.at[i, column], keywords):
+                reason[i], detail[i] = BANNED_KEYWORD, f"{column} holds {kw!r} ({key}.banned_keywords)"
 
 
 def evaluated(report: dict | None, source: str) -> dict | None:
@@ -320,7 +340,12 @@ def add_evaluation(base: UPath, cfg: KunConfig, k: int, reports: dict[int, dict]
         path = release_dir(base, source, k, cfg.iterations) / "README.md"
         if path.exists():
             rows = round_rows(base, source, cfg, k, len(releases.get(source, [])), reports)
-            storage.write_atomic(path, amend_card(path.read_text(encoding="utf-8"), rows).encode("utf-8"))
+            card_md = amend_card(path.read_text(encoding="utf-8"), rows).encode("utf-8")
+            storage.write_atomic(path, card_md)
+            if (path.parent / MANIFEST).exists():  # the manifest names the card as it now is
+                manifest = json.loads((path.parent / MANIFEST).read_text(encoding="utf-8"))
+                manifest["files"]["README.md"] = _entry(card_md)
+                storage.write_atomic(path.parent / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
 
 
 def amend_card(card_md: str, rounds: list[dict]) -> str:
@@ -374,9 +399,47 @@ def rounds_md(rows: list[dict]) -> list[str]:
     return lines
 
 
-def publish_release(out: UPath, recs: pd.DataFrame, card_md: str) -> UPath:
-    """train.jsonl and README.md into a release folder (release_dir; the Parquet copy is the asset's partition)."""
-    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs.to_dict(orient="records"))
-    storage.write_atomic(out / "train.jsonl", jsonl.encode("utf-8"))
-    storage.write_atomic(out / "README.md", card_md.encode("utf-8"))
-    return out
+MANIFEST = "manifest.json"  # written last in a release folder: its files' rows, bytes and sha256
+
+
+def _entry(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def publish_releases(releases: dict[UPath, tuple[pd.DataFrame, str]], run_id: str) -> None:
+    """Each release folder's train.jsonl and README.md (release_dir; the Parquet copy is the asset's
+    partition), all or none: every file is first written under a temporary name and flushed, and
+    only when all of them are written are they renamed into place; each folder's manifest.json
+    goes last. A folder without a manifest is being written (or was cut short: the asset was then
+    not recorded, and the next run writes it again)."""
+    staged, manifests = [], {}
+    try:
+        for out, (recs, card_md) in releases.items():
+            jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs.to_dict(orient="records")).encode("utf-8")
+            files = {"train.jsonl": jsonl, "README.md": card_md.encode("utf-8")}
+            for name, data in files.items():
+                staged.append((storage.write_staged(out / name, data), out / name))
+            manifests[out] = {"rows": len(recs), "run_id": run_id, "files": {name: _entry(data) for name, data in files.items()}}
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for out in releases:
+        (out / MANIFEST).unlink(missing_ok=True)
+    for tmp, final in staged:
+        tmp.rename(final)
+    for out, manifest in manifests.items():
+        storage.write_atomic(out / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+
+
+def verify_release(out: UPath) -> list[str]:
+    """What in a release folder disagrees with its manifest (empty: whole and as published)."""
+    if not (out / MANIFEST).exists():
+        return [f"{out}: no {MANIFEST} (being written, or cut short)"]
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    problems = []
+    for name, want in manifest["files"].items():
+        got = _entry((out / name).read_bytes()) if (out / name).exists() else None
+        if got != want:
+            problems.append(f"{out / name}: {'missing' if got is None else 'not the bytes the manifest names'}")
+    return problems

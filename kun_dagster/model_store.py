@@ -77,6 +77,9 @@ def local_copy(uri: str, cache_dir: str | Path, store: Store) -> str:
     if _is_copy_of(target, listing):
         return str(target)
     tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")  # whole or nothing: renamed into place
+    outside = [rel for rel in listing if not _inside(tmp, rel)]
+    if outside:  # whoever controls the bucket must not write anywhere on this disk
+        raise ModelError(f"{uri}: refused: object key(s) {outside[:3]} would be written outside the model cache")
     try:
         for rel in listing:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +95,12 @@ def local_copy(uri: str, cache_dir: str | Path, store: Store) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def _inside(folder: Path, rel: str) -> bool:
+    """`rel` names a file under `folder` (no .., no absolute path, no empty name)."""
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts and (folder / rel).resolve().is_relative_to(folder.resolve())
 
 
 def _is_copy_of(target: Path, listing: dict) -> bool:

@@ -7,14 +7,31 @@ order: Dagster writes "wudao|1", its UPathIOManager "wudao/1". This is the one p
 
 from __future__ import annotations
 
+import re
+
 SOURCE, SHARD = "source", "source_shard"  # Dagster's dimension names
 HIVE = {SOURCE: "source", SHARD: "shard"}  # -> storage's column names, in storage order
 
 
+_SOURCE = re.compile(r"[a-z][a-z0-9_]*")  # config.SourceConfig.name's pattern
+_SHARD = re.compile(r"0|[1-9][0-9]{0,3}")  # config.KunConfig.shards is at most 4096
+
+
+class PartitionKeyError(ValueError):
+    """A partition key that names no source or shard (a hand-written tag, `../../etc`)."""
+
+
 def hive(key: str, sep: str = "|") -> dict[str, str]:
-    """{source, shard} of a corpus partition key ({source} of a source key)."""
+    """{source, shard} of a corpus partition key ({source} of a source key). Paths are built from
+    them (and removed recursively), so a key is checked here, where they are read: a source name
+    as the config allows one and a shard number; anything else (a tag such as
+    dagster/partition/source=../../etc, which skips Dagster's own key check) is refused."""
     values = str(key).split(sep)
     if len(values) == 1:
-        return {"source": values[0]}
-    dims = dict(zip(sorted(HIVE), values, strict=True))
-    return {column: dims[dim] for dim, column in HIVE.items()}
+        part = {"source": values[0]}
+    else:
+        dims = dict(zip(sorted(HIVE), values, strict=True))
+        part = {column: dims[dim] for dim, column in HIVE.items()}
+    if not _SOURCE.fullmatch(part["source"]) or ("shard" in part and not _SHARD.fullmatch(part["shard"])):
+        raise PartitionKeyError(f"partition key {key!r}: not a source name (a-z, 0-9, _) and shard number")
+    return part

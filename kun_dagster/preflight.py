@@ -95,7 +95,7 @@ def _first_records(source, fs, files: list[tuple[str, str]], n: int = 20, most: 
                 if isinstance(raw, str):  # a JSONL line
                     try:
                         raw = json.loads(raw)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         pass
                 if isinstance(raw, dict):
                     keys.update(list(raw))

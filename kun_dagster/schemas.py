@@ -23,7 +23,7 @@ from .corpus import QUARANTINE_COLUMNS
 from .names import CLUSTERS, DATASET, SIGNATURES, stage_of
 from .scoring import SCORE_RULES
 from .tagging import DEFAULT_DOMAIN, TAG_RULES
-from .text import NON_SPACE
+from .text import NON_SPACE, keyword_form
 
 # Holds a non-space character anywhere: str_contains searches (str_matches would anchor at the start
 # and fail a valid text that opens with a space, a newline or U+3000). Same rule as text.has_text.
@@ -190,9 +190,19 @@ def empty_frame(asset: str) -> pd.DataFrame:
     return arrow_schema(asset).empty_table().to_pandas()
 
 
-def _no_keyword(keywords: list[str], name: str) -> pa.Check:
-    pattern = "|".join(re.escape(k) for k in keywords)
-    return pa.Check(lambda s: ~s.str.contains(pattern, regex=True), name=name, error=f"no banned keyword ({'、'.join(keywords)})")
+def _no_keyword(keywords: list[str], name: str) -> list[pa.Check]:
+    """No text holds a keyword, matched as the stages match it (text.keyword_form); none: no check."""
+    forms = [keyword_form(k) for k in keywords if k]
+    if not forms:
+        return []
+    pattern = "|".join(re.escape(k) for k in forms)
+    return [
+        pa.Check(
+            lambda s: ~s.map(lambda v: keyword_form(v) if isinstance(v, str) else "").str.contains(pattern, regex=True),
+            name=name,
+            error=f"no banned keyword ({'、'.join(keywords)})",
+        )
+    ]
 
 
 def _add(schema: pa.DataFrameSchema, column: str, *checks: pa.Check) -> pa.DataFrameSchema:
@@ -205,15 +215,16 @@ def schema(asset: str, cfg: KunConfig) -> pa.DataFrameSchema:
     """The asset's DataFrameModel with the constraints kun.yaml sets."""
     s = model(asset).to_schema()
     s = _add(s, "n_tokens", pa.Check.le(cfg.filter.max_tokens, name="within_token_limit"))
-    if stage_of(asset) != DATASET:  # its instructions are polished_pairs', already checked
-        s = _add(s, "instruction", _no_keyword(cfg.label.banned_keywords, "no_banned_keyword"))
+    s = _add(s, "instruction", *_no_keyword(cfg.label.banned_keywords, "no_banned_keyword"))
     s = _add(s, "score", pa.Check.in_range(*cfg.score.scale, name="within_score_scale"))
+    if stage_of(asset) == DATASET:  # the release holds the threshold now in force, whatever its inputs were made under
+        s = _add(s, "score", pa.Check.ge(cfg.score.threshold, name="at_least_threshold"))
     s = _taxonomy(s, cfg)
     s = _add(
         s,
         "output",
         pa.Check.str_length(min_value=max(cfg.polish.min_output_chars, 1), name="min_output_chars"),
-        _no_keyword(cfg.polish.banned_keywords, "no_banned_output_keyword"),
+        *_no_keyword(cfg.polish.banned_keywords, "no_banned_output_keyword"),
     )
     return s
 

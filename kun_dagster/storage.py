@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -112,15 +113,34 @@ def content_hash(frames: Iterable[pd.DataFrame]) -> str:
 
 def write_atomic(path: UPath, data: bytes) -> None:
     """Write bytes under a temporary name in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"_tmp-{uuid.uuid4().hex}-{path.name}"
-    with tmp.open("wb") as f:
-        f.write(data)
+    tmp = write_staged(path, data)
     try:
         tmp.rename(path)
-    except Exception:
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_staged(path: UPath, data: bytes) -> UPath:
+    """Write bytes beside `path` under a temporary name, flushed to disk (fsync, where the store is a
+    local disk), and return that name for a rename later; on any failure (a full disk) nothing is
+    left behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"_tmp-{uuid.uuid4().hex}-{path.name}"
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            try:
+                fd = f.fileno()
+            except (OSError, ValueError, AttributeError):  # an object store's file: the upload is its commit
+                fd = None
+            if fd is not None:
+                os.fsync(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def parquet_bytes(df: pd.DataFrame, schema: pa.Schema | None = None) -> bytes:
@@ -182,6 +202,16 @@ def columns(rows: Rows) -> pa.Schema:
 def batches_of(rows: Rows, size: int) -> Iterable[pd.DataFrame]:
     """The rows `size` at a time (a staged file is read back; a frame is one batch)."""
     return rows.batches(size) if isinstance(rows, Staged) else [rows]
+
+
+def by_reason(rows: Rows, batch: int = 100_000) -> dict[str, tuple[int, dict]]:
+    """Quarantine rows per reason: (count, the first row), read a batch at a time when staged."""
+    out: dict[str, tuple[int, dict]] = {}
+    for df in batches_of(rows, batch):
+        for reason, group in df.groupby("reason", sort=False):
+            n, first = out.get(reason, (0, group.iloc[0].to_dict()))
+            out[reason] = (n + len(group), first)
+    return out
 
 
 def publish(rows: Rows, directory: UPath, schema: pa.Schema | None = None) -> UPath:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from upath import UPath
 
+from . import secrets
 from .config import StorageConfig
 
 
@@ -90,10 +91,10 @@ class Store:
         return self.scrub(f"{what} ({type(error).__name__}: {error})")
 
     def scrub(self, text: str) -> str:
-        for name in ("secret", "token"):
-            if self.credentials.get(name):
-                text = text.replace(self.credentials[name], "***")
-        return text
+        """The text without a credential: the S3 key id, secret and token, credential-shaped values
+        of storage_options, and URI passwords."""
+        found = {v for v in self.credentials.values() if v} | secrets.values_under(self.settings.storage_options)
+        return secrets.redact(text, found)
 
     @classmethod
     def from_env(cls, settings: StorageConfig, env: Mapping[str, str]) -> Store:

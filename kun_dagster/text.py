@@ -58,10 +58,23 @@ def text_key(text: str) -> bytes:
     return hashlib.blake2b(dedup_key(text).encode("utf-8"), digest_size=16).digest()
 
 
+# Characters that render as nothing: a keyword split by one of them (新\u200b闻) reads as the keyword.
+_INVISIBLE = re.compile(
+    r"[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]"
+)
+
+
+def keyword_form(text: str) -> str:
+    """The form keywords are matched in: NFKC (full-width ２０２３ is 2023), invisible characters
+    removed, case folded. The text itself is never changed."""
+    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).casefold()
+
+
 def find_keyword(text: str, keywords: list[str] | tuple[str, ...]) -> str | None:
-    """The first banned keyword the text contains, or None."""
+    """The first banned keyword the text contains (in keyword_form, both of them), or None."""
+    form = keyword_form(text)
     for kw in keywords:
-        if kw and kw in text:
+        if kw and keyword_form(kw) in form:
             return kw
     return None
 

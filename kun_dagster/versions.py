@@ -67,7 +67,9 @@ def _dropped_rate(name: str, code: str, bound: str, what: str, description: str)
 QUARANTINE_RATE = WarnCheck(
     "quarantine_rate",
     "Unreadable rows of the source at most checks.max_quarantine_rate.",
-    lambda cfg, r, base: quality.rate("quarantine_rate", len(r.dropped), _rows_in(r), cfg.checks.max_quarantine_rate, "unreadable"),
+    lambda cfg, r, base: quality.rate(
+        "quarantine_rate", storage.row_count(r.dropped), _rows_in(r), cfg.checks.max_quarantine_rate, "unreadable"
+    ),
 )
 EMPTY_OUTPUT_RATE = _dropped_rate(
     "empty_output_rate", stages.EMPTY_GENERATION, "max_empty_rate", "empty", "Empty generations at most checks.max_empty_rate."
@@ -214,6 +216,10 @@ VERSIONS: tuple[Version, ...] = (
             corpus.DUPLICATE_ID,
             corpus.EMPTY_FILE,
             corpus.UNREADABLE_FILE,
+            corpus.RECORD_TOO_LARGE,
+            corpus.FILE_TOO_LARGE,
+            corpus.ROW_GROUP_TOO_LARGE,
+            corpus.RECORD_ERROR,
         ),
         (_retention(RAW), QUARANTINE_RATE),
     ),
@@ -221,7 +227,14 @@ VERSIONS: tuple[Version, ...] = (
         FILTERED,
         "after cleaning, token-limit, exact dedup within the shard and perplexity filters",
         schemas.FilteredCorpus,
-        (stages.EMPTY_AFTER_CLEAN, stages.TOO_MANY_TOKENS, stages.DUPLICATE_TEXT, stages.PERPLEXITY_UNDEFINED, stages.HIGH_PERPLEXITY),
+        (
+            stages.EMPTY_AFTER_CLEAN,
+            stages.TEXT_TOO_LONG,
+            stages.TOO_MANY_TOKENS,
+            stages.DUPLICATE_TEXT,
+            stages.PERPLEXITY_UNDEFINED,
+            stages.HIGH_PERPLEXITY,
+        ),
         (_retention(FILTERED), _duplicate_rate(stages.DUPLICATE_TEXT)),
     ),
     Version(
@@ -263,9 +276,9 @@ VERSIONS: tuple[Version, ...] = (
     ),
     Version(
         DATASET,
-        "COIG-CQIA records released (answers repeated across shards dropped)",
+        "COIG-CQIA records released (under the threshold and keywords now in force; answers repeated across shards dropped)",
         schemas.InstructionDataset,
-        (stages.DUPLICATE_OUTPUT,),
+        (stages.BELOW_THRESHOLD, stages.BANNED_KEYWORD, stages.DUPLICATE_OUTPUT),
         (RELEASE_RETENTION, ONE_VERSION),
     ),
 )

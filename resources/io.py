@@ -40,8 +40,8 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
         asset, part = "/".join(context.asset_key.path), storage.partition_of(path)
         if isinstance(obj, StageResult):
             version = versions.find(asset)
-            if (version is not None and version.reasons) or len(obj.dropped):  # what drops nothing has no quarantine
-                storage.write_partition(storage.quarantine_dir(self._base_path, asset, part), obj.dropped, schemas.QUARANTINE)
+            if (version is not None and version.reasons) or storage.row_count(obj.dropped):  # what drops nothing has no quarantine
+                storage.publish(obj.dropped, storage.quarantine_dir(self._base_path, asset, part), schemas.QUARANTINE)
             obj = obj.rows
         # a staged file by one rename; a frame with its dataset version's schema
         storage.publish(obj, path, schemas.arrow_schema(asset) if schemas.known(asset) else None)

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from hypothesis import given, settings
@@ -245,10 +246,31 @@ def test_the_card_records_the_versions_and_flags_a_release_of_mixed_versions(wor
     base, instance = Path(world["cfg"].base_uri), world["instance"]
     card = (base / "release" / "wudao" / "README.md").read_text()
     assert "## Versions" in card and "Every stage's partitions were made under one code version" in card
+    before = {p.name: p.read_bytes() for p in (base / "release" / "wudao").iterdir()}
     defs = build_definitions(configure(world["tmp"], world["models_run"], "threshold", **{"score.threshold": 0.7}))
     materialize(defs, instance, ["polished_pairs"], ["wudao|0"])
+    # the UI's single-asset materialization of the release over a stale shard: blocked, nothing written
+    failed = dg.materialize(
+        defs.assets,
+        selection=["instruction_dataset"],
+        partition_key="wudao",
+        instance=instance,
+        resources=defs.resources,
+        raise_on_error=False,
+    )
+    assert not failed.success and "not released" in str(failed.get_step_failure_events()[0].event_specific_data.error.message)
+    assert {p.name: p.read_bytes() for p in (base / "release" / "wudao").iterdir()} == before
+    # released flagged when the user says so; every row under the threshold now in force is quarantined
+    defs = build_definitions(
+        configure(world["tmp"], world["models_run"], "threshold", **{"score.threshold": 0.7, "dataset.mixed_versions": "warn"})
+    )
     materialize(defs, instance, ["instruction_dataset"], ["wudao"])
     card = (base / "release" / "wudao" / "README.md").read_text()
     assert "**Mixed versions.**" in card and "polished_pairs: 2 code versions" in card
+    records = [json.loads(line) for line in (base / "release" / "wudao" / "train.jsonl").read_text().splitlines()]
+    quarantined = pd.read_parquet(base / "quarantine" / "instruction_dataset" / "source=wudao")
+    polished = pd.read_parquet(base / "polished_pairs" / "source=wudao")  # wudao|1's rows were kept under 0.5
+    assert records and all(r["score"] >= 0.7 for r in records)
+    assert (quarantined["reason"] == "below_threshold").sum() == (polished["score"] < 0.7).sum()
     check = instance.get_latest_asset_check_evaluation_record(dg.AssetCheckKey(dg.AssetKey("instruction_dataset"), "one_version"))
     assert check is not None and not check.event.asset_check_evaluation.passed

@@ -160,7 +160,14 @@ def test_a_second_kun_run_makes_only_what_is_missing_or_stale(models_run, tmp_pa
     src = tmp_path / "wudao"
     shutil.copytree(REPO / "demo" / "corpora" / "wudao", src)
     wudao = {"name": "wudao", "uri": str(src / "*.json"), "format": "json", "text_field": "content", "id_field": "id"}
-    cfg = write_config(tmp_path, shards=2, sources=[wudao], **given_models(models_run))
+    # credentials planted where users put them: none may reach a card, a log or the Dagster instance
+    planted = [f"PLANTED-{name}-7f3a9c" for name in ("token", "aws-secret", "hf-token", "env-key")]
+    secrets = {
+        "storage.storage_options": {"token": planted[0], "client_kwargs": {"aws_secret_access_key": planted[1]}},
+        "models.chat.vllm.engine_kwargs": {"hf_token": planted[2]},
+    }
+    cfg = write_config(tmp_path, shards=2, sources=[wudao], **given_models(models_run), **secrets)
+    monkeypatch.setenv("KUN__deploy__k8s__api_key", planted[3])
     home = tmp_path / "home"
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("KUN_CONFIG", str(cfg))
@@ -207,8 +214,18 @@ def test_a_second_kun_run_makes_only_what_is_missing_or_stale(models_run, tmp_pa
 
     # --force makes everything again
     assert cli.main(["run", "--config", str(cfg), "--progress", "off", "--force"]) == cli.OK
+    out = capsys.readouterr()
     forced = _delta(grown, _made(home))
     assert forced["raw_corpus"] == 2 and forced["polished_pairs"] == 2 and forced["instruction_dataset"] == 1
+
+    # no planted credential in any file under the data folder (cards, releases, quarantine) or
+    # DAGSTER_HOME (the run and event log databases, compute logs), nor in what kun printed
+    files = [p for p in (tmp_path / "data").rglob("*") if p.is_file()] + [p for p in home.rglob("*") if p.is_file()]
+    assert len(files) > 50 and any(p.suffix == ".db" for p in files)
+    leaks = [(str(p), t) for p in files for t in planted if t.encode() in p.read_bytes()]
+    assert not leaks and not any(t in out.out + out.err for t in planted), leaks
+    card = (tmp_path / "data" / "release" / "wudao" / "README.md").read_text(encoding="utf-8")
+    assert "## Config used" in card and "score:" in card and "storage_options" not in card and "k8s" not in card
 
 
 def test_demo_full_turns_on_the_rounds_and_the_evaluation_for_every_read_of_the_config(tmp_path, monkeypatch):

@@ -101,6 +101,16 @@ BAD = [
     ("instruction_dataset", lambda: records().assign(extra=1), "column_in_schema"),
     ("instruction_dataset", lambda: _set(records(), "domain", 1, ["医学"]), "domain: in the taxonomy (tags off"),
     ("polished_pairs", lambda: _set(polished(), "task_minor", 0, "翻译"), "task_minor: in the taxonomy (tags off"),
+    # keywords hidden by a zero-width space or full-width digits are the keywords
+    ("labeled_pairs", lambda: _set(labeled(), "instruction", 0, "请总结这篇新\u200b闻"), "instruction: no banned keyword"),
+    (
+        "polished_pairs",
+        lambda: _set(polished(), "output", 0, "据统计，２０２３年的复利计算方法与往年一致，没有变化。"),
+        "output: no banned keyword",
+    ),
+    # the release holds the threshold and the keywords now in force, whatever its inputs were made under
+    ("instruction_dataset", lambda: _set(records(), "score", 0, 0.1), "score: greater_than_or_equal_to(0.5)"),
+    ("instruction_dataset", lambda: _set(records(), "instruction", 1, "这篇新闻讲了什么？"), "instruction: no banned keyword"),
 ]
 
 

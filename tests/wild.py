@@ -192,13 +192,13 @@ def build(root: Path, seed: int = 7) -> Wild:
     return w
 
 
-def ingest_shard(source, uri: str, shard: int, shards: int, storage_options: dict | None = None):
+def ingest_shard(source, uri: str, shard: int, shards: int, storage_options: dict | None = None, limits=None, batch_rows: int = 20000):
     """A whole shard at once (the stages stream it in batches): every document, every quarantined row."""
     import pandas as pd
 
     from kun_dagster.corpus import Ingested, iter_shard
 
-    batches = list(iter_shard(source, uri, shard, shards, storage_options))
+    batches = list(iter_shard(source, uri, shard, shards, storage_options, batch_rows, limits))
     return Ingested(
         docs=pd.concat([b.docs for b in batches], ignore_index=True),
         quarantine=pd.concat([b.quarantine for b in batches], ignore_index=True),

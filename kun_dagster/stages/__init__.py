@@ -7,6 +7,7 @@ dataset version it makes (raw, filtered, deduped, labeled, scored, polished); co
 
 from .common import (
     BANNED_KEYWORD,
+    BELOW_THRESHOLD,
     BROKEN_TEXT,
     DUPLICATE_OUTPUT,
     DUPLICATE_TEXT,
@@ -17,6 +18,7 @@ from .common import (
     PERPLEXITY_UNDEFINED,
     PROMPT_OVER_BUDGET,
     REPEATED_PHRASE,
+    TEXT_TOO_LONG,
     TOO_MANY_TOKENS,
     TOO_SHORT,
     StageResult,
@@ -31,6 +33,7 @@ from .scored import score
 
 __all__ = [
     "BANNED_KEYWORD",
+    "BELOW_THRESHOLD",
     "BROKEN_TEXT",
     "DUPLICATE_OUTPUT",
     "DUPLICATE_TEXT",
@@ -41,6 +44,7 @@ __all__ = [
     "PERPLEXITY_UNDEFINED",
     "PROMPT_OVER_BUDGET",
     "REPEATED_PHRASE",
+    "TEXT_TOO_LONG",
     "TOO_MANY_TOKENS",
     "TOO_SHORT",
     "DedupError",

@@ -18,11 +18,13 @@ from ..text import text_key
 
 # Drop reason codes after ingest.
 EMPTY_AFTER_CLEAN = "empty_after_clean"
+TEXT_TOO_LONG = "text_too_long"  # over filter.max_doc_chars: dropped before it is tokenized
 TOO_MANY_TOKENS = "too_many_tokens"
 HIGH_PERPLEXITY = "high_perplexity"
 PERPLEXITY_UNDEFINED = "perplexity_undefined"
 EMPTY_GENERATION = "empty_generation"
 BANNED_KEYWORD = "banned_keyword"
+BELOW_THRESHOLD = "below_threshold"  # the release re-applies score.threshold (its inputs may be older)
 PROMPT_OVER_BUDGET = "prompt_over_budget"
 TOO_SHORT = "too_short"
 REPEATED_PHRASE = "repeated_phrase"

@@ -20,6 +20,7 @@ from .common import (
     EMPTY_AFTER_CLEAN,
     HIGH_PERPLEXITY,
     PERPLEXITY_UNDEFINED,
+    TEXT_TOO_LONG,
     TOO_MANY_TOKENS,
     StageResult,
     batches,
@@ -82,9 +83,14 @@ def _filter_batch(
     df = docs.copy()
     df["text"] = df["text"].map(clean_text).astype(object)  # object even when empty, for .str
     reason, detail = no_reasons(df)
-    reason[df["text"].str.len() == 0] = EMPTY_AFTER_CLEAN
+    chars = df["text"].str.len()
+    reason[chars == 0] = EMPTY_AFTER_CLEAN
+    long = chars > cfg.filter.max_doc_chars
+    reason[long] = TEXT_TOO_LONG
+    detail[long] = chars[long].map(lambda n: f"{n:,} characters > filter.max_doc_chars {cfg.filter.max_doc_chars:,}")
 
-    df["n_tokens"] = pd.Series(_token_counts(tokenizer, df["text"].tolist()), index=df.index, dtype="int64")
+    texts = df["text"].where(~long, "").tolist()  # a text over the limit is never tokenized (a tokenizer's memory grows with it)
+    df["n_tokens"] = pd.Series(_token_counts(tokenizer, texts), index=df.index, dtype="int64")
     over = reason.isna() & (df["n_tokens"] > cfg.filter.max_tokens)
     reason[over] = TOO_MANY_TOKENS
     detail[over] = df.loc[over, "n_tokens"].map(lambda n: f"{n} tokens > {cfg.filter.max_tokens}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pandas as pd
+from collections import Counter
 
 from .. import progress
 from ..config import KunConfig
@@ -17,23 +17,32 @@ from .common import (
 
 
 def ingest(
-    cfg: KunConfig, source_name: str, shard: int, store: Store | None = None, sink: Sink | None = None, label: str = RAW
+    cfg: KunConfig,
+    source_name: str,
+    shard: int,
+    store: Store | None = None,
+    sink: Sink | None = None,
+    label: str = RAW,
+    quarantine: Sink | None = None,
 ) -> StageResult:
     """Every document of the source's files that fall in `shard`, read and written `batch_rows` at a
-    time into `sink` (default: one in-memory frame); unreadable rows quarantined."""
+    time into `sink`, its unreadable rows into `quarantine` alike (default: in-memory frames): a
+    shard of a million bad lines holds one batch of them."""
     source = cfg.source(source_name)
     uri = cfg.resolve(source.uri)
-    sink = sink or FrameSink()
-    n_docs, bad, files = 0, [], []
+    sink, quarantine = sink or FrameSink(), quarantine or FrameSink()
+    n_docs, reasons, files = 0, Counter(), []
     with progress.task(f"{label} {source_name}/{shard}", unit="docs") as bar:
-        for got in iter_shard(source, uri, shard, cfg.shards, (store or Store(cfg.storage)).options(uri), cfg.storage.batch_rows):
+        options = (store or Store(cfg.storage)).options(uri)
+        for got in iter_shard(source, uri, shard, cfg.shards, options, cfg.storage.batch_rows, cfg.ingest):
             sink.write(got.docs)
+            quarantine.write(got.quarantine)
             n_docs, files = n_docs + len(got.docs), got.files
-            bad.append(got.quarantine)
+            reasons.update(got.quarantine["reason"])
             bar.update(len(got.docs) + len(got.quarantine))
-    quarantine = pd.concat(bad, ignore_index=True)
+    n_bad = sum(reasons.values())
     return StageResult(
-        rows=sink.close(), dropped=quarantine, stats=stage_stats(n_docs + len(quarantine), n_docs, quarantine["reason"], files=len(files))
+        rows=sink.close(), dropped=quarantine.close(), stats=stage_stats(n_docs + n_bad, n_docs, reasons.elements(), files=len(files))
     )
 
 
