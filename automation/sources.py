@@ -31,7 +31,7 @@ def observe(cfg: KunConfig, store: Store, sources: list[str] | None = None, erro
             continue
         uri = cfg.resolve(source.uri)
         try:
-            found = shard_versions(source, uri, cfg.shards, store.options(uri))
+            found = shard_versions(source, uri, cfg.shards, store.options(uri), cfg.ingest)
         except CorpusError as e:
             if errors is None:
                 raise

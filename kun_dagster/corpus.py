@@ -89,19 +89,34 @@ def _stamp(info: dict) -> str:
     return str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("created") or "")
 
 
-def shard_versions(source: SourceConfig, uri: str, shards: int, storage_options: dict | None = None) -> dict[int, str]:
+def shard_versions(
+    source: SourceConfig, uri: str, shards: int, storage_options: dict | None = None, limits: IngestConfig | None = None
+) -> dict[int, str]:
     """Each shard's data version: a hash of (relative path, size, ETag or mtime) over its files, from
-    one listing and no reads. A new, changed or removed file changes only its own shard's version;
-    a shard with no files has the version of the empty list."""
+    one listing. A new, changed or removed file changes only its own shard's version; a shard with
+    no files has the version of the empty list. A source with ids adds, per shard, where each id
+    its files repeat is kept: a new file that now keeps an id (it sorts first) also changes the
+    version of the shard that kept it before, which is ingested again and drops its copy, so ids
+    stay unique per source under incremental adds (this reads the source, once per listing)."""
     try:
-        _, root, found = _glob(uri, storage_options)
+        fs, root, found = _glob(uri, storage_options)
+        index = id_index(source, fs, root, found, limits)
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
         raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e
     files: dict[int, list] = {shard: [] for shard in range(shards)}
     for path, info in found.items():
         rel = _relative(path, root)
         files[shard_of(rel, shards)].append((rel, info.get("size"), _stamp(info)))
-    return {shard: hashlib.sha256(json.dumps(sorted(fs), default=str).encode()).hexdigest()[:16] for shard, fs in files.items()}
+    kept: dict[int, list] = {shard: [] for shard in range(shards)}
+    for doc_id, where in index.files.items():
+        for shard in {shard_of(rel, shards) for rel in where}:
+            kept[shard].append((doc_id, *index.kept_at[doc_id]))
+    return {
+        shard: hashlib.sha256(
+            json.dumps([sorted(fs), sorted(kept[shard])] if kept[shard] else sorted(fs), default=str).encode()
+        ).hexdigest()[:16]
+        for shard, fs in files.items()
+    }
 
 
 def shard_of(relpath: str, shards: int) -> int:
@@ -435,39 +450,51 @@ def documents(fs, path: str, rel: str, source: SourceConfig, limits: IngestConfi
 
 
 # -- ids unique per source ------------------------------------------------------------------------------
-_FIRST_IDS: dict[tuple, dict[str, tuple[str, int]]] = {}  # per process: one index per source listing
+@dataclass
+class IdIndex:
+    """The ids more than one document of a source carries: where each is kept (the first valid
+    document in (file, row) order) and every file it occurs in."""
+
+    kept_at: dict[str, tuple[str, int]] = field(default_factory=dict)
+    files: dict[str, set[str]] = field(default_factory=dict)
 
 
-def first_locations(
-    source: SourceConfig, fs, root: str, found: dict[str, dict], limits: IngestConfig | None = None
-) -> dict[str, tuple[str, int]]:
-    """For every id that more than one document of the source carries, where it is kept: the first
-    valid document in (file, row) order over all the source's files. Ingest of any shard then
-    quarantines the others as duplicate_id, naming that place, so ids are unique per source (what
-    the release requires) whatever the shard count. Empty when ids are file:row (unique by
-    construction). Computed once per process for a given listing (`_glob`'s: paths, sizes,
-    modification), which the caller has already made."""
+_ID_INDEX: dict[tuple, IdIndex] = {}  # per process: one index per source listing
+
+
+def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits: IngestConfig | None = None) -> IdIndex:
+    """The source's repeated ids. Ingest of any shard quarantines every copy but the kept one as
+    duplicate_id, naming that place, so ids are unique per source (what the release requires)
+    whatever the shard count. Empty when ids are file:row (unique by construction). Computed
+    once per process for a given listing (`_glob`'s: paths, sizes, modification)."""
     if not source.id_field:
-        return {}
+        return IdIndex()
     key = (
         source.model_dump_json(),
         (limits or IngestConfig()).model_dump_json(),
         tuple((p, info.get("size"), _stamp(info)) for p, info in found.items()),
     )
-    if key not in _FIRST_IDS:
+    if key not in _ID_INDEX:
         first: dict[str, tuple[str, int]] = {}
-        repeated: set[str] = set()
+        files: dict[str, set[str]] = {}
         for path in found:
             rel = _relative(path, root)
             for kind, row, doc_id, *_ in documents(fs, path, rel, source, limits):
                 if kind == "doc":
                     if doc_id in first:
-                        repeated.add(doc_id)
+                        files.setdefault(doc_id, {first[doc_id][0]}).add(rel)
                     else:
                         first[doc_id] = (rel, row)
-        _FIRST_IDS.clear()  # one source's index at a time: it can be large
-        _FIRST_IDS[key] = {i: first[i] for i in repeated}
-    return _FIRST_IDS[key]
+        _ID_INDEX.clear()  # one source's index at a time: it can be large
+        _ID_INDEX[key] = IdIndex({i: first[i] for i in files}, files)
+    return _ID_INDEX[key]
+
+
+def first_locations(
+    source: SourceConfig, fs, root: str, found: dict[str, dict], limits: IngestConfig | None = None
+) -> dict[str, tuple[str, int]]:
+    """For every id that more than one document of the source carries, where it is kept."""
+    return id_index(source, fs, root, found, limits).kept_at
 
 
 def iter_shard(

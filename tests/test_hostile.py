@@ -297,3 +297,35 @@ def test_a_release_that_fails_mid_write_changes_nothing_and_leaves_no_temporary_
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # a is untouched too
     (b / "train.jsonl").write_text("edited\n")
     assert dataset.verify_release(b) == [f"{b / 'train.jsonl'}: not the bytes the manifest names"]
+
+
+def test_ids_stay_unique_per_source_when_a_file_that_sorts_first_repeats_one(tmp_path):
+    """An added file that sorts before the one keeping an id now keeps it: the older file's shard
+    gets a new version too (so it is ingested again and drops its copy), not only the new file's."""
+    from kun_dagster.corpus import shard_of, shard_versions
+
+    shards = 4
+    old = "m.jsonl"
+    new = next(f"a{i}.jsonl" for i in range(100) if shard_of(f"a{i}.jsonl", shards) != shard_of(old, shards))
+    (tmp_path / old).write_bytes(_good(1) + b"\n" + json.dumps({"id": "k", "text": "旧文件的正文。"}, ensure_ascii=False).encode())
+    src = SourceConfig(name="s", uri=str(tmp_path / "*.jsonl"), format="jsonl", id_field="id")
+    before = shard_versions(src, src.uri, shards, limits=LIMITS)
+    (tmp_path / new).write_bytes(json.dumps({"id": "k", "text": "新文件的正文。"}, ensure_ascii=False).encode())
+    after = shard_versions(src, src.uri, shards, limits=LIMITS)
+    assert {s for s in after if after[s] != before[s]} == {shard_of(new, shards), shard_of(old, shards)}
+    kept = {s: ingest_shard(src, src.uri, s, shards, limits=LIMITS) for s in (shard_of(new, shards), shard_of(old, shards))}
+    assert kept[shard_of(new, shards)].docs["doc_id"].tolist() == ["k"]
+    assert kept[shard_of(old, shards)].docs["doc_id"].tolist() == ["g1"]
+    assert kept[shard_of(old, shards)].quarantine[["doc_id", "reason"]].values.tolist() == [["k", "duplicate_id"]]
+    assert shard_versions(src, src.uri, shards, limits=LIMITS) == after  # stable while nothing changes
+
+
+def test_helm_values_hold_no_database_password():
+    import yaml
+
+    from .conftest import REPO
+
+    values = yaml.safe_load((REPO / "deploy" / "helm" / "values.yaml").read_text())
+    pg = values["postgresql"]
+    assert "postgresqlPassword" not in pg and values["generatePostgresqlPasswordSecret"] is False
+    assert pg["existingSecret"] == values["global"]["postgresqlSecretName"]

@@ -31,7 +31,8 @@ def _read(base, asset):
 
 @pytest.mark.parametrize("shards", [1, 2, 3, 4, 5, 6])
 def test_kun_run_on_a_wild_corpus(shards, corpus, models_run, tmp_path, monkeypatch, capsys):
-    cfg_file = write_config(tmp_path, sources=corpus.sources, shards=shards, **given_models(models_run))
+    limits = {"ingest.max_record_bytes": 256 * 1024, "filter.max_doc_chars": 5000}  # the hostile rows' bounds (tests/wild.py)
+    cfg_file = write_config(tmp_path, sources=corpus.sources, shards=shards, **given_models(models_run), **limits)
     monkeypatch.setenv("KUN_CONFIG", str(cfg_file))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     rc = cli.main(["run", "--config", str(cfg_file), "--progress", "off"])

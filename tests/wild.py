@@ -2,7 +2,8 @@
 other control characters, ANSI colour escapes; a zero-byte file, a truncated .gz, a GB18030 file,
 a UTF-16 file, Parquet with a nested struct and nulls, zstd-compressed JSONL; ids that collide
 across files; text fields that are null, numbers or lists; nested fields; one file for every
-shard; and a source whose rows are all filtered out.
+shard, with CR line ends and hostile lines (nested 100k deep, 5,000 digits, over the record
+limit); a gzip of one 100 MB line; and a source whose rows are all filtered out.
 
 `build(root)` writes it and returns the config's sources with what must happen to every row: the
 planted bad rows (stage, source, file, row, reason) and the valid rows, which must all reach
@@ -174,20 +175,35 @@ def build(root: Path, seed: int = 7) -> Wild:
     )
     w.sources.append({"name": "pqzst", "uri": str(d / "*.jsonl.zst"), "format": "jsonl", "text_field": "meta.content", "id_field": "uid"})
 
-    # -- onefile: one file for every shard (the others are empty partitions) ---------------------------
+    # -- onefile: one file for every shard (the others are empty partitions), with old Mac line ends
+    # (a lone CR) and hostile lines among its texts: one nested 100k deep, one over
+    # ingest.max_record_bytes (the tests' 256 KiB), and a record with a 5,000-digit number (a document)
     d = root / "onefile"
     d.mkdir()
     texts = [sentence(rng) for _ in range(12)]
-    _jsonl(d / "all.jsonl", [{"text": t} for t in texts])
-    w.valid += [("onefile", f"all.jsonl:{i}") for i in range(1, 13)]
+    rows: list = [{"text": t} for t in texts]
+    rows.insert(6, b'{"text": "x", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    rows.insert(10, json.dumps({"text": sentence(rng)}, ensure_ascii=False).encode()[:-1] + b', "n": ' + b"9" * 5000 + b"}")
+    rows.append({"text": "长" * 100_000})  # 300 KB
+    _jsonl(d / "all.jsonl", rows, newline="\r")
+    w.planted += [("raw_corpus", "onefile", "all.jsonl", 7, "invalid_json"), ("raw_corpus", "onefile", "all.jsonl", 15, "record_too_large")]
+    w.valid += [("onefile", f"all.jsonl:{i}") for i in range(1, 15) if i != 7]
     w.sources.append({"name": "onefile", "uri": str(d / "*.jsonl"), "format": "jsonl"})
 
-    # -- toolong: every row is valid at ingest and too long for the 512-token filter -----------------
+    # -- toolong: every row is valid at ingest and too long for the 512-token filter, or for the
+    # tests' filter.max_doc_chars (5,000: never tokenized); and a 100 KB gzip of one 100 MB line
     d = root / "toolong"
     d.mkdir()
-    _jsonl(d / "long.jsonl", [{"text": "".join(sentence(rng, 80, 90) for _ in range(30))} for _ in range(3)])
+    _jsonl(d / "long.jsonl", [{"text": "".join(sentence(rng, 80, 90) for _ in range(30))} for _ in range(3)] + [{"text": "长句。" * 2000}])
     w.planted += [("filtered_corpus", "toolong", "long.jsonl", i, "too_many_tokens") for i in (1, 2, 3)]
-    w.sources.append({"name": "toolong", "uri": str(d / "*.jsonl"), "format": "jsonl"})
+    w.planted.append(("filtered_corpus", "toolong", "long.jsonl", 4, "text_too_long"))
+    with gzip.open(d / "bomb.jsonl.gz", "wb") as f:
+        f.write(b'{"text": "')
+        for _ in range(100):
+            f.write(b"a" * 2**20)
+        f.write(b'"}\n')
+    w.planted.append(("raw_corpus", "toolong", "bomb.jsonl.gz", 1, "record_too_large"))
+    w.sources.append({"name": "toolong", "uri": str(d / "*.jsonl*"), "format": "jsonl"})
     w.all_filtered.append("toolong")
     return w
 
