@@ -7,6 +7,7 @@ from kun_dagster import stages, versions
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.llm import EngineError
+from kun_dagster.llm.base import Tally
 from kun_dagster.names import CHAT_MODEL, in_round
 from resources import KunResource, LLMResource
 
@@ -18,14 +19,18 @@ GROUP = "pairs"
 
 def _run(context, kun, asset: str, frames: dict, stage, engine):
     """The stage on each partition of the run, then the asset's checks (its output only if the schema holds)."""
-    out = {}
+    out, tally = {}, Tally(engine)
     for key, df in frames.items():
-        resumable = checkpointed(kun, asset, key, engine)
+        resumable = checkpointed(kun, asset, key, tally)
         try:
             result = stage(df, resumable, kun.config)
         except EngineError as e:  # the model failed: nothing of this run is published
             raise dg.Failure(f"{asset} {key}: {e}", allow_retries=False) from e
         out[key] = report_stage(context, kun, asset, key, result, resumable)
+    try:
+        tally.require_text(asset)
+    except EngineError as e:
+        raise dg.Failure(str(e), allow_retries=False) from e
     yield from checks.gate(context, kun, asset, out)
 
 

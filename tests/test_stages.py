@@ -71,8 +71,22 @@ def test_label_uses_kun_prompt_keeps_the_raw_instruction_and_filters_keywords():
 
 
 def test_stage_fails_loudly_when_the_model_returns_nothing():
-    with pytest.raises(EngineError, match="empty text for all 2 prompts"):
-        stages.label(docs(["甲", "乙"]), ScriptedEngine(replies=["", ""]), CFG)
+    n = stages.common.ALL_EMPTY_MIN
+    with pytest.raises(EngineError, match=f"empty text for all {n} prompts"):
+        stages.label(docs([f"文{i}" for i in range(n)]), ScriptedEngine(replies=[""] * n), CFG)
+    # two empty replies in a small partition are a weak model's chance: quarantined, counted; the
+    # step's tally (every partition it serves) is what fails when nothing at all had text
+    res = stages.label(docs(["甲", "乙"]), ScriptedEngine(replies=["", ""]), CFG)
+    assert res.dropped["reason"].tolist() == ["empty_generation"] * 2 and not len(res.rows)
+    from kun_dagster.llm.base import Tally
+
+    tally = Tally(ScriptedEngine(replies=["", "", "", "什么是复利？"]))
+    stages.label(docs(["甲", "乙"]), tally, CFG)
+    with pytest.raises(EngineError, match="empty text for all 2 prompts of the step"):
+        tally.require_text("labeled_pairs")
+    stages.label(docs(["丙", "丁"]), tally, CFG)
+    tally.require_text("labeled_pairs")  # one generation of the step had text
+    assert (tally.generations, tally.with_text) == (4, 1)
 
 
 def test_score_reads_probabilities_where_the_model_answers_in_the_format():

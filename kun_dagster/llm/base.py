@@ -128,3 +128,27 @@ class EngineSpec:
         """A spec from engine-settings keys (backend, dtype, batch_size, vllm={...}), validated as
         kun.yaml's `models.<role>` is: for tools and tests that build an engine by hand."""
         return cls(path, model_name, EngineSettings.model_validate(settings))
+
+
+class Tally:
+    """An engine that counts what its generations held: over a whole step (every partition it
+    serves), none with text means the engine or the model failed; a few empty ones in a small
+    partition are a weak model's chance, quarantined as empty_generation and checked."""
+
+    def __init__(self, engine):
+        self._engine, self.generations, self.with_text = engine, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
+        gens = self._engine.generate(prompts, params)
+        self.generations += len(gens)
+        self.with_text += sum(1 for g in gens if g.text)
+        return gens
+
+    def require_text(self, what: str) -> None:
+        if self.generations and not self.with_text:
+            raise EngineError(
+                f"{what}: model {self._engine.model_name} returned empty text for all {self.generations} prompts of the step; nothing is published"
+            )
