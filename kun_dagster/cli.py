@@ -55,7 +55,7 @@ def _report(result, cfg, base, home: Path, debug: bool) -> None:
 
     from .secrets import redact, secret_values
 
-    hidden = secret_values(cfg)
+    hidden = secret_values(cfg) if cfg is not None else set()
     say = lambda line="": print(redact(line, hidden), file=sys.stderr)  # noqa: E731 - no credential reaches a terminal or a CI log
     for ev in result.get_asset_check_evaluations():
         if ev.passed or ev.severity != dg.AssetCheckSeverity.ERROR:

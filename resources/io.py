@@ -1,11 +1,11 @@
 """IO managers on Dagster's UPathIOManager: hive-partitioned Parquet, and JSON model references.
 
 Partitions land at {base}/{asset}/source={s}/shard={k}/part-0.parquet and are published
-atomically (kun_dagster.storage). A stage hands over a StageResult: its dropped rows go to
-{base}/quarantine/{asset}/source=.../shard=.../ first, then its rows (a frame, or a file the stage
-streamed into the partition's staging folder), so a partition's data and quarantine are always of
-the same run, and only once the whole step has succeeded; then the staging folder (batch
-checkpoints) goes. A single-run backfill hands the manager one value per partition in a dict
+atomically (kun_dagster.storage). A stage hands over a StageResult: its rows (a frame, or a file
+the stage streamed into the partition's staging folder) first, then its dropped rows to
+{base}/quarantine/{asset}/source=.../shard=.../, only once the whole step has succeeded; then the
+staging folder (batch checkpoints) goes. A failure between the two leaves the step failed and the
+partition unrecorded, so the next run writes both again. A single-run backfill hands the manager one value per partition in a dict
 keyed by partition key.
 """
 
@@ -38,13 +38,14 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame | StageResult, path: UPath) -> None:
         asset, part = "/".join(context.asset_key.path), storage.partition_of(path)
-        if isinstance(obj, StageResult):
-            version = versions.find(asset)
-            if (version is not None and version.reasons) or storage.row_count(obj.dropped):  # what drops nothing has no quarantine
-                storage.publish(obj.dropped, storage.quarantine_dir(self._base_path, asset, part), schemas.QUARANTINE)
-            obj = obj.rows
+        result = obj if isinstance(obj, StageResult) else None
+        rows = result.rows if result is not None else obj
         # a staged file by one rename; a frame with its dataset version's schema
-        storage.publish(obj, path, schemas.arrow_schema(asset) if schemas.known(asset) else None)
+        storage.publish(rows, path, schemas.arrow_schema(asset) if schemas.known(asset) else None)
+        if result is not None:  # then the rows it dropped (what drops nothing has no quarantine)
+            version = versions.find(asset)
+            if (version is not None and version.reasons) or storage.row_count(result.dropped):
+                storage.publish(result.dropped, storage.quarantine_dir(self._base_path, asset, part), schemas.QUARANTINE)
         # published: its batch checkpoints are done
         storage.remove_tree(storage.staging_dir(self._base_path, asset, part), prune_up_to=self._base_path / storage.STAGING)
 
