@@ -3,7 +3,6 @@ shard, perplexity), then source-wide dedup: minhash_signatures per partition, du
 over every shard of the source, deduped_corpus."""
 
 import dagster as dg
-from transformers import AutoTokenizer
 
 import checks
 from kun_dagster import stages, storage, versions
@@ -85,6 +84,8 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         reference model (filter.perplexity_model, run with that role's engine settings) at most
         filter.perplexity_max, exact duplicates removed (config: filter)."""
         c = kun.config
+        from transformers import AutoTokenizer  # here, not at import: every process that loads the code location would pay for it
+
         tokenizer = AutoTokenizer.from_pretrained(kun.local_model(label_model["path"]))
         llm, reference = (base_llm, base_model) if c.filter.perplexity_model == "base" else (label_llm, label_model)
         engine = llm.engine(reference) if c.filter.perplexity_max is not None else None

@@ -27,8 +27,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import rensa
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from .text import text_key
 
@@ -229,6 +227,9 @@ def cluster(
             src.append(idx[ca][ok])
             dst.append(idx[cb][ok])
     src, dst = np.concatenate(src), np.concatenate(dst)
+    from scipy.sparse import coo_matrix  # here: the code location loads without scipy
+    from scipy.sparse.csgraph import connected_components
+
     graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
     _, label = connected_components(graph, directed=False)
     first = np.lexsort((rank, label))  # by component, then rank: the first of each component keeps

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from transformers.utils import logging as hf_logging
 
 from . import progress
 from .config import TinyBaseSettings, TrainSettings
@@ -37,7 +36,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run logs
 
 
 @dataclass
@@ -145,6 +143,9 @@ def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=N
     """Run the Trainer (from the checkpoint `resume` when given); returns (model ready to save, mean
     training loss, loss curve)."""
     from transformers import PrinterCallback, Trainer, TrainerCallback
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run logs (kun's own progress reports)
 
     if peft_config is not None:
         from peft import get_peft_model
