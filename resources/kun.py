@@ -1,5 +1,7 @@
 """The Kun config as a resource: assets read stage settings from it, the UI shows its path."""
 
+import hashlib
+import os
 from functools import lru_cache
 
 import dagster as dg
@@ -11,8 +13,20 @@ from kun_dagster.store import Store
 
 
 @lru_cache(maxsize=8)
-def _load(path: str) -> KunConfig:
+def _load_version(path: str, stamp: str, env: tuple) -> KunConfig:
     return load_config(path)
+
+
+def _load(path: str) -> KunConfig:
+    """kun.yaml, parsed once per process for each version of the file and of its KUN__ overrides:
+    a process that goes on after the file changed (a notebook, a test, a second `kun run` in one
+    process) reads the new one, never a stale copy."""
+    try:
+        with open(path, "rb") as f:
+            stamp = hashlib.sha256(f.read()).hexdigest()  # a few KB: exact where mtimes are coarse
+    except OSError:
+        stamp = ""  # load_config says what is wrong with it
+    return _load_version(path, stamp, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("KUN__"))))
 
 
 class KunResource(dg.ConfigurableResource):

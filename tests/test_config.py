@@ -102,3 +102,23 @@ def test_retention_bounds_merge_with_the_defaults_and_sources_take_an_encoding()
     assert parse_config({**MINIMAL, "sources": [src]}, env={}).sources[0].encoding == "gb18030"
     with pytest.raises(ConfigError, match="sources.0.encoding: unknown encoding 'klingon'"):
         parse_config({**MINIMAL, "sources": [{**src, "encoding": "klingon"}]}, env={})
+
+
+def test_the_resource_reads_the_config_as_it_is_now(tmp_path, monkeypatch):
+    """A process that goes on after kun.yaml changed (a second `kun run` in one process, a notebook)
+    gets the new config, and a KUN__ override set later too: never a stale parse."""
+    import yaml
+
+    from resources import KunResource
+
+    from .conftest import write_config
+
+    path = write_config(tmp_path)
+    kun = KunResource(config_path=str(path))
+    assert kun.config.score.threshold == 0.5 and kun.config is kun.config  # parsed once while nothing changes
+    doc = yaml.safe_load(path.read_text())
+    doc.setdefault("score", {})["threshold"] = 0.9
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    assert kun.config.score.threshold == 0.9
+    monkeypatch.setenv("KUN__score__threshold", "0.7")
+    assert kun.config.score.threshold == 0.7
