@@ -34,6 +34,16 @@ def test_dagster_definitions_validate_loads_the_workspace(tmp_path):
     assert "Validation successful" in out.stdout + out.stderr
 
 
+def test_loading_the_code_location_imports_no_torch_transformers_or_scipy(tmp_path):
+    """Every process dagster starts (code server, run worker, step) loads the code location: the
+    heavy libraries wait until a step uses them (8.6 s and 390 MB a process when they did not)."""
+    env = {**os.environ, "KUN_CONFIG": str(write_config(tmp_path)), "DAGSTER_HOME": str(tmp_path)}
+    probe = "import sys; from kun_dagster.definitions import defs; print(sorted(m for m in ('torch', 'transformers', 'scipy', 'vllm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_a_one_source_backfill_is_one_run(defs):
     pdef = defs.resolve_asset_graph().get(dg.AssetKey("labeled_pairs")).partitions_def
     keys = [k for k in pdef.get_partition_keys() if k.keys_by_dimension["source"] == "wanjuan"]
