@@ -378,14 +378,17 @@ def _kind(value: object) -> str:
     return "null" if value is None else "missing" if value is _ABSENT else f"a {type(value).__name__}, not a string"
 
 
-def record_id(rec: dict, rel: str, row: int, source: SourceConfig) -> str:
-    """The id a record carries ('' where it has none usable), or file:row for a source without ids:
-    named in its quarantine row too, so a dropped record can be found by its own id."""
+def _record_id(rec: dict, rel: str, row: int, source: SourceConfig) -> tuple[str | None, str, str]:
+    """(the record's doc id, "", "") or (None, reason, detail): its id field's value as a string,
+    or file:row for a source without ids."""
     if not source.id_field:
-        return f"{rel}:{row}"
+        return f"{rel}:{row}", "", ""
     raw_id = field_value(rec, source.id_field)
-    ok = isinstance(raw_id, (str, int, float)) and not isinstance(raw_id, bool) and raw_id != ""
-    return str(raw_id) if ok and not (isinstance(raw_id, str) and _SURROGATE.search(raw_id)) else ""
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float)) or raw_id == "":
+        return None, MISSING_ID, f"field {source.id_field!r} is {'empty' if raw_id == '' else _kind(raw_id)}"
+    if isinstance(raw_id, str) and _SURROGATE.search(raw_id):
+        return None, INVALID_UNICODE, f"field {source.id_field!r} holds a lone surrogate: not Unicode text"
+    return str(raw_id), "", ""
 
 
 def _document(rec: dict, rel: str, row: int, source: SourceConfig) -> tuple[str, str | None, str] | tuple[None, str, str]:
@@ -399,15 +402,9 @@ def _document(rec: dict, rel: str, row: int, source: SourceConfig) -> tuple[str,
         return None, INVALID_ENCODING, f"field {source.text_field!r}: {_undecodable(text, source)}"
     if lone := _SURROGATE.search(text):
         return None, INVALID_UNICODE, f"field {source.text_field!r} holds a lone surrogate (U+{ord(lone[0]):04X}): not Unicode text"
-    if source.id_field:
-        raw_id = field_value(rec, source.id_field)
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float)) or raw_id == "":
-            return None, MISSING_ID, f"field {source.id_field!r} is {'empty' if raw_id == '' else _kind(raw_id)}"
-        if isinstance(raw_id, str) and _SURROGATE.search(raw_id):
-            return None, INVALID_UNICODE, f"field {source.id_field!r} holds a lone surrogate: not Unicode text"
-        doc_id = str(raw_id)
-    else:
-        doc_id = f"{rel}:{row}"
+    doc_id, reason, detail = _record_id(rec, rel, row, source)
+    if doc_id is None:
+        return None, reason, detail
     if not has_content(text):
         return None, EMPTY_TEXT, f"field {source.text_field!r} holds no text (only spaces, control characters or escapes)"
     title = field_value(rec, source.title_field) if source.title_field else None
@@ -443,7 +440,7 @@ def documents(fs, path: str, rel: str, source: SourceConfig, limits: IngestConfi
             try:
                 doc_id, *rest = _document(rec, rel, row, source)
                 if doc_id is None:
-                    rest = [*rest, raw, record_id(rec, rel, row, source)]
+                    rest = [*rest, raw, _record_id(rec, rel, row, source)[0] or ""]  # kept beside file and row where known
             except Exception as e:  # noqa: BLE001 - one record no rule expected costs itself only
                 doc_id, rest = None, [RECORD_ERROR, f"{type(e).__name__}: {str(e)[:300]}", raw, ""]
             yield ("doc", row, doc_id, *rest) if doc_id is not None else ("bad", row, *rest)
@@ -490,13 +487,6 @@ def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits
     return _ID_INDEX[key]
 
 
-def first_locations(
-    source: SourceConfig, fs, root: str, found: dict[str, dict], limits: IngestConfig | None = None
-) -> dict[str, tuple[str, int]]:
-    """For every id that more than one document of the source carries, where it is kept."""
-    return id_index(source, fs, root, found, limits).kept_at
-
-
 def iter_shard(
     source: SourceConfig,
     uri: str,
@@ -511,7 +501,7 @@ def iter_shard(
     the shard. Always yields at least one batch."""
     try:
         fs, root, found = _glob(uri, storage_options)
-        kept_at = first_locations(source, fs, root, found, limits)
+        kept_at = id_index(source, fs, root, found, limits).kept_at
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
         raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e
     if not found:

@@ -345,7 +345,7 @@ def add_evaluation(base: UPath, cfg: KunConfig, k: int, reports: dict[int, dict]
             if (path.parent / MANIFEST).exists():  # the manifest names the card as it now is
                 manifest = json.loads((path.parent / MANIFEST).read_text(encoding="utf-8"))
                 manifest["files"]["README.md"] = _entry(card_md)
-                storage.write_atomic(path.parent / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+                _write_manifest(path.parent, manifest)
 
 
 def amend_card(card_md: str, rounds: list[dict]) -> str:
@@ -406,6 +406,10 @@ def _entry(data: bytes) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _write_manifest(out: UPath, manifest: dict) -> None:
+    storage.write_atomic(out / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+
+
 def publish_releases(releases: dict[UPath, tuple[pd.DataFrame, str]], run_id: str) -> None:
     """Each release folder's train.jsonl and README.md (release_dir; the Parquet copy is the asset's
     partition), all or none: every file is first written under a temporary name and flushed, and
@@ -429,7 +433,7 @@ def publish_releases(releases: dict[UPath, tuple[pd.DataFrame, str]], run_id: st
     for tmp, final in staged:
         tmp.rename(final)
     for out, manifest in manifests.items():
-        storage.write_atomic(out / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+        _write_manifest(out, manifest)
 
 
 def verify_release(out: UPath) -> list[str]:

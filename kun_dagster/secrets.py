@@ -68,19 +68,8 @@ def secret_values(cfg: KunConfig, env: Mapping[str, str] | None = None) -> set[s
         found |= values_under(tree["models"][role]["vllm"]["engine_kwargs"])
     s3 = cfg.storage.s3
     found |= {env[n] for n in (s3.access_key_id_env, s3.secret_access_key_env, s3.session_token_env) if env.get(n)}
-    found |= {m["password"] for text in _strings(tree) for m in _USERINFO.finditer(text)}
+    found |= {m["password"] for text in _walk(tree, secret=True) for m in _USERINFO.finditer(text)}
     return {v for v in found if len(v) >= 4}
-
-
-def _strings(node) -> Iterable[str]:
-    if isinstance(node, Mapping):
-        for v in node.values():
-            yield from _strings(v)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            yield from _strings(v)
-    elif isinstance(node, str):
-        yield node
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
