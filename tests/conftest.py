@@ -29,7 +29,65 @@ CORPUS = [
 ]  # source x shard, in graph order
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM's engine in-process: seconds, not a minute, to start
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one core each, or torch's and vLLM's threads fight
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cpus = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cpus[int(worker.removeprefix("gw")) % len(cpus)]))
 warnings.filterwarnings("ignore", module="dagster")
+
+# `pytest -n 2` (the README's test command): each worker takes whole groups of tests, a module (its
+# module-scoped fixtures built once) or a part of one that SPLIT cuts in n. The heaviest group goes
+# first, then, while its worker trains the session's tiny models (a minute), the other takes the
+# modules that need no model, then the rest heaviest first (seconds on one worker, measured:
+# bench/README.md, "CI"), so that the two end together rather than one running a slow module alone.
+WEIGHT = {
+    "test_wild": 220,
+    "test_automation_daemon": 180,
+    "test_dev_recovery": 160,
+    "test_ui": 145,
+    "test_rounds": 130,
+    "test_training_resume": 85,
+    "test_cli": 70,
+    "test_vllm": 60,
+    "test_automation": 55,
+    "test_s3": 33,
+    "test_pipeline": 20,
+    "test_resume": 16,
+    "test_recovery": 15,
+    "test_dedup_graph": 10,
+}
+SPLIT = {"test_wild": 3, "test_dev_recovery": 2, "test_automation_daemon": 2}
+
+
+def _module(nodeid: str) -> str:
+    return Path(nodeid.split("::")[0]).stem
+
+
+def pytest_collection_modifyitems(config, items):
+    modules = sorted({_module(item.nodeid) for item in items})  # sorted: every worker collects one order
+    modelled = {_module(item.nodeid) for item in items if "models_run" in getattr(item, "fixturenames", ())}
+    share = {m: WEIGHT.get(m, 0) / SPLIT.get(m, 1) for m in modules}
+    first = max(modules, key=share.get)
+    items.sort(key=lambda item: (_module(item.nodeid) != first, _module(item.nodeid) in modelled, -share[_module(item.nodeid)]))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's per-file scheduling over the groups above (its `xdist_group` marks do nothing
+    under pytest 9.2, which no longer reads the node ids xdist rewrites)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    index: dict[str, int] = {}  # a test's place in its module, in collection order
+
+    class Groups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module(nodeid)
+            if module not in SPLIT:
+                return module
+            if nodeid not in index:
+                index[nodeid] = sum(_module(n) == module for n in index)
+            return f"{module}-{index[nodeid] % SPLIT[module]}"
+
+    return Groups(config, log)
 
 
 def write_config(tmp: Path, **overrides) -> Path:
@@ -101,7 +159,10 @@ def location_loaded(url: str) -> bool:
 @contextlib.contextmanager
 def dagster_dev(env: dict, log: Path, port: int):
     """`dagster dev` (webserver, daemon, code server) on a loopback port, until the code location has
-    loaded; yields its URL; stops it with Ctrl-C, then kills whatever its session left."""
+    loaded; yields its URL; stops it with Ctrl-C, then kills whatever its session left. Its backfill
+    daemon iterates every 3 s, not 30 (tests/pace/sitecustomize.py)."""
+    pace = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "pace"), os.environ.get("PYTHONPATH")]))}
+    pace["KUN_TEST_DAEMON_INTERVAL"] = "3"
     # SIGINT at its default: a shell may start us with it ignored, and then Python would never see
     # the Ctrl-C that shuts dagster dev (webserver, daemon, code servers) down.
     launcher = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
@@ -121,7 +182,7 @@ def dagster_dev(env: dict, log: Path, port: int):
                 str(port),
             ],
             cwd=REPO,
-            env={**os.environ, **env},
+            env={**os.environ, **pace, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -202,23 +263,39 @@ def planted() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def session_cfg_file(tmp_path_factory) -> Path:
-    return write_config(tmp_path_factory.mktemp("kun"))
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this session sees (the base temp's parent under xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
-def models_run(session_cfg_file):
-    """seed_data, base_model, label_model and chat_model materialized once through Dagster."""
+def models_run(shared_dir):
+    """seed_data, base_model, label_model and chat_model materialized once through Dagster, once per
+    test session: the first worker trains them (on a Dagster instance on disk), the others wait on
+    the lock and open the same instance and store (read-only for the models; only test_pipeline
+    writes corpus partitions to this store)."""
     import dagster as dg
+    from filelock import FileLock
 
     from kun_dagster.definitions import build_definitions
 
-    defs = build_definitions(session_cfg_file)
-    instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(list(defs.assets), selection=MODELS, resources=defs.resources, instance=instance)
-    assert result.success
-    refs = {k: result.output_for_node(k) for k in ("base_model", "label_model", "chat_model")}
-    return {"defs": defs, "instance": instance, "refs": refs, "cfg_file": session_cfg_file}
+    # KUN_TEST_MODELS: a folder kept between sessions while you iterate (delete it when training changes)
+    root = Path(os.environ.get("KUN_TEST_MODELS") or shared_dir / "models_run")
+    with FileLock(str(root) + ".lock"):
+        if not (root / "refs.json").is_file():
+            (root / "home").mkdir(parents=True, exist_ok=True)
+            cfg_file = write_config(root)
+            defs = build_definitions(cfg_file)
+            with dg.DagsterInstance.local_temp(str(root / "home")) as instance:
+                result = dg.materialize(list(defs.assets), selection=MODELS, resources=defs.resources, instance=instance)
+                assert result.success
+                refs = {k: result.output_for_node(k) for k in ("base_model", "label_model", "chat_model")}
+            (root / "refs.json").write_text(json.dumps(refs))
+    cfg_file = root / "kun.yaml"
+    instance = dg.DagsterInstance.local_temp(str(root / "home"))
+    refs = json.loads((root / "refs.json").read_text())
+    return {"defs": build_definitions(cfg_file), "instance": instance, "refs": refs, "cfg_file": cfg_file}
 
 
 @pytest.fixture(scope="session")
