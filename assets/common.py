@@ -124,6 +124,7 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
         md.update(getattr(engine, "stats", {}))  # checkpoint batches reused / computed
     if len(head):
         md["preview"] = table(head)
+    # no log line per partition: its materialization shows these counts, and a run over a thousand
+    # partitions would write a thousand more event-log rows
     context.add_asset_metadata(md, partition_key=key)
-    context.log.info(f"{asset} {source}/{shard}: {result.stats.get('rows_in')} in, {md['dagster/row_count']} out, {n_dropped} quarantined")
     return result

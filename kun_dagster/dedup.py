@@ -195,6 +195,32 @@ class Clusters:
     bands: tuple[int, int]
 
 
+def components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Connected components of the undirected graph on 0..n-1 with edges src[i]-dst[i]: each node's
+    label is the smallest node of its component. Vectorized union-find: every root is hooked onto
+    the smallest root it shares an edge with, then paths are halved until every node points at its
+    root; rounds repeat until no edge joins two roots (a few rounds: each at least halves the roots
+    an edge still joins)."""
+    parent = np.arange(n)
+    src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+    while len(src):
+        a, b = parent[src], parent[dst]
+        differ = a != b
+        if not differ.any():
+            break
+        a, b = a[differ], b[differ]
+        low = np.minimum(a, b)
+        np.minimum.at(parent, a, low)  # a root only ever points at a smaller root: no cycle
+        np.minimum.at(parent, b, low)
+        while True:
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+        src, dst = src[differ], dst[differ]
+    return parent
+
+
 def cluster(
     sig: np.ndarray,
     keys: np.ndarray,
@@ -226,12 +252,7 @@ def cluster(
             ok = jaccard(sig, idx[ca], idx[cb]) >= threshold
             src.append(idx[ca][ok])
             dst.append(idx[cb][ok])
-    src, dst = np.concatenate(src), np.concatenate(dst)
-    from scipy.sparse import coo_matrix  # here: the code location loads without scipy
-    from scipy.sparse.csgraph import connected_components
-
-    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
-    _, label = connected_components(graph, directed=False)
+    label = components(n, np.concatenate(src), np.concatenate(dst))
     first = np.lexsort((rank, label))  # by component, then rank: the first of each component keeps
     keeper_of = np.empty(n, dtype=np.int64)
     starts = np.r_[True, label[first][1:] != label[first][:-1]] if n else np.zeros(0, dtype=bool)

@@ -211,8 +211,19 @@ def _add(schema: pa.DataFrameSchema, column: str, *checks: pa.Check) -> pa.DataF
     return schema.update_column(column, checks=[*schema.columns[column].checks, *checks])
 
 
+_built: dict[tuple[str, str], pa.DataFrameSchema] = {}
+
+
 def schema(asset: str, cfg: KunConfig) -> pa.DataFrameSchema:
-    """The asset's DataFrameModel with the constraints kun.yaml sets."""
+    """The asset's DataFrameModel with the constraints kun.yaml sets; built once per asset and
+    config (a step validates each of its partitions with it)."""
+    key = (asset, cfg.model_dump_json())
+    if key not in _built:
+        _built[key] = _build(asset, cfg)
+    return _built[key]
+
+
+def _build(asset: str, cfg: KunConfig) -> pa.DataFrameSchema:
     s = model(asset).to_schema()
     s = _add(s, "n_tokens", pa.Check.le(cfg.filter.max_tokens, name="within_token_limit"))
     s = _add(s, "instruction", *_no_keyword(cfg.label.banned_keywords, "no_banned_keyword"))

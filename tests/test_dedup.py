@@ -272,3 +272,42 @@ def test_the_release_drops_answers_repeated_across_shards_and_its_card_reports_i
     assert div["largest"] == [{"size": 2, "example": "什么是复利？请详细解释一下"}] and div["near_duplicate_clusters"] == 1
     assert "## Instruction diversity" in card and "100.0% of the 3 instructions are distinct" in card
     assert re.search(r"^\| instruction_dataset .*\| duplicate_output: 1 *\|$", card, re.M)
+
+
+def _reference_components(n: int, edges: list[tuple[int, int]]) -> list[int]:
+    """Each node's smallest component member, by a breadth-first search from each node in order."""
+    adjacent: dict[int, set[int]] = {}
+    for a, b in edges:
+        adjacent.setdefault(a, set()).add(b)
+        adjacent.setdefault(b, set()).add(a)
+    label = [-1] * n
+    for start in range(n):
+        if label[start] < 0:
+            label[start], todo = start, [start]
+            while todo:
+                for m in adjacent.get(todo.pop(), ()):
+                    if label[m] < 0:
+                        label[m] = start
+                        todo.append(m)
+    return label
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 60).flatmap(
+        lambda n: st.tuples(st.just(n), st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=120))
+    )
+)
+def test_connected_components_equal_a_breadth_first_search(graph):
+    n, edges = graph
+    src, dst = np.array([a for a, _ in edges], dtype=np.int64), np.array([b for _, b in edges], dtype=np.int64)
+    assert dedup.components(n, src, dst).tolist() == _reference_components(n, edges)
+
+
+def test_connected_components_of_long_chains_in_any_order():
+    n = 20_000
+    order = RNG.permutation(n - 1)
+    src, dst = order, order + 1  # one path through every node, its edges shuffled, and a second copy reversed
+    assert (dedup.components(n, np.r_[src, dst[::-1]], np.r_[dst, src[::-1]]) == 0).all()
+    src = RNG.permutation(n - 2)  # i - i+2: the even nodes and the odd ones, two chains
+    assert dedup.components(n, src, src + 2).tolist() == (np.arange(n) % 2).tolist()
