@@ -205,6 +205,21 @@ def test_polish_applies_output_filters_and_dedup():
     assert eng.prompts[0] == prompts.render(eng.tokenizer, " 已知：\n甲文,请回答:问题")
 
 
+def test_answers_are_released_as_generated_and_a_looping_one_is_dropped():
+    """Kun never edits an answer: repeated lines in code and a poem's refrain stay; an answer that
+    loops on one sentence reaches the repeated-phrase filter whole and is dropped, not repaired."""
+    code = "def sign(x):\n    if x > 0:\n        return 1\n    else:\n        return -1\n\ndef abs_(x):\n    if x < 0:\n        return -x\n    else:\n        return x"
+    js = "function f(a) {\n  if (a) {\n    return 1;\n  }\n  return 0;\n}"
+    poem = "春眠不觉晓，\n处处闻啼鸟。\n春眠不觉晓，\n夜来风雨声。\n春眠不觉晓，\n花落知多少。"
+    loop = "这个问题的答案是复利。\n" * 8
+    scored = docs(["甲文", "乙文", "丙文", "丁文"]).assign(
+        instruction="问题", score=0.9, score_method="kun_choice", score_rule="probability"
+    )
+    res = stages.polish(scored, ScriptedEngine(replies=["\n" + code + "\n", js, poem, loop]), CFG)
+    assert dict(zip(res.rows["doc_id"], res.rows["output"])) == {"d0": code, "d1": js, "d2": poem}
+    assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {"d3": "repeated_phrase"}
+
+
 def test_an_empty_partition_flows_through_every_stage():
     eng = ScriptedEngine()
     empty = docs([])

@@ -8,7 +8,7 @@ from .. import prompts, scoring, tagging
 from ..config import KunConfig
 from ..llm.base import Engine
 from ..names import POLISHED
-from ..text import find_keyword, repair_repeated_lines, starts_with_repeated_phrase
+from ..text import find_keyword, starts_with_repeated_phrase
 from .common import (
     BANNED_KEYWORD,
     BROKEN_TEXT,
@@ -50,7 +50,9 @@ def output_reason(output: str, cfg: KunConfig) -> tuple[str, str] | None:
 def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     """Rows whose score reaches score.threshold (applied here, so a new threshold re-runs only this
     stage, not the scorer); the chat model rewrites each kept text into an answer to its
-    instruction (answer polishment)."""
+    instruction (answer polishment). The answer is released as the model wrote it, stripped: Kun's
+    repeated-line repair is for instructions (clean_instruction); in an answer it would cut code's
+    second `}`, a poem's refrain, and shrink a loop that the repeated-phrase filter must drop."""
     keep = scoring.keep(scored["score"].to_numpy(dtype=float), cfg.score.threshold)
     df = scored[keep].drop(columns=["score_reply"], errors="ignore").reset_index(drop=True)
     df["instruction"] = df["instruction"].map(lambda s: clean_instruction(s, cfg.label.whitespace_run)).astype(object)
@@ -71,7 +73,7 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     df["output"] = pd.Series("", index=df.index, dtype=object)
     df["instruction_truncated"], df["polish_tokens"], df["polish_finish"] = False, 0, ""
     for i, g in zip(todo, gens):
-        df.at[i, "output"] = repair_repeated_lines(g.text)
+        df.at[i, "output"] = g.text.strip()  # as generated: Kun never edits an answer, its filters read it raw
         df.at[i, "instruction_truncated"] = built[i][1]
         df.at[i, "polish_tokens"] = g.num_tokens
         df.at[i, "polish_finish"] = g.finish_reason
