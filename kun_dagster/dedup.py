@@ -198,9 +198,9 @@ class Clusters:
 def components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Connected components of the undirected graph on 0..n-1 with edges src[i]-dst[i]: each node's
     label is the smallest node of its component. Vectorized union-find: every root is hooked onto
-    the smallest root it shares an edge with, then paths are halved until every node points at its
-    root; rounds repeat until no edge joins two roots (a few rounds: each at least halves the roots
-    an edge still joins)."""
+    the smallest root it shares an edge with, then pointers jump (parent = parent[parent]) until
+    every node points at its root; rounds repeat, over the edges still joining two roots, until
+    none does (each round hooks at least one root, so it ends)."""
     parent = np.arange(n)
     src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
     while len(src):

@@ -37,8 +37,8 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
     all_assets = dg.map_asset_specs(lambda spec: spec.replace_attributes(owners=cfg.deploy.owners), all_assets)
     all_assets = apply_automation(all_assets, cfg)
     # Each step in its own process, forked from a server that has imported this code location once
-    # per run: a step starts in a fraction of a second, where a spawned one re-imports Dagster and
-    # the code location (about 3 s of CPU per step). Nothing here touches CUDA before a step runs.
+    # per run instead of spawned (which re-imports Dagster and the code location): 0.9-1.0 s from
+    # launch to a running step (docs/ARCHITECTURE.md). Nothing here touches CUDA before a step runs.
     executor = dg.multiprocess_executor.configured({"start_method": {"forkserver": {}}})
     if cfg.deploy.executor == "k8s":  # one Kubernetes job per step; GPU steps request GPUs via op tags
         from dagster_k8s import k8s_job_executor

@@ -77,6 +77,7 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     index: dict[str, int] = {}  # a test's place in its module, in collection order
+    counts: dict[str, int] = {}
 
     class Groups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -84,7 +85,7 @@ def pytest_xdist_make_scheduler(config, log):
             if module not in SPLIT:
                 return module
             if nodeid not in index:
-                index[nodeid] = sum(_module(n) == module for n in index)
+                index[nodeid] = counts[module] = counts.get(module, -1) + 1
             return f"{module}-{index[nodeid] % SPLIT[module]}"
 
     return Groups(config, log)
