@@ -5,6 +5,8 @@ Runs the scored_pairs stage (stages.score, no Dagster around it) over the label 
 instructions with:
   - kun_choice: answer probabilities in one decode step per shared-opening token, free text only
     for rows under score.min_answer_mass (the default);
+  - kun_choice with score.decision sampled: the verdict one reply drawn from the same
+    probabilities would give (Kun's rule in distribution);
   - kun_choice with score.exact: every answer token summed from prompt logprobs;
   - kun_freetext at Kun's max_tokens (1024): generate, then parse.
 and reports seconds, the ratio, the fallback count, both keep rates and where the probability
@@ -121,7 +123,12 @@ def main() -> None:
         "engine_kwargs": vllm["engine_kwargs"],
     }
     runs = {}
-    methods = (("kun_choice", choice_cfg), ("kun_choice_exact", with_score(choice_cfg, exact=True)), ("kun_freetext", free_cfg))
+    methods = (
+        ("kun_choice", choice_cfg),
+        ("kun_choice_sampled", with_score(choice_cfg, decision="sampled")),
+        ("kun_choice_exact", with_score(choice_cfg, exact=True)),
+        ("kun_freetext", free_cfg),
+    )
     times: dict[str, list[float]] = {name: [] for name, _ in methods}
     for _ in range(args.repeat):  # interleaved, each from a cold prefix cache: no method reads another's KV
         for name, run_cfg in methods:
@@ -157,6 +164,12 @@ def main() -> None:
         "expected_under_sampling": round(expected_agreement(choice_rows[both], cfg.sampling.temperature), 4) if both.any() else None,
     }
     res["keep_rate_expected_under_sampling"] = round(expected_keep(choice_rows[prob], cfg.sampling.temperature), 4) if prob.any() else None
+    sampled_rows = runs["kun_choice_sampled"][0].rows
+    res["sampled_vs_freetext"] = {  # decision: sampled against Kun's own sampled replies, on the rows both decide
+        "keep_rate_sampled": round(float(sampled_rows.loc[both, "keep"].mean()), 4) if both.any() else None,
+        "keep_rate_freetext": round(float(free_rows.loc[both, "keep"].mean()), 4) if both.any() else None,
+        "keep_rate_mode": round(float(choice_rows.loc[both, "keep"].mean()), 4) if both.any() else None,
+    }
     exact_rows = runs["kun_choice_exact"][0].rows
     res["fast_vs_exact"] = {
         "max_abs_score_diff": round(float(np.nanmax(np.abs(exact_rows["score"] - choice_rows["score"]))), 6) if prob.any() else None,
@@ -166,7 +179,7 @@ def main() -> None:
     res["freetext_reply_chars"] = {"median": float(np.median(free_len)), "max": int(max(free_len))}
     print(
         json.dumps(
-            {k: v for k, v in res.items() if not isinstance(v, dict) or k.startswith(("speed", "agree", "fast", "free"))},
+            {k: v for k, v in res.items() if not isinstance(v, dict) or k.startswith(("speed", "agree", "fast", "free", "sampled"))},
             ensure_ascii=False,
         )
     )

@@ -55,7 +55,10 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     CLUSTERS: (("dedup.exact", "dedup.near", "dedup.threshold", "dedup.scope", "sources"), ()),
     DEDUPED: ((), ()),
     LABELED: (("label.banned_keywords", "sampling", *_engine("label")), ("label",)),
-    SCORED: (("score.method", "score.min_answer_mass", "score.exact", "sampling", *_engine("chat")), ("point", "humpback")),
+    SCORED: (
+        ("score.method", "score.min_answer_mass", "score.exact", "score.decision", "sampling", *_engine("chat")),
+        ("point", "humpback"),
+    ),
     POLISHED: (
         ("score.threshold", "polish", "label.whitespace_run", "sampling", "tags", "score.min_answer_mass", *_engine("chat")),
         ("answer", "tag_task_type", "tag_domain"),

@@ -377,6 +377,12 @@ class ScoreConfig(_Section):
         description="*_choice: sum every answer token (prompt logprobs) instead of the shared "
         "opening and the first differing token (one decode step each)",
     )
+    decision: Literal["mode", "sampled"] = Field(
+        "mode",
+        description="*_choice, rows scored by probability: mode: score = P(【好】) / answer mass (humpback: the most "
+        "likely digit), the threshold applied to it; sampled: the verdict of one reply drawn at sampling.temperature "
+        "from the answers' probabilities, seeded per row (Kun's rule in distribution; score 1 or 0)",
+    )
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -431,6 +437,7 @@ class TagsConfig(_Switched):
     domains: list[str] = Field(default_factory=lambda: list(COIG_DOMAINS), min_length=1, max_length=26)
     answer_chars: int = Field(200, ge=0, description="characters of the answer shown with the instruction")
     max_tokens: int = Field(16, ge=1, description="free-text fallback: tokens of the reply parsed for an option")
+    other: str = Field("其他", description="the tag of a row where neither the probabilities nor the reply name an option")
 
     @field_validator("task_types", "domains")
     @classmethod
@@ -438,6 +445,13 @@ class TagsConfig(_Switched):
         if len(set(names)) < len(names) or not all(n.strip() for n in names):
             raise ValueError("names must be distinct and non-empty")
         return names
+
+    @model_validator(mode="after")
+    def _other_is_an_option(self) -> TagsConfig:
+        for key in ("task_types", "domains"):
+            if self.other not in getattr(self, key):
+                raise ValueError(f"tags.other {self.other!r} must be one of tags.{key}: it is the tag where no option is named")
+        return self
 
 
 class EvaluationConfig(_Switched):

@@ -15,7 +15,7 @@ HUMPBACK_SCORES = ("1", "2", "3", "4", "5")
 # no newline after the role; each turn closed by <|im_end|> and a newline.
 KUN_CHATML_USER = "<|im_start|>user{user}<|im_end|>\n<|im_start|>assistant\n"
 KUN_CHATML_END = "<|im_end|>\n"
-_SENTINEL, _USER = "\x00kun-system\x00", "\x00kun-user\x00"
+_SENTINEL, _USER, _REPLY = "\x00kun-system\x00", "\x00kun-user\x00", "\x00kun-reply\x00"
 
 
 @lru_cache(maxsize=1)
@@ -88,9 +88,34 @@ def chat(tokenizer, user: str, assistant: str | None = None, keep_system: bool =
     return text
 
 
+_LEADS: dict[tuple, str] = {}
+
+
+def reply_lead(tokenizer, keep_system: bool = False) -> str:
+    """What the chat template writes between the prompt and the reply's own text: "" for ChatML,
+    " " for Llama-2's `[/INST] reply`. A model trained on the template opens its reply with it, so
+    the probability paths read an answer with it (a `▁【` after `[/INST]`, never a bare `【`).
+    Found once per template by rendering a reply of our own."""
+    key = (getattr(tokenizer, "chat_template", None), keep_system)
+    if key not in _LEADS:
+        prompt, whole = chat(tokenizer, _USER, keep_system=keep_system), chat(tokenizer, _USER, _REPLY, keep_system=keep_system)
+        after = whole[len(prompt) :] if whole.startswith(prompt) else ""
+        _LEADS[key] = after[: after.index(_REPLY)] if _REPLY in after else ""
+    return _LEADS[key]
+
+
 def render(tokenizer, user: str, assistant_prefix: str = "", keep_system: bool = False) -> str:
-    """The prompt for one user turn, ready for the assistant's reply (which opens with assistant_prefix)."""
-    return chat(tokenizer, user, keep_system=keep_system) + assistant_prefix
+    """The prompt for one user turn, ready for the assistant's reply (which opens with
+    assistant_prefix, written where the template writes a reply)."""
+    opened = reply_lead(tokenizer, keep_system) + assistant_prefix if assistant_prefix else ""
+    return chat(tokenizer, user, keep_system=keep_system) + opened
+
+
+def replies(tokenizer, answers: list[str] | tuple[str, ...], assistant_prefix: str = "", keep_system: bool = False) -> list[str]:
+    """The answers as the model writes them after render(tokenizer, user, assistant_prefix): with
+    the template's lead, unless the prefix already opened the reply."""
+    lead = "" if assistant_prefix else reply_lead(tokenizer, keep_system)
+    return [lead + a for a in answers]
 
 
 # User turns, without the chat template (training renders them with their answers).

@@ -2,7 +2,7 @@
 
 Kun's rule: the chat model replies to the point prompt, and an instruction is kept iff the reply
 contains 【好】 and not 【差】. Generating and parsing a reply per row is slow, so the default reads
-the same decision from the probabilities of the two replies: P(【好】) and P(【差】) as the reply's
+the decision from the probabilities of the two replies: P(【好】) and P(【差】) as the reply's
 opening. That stands for Kun's rule only where the model would actually open its reply with one of
 them: their sum, the answer mass, says how much of the model's reply distribution the two answers
 cover. Rows with answer_mass >= score.min_answer_mass are scored by probability; the rest by Kun's
@@ -10,8 +10,20 @@ rule itself (generate, then parse), in the same step. Renormalising over the two
 an earlier version did, made a model that would write neither answer look certain (score 1.0 on a
 mass of e^-59).
 
+Which decision the probabilities make (`score.decision`):
+- `mode` (the default): score = P(【好】) / answer_mass, kept at score >= threshold (0.5: P(【好】) >=
+  P(【差】)). That is the most likely outcome of Kun's rule, a different rule from Kun's own: Kun
+  keeps on one reply sampled at temperature 0.5, and a row at P(【好】) = 0.6 is kept by the mode
+  every time and by Kun about two times in three (bench/README.md: 72.2% kept by the mode, 54.4%
+  by free text, on the demo's chat model).
+- `sampled`: the verdict of one reply drawn from the two answers at the sampling temperature,
+  q = P(【好】)^(1/T) / (P(【好】)^(1/T) + P(【差】)^(1/T)), with a uniform seeded by the run's seed
+  and the row's prompt: Kun's rule in distribution (top_p and the repetition penalty left out),
+  with no generation. The score is then 1.0 or 0.0, as a parsed reply's.
+
 Humpback's rule is the same shape: the 5-point prompt, the reply parsed for its final `得分：N`
-(Score: N); the probability path reads the digit after an assistant prefix `得分：`.
+(Score: N); the probability path reads the digit after an assistant prefix `得分：` (mode: the
+most likely digit; sampled: a digit drawn as above).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import prompts
+from .llm.base import request_seed
 from .prompts import KUN_BAD, KUN_GOOD
 
 PROBABILITY, FREETEXT = "probability", "freetext"  # the rule that scored a row (column score_rule)
@@ -74,22 +87,48 @@ def uses_probability(method: str) -> bool:
     return method.endswith("_choice")
 
 
-def from_logprobs(logprobs: np.ndarray, r: Rule) -> dict[str, np.ndarray]:
+DECISIONS = ("mode", "sampled")
+
+
+def from_logprobs(logprobs: np.ndarray, r: Rule, draws: np.ndarray | None = None, temperature: float = 1.0) -> dict[str, np.ndarray]:
     """Per row: answer_mass (the probability that the reply opens with one of the answers) and the
-    score the probability path gives. Kun: p_good = P(【好】), p_bad = P(【差】), score = p_good /
-    answer_mass (so 0.5 means the model is as likely to write either). Humpback: the most likely
-    digit (it keeps at k on that); p_good and p_bad stay empty. No threshold here: polish applies it."""
+    score the probability path gives. Kun: p_good = P(【好】), p_bad = P(【差】). With no `draws`
+    (decision `mode`): Kun's score = p_good / answer_mass (0.5: the model is as likely to write
+    either), Humpback's the most likely digit (it keeps at k on that). With `draws` (a uniform in
+    [0, 1) per row; decision `sampled`): the answer one reply drawn at `temperature` would give.
+    No threshold here: polish applies it."""
     p = np.exp(np.asarray(logprobs, dtype=float).reshape(-1, len(r.choices)))
     mass = p.sum(axis=1)
-    if r is KUN:
-        good, bad = p[:, 0], p[:, 1]
+    values = np.array([1.0, 0.0]) if r is KUN else np.array([float(c) for c in r.choices])
+    if draws is None and r is KUN:
         with np.errstate(invalid="ignore", divide="ignore"):
-            score = np.where(mass > 0, good / np.where(mass > 0, mass, 1), np.nan)
-    else:
-        values = np.array([float(c) for c in r.choices])
-        good = bad = np.full(len(p), np.nan)
+            score = np.where(mass > 0, p[:, 0] / np.where(mass > 0, mass, 1), np.nan)
+    elif draws is None:
         score = np.where(mass > 0, values[p.argmax(axis=1)], np.nan)
+    else:
+        score = np.where(mass > 0, values[drawn(p, draws, temperature)], np.nan)
+    good, bad = (p[:, 0], p[:, 1]) if r is KUN else (np.full(len(p), np.nan),) * 2
     return {"p_good": good, "p_bad": bad, "answer_mass": mass, "score": score}
+
+
+def drawn(p: np.ndarray, draws: np.ndarray, temperature: float) -> np.ndarray:
+    """Per row, the answer a reply drawn at `temperature` gives, among the answers: answer c with
+    probability p_c^(1/T) / sum p^(1/T) (in log space: P(【好】) can be 1e-40), chosen by the row's
+    uniform. Temperature 0 is the most likely answer."""
+    if temperature <= 0:
+        return p.argmax(axis=1)
+    with np.errstate(divide="ignore"):
+        z = np.log(p) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    q = np.exp(z)
+    cdf = np.cumsum(q / q.sum(axis=1, keepdims=True), axis=1)
+    return np.minimum((np.asarray(draws)[:, None] >= cdf).sum(axis=1), p.shape[1] - 1)
+
+
+def uniforms(seed: int, prompts: list[str]) -> np.ndarray:
+    """A uniform in [0, 1) per row from the run's seed and the row's prompt (as vLLM seeds each
+    request): the same row draws the same verdict in any batch, on any engine."""
+    return np.array([request_seed(seed, p) for p in prompts], dtype=float) / 2**31
 
 
 def keep(scores: np.ndarray, threshold: float) -> np.ndarray:

@@ -5,8 +5,9 @@ The prompt lists the options as letters (A. 百科问答, B. 知识问答, ...) 
 every option is one token and the probability path reads all of them in one decode step. Where the
 model puts at least score.min_answer_mass on the letters, the most likely letter is the tag
 (rule `probability`); elsewhere the model's free-text reply is parsed for a letter or an option's
-name (`freetext`); a reply naming neither falls back to the most likely letter however little mass
-it has (`most_likely`), so every record holds a taxonomy tag and the counts say how it got it.
+name (`freetext`). Where neither names an option, no option is invented from the little mass left
+on the letters (2e-5 on the demo's model): the tag is the taxonomy's catch-all, `tags.other` (其他)
+(`undetermined`). Each record carries the rule that decided each tag.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from . import prompts
 from .config import KunConfig
 from .llm.base import Engine, SamplingParams
 
-PROBABILITY, FREETEXT, MOST_LIKELY, OFF = "probability", "freetext", "most_likely", "off"
-TAG_RULES = (PROBABILITY, FREETEXT, MOST_LIKELY, OFF)
+PROBABILITY, FREETEXT, UNDETERMINED, OFF = "probability", "freetext", "undetermined", "off"
+TAG_RULES = (PROBABILITY, FREETEXT, UNDETERMINED, OFF)
 DEFAULT_DOMAIN = "通用"  # tags off: COIG-CQIA's general domain, and minor kun:<source>
 
 
@@ -51,20 +52,21 @@ def choose(
     if not users:
         return [], [], np.zeros(0)
     rendered = [prompts.render(tok, u, keep_system=keep_system) for u in users]
-    p = np.exp(np.asarray(engine.choice_logprobs(rendered, letters(len(options))), dtype=float))
+    p = np.exp(
+        np.asarray(engine.choice_logprobs(rendered, prompts.replies(tok, letters(len(options)), keep_system=keep_system)), dtype=float)
+    )
     mass = p.sum(axis=1)
     best = p.argmax(axis=1)
     rules = [PROBABILITY if m >= cfg.score.min_answer_mass else FREETEXT for m in mass]
+    tags = [options[b] for b in best]
     free = [i for i, r in enumerate(rules) if r == FREETEXT]
     if free:
         gens = engine.generate([rendered[i] for i in free], sampling)
         for i, g in zip(free, gens):
             picked = parse_reply(g.text, options)
-            if picked is None:
-                rules[i] = MOST_LIKELY
-            else:
-                best[i] = picked
-    return [options[b] for b in best], rules, mass
+            tags[i] = options[picked] if picked is not None else cfg.tags.other
+            rules[i] = FREETEXT if picked is not None else UNDETERMINED
+    return tags, rules, mass
 
 
 def tag(engine: Engine, instructions: list[str], answers: list[str], cfg: KunConfig, sampling: SamplingParams) -> dict:

@@ -42,7 +42,7 @@ def changed(**changes) -> set[str]:
         ({"dedup__ngram": 4}, {"minhash_signatures"}),
         ({"filter__max_tokens": 256}, {"filtered_corpus"}),
         ({"models__chat__dtype": "bfloat16"}, {"scored_pairs", "polished_pairs", "evaluation"}),
-        ({"tags": {"domains": ["通用", "医学"]}}, {"polished_pairs"}),
+        ({"tags": {"domains": ["通用", "医学", "其他"]}}, {"polished_pairs"}),
         ({"iterations": 2}, {"instruction_dataset"}),  # release/{source} is the last round's
         ({"evaluation__max_tokens": 64}, {"evaluation"}),
         ({"seed__eval_fraction": 0.2}, {"seed_data"}),  # the models follow by its data version

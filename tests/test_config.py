@@ -27,6 +27,7 @@ def test_defaults_are_kuns():
     assert cfg.polish.banned_keywords == ["作为", "根据", "知识库", "2023", "抱歉"]
     assert cfg.score.method == "kun_choice" and cfg.score.threshold == 0.5
     assert cfg.score.min_answer_mass == 0.5 and not cfg.score.exact and cfg.polish.min_phrase_chars == 2
+    assert cfg.score.decision == "mode" and cfg.tags.other == "其他"
     assert parse_config({**MINIMAL, "score": {"method": "humpback_choice"}}, env={}).score.threshold == 5  # Humpback's k
     assert cfg.checks.keep_rate == (0.2, 1.0) and "scored_pairs" not in cfg.checks.retention
     with pytest.raises(ConfigError, match="retention.scored_pairs is now checks.keep_rate"):
@@ -44,6 +45,8 @@ def test_defaults_are_kuns():
         ({"score": {"method": "kun_choice", "threshold": 3}}, "score", "outside [0.0, 1.0]"),
         ({"models": {"base": {"tiny": {"hidden_size": 64, "num_heads": 4}}}}, "models.base.tiny", "head_dim >= 32"),
         ({"sources": MINIMAL["sources"] * 2}, "(top level)", "repeated: web"),
+        ({"score": {"decision": "greedy"}}, "score.decision", "'mode' or 'sampled'"),
+        ({"tags": {"domains": ["通用", "医学"]}}, "tags", "tags.other '其他' must be one of tags.domains"),
     ],
 )
 def test_bad_config_names_key_and_reason(patch, key, words):

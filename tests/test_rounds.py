@@ -122,11 +122,12 @@ def test_tags_follow_the_scorers_answer_mass_rule():
     probs = [[0.7, 0.2, 0.05], [0.01, 0.02, 0.01], [0.01, 0.03, 0.02]]  # sure; unsure, says 翻译; unsure, says nothing
     engine = ScriptedEngine(replies=["这是翻译", "嗯"], probs=probs)
     tags, rules, mass = tagging.choose(engine, ["u1", "u2", "u3"], opts, cfg, tagging_params())
-    assert tags == ["百科问答", "翻译", "翻译"] and rules == ["probability", "freetext", "most_likely"]
+    # the third: no option named, so none is invented from its 0.06 of mass (翻译 would be its argmax)
+    assert tags == ["百科问答", "翻译", "其他"] and rules == ["probability", "freetext", "undetermined"]
     assert np.allclose(mass, [0.95, 0.04, 0.06])
     assert engine.prompts[3:] == engine.prompts[1:3]  # the unsure rows' replies were generated from the same prompts
-    both = ScriptedEngine(probs=[[0.9, 0.0, 0.0], [0.0, 0.0, 0.8]])
-    cfg3 = config(tags={"task_types": opts, "domains": ["通用", "医学", "法律"]})
+    both = ScriptedEngine(probs=[[0.9, 0.0, 0.0], [0.0, 0.0, 0.8, 0.0]])
+    cfg3 = config(tags={"task_types": opts, "domains": ["通用", "医学", "法律", "其他"]})
     got = tagging.tag(both, ["什么是感冒？"], ["感冒是一种常见病。" * 40], cfg3, tagging_params())
     assert got["columns"] == {
         "task_minor": ["百科问答"],
@@ -151,8 +152,8 @@ def test_polish_tags_each_kept_answer_or_keeps_the_constants_with_tags_off():
 
     scored = labeled(2).assign(instruction="如何翻译这句话？", score=[0.9, 0.1], score_method="kun_choice", score_rule="probability")
     good = "这句话可以译为：天气很好，我们去公园散步吧。"
-    cfg = config(tags={"task_types": ["百科问答", "翻译"], "domains": ["通用", "文学"]})
-    eng = ScriptedEngine(replies=[good], probs=[[0.1, 0.85], [0.9, 0.05]])
+    cfg = config(tags={"task_types": ["百科问答", "翻译", "其他"], "domains": ["通用", "文学", "其他"]})
+    eng = ScriptedEngine(replies=[good], probs=[[0.1, 0.85, 0.0], [0.9, 0.05, 0.0]])
     res = stages.polish(scored, eng, cfg)
     assert res.rows[["doc_id", "task_minor", "domain", "task_minor_rule", "domain_rule"]].values.tolist() == [
         ["d0", "翻译", "通用", "probability", "probability"]
@@ -218,6 +219,8 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
         **{"seed.eval_fraction": 0.1},
         # the test's weak models keep few answers by Kun's bounds: keep every scored row, and short answers
         **{"score.threshold": 0.0, "polish.min_output_chars": 2},
+        # round 2's chat model and the evaluation's models: fewer epochs than the demo's 12
+        **{"models.chat.train.epochs": 4},
         **given_models(models_run),
     )
     cfg = load_config(cfg_file)
@@ -281,7 +284,8 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
     for rec in final.itertuples():
         assert rec.task_type["minor"][0] in cfg.tags.task_types and rec.domain[0] in cfg.tags.domains
     pol = storage.read_partition(storage.partition_dir(upath(data), "polished_pairs_round2", {"source": "wudao", "shard": "0"}))
-    assert set(pol["task_minor_rule"]) <= {"probability", "freetext", "most_likely"}
+    assert set(pol["task_minor_rule"]) <= {"probability", "freetext", "undetermined"}
+    assert (pol.loc[pol["task_minor_rule"] == "undetermined", "task_minor"] == cfg.tags.other).all()
 
     # the same seed gives the same numbers: round 2's seeds + release model re-trained from scratch
     # (the newest in the evaluation's cache; the baseline's figures are compared from its cache)

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -126,6 +127,40 @@ def test_min_answer_mass_zero_scores_every_row_by_probability():
     cfg = parse_config({**CFG.model_dump(), "score": {"min_answer_mass": 0.0}}, env={})
     res = stages.score(pairs, ScriptedEngine(probs=[[math.exp(-59), math.exp(-79)]]), cfg)
     assert res.rows["score_rule"].tolist() == ["probability"] and res.rows["score"].tolist()[0] == pytest.approx(1.0)
+
+
+def test_the_sampled_decision_is_kuns_rule_in_distribution():
+    """decision: sampled draws the verdict one reply at the sampling temperature would give, from
+    the two answers' probabilities: P(keep) = q = P(【好】)^2 / (P(【好】)^2 + P(【差】)^2) at T 0.5, the
+    mode's 0/1 elsewhere. Rows at P(【好】) / mass = 0.6, so q = 0.692: the mode keeps all of them."""
+    n = 3000
+    pairs = docs(["文"] * n).assign(instruction=[f"指令{i}" for i in range(n)])
+    probs = [[0.54, 0.36]] * n
+    cfg = parse_config({**CFG.model_dump(), "score": {"decision": "sampled"}}, env={})
+    rows = stages.score(pairs, ScriptedEngine(probs=probs), cfg).rows
+    assert set(rows["score"]) == {0.0, 1.0} and set(rows["score_rule"]) == {"probability"}
+    assert abs(rows["score"].mean() - 0.36 / 0.52) < 0.03  # sd 0.008
+    assert rows["p_good"].round(6).eq(0.54).all()  # the probabilities stay on the row
+    mode = stages.score(pairs, ScriptedEngine(probs=probs), CFG).rows
+    assert all(kept(mode)) and (mode["score"].round(6) == 0.6).all()
+    # seeded per row by its prompt: the same verdicts in another batch, and another seed draws others
+    again = stages.score(pairs.iloc[::-1].reset_index(drop=True), ScriptedEngine(probs=probs), cfg).rows
+    assert again["score"].tolist()[::-1] == rows["score"].tolist()
+    other = parse_config({**cfg.model_dump(), "sampling": {"seed": 1}}, env={})
+    assert stages.score(pairs, ScriptedEngine(probs=probs), other).rows["score"].tolist() != rows["score"].tolist()
+    # humpback: a digit drawn from the five, at T 0.5 (p^2): 5 then 4 about 64% / 36% of the time
+    cfg_h = parse_config({**CFG.model_dump(), "score": {"method": "humpback_choice", "decision": "sampled"}}, env={})
+    got = stages.score(pairs, ScriptedEngine(probs=[[0.0, 0.0, 0.0, 0.3, 0.4]] * n), cfg_h).rows["score"]
+    assert set(got) == {4.0, 5.0} and abs((got == 5.0).mean() - 0.16 / 0.25) < 0.03
+
+
+def test_a_draw_from_vanishing_probabilities_still_follows_their_ratio():
+    """In log space: P(【好】) = e^-80 against e^-81 is a 73 / 27 draw at T 1, not a division by 0."""
+    p = np.exp(np.array([[-80.0, -81.0]] * 2000))
+    u = scoring.uniforms(0, [f"p{i}" for i in range(2000)])
+    picked = scoring.drawn(p, u, 1.0)
+    assert abs((picked == 0).mean() - 1 / (1 + math.exp(-1))) < 0.03
+    assert (scoring.drawn(p, u, 0.0) == 0).all() and 0 <= u.min() and u.max() < 1
 
 
 def test_free_text_scoring_counts_parse_failures():

@@ -19,6 +19,7 @@ from kun_dagster.llm import EngineError, SamplingParams, load_engine, resolve_ba
 from kun_dagster.llm.base import Answers, EngineSpec, encode
 from kun_dagster.store import upath
 
+from . import vocab
 from .conftest import CORPUS, MODELS, REPO, write_config
 
 if os.environ.get("KUN_REQUIRE_VLLM") == "1":
@@ -108,6 +109,36 @@ def test_choice_logprobs_within_1e3_of_the_transformers_engine(engines, choices,
     assert np.abs(np.exp(got) - np.exp(want)).max() < 1e-3 and np.abs(got - want).max() < 0.05
 
 
+@pytest.fixture(scope="module")
+def qwen_vocab(tmp_path_factory):
+    """A tiny random Qwen2 on Qwen's real vocabulary (tests/vocab.py), on both engines."""
+    path = vocab.tiny_model(vocab.qwen(), tmp_path_factory.mktemp("qwen_vocab"))
+    out = {
+        b: load_engine(EngineSpec.of(str(path), "qwen-vocab", backend=b, dtype="float32", batch_size=8, vllm=VLLM))
+        for b in ("vllm", "transformers")
+    }
+    yield out
+    for e in out.values():
+        e.close()
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+def test_on_qwens_real_vocabulary_vllm_reads_what_transformers_reads(qwen_vocab, exact):
+    """The scorer's, Humpback's, the tagger's and the judge's answers, each as the tokens that
+    continue its prompt (tests/test_answers.py checks the transformers engine by hand)."""
+    vl, hf = qwen_vocab["vllm"], qwen_vocab["transformers"]
+    tok = hf.tokenizer
+    for user, prefix, choices in (
+        (prompts.point_user, "", ["【好】", "【差】"]),
+        (lambda s: prompts.humpback_user(s, "答案。"), prompts.HUMPBACK_PREFIX, list(prompts.HUMPBACK_SCORES)),
+        (lambda s: prompts.tag_user("domain", s, "答。", ["通用", "医学", "其他"]), "", ["A", "B", "C"]),
+    ):
+        ps = [prompts.render(tok, user(s), prefix) for s in ("什么是复利？", "写一首关于春天的诗。", "How do I boil an egg?")]
+        answers = prompts.replies(tok, choices, prefix)
+        got, want = vl.choice_logprobs(ps, answers, exact), hf.choice_logprobs(ps, answers, exact)
+        assert np.abs(got - want).max() < 1e-3 and np.ptp(want) > 0.5  # wide random weights: far from uniform
+
+
 def test_the_fast_path_asks_for_no_prompt_logprobs(engines, monkeypatch):
     """One greedy request per prompt reading only the candidate tokens at each step; rows whose
     greedy reply leaves the answers' shared opening are read again with the opening in the
@@ -118,7 +149,7 @@ def test_the_fast_path_asks_for_no_prompt_logprobs(engines, monkeypatch):
     monkeypatch.setattr(vl, "_run", lambda p, params: seen.append((len(p), params)) or real_run(p, params))
     ps = [prompts.render(vl.tokenizer, prompts.point_user(s)) for s in ("什么是复利？", "写一首关于春天的诗。")]
     choices = ["【好】", "【差】"]
-    common = Answers.of(vl.tokenizer, choices).common
+    common = Answers.after(vl.tokenizer, ps[0], choices).common
     # answers the model opens its reply with anyway, so the greedy path follows them: "<|im_start|>" + 【
     opener = vl.generate(ps[:1], SamplingParams(temperature=0.0, max_tokens=1))[0].text or "。"
     for answers in (choices, [opener + c for c in choices]):

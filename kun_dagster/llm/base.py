@@ -2,10 +2,11 @@
 
 - generate(prompts, params): one completion per prompt, in order.
 - choice_logprobs(prompts, choices, exact): for each prompt, log P(answer | prompt) of each answer
-  string (【好】 vs 【差】, or 1..5), not normalised: what the model puts on neither stays visible
-  (scoring.py turns it into the answer mass). The fast path (exact=False) reads the answers' shared
-  opening tokens and then the first token where they differ, one decode step each; exact=True
-  sums every token of every answer.
+  string (【好】 vs 【差】, or 1..5) as the tokens the model writes after that prompt, not normalised:
+  what the model puts on neither stays visible (scoring.py turns it into the answer mass). The
+  fast path (exact=False) reads the answers' shared opening tokens and then the first token where
+  they differ, one decode step each, where that token stands for its answer alone (Answers.fast);
+  exact=True, and every other case, sums every token of every answer.
 - perplexity(texts): exp of the mean next-token negative log-likelihood of each text.
 """
 
@@ -47,35 +48,94 @@ def request_seed(seed: int, prompt: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}\0{prompt}".encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") & 0x7FFFFFFF
 
 
+# An answer's tokens depend on the prompt's end only: everything after its last added token (a
+# chat template's <|im_start|>assistant\n), else its last _WINDOW characters.
+_WINDOW = 64
+
+
+def _ending(prompt: str, added: list[str]) -> str:
+    cut = max((prompt.rfind(t) for t in added), default=-1)
+    return prompt[cut:] if cut >= 0 and len(prompt) - cut <= 4 * _WINDOW else prompt[-_WINDOW:]
+
+
 @dataclass(frozen=True)
 class Answers:
-    """The answer strings of choice_logprobs as token ids: `common`, the tokens every answer opens
-    with (【, one token or a few bytes), then each answer's remaining tokens (`tails`, at least one
-    each). The fast path reads `common` and then one token per answer: it needs those distinct."""
+    """The answer strings of choice_logprobs as the token ids the model reads after a prompt:
+    `common`, the tokens every answer opens with (【, one token or a few bytes), then each answer's
+    remaining tokens (`tails`, at least one each). The fast path reads `common` and then one token
+    per answer (`fast`: only where that token stands for its answer alone)."""
 
     ids: list[list[int]]
     common: list[int]
     tails: list[list[int]]
+    fast: bool
 
     @classmethod
-    def of(cls, tokenizer, choices: list[str]) -> Answers:
+    def after(cls, tokenizer, prompt: str, choices: list[str]) -> Answers:
+        """encode(prompt + answer) minus encode(prompt), never encode(answer): encoded alone, a
+        SentencePiece tokenizer's dummy prefix makes the `【` a model writes after `\n` a `▁【`."""
         if not choices:
             raise ValueError("choice_logprobs needs at least one choice")
-        ids = encode(tokenizer, choices, special=False)
+        head, *wholes = encode(tokenizer, [prompt, *(prompt + c for c in choices)], special=False)
+        for c, whole in zip(choices, wholes):
+            if whole[: len(head)] != head:
+                raise ValueError(
+                    f"answer {c!r} merges with the prompt's last tokens ({prompt[-16:]!r}): it cannot be scored as a continuation"
+                )
+        ids = [w[len(head) :] for w in wholes]
         if any(not a for a in ids) or len({tuple(a) for a in ids}) < len(ids):
             raise ValueError(f"every choice must have at least one token and differ from the others: {choices!r}")
         n = 0
         while n < min(len(a) for a in ids) - 1 and len({a[n] for a in ids}) == 1:
             n += 1
-        return cls(ids, list(ids[0][:n]), [a[n:] for a in ids])
+        return cls(ids, list(ids[0][:n]), [a[n:] for a in ids], _first_tokens_decide(tokenizer, head, ids, n))
+
+    @classmethod
+    def by_prompt(cls, tokenizer, prompts: list[str], choices: list[str]) -> list[tuple[Answers, list[int]]]:
+        """The prompts' rows grouped by the answers' ids after them (one group per chat template)."""
+        added = list(tokenizer.get_added_vocab())
+        endings: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            endings.setdefault(_ending(p, added), []).append(i)
+        groups: dict[tuple, tuple[Answers, list[int]]] = {}
+        for ending, rows in endings.items():
+            a = cls.after(tokenizer, ending, choices)
+            groups.setdefault(tuple(map(tuple, a.ids)), (a, []))[1].extend(rows)
+        return list(groups.values())
 
     @property
     def firsts(self) -> list[int]:
         return [t[0] for t in self.tails]
 
-    @property
-    def fast(self) -> bool:
-        return len(set(self.firsts)) == len(self.tails)
+
+def _first_tokens_decide(tokenizer, head: list[int], ids: list[list[int]], n: int) -> bool:
+    """Whether each answer's first token after the shared opening stands for that answer alone: its
+    text opens no other answer's rest. A tokenizer with `【好` but not `【差` spells 【差】 as 【 差 】, and
+    P(【) is then the probability of any reply opening with 【, 【好】 spelt 【 好 】 among them. Read
+    as text inside the prompt's end (no decoder strips a leading space there); a token that is part
+    of a character is not judged: the exact path then."""
+    context = head[-8:] + ids[0][:n]
+    base = tokenizer.decode(context, skip_special_tokens=False)
+
+    def text(more: list[int]) -> str | None:
+        t = tokenizer.decode(context + more, skip_special_tokens=False)
+        return t[len(base) :] if t.startswith(base) and "\ufffd" not in t[len(base) :] else None
+
+    firsts, rests = [text(a[n : n + 1]) for a in ids], [text(a[n:]) for a in ids]
+    if any(not t for t in firsts + rests):
+        return False
+    return not any(i != j and rests[j].startswith(firsts[i]) for i in range(len(ids)) for j in range(len(ids)))
+
+
+def choice_logprobs(tokenizer, prompts: list[str], choices: list[str], read) -> np.ndarray:
+    """An engine's choice_logprobs: `read(prompts, answers)` for each group of prompts that read
+    the answers as the same tokens, back in the prompts' order."""
+    if not choices:
+        raise ValueError("choice_logprobs needs at least one choice")
+    scores = np.zeros((len(prompts), len(choices)))
+    for answers, rows in Answers.by_prompt(tokenizer, prompts, choices):
+        scores[rows] = read([prompts[r] for r in rows], answers)
+    return scores
 
 
 class EngineError(RuntimeError):

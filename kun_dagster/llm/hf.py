@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..text import strip_stop_strings
-from .base import Answers, EngineError, EngineSpec, Generation, SamplingParams, encode, stop_token_ids
+from .base import Answers, EngineError, EngineSpec, Generation, SamplingParams, choice_logprobs, encode, stop_token_ids
 
 hf_logging.disable_progress_bar()  # progress bars would flood the Dagster run logs
 
@@ -113,10 +113,12 @@ class HFEngine:
         which each answer's first differing token is read (the fast path). exact=True continues
         each answer's remaining tokens from the same KV cache, cropped back after each answer: the
         prompt is computed once however many answers there are."""
-        a = Answers.of(self.tokenizer, choices)
-        common, tails, exact = a.common, a.tails, exact or not a.fast
+        return choice_logprobs(self.tokenizer, prompts, choices, lambda ps, a: self._read(ps, a, exact or not a.fast))
+
+    def _read(self, prompts: list[str], a: Answers, exact: bool) -> np.ndarray:
+        common, tails = a.common, a.tails
         prompt_ids = encode(self.tokenizer, prompts, special=False)
-        scores = np.zeros((len(prompts), len(choices)))
+        scores = np.zeros((len(prompts), len(tails)))
         order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less padding
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]

@@ -26,7 +26,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from ..text import strip_stop_strings
-from .base import Answers, EngineError, EngineSpec, Generation, SamplingParams, encode, request_seed, stop_token_ids
+from .base import Answers, EngineError, EngineSpec, Generation, SamplingParams, choice_logprobs, encode, request_seed, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +179,11 @@ class VLLMEngine:
 
     def choice_logprobs(self, prompts: list[str], choices: list[str], exact: bool = False) -> np.ndarray:
         """log P(answer | prompt) per prompt and answer (not normalised)."""
-        a = Answers.of(self.tokenizer, choices)
+        return choice_logprobs(self.tokenizer, prompts, choices, lambda ps, a: self._read(ps, a, exact or not a.fast))
+
+    def _read(self, prompts: list[str], a: Answers, exact: bool) -> np.ndarray:
         prompt_ids = encode(self.tokenizer, prompts, special=False)
-        if exact or not a.fast:
+        if exact:
             return self._answer_logprobs(prompt_ids, a.ids)
         scores, left = self._greedy_reads(prompt_ids, a.common, a.firsts)
         if left:

@@ -36,8 +36,10 @@ def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     df["score_rule"] = scoring.FREETEXT
     df["score_reply"] = None
     if scoring.uses_probability(sc.method) and len(df):
-        lp = engine.choice_logprobs([prompts.render(tok, u, rule.prefix, keep_system) for u in users], list(rule.choices), exact=sc.exact)
-        for col, values in scoring.from_logprobs(lp, rule).items():
+        rendered = [prompts.render(tok, u, rule.prefix, keep_system) for u in users]
+        lp = engine.choice_logprobs(rendered, prompts.replies(tok, rule.choices, rule.prefix, keep_system), exact=sc.exact)
+        draws = scoring.uniforms(cfg.sampling.seed, rendered) if sc.decision == "sampled" else None
+        for col, values in scoring.from_logprobs(lp, rule, draws, cfg.sampling.temperature).items():
             df[col] = values
         df.loc[df["answer_mass"] >= sc.min_answer_mass, "score_rule"] = scoring.PROBABILITY
     free = df.index[df["score_rule"] == scoring.FREETEXT]
