@@ -78,7 +78,9 @@ def test_a_killed_kun_run_resumes_the_fine_tuning_it_was_killed_in(tmp_path, mon
 
     from .conftest import kill_kun_run_when, write_config
 
-    cfg = write_config(tmp_path, shards=1, **{"models.label.train.save_steps": 5})
+    # fewer epochs than the demo's: what is tested is the kill and the resume, not the models
+    epochs = {"models.base.tiny.pretrain_epochs": 4, "models.chat.train.epochs": 4}
+    cfg = write_config(tmp_path, shards=1, **{"models.label.train.save_steps": 5}, **epochs)
     home = tmp_path / "home"
     models = tmp_path / "data" / "models"
     checkpointed = lambda: any(training.last_checkpoint(d / "_trainer") for d in models.glob(".label.train-*"))  # noqa: E731
