@@ -92,8 +92,10 @@ class Answers:
 
     @classmethod
     def by_prompt(cls, tokenizer, prompts: list[str], choices: list[str]) -> list[tuple[Answers, list[int]]]:
-        """The prompts' rows grouped by the answers' ids after them (one group per chat template)."""
-        added = list(tokenizer.get_added_vocab())
+        """The prompts' rows grouped by the answers' ids after them (one group per chat template).
+        Only the added tokens the first prompt holds are looked for (its template's): a vocabulary
+        can add hundreds; a prompt cut at another of them, or at its last characters, is cut right too."""
+        added = [t for t in tokenizer.get_added_vocab() if prompts and t in prompts[0]]
         endings: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
             endings.setdefault(_ending(p, added), []).append(i)
