@@ -19,7 +19,12 @@ from .stages.common import BANNED_KEYWORD, BELOW_THRESHOLD, dropped_rows, mark_d
 from .text import find_keyword
 
 COIG_COLUMNS = ["instruction", "input", "output", "task_type", "domain", "answer_from", "human_verified", "copyright"]
-PROVENANCE_COLUMNS = ["source", "doc_id", "file", "row", "score", "score_method", "score_rule", "label_model", "chat_model"]
+PROVENANCE_COLUMNS = [
+    "source", "doc_id", "file", "row", "score", "score_method", "score_rule", "label_model", "chat_model", "task_minor_rule", "domain_rule",
+]  # fmt: skip
+# A released record: COIG-CQIA's columns in its order, the provenance in `metadata` (a JSON string, as
+# CQIA's records carry theirs), so a loader built on CQIA's features reads train.jsonl as it is.
+CQIA_COLUMNS = ["instruction", "input", "output", "task_type", "domain", "metadata", "answer_from", "human_verified", "copyright"]
 # Instructions are a sentence: 3-grams, as 5-grams of 15 characters are too few to estimate a Jaccard.
 INSTRUCTION_NGRAM = 3
 
@@ -32,6 +37,8 @@ def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model
     d = cfg.dataset
     if "task_minor" not in polished:
         polished = polished.assign(task_minor="kun:" + polished["source"].astype(str), domain=tagging.DEFAULT_DOMAIN)
+    if "task_minor_rule" not in polished:
+        polished = polished.assign(task_minor_rule=tagging.OFF, domain_rule=tagging.OFF)
     out = pd.DataFrame(
         {
             "instruction": polished["instruction"].astype(str),
@@ -53,9 +60,22 @@ def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model
             "score_rule": polished["score_rule"].astype(str),
             "label_model": label_model,
             "chat_model": chat_model,
+            "task_minor_rule": polished["task_minor_rule"].astype(str),
+            "domain_rule": polished["domain_rule"].astype(str),
         }
     )
     return out.sort_values(["source", "doc_id"]).reset_index(drop=True)
+
+
+def cqia(recs: pd.DataFrame) -> list[dict]:
+    """The released records (train.jsonl): CQIA's nine columns, the provenance and the rule that
+    decided each tag in `metadata`, a JSON string (a NaN score as null)."""
+    out = []
+    for r in recs.to_dict(orient="records"):
+        meta = {k: (None if isinstance(r[k], float) and r[k] != r[k] else r[k]) for k in PROVENANCE_COLUMNS}
+        r["metadata"] = json.dumps(meta, ensure_ascii=False)
+        out.append({k: r[k] for k in CQIA_COLUMNS})
+    return out
 
 
 def funnel(base: UPath, source: str, shards: list[str], threshold: float, round_: int = 1) -> dict:
@@ -419,7 +439,7 @@ def publish_releases(releases: dict[UPath, tuple[pd.DataFrame, str]], run_id: st
     staged, manifests = [], {}
     try:
         for out, (recs, card_md) in releases.items():
-            jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs.to_dict(orient="records")).encode("utf-8")
+            jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cqia(recs)).encode("utf-8")
             files = {"train.jsonl": jsonl, "README.md": card_md.encode("utf-8")}
             for name, data in files.items():
                 staged.append((storage.write_staged(out / name, data), out / name))

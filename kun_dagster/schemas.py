@@ -108,6 +108,8 @@ class InstructionDataset(pa.DataFrameModel):
     score_rule: Series[str] = pa.Field(isin=SCORE_RULES)
     label_model: Series[str]
     chat_model: Series[str]
+    task_minor_rule: Series[str] = pa.Field(isin=TAG_RULES)
+    domain_rule: Series[str] = pa.Field(isin=TAG_RULES)
 
     class Config:
         strict = True

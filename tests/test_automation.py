@@ -270,7 +270,7 @@ def test_the_card_records_the_versions_and_flags_a_release_of_mixed_versions(wor
     records = [json.loads(line) for line in (base / "release" / "wudao" / "train.jsonl").read_text().splitlines()]
     quarantined = pd.read_parquet(base / "quarantine" / "instruction_dataset" / "source=wudao")
     polished = pd.read_parquet(base / "polished_pairs" / "source=wudao")  # wudao|1's rows were kept under 0.5
-    assert records and all(r["score"] >= 0.7 for r in records)
+    assert records and all(json.loads(r["metadata"])["score"] >= 0.7 for r in records)
     assert (quarantined["reason"] == "below_threshold").sum() == (polished["score"] < 0.7).sum()
     check = instance.get_latest_asset_check_evaluation_record(dg.AssetCheckKey(dg.AssetKey("instruction_dataset"), "one_version"))
     assert check is not None and not check.event.asset_check_evaluation.passed

@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from kun_dagster import storage
+from kun_dagster import dataset, storage
 from kun_dagster.config import KUN_INSTRUCTION_KEYWORDS, load_config
 from kun_dagster.store import upath
 
@@ -107,7 +107,8 @@ def test_dataset_card_and_jsonl_match_the_parquet(graph):
         rel = graph["base"] / "release" / source
         lines = [json.loads(x) for x in (rel / "train.jsonl").read_text(encoding="utf-8").splitlines()]
         parquet = storage.read_partition(storage.partition_dir(graph["base"], "instruction_dataset", {"source": source}))
-        assert [r["doc_id"] for r in lines] == parquet["doc_id"].tolist()
+        assert [json.loads(r["metadata"])["doc_id"] for r in lines] == parquet["doc_id"].tolist()
+        assert all(list(r) == dataset.CQIA_COLUMNS for r in lines)
         card = (rel / "README.md").read_text(encoding="utf-8")
         assert re.search(rf"^\| instruction_dataset +\| +{len(lines)} \|", card, re.M) and "| raw_corpus" in card and "```yaml" in card
         n_scored = storage.partition_rows(
@@ -116,6 +117,40 @@ def test_dataset_card_and_jsonl_match_the_parquet(graph):
         by = re.search(r"scored by (.*?) *\|", card).group(1)
         assert sum(int(n) for n in re.findall(r": (\d+)", by)) == n_scored and "probability" in by
     assert not (graph["base"] / "release" / "skypile").exists()
+
+
+def test_a_released_file_loads_with_coig_cqias_features(graph, tmp_path, monkeypatch):
+    """train.jsonl as a loader built on COIG-CQIA's features reads it: its nine columns and types,
+    the provenance and the tag rules inside `metadata` (a JSON string); a record with one more
+    top-level key is refused by the same loader, so the check can fail."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    from datasets import Features, List, Value
+
+    text = Value("string")
+    cqia = Features(
+        {
+            "instruction": text,
+            "input": text,
+            "output": text,
+            "task_type": {"major": List(text), "minor": List(text)},
+            "domain": List(text),
+            "metadata": text,
+            "answer_from": text,
+            "human_verified": Value("bool"),
+            "copyright": text,
+        }
+    )
+    release = graph["base"] / "release" / "wudao" / "train.jsonl"
+    loaded = datasets.Dataset.from_json(str(release), features=cqia, cache_dir=str(tmp_path / "cache"))
+    assert len(loaded) == len(release.read_text(encoding="utf-8").splitlines()) > 0
+    meta = json.loads(loaded[0]["metadata"])
+    assert set(meta) == set(dataset.PROVENANCE_COLUMNS) and meta["source"] == "wudao"
+    assert meta["task_minor_rule"] in ("probability", "freetext", "undetermined", "off")
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({**json.loads(release.read_text(encoding="utf-8").splitlines()[0]), "source": "wudao"}) + "\n")
+    with pytest.raises(datasets.exceptions.DatasetGenerationError):
+        datasets.Dataset.from_json(str(extra), features=cqia, cache_dir=str(tmp_path / "cache2"))
 
 
 def test_rematerializing_a_partition_replaces_it(graph):

@@ -231,8 +231,10 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
     out = capsys.readouterr().out
     assert "round 2: chat_model_round2 (seeds + round 1's release): done" in out and "evaluation_round2" in out
     data = tmp_path / "data"
-    round1 = pd.read_json(data / "release" / "round1" / "wudao" / "train.jsonl", lines=True)
-    final = pd.read_json(data / "release" / "wudao" / "train.jsonl", lines=True)
+    round1, final = (
+        pd.DataFrame([{**r, **json.loads(r["metadata"])} for r in map(json.loads, (data / "release" / p / "train.jsonl").open())])
+        for p in ("round1/wudao", "wudao")
+    )
     assert (
         len(round1)
         and (final["chat_model"] == "kun-chat_round2").all()

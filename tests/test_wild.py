@@ -58,7 +58,7 @@ def test_kun_run_on_a_wild_corpus(shards, corpus, models_run, tmp_path, monkeypa
         rel = base / "release" / name
         lines = (rel / "train.jsonl").read_text(encoding="utf-8").splitlines()
         assert (rel / "README.md").is_file()
-        assert [json.loads(x)["source"] for x in lines] == [name] * len(lines)
+        assert [json.loads(json.loads(x)["metadata"])["source"] for x in lines] == [name] * len(lines)
         if name in corpus.all_filtered:
             assert lines == [] and "0 instruction/answer records" in (rel / "README.md").read_text(encoding="utf-8")
 
