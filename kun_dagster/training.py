@@ -386,7 +386,9 @@ def fine_tune(
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # before loading: transformers' "Loading weights" bar would reach the logs
     if not examples:
         raise ValueError(f"{role}: no training examples")
     t0 = time.time()
