@@ -277,7 +277,9 @@ def test_a_release_that_fails_mid_write_changes_nothing_and_leaves_no_temporary_
     from kun_dagster import dataset, storage
     from kun_dagster.store import upath
 
-    recs = pd.DataFrame({"instruction": ["问"], "output": ["答"]})
+    coig = {"instruction": "问", "input": "", "output": "答", "task_type": {"major": ["问答"], "minor": ["其他"]}, "domain": ["其他"]}
+    rec = {**coig, "answer_from": "llm", "human_verified": False, "copyright": "c", **dict.fromkeys(dataset.PROVENANCE_COLUMNS, "x")}
+    recs = pd.DataFrame([rec])
     a, b = upath(str(tmp_path / "a")), upath(str(tmp_path / "b"))
     dataset.publish_releases({a: (recs, "card a"), b: (recs, "card b")}, "run-1")
     assert dataset.verify_release(a) == [] and json.loads((a / "manifest.json").read_text())["rows"] == 1
