@@ -14,8 +14,8 @@ Which decision the probabilities make (`score.decision`):
 - `mode` (the default): score = P(【好】) / answer_mass, kept at score >= threshold (0.5: P(【好】) >=
   P(【差】)). That is the most likely outcome of Kun's rule, a different rule from Kun's own: Kun
   keeps on one reply sampled at temperature 0.5, and a row at P(【好】) = 0.6 is kept by the mode
-  every time and by Kun about two times in three (bench/README.md: 72.2% kept by the mode, 54.4%
-  by free text, on the demo's chat model).
+  every time and by Kun about two times in three (bench/README.md, on the demo's chat model: 77.4%
+  kept by the mode, 64.0% by Kun's generate-and-parse, 62.0% by `sampled`).
 - `sampled`: the verdict of one reply drawn from the two answers at the sampling temperature,
   q = P(【好】)^(1/T) / (P(【好】)^(1/T) + P(【差】)^(1/T)), with a uniform seeded by the run's seed
   and the row's prompt: Kun's rule in distribution (top_p and the repetition penalty left out),
@@ -87,9 +87,6 @@ def uses_probability(method: str) -> bool:
     return method.endswith("_choice")
 
 
-DECISIONS = ("mode", "sampled")
-
-
 def from_logprobs(logprobs: np.ndarray, r: Rule, draws: np.ndarray | None = None, temperature: float = 1.0) -> dict[str, np.ndarray]:
     """Per row: answer_mass (the probability that the reply opens with one of the answers) and the
     score the probability path gives. Kun: p_good = P(【好】), p_bad = P(【差】). With no `draws`
@@ -117,11 +114,11 @@ def drawn(p: np.ndarray, draws: np.ndarray, temperature: float) -> np.ndarray:
     uniform. Temperature 0 is the most likely answer."""
     if temperature <= 0:
         return p.argmax(axis=1)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # a row with no mass at all: NaN, scored NaN by the caller
         z = np.log(p) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    q = np.exp(z)
-    cdf = np.cumsum(q / q.sum(axis=1, keepdims=True), axis=1)
+        z -= z.max(axis=1, keepdims=True)
+        q = np.exp(z)
+        cdf = np.cumsum(q / q.sum(axis=1, keepdims=True), axis=1)
     return np.minimum((np.asarray(draws)[:, None] >= cdf).sum(axis=1), p.shape[1] - 1)
 
 
