@@ -67,10 +67,8 @@ def first_better(judge: Engine, items: list[tuple[str, str, str]], cfg: KunConfi
     if not items:
         return np.zeros(0), np.zeros(0), []
     keep_system = cfg.models.keep_default_system
-    rendered = [prompts.render(judge.tokenizer, judge_user(*it), JUDGE_PREFIX, keep_system) for it in items]
-    p = np.exp(
-        np.asarray(judge.choice_logprobs(rendered, prompts.replies(judge.tokenizer, JUDGE_CHOICES, JUDGE_PREFIX, keep_system)), dtype=float)
-    )
+    rendered, answers = prompts.choice_prompts(judge.tokenizer, [judge_user(*it) for it in items], JUDGE_CHOICES, JUDGE_PREFIX, keep_system)
+    p = np.exp(np.asarray(judge.choice_logprobs(rendered, answers), dtype=float))
     mass = p.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         first = np.where(mass > 0, p[:, 0] / np.where(mass > 0, mass, 1), 0.5)

@@ -118,6 +118,15 @@ def replies(tokenizer, answers: list[str] | tuple[str, ...], assistant_prefix: s
     return [lead + a for a in answers]
 
 
+def choice_prompts(
+    tokenizer, users: list[str], answers: list[str] | tuple[str, ...], assistant_prefix: str = "", keep_system: bool = False
+) -> tuple[list[str], list[str]]:
+    """What a probability path reads (the scorer, the tags, the judge): each user turn rendered
+    for a reply that opens with assistant_prefix, and the answers as written after it."""
+    rendered = [render(tokenizer, u, assistant_prefix, keep_system) for u in users]
+    return rendered, replies(tokenizer, answers, assistant_prefix, keep_system)
+
+
 # User turns, without the chat template (training renders them with their answers).
 def label_user(text: str) -> str:
     return f"{label_prompt_text()}\n{text}"

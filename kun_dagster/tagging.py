@@ -51,10 +51,8 @@ def choose(
     keep_system, tok = cfg.models.keep_default_system, engine.tokenizer
     if not users:
         return [], [], np.zeros(0)
-    rendered = [prompts.render(tok, u, keep_system=keep_system) for u in users]
-    p = np.exp(
-        np.asarray(engine.choice_logprobs(rendered, prompts.replies(tok, letters(len(options)), keep_system=keep_system)), dtype=float)
-    )
+    rendered, answers = prompts.choice_prompts(tok, users, letters(len(options)), keep_system=keep_system)
+    p = np.exp(np.asarray(engine.choice_logprobs(rendered, answers), dtype=float))
     mass = p.sum(axis=1)
     best = p.argmax(axis=1)
     rules = [PROBABILITY if m >= cfg.score.min_answer_mass else FREETEXT for m in mass]

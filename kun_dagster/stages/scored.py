@@ -36,8 +36,8 @@ def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     df["score_rule"] = scoring.FREETEXT
     df["score_reply"] = None
     if scoring.uses_probability(sc.method) and len(df):
-        rendered = [prompts.render(tok, u, rule.prefix, keep_system) for u in users]
-        lp = engine.choice_logprobs(rendered, prompts.replies(tok, rule.choices, rule.prefix, keep_system), exact=sc.exact)
+        rendered, answers = prompts.choice_prompts(tok, users, rule.choices, rule.prefix, keep_system)
+        lp = engine.choice_logprobs(rendered, answers, exact=sc.exact)
         draws = scoring.uniforms(cfg.sampling.seed, rendered) if sc.decision == "sampled" else None
         for col, values in scoring.from_logprobs(lp, rule, draws, cfg.sampling.temperature).items():
             df[col] = values
