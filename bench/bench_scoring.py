@@ -63,8 +63,7 @@ def expected_agreement(rows: pd.DataFrame, temperature: float) -> float:
     probabilities make, if the reply were one of the two answers: max(q, 1 - q) per row, q being
     P(【好】) among the two answers sharpened by the temperature (top_p and the repetition penalty
     left out). What the observed agreement should come near if the number means Kun's rule."""
-    g, b = rows["p_good"].to_numpy() ** (1 / temperature), rows["p_bad"].to_numpy() ** (1 / temperature)
-    q = g / (g + b)
+    q = scoring.tempered(rows[["p_good", "p_bad"]].to_numpy(), temperature)[:, 0]
     return float(np.mean(np.maximum(q, 1 - q)))
 
 
@@ -81,8 +80,7 @@ def reset_cache(engine) -> None:
 
 def expected_keep(rows: pd.DataFrame, temperature: float) -> float:
     """The keep rate one sampled reply per row would give (same simplification as above)."""
-    g, b = rows["p_good"].to_numpy() ** (1 / temperature), rows["p_bad"].to_numpy() ** (1 / temperature)
-    return float(np.mean(g / (g + b)))
+    return float(np.mean(scoring.tempered(rows[["p_good", "p_bad"]].to_numpy(), temperature)[:, 0]))
 
 
 def main() -> None:

@@ -108,17 +108,24 @@ def from_logprobs(logprobs: np.ndarray, r: Rule, draws: np.ndarray | None = None
     return {"p_good": good, "p_bad": bad, "answer_mass": mass, "score": score}
 
 
-def drawn(p: np.ndarray, draws: np.ndarray, temperature: float) -> np.ndarray:
-    """Per row, the answer a reply drawn at `temperature` gives, among the answers: answer c with
-    probability p_c^(1/T) / sum p^(1/T) (in log space: P(【好】) can be 1e-40), chosen by the row's
-    uniform. Temperature 0 is the most likely answer."""
-    if temperature <= 0:
-        return p.argmax(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):  # a row with no mass at all: NaN, scored NaN by the caller
+def tempered(p: np.ndarray, temperature: float) -> np.ndarray:
+    """Per row, the probability that a reply drawn at `temperature` gives each answer, among the
+    answers: p_c^(1/T) / sum p^(1/T), in log space (P(【好】) can be 1e-40). A row with no mass at
+    all is NaN (its caller scores it NaN)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
         z = np.log(p) / temperature
         z -= z.max(axis=1, keepdims=True)
         q = np.exp(z)
-        cdf = np.cumsum(q / q.sum(axis=1, keepdims=True), axis=1)
+        return q / q.sum(axis=1, keepdims=True)
+
+
+def drawn(p: np.ndarray, draws: np.ndarray, temperature: float) -> np.ndarray:
+    """Per row, the answer a reply drawn at `temperature` gives (tempered), chosen by the row's
+    uniform. Temperature 0 is the most likely answer."""
+    if temperature <= 0:
+        return p.argmax(axis=1)
+    with np.errstate(invalid="ignore"):
+        cdf = np.cumsum(tempered(p, temperature), axis=1)
     return np.minimum((np.asarray(draws)[:, None] >= cdf).sum(axis=1), p.shape[1] - 1)
 
 
