@@ -35,33 +35,19 @@ KUN_INSTRUCTION_KEYWORDS = (
 )
 # Outputs that talk about themselves, their sources or their cut-off (stage 5).
 KUN_OUTPUT_KEYWORDS = ("作为", "根据", "知识库", "2023", "抱歉")
-# The tag taxonomy: COIG-CQIA's minor task types and domains (its records' task_type.minor and
-# domain; the demo seeds use 百科问答, 指令评价, 翻译, 选择题 and 通用), at most 26 each: the chat
+# The tag taxonomy: COIG-CQIA's task types, each minor under its major as CQIA's records group them
+# (知乎问答 and 代码问答 under 问答, 文言文翻译 under 文本生成, 中学考试 under 试题, ...), and its domains
+# (the demo seeds use 百科问答, 指令评价, 翻译, 选择题 and 通用). At most 26 minors and 26 domains: the chat
 # model answers with an option's letter (tagging.py).
-COIG_TASK_TYPES = (
-    "百科问答",
-    "知识问答",
-    "常识推理",
-    "逻辑推理",
-    "数学",
-    "代码",
-    "翻译",
-    "摘要",
-    "分类",
-    "信息抽取",
-    "文本改写",
-    "写作",
-    "创意写作",
-    "建议",
-    "解释",
-    "观点评论",
-    "选择题",
-    "古诗文",
-    "文言文",
-    "对联",
-    "指令评价",
-    "其他",
-)
+COIG_TASK_TYPES = {
+    "问答": ["百科问答", "知识问答", "常识推理", "逻辑推理", "数学", "代码", "建议", "解释"],
+    "文本生成": ["翻译", "文本改写", "写作", "创意写作", "观点评论", "古诗文", "文言文", "对联"],
+    "摘要": ["摘要"],
+    "分类": ["分类", "指令评价"],
+    "信息抽取": ["信息抽取"],
+    "试题": ["选择题"],
+    "其他": ["其他"],
+}
 COIG_DOMAINS = (
     "通用",
     "医学",
@@ -433,13 +419,33 @@ class TagsConfig(_Switched):
     (tagging.py) with the scorer's rule: the options' probabilities where the model answers with
     one, else its free-text reply parsed. `tags: off` keeps the constants (minor kun:<source>, domain 通用)."""
 
-    task_types: list[str] = Field(default_factory=lambda: list(COIG_TASK_TYPES), min_length=1, max_length=26)
+    task_types: dict[str, list[str]] | list[str] = Field(
+        default_factory=lambda: {k: list(v) for k, v in COIG_TASK_TYPES.items()},
+        description="major -> its minors, as COIG-CQIA groups them (a plain list: minors under dataset.task_major)",
+    )
     domains: list[str] = Field(default_factory=lambda: list(COIG_DOMAINS), min_length=1, max_length=26)
+    max_minors: int = Field(2, ge=1, le=4, description="minors a record may carry (COIG-CQIA's carry one or two)")
+    minor_share: float = Field(
+        0.3, gt=0, le=1, description="probability path: a further minor needs this share of the answer mass (the first needs none)"
+    )
     answer_chars: int = Field(200, ge=0, description="characters of the answer shown with the instruction")
     max_tokens: int = Field(16, ge=1, description="free-text fallback: tokens of the reply parsed for an option")
     other: str = Field("其他", description="the tag of a row where neither the probabilities nor the reply name an option")
 
-    @field_validator("task_types", "domains")
+    @property
+    def minors(self) -> list[str]:
+        """The task-type options the model chooses from, in the order listed."""
+        t = self.task_types
+        return [m for ms in t.values() for m in ms] if isinstance(t, dict) else list(t)
+
+    def majors(self, minors: list[str], default: list[str]) -> list[str]:
+        """task_type.major of a record: the majors of its minors, in order, each once; `default`
+        (dataset.task_major) for a minor the taxonomy does not group."""
+        group = {m: major for major, ms in self.task_types.items() for m in ms} if isinstance(self.task_types, dict) else {}
+        out = [x for m in minors for x in ([group[m]] if m in group else default)]
+        return list(dict.fromkeys(out))
+
+    @field_validator("domains")
     @classmethod
     def _distinct(cls, names: list[str]) -> list[str]:
         if len(set(names)) < len(names) or not all(n.strip() for n in names):
@@ -447,9 +453,14 @@ class TagsConfig(_Switched):
         return names
 
     @model_validator(mode="after")
-    def _other_is_an_option(self) -> TagsConfig:
-        for key in ("task_types", "domains"):
-            if self.other not in getattr(self, key):
+    def _taxonomy(self) -> TagsConfig:
+        minors = self.minors
+        if isinstance(self.task_types, dict) and not all(k.strip() and v for k, v in self.task_types.items()):
+            raise ValueError("tags.task_types: each major needs a name and at least one minor")
+        if not 1 <= len(minors) <= 26 or len(set(minors)) < len(minors) or not all(n.strip() for n in minors):
+            raise ValueError("tags.task_types: 1 to 26 minors, distinct and non-empty (each is answered with a letter)")
+        for key, names in (("task_types", minors), ("domains", self.domains)):
+            if self.other not in names:
                 raise ValueError(f"tags.other {self.other!r} must be one of tags.{key}: it is the tag where no option is named")
         return self
 
@@ -470,9 +481,11 @@ class EvaluationConfig(_Switched):
 
 
 class DatasetConfig(_Section):
-    task_major: list[str] = Field(default_factory=lambda: ["问答"])
+    task_major: list[str] = Field(
+        default_factory=lambda: ["问答"], description="task_type.major of a minor the taxonomy does not group (or tags off)"
+    )
     answer_from: str = "llm"
-    copyright: str = "Derived from the source corpus; check its licence before redistribution."
+    copyright: str = Field("暂无版权及作者信息", description="as COIG-CQIA writes it where no author is known; the card names the source")
     mixed_versions: Literal["block", "warn"] = Field(
         "block",
         description="a release over partitions made under another config or model (a single-asset materialization after a "

@@ -36,7 +36,7 @@ def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model
     their polished_pairs partitions are stale, and the UI says so)."""
     d = cfg.dataset
     if "task_minor" not in polished:
-        polished = polished.assign(task_minor="kun:" + polished["source"].astype(str), domain=tagging.DEFAULT_DOMAIN)
+        polished = polished.assign(task_minor=[[f"kun:{s}"] for s in polished["source"]], domain=tagging.DEFAULT_DOMAIN)
     if "task_minor_rule" not in polished:
         polished = polished.assign(task_minor_rule=tagging.OFF, domain_rule=tagging.OFF)
     out = pd.DataFrame(
@@ -44,9 +44,7 @@ def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model
             "instruction": polished["instruction"].astype(str),
             "input": "",
             "output": polished["output"].astype(str),
-            "task_type": pd.Series(
-                [{"major": list(d.task_major), "minor": [m]} for m in polished["task_minor"]], index=polished.index, dtype=object
-            ),
+            "task_type": pd.Series([task_type(m, cfg) for m in polished["task_minor"]], index=polished.index, dtype=object),
             "domain": pd.Series([[x] for x in polished["domain"]], index=polished.index, dtype=object),
             "answer_from": d.answer_from,
             "human_verified": False,
@@ -65,6 +63,14 @@ def records(polished: pd.DataFrame, cfg: KunConfig, label_model: str, chat_model
         }
     )
     return out.sort_values(["source", "doc_id"]).reset_index(drop=True)
+
+
+def task_type(minors, cfg: KunConfig) -> dict:
+    """COIG-CQIA's task_type of a record: its minors (a string from before minors were lists is
+    one) and their majors (tags.task_types; dataset.task_major where tags are off)."""
+    minors = [minors] if isinstance(minors, str) else list(minors)
+    major = cfg.tags.majors(minors, cfg.dataset.task_major) if cfg.tags.enabled else list(cfg.dataset.task_major)
+    return {"major": major, "minor": minors}
 
 
 def cqia(recs: pd.DataFrame) -> list[dict]:
@@ -205,6 +211,8 @@ def card(
         "",
         f"- label model: `{label_model}`",
         f"- chat model: `{chat_model}`",
+        f"- copyright: `{cfg.dataset.copyright}` in every record (dataset.copyright); the texts come from `{source}`: "
+        "check its licence before redistribution",
         f"- score: `{cfg.score.method}`, threshold {cfg.score.threshold}"
         + (
             f", rows under answer mass {cfg.score.min_answer_mass} scored by free text"

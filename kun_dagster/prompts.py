@@ -148,12 +148,10 @@ def humpback_user(instruction: str, answer: str) -> str:
 TAG_KINDS = {"task_type": "任务类型", "domain": "所属领域"}
 
 
-def tag_user(kind: str, instruction: str, answer: str, options: list[str]) -> str:
+def tag_user(kind: str, instruction: str, answer: str, options: list[str], most: int = 1) -> str:
     listed = "\n".join(f"{chr(65 + i)}. {name}" for i, name in enumerate(options))
-    return (
-        f"下面是一条指令和它的回答。请从选项中选出这条指令的{TAG_KINDS[kind]}，只回答选项的字母。\n"
-        f"选项：\n{listed}\n\n指令：{instruction}\n回答：{answer}"
-    )
+    ask = "只回答选项的字母。" if most == 1 else f"只回答选项的字母，至多{most}个，最贴切的在前。"
+    return f"下面是一条指令和它的回答。请从选项中选出这条指令的{TAG_KINDS[kind]}，{ask}\n选项：\n{listed}\n\n指令：{instruction}\n回答：{answer}"
 
 
 HUMPBACK_PREFIX = "得分："  # the probability path opens the reply at the score and reads the digit after it

@@ -82,7 +82,7 @@ class PolishedPairs(LabeledPairs):
     instruction_truncated: Series[bool]
     polish_tokens: Series[int] = pa.Field(ge=1)
     polish_finish: Series[str] = pa.Field(isin=["stop", "length"])
-    task_minor: Series[str] = pa.Field(str_length={"min_value": 1})  # in tags.task_types (or kun:<source>, tags off)
+    task_minor: Series[object]  # 1 to tags.max_minors of tags.task_types (or [kun:<source>], tags off)
     domain: Series[str] = pa.Field(str_length={"min_value": 1})  # in tags.domains (or 通用, tags off)
     task_minor_rule: Series[str] = pa.Field(isin=TAG_RULES)
     domain_rule: Series[str] = pa.Field(isin=TAG_RULES)
@@ -135,6 +135,7 @@ def model(asset: str) -> type[pa.DataFrameModel]:
 # dataset version is written with these, the empty ones included, so readers see one schema.
 _ARROW = {"str": pyarrow.string(), "int64": pyarrow.int64(), "float64": pyarrow.float64(), "bool": pyarrow.bool_()}
 _NESTED = {
+    "task_minor": pyarrow.list_(pyarrow.string()),
     "task_type": pyarrow.struct([("major", pyarrow.list_(pyarrow.string())), ("minor", pyarrow.list_(pyarrow.string()))]),
     "domain": pyarrow.list_(pyarrow.string()),
 }
@@ -244,27 +245,36 @@ def _build(asset: str, cfg: KunConfig) -> pa.DataFrameSchema:
 
 def _taxonomy(s: pa.DataFrameSchema, cfg: KunConfig) -> pa.DataFrameSchema:
     """Every tag is one of the taxonomy's (tags on), or the constants (tags off): polished_pairs
-    holds one of each as a string, the COIG-CQIA records as lists."""
-    t = cfg.tags
-    minors = set(t.task_types) if t.enabled else None
+    holds the minors as a list and the domain as a string, the COIG-CQIA records both as lists,
+    with each minor's major (tags.task_types) in task_type.major."""
+    t, default_major = cfg.tags, cfg.dataset.task_major
+    minors = set(t.minors) if t.enabled else None
     domains = set(t.domains) if t.enabled else {DEFAULT_DOMAIN}
     where = "in the taxonomy (" + ("tags.task_types / tags.domains)" if t.enabled else "tags off: kun:<source> / 通用)")
 
     def minor_ok(v) -> bool:
         return v in minors if minors is not None else isinstance(v, str) and v.startswith("kun:")
 
+    def minors_ok(v) -> bool:
+        v = list(v) if v is not None and not isinstance(v, (str, dict)) else None
+        return bool(v) and len(v) <= t.max_minors and len(set(v)) == len(v) and all(map(minor_ok, v))
+
     if "task_type" in s.columns:  # the records (their shape is coig_task_type's and coig_domain's to check)
         minor = pa.Check(
-            lambda v: isinstance(v, dict) and all(map(minor_ok, v.get("minor") or [])),
+            lambda v: (
+                isinstance(v, dict)
+                and minors_ok(v.get("minor"))
+                and list(v.get("major") or []) == (t.majors(list(v["minor"]), default_major) if t.enabled else default_major)
+            ),
             element_wise=True,
             name="minor_in_taxonomy",
-            error=where,
+            error=where + ", task_type.major each minor's major",
         )
         domain = pa.Check(
             lambda v: not isinstance(v, str) and all(d in domains for d in v), element_wise=True, name="domain_in_taxonomy", error=where
         )
         return _add(_add(s, "task_type", minor), "domain", domain)
-    s = _add(s, "task_minor", pa.Check(minor_ok, element_wise=True, name="in_taxonomy", error=where))
+    s = _add(s, "task_minor", pa.Check(minors_ok, element_wise=True, name="in_taxonomy", error=where + f", 1 to {t.max_minors}"))
     return _add(s, "domain", pa.Check.isin(sorted(domains), name="in_taxonomy", error=where))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections import Counter
 
 # Control characters other than tab and newline; they survive web scraping and break tokenizers.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
@@ -79,34 +80,32 @@ def find_keyword(text: str, keywords: list[str] | tuple[str, ...]) -> str | None
     return None
 
 
-def cut_at_whitespace_run(text: str, run: int = 5) -> str:
-    """Cut at the first run of `run` or more whitespace characters (Kun: degenerate instructions
-    such as '什么是 \\n \\n   -> 什么是' continue after such a run)."""
-    return re.split(rf"\s{{{run},}}", text, maxsplit=1)[0].rstrip()
+def repair_instruction(text: str, run: int = 5) -> str | None:
+    """Kun's instruction repair (script/deplicate.py in COIG-Kun v0.1/v0.2): an instruction with a
+    run of `run` or more whitespace characters is cut there; else, where a line repeats, it becomes
+    its longest repeated line if that line opens it, and is dropped (None) if not. Lines are compared
+    stripped. One departure: the text is stripped first, so a reply that opens with newlines keeps
+    its instruction (Kun's cut at position 0 would leave an empty one)."""
+    text = text.strip()
+    m = re.search(rf"\s{{{run},}}", text)
+    if m:
+        return text[: m.start()].strip()
+    counts = Counter(line.strip() for line in text.split("\n") if line.strip())
+    repeated = [line for line, n in counts.items() if n > 1]
+    if not repeated:
+        return text
+    longest = max(repeated, key=len)  # the first of the longest, as Kun's max over its dict
+    return longest if text.startswith(longest) else None
 
 
-def repair_repeated_lines(text: str) -> str:
-    """Drop every non-blank line that repeats an earlier line (generation loops)."""
-    seen: set[str] = set()
-    out = []
-    for line in text.split("\n"):
-        key = line.strip()
-        if key and key in seen:
-            continue
-        seen.add(key)
-        out.append(line)
-    return _BLANK_LINES.sub("\n\n", "\n".join(out)).strip()
-
-
-def starts_with_repeated_phrase(text: str, times: int = 6, min_chars: int = 2, max_chars: int = 50) -> bool:
+def starts_with_repeated_phrase(text: str, times: int = 6, min_chars: int = 2) -> bool:
     """True when the text opens with one phrase said `times` or more times in a row (a model stuck
-    in a loop). A phrase has min_chars to max_chars characters and is not one character over and
-    over: ------, …… or 哈哈哈哈哈哈 are punctuation or laughter, not a repeated phrase."""
+    in a loop; Kun's detect_repetition_improved, any length of phrase). A phrase has at least
+    min_chars characters and is not one character over and over: ------, …… or 哈哈哈哈哈哈 are
+    punctuation or laughter, not a repeated phrase (Kun counts them)."""
     text = text.lstrip()
-    for n in range(max(1, min_chars), max_chars + 1):
+    for n in range(max(1, min_chars), len(text) // times + 1):
         phrase = text[:n]
-        if len(phrase) < n or n * times > len(text):
-            break
         if len(set(phrase)) > 1 and text.startswith(phrase * times):
             return True
     return False

@@ -264,6 +264,7 @@ VERSIONS: tuple[Version, ...] = (
         schemas.PolishedPairs,
         (
             stages.EMPTY_AFTER_CLEAN,
+            stages.REPEATED_INSTRUCTION,
             stages.PROMPT_OVER_BUDGET,
             stages.EMPTY_GENERATION,
             stages.BROKEN_TEXT,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kun_dagster import evaluation, schemas, tagging, training
+from kun_dagster import dataset, evaluation, schemas, tagging, training
 from kun_dagster.config import COIG_DOMAINS, COIG_TASK_TYPES, ConfigError, parse_config
 
 from .conftest import REPO, assert_fresh, given_models, write_config
@@ -108,12 +108,48 @@ def test_the_win_rate_interval_is_a_bootstrap_over_items_and_repeatable():
 
 
 # -- tags --------------------------------------------------------------------------------------------
+MINORS = [m for ms in COIG_TASK_TYPES.values() for m in ms]
+
+
 @pytest.mark.parametrize(
-    ("reply", "want"),
-    [("B", 1), ("【C】", 2), ("选项：A", 0), ("这是翻译任务", COIG_TASK_TYPES.index("翻译")), ("Z", None), ("不知道", None), ("", None)],
+    ("reply", "most", "want"),
+    [
+        ("B", 1, [1]),
+        ("【C】", 1, [2]),
+        ("选项：A", 1, [0]),
+        ("这是翻译任务", 1, [MINORS.index("翻译")]),
+        ("Z", 1, []),
+        ("不知道", 1, []),
+        ("", 1, []),
+        ("A、C", 2, [0, 2]),
+        ("【B】【A】", 2, [1, 0]),
+        ("A、C", 1, [0]),
+        ("A, A, D", 3, [0, 3]),
+        ("既是翻译也是写作", 2, [MINORS.index("翻译"), MINORS.index("写作")]),
+    ],
 )
-def test_a_free_text_tag_reply_is_read_for_its_letter_or_an_options_name(reply, want):
-    assert tagging.parse_reply(reply, list(COIG_TASK_TYPES)) == want
+def test_a_free_text_tag_reply_is_read_for_its_letters_or_options_names(reply, most, want):
+    assert tagging.parse_reply(reply, MINORS, most) == want
+
+
+def test_a_record_carries_several_minors_and_each_ones_major():
+    cfg = config()
+    assert tagging.picks(np.array([0.5, 0.1, 0.35, 0.05]), 2, 0.3) == [0, 2]  # 0.35 >= 0.3 of 1.0
+    assert tagging.picks(np.array([0.5, 0.1, 0.25, 0.05]), 2, 0.3) == [0]
+    assert tagging.picks(np.array([0.4, 0.35, 0.25]), 1, 0.3) == [0]
+    minor, domain = np.zeros(len(MINORS)), np.zeros(len(COIG_DOMAINS))
+    minor[MINORS.index("翻译")], minor[MINORS.index("创意写作")], domain[0] = 0.55, 0.4, 0.9  # domain 通用
+    two = ScriptedEngine(probs=[minor, domain])
+    got = tagging.tag(two, ["把这首诗译成英文"], ["The moon is bright."], cfg, tagging_params())
+    assert got["columns"]["task_minor"] == [["翻译", "创意写作"]] and got["columns"]["domain"] == ["通用"]
+    assert "至多2个" in two.prompts[0] and "至多" not in two.prompts[1]  # a record has one domain
+    # task_type.major is each minor's major, in order, each once (CQIA: 文言文翻译 under 文本生成)
+    assert dataset.task_type(["翻译", "创意写作"], cfg) == {"major": ["文本生成"], "minor": ["翻译", "创意写作"]}
+    assert dataset.task_type(["翻译", "百科问答"], cfg) == {"major": ["文本生成", "问答"], "minor": ["翻译", "百科问答"]}
+    assert dataset.task_type("选择题", cfg) == {"major": ["试题"], "minor": ["选择题"]}  # written before minors were lists
+    flat = config(tags={"task_types": ["百科问答", "翻译", "其他"]}, dataset={"task_major": ["问答"]})
+    assert dataset.task_type(["翻译"], flat) == {"major": ["问答"], "minor": ["翻译"]}  # a plain list: dataset.task_major
+    assert dataset.task_type(["kun:web"], config(tags="off")) == {"major": ["问答"], "minor": ["kun:web"]}
 
 
 def test_tags_follow_the_scorers_answer_mass_rule():
@@ -123,14 +159,14 @@ def test_tags_follow_the_scorers_answer_mass_rule():
     engine = ScriptedEngine(replies=["这是翻译", "嗯"], probs=probs)
     tags, rules, mass = tagging.choose(engine, ["u1", "u2", "u3"], opts, cfg, tagging_params())
     # the third: no option named, so none is invented from its 0.06 of mass (翻译 would be its argmax)
-    assert tags == ["百科问答", "翻译", "其他"] and rules == ["probability", "freetext", "undetermined"]
+    assert tags == [["百科问答"], ["翻译"], ["其他"]] and rules == ["probability", "freetext", "undetermined"]
     assert np.allclose(mass, [0.95, 0.04, 0.06])
     assert engine.prompts[3:] == engine.prompts[1:3]  # the unsure rows' replies were generated from the same prompts
     both = ScriptedEngine(probs=[[0.9, 0.0, 0.0], [0.0, 0.0, 0.8, 0.0]])
     cfg3 = config(tags={"task_types": opts, "domains": ["通用", "医学", "法律", "其他"]})
     got = tagging.tag(both, ["什么是感冒？"], ["感冒是一种常见病。" * 40], cfg3, tagging_params())
     assert got["columns"] == {
-        "task_minor": ["百科问答"],
+        "task_minor": [["百科问答"]],
         "task_minor_rule": ["probability"],
         "domain": ["法律"],
         "domain_rule": ["probability"],
@@ -156,12 +192,12 @@ def test_polish_tags_each_kept_answer_or_keeps_the_constants_with_tags_off():
     eng = ScriptedEngine(replies=[good], probs=[[0.1, 0.85, 0.0], [0.9, 0.05, 0.0]])
     res = stages.polish(scored, eng, cfg)
     assert res.rows[["doc_id", "task_minor", "domain", "task_minor_rule", "domain_rule"]].values.tolist() == [
-        ["d0", "翻译", "通用", "probability", "probability"]
+        ["d0", ["翻译"], "通用", "probability", "probability"]
     ]
     assert res.stats["task_minor_by_rule"] == {"probability": 1} and res.stats["domain_tags"] == {"通用": 1}
     assert schemas.validate("polished_pairs", res.rows, cfg).passed
     off = stages.polish(scored, ScriptedEngine(replies=[good]), config(tags="off"))
-    assert off.rows[["task_minor", "domain", "task_minor_rule"]].values.tolist() == [["kun:web", "通用", "off"]]
+    assert off.rows[["task_minor", "domain", "task_minor_rule"]].values.tolist() == [[["kun:web"], "通用", "off"]]
     assert not schemas.validate("polished_pairs", off.rows, cfg).passed  # kun:web is not in the taxonomy
     assert schemas.validate("polished_pairs", off.rows, config(tags="off")).passed
 
@@ -181,24 +217,36 @@ def test_evaluation_trains_lora_adapters_on_large_bases(tmp_path, monkeypatch):
 
 def test_tags_config_switches_and_bounds():
     assert not config(tags=False).tags.enabled and config(evaluation="on").evaluation.enabled
-    assert config().tags.task_types == list(COIG_TASK_TYPES) and config().tags.domains == list(COIG_DOMAINS)
+    assert config().tags.task_types == COIG_TASK_TYPES and config().tags.minors == MINORS and config().tags.domains == list(COIG_DOMAINS)
+    assert len(MINORS) <= 26 and "其他" in MINORS
     with pytest.raises(ConfigError, match="tags.domains"):
         config(tags={"domains": [f"领域{i}" for i in range(27)]})
     with pytest.raises(ConfigError, match="distinct"):
         config(tags={"task_types": ["翻译", "翻译"]})
+    with pytest.raises(ConfigError, match="distinct"):
+        config(tags={"task_types": {"问答": ["翻译", "其他"], "文本生成": ["翻译"]}})  # a minor under two majors
+    with pytest.raises(ConfigError, match="26 minors"):
+        config(tags={"task_types": {"问答": [f"类{i}" for i in range(26)] + ["其他"]}})
+    with pytest.raises(ConfigError, match="at least one minor"):
+        config(tags={"task_types": {"问答": ["其他"], "试题": []}})
 
 
 def test_the_schemas_hold_every_tag_to_the_taxonomy():
     cfg, off = config(), config(tags="off")
     recs = pd.DataFrame(
-        {"task_type": [{"major": ["问答"], "minor": ["翻译"]}, {"major": ["问答"], "minor": ["乱写"]}], "domain": [["通用"], ["火星"]]}
+        {"task_type": [{"major": ["文本生成"], "minor": ["翻译"]}, {"major": ["问答"], "minor": ["乱写"]}], "domain": [["通用"], ["火星"]]}
     )
     s = schemas.schema("instruction_dataset", cfg)
+    ok = s.columns["task_type"].checks[-1]
     assert [s.columns[c].checks[-1](recs[c]).check_passed for c in ("task_type", "domain")] == [False, False]
-    assert s.columns["task_type"].checks[-1](recs[["task_type"]].iloc[:1]["task_type"]).check_passed
+    assert ok(recs["task_type"].iloc[:1]).check_passed
+    assert not ok(pd.Series([{"major": ["问答"], "minor": ["翻译"]}])).check_passed  # 翻译's major is 文本生成
+    assert ok(pd.Series([{"major": ["文本生成", "问答"], "minor": ["翻译", "百科问答"]}])).check_passed
+    assert not ok(pd.Series([{"major": ["问答"], "minor": ["百科问答", "知识问答", "解释"]}])).check_passed  # over max_minors
     p = schemas.schema("polished_pairs_round2", off)  # a later round's asset: its stage's schema
-    assert p.columns["task_minor"].checks[-1](pd.Series(["kun:wudao"])).check_passed
-    assert not p.columns["task_minor"].checks[-1](pd.Series(["翻译"])).check_passed
+    assert p.columns["task_minor"].checks[-1](pd.Series([["kun:wudao"]])).check_passed
+    assert not p.columns["task_minor"].checks[-1](pd.Series([["翻译"]])).check_passed
+    assert not p.columns["task_minor"].checks[-1](pd.Series(["kun:wudao"])).check_passed  # a list, not a string
     assert not p.columns["domain"].checks[-1](pd.Series(["医学"])).check_passed
 
 
@@ -284,10 +332,11 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
 
     # tags come from the taxonomy, each with the rule that chose it
     for rec in final.itertuples():
-        assert rec.task_type["minor"][0] in cfg.tags.task_types and rec.domain[0] in cfg.tags.domains
+        assert set(rec.task_type["minor"]) <= set(cfg.tags.minors) and rec.domain[0] in cfg.tags.domains
+        assert rec.task_type["major"] == cfg.tags.majors(list(rec.task_type["minor"]), cfg.dataset.task_major)
     pol = storage.read_partition(storage.partition_dir(upath(data), "polished_pairs_round2", {"source": "wudao", "shard": "0"}))
     assert set(pol["task_minor_rule"]) <= {"probability", "freetext", "undetermined"}
-    assert (pol.loc[pol["task_minor_rule"] == "undetermined", "task_minor"] == cfg.tags.other).all()
+    assert all(list(m) == [cfg.tags.other] for m in pol.loc[pol["task_minor_rule"] == "undetermined", "task_minor"])
 
     # the same seed gives the same numbers: round 2's seeds + release model re-trained from scratch
     # (the newest in the evaluation's cache; the baseline's figures are compared from its cache)

@@ -53,7 +53,7 @@ def polished(n=3):
         instruction_truncated=False,
         polish_tokens=[30] * n,
         polish_finish="stop",
-        task_minor="kun:web",  # tags off in CFG: the constants
+        task_minor=[["kun:web"]] * n,  # tags off in CFG: the constants
         domain="通用",
         task_minor_rule="off",
         domain_rule="off",
@@ -100,7 +100,7 @@ BAD = [
     ("instruction_dataset", lambda: _set(records(), "task_type", 0, {"major": ["问答"]}), "task_type: coig_task_type"),
     ("instruction_dataset", lambda: records().assign(extra=1), "column_in_schema"),
     ("instruction_dataset", lambda: _set(records(), "domain", 1, ["医学"]), "domain: in the taxonomy (tags off"),
-    ("polished_pairs", lambda: _set(polished(), "task_minor", 0, "翻译"), "task_minor: in the taxonomy (tags off"),
+    ("polished_pairs", lambda: _set(polished(), "task_minor", 0, ["翻译"]), "task_minor: in the taxonomy (tags off"),
     # keywords hidden by a zero-width space or full-width digits are the keywords
     ("labeled_pairs", lambda: _set(labeled(), "instruction", 0, "请总结这篇新\u200b闻"), "instruction: no banned keyword"),
     (

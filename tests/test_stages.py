@@ -194,6 +194,24 @@ def test_the_scorer_sees_the_raw_instruction_and_polish_cleans_it_after():
     assert polisher.prompts[0] == prompts.render(polisher.tokenizer, " 已知：\n丙文,请回答:什么是排他性许可？")
 
 
+def test_polish_repairs_instructions_as_kun_does_before_the_answer_prompt():
+    """Kun's deplicate.py: the longest repeated line where it opens the instruction, else the row
+    is dropped (repeated_instruction), and never sent to the chat model."""
+    answer = "复利是把每一期的利息计入本金，下一期一起计息的方法。"
+    scored = docs(["甲文", "乙文", "丙文"]).assign(
+        instruction=["什么是复利？\n什么是复利？\n请举例。", "请介绍北京。\n北京有什么？\n北京有什么？", "什么是单利？"],
+        score=0.9,
+        score_method="kun_choice",
+        score_rule="probability",
+    )
+    eng = ScriptedEngine(replies=[answer, answer.replace("复利", "单利")])
+    res = stages.polish(scored, eng, CFG)
+    assert res.rows["instruction"].tolist() == ["什么是复利？", "什么是单利？"]
+    assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {"d1": "repeated_instruction"}
+    assert res.dropped["detail"].tolist() == ["its longest repeated line does not open it (Kun drops it)"]
+    assert len(eng.prompts) == 2 and "请回答:什么是复利？" in eng.prompts[0]
+
+
 def test_humpback_scores_the_pair_with_its_prompt_and_keeps_at_five():
     pairs = docs(["甲文", "乙文", "丙文", "丁文"]).assign(instruction=["问一", "问二", "问三", "问四"])
     cfg = parse_config({**CFG.model_dump(), "score": {"method": "humpback_choice"}}, env={})

@@ -28,6 +28,7 @@ BELOW_THRESHOLD = "below_threshold"  # the release re-applies score.threshold (i
 PROMPT_OVER_BUDGET = "prompt_over_budget"
 TOO_SHORT = "too_short"
 REPEATED_PHRASE = "repeated_phrase"
+REPEATED_INSTRUCTION = "repeated_instruction"  # a repeated line that does not open the instruction: Kun drops it
 DUPLICATE_OUTPUT = "duplicate_output"
 BROKEN_TEXT = "broken_text"  # U+FFFD: the model emitted bytes that are not UTF-8
 

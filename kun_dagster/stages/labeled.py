@@ -8,7 +8,7 @@ from .. import prompts
 from ..config import KunConfig
 from ..llm.base import Engine
 from ..names import LABELED
-from ..text import cut_at_whitespace_run, find_keyword, repair_repeated_lines
+from ..text import find_keyword, repair_instruction
 from .common import (
     BANNED_KEYWORD,
     BROKEN_TEXT,
@@ -23,11 +23,12 @@ from .common import (
 )
 
 
-def clean_instruction(text: str, whitespace_run: int) -> str:
-    """Kun's cut at a whitespace run and repeated-line repair, on the stripped instruction: a model
-    that opens with newlines has still written its instruction. Kun cleans after scoring (polish
-    does it here), so the scorer sees what the point prompt's 【差】 examples teach it to reject."""
-    return repair_repeated_lines(cut_at_whitespace_run(text.strip(), whitespace_run)).rstrip()
+def clean_instruction(text: str, whitespace_run: int) -> str | None:
+    """Kun's instruction repair (text.repair_instruction): cut at a whitespace run, or the longest
+    repeated line where it opens the instruction; None: Kun drops the row. Kun cleans after
+    scoring (polish does it here), so the scorer sees what the point prompt's 【差】 examples teach
+    it to reject."""
+    return repair_instruction(text, whitespace_run)
 
 
 def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:

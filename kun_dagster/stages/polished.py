@@ -16,6 +16,7 @@ from .common import (
     EMPTY_AFTER_CLEAN,
     EMPTY_GENERATION,
     PROMPT_OVER_BUDGET,
+    REPEATED_INSTRUCTION,
     REPEATED_PHRASE,
     REPLACEMENT_CHAR,
     TOO_SHORT,
@@ -55,9 +56,16 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     second `}`, a poem's refrain, and shrink a loop that the repeated-phrase filter must drop."""
     keep = scoring.keep(scored["score"].to_numpy(dtype=float), cfg.score.threshold)
     df = scored[keep].drop(columns=["score_reply"], errors="ignore").reset_index(drop=True)
-    df["instruction"] = df["instruction"].map(lambda s: clean_instruction(s, cfg.label.whitespace_run)).astype(object)
+    repaired = [clean_instruction(s, cfg.label.whitespace_run) for s in df["instruction"]]
     reason, detail = no_reasons(df)
-    reason[df["instruction"].str.len() == 0] = EMPTY_AFTER_CLEAN
+    for i, r in zip(df.index, repaired):
+        if r is None:
+            reason[i], detail[i] = REPEATED_INSTRUCTION, "its longest repeated line does not open it (Kun drops it)"
+        elif not r:
+            reason[i] = EMPTY_AFTER_CLEAN
+    df["instruction"] = pd.Series(
+        [df.at[i, "instruction"] if r is None else r for i, r in zip(df.index, repaired)], index=df.index, dtype=object
+    )
     built = [
         None
         if reason[i] is not None
@@ -101,7 +109,7 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
 
 def _tag(df: pd.DataFrame, reason: pd.Series, engine: Engine, cfg: KunConfig) -> dict:
     """The COIG-CQIA tags of the rows kept (tagging.py); with tags off, today's constants."""
-    df["task_minor"] = "kun:" + df["source"].astype(str)
+    df["task_minor"] = pd.Series([[f"kun:{s}"] for s in df["source"]], index=df.index, dtype=object)
     df["domain"] = tagging.DEFAULT_DOMAIN
     df["task_minor_rule"] = df["domain_rule"] = tagging.OFF
     kept = df.index[reason.isna()]
