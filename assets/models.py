@@ -11,7 +11,8 @@ import pandas as pd
 from kun_dagster import dataset, model_store, stages, storage, training
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
-from kun_dagster.names import CHAT_MODEL, DATASET, in_round
+from kun_dagster.names import CHAT_MODEL, DATASET, SCORED, in_round
+from kun_dagster.prompts import HUMPBACK_SEED_TAG
 from resources import KunResource
 
 from .common import GPU_POOL, GPU_RETRY, gpu_tags, kinds, table
@@ -38,8 +39,11 @@ def _trained(kun: KunResource, context: dg.AssetExecutionContext, role: str, tra
     return model_store.trained(role, c.models_dir, c.model_cache, context.run_id[:8], kun.store, train)
 
 
-def _fine_tuned(kun: KunResource, context, role: str, settings, base_model: dict, examples: list, **metadata) -> dg.Output[dict]:
-    """The base fine-tuned on `examples` (models_dir/<role>), with its training figures as metadata."""
+def _fine_tuned(
+    kun: KunResource, context, role: str, settings, base_model: dict, examples: list, system: str | None = None, **metadata
+) -> dg.Output[dict]:
+    """The base fine-tuned on `examples` (models_dir/<role>), with its training figures as metadata;
+    `system`: the system message the model is to be prompted with (on its reference)."""
     c = kun.config
     base = kun.local_model(base_model["path"])
     ref, report = _trained(
@@ -56,7 +60,7 @@ def _fine_tuned(kun: KunResource, context, role: str, settings, base_model: dict
             "loss_curve": dg.MetadataValue.json(report.loss_curve),
         }
     )
-    return _versioned(ref)
+    return _versioned({**ref, "system": system} if system else ref)
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
@@ -152,9 +156,13 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
 
 
 def _chat_round(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
-    """Humpback's round k chat model: the base fine-tuned (models.chat.train) on the training seeds
-    + round k-1's release, every source's (M_k trained on seeds + A_{k-1})."""
+    """Round k's chat model, Humpback's M_{k-1}: the base fine-tuned (models.chat.train) on the
+    training seeds + round k-1's data, every source's: its release (round_data: release) or, as
+    Humpback trains, its pairs kept by score with the raw text as the answer, under Humpback's
+    system tags (round_data: segments)."""
     name, previous = in_round(CHAT_MODEL, k), in_round(DATASET, k - 1)
+    segments = cfg.round_data == "segments"
+    curated = in_round(SCORED, k - 1)
 
     @dg.asset(
         name=name,
@@ -163,25 +171,33 @@ def _chat_round(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         pool=GPU_POOL,
         retry_policy=GPU_RETRY,
         io_manager_key=MODEL_IO,
-        deps=[previous],  # read from what is published: every source's records that exist
+        deps=[previous, curated] if segments else [previous],  # read from what is published: every source's
         op_tags=gpu_tags(cfg, None),
         code_version=code_version(name, cfg),
-        description=f"Round {k}'s chat model: the base fine-tuned on the training seeds + round {k - 1}'s release ({previous}, "
-        "every source), as Humpback's M_k; it re-scores and polishes the same labeled_pairs. Config: models.chat.train.",
+        description=f"Round {k}'s chat model (Humpback's M{k - 1}): the base fine-tuned on the training seeds + "
+        + (
+            f"round {k - 1}'s pairs kept by score ({curated}) with the raw text as the answer, under Humpback's system tags"
+            if segments
+            else f"round {k - 1}'s release ({previous})"
+        )
+        + ", every source's; it re-scores and polishes the same labeled_pairs. Config: models.chat.train, round_data.",
     )
     def chat_round(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dg.Output[dict]:
         c = kun.config
-        released = dataset.read_records(kun.base, previous, [s.name for s in c.sources])
-        records = pd.concat(list(released.values()), ignore_index=True) if released else None
-        return _fine_tuned(
-            kun,
-            context,
-            f"chat_round{k}",
-            c.models.chat.train,
-            base_model,
-            training.chat_examples(seed_data, records),
-            release_records=0 if records is None else len(records),
-            by_source=dg.MetadataValue.json({s: len(r) for s, r in released.items()}),
-        )
+        sources = [s.name for s in c.sources]
+        if segments:
+            kept = {s: dataset.kept_pairs(kun.base, s, c.shard_keys(), c.score.threshold, k - 1) for s in sources}
+            pairs = pd.concat(list(kept.values()), ignore_index=True)
+            examples, system = training.humpback_examples(seed_data, pairs), HUMPBACK_SEED_TAG
+            counts = {"segments": len(pairs), "by_source": dg.MetadataValue.json({s: len(r) for s, r in kept.items()})}
+        else:
+            released = dataset.read_records(kun.base, previous, sources)
+            records = pd.concat(list(released.values()), ignore_index=True) if released else None
+            examples, system = training.chat_examples(seed_data, records), None
+            counts = {
+                "release_records": 0 if records is None else len(records),
+                "by_source": dg.MetadataValue.json({s: len(r) for s, r in released.items()}),
+            }
+        return _fine_tuned(kun, context, f"chat_round{k}", c.models.chat.train, base_model, examples, system, **counts)
 
     return chat_round

@@ -200,7 +200,8 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     source_keys = graph.get(dg.AssetKey(versions.DATASET)).partitions_def.get_partition_keys()
     for k in range(1, cfg.iterations + 1):  # Humpback's rounds: round k's chat model re-scores the same labeled pairs
         if k > 1:
-            make([in_round(CHAT_MODEL, k)], f"round {k}: {in_round(CHAT_MODEL, k)} (seeds + round {k - 1}'s release)")
+            data = "kept segments, Humpback's tags" if cfg.round_data == "segments" else "release"
+            make([in_round(CHAT_MODEL, k)], f"round {k}: {in_round(CHAT_MODEL, k)} (seeds + round {k - 1}'s {data})")
             for keys, names in ranges:
                 stages = [in_round(versions.SCORED, k), in_round(versions.POLISHED, k)]
                 make(stages, f"round {k}: {len(keys)} corpus partition(s) ({', '.join(names)})", keys)

@@ -81,8 +81,8 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("judge",),
     ),
 }
-# A later round's chat model is always trained (on the seeds + the previous round's release).
-ROUND_CHAT = (("models.chat.train", "models.keep_default_system"), ())
+# A later round's chat model is always trained (on the seeds + the previous round's release, or its kept segments).
+ROUND_CHAT = (("models.chat.train", "models.keep_default_system", "round_data", "score.threshold"), ())
 
 
 def _get(tree: dict, dotted: str):

@@ -580,6 +580,13 @@ class KunConfig(_Section):
         description="Humpback's rounds: 1 is Kun's single pass; round k >= 2 fine-tunes the base on the seeds + round k-1's "
         "release and re-scores the same labeled_pairs with it",
     )
+    round_data: Literal["release", "segments"] = Field(
+        "release",
+        description="what round k >= 2's chat model trains on beside the seeds: release, round k-1's records (Kun's "
+        "polished answers); segments, Humpback's: round k-1's pairs kept by score with the raw text as the answer, and "
+        "Humpback's system tags (seeds: 'Answer in the style of an AI Assistant.', segments: 'Answer with knowledge "
+        "from web search.'; the model is then prompted with the first)",
+    )
     evaluation: EvaluationConfig = EvaluationConfig()
     checks: ChecksConfig = ChecksConfig()
     deploy: DeployConfig = DeployConfig()

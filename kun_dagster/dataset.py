@@ -13,7 +13,7 @@ from upath import UPath
 from . import dedup, scoring, storage, tagging, versions
 from .code_versions import published_config
 from .config import KunConfig
-from .names import EVALUATION, ROUND_STAGES, in_round
+from .names import CHAT_MODEL, EVALUATION, ROUND_STAGES, in_round
 from .stages import DUPLICATE_OUTPUT, StageResult
 from .stages.common import BANNED_KEYWORD, BELOW_THRESHOLD, dropped_rows, mark_duplicates, no_reasons
 from .text import find_keyword
@@ -114,6 +114,19 @@ def scored(base: UPath, source: str, shards: list[str], threshold: float, round_
             kept += int(scoring.keep(part["score"].to_numpy(dtype=float), threshold).sum())
             scored_by.update(part["score_rule"])
     return n, kept, scored_by
+
+
+def kept_pairs(base: UPath, source: str, shards: list[str], threshold: float, round_: int) -> pd.DataFrame:
+    """Round `round_`'s scored pairs of a source that reach the threshold, (instruction, text): the
+    curated set Humpback trains its next model on (round_data: segments)."""
+    frames = []
+    for shard in shards:
+        d = storage.partition_dir(base, in_round(versions.SCORED, round_), {"source": source, "shard": shard})
+        if storage.partition_rows(d):
+            part = storage.read_partition(d, ["instruction", "text", "score"])
+            frames.append(part[scoring.keep(part["score"].to_numpy(dtype=float), threshold)])
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"instruction": [], "text": [], "score": []})
+    return out[["instruction", "text"]].astype(object)
 
 
 def funnel_frame(fun: dict, n_records: int, dropped: dict | None = None) -> pd.DataFrame:
@@ -333,7 +346,7 @@ def round_rows(base: UPath, source: str, cfg: KunConfig, upto: int, records_now:
         out.append(
             {
                 "round": k,
-                "chat model": "chat_model" if k == 1 else in_round("chat_model", k),
+                "chat model": f"{in_round(CHAT_MODEL, k)} (M{k - 1})",  # Humpback's names: M0 is the seeds-only model
                 "keep rate": f"{kept / n_scored:.1%}" if n_scored else "-",
                 "kept by score": kept,
                 "records": n,

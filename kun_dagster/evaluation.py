@@ -66,7 +66,7 @@ def first_better(judge: Engine, items: list[tuple[str, str, str]], cfg: KunConfi
     or a tie when it names neither (`tie`). Also the mass on the two answers."""
     if not items:
         return np.zeros(0), np.zeros(0), []
-    keep_system = cfg.models.keep_default_system
+    keep_system = prompts.system_of(judge, cfg)  # a Humpback-tagged round model is prompted as it was trained
     rendered, answers = prompts.choice_prompts(judge.tokenizer, [judge_user(*it) for it in items], JUDGE_CHOICES, JUDGE_PREFIX, keep_system)
     p = np.exp(np.asarray(judge.choice_logprobs(rendered, answers), dtype=float))
     mass = p.sum(axis=1)

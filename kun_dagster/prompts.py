@@ -10,10 +10,17 @@ from functools import lru_cache
 from importlib import resources
 
 KUN_GOOD, KUN_BAD = "【好】", "【差】"
-HUMPBACK_SCORES = ("1", "2", "3", "4", "5")
+# Humpback's prompt asks for its reasons, then '得分：<评分>' on the last line: a reply that opens with
+# the score writes one of these (the probability path's answers; their mass says how often it does).
+HUMPBACK_ANSWERS = tuple(f"得分：{n}" for n in "12345")
 # Kun's CHATML as its Conversation.get_prompt writes it (reference/kun_prompts.json, rendered_Yi-*):
 # no newline after the role; each turn closed by <|im_end|> and a newline.
 KUN_CHATML_USER = "<|im_start|>user{user}<|im_end|>\n<|im_start|>assistant\n"
+KUN_CHATML_SYSTEM = "<|im_start|>system{system}<|im_end|>\n"  # a system turn, in the same style
+# Humpback's tags (Li et al. 2023, 2.3): a system prompt on every training example that says where
+# its answer came from; the model is then prompted as an assistant (round_data: segments).
+HUMPBACK_SEED_TAG = "Answer in the style of an AI Assistant."
+HUMPBACK_WEB_TAG = "Answer with knowledge from web search."
 KUN_CHATML_END = "<|im_end|>\n"
 _SENTINEL, _USER, _REPLY = "\x00kun-system\x00", "\x00kun-user\x00", "\x00kun-reply\x00"
 
@@ -72,15 +79,19 @@ def _default_system_turn(tokenizer) -> tuple[int, str]:
     return found
 
 
-def chat(tokenizer, user: str, assistant: str | None = None, keep_system: bool = False) -> str:
+def chat(tokenizer, user: str, assistant: str | None = None, keep_system: bool | str = False) -> str:
     """One user turn ready for the reply (assistant None), or the whole exchange (training).
 
     With no chat template (a base such as Yi's), Kun's literal ChatML; a template's default system
-    message is left out unless keep_system."""
+    message is left out unless keep_system. keep_system as a string is a system message of our own
+    (Humpback's tags), in place of any default."""
+    own = keep_system if isinstance(keep_system, str) else None
     if getattr(tokenizer, "chat_template", None) is None:
-        prompt = KUN_CHATML_USER.replace("{user}", user)
+        prompt = (KUN_CHATML_SYSTEM.replace("{system}", own) if own else "") + KUN_CHATML_USER.replace("{user}", user)
         return prompt if assistant is None else prompt + assistant + KUN_CHATML_END
     messages = [{"role": "user", "content": user}] + ([] if assistant is None else [{"role": "assistant", "content": assistant}])
+    if own:
+        return _apply(tokenizer, [{"role": "system", "content": own}] + messages, assistant is None)
     text = _apply(tokenizer, messages, assistant is None)
     where, turn = (0, "") if keep_system else _default_system_turn(tokenizer)
     if turn and text[where : where + len(turn)] == turn:
@@ -88,10 +99,16 @@ def chat(tokenizer, user: str, assistant: str | None = None, keep_system: bool =
     return text
 
 
+def system_of(engine, cfg) -> bool | str:
+    """How a model is prompted: with the system message it was trained under (a Humpback-tagged
+    round model's, on its reference), else as models.keep_default_system says."""
+    return getattr(engine, "system", None) or cfg.models.keep_default_system
+
+
 _LEADS: dict[tuple, str] = {}
 
 
-def reply_lead(tokenizer, keep_system: bool = False) -> str:
+def reply_lead(tokenizer, keep_system: bool | str = False) -> str:
     """What the chat template writes between the prompt and the reply's own text: "" for ChatML,
     " " for Llama-2's `[/INST] reply`. A model trained on the template opens its reply with it, so
     the probability paths read an answer with it (a `▁【` after `[/INST]`, never a bare `【`).
@@ -104,14 +121,14 @@ def reply_lead(tokenizer, keep_system: bool = False) -> str:
     return _LEADS[key]
 
 
-def render(tokenizer, user: str, assistant_prefix: str = "", keep_system: bool = False) -> str:
+def render(tokenizer, user: str, assistant_prefix: str = "", keep_system: bool | str = False) -> str:
     """The prompt for one user turn, ready for the assistant's reply (which opens with
     assistant_prefix, written where the template writes a reply)."""
     opened = reply_lead(tokenizer, keep_system) + assistant_prefix if assistant_prefix else ""
     return chat(tokenizer, user, keep_system=keep_system) + opened
 
 
-def replies(tokenizer, answers: list[str] | tuple[str, ...], assistant_prefix: str = "", keep_system: bool = False) -> list[str]:
+def replies(tokenizer, answers: list[str] | tuple[str, ...], assistant_prefix: str = "", keep_system: bool | str = False) -> list[str]:
     """The answers as the model writes them after render(tokenizer, user, assistant_prefix): with
     the template's lead, unless the prefix already opened the reply."""
     lead = "" if assistant_prefix else reply_lead(tokenizer, keep_system)
@@ -119,7 +136,7 @@ def replies(tokenizer, answers: list[str] | tuple[str, ...], assistant_prefix: s
 
 
 def choice_prompts(
-    tokenizer, users: list[str], answers: list[str] | tuple[str, ...], assistant_prefix: str = "", keep_system: bool = False
+    tokenizer, users: list[str], answers: list[str] | tuple[str, ...], assistant_prefix: str = "", keep_system: bool | str = False
 ) -> tuple[list[str], list[str]]:
     """What a probability path reads (the scorer, the tags, the judge): each user turn rendered
     for a reply that opens with assistant_prefix, and the answers as written after it."""
@@ -154,14 +171,11 @@ def tag_user(kind: str, instruction: str, answer: str, options: list[str], most:
     return f"下面是一条指令和它的回答。请从选项中选出这条指令的{TAG_KINDS[kind]}，{ask}\n选项：\n{listed}\n\n指令：{instruction}\n回答：{answer}"
 
 
-HUMPBACK_PREFIX = "得分："  # the probability path opens the reply at the score and reads the digit after it
-
-
 def n_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def answer_prompt(tokenizer, text: str, instruction: str, budget: int, keep_system: bool = False) -> tuple[str, bool] | None:
+def answer_prompt(tokenizer, text: str, instruction: str, budget: int, keep_system: bool | str = False) -> tuple[str, bool] | None:
     """The polishment prompt with the instruction cut so the whole prompt fits `budget` tokens.
 
     Returns (prompt, truncated), or None when the text alone leaves no room for an instruction.

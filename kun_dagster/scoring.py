@@ -22,8 +22,13 @@ Which decision the probabilities make (`score.decision`):
   with no generation. The score is then 1.0 or 0.0, as a parsed reply's.
 
 Humpback's rule is the same shape: the 5-point prompt, the reply parsed for its final `得分：N`
-(Score: N); the probability path reads the digit after an assistant prefix `得分：` (mode: the
-most likely digit; sampled: a digit drawn as above).
+(Score: N). Its prompt asks for the reasons first, so the probability path reads the five replies
+that open with the score, `得分：1` .. `得分：5` (the prompt's own format): their mass is how often
+the model skips the reasons and scores at once. Where it does (mass >= min_answer_mass), the
+most likely digit (mode) or a drawn one (sampled) is the score; elsewhere the reply is generated,
+reasons and all, and parsed: Humpback's own rule. (Until issue 28 the path forced a `得分：`
+prefix and read the digit after it: a mass near 1 for every row, so the guard never fired and
+the reasons Humpback asks for were never written.)
 """
 
 from __future__ import annotations
@@ -69,14 +74,14 @@ class Rule:
     """How a method asks the chat model and reads its answer."""
 
     name: str
-    choices: tuple[str, ...]  # the answers the probability path reads
-    prefix: str  # the assistant's reply opens with this on the probability path
+    choices: tuple[str, ...]  # the replies the probability path reads, at the reply's opening
+    values: tuple[float, ...]  # the score each of them gives
     user: Callable[[str, str], str]  # (instruction, text) -> the user turn
     parse: Callable[[str], float]  # a free-text reply -> its score, NaN when it has none
 
 
-KUN = Rule("kun", (KUN_GOOD, KUN_BAD), "", lambda instruction, text: prompts.point_user(instruction), parse_kun_reply)
-HUMPBACK = Rule("humpback", prompts.HUMPBACK_SCORES, prompts.HUMPBACK_PREFIX, prompts.humpback_user, parse_humpback_reply)
+KUN = Rule("kun", (KUN_GOOD, KUN_BAD), (1.0, 0.0), lambda instruction, text: prompts.point_user(instruction), parse_kun_reply)
+HUMPBACK = Rule("humpback", prompts.HUMPBACK_ANSWERS, (1.0, 2.0, 3.0, 4.0, 5.0), prompts.humpback_user, parse_humpback_reply)
 
 
 def rule(method: str) -> Rule:
@@ -96,7 +101,7 @@ def from_logprobs(logprobs: np.ndarray, r: Rule, draws: np.ndarray | None = None
     No threshold here: polish applies it."""
     p = np.exp(np.asarray(logprobs, dtype=float).reshape(-1, len(r.choices)))
     mass = p.sum(axis=1)
-    values = np.array([1.0, 0.0]) if r is KUN else np.array([float(c) for c in r.choices])
+    values = np.array(r.values)
     if draws is None and r is KUN:
         with np.errstate(invalid="ignore", divide="ignore"):
             score = np.where(mass > 0, p[:, 0] / np.where(mass > 0, mass, 1), np.nan)

@@ -70,7 +70,7 @@ def choose(
     engine: Engine, users: list[str], options: list[str], cfg: KunConfig, sampling: SamplingParams, most: int = 1
 ) -> tuple[list[list[str]], list[str], np.ndarray]:
     """(tags, rule, answer mass) per user turn; each row's tags are 1 to `most` options."""
-    keep_system, tok = cfg.models.keep_default_system, engine.tokenizer
+    keep_system, tok = prompts.system_of(engine, cfg), engine.tokenizer
     if not users:
         return [], [], np.zeros(0)
     rendered, answers = prompts.choice_prompts(tok, users, letters(len(options)), keep_system=keep_system)

@@ -26,7 +26,7 @@ import pandas as pd
 from . import progress
 from .config import TinyBaseSettings, TrainSettings
 from .model_store import MODEL_CARD, fingerprint
-from .prompts import chat, label_user
+from .prompts import HUMPBACK_SEED_TAG, HUMPBACK_WEB_TAG, chat, label_user
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _train(model, tokenizer, examples: list[dict], args, collator, peft_config=N
     return model, loss, curve
 
 
-def sft_features(tokenizer, user: str, assistant: str, max_length: int, keep_system: bool = False) -> dict:
+def sft_features(tokenizer, user: str, assistant: str, max_length: int, keep_system: bool | str = False) -> dict:
     """input_ids of the rendered conversation, labels -100 over the prompt (loss on the reply only).
     Rendered by prompts.chat, as inference renders it."""
     prompt = chat(tokenizer, user, keep_system=keep_system)
@@ -364,7 +364,7 @@ def label_examples(seeds: pd.DataFrame, min_output_chars: int = 0) -> list[tuple
 
 def chat_examples(seeds: pd.DataFrame, records: pd.DataFrame | None = None) -> list[tuple[str, str]]:
     """Forward pairs: instruction + input -> output, of the training seeds and then of `records`
-    (a release's, in Humpback's later rounds and the evaluation)."""
+    (a release's, in the later rounds and the evaluation)."""
     seeds = training_seeds(seeds)
     pairs = [(prompt_of(i, inp), o) for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])]
     if records is not None:
@@ -372,10 +372,18 @@ def chat_examples(seeds: pd.DataFrame, records: pd.DataFrame | None = None) -> l
     return pairs
 
 
+def humpback_examples(seeds: pd.DataFrame, segments: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """Humpback's training set for M_k: the training seeds under the assistant tag, and the pairs
+    the previous round kept by score, (instruction, the raw text as the answer), under the
+    web-search tag: (user, answer, system message)."""
+    tagged = [(u, a, HUMPBACK_SEED_TAG) for u, a in chat_examples(seeds)]
+    return tagged + [(i, t, HUMPBACK_WEB_TAG) for i, t in zip(segments["instruction"], segments["text"])]
+
+
 def fine_tune(
     base_dir: str | Path,
     out_dir: str | Path,
-    examples: list[tuple[str, str]],
+    examples: list[tuple[str, ...]],
     settings: TrainSettings,
     role: str,
     keep_system: bool = False,
@@ -400,7 +408,8 @@ def fine_tune(
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if _cuda() else torch.float32)
-    data = [sft_features(tokenizer, u, a, settings.max_length, keep_system) for u, a in examples]
+    # an example's third item is its own system message (humpback_examples)
+    data = [sft_features(tokenizer, ex[0], ex[1], settings.max_length, ex[2] if len(ex) > 2 else keep_system) for ex in examples]
     peft_config = None
     if settings.lora:
         from peft import LoraConfig

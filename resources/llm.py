@@ -43,6 +43,7 @@ class LLMResource(dg.ConfigurableResource):
             except EngineError as e:  # a model that cannot load will not load on a retry either
                 raise dg.Failure(str(e), allow_retries=False) from e
             engine.fingerprint = fingerprint  # batch checkpoints are keyed by it (llm.checkpoint)
+            engine.system = model.get("system")  # a Humpback-tagged model is prompted as it was trained (prompts.system_of)
             self._engines[(path, fingerprint)] = engine
         return self._engines[(path, fingerprint)]
 

@@ -1,6 +1,7 @@
 """Closing the loop: the held-out seeds, the pairwise judge, the COIG-CQIA tags, and Humpback's
 rounds with the evaluation run end to end by `kun run`."""
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kun_dagster import dataset, evaluation, schemas, tagging, training
+from kun_dagster import dataset, evaluation, prompts, schemas, tagging, training
 from kun_dagster.config import COIG_DOMAINS, COIG_TASK_TYPES, ConfigError, parse_config
 
 from .conftest import REPO, assert_fresh, given_models, write_config
@@ -250,6 +251,51 @@ def test_the_schemas_hold_every_tag_to_the_taxonomy():
     assert not p.columns["domain"].checks[-1](pd.Series(["医学"])).check_passed
 
 
+# -- Humpback's rounds (round_data: segments) ------------------------------------------------------
+def test_humpback_tags_are_system_messages_in_training_and_inference(tmp_path):
+    from kun_dagster import storage
+
+    from .fakes import tokenizer
+
+    seeds = pd.DataFrame({"instruction": ["什么是复利？"], "input": [""], "output": ["复利是利滚利。"], "split": ["train"]})
+    kept = pd.DataFrame({"instruction": ["蜜蜂如何分工？"], "text": ["蜂群里有蜂王、工蜂和雄蜂。"]})
+    assert training.humpback_examples(seeds, kept) == [
+        ("什么是复利？", "复利是利滚利。", "Answer in the style of an AI Assistant."),
+        ("蜜蜂如何分工？", "蜂群里有蜂王、工蜂和雄蜂。", "Answer with knowledge from web search."),
+    ]
+    plain = copy.deepcopy(tokenizer())  # no chat template: Kun's literal ChatML, with a system turn in the same style
+    plain.chat_template = None
+    assert prompts.chat(plain, "问", keep_system=prompts.HUMPBACK_SEED_TAG) == (
+        "<|im_start|>systemAnswer in the style of an AI Assistant.<|im_end|>\n<|im_start|>user问<|im_end|>\n<|im_start|>assistant\n"
+    )
+    templated = tokenizer()  # ChatML as a template
+    asked = prompts.render(templated, "问", keep_system=prompts.HUMPBACK_SEED_TAG)
+    assert asked.startswith("<|im_start|>system\nAnswer in the style of an AI Assistant.<|im_end|>") and asked.count("system") == 1
+    feats = training.sft_features(templated, "问", "答", 512, prompts.HUMPBACK_WEB_TAG)
+    assert templated.decode(feats["input_ids"]).startswith("<|im_start|>system\nAnswer with knowledge from web search.")
+    assert templated.decode([x for x in feats["labels"] if x != -100]).startswith("答")  # the loss on the reply only
+    # a tagged model is prompted as it was trained; any other as models.keep_default_system says
+    cfg, tagged = config(), ScriptedEngine()
+    tagged.system = prompts.HUMPBACK_SEED_TAG
+    assert prompts.system_of(tagged, cfg) == prompts.HUMPBACK_SEED_TAG and prompts.system_of(ScriptedEngine(), cfg) is False
+    scored = ScriptedEngine(probs=[[0.9, 0.05]])
+    scored.system = prompts.HUMPBACK_SEED_TAG
+    from kun_dagster import stages
+
+    from .test_schemas import labeled
+
+    stages.score(labeled(1), scored, cfg)
+    assert scored.prompts[0].startswith(
+        "<|im_start|>system\nAnswer in the style of an AI Assistant.<|im_end|>\n<|im_start|>user\n评价指令质量"
+    )
+    # the curated set: round k's scored pairs that reach the threshold, every shard
+    base = upath(tmp_path)
+    rows = labeled(3).assign(score=[0.9, 0.2, float("nan")])
+    storage.write_partition(storage.partition_dir(base, "scored_pairs", {"source": "web", "shard": "0"}), rows)
+    got = dataset.kept_pairs(base, "web", ["0", "1"], 0.5, 1)
+    assert got.to_dict("records") == [{"instruction": rows.at[0, "instruction"], "text": rows.at[0, "text"]}]
+
+
 # -- the rounds and the evaluation, end to end -----------------------------------------------------
 @pytest.mark.slow
 def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkeypatch, capsys):
@@ -258,8 +304,7 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
     from kun_dagster import cli, storage
     from kun_dagster.config import load_config
 
-    cfg_file = write_config(
-        tmp_path,
+    overrides = dict(
         shards=1,
         iterations=2,
         evaluation={"enabled": True, "per_source": False, "max_tokens": 24},
@@ -271,6 +316,7 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
         **{"models.chat.train.epochs": 4},
         **given_models(models_run),
     )
+    cfg_file = write_config(tmp_path, **overrides)
     cfg = load_config(cfg_file)
     home = tmp_path / "home"
     monkeypatch.setenv("DAGSTER_HOME", str(home))
@@ -353,6 +399,19 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
     assert [r["trained"] for r in again["models"]] == ["cached", "now"]
     keys = ("heldout_loss", "win_rate", "win_ci_low", "win_ci_high", "examples")
     assert [[r[k] for k in keys] for r in again["models"]] == [[r[k] for k in keys] for r in first["models"]]
+
+    # Humpback's rounds (round_data: segments): M1 trains on the seeds under the assistant tag and
+    # round 1's pairs kept by score with the raw text as the answer, under the web-search tag
+    segments = write_config(tmp_path, **{**overrides, "round_data": "segments"})
+    with dg.DagsterInstance.get() as instance:
+        defs = build_definitions(segments)
+        result = dg.materialize(list(defs.assets), selection=["chat_model_round2"], resources=defs.resources, instance=instance)
+        assert result.success
+        meta = instance.fetch_materializations(dg.AssetKey("chat_model_round2"), limit=1).records[0].asset_materialization.metadata
+    kept = s1[s1["score"] >= 0.0]  # score.threshold 0.0: every row that has a score
+    assert meta["examples"].value == n_train + len(kept) and meta["segments"].value == len(kept) > 0
+    m1 = json.loads((data / "models" / "refs" / "chat_model_round2.json").read_text())
+    assert m1["system"] == prompts.HUMPBACK_SEED_TAG and m1["fingerprint"] != chat2["fingerprint"]
 
 
 def upath(p):

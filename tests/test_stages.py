@@ -226,7 +226,10 @@ def test_humpback_scores_the_pair_with_its_prompt_and_keeps_at_five():
     assert rows["score_rule"].tolist() == ["probability", "probability", "freetext", "freetext"]
     assert rows["p_good"].isna().all() and rows["answer_mass"].round(6).tolist()[:2] == [0.9, 0.9]
     assert "得分：<评分>" in eng.prompts[0] and "指令：问一\n\n答案：甲文" in eng.prompts[0]
-    assert eng.prompts[0].endswith("得分：") and not eng.prompts[4].endswith("得分：")  # free text writes its reasoning first
+    # the probability path reads the replies that open with the score ('得分：N', the prompt's own
+    # format), after the plain assistant turn: their mass is how often the model skips the reasons
+    assert eng.prompts[0] == prompts.render(eng.tokenizer, prompts.humpback_user("问一", "甲文"))
+    assert eng.prompts[4:] == eng.prompts[2:4]  # the unsure rows write their reasons, then the score
 
 
 def test_humpback_free_text_parses_the_last_score():

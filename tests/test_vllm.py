@@ -130,7 +130,7 @@ def test_on_qwens_real_vocabulary_vllm_reads_what_transformers_reads(qwen_vocab,
     tok = hf.tokenizer
     for user, prefix, choices in (
         (prompts.point_user, "", ["【好】", "【差】"]),
-        (lambda s: prompts.humpback_user(s, "答案。"), prompts.HUMPBACK_PREFIX, list(prompts.HUMPBACK_SCORES)),
+        (lambda s: prompts.humpback_user(s, "答案。"), "", list(prompts.HUMPBACK_ANSWERS)),
         (lambda s: prompts.tag_user("domain", s, "答。", ["通用", "医学", "其他"]), "", ["A", "B", "C"]),
     ):
         ps = [prompts.render(tok, user(s), prefix) for s in ("什么是复利？", "写一首关于春天的诗。", "How do I boil an egg?")]

@@ -36,7 +36,7 @@ def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     context the reader will not have (banned keywords) are dropped. The instruction is kept as the
     model wrote it, less trailing whitespace (Kun's instruction filter): scoring reads it raw."""
     df = docs.copy()
-    keep_system = cfg.models.keep_default_system
+    keep_system = prompts.system_of(engine, cfg)
     gens = engine.generate(
         [prompts.render(engine.tokenizer, prompts.label_user(t), keep_system=keep_system) for t in df["text"]], sampling_params(cfg)
     )

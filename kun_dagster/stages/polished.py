@@ -69,7 +69,7 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     built = [
         None
         if reason[i] is not None
-        else prompts.answer_prompt(engine.tokenizer, t, s, cfg.polish.prompt_token_budget, cfg.models.keep_default_system)
+        else prompts.answer_prompt(engine.tokenizer, t, s, cfg.polish.prompt_token_budget, prompts.system_of(engine, cfg))
         for i, t, s in zip(df.index, df["text"], df["instruction"])
     ]
     for i, b in enumerate(built):

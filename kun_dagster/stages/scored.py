@@ -26,7 +26,7 @@ def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     they differ); rows where the model puts less than min_answer_mass on the answers are scored by
     the method's own free-text rule, generated in the same step. *_freetext: every row generated
     and parsed."""
-    sc, tok, keep_system = cfg.score, engine.tokenizer, cfg.models.keep_default_system
+    sc, tok, keep_system = cfg.score, engine.tokenizer, prompts.system_of(engine, cfg)
     rule = scoring.rule(sc.method)
     df = pairs.copy().reset_index(drop=True)
     users = [rule.user(s, t) for s, t in zip(df["instruction"], df["text"])]
@@ -36,7 +36,7 @@ def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     df["score_rule"] = scoring.FREETEXT
     df["score_reply"] = None
     if scoring.uses_probability(sc.method) and len(df):
-        rendered, answers = prompts.choice_prompts(tok, users, rule.choices, rule.prefix, keep_system)
+        rendered, answers = prompts.choice_prompts(tok, users, rule.choices, keep_system=keep_system)
         lp = engine.choice_logprobs(rendered, answers, exact=sc.exact)
         draws = scoring.uniforms(cfg.sampling.seed, rendered) if sc.decision == "sampled" else None
         for col, values in scoring.from_logprobs(lp, rule, draws, cfg.sampling.temperature).items():
