@@ -261,6 +261,8 @@ def test_the_release_drops_answers_repeated_across_shards_and_its_card_reports_i
             out,
         ]
     polished[["score", "score_rule", "score_method"]] = [0.9, "probability", "kun_choice"]
+    polished["task_minor"] = [["kun:web"]] * len(rows)  # tags off: the constants polish writes
+    polished[["domain", "task_minor_rule", "domain_rule"]] = ["通用", "off", "off"]
     result, card = dataset.release(polished, "web", CFG, upath(str(tmp_path)), "kun-label", "kun-chat")
     assert result.rows["doc_id"].tolist() == ["d1", "d2", "d3"]  # d0 repeats d1's answer; a.jsonl row 3 comes first
     q = result.dropped.iloc[0]
