@@ -151,6 +151,13 @@ def test_a_record_carries_several_minors_and_each_ones_major():
     flat = config(tags={"task_types": ["百科问答", "翻译", "其他"]}, dataset={"task_major": ["问答"]})
     assert dataset.task_type(["翻译"], flat) == {"major": ["问答"], "minor": ["翻译"]}  # a plain list: dataset.task_major
     assert dataset.task_type(["kun:web"], config(tags="off")) == {"major": ["问答"], "minor": ["kun:web"]}
+    # a released record: CQIA's copyright wording where no author is known, the minors as tagged
+    from .test_schemas import polished
+
+    rows = polished(1).assign(task_minor=[["翻译", "百科问答"]], domain="通用", task_minor_rule="probability", domain_rule="probability")
+    rec = dataset.cqia(dataset.records(rows, cfg, "label", "chat"))[0]
+    assert rec["copyright"] == "暂无版权及作者信息" and rec["task_type"] == {"major": ["文本生成", "问答"], "minor": ["翻译", "百科问答"]}
+    assert schemas.validate("instruction_dataset", dataset.records(rows, cfg, "label", "chat"), cfg).passed
 
 
 def test_tags_follow_the_scorers_answer_mass_rule():
