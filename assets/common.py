@@ -8,7 +8,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 
-from kun_dagster import schemas, storage, versions
+from kun_dagster import registry, schemas, storage
 from kun_dagster.llm import resolve_backend
 from kun_dagster.llm.checkpoint import Checkpointed
 from kun_dagster.partitions import hive
@@ -117,7 +117,7 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
         "path": dg.MetadataValue.path(str(storage.partition_dir(kun.base, asset, part))),
         **_flat(result.stats),
     }
-    if versions.find(asset) is not None:  # a dataset version has a quarantine; the dedup indices drop nothing
+    if registry.find(asset) is not None:  # a dataset version has a quarantine; the dedup indices drop nothing
         md.update({"quarantine_path": dg.MetadataValue.path(str(qdir)), "quarantined": n_dropped})
     if engine is not None:  # which engine wrote these rows: vllm or transformers, and the model
         md["engine"] = f"{engine.backend}: {engine.model_name}"

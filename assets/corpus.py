@@ -5,18 +5,16 @@ over every shard of the source, deduped_corpus."""
 import dagster as dg
 
 import checks
-from kun_dagster import stages, storage, versions
+from kun_dagster import registry, stages, storage
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError
-from kun_dagster.names import CLUSTERS, SIGNATURES, SOURCE_FILES
 from kun_dagster.partitions import SHARD, SOURCE, hive
+from kun_dagster.registry import CLUSTERS, SIGNATURES, SOURCE_FILES
 from resources import ARROW, STREAM, KunResource, LLMResource
 
 from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage, staged_sink
 from .partitions import corpus_partitions
-
-GROUP = "corpus"
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
@@ -27,7 +25,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         checks_of = dict(check_specs=checks.specs(name), output_required=False) if checked else {}
         return dict(
             name=name,
-            group_name=GROUP,
+            group_name=registry.group(name),
             partitions_def=parts,
             kinds=kinds(cfg, "parquet", role=role, checked=checked),
             backfill_policy=SINGLE_RUN,
@@ -36,7 +34,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             **more,
         )
 
-    @dg.asset(**spec(versions.RAW, deps=[SOURCE_FILES]))
+    @dg.asset(**spec(registry.RAW, deps=[SOURCE_FILES]))
     def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource):
         """Every document of the partition's files (a file's shard is a stable hash of its path),
         streamed in batches; unreadable rows go to the quarantine with a reason code, file and row.
@@ -51,24 +49,24 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
                     source_name,
                     shard,
                     kun.store,
-                    staged_sink(kun, versions.RAW, key),
-                    quarantine=staged_sink(kun, versions.RAW, key, quarantine=True),
+                    staged_sink(kun, registry.RAW, key),
+                    quarantine=staged_sink(kun, registry.RAW, key, quarantine=True),
                 )
             except CorpusError as e:
                 raise dg.Failure(str(e), allow_retries=False) from e
-            out[key] = report_stage(context, kun, versions.RAW, key, result)
-        yield from checks.gate(context, kun, versions.RAW, out)
+            out[key] = report_stage(context, kun, registry.RAW, key, result)
+        yield from checks.gate(context, kun, registry.RAW, out)
 
     ppl_role = cfg.filter.perplexity_model if cfg.filter.perplexity_max is not None else None
 
     @dg.asset(
         **spec(
-            versions.FILTERED,
+            registry.FILTERED,
             role=ppl_role,
             pool=GPU_POOL,
             retry_policy=GPU_RETRY,
             op_tags=gpu_tags(cfg, ppl_role),
-            ins={versions.RAW: dg.AssetIn(metadata={STREAM: True})},
+            ins={registry.RAW: dg.AssetIn(metadata={STREAM: True})},
         )
     )
     def filtered_corpus(
@@ -91,19 +89,19 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         engine = llm.engine(reference) if c.filter.perplexity_max is not None else None
         out = {}
         for key, batches in by_partition(context, raw_corpus).items():  # each partition streamed in, filtered and out
-            resumable = checkpointed(kun, versions.FILTERED, key, engine) if engine else None
+            resumable = checkpointed(kun, registry.FILTERED, key, engine) if engine else None
             result = stages.filter_corpus(
                 batches,
                 tokenizer,
                 resumable,
                 c,
-                staged_sink(kun, versions.FILTERED, key),
+                staged_sink(kun, registry.FILTERED, key),
                 label=f"filtered_corpus {'/'.join(hive(key).values())}",
             )
-            out[key] = report_stage(context, kun, versions.FILTERED, key, result, resumable)
-        yield from checks.gate(context, kun, versions.FILTERED, out)
+            out[key] = report_stage(context, kun, registry.FILTERED, key, result, resumable)
+        yield from checks.gate(context, kun, registry.FILTERED, out)
 
-    @dg.asset(**spec(SIGNATURES, checked=False, ins={versions.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
+    @dg.asset(**spec(SIGNATURES, checked=False, ins={registry.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
     def minhash_signatures(context: dg.AssetExecutionContext, kun: KunResource, filtered_corpus):
         """A MinHash signature (dedup.num_perm values over character dedup.ngram-grams of the
         normalised text) and an exact-text key per document: what duplicate_clusters compares
@@ -160,7 +158,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         content = storage.content_hash(found[name].rows for name in sorted(found))
         return dg.Output(out, data_version=dg.DataVersion(content))
 
-    @dg.asset(**spec(versions.DEDUPED, ins={versions.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
+    @dg.asset(**spec(registry.DEDUPED, ins={registry.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
     def deduped_corpus(context: dg.AssetExecutionContext, kun: KunResource, filtered_corpus, duplicate_clusters):
         """filtered_corpus less every document that duplicate_clusters drops: exact copies
         (duplicate_text) and near-duplicates (near_duplicate) of a document kept elsewhere,
@@ -168,9 +166,9 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         clusters = by_partition(context, duplicate_clusters)
         out = {}
         for key, batches in by_partition(context, filtered_corpus).items():
-            label = f"{versions.DEDUPED} {'/'.join(hive(key).values())}"
-            result = stages.dedupe(batches, clusters[key], staged_sink(kun, versions.DEDUPED, key), label=label)
-            out[key] = report_stage(context, kun, versions.DEDUPED, key, result)
-        yield from checks.gate(context, kun, versions.DEDUPED, out)
+            label = f"{registry.DEDUPED} {'/'.join(hive(key).values())}"
+            result = stages.dedupe(batches, clusters[key], staged_sink(kun, registry.DEDUPED, key), label=label)
+            out[key] = report_stage(context, kun, registry.DEDUPED, key, result)
+        yield from checks.gate(context, kun, registry.DEDUPED, out)
 
     return [raw_corpus, filtered_corpus, minhash_signatures, duplicate_clusters, deduped_corpus]

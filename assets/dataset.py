@@ -2,21 +2,18 @@
 
 import dagster as dg
 import pandas as pd
-from dagster._core.definitions.data_version import CODE_VERSION_TAG, INPUT_DATA_VERSION_TAG_PREFIX  # Dagster's provenance tags
 
 import checks
-from kun_dagster import dataset, schemas, storage, versions
+from kun_dagster import dataset, registry, schemas, storage
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
-from kun_dagster.names import CHAT_MODEL, ROUND_STAGES, in_round
+from kun_dagster.dagster_private import CODE_VERSION_TAG, INPUT_DATA_VERSION_TAG_PREFIX
+from kun_dagster.registry import CHAT_MODEL, MODELS, ROUND_STAGES, in_round
 from resources import KunResource
 
 from . import evaluation
 from .common import SINGLE_RUN, kinds, schema_of, table
-from .pairs import round_group
 from .partitions import SOURCE, source_partitions
-
-GROUP = "dataset"
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
@@ -29,21 +26,21 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
 
 
 def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
-    name, polished, chat = (in_round(s, k) for s in (versions.DATASET, versions.POLISHED, CHAT_MODEL))
+    name, polished, chat = (in_round(s, k) for s in (registry.DATASET, registry.POLISHED, CHAT_MODEL))
     where = "release/{source}" if k == cfg.iterations else f"release/round{k}/{{source}} (release/{{source}} is the last round's)"
 
     @dg.asset(
         name=name,
-        group_name=round_group(k, GROUP),
+        group_name=registry.group(name),
         partitions_def=source_partitions(cfg),
         backfill_policy=SINGLE_RUN,
         kinds=kinds(cfg, "parquet", "json"),
         ins={
-            "polished_pairs": dg.AssetIn(
+            registry.POLISHED: dg.AssetIn(
                 key=polished, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=SOURCE)
             ),
-            "chat_model": dg.AssetIn(key=chat),
-            "label_model": dg.AssetIn(),
+            CHAT_MODEL: dg.AssetIn(key=chat),
+            registry.LABEL_MODEL: dg.AssetIn(),
         },
         check_specs=checks.specs(name),
         output_required=False,
@@ -58,7 +55,7 @@ def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
     def instruction_dataset(context: dg.AssetExecutionContext, kun: KunResource, polished_pairs, label_model: dict, chat_model: dict):
         c = kun.config
         frames = polished_pairs if isinstance(polished_pairs, dict) else {"all": polished_pairs}
-        polished_rows = pd.concat([schemas.empty_frame(versions.POLISHED), *frames.values()], ignore_index=True)
+        polished_rows = pd.concat([schemas.empty_frame(registry.POLISHED), *frames.values()], ignore_index=True)
         results, cards = {}, {}
         current = {asset: code_version(asset, c) for asset in _partitioned(k)}
         reports = dataset.read_reports(kun.base, k - 1)
@@ -94,10 +91,7 @@ def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
 
 def _partitioned(k: int) -> tuple[str, ...]:
     """The source x shard assets round k's release is made from."""
-    return tuple(in_round(a, k) if a in ROUND_STAGES else a for a in versions.PARTITIONED)
-
-
-MODELS = ("base_model", "label_model", "chat_model")
+    return tuple(in_round(a, k) if a in ROUND_STAGES else a for a in registry.PARTITIONED)
 
 
 def _made_from(instance: dg.DagsterInstance, source: str, shards: list[str], k: int = 1) -> list[dict]:

@@ -4,33 +4,31 @@ from pathlib import Path
 
 import dagster as dg
 
-from kun_dagster import dataset, training, versions
+from kun_dagster import dataset, registry, training
 from kun_dagster import evaluation as core
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.llm import load_engine
 from kun_dagster.llm.base import EngineSpec
-from kun_dagster.names import EVALUATION, in_round
+from kun_dagster.registry import EVALUATION, in_round
 from resources import KunResource, LLMResource
 
 from .common import GPU_POOL, gpu_tags, table
-from .pairs import round_group
 
-GROUP = "dataset"
 REPORT_IO = "report_io_manager"  # the evaluation's figures: JSON under {base}/reports
 
 
 def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
-    name, release = in_round(EVALUATION, k), in_round(versions.DATASET, k)
+    name, release = in_round(EVALUATION, k), in_round(registry.DATASET, k)
 
     @dg.asset(
         name=name,
-        group_name=round_group(k, GROUP),
+        group_name=registry.group(name),
         kinds={"pytorch", "json"},
         pool=GPU_POOL,
         io_manager_key=REPORT_IO,
         deps=[release],  # read from what is published: every source's records that exist
-        ins={"seed_data": dg.AssetIn(), "base_model": dg.AssetIn(), "chat_model": dg.AssetIn()},
+        ins={name: dg.AssetIn() for name in (registry.SEED_DATA, registry.BASE_MODEL, registry.CHAT_MODEL)},
         op_tags=gpu_tags(cfg, "chat"),
         code_version=code_version(name, cfg),
         description=(
@@ -56,7 +54,7 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
             base_model,
             kun.local_model(base_model["path"]),
             c,
-            Path(c.model_cache) / "evaluation",
+            Path(c.model_cache) / EVALUATION,
             load,
             lambda: chat_llm.engine(chat_model),
         )

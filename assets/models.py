@@ -11,13 +11,12 @@ import pandas as pd
 from kun_dagster import dataset, model_store, stages, storage, training
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
-from kun_dagster.names import CHAT_MODEL, DATASET, SCORED, in_round
 from kun_dagster.prompts import HUMPBACK_SEED_TAG
+from kun_dagster.registry import BASE_MODEL, CHAT_MODEL, DATASET, SCORED, SEED_DATA, group, in_round
 from resources import KunResource
 
 from .common import GPU_POOL, GPU_RETRY, gpu_tags, kinds, table
 
-GROUP = "models"
 MODEL_IO = "model_io_manager"  # model assets are JSON references, not frames
 
 
@@ -64,7 +63,7 @@ def _fine_tuned(
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
-    @dg.asset(group_name=GROUP, kinds=kinds(cfg, "json", "parquet", checked=False), code_version=code_version("seed_data", cfg))
+    @dg.asset(group_name=group(SEED_DATA), kinds=kinds(cfg, "json", "parquet", checked=False), code_version=code_version(SEED_DATA, cfg))
     def seed_data(context: dg.AssetExecutionContext, kun: KunResource) -> dg.Output[pd.DataFrame]:
         """COIG-CQIA seed records (instruction, input, output, ...); multiple-choice items dropped
         (Kun). Config: seed."""
@@ -88,13 +87,13 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         return dg.Output(kept, data_version=dg.DataVersion(storage.content_hash([kept])))
 
     @dg.asset(
-        group_name=GROUP,
+        group_name=group(BASE_MODEL),
         kinds={"pytorch"},  # torch trains it
         pool=GPU_POOL,
         retry_policy=GPU_RETRY,
         io_manager_key=MODEL_IO,
         op_tags=gpu_tags(cfg, None),
-        code_version=code_version("base_model", cfg),
+        code_version=code_version(BASE_MODEL, cfg),
     )
     def base_model(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame) -> dg.Output[dict]:
         """The base model: a configured checkpoint, or the tiny Qwen2 of the embedded default
@@ -121,7 +120,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     def _role_asset(role: str, examples, doc: str):
         @dg.asset(
             name=f"{role}_model",
-            group_name=GROUP,
+            group_name=group(f"{role}_model"),
             kinds={"pytorch"},
             pool=GPU_POOL,
             retry_policy=GPU_RETRY,
@@ -166,7 +165,7 @@ def _chat_round(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
 
     @dg.asset(
         name=name,
-        group_name=f"round{k}",
+        group_name=group(name),
         kinds={"pytorch"},
         pool=GPU_POOL,
         retry_policy=GPU_RETRY,

@@ -3,18 +3,16 @@
 import dagster as dg
 
 import checks
-from kun_dagster import stages, versions
+from kun_dagster import registry, stages
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.llm import EngineError
 from kun_dagster.llm.base import Tally
-from kun_dagster.names import CHAT_MODEL, in_round
+from kun_dagster.registry import CHAT_MODEL, in_round
 from resources import KunResource, LLMResource
 
 from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage
 from .partitions import corpus_partitions
-
-GROUP = "pairs"
 
 
 def _run(context, kun, asset: str, frames: dict, stage, engine):
@@ -34,11 +32,6 @@ def _run(context, kun, asset: str, frames: dict, stage, engine):
     yield from checks.gate(context, kun, asset, out)
 
 
-def round_group(k: int, group: str) -> str:
-    """Round 1's assets stay in their groups; a later round's stages are one group, round<k>."""
-    return group if k == 1 else f"round{k}"
-
-
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     parts = corpus_partitions(cfg)
 
@@ -47,7 +40,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         nothing (checks.gate)."""
         return dict(
             name=name,
-            group_name=round_group(k, GROUP),
+            group_name=registry.group(name),
             partitions_def=parts,
             backfill_policy=SINGLE_RUN,
             pool=GPU_POOL,
@@ -59,24 +52,24 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             code_version=code_version(name, cfg),
         )
 
-    @dg.asset(**spec(versions.LABELED, "label", 1))
+    @dg.asset(**spec(registry.LABELED, "label", 1))
     def labeled_pairs(context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, deduped_corpus, label_model: dict):
         """The label model writes the instruction each text answers (Kun's label prompt), kept as
         written; instructions holding a banned keyword are quarantined. Config: label, sampling."""
-        yield from _run(context, kun, versions.LABELED, by_partition(context, deduped_corpus), stages.label, label_llm.engine(label_model))
+        yield from _run(context, kun, registry.LABELED, by_partition(context, deduped_corpus), stages.label, label_llm.engine(label_model))
 
     return [labeled_pairs] + [a for k in range(1, cfg.iterations + 1) for a in _round(cfg, k, spec)]
 
 
 def _round(cfg: KunConfig, k: int, spec) -> list[dg.AssetsDefinition]:
     """Round k's scoring and polishment: the same labeled_pairs, round k's chat model."""
-    scored, polished, chat = (in_round(s, k) for s in (versions.SCORED, versions.POLISHED, CHAT_MODEL))
-    chat_in = {"chat_model": dg.AssetIn(key=chat)}
+    scored, polished, chat = (in_round(s, k) for s in (registry.SCORED, registry.POLISHED, CHAT_MODEL))
+    chat_in = {CHAT_MODEL: dg.AssetIn(key=chat)}
     which = "the chat model" if k == 1 else f"round {k}'s chat model ({chat}: the base fine-tuned on the seeds + round {k - 1}'s release)"
 
     @dg.asset(
         **spec(scored, "chat", k),
-        ins={"labeled_pairs": dg.AssetIn(), **chat_in},
+        ins={registry.LABELED: dg.AssetIn(), **chat_in},
         description=(
             f"Every pair with {which}'s score of its instruction alone (config: score): by the answers' probabilities where "
             "the model answers in the format, else by generating and parsing its reply; each row names its rule. No keep "
@@ -88,7 +81,7 @@ def _round(cfg: KunConfig, k: int, spec) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         **spec(polished, "chat", k),
-        ins={"scored_pairs": dg.AssetIn(key=scored), **chat_in},
+        ins={registry.SCORED: dg.AssetIn(key=scored), **chat_in},
         description=(
             f"Pairs whose score reaches score.threshold, the text rewritten by {which} into an answer to the cleaned "
             "instruction (config: polish: prompt_token_budget, output filters, output dedup), then tagged from the "

@@ -1,5 +1,5 @@
 """Keeping the graph fresh: the source files observed per partition (their data versions), the
-automation conditions the daemon evaluates, and a graph-wide view of which partitions are stale."""
+automation conditions the daemon evaluates, and what `kun run` must make (stale.to_make)."""
 
 from .conditions import apply_automation, automation_sensors
 from .sources import SOURCE_FILES, observe_sources, record_observations, source_files

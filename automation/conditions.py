@@ -20,14 +20,9 @@ from __future__ import annotations
 import dagster as dg
 
 from kun_dagster.config import KunConfig
-from kun_dagster.names import CLUSTERS, DATASET, DEDUPED, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES, stage_of
+from kun_dagster.registry import AUTOMATED, AWAITS, stage_of
 
 AC = dg.AutomationCondition
-
-# deploy.automation -> the assets with a condition
-CORPUS = (RAW, FILTERED, SIGNATURES, CLUSTERS, DEDUPED)
-ALL = (*CORPUS, "seed_data", "base_model", "label_model", "chat_model", LABELED, SCORED, POLISHED, DATASET)
-AUTOMATED = {"off": (), "corpus": CORPUS, "all": ALL}
 
 
 def fresh(across: tuple[str, ...] = ()) -> dg.AutomationCondition:
@@ -47,10 +42,6 @@ def fresh(across: tuple[str, ...] = ()) -> dg.AutomationCondition:
         upstream_moving = AC.any_deps_match(AC.will_be_requested() | AC.in_progress()).with_label("its inputs are being updated")
         cond = cond & ~AC.any_deps_match(upstream_moving).allow(dg.AssetSelection.assets(*across))
     return cond.with_label("fresh")
-
-
-# asset -> the inputs it awaits: re-run when their content moved, not when they are merely requested
-AWAITS = {DEDUPED: (CLUSTERS,)}
 
 
 def condition(asset: str) -> dg.AutomationCondition:

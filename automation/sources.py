@@ -9,13 +9,12 @@ records them before it ingests.
 from __future__ import annotations
 
 import dagster as dg
-from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag Dagster reads a data version from
-from dagster._core.events import DagsterEventType
 
 from assets.partitions import corpus_partitions
 from kun_dagster.config import KunConfig
 from kun_dagster.corpus import CorpusError, shard_versions
-from kun_dagster.names import SOURCE_FILES
+from kun_dagster.dagster_private import DATA_VERSION_TAG  # the tag Dagster reads a data version from
+from kun_dagster.registry import SOURCE_FILES
 from kun_dagster.store import Store, is_s3
 from resources import KunResource
 
@@ -44,7 +43,7 @@ def observe(cfg: KunConfig, store: Store, sources: list[str] | None = None, erro
 
 def last_observed(instance: dg.DagsterInstance) -> dict[str, str]:
     """The data version last recorded for each partition of source_files (one query)."""
-    tags = instance.event_log_storage.get_latest_tags_by_partition(KEY, DagsterEventType.ASSET_OBSERVATION, [DATA_VERSION_TAG])
+    tags = instance.event_log_storage.get_latest_tags_by_partition(KEY, dg.DagsterEventType.ASSET_OBSERVATION, [DATA_VERSION_TAG])
     return {k: t[DATA_VERSION_TAG] for k, t in tags.items() if DATA_VERSION_TAG in t}
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "demo"))
 
 from kun_dagster import dedup, stages, storage  # noqa: E402
 from kun_dagster.config import parse_config  # noqa: E402
-from kun_dagster.names import SIGNATURES  # noqa: E402
+from kun_dagster.registry import SIGNATURES  # noqa: E402
 from kun_dagster.schemas import INDEXES  # noqa: E402
 from kun_dagster.store import upath  # noqa: E402
 

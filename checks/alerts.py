@@ -18,7 +18,7 @@ import dagster as dg
 
 # no public name for a check execution's status, nor a public read of check executions: the
 # instance's event log storage is what Dagster's own UI reads
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as Status
+from kun_dagster.dagster_private import AssetCheckExecutionRecordStatus as Status
 
 WEBHOOK_ENV, UI_ENV = "KUN_ALERT_WEBHOOK", "KUN_UI_URL"
 

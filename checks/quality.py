@@ -14,7 +14,7 @@ run, with every partition's figure in its metadata and the failing ones named.
 import dagster as dg
 import pandas as pd
 
-from kun_dagster import quality, schemas, storage, versions
+from kun_dagster import quality, registry, schemas, storage
 from ui import table
 
 SCHEMA = "schema"
@@ -24,9 +24,9 @@ PARTITION_SCHEMA = "Blocking: the partition matches its Pandera schema; on failu
 
 def specs(asset: str) -> list[dg.AssetCheckSpec]:
     """The blocking schema check, then the asset's WARN checks (kun_dagster.versions)."""
-    schema = DATASET_SCHEMA if versions.stage_of(asset) == versions.DATASET else PARTITION_SCHEMA
+    schema = DATASET_SCHEMA if registry.stage_of(asset) == registry.DATASET else PARTITION_SCHEMA
     return [dg.AssetCheckSpec(SCHEMA, asset=asset, blocking=True, description=schema)] + [
-        dg.AssetCheckSpec(c.name, asset=asset, description=c.description) for c in versions.get(asset).checks
+        dg.AssetCheckSpec(c.name, asset=asset, description=c.description) for c in registry.get(asset).checks
     ]
 
 
@@ -68,7 +68,7 @@ def evaluate(context: dg.AssetExecutionContext, kun, asset: str, results: dict) 
     ]
     by_check: dict[str, dict[str, quality.Finding]] = {}
     for key, result in results.items():
-        for f in versions.findings(asset, cfg, result, kun.base):
+        for f in registry.findings(asset, cfg, result, kun.base):
             by_check.setdefault(f.check, {})[str(key)] = f
     out += warn_results(asset, by_check)
     log_failures(context, asset, out)

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.runs import SqliteRunStorage  # no public name: it tells a one-machine instance
+
+from kun_dagster.dagster_private import SqliteRunStorage  # it tells a one-machine instance
 
 HOST_TAG, PID_TAG = "kun/host", "kun/pid"
 ACTIVE = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]

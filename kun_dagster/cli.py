@@ -19,7 +19,6 @@ from . import progress
 from .secrets import mask_uris
 
 OK, FAILED, BAD_INPUT = 0, 1, 2
-MODEL_ASSETS = ["seed_data", "base_model", "label_model", "chat_model"]
 SAMPLE_ROWS = 5
 
 
@@ -104,16 +103,16 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
     printing what failed."""
     import dagster as dg
 
-    # dg.materialize takes one partition key; a key range (one run per source) goes as the tags a
-    # single-run backfill sets, which Dagster names only internally
-    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-
     from automation import record_observations
     from automation.stale import to_make
     from checks.recovery import worker_tags
 
-    from . import versions
-    from .names import CHAT_MODEL, CLUSTERS, EVALUATION, SIGNATURES, in_round
+    from . import registry
+
+    # dg.materialize takes one partition key; a key range (one run per source) goes as the tags a
+    # single-run backfill sets, which Dagster names only internally
+    from .dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+    from .registry import CHAT_MODEL, CLUSTERS, EVALUATION, MODELS, SEED_DATA, SIGNATURES, in_round
     from .store import Store
 
     graph = defs.resolve_asset_graph()
@@ -159,20 +158,20 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
             run(chosen, what + only + part, sub)
 
     if force:
-        run(MODEL_ASSETS, "seed data and models")
+        run([SEED_DATA, *MODELS], "seed data and models")
     else:
         # Re-read every time (seconds): an edited seed file or a swapped given checkpoint shows as a
         # new data version (content hash, fingerprint), which makes what was made from it stale.
         given = [f"{role}_model" for role in ("base", "label", "chat") if getattr(cfg.models, role).path]
-        run(["seed_data", *given], ("seed data and given models" if given else "seed data") + " (read every run)")
-        if trained := [k for k in MODEL_ASSETS if k != "seed_data" and k not in given]:
+        run([SEED_DATA, *given], ("seed data and given models" if given else "seed data") + " (read every run)")
+        if trained := [k for k in MODELS if k not in given]:
             make(trained, "trained models")
     # the source files' data versions first: raw_corpus records what it read, the daemon sees no change
     changed = record_observations(instance, cfg, store)
     print(f"  source files: {len(changed)} partition(s) new or changed since the last observation", flush=True)
-    corpus_keys = graph.get(dg.AssetKey(versions.RAW)).partitions_def.get_partition_keys()
-    signed = versions.PARTITIONED.index(SIGNATURES) + 1
-    head, tail = list(versions.PARTITIONED[:signed]), list(versions.PARTITIONED[signed + 1 :])  # around the clusters
+    corpus_keys = graph.get(dg.AssetKey(registry.RAW)).partitions_def.get_partition_keys()
+    signed = registry.PARTITIONED.index(SIGNATURES) + 1
+    head, tail = list(registry.PARTITIONED[:signed]), list(registry.PARTITIONED[signed + 1 :])  # around the clusters
     others = [s for s in cfg.sources if s.name not in sources]
     if cfg.dedup.scope == "all" and others:  # duplicates across sources: every source's signatures are needed
         for keys in _ranges(corpus_keys, lambda k: k.keys_by_dimension["source"] not in sources):
@@ -197,28 +196,28 @@ def _materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug:
                 signed_now = any((SIGNATURES, k) in made for k in mine)
                 make([CLUSTERS], f"{CLUSTERS} ({name})", mine, whole=True, inputs_made=signed_now)
         make(tail, what, keys)  # dedupe and the LLM stages
-    source_keys = graph.get(dg.AssetKey(versions.DATASET)).partitions_def.get_partition_keys()
+    source_keys = graph.get(dg.AssetKey(registry.DATASET)).partitions_def.get_partition_keys()
     for k in range(1, cfg.iterations + 1):  # Humpback's rounds: round k's chat model re-scores the same labeled pairs
         if k > 1:
             data = "kept segments, Humpback's tags" if cfg.round_data == "segments" else "release"
             make([in_round(CHAT_MODEL, k)], f"round {k}: {in_round(CHAT_MODEL, k)} (seeds + round {k - 1}'s {data})")
             for keys, names in ranges:
-                stages = [in_round(versions.SCORED, k), in_round(versions.POLISHED, k)]
+                stages = [in_round(registry.SCORED, k), in_round(registry.POLISHED, k)]
                 make(stages, f"round {k}: {len(keys)} corpus partition(s) ({', '.join(names)})", keys)
         for keys in _ranges(source_keys, lambda s: s in sources):
-            make([in_round(versions.DATASET, k)], f"{in_round(versions.DATASET, k)} ({', '.join(keys)})", keys)
+            make([in_round(registry.DATASET, k)], f"{in_round(registry.DATASET, k)} ({', '.join(keys)})", keys)
         if cfg.evaluation.enabled:
             make([in_round(EVALUATION, k)], f"{in_round(EVALUATION, k)} (fine-tune on seeds / seeds + release, judge)")
 
 
 def _print_funnel(cfg, sources: list[str]) -> None:
-    from . import dataset, storage, versions
-    from .names import CHAT_MODEL, in_round
+    from . import dataset, registry, storage
+    from .registry import CHAT_MODEL, in_round
     from .store import Store
 
     base = Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
-    stages = list(versions.CORPUS)
-    last = in_round(versions.DATASET, cfg.iterations)
+    stages = list(registry.CORPUS)
+    last = in_round(registry.DATASET, cfg.iterations)
     if cfg.iterations > 1:
         print(f"\nRound {cfg.iterations} of {cfg.iterations}: scored and polished by {in_round(CHAT_MODEL, cfg.iterations)}")
     head = f"{'source':<10}" + "".join(f"{s:>17}" for s in stages) + f"{'kept':>8}{'final':>8}{'quarantined':>13}"

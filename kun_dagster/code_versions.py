@@ -11,10 +11,10 @@ import hashlib
 import json
 from importlib import metadata
 
-from . import dedup, evaluation, prompts, secrets
+from . import dedup, evaluation, prompts, registry, secrets
 from .config import KunConfig, TrainSettings
 from .llm.factory import resolve_backend
-from .names import CHAT_MODEL, CLUSTERS, DATASET, DEDUPED, EVALUATION, FILTERED, LABELED, POLISHED, RAW, SCORED, SIGNATURES, split_round
+from .registry import FILTERED, SIGNATURES, split_round
 
 
 def _engine(role: str) -> tuple[str, ...]:
@@ -43,46 +43,14 @@ def _prompts() -> dict[str, str]:
     }
 
 
-# asset -> (kun.yaml keys, prompt names). Models' own weights reach their consumers as data versions.
-SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "seed_data": (("seed",), ()),
-    "base_model": (("models.base.path", "models.base.tiny", "sources", "shards"), ()),
-    "label_model": (("models.label.path", "models.label.train", "models.keep_default_system"), ("label",)),
-    "chat_model": (("models.chat.path", "models.chat.train", "models.keep_default_system"), ()),
-    RAW: (("sources", "shards", "ingest"), ()),
-    FILTERED: (("filter", "dedup.exact"), ()),  # + the perplexity role's engine, added below
-    SIGNATURES: (("dedup.ngram", "dedup.num_perm", "dedup.seed"), ()),
-    CLUSTERS: (("dedup.exact", "dedup.near", "dedup.threshold", "dedup.scope", "sources"), ()),
-    DEDUPED: ((), ()),
-    LABELED: (("label.banned_keywords", "sampling", *_engine("label")), ("label",)),
-    SCORED: (
-        ("score.method", "score.min_answer_mass", "score.exact", "score.decision", "sampling", *_engine("chat")),
-        ("point", "humpback"),
-    ),
-    POLISHED: (
-        ("score.threshold", "polish", "label.whitespace_run", "sampling", "tags", "score.min_answer_mass", *_engine("chat")),
-        ("answer", "tag_task_type", "tag_domain"),
-    ),
-    DATASET: (
-        (
-            "dataset",
-            "polish.dedup_outputs",
-            "score.threshold",
-            "score.method",
-            "dedup.threshold",
-            "dedup.num_perm",
-            "dedup.seed",
-            "iterations",  # where it is released: release/{source} is the last round's
-        ),
-        (),
-    ),
-    EVALUATION: (
-        ("evaluation", "models.chat.train", "models.keep_default_system", "sampling.repetition_penalty", *_engine("chat")),
-        ("judge",),
-    ),
-}
-# A later round's chat model is always trained (on the seeds + the previous round's release, or its kept segments).
-ROUND_CHAT = (("models.chat.train", "models.keep_default_system", "round_data", "score.threshold"), ())
+def _shapes(asset: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(kun.yaml keys, prompt names) that shape an asset, from its spec: a later round's chat model
+    has its own keys (it is always trained); a stage's engine settings follow its role.
+    Models' own weights reach their consumers as data versions."""
+    stage, round_ = split_round(asset)
+    spec = registry.BY_NAME[stage]
+    keys = spec.later_shapes if round_ > 1 and spec.later_shapes is not None else spec.shapes
+    return keys + (_engine(spec.engine) if spec.engine else ()), spec.prompts
 
 
 def _get(tree: dict, dotted: str):
@@ -93,8 +61,7 @@ def _get(tree: dict, dotted: str):
 
 def shaping(asset: str, cfg: KunConfig) -> dict:
     """The keys, prompt texts and versions an asset's output depends on, by name."""
-    stage, round_ = split_round(asset)
-    keys, names = ROUND_CHAT if stage == CHAT_MODEL and round_ > 1 else SHAPES[stage]
+    keys, names = _shapes(asset)
     role = asset.removesuffix("_model")
     if role in ("base", "label", "chat") and getattr(cfg.models, role).path:  # a given checkpoint is used as it is
         keys, names = (f"models.{role}.path",), ()
@@ -115,7 +82,7 @@ def shaping(asset: str, cfg: KunConfig) -> dict:
 
 def data_keys() -> set[str]:
     """Every kun.yaml key that shapes some asset's output: what a dataset card may publish."""
-    keys = {k for shaped, _ in (*SHAPES.values(), ROUND_CHAT) for k in shaped}
+    keys = {k for spec in registry.SPECS for k in (*spec.shapes, *(spec.later_shapes or ()))}
     keys |= {k for role in ("base", "label", "chat") for k in _engine(role)}
     return {k for k in keys if not any(k.startswith(other + ".") for other in keys)}  # "filter" covers "filter.max_tokens"
 

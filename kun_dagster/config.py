@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .registry import RETENTION, SCORED
+
 # Instructions that point at context the reader will not have (KUN_METHOD.md, stage 2).
 KUN_INSTRUCTION_KEYWORDS = (
     "新闻",
@@ -493,16 +495,6 @@ class DatasetConfig(_Section):
     )
 
 
-RETENTION = {
-    "raw_corpus": (0.8, 1.0),
-    "filtered_corpus": (0.3, 1.0),
-    "deduped_corpus": (0.5, 1.0),
-    "labeled_pairs": (0.7, 1.0),
-    "polished_pairs": (0.5, 1.0),
-    "instruction_dataset": (0.01, 1.0),
-}
-
-
 class ChecksConfig(_Section):
     """Bounds of the statistical WARN checks (kun_dagster.quality); the schemas have none to set."""
 
@@ -525,7 +517,7 @@ class ChecksConfig(_Section):
     @field_validator("retention")
     @classmethod
     def _every_stage(cls, bounds: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-        if "scored_pairs" in bounds:  # scored_pairs keeps every row; the threshold is applied by polish
+        if SCORED in bounds:  # scored_pairs keeps every row; the threshold is applied by polish
             raise ValueError(
                 "retention.scored_pairs is now checks.keep_rate (the share kept by score.threshold, checked on polished_pairs)"
             )

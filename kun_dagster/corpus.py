@@ -23,27 +23,27 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import IngestConfig, SourceConfig
+from .reasons import (  # noqa: F401 (ingest's reason codes, named here for its callers)
+    DUPLICATE_ID,
+    EMPTY_FILE,
+    EMPTY_TEXT,
+    FILE_TOO_LARGE,
+    INVALID_ENCODING,
+    INVALID_JSON,
+    INVALID_UNICODE,
+    MISSING_ID,
+    MISSING_TEXT,
+    NOT_AN_OBJECT,
+    RECORD_ERROR,
+    RECORD_TOO_LARGE,
+    ROW_GROUP_TOO_LARGE,
+    TEXT_NOT_STRING,
+    UNREADABLE_FILE,
+)
 from .text import has_content
 
 DOC_COLUMNS = ["doc_id", "source", "shard", "file", "row", "title", "text"]
 QUARANTINE_COLUMNS = ["source", "shard", "file", "row", "doc_id", "reason", "detail", "sample"]
-
-# Quarantine reason codes of ingest.
-INVALID_ENCODING = "invalid_encoding"  # bytes that are not valid in the source's encoding
-INVALID_UNICODE = "invalid_unicode"  # a lone surrogate (a JSON \\ud83d escape): no UTF-8 can hold it
-INVALID_JSON = "invalid_json"
-NOT_AN_OBJECT = "not_an_object"
-MISSING_TEXT = "missing_text"  # the text field is absent or null
-TEXT_NOT_STRING = "text_not_string"  # a number, a list, an object
-EMPTY_TEXT = "empty_text"  # nothing but spaces, control characters, escapes
-MISSING_ID = "missing_id"  # absent, null, empty, or not a string or number
-DUPLICATE_ID = "duplicate_id"  # an earlier document of the source has this id (the detail names where)
-EMPTY_FILE = "empty_file"  # zero bytes: no records (one row, so the file is seen)
-UNREADABLE_FILE = "unreadable_file"  # the file itself broke (a corrupt archive): the rows after it cannot be read
-RECORD_TOO_LARGE = "record_too_large"  # over ingest.max_record_bytes; the rest of the file is read
-FILE_TOO_LARGE = "file_too_large"  # a whole-file JSON over ingest.max_file_bytes
-ROW_GROUP_TOO_LARGE = "row_group_too_large"  # a Parquet row group whose columns read are over ingest.max_file_bytes
-RECORD_ERROR = "record_error"  # a record no rule expected broke the reader; the rest of the file is read
 
 
 class CorpusError(RuntimeError):

@@ -10,10 +10,10 @@ import pandas as pd
 import yaml
 from upath import UPath
 
-from . import dedup, scoring, storage, tagging, versions
+from . import dedup, registry, scoring, storage, tagging
 from .code_versions import published_config
 from .config import KunConfig
-from .names import CHAT_MODEL, EVALUATION, ROUND_STAGES, in_round
+from .registry import CHAT_MODEL, EVALUATION, ROUND_STAGES, in_round
 from .stages import DUPLICATE_OUTPUT, StageResult
 from .stages.common import BANNED_KEYWORD, BELOW_THRESHOLD, dropped_rows, mark_duplicates, no_reasons
 from .text import find_keyword
@@ -88,7 +88,7 @@ def funnel(base: UPath, source: str, shards: list[str], threshold: float, round_
     """Rows per stage and quarantine reasons for one source, read from what is published; scoring
     and polishment as round `round_` made them (the stages before are every round's)."""
     rows, quarantined = {}, {}
-    for stage in versions.CORPUS:
+    for stage in registry.CORPUS:
         rows[stage] = 0
         reasons: Counter = Counter()
         asset = in_round(stage, round_) if stage in ROUND_STAGES else stage
@@ -107,7 +107,7 @@ def scored(base: UPath, source: str, shards: list[str], threshold: float, round_
     """Round `round_`'s scored rows of a source: how many, how many reach the threshold, and by which rule."""
     n, kept, scored_by = 0, 0, Counter()
     for shard in shards:
-        d = storage.partition_dir(base, in_round(versions.SCORED, round_), {"source": source, "shard": shard})
+        d = storage.partition_dir(base, in_round(registry.SCORED, round_), {"source": source, "shard": shard})
         if storage.partition_rows(d):
             part = storage.read_partition(d, ["score", "score_rule"])
             n += len(part)
@@ -121,7 +121,7 @@ def kept_pairs(base: UPath, source: str, shards: list[str], threshold: float, ro
     curated set Humpback trains its next model on (round_data: segments)."""
     frames = []
     for shard in shards:
-        d = storage.partition_dir(base, in_round(versions.SCORED, round_), {"source": source, "shard": shard})
+        d = storage.partition_dir(base, in_round(registry.SCORED, round_), {"source": source, "shard": shard})
         if storage.partition_rows(d):
             part = storage.read_partition(d, ["instruction", "text", "score"])
             frames.append(part[scoring.keep(part["score"].to_numpy(dtype=float), threshold)])
@@ -133,11 +133,11 @@ def funnel_frame(fun: dict, n_records: int, dropped: dict | None = None) -> pd.D
     """The funnel as rows: each stage (what it did), its rows, what it dropped; then kept and final."""
     rows = [
         (f"{v.name} ({v.what})", fun["rows"][v.name], ", ".join(f"{k}: {n}" for k, n in fun["quarantined"].get(v.name, {}).items()) or "-")
-        for v in map(versions.get, versions.CORPUS)
+        for v in map(registry.get, registry.CORPUS)
     ]
     by = ", ".join(f"{rule}: {n}" for rule, n in fun.get("scored_by", {}).items())
     last = ", ".join(f"{k}: {n}" for k, n in (dropped or {}).items()) or "-"
-    rows += [("kept by score", fun["kept_by_score"], f"scored by {by}" if by else ""), (versions.DATASET, n_records, last)]
+    rows += [("kept by score", fun["kept_by_score"], f"scored by {by}" if by else ""), (registry.DATASET, n_records, last)]
     return pd.DataFrame(rows, columns=["stage", "rows", "dropped (reason: count)"])
 
 
@@ -186,7 +186,7 @@ def made_under(made: list[dict], current: dict[str, str]) -> tuple[list[str], li
             mixed.append(f"{stage}: made under code version {old[0]}, the config now gives {current.get(stage)}")
         mixed += [f"{stage}: {len(vs)} versions of {name}" for name, vs in sorted(models.items()) if len(vs) > 1]
     verdict = (
-        ["", "**Mixed versions.** Re-materialize the stale partitions (the UI marks them) for a release made under one config:", ""]
+        ["", "**Mixed registry.** Re-materialize the stale partitions (the UI marks them) for a release made under one config:", ""]
         + [f"- {m}" for m in mixed]
         if mixed
         else ["", "Every stage's partitions were made under one code version (the current one) and one version of each model."]
@@ -288,7 +288,7 @@ def release(
     dropped = reason.dropna().value_counts().to_dict()
     fun = funnel(base, source, cfg.shard_keys(), cfg.score.threshold, round_)
     div = instruction_diversity(recs["instruction"].tolist(), cfg)
-    docs = fun["rows"][versions.RAW]
+    docs = fun["rows"][registry.RAW]
     stats = {
         "rows_in": docs,
         "rows_out": len(recs),
@@ -339,7 +339,7 @@ def round_rows(base: UPath, source: str, cfg: KunConfig, upto: int, records_now:
         n = (
             records_now
             if k == upto
-            else storage.partition_rows(storage.partition_dir(base, in_round(versions.DATASET, k), {"source": source}))
+            else storage.partition_rows(storage.partition_dir(base, in_round(registry.DATASET, k), {"source": source}))
         )
         ev, report = evaluated(reports.get(k), source), reports.get(k) or {}
         base_row = next((r for r in report.get("models", []) if r["model"] == "seeds"), None)

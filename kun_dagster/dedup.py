@@ -28,11 +28,12 @@ import pandas as pd
 import pyarrow as pa
 import rensa
 
+from .reasons import DUPLICATE_TEXT, NEAR_DUPLICATE
 from .text import text_key
 
 ALGORITHM = f"rensa.RMinHash v{rensa.RMinHash.ALGORITHM_VERSION}"  # signatures of another algorithm do not compare
 CANDIDATE_RECALL = 0.99  # P(a pair at the threshold shares a band): LSH finds candidates, the estimate decides
-DUPLICATE_TEXT, NEAR_DUPLICATE, KEPT = "duplicate_text", "near_duplicate", "kept"
+KEPT = "kept"  # a cluster member that stays; the others go as DUPLICATE_TEXT or NEAR_DUPLICATE (reasons.py)
 
 _PRIME = np.uint64(0x100000001B3)  # FNV-1a's 64-bit prime: the rolling polynomial of a shingle's characters
 _CHUNK = 4096  # documents hashed at a time: bounds the shingle arrays to a few tens of MB

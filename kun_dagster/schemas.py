@@ -18,9 +18,10 @@ import pandera.pandas as pa
 import pyarrow
 from pandera.typing import Series
 
+from . import registry
 from .config import KunConfig, ScoreConfig
 from .corpus import QUARANTINE_COLUMNS
-from .names import CLUSTERS, DATASET, SIGNATURES, stage_of
+from .registry import CLUSTERS, DATASET, SIGNATURES, stage_of
 from .scoring import SCORE_RULES
 from .tagging import DEFAULT_DOMAIN, TAG_RULES
 from .text import NON_SPACE, keyword_form
@@ -125,10 +126,8 @@ class InstructionDataset(pa.DataFrameModel):
 
 
 def model(asset: str) -> type[pa.DataFrameModel]:
-    """An asset's DataFrameModel, as the registry of dataset versions (versions.py) names it."""
-    from .versions import get  # the registry imports the models above: it is imported here, at call time
-
-    return get(asset).schema
+    """An asset's DataFrameModel, as its spec (registry.py) names it."""
+    return globals()[registry.get(asset).schema]
 
 
 # Arrow types of the columns (pandera dtype names; object columns by name): every partition of a
@@ -173,9 +172,7 @@ INDEXES = {
 
 
 def known(asset: str) -> bool:
-    from .versions import BY_NAME
-
-    return stage_of(asset) in BY_NAME or asset in INDEXES or asset.startswith("quarantine/")
+    return registry.find(asset) is not None or asset in INDEXES or asset.startswith("quarantine/")
 
 
 def arrow_schema(asset: str) -> pyarrow.Schema:

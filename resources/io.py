@@ -16,7 +16,7 @@ import dagster as dg
 import pandas as pd
 from upath import UPath
 
-from kun_dagster import dataset, schemas, storage, versions
+from kun_dagster import dataset, registry, schemas, storage
 from kun_dagster.partitions import hive
 from kun_dagster.stages import StageResult
 
@@ -43,7 +43,7 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
         # a staged file by one rename; a frame with its dataset version's schema
         storage.publish(rows, path, schemas.arrow_schema(asset) if schemas.known(asset) else None)
         if result is not None:  # then the rows it dropped (what drops nothing has no quarantine)
-            version = versions.find(asset)
+            version = registry.find(asset)
             if (version is not None and version.reasons) or storage.row_count(result.dropped):
                 storage.publish(result.dropped, storage.quarantine_dir(self._base_path, asset, part), schemas.QUARANTINE)
         # published: its batch checkpoints are done

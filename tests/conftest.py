@@ -242,8 +242,9 @@ def assert_fresh(cfg_file: Path, instance) -> None:
     resolver), and two ticks of the daemon's automation would request nothing."""
     import dagster as dg
 
-    from automation.stale import stale_partitions
     from kun_dagster.definitions import build_definitions
+
+    from .stale import stale_partitions
 
     defs = build_definitions(cfg_file)
     assert stale_partitions(defs, instance) == {}

@@ -10,21 +10,21 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from automation import record_observations
 from automation.sources import last_observed, observe, observe_sources
-from automation.stale import stale_partitions
 from kun_dagster import prompts
 from kun_dagster.config import SourceConfig, load_config
 from kun_dagster.corpus import shard_of, shard_versions
+from kun_dagster.dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from kun_dagster.definitions import build_definitions
 from kun_dagster.store import Store
 from resources import KunResource
 
 from .conftest import CORPUS, MODELS, REPO, given_models, write_config
+from .stale import stale_partitions
 
 SOURCES = ["wudao", "skypile"]
 NEW_FILE = "wudao_03.json"  # shard_of("wudao_03.json", 2) == 1: beside wudao_01.json
@@ -266,7 +266,7 @@ def test_the_card_records_the_versions_and_flags_a_release_of_mixed_versions(wor
     )
     materialize(defs, instance, ["instruction_dataset"], ["wudao"])
     card = (base / "release" / "wudao" / "README.md").read_text()
-    assert "**Mixed versions.**" in card and "polished_pairs: 2 code versions" in card
+    assert "**Mixed registry.**" in card and "polished_pairs: 2 code versions" in card
     records = [json.loads(line) for line in (base / "release" / "wudao" / "train.jsonl").read_text().splitlines()]
     quarantined = pd.read_parquet(base / "quarantine" / "instruction_dataset" / "source=wudao")
     polished = pd.read_parquet(base / "polished_pairs" / "source=wudao")  # wudao|1's rows were kept under 0.5

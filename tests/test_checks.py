@@ -160,9 +160,8 @@ def test_a_check_still_running_below_a_finished_one_is_alerted_when_it_fails(tmp
     later run's check (higher id) was alerted. Each is alerted once, in either order."""
     import time
 
-    from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluation, AssetCheckEvaluationPlanned
-    from dagster._core.events import DagsterEvent
-    from dagster._core.events.log import EventLogEntry
+    from dagster import AssetCheckEvaluation, DagsterEvent, EventLogEntry
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationPlanned  # test-only: no public name
 
     hook = Receiver()
     monkeypatch.setenv("KUN_ALERT_WEBHOOK", hook.url)

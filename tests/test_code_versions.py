@@ -4,10 +4,10 @@ exactly the assets it shapes; keys that change how, not what, change none."""
 import dagster as dg
 import pytest
 
-from kun_dagster import code_versions, prompts
+from kun_dagster import code_versions, prompts, registry
 from kun_dagster.config import parse_config
 from kun_dagster.definitions import build_definitions
-from kun_dagster.names import ROUND_STAGES, SOURCE_FILES, split_round
+from kun_dagster.registry import ROUND_STAGES, SOURCE_FILES, split_round
 
 from .conftest import write_config
 
@@ -23,7 +23,7 @@ def versions_of(**changes) -> dict[str, str]:
             node = node.setdefault(p, {})
         node[last] = value
     cfg = parse_config(data, env={})
-    return {a: code_versions.code_version(a, cfg) for a in code_versions.SHAPES}
+    return {a: code_versions.code_version(a, cfg) for a in registry.BY_NAME}
 
 
 def changed(**changes) -> set[str]:
@@ -76,7 +76,7 @@ def test_a_changed_prompt_text_changes_its_stages(monkeypatch):
 def test_every_asset_of_the_graph_carries_its_code_version(tmp_path):
     graph = build_definitions(write_config(tmp_path, iterations=2, evaluation="on")).resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()} - {SOURCE_FILES}  # observed: its data version is the files'
-    assert {split_round(k)[0] for k in keys} == set(code_versions.SHAPES)
+    assert {split_round(k)[0] for k in keys} == set(registry.BY_NAME)
     assert {k for k in keys if split_round(k)[1] == 2} == {f"{s}_round2" for s in ROUND_STAGES}
     cfg_versions = versions_of()
     assert all(graph.get(dg.AssetKey(k)).code_version for k in keys) and len(set(cfg_versions.values())) == len(cfg_versions)

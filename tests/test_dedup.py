@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from kun_dagster import dedup, stages
 from kun_dagster.config import parse_config
-from kun_dagster.names import SIGNATURES
+from kun_dagster.registry import SIGNATURES
 from kun_dagster.schemas import INDEXES
 
 
@@ -239,7 +239,7 @@ def test_the_batch_normalisation_is_normalise_text_by_text(texts):
 
 def test_the_release_drops_answers_repeated_across_shards_and_its_card_reports_instruction_diversity(tmp_path):
     from kun_dagster import dataset, schemas
-    from kun_dagster.names import POLISHED
+    from kun_dagster.registry import POLISHED
     from kun_dagster.store import upath
 
     answer = "复利是指在计算利息时，把上一期的利息加入本金，再计算下一期的利息。"

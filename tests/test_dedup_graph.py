@@ -7,10 +7,10 @@ import json
 import dagster as dg
 import pyarrow.dataset as pads
 import pytest
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from kun_dagster import cli
 from kun_dagster.config import load_config
+from kun_dagster.dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from kun_dagster.definitions import build_definitions
 from kun_dagster.store import upath
 

@@ -8,10 +8,10 @@ import dagster as dg
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from kun_dagster import dataset, storage
 from kun_dagster.config import KUN_INSTRUCTION_KEYWORDS, load_config
+from kun_dagster.dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from kun_dagster.store import upath
 
 from .conftest import CORPUS, figures

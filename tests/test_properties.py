@@ -12,7 +12,7 @@ import pandas as pd
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kun_dagster import corpus, schemas, stages, storage, versions
+from kun_dagster import corpus, registry, schemas, stages, storage
 from kun_dagster.config import SourceConfig
 from kun_dagster.text import clean_text, has_content, has_text, starts_with_repeated_phrase
 
@@ -74,7 +74,7 @@ def test_every_line_is_a_document_or_a_quarantine_reason(lines, nested, encoding
     storage.parquet_bytes(got.quarantine, schemas.QUARANTINE)
 
 
-REASONS = set(versions.get(versions.RAW).reasons)  # ingest's reason codes
+REASONS = set(registry.get(registry.RAW).reasons)  # ingest's reason codes
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

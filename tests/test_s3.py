@@ -15,8 +15,8 @@ import dagster as dg
 import pyarrow.dataset as pads
 import pytest
 import yaml
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from kun_dagster.dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from kun_dagster.definitions import build_definitions
 
 from .conftest import CORPUS, MODELS, REPO, free_port, given_models, write_config

@@ -11,26 +11,27 @@ import pandas as pd
 
 from ..config import KunConfig
 from ..corpus import QUARANTINE_COLUMNS
-from ..dedup import DUPLICATE_TEXT, NEAR_DUPLICATE  # noqa: F401 (reason codes: the same text, or near it)
 from ..llm.base import EngineError, SamplingParams
+from ..reasons import (  # noqa: F401 (the stages' reason codes, named here for the stages and their callers)
+    BANNED_KEYWORD,
+    BELOW_THRESHOLD,
+    BROKEN_TEXT,
+    DUPLICATE_OUTPUT,
+    DUPLICATE_TEXT,
+    EMPTY_AFTER_CLEAN,
+    EMPTY_GENERATION,
+    HIGH_PERPLEXITY,
+    NEAR_DUPLICATE,
+    PERPLEXITY_UNDEFINED,
+    PROMPT_OVER_BUDGET,
+    REPEATED_INSTRUCTION,
+    REPEATED_PHRASE,
+    TEXT_TOO_LONG,
+    TOO_MANY_TOKENS,
+    TOO_SHORT,
+)
 from ..storage import Rows
 from ..text import text_key
-
-# Drop reason codes after ingest.
-EMPTY_AFTER_CLEAN = "empty_after_clean"
-TEXT_TOO_LONG = "text_too_long"  # over filter.max_doc_chars: dropped before it is tokenized
-TOO_MANY_TOKENS = "too_many_tokens"
-HIGH_PERPLEXITY = "high_perplexity"
-PERPLEXITY_UNDEFINED = "perplexity_undefined"
-EMPTY_GENERATION = "empty_generation"
-BANNED_KEYWORD = "banned_keyword"
-BELOW_THRESHOLD = "below_threshold"  # the release re-applies score.threshold (its inputs may be older)
-PROMPT_OVER_BUDGET = "prompt_over_budget"
-TOO_SHORT = "too_short"
-REPEATED_PHRASE = "repeated_phrase"
-REPEATED_INSTRUCTION = "repeated_instruction"  # a repeated line that does not open the instruction: Kun drops it
-DUPLICATE_OUTPUT = "duplicate_output"
-BROKEN_TEXT = "broken_text"  # U+FFFD: the model emitted bytes that are not UTF-8
 
 REPLACEMENT_CHAR = "\ufffd"
 

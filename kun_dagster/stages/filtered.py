@@ -12,7 +12,7 @@ from .. import progress
 from ..config import KunConfig
 from ..corpus import quarantine_frame
 from ..llm.base import Engine, encode
-from ..names import FILTERED
+from ..registry import FILTERED
 from ..storage import FrameSink, Sink
 from ..text import clean_text
 from .common import (

@@ -7,7 +7,7 @@ import pandas as pd
 from .. import prompts
 from ..config import KunConfig
 from ..llm.base import Engine
-from ..names import LABELED
+from ..registry import LABELED
 from ..text import find_keyword, repair_instruction
 from .common import (
     BANNED_KEYWORD,

@@ -7,7 +7,7 @@ import pandas as pd
 from .. import prompts, scoring, tagging
 from ..config import KunConfig
 from ..llm.base import Engine
-from ..names import POLISHED
+from ..registry import POLISHED
 from ..text import find_keyword, starts_with_repeated_phrase
 from .common import (
     BANNED_KEYWORD,

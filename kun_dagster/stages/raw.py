@@ -7,7 +7,7 @@ from collections import Counter
 from .. import progress
 from ..config import KunConfig
 from ..corpus import iter_shard
-from ..names import RAW
+from ..registry import RAW
 from ..storage import FrameSink, Sink
 from ..store import Store
 from .common import (

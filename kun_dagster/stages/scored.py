@@ -9,7 +9,7 @@ from .. import prompts, scoring
 from ..config import KunConfig
 from ..corpus import quarantine_frame
 from ..llm.base import Engine
-from ..names import SCORED
+from ..registry import SCORED
 from .common import (
     StageResult,
     require_text,

@@ -1,0 +1,512 @@
+"""The registry: one spec per asset, in graph order, and every per-asset table derived from it.
+
+A spec is the one place for an asset's name, its UI group, how it is partitioned, whether it
+exists once per round, its Pandera schema (by name, in schemas.py), the reason codes its
+quarantine may hold, its WARN checks and their default bounds, the kun.yaml keys and prompts that
+shape it (its code version), the engine role it runs, and whether the daemon automates it. The
+assets, the checks, the code versions, the automation, the funnel, the card and the CLI read it.
+
+A leaf: it imports no other module of the project but the reason codes and the two helpers its
+WARN checks measure with (quality, storage), so every module may import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from upath import UPath
+
+from . import quality, storage
+from .reasons import (
+    BANNED_KEYWORD,
+    BELOW_THRESHOLD,
+    BROKEN_TEXT,
+    DUPLICATE_ID,
+    DUPLICATE_OUTPUT,
+    DUPLICATE_TEXT,
+    EMPTY_AFTER_CLEAN,
+    EMPTY_FILE,
+    EMPTY_GENERATION,
+    EMPTY_TEXT,
+    FILE_TOO_LARGE,
+    HIGH_PERPLEXITY,
+    INVALID_ENCODING,
+    INVALID_JSON,
+    INVALID_UNICODE,
+    MISSING_ID,
+    MISSING_TEXT,
+    NEAR_DUPLICATE,
+    NOT_AN_OBJECT,
+    PERPLEXITY_UNDEFINED,
+    PROMPT_OVER_BUDGET,
+    RECORD_ERROR,
+    RECORD_TOO_LARGE,
+    REPEATED_INSTRUCTION,
+    REPEATED_PHRASE,
+    ROW_GROUP_TOO_LARGE,
+    TEXT_NOT_STRING,
+    TEXT_TOO_LONG,
+    TOO_MANY_TOKENS,
+    TOO_SHORT,
+    UNREADABLE_FILE,
+)
+
+# -- the asset names ---------------------------------------------------------------------------------
+SEED_DATA, BASE_MODEL, LABEL_MODEL, CHAT_MODEL = "seed_data", "base_model", "label_model", "chat_model"
+RAW, FILTERED, DEDUPED, LABELED, SCORED, POLISHED, DATASET = (
+    "raw_corpus",
+    "filtered_corpus",
+    "deduped_corpus",
+    "labeled_pairs",
+    "scored_pairs",
+    "polished_pairs",
+    "instruction_dataset",
+)
+# The dedup indices (dedup.py): a MinHash signature per document, and the clusters over a whole
+# source that deduped_corpus drops by. They hold data but are not dataset versions (no funnel row).
+SIGNATURES, CLUSTERS = "minhash_signatures", "duplicate_clusters"
+EVALUATION = "evaluation"
+# The source corpora's files, observed per source x shard (automation/sources.py): raw_corpus's input.
+SOURCE_FILES = "source_files"
+
+# How an asset is partitioned (assets/partitions.py builds the definitions).
+SOURCE_SHARD, SOURCE = "source x shard", "source"
+
+
+# -- the WARN checks ---------------------------------------------------------------------------------
+# A WARN check's measure: the partition's figure against its bound (cfg: the KunConfig, whose
+# `checks` hold the bounds), from the stage's result (a stages.StageResult: rows, dropped, stats).
+Measure = Callable[[Any, Any, UPath], quality.Finding]
+
+
+@dataclass(frozen=True)
+class WarnCheck:
+    name: str
+    description: str
+    measure: Measure
+
+
+def _rows_in(result) -> int:
+    return result.stats.get("rows_in") or 0
+
+
+def _retention(asset: str) -> WarnCheck:
+    return WarnCheck(
+        "retention",
+        f"Rows out / rows in of {asset} within checks.retention.{asset}.",
+        lambda cfg, r, base: quality.within("retention", r.stats.get("retention"), *cfg.checks.retention[asset], "retention"),
+    )
+
+
+def _dropped_rate(name: str, code: str, bound: str, what: str, description: str) -> WarnCheck:
+    """The share of rows in quarantined as `code`, at most checks.<bound>."""
+    return WarnCheck(
+        name,
+        description,
+        lambda cfg, r, base: quality.rate(name, r.stats.get("dropped", {}).get(code, 0), _rows_in(r), getattr(cfg.checks, bound), what),
+    )
+
+
+QUARANTINE_RATE = WarnCheck(
+    "quarantine_rate",
+    "Unreadable rows of the source at most checks.max_quarantine_rate.",
+    lambda cfg, r, base: quality.rate(
+        "quarantine_rate", storage.row_count(r.dropped), _rows_in(r), cfg.checks.max_quarantine_rate, "unreadable"
+    ),
+)
+EMPTY_OUTPUT_RATE = _dropped_rate(
+    "empty_output_rate", EMPTY_GENERATION, "max_empty_rate", "empty", "Empty generations at most checks.max_empty_rate."
+)
+
+
+def _duplicate_rate(code: str) -> WarnCheck:
+    return _dropped_rate(
+        "duplicate_rate", code, "max_duplicate_rate", "duplicates", f"Exact duplicates dropped ({code}) at most checks.max_duplicate_rate."
+    )
+
+
+DEDUP_RATE = WarnCheck(
+    "duplicate_rate",
+    "Documents dropped as duplicates of documents in other shards (exact or near) at most checks.max_duplicate_rate.",
+    lambda cfg, r, base: quality.rate(
+        "duplicate_rate",
+        sum(r.stats.get("dropped", {}).values()),
+        _rows_in(r),
+        cfg.checks.max_duplicate_rate,
+        "duplicates across shards",
+    ),
+)
+
+
+def _fallback(cfg, r, base: UPath) -> quality.Finding:
+    free = r.stats.get("scored_by", {}).get("freetext", 0)
+    return quality.rate(
+        "fallback_rate",
+        free,
+        _rows_in(r) if r.stats.get("fallback_rate") is not None else 0,
+        cfg.checks.max_fallback_rate,
+        "scored by free text (answer mass under score.min_answer_mass)",
+    )
+
+
+def _parse_failures(cfg, r, base: UPath) -> quality.Finding:
+    free = r.stats.get("scored_by", {}).get("freetext", 0)
+    return quality.rate(
+        "parse_failure_rate", r.stats.get("parse_failures", 0), free, cfg.checks.max_parse_failure_rate, "of the free-text replies unparsed"
+    )
+
+
+def _score_shift(cfg, r, base: UPath) -> quality.Finding:
+    """Scores of this partition against the source's other published scored_pairs partitions."""
+    rows, earlier = r.rows, []
+    for other in cfg.shard_keys() if len(rows) else []:
+        d = storage.partition_dir(base, r.stats.get("asset", SCORED), {"source": rows["source"].iloc[0], "shard": other})
+        if other != str(rows["shard"].iloc[0]) and storage.partition_rows(d):
+            earlier.append(storage.read_partition(d, ["score"])["score"].to_numpy(dtype=float))
+    return quality.score_shift(
+        rows["score"].to_numpy(dtype=float), np.concatenate(earlier) if earlier else np.array([]), cfg.checks.max_score_shift
+    )
+
+
+def _faithfulness(cfg, r, base: UPath) -> quality.Finding:
+    rows, c = r.rows, cfg.checks
+    finding, low = quality.faithfulness(rows["output"].tolist(), rows["text"].tolist(), c.min_overlap, c.max_unfaithful_rate)
+    sample = rows.iloc[low[:5]]["doc_id"].tolist()
+    return dataclasses.replace(finding, detail=finding.detail + (f"; e.g. {sample}" if sample else ""))
+
+
+KEEP_RATE = WarnCheck(
+    "keep_rate",
+    "The share of scored rows that reach score.threshold, within checks.keep_rate.",
+    lambda cfg, r, base: quality.within("keep_rate", r.stats.get("keep_rate"), *cfg.checks.keep_rate, "kept by score"),
+)
+FALLBACK_RATE = WarnCheck(
+    "fallback_rate",
+    "*_choice: rows scored by free text because the chat model put under score.min_answer_mass on the "
+    "answers, at most checks.max_fallback_rate (a high rate: the model rarely answers in the format).",
+    _fallback,
+)
+PARSE_FAILURE_RATE = WarnCheck(
+    "parse_failure_rate", "Free-text score replies that name no answer, at most checks.max_parse_failure_rate of them.", _parse_failures
+)
+SCORE_DISTRIBUTION = WarnCheck(
+    "score_distribution", "Scores against the source's published partitions: KS statistic at most checks.max_score_shift.", _score_shift
+)
+FAITHFULNESS = WarnCheck(
+    "faithfulness",
+    "Answers sharing under checks.min_overlap of their character bigrams with their source text "
+    "(likely hallucinated) at most checks.max_unfaithful_rate.",
+    _faithfulness,
+)
+
+
+def _release_retention(cfg, r, base: UPath) -> quality.Finding:
+    """Records per document read, and where the rest went: an empty release is a result, and this
+    says why (the stage reasons that dropped most). stats["funnel"] is dataset.funnel's."""
+    fun, n_records, value = r.stats["funnel"], r.stats["rows_out"], r.stats["retention"]
+    docs = fun["rows"][RAW]
+    finding = quality.within("retention", value, *cfg.checks.retention[DATASET], "records per document read")
+    losses = Counter({f"{asset}: {reason}": n for asset, reasons in fun["quarantined"].items() for reason, n in reasons.items()})
+    not_kept = fun["rows"][SCORED] - fun["kept_by_score"]
+    if not_kept:
+        losses[f"{SCORED}: below the score threshold"] = not_kept
+    top = ", ".join(f"{k} {n}" for k, n in losses.most_common(3))
+    return dataclasses.replace(
+        finding, detail=f"{n_records} records from {docs} documents read ({value})" + (f"; most dropped at {top}" if top else "")
+    )
+
+
+RELEASE_RETENTION = WarnCheck(
+    "retention",
+    "Records per document read within checks.retention.instruction_dataset, with the stages that dropped most.",
+    _release_retention,
+)
+
+
+def _one_version(cfg, r, base: UPath) -> quality.Finding:
+    mixed = r.stats.get("mixed_versions") or []
+    return quality.Finding(
+        "one_version",
+        not mixed,
+        len(mixed),
+        "0 mixed",
+        "; ".join(mixed[:5]) or "every stage made under one code version (the current one) and one version of each model",
+    )
+
+
+ONE_VERSION = WarnCheck(
+    "one_version",
+    "The release was made from partitions of one code version per stage (the current one) and one version of each "
+    "model; else the dataset card lists what is mixed, and the UI marks the stale partitions.",
+    _one_version,
+)
+
+
+# -- the specs ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    group: str  # the UI's asset group (a later round's stages are one group, round<k>)
+    partitions: str | None = None  # SOURCE_SHARD, SOURCE, or None (one output)
+    per_round: bool = False  # exists once per round (<name>_round<k> for k >= 2)
+    # kun.yaml keys and prompt names that shape its output (code_versions.py); a later round's
+    # chat model has its own keys (it is always trained)
+    shapes: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    later_shapes: tuple[str, ...] | None = None
+    engine: str | None = None  # the model role whose engine it runs ("label", "chat"): its settings shape it too
+    automation: str | None = None  # the deploy.automation level that automates it ("corpus" or "all"); None: never
+    awaits: tuple[str, ...] = ()  # inputs it re-runs after only when their content moved (automation)
+    # dataset versions (a funnel row, a schema, a quarantine):
+    what: str = ""  # what its rows are, for the funnel and the card
+    schema: str | None = None  # its Pandera model in schemas.py
+    reasons: tuple[str, ...] = ()  # the reason codes its quarantine may hold
+    checks: tuple[WarnCheck, ...] = ()
+    retention: tuple[float, float] | None = None  # checks.retention.<name>'s default bounds
+
+    @property
+    def is_version(self) -> bool:
+        return self.schema is not None
+
+
+_MODELS = "models"
+SPECS: tuple[Spec, ...] = (
+    Spec(SEED_DATA, _MODELS, shapes=("seed",), automation="all"),
+    Spec(BASE_MODEL, _MODELS, shapes=("models.base.path", "models.base.tiny", "sources", "shards"), automation="all"),
+    Spec(
+        LABEL_MODEL,
+        _MODELS,
+        shapes=("models.label.path", "models.label.train", "models.keep_default_system"),
+        prompts=("label",),
+        automation="all",
+    ),
+    Spec(
+        CHAT_MODEL,
+        _MODELS,
+        per_round=True,
+        shapes=("models.chat.path", "models.chat.train", "models.keep_default_system"),
+        later_shapes=("models.chat.train", "models.keep_default_system", "round_data", "score.threshold"),
+        automation="all",
+    ),
+    Spec(
+        RAW,
+        "corpus",
+        SOURCE_SHARD,
+        shapes=("sources", "shards", "ingest"),
+        automation="corpus",
+        what="documents read",
+        schema="RawCorpus",
+        reasons=(
+            INVALID_ENCODING,
+            INVALID_UNICODE,
+            INVALID_JSON,
+            NOT_AN_OBJECT,
+            MISSING_TEXT,
+            TEXT_NOT_STRING,
+            EMPTY_TEXT,
+            MISSING_ID,
+            DUPLICATE_ID,
+            EMPTY_FILE,
+            UNREADABLE_FILE,
+            RECORD_TOO_LARGE,
+            FILE_TOO_LARGE,
+            ROW_GROUP_TOO_LARGE,
+            RECORD_ERROR,
+        ),
+        checks=(_retention(RAW), QUARANTINE_RATE),
+        retention=(0.8, 1.0),
+    ),
+    Spec(
+        FILTERED,
+        "corpus",
+        SOURCE_SHARD,
+        shapes=("filter", "dedup.exact"),  # + the perplexity role's engine where the filter is on (code_versions.py)
+        automation="corpus",
+        what="after cleaning, token-limit, exact dedup within the shard and perplexity filters",
+        schema="FilteredCorpus",
+        reasons=(EMPTY_AFTER_CLEAN, TEXT_TOO_LONG, TOO_MANY_TOKENS, DUPLICATE_TEXT, PERPLEXITY_UNDEFINED, HIGH_PERPLEXITY),
+        checks=(_retention(FILTERED), _duplicate_rate(DUPLICATE_TEXT)),
+        retention=(0.3, 1.0),
+    ),
+    Spec(SIGNATURES, "corpus", SOURCE_SHARD, shapes=("dedup.ngram", "dedup.num_perm", "dedup.seed"), automation="corpus"),
+    Spec(
+        CLUSTERS,
+        "corpus",
+        SOURCE_SHARD,  # made for a whole source at once (single-run backfill)
+        shapes=("dedup.exact", "dedup.near", "dedup.threshold", "dedup.scope", "sources"),
+        automation="corpus",
+    ),
+    Spec(
+        DEDUPED,
+        "corpus",
+        SOURCE_SHARD,
+        automation="corpus",
+        awaits=(CLUSTERS,),
+        what="duplicates of documents in other shards removed: exact and near",
+        schema="DedupedCorpus",
+        reasons=(DUPLICATE_TEXT, NEAR_DUPLICATE),
+        checks=(_retention(DEDUPED), DEDUP_RATE),
+        retention=(0.5, 1.0),
+    ),
+    Spec(
+        LABELED,
+        "pairs",
+        SOURCE_SHARD,
+        shapes=("label.banned_keywords", "sampling"),
+        prompts=("label",),
+        engine="label",
+        automation="all",
+        what="instructions written, keyword filter passed",
+        schema="LabeledPairs",
+        reasons=(EMPTY_GENERATION, BROKEN_TEXT, BANNED_KEYWORD),
+        checks=(_retention(LABELED), EMPTY_OUTPUT_RATE),
+        retention=(0.7, 1.0),
+    ),
+    Spec(
+        SCORED,
+        "pairs",
+        SOURCE_SHARD,
+        per_round=True,
+        shapes=("score.method", "score.min_answer_mass", "score.exact", "score.decision", "sampling"),
+        prompts=("point", "humpback"),
+        engine="chat",
+        automation="all",
+        what="instructions scored (all rows kept with their score)",
+        schema="ScoredPairs",
+        checks=(FALLBACK_RATE, PARSE_FAILURE_RATE, SCORE_DISTRIBUTION),
+    ),
+    Spec(
+        POLISHED,
+        "pairs",
+        SOURCE_SHARD,
+        per_round=True,
+        shapes=("score.threshold", "polish", "label.whitespace_run", "sampling", "tags", "score.min_answer_mass"),
+        prompts=("answer", "tag_task_type", "tag_domain"),
+        engine="chat",
+        automation="all",
+        what="kept by score.threshold, polished, output filters passed",
+        schema="PolishedPairs",
+        reasons=(
+            EMPTY_AFTER_CLEAN,
+            REPEATED_INSTRUCTION,
+            PROMPT_OVER_BUDGET,
+            EMPTY_GENERATION,
+            BROKEN_TEXT,
+            BANNED_KEYWORD,
+            TOO_SHORT,
+            REPEATED_PHRASE,
+            DUPLICATE_OUTPUT,
+        ),
+        checks=(KEEP_RATE, _retention(POLISHED), EMPTY_OUTPUT_RATE, _duplicate_rate(DUPLICATE_OUTPUT), FAITHFULNESS),
+        retention=(0.5, 1.0),
+    ),
+    Spec(
+        DATASET,
+        "dataset",
+        SOURCE,
+        per_round=True,
+        shapes=(
+            "dataset",
+            "polish.dedup_outputs",
+            "score.threshold",
+            "score.method",
+            "dedup.threshold",
+            "dedup.num_perm",
+            "dedup.seed",
+            "iterations",  # where it is released: release/{source} is the last round's
+        ),
+        automation="all",
+        what="COIG-CQIA records released (under the threshold and keywords now in force; answers repeated across shards dropped)",
+        schema="InstructionDataset",
+        reasons=(BELOW_THRESHOLD, BANNED_KEYWORD, DUPLICATE_OUTPUT),
+        checks=(RELEASE_RETENTION, ONE_VERSION),
+        retention=(0.01, 1.0),
+    ),
+    Spec(
+        EVALUATION,
+        "dataset",
+        per_round=True,
+        shapes=("evaluation", "models.chat.train", "models.keep_default_system", "sampling.repetition_penalty"),
+        prompts=("judge",),
+        engine="chat",
+    ),
+)
+BY_NAME = {s.name: s for s in SPECS}
+
+# -- derived tables ----------------------------------------------------------------------------------
+MODELS = tuple(s.name for s in SPECS if s.group == _MODELS and s.name != SEED_DATA)  # the model assets
+VERSIONS = tuple(s for s in SPECS if s.is_version)  # the dataset versions, in graph order
+CORPUS = tuple(s.name for s in VERSIONS if s.partitions == SOURCE_SHARD)  # the funnel's stages, in graph order
+# Every source x shard asset in graph order, the dedup indices included: what one run of a source materializes.
+PARTITIONED = tuple(s.name for s in SPECS if s.partitions == SOURCE_SHARD)
+ROUND_STAGES = tuple(s.name for s in SPECS if s.per_round)
+RETENTION = {s.name: s.retention for s in SPECS if s.retention}  # checks.retention's defaults
+AWAITS = {s.name: s.awaits for s in SPECS if s.awaits}
+AUTOMATED = {
+    "off": (),
+    "corpus": tuple(s.name for s in SPECS if s.automation == "corpus"),
+    "all": tuple(s.name for s in SPECS if s.automation),
+}
+
+
+# -- rounds ------------------------------------------------------------------------------------------
+# Humpback's rounds (config `iterations`): round 1 is the graph; round k >= 2 re-trains the chat
+# model and re-scores the same labeled_pairs, so the per-round stages exist once per round, named
+# <stage>_round<k> (docs/ARCHITECTURE.md: why not a dimension).
+_ROUND = "_round"
+
+
+def in_round(stage: str, k: int) -> str:
+    """The asset name of a per-round stage in round k (round 1 keeps the plain name)."""
+    if stage not in ROUND_STAGES:
+        raise ValueError(f"{stage} is not a per-round stage ({', '.join(ROUND_STAGES)})")
+    return stage if k == 1 else f"{stage}{_ROUND}{k}"
+
+
+def split_round(asset: str) -> tuple[str, int]:
+    """(stage, round) of an asset name: scored_pairs_round2 -> (scored_pairs, 2); others round 1."""
+    stage, sep, k = asset.rpartition(_ROUND)
+    if sep and k.isdigit() and stage in ROUND_STAGES and int(k) >= 2:
+        return stage, int(k)
+    return asset, 1
+
+
+def stage_of(asset: str) -> str:
+    return split_round(asset)[0]
+
+
+def group(asset: str) -> str:
+    """An asset's UI group: its spec's, a later round's stages together in round<k>."""
+    stage, k = split_round(asset)
+    return BY_NAME[stage].group if k == 1 else f"round{k}"
+
+
+# -- lookups -----------------------------------------------------------------------------------------
+def spec(asset: str) -> Spec:
+    """The spec of an asset, a later round's (scored_pairs_round2) being its stage's."""
+    return BY_NAME[stage_of(asset)]
+
+
+def get(asset: str) -> Spec:
+    """The spec of a dataset version (KeyError for an asset that holds no dataset version)."""
+    s = spec(asset)
+    if not s.is_version:
+        raise KeyError(asset)
+    return s
+
+
+def find(asset: str) -> Spec | None:
+    """The spec of a dataset version, None for any other asset."""
+    s = BY_NAME.get(stage_of(asset))
+    return s if s is not None and s.is_version else None
+
+
+def findings(asset: str, cfg, result, base: UPath) -> list[quality.Finding]:
+    """Every WARN check of one partition (or, for instruction_dataset, one source)."""
+    result.stats.setdefault("asset", asset)  # the score distribution compares with the same round's partitions
+    return [c.measure(cfg, result, base) for c in get(asset).checks]

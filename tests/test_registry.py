@@ -1,0 +1,126 @@
+"""The registry of dataset versions is the one place for each asset's name, schema, reason codes
+and WARN checks: everything else agrees with it."""
+
+import ast
+from pathlib import Path
+
+import dagster as dg
+
+from kun_dagster import corpus, registry, stages
+from kun_dagster.definitions import build_definitions
+
+from .conftest import write_config
+
+
+def _codes(module) -> set[str]:
+    """The reason-code constants a module defines (NAME = "name")."""
+    return {v for k, v in vars(module).items() if k.isupper() and isinstance(v, str) and v == k.lower()}
+
+
+def test_every_reason_code_a_stage_can_write_belongs_to_a_version():
+    listed = {r for v in registry.VERSIONS for r in v.reasons}
+    assert _codes(corpus) | _codes(stages) == listed
+    assert set(registry.get(registry.RAW).reasons) == _codes(corpus)  # ingest's codes are raw_corpus's alone
+
+
+def test_the_graph_the_checks_and_the_registry_name_the_same_versions(tmp_path):
+    graph = build_definitions(write_config(tmp_path)).resolve_asset_graph()
+    for v in registry.VERSIONS:
+        node = graph.get(dg.AssetKey(v.name))
+        checks = [k.name for k in node.check_keys]
+        assert sorted(checks) == sorted(["schema", *(c.name for c in v.checks)]), v.name
+        assert len({c.name for c in v.checks}) == len(v.checks)
+    partitioned = [
+        k.path[0]
+        for k in graph.get_all_asset_keys()
+        if isinstance(graph.get(k).partitions_def, dg.MultiPartitionsDefinition) and graph.get(k).is_materializable  # not source_files
+    ]
+    assert sorted(partitioned) == sorted(registry.PARTITIONED) and set(registry.CORPUS) < set(registry.PARTITIONED)
+    parents = {v: [p.path[0] for p in graph.get(dg.AssetKey(v)).parent_keys] for v in registry.PARTITIONED[1:]}
+    for earlier, later in zip(registry.PARTITIONED, registry.PARTITIONED[1:]):
+        assert earlier in parents[later]  # graph order
+
+
+def test_the_retention_bounds_kun_yaml_accepts_are_the_versions_with_a_retention_check():
+    from kun_dagster.config import RETENTION
+
+    assert set(RETENTION) == {v.name for v in registry.VERSIONS if any(c.name == "retention" for c in v.checks)}
+
+
+# -- the layout: no import cycle, each asset name in one module ----------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCTION = ("kun_dagster", "assets", "checks", "resources", "automation")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in (ROOT / "kun_dagster").rglob("*.py"):
+        name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        out[name.removesuffix(".__init__")] = p
+    return out
+
+
+def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
+    """The package's modules that `name` imports, at the top or inside a function (an import moved
+    into a function to dodge a cycle is still an arrow)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+            base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else [])) if node.level else node.module
+            named = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods]  # `from . import x`: module x
+            targets = named or [base]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in mods:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+def test_the_core_has_no_import_cycle():
+    mods = _modules()
+    graph = {m: _imports(m, p, mods) for m, p in mods.items()}
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m) :] + [m]))
+        if m in done:
+            return
+        path.append(m)
+        for n in sorted(graph[m]):
+            visit(n)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    # the registry and the reason codes are leaves: everything may import them
+    assert graph["kun_dagster.reasons"] == set()
+    assert graph["kun_dagster.registry"] <= {"kun_dagster.reasons", "kun_dagster.quality", "kun_dagster.storage"}
+
+
+def test_each_asset_name_is_written_in_the_registry_alone():
+    names = {s.name for s in registry.SPECS} | {registry.SOURCE_FILES}
+    # the records' provenance columns name the models that made them: columns, not asset references
+    columns = {("kun_dagster/dataset.py", registry.LABEL_MODEL), ("kun_dagster/dataset.py", registry.CHAT_MODEL)}
+    found = []
+    for d in PRODUCTION:
+        for p in (ROOT / d).rglob("*.py"):
+            rel = str(p.relative_to(ROOT))
+            tree = ast.parse(p.read_text(encoding="utf-8"))
+            exported = {
+                id(n)
+                for a in ast.walk(tree)
+                if isinstance(a, ast.Assign) and "__all__" in ast.unparse(a.targets[0])
+                for n in ast.walk(a.value)
+            }
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and node.value in names and id(node) not in exported and (rel, node.value) not in columns:
+                    found.append(f"{rel}:{node.lineno} {node.value}")
+    assert [f for f in found if not f.startswith("kun_dagster/registry.py")] == []
