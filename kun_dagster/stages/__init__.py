@@ -5,7 +5,7 @@ No Dagster here: assets/ calls these once per partition. Every dropped row carri
 dataset version it makes (raw, filtered, deduped, labeled, scored, polished); common.py holds what they share.
 """
 
-from .common import (
+from ..reasons import (
     BANNED_KEYWORD,
     BELOW_THRESHOLD,
     BROKEN_TEXT,
@@ -22,6 +22,8 @@ from .common import (
     TEXT_TOO_LONG,
     TOO_MANY_TOKENS,
     TOO_SHORT,
+)
+from .common import (
     StageResult,
     sampling_params,
 )

@@ -12,24 +12,6 @@ import pandas as pd
 from ..config import KunConfig
 from ..corpus import QUARANTINE_COLUMNS
 from ..llm.base import EngineError, SamplingParams
-from ..reasons import (  # noqa: F401 (the stages' reason codes, named here for the stages and their callers)
-    BANNED_KEYWORD,
-    BELOW_THRESHOLD,
-    BROKEN_TEXT,
-    DUPLICATE_OUTPUT,
-    DUPLICATE_TEXT,
-    EMPTY_AFTER_CLEAN,
-    EMPTY_GENERATION,
-    HIGH_PERPLEXITY,
-    NEAR_DUPLICATE,
-    PERPLEXITY_UNDEFINED,
-    PROMPT_OVER_BUDGET,
-    REPEATED_INSTRUCTION,
-    REPEATED_PHRASE,
-    TEXT_TOO_LONG,
-    TOO_MANY_TOKENS,
-    TOO_SHORT,
-)
 from ..storage import Rows
 from ..text import text_key
 

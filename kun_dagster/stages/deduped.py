@@ -14,11 +14,12 @@ import pyarrow.compute as pc
 from .. import dedup, progress
 from ..config import KunConfig
 from ..corpus import quarantine_frame
+from ..reasons import DUPLICATE_TEXT, NEAR_DUPLICATE
 from ..registry import CLUSTERS, DEDUPED, SIGNATURES
 from ..schemas import INDEXES, LOCATION
 from ..storage import FrameSink, PartitionTable, Sink
 from ..text import text_key
-from .common import DUPLICATE_TEXT, NEAR_DUPLICATE, StageResult, batches, dropped_rows, no_reasons, stage_stats, summary
+from .common import StageResult, batches, dropped_rows, no_reasons, stage_stats, summary
 
 
 class DedupError(ValueError):

@@ -12,16 +12,18 @@ from .. import progress
 from ..config import KunConfig
 from ..corpus import quarantine_frame
 from ..llm.base import Engine, encode
-from ..registry import FILTERED
-from ..storage import FrameSink, Sink
-from ..text import clean_text
-from .common import (
+from ..reasons import (
     DUPLICATE_TEXT,
     EMPTY_AFTER_CLEAN,
     HIGH_PERPLEXITY,
     PERPLEXITY_UNDEFINED,
     TEXT_TOO_LONG,
     TOO_MANY_TOKENS,
+)
+from ..registry import FILTERED
+from ..storage import FrameSink, Sink
+from ..text import clean_text
+from .common import (
     StageResult,
     batches,
     dropped_rows,

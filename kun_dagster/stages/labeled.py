@@ -7,12 +7,14 @@ import pandas as pd
 from .. import prompts
 from ..config import KunConfig
 from ..llm.base import Engine
-from ..registry import LABELED
-from ..text import find_keyword, repair_instruction
-from .common import (
+from ..reasons import (
     BANNED_KEYWORD,
     BROKEN_TEXT,
     EMPTY_GENERATION,
+)
+from ..registry import LABELED
+from ..text import find_keyword, repair_instruction
+from .common import (
     REPLACEMENT_CHAR,
     StageResult,
     finish,

@@ -7,9 +7,7 @@ import pandas as pd
 from .. import prompts, scoring, tagging
 from ..config import KunConfig
 from ..llm.base import Engine
-from ..registry import POLISHED
-from ..text import find_keyword, starts_with_repeated_phrase
-from .common import (
+from ..reasons import (
     BANNED_KEYWORD,
     BROKEN_TEXT,
     DUPLICATE_OUTPUT,
@@ -18,8 +16,12 @@ from .common import (
     PROMPT_OVER_BUDGET,
     REPEATED_INSTRUCTION,
     REPEATED_PHRASE,
-    REPLACEMENT_CHAR,
     TOO_SHORT,
+)
+from ..registry import POLISHED
+from ..text import find_keyword, starts_with_repeated_phrase
+from .common import (
+    REPLACEMENT_CHAR,
     StageResult,
     finish,
     mark_duplicates,
