@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import IngestConfig, SourceConfig
-from .reasons import (  # noqa: F401 (ingest's reason codes, named here for its callers)
+from .registry import (  # noqa: F401 (ingest's reason codes, named here for its callers)
     DUPLICATE_ID,
     EMPTY_FILE,
     EMPTY_TEXT,

@@ -13,8 +13,7 @@ from upath import UPath
 from . import dedup, registry, scoring, storage, tagging
 from .code_versions import published_config
 from .config import KunConfig
-from .reasons import BANNED_KEYWORD, BELOW_THRESHOLD
-from .registry import CHAT_MODEL, EVALUATION, ROUND_STAGES, in_round
+from .registry import BANNED_KEYWORD, BELOW_THRESHOLD, CHAT_MODEL, EVALUATION, ROUND_STAGES, in_round
 from .stages import DUPLICATE_OUTPUT, StageResult
 from .stages.common import dropped_rows, mark_duplicates, no_reasons
 from .text import find_keyword

@@ -28,12 +28,32 @@ import pandas as pd
 import pyarrow as pa
 import rensa
 
-from .reasons import DUPLICATE_TEXT, NEAR_DUPLICATE
+from .registry import DUPLICATE_TEXT, NEAR_DUPLICATE
 from .text import text_key
 
 ALGORITHM = f"rensa.RMinHash v{rensa.RMinHash.ALGORITHM_VERSION}"  # signatures of another algorithm do not compare
 CANDIDATE_RECALL = 0.99  # P(a pair at the threshold shares a band): LSH finds candidates, the estimate decides
-KEPT = "kept"  # a cluster member that stays; the others go as DUPLICATE_TEXT or NEAR_DUPLICATE (reasons.py)
+KEPT = "kept"  # a cluster member that stays; the others go as DUPLICATE_TEXT or NEAR_DUPLICATE
+
+EVERY_SOURCE = "every source"  # the one cluster group under dedup.scope: all
+
+
+def across_sources(cfg) -> bool:
+    """dedup.scope, read here alone: are duplicates looked for across sources (all) or within each (source)?"""
+    return cfg.dedup.scope == "all"
+
+
+def cluster_group(cfg, source: str) -> str:
+    """The group a source's documents are clustered in: the source itself, or every source."""
+    return EVERY_SOURCE if across_sources(cfg) else source
+
+
+def cluster_groups(cfg, sources: list[str]) -> dict[str, list[str]]:
+    """The cluster groups the given sources fall in, each with every source it holds (config order):
+    clustering a group needs the signatures of all of them."""
+    groups = dict.fromkeys(cluster_group(cfg, s) for s in sources)
+    return {g: [s.name for s in cfg.sources if cluster_group(cfg, s.name) == g] for g in groups}
+
 
 _PRIME = np.uint64(0x100000001B3)  # FNV-1a's 64-bit prime: the rolling polynomial of a shingle's characters
 _CHUNK = 4096  # documents hashed at a time: bounds the shingle arrays to a few tens of MB

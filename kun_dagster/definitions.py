@@ -10,7 +10,7 @@ import dagster as dg
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-from assets import corpus, dataset, evaluation, models, pairs
+from assets import corpus, dataset, dedup, evaluation, jobs, models, pairs
 from automation import apply_automation, automation_sensors, observe_sources, source_files
 from checks import check_failure_alerts, dead_run_recovery, run_failure_alerts
 from resources import KunResource, LLMResource, ModelRefIOManager, ParquetIOManager, ReportIOManager
@@ -33,7 +33,7 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
     }
     kun = KunResource(config_path=str(cfg_file), **secrets)
     llm = {f"{role}_llm": LLMResource(kun=kun, role=role) for role in ("base", "label", "chat")}
-    all_assets = [source_files(cfg)] + models.build(cfg) + corpus.build(cfg) + pairs.build(cfg) + dataset.build(cfg)
+    all_assets = [source_files(cfg)] + models.build(cfg) + corpus.build(cfg) + dedup.build(cfg) + pairs.build(cfg) + dataset.build(cfg)
     all_assets = dg.map_asset_specs(lambda spec: spec.replace_attributes(owners=cfg.deploy.owners), all_assets)
     all_assets = apply_automation(all_assets, cfg)
     # Each step in its own process, forked from a server that has imported this code location once
@@ -53,6 +53,7 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
             evaluation.REPORT_IO: ReportIOManager(kun=kun),
             **llm,
         },
+        jobs=jobs.build(cfg),
         sensors=[check_failure_alerts, run_failure_alerts, dead_run_recovery, observe_sources(cfg), *automation_sensors(cfg)],
         executor=executor,
     )

@@ -2,12 +2,12 @@
 
 A spec is the one place for an asset's name, its UI group, how it is partitioned, whether it
 exists once per round, its Pandera schema (by name, in schemas.py), the reason codes its
-quarantine may hold, its WARN checks and their default bounds, the kun.yaml keys and prompts that
+quarantine may hold (defined here), its WARN checks and their default bounds, the kun.yaml keys and prompts that
 shape it (its code version), the engine role it runs, and whether the daemon automates it. The
 assets, the checks, the code versions, the automation, the funnel, the card and the CLI read it.
 
-A leaf: it imports no other module of the project but the reason codes and the two helpers its
-WARN checks measure with (quality, storage), so every module may import it.
+A leaf: it imports no other module of the project but the two helpers its WARN checks measure with
+(quality, storage), so every module may import it.
 """
 
 from __future__ import annotations
@@ -22,39 +22,48 @@ import numpy as np
 from upath import UPath
 
 from . import quality, storage
-from .reasons import (
-    BANNED_KEYWORD,
-    BELOW_THRESHOLD,
-    BROKEN_TEXT,
-    DUPLICATE_ID,
-    DUPLICATE_OUTPUT,
-    DUPLICATE_TEXT,
-    EMPTY_AFTER_CLEAN,
-    EMPTY_FILE,
-    EMPTY_GENERATION,
-    EMPTY_TEXT,
-    FILE_TOO_LARGE,
-    HIGH_PERPLEXITY,
-    INVALID_ENCODING,
-    INVALID_JSON,
-    INVALID_UNICODE,
-    MISSING_ID,
-    MISSING_TEXT,
-    NEAR_DUPLICATE,
-    NOT_AN_OBJECT,
-    PERPLEXITY_UNDEFINED,
-    PROMPT_OVER_BUDGET,
-    RECORD_ERROR,
-    RECORD_TOO_LARGE,
-    REPEATED_INSTRUCTION,
-    REPEATED_PHRASE,
-    ROW_GROUP_TOO_LARGE,
-    TEXT_NOT_STRING,
-    TEXT_TOO_LONG,
-    TOO_MANY_TOKENS,
-    TOO_SHORT,
-    UNREADABLE_FILE,
-)
+
+# -- the reason codes: every code a quarantine row may carry, with what it means (the specs list
+# which asset's quarantine may hold which; the stages and the ingest emit them) ------------------------
+# raw_corpus: reading the source files (corpus.py)
+INVALID_ENCODING = "invalid_encoding"  # bytes that are not valid in the source's encoding
+INVALID_UNICODE = "invalid_unicode"  # a lone surrogate (a JSON \\ud83d escape): no UTF-8 can hold it
+INVALID_JSON = "invalid_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_TEXT = "missing_text"  # the text field is absent or null
+TEXT_NOT_STRING = "text_not_string"  # a number, a list, an object
+EMPTY_TEXT = "empty_text"  # nothing but spaces, control characters, escapes
+MISSING_ID = "missing_id"  # absent, null, empty, or not a string or number
+DUPLICATE_ID = "duplicate_id"  # an earlier document of the source has this id (the detail names where)
+EMPTY_FILE = "empty_file"  # zero bytes: no records (one row, so the file is seen)
+UNREADABLE_FILE = "unreadable_file"  # the file itself broke (a corrupt archive): the rows after it cannot be read
+RECORD_TOO_LARGE = "record_too_large"  # over ingest.max_record_bytes; the rest of the file is read
+FILE_TOO_LARGE = "file_too_large"  # a whole-file JSON over ingest.max_file_bytes
+ROW_GROUP_TOO_LARGE = "row_group_too_large"  # a Parquet row group whose columns read are over ingest.max_file_bytes
+RECORD_ERROR = "record_error"  # a record no rule expected broke the reader; the rest of the file is read
+
+# the corpus filters and dedup
+EMPTY_AFTER_CLEAN = "empty_after_clean"
+TEXT_TOO_LONG = "text_too_long"  # over filter.max_doc_chars: dropped before it is tokenized
+TOO_MANY_TOKENS = "too_many_tokens"
+HIGH_PERPLEXITY = "high_perplexity"
+PERPLEXITY_UNDEFINED = "perplexity_undefined"
+DUPLICATE_TEXT = "duplicate_text"  # the same text up to whitespace as a document kept before it
+NEAR_DUPLICATE = "near_duplicate"  # a MinHash near-duplicate of a document its cluster keeps
+
+# the LLM stages and the release
+EMPTY_GENERATION = "empty_generation"
+BANNED_KEYWORD = "banned_keyword"
+BELOW_THRESHOLD = "below_threshold"  # the release re-applies score.threshold (its inputs may be older)
+PROMPT_OVER_BUDGET = "prompt_over_budget"
+TOO_SHORT = "too_short"
+REPEATED_PHRASE = "repeated_phrase"
+REPEATED_INSTRUCTION = "repeated_instruction"  # a repeated line that does not open the instruction: Kun drops it
+DUPLICATE_OUTPUT = "duplicate_output"
+BROKEN_TEXT = "broken_text"  # U+FFFD: the model emitted bytes that are not UTF-8
+# Every code above (the constants defined so far are exactly they): what the specs' `reasons` draw on.
+REASONS = frozenset(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and v == k.lower())
+
 
 # -- the asset names ---------------------------------------------------------------------------------
 SEED_DATA, BASE_MODEL, LABEL_MODEL, CHAT_MODEL = "seed_data", "base_model", "label_model", "chat_model"
@@ -484,6 +493,56 @@ def group(asset: str) -> str:
     """An asset's UI group: its spec's, a later round's stages together in round<k>."""
     stage, k = split_round(asset)
     return BY_NAME[stage].group if k == 1 else f"round{k}"
+
+
+# -- the step groups: the declared jobs, in the order `kun run` walks them ----------------------------
+@dataclass(frozen=True)
+class Step:
+    """A group of assets made together: a job in the UI, one run per source range in `kun run`."""
+
+    job: str
+    stages: tuple[str, ...]  # in graph order; a per-round stage as round k's asset
+    what: str
+    rounds: str = "first"  # "first": round 1 only; "later": rounds 2.. (one job each); "each": every round
+    whole_source: bool = False  # made over every shard of a source at once (dedup's clusters)
+    when: str | None = None  # a config switch it needs ("evaluation")
+
+
+STEPS = (
+    Step("models", (SEED_DATA, BASE_MODEL, LABEL_MODEL, CHAT_MODEL), "the seed data, the base, the label and the chat model"),
+    Step("corpus_head", (RAW, FILTERED, SIGNATURES), "ingest, filter and sign each shard"),
+    Step("clusters", (CLUSTERS,), "duplicate clusters over every shard of a source (dedup.scope all: of every source)", whole_source=True),
+    Step("corpus_tail", (DEDUPED, LABELED, SCORED, POLISHED), "dedupe, label, score and polish each shard"),
+    Step("retrain", (CHAT_MODEL,), "round k's chat model (Humpback's M_{k-1}), trained on round k-1's data", rounds="later"),
+    Step("rescore", (SCORED, POLISHED), "the same labeled pairs scored and polished by round k's chat model", rounds="later"),
+    Step("release", (DATASET,), "each source's release: records, card, manifest", rounds="each"),
+    Step(
+        "evaluate", (EVALUATION,), "the release's worth: seeds-only and seeds + release models compared", rounds="each", when="evaluation"
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A step of one round: its job's name and its assets' names."""
+
+    name: str
+    assets: tuple[str, ...]
+    step: Step
+    round: int
+
+
+def jobs(iterations: int, evaluation: bool) -> list[Job]:
+    """Every step's job, rounds expanded, in the order `kun run` makes them: the models and the
+    corpus, round 1's release (and evaluation), then each later round's model, pairs, release."""
+    out = []
+    for k in range(1, iterations + 1):
+        for step in STEPS:
+            if {"first": k != 1, "later": k == 1, "each": False}[step.rounds] or (step.when == "evaluation" and not evaluation):
+                continue
+            name = step.job if k == 1 else f"{step.job}_round{k}"
+            out.append(Job(name, tuple(in_round(a, k) if a in ROUND_STAGES else a for a in step.stages), step, k))
+    return out
 
 
 # -- lookups -----------------------------------------------------------------------------------------

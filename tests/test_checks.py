@@ -117,10 +117,10 @@ def test_a_planted_schema_violation_stops_the_run_publishes_nothing_and_alerts_o
     scored_steps = [e for e in result.all_events if e.step_key == "scored_pairs"]
     assert not any(e.is_step_start for e in scored_steps)  # the next stage never ran
 
-    from kun_dagster import cli  # what `kun run` prints for it: the check, its counts, rows with file:row, no traceback
+    from kun_dagster import runner  # what `kun run` prints for it: the check, its counts, rows with file:row, no traceback
 
     capsys.readouterr()
-    cli._report(result, None, graph["base"], tmp_path, debug=False)
+    runner.report(result, None, graph["base"], tmp_path, debug=False)
     said = capsys.readouterr().err
     assert f"labeled_pairs: blocking check `schema` failed in {KEY}" in said
     assert f"{KEY}: label_tokens: greater_than_or_equal_to(0) x {n}" in said

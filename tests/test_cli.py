@@ -86,7 +86,7 @@ def test_a_killed_kun_run_is_recovered_by_the_next(models_run, tmp_path, monkeyp
     monkeypatch.setenv("KUN_CONFIG", str(cfg))
     assert cli.main(["run", "--config", str(cfg), "--source", "wudao", "--progress", "off"]) == cli.OK
     out = capsys.readouterr().out
-    assert f"kun run: run {dead[0].run_id[:8]} (__ephemeral_asset_job__) was STARTED but its worker" in out
+    assert f"kun run: run {dead[0].run_id[:8]} (corpus_tail) was STARTED but its worker" in out  # the declared job it ran
     assert "is gone: marked failed, its pool slots freed" in out and "Funnel" in out
     # what the killed run had finished is not made again: only the step it was killed in
     assert "ingest, filter, sign: up to date" in out and "duplicate_clusters (wudao): up to date" in out

@@ -5,7 +5,7 @@ No Dagster here: assets/ calls these once per partition. Every dropped row carri
 dataset version it makes (raw, filtered, deduped, labeled, scored, polished); common.py holds what they share.
 """
 
-from ..reasons import (
+from ..registry import (
     BANNED_KEYWORD,
     BELOW_THRESHOLD,
     BROKEN_TEXT,

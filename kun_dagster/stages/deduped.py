@@ -14,8 +14,7 @@ import pyarrow.compute as pc
 from .. import dedup, progress
 from ..config import KunConfig
 from ..corpus import quarantine_frame
-from ..reasons import DUPLICATE_TEXT, NEAR_DUPLICATE
-from ..registry import CLUSTERS, DEDUPED, SIGNATURES
+from ..registry import CLUSTERS, DEDUPED, DUPLICATE_TEXT, NEAR_DUPLICATE, SIGNATURES
 from ..schemas import INDEXES, LOCATION
 from ..storage import FrameSink, PartitionTable, Sink
 from ..text import text_key

@@ -12,15 +12,15 @@ from .. import progress
 from ..config import KunConfig
 from ..corpus import quarantine_frame
 from ..llm.base import Engine, encode
-from ..reasons import (
+from ..registry import (
     DUPLICATE_TEXT,
     EMPTY_AFTER_CLEAN,
+    FILTERED,
     HIGH_PERPLEXITY,
     PERPLEXITY_UNDEFINED,
     TEXT_TOO_LONG,
     TOO_MANY_TOKENS,
 )
-from ..registry import FILTERED
 from ..storage import FrameSink, Sink
 from ..text import clean_text
 from .common import (

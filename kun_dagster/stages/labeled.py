@@ -7,12 +7,12 @@ import pandas as pd
 from .. import prompts
 from ..config import KunConfig
 from ..llm.base import Engine
-from ..reasons import (
+from ..registry import (
     BANNED_KEYWORD,
     BROKEN_TEXT,
     EMPTY_GENERATION,
+    LABELED,
 )
-from ..registry import LABELED
 from ..text import find_keyword, repair_instruction
 from .common import (
     REPLACEMENT_CHAR,

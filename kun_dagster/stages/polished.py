@@ -7,18 +7,18 @@ import pandas as pd
 from .. import prompts, scoring, tagging
 from ..config import KunConfig
 from ..llm.base import Engine
-from ..reasons import (
+from ..registry import (
     BANNED_KEYWORD,
     BROKEN_TEXT,
     DUPLICATE_OUTPUT,
     EMPTY_AFTER_CLEAN,
     EMPTY_GENERATION,
+    POLISHED,
     PROMPT_OVER_BUDGET,
     REPEATED_INSTRUCTION,
     REPEATED_PHRASE,
     TOO_SHORT,
 )
-from ..registry import POLISHED
 from ..text import find_keyword, starts_with_repeated_phrase
 from .common import (
     REPLACEMENT_CHAR,

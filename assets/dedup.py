@@ -1,0 +1,97 @@
+"""Source-wide dedup as one component: minhash_signatures per partition, duplicate_clusters over
+every shard of a cluster group (dedup.cluster_group: the source, or every source under
+dedup.scope: all) through the every-shard partition mapping, and deduped_corpus, which waits for
+the clusters' content to move before it re-runs (registry: awaits). The `clusters` job
+(registry.STEPS) makes one group's clusters; the algorithms are kun_dagster/dedup.py."""
+
+import dagster as dg
+
+import checks
+from kun_dagster import dedup, registry, stages, storage
+from kun_dagster.config import KunConfig
+from kun_dagster.partitions import SHARD, SOURCE, hive
+from kun_dagster.registry import CLUSTERS, SIGNATURES
+from resources import ARROW, STREAM, KunResource
+
+from .common import by_partition, report_stage, staged_sink
+from .corpus import corpus_spec
+from .partitions import corpus_partitions
+
+
+def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
+    parts = corpus_partitions(cfg)
+
+    def spec(name: str, **more) -> dict:
+        return corpus_spec(cfg, parts, name, **more)
+
+    @dg.asset(**spec(SIGNATURES, checked=False, ins={registry.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
+    def minhash_signatures(context: dg.AssetExecutionContext, kun: KunResource, filtered_corpus):
+        """A MinHash signature (dedup.num_perm values over character dedup.ngram-grams of the
+        normalised text) and an exact-text key per document: what duplicate_clusters compares
+        across shards. Config: dedup."""
+        out = {}
+        for key, batches in by_partition(context, filtered_corpus).items():
+            label = f"{SIGNATURES} {'/'.join(hive(key).values())}"
+            result = stages.sign(batches, kun.config, staged_sink(kun, SIGNATURES, key), label=label)
+            out[key] = report_stage(context, kun, SIGNATURES, key, result)
+        return out
+
+    # Every partition of a source depends on the signatures of all its shards (scope: all, of every source).
+    every_shard = (
+        dg.AllPartitionMapping()
+        if dedup.across_sources(cfg)
+        else dg.MultiPartitionMapping(
+            {
+                SOURCE: dg.DimensionPartitionMapping(SOURCE, dg.IdentityPartitionMapping()),
+                SHARD: dg.DimensionPartitionMapping(SHARD, dg.AllPartitionMapping()),
+            }
+        )
+    )
+
+    @dg.asset(**spec(CLUSTERS, checked=False, ins={SIGNATURES: dg.AssetIn(partition_mapping=every_shard, metadata={ARROW: True})}))
+    def duplicate_clusters(context: dg.AssetExecutionContext, kun: KunResource, minhash_signatures):
+        """Clusters of exact and near-duplicates (estimated Jaccard >= dedup.threshold, MinHash
+        LSH) over every shard of the source (dedup.scope: all: of every source), computed once per
+        source of the run. A partition holds the cluster members that live in it: each kept or
+        dropped, with the kept document's location. Config: dedup."""
+        tables = minhash_signatures if isinstance(minhash_signatures, dict) else {context.partition_keys[0]: minhash_signatures}
+        group = lambda k: dedup.cluster_group(kun.config, hive(k)["source"])  # noqa: E731
+        found = {}
+        for name in dict.fromkeys(group(k) for k in context.partition_keys):
+            try:
+                found[name] = stages.cluster([t for k, t in tables.items() if group(k) == name], kun.config)
+            except stages.DedupError as e:
+                raise dg.Failure(str(e), allow_retries=False) from e
+            st = found[name].stats
+            context.log.info(
+                f"{CLUSTERS} {name}: {st['documents']} documents, {st['clusters']} clusters (largest {st['largest_cluster']}), "
+                f"dropping {st['duplicates']} in {st['seconds']}s"
+            )
+        out = {}
+        for key in context.partition_keys:
+            part, result = hive(key), found[group(key)]
+            rows = result.rows
+            mine = rows[(rows["source"] == part["source"]) & (rows["shard"].astype(str) == part["shard"])].reset_index(drop=True)
+            stats = {**result.stats, "dropped_here": int((mine["role"] != "kept").sum())}
+            out[key] = report_stage(context, kun, CLUSTERS, key, stages.StageResult(mine, result.dropped, stats))
+        # The clusters' content as the data version: a new file that duplicates nothing re-clusters its
+        # source to the same clusters, and deduped_corpus of the other shards stays fresh. Dagster 1.13
+        # gives every partition of a run one version: a run of one source (what a new file, a
+        # one-source backfill and `kun run` make) is that source's clusters.
+        content = storage.content_hash(found[name].rows for name in sorted(found))
+        return dg.Output(out, data_version=dg.DataVersion(content))
+
+    @dg.asset(**spec(registry.DEDUPED, ins={registry.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
+    def deduped_corpus(context: dg.AssetExecutionContext, kun: KunResource, filtered_corpus, duplicate_clusters):
+        """filtered_corpus less every document that duplicate_clusters drops: exact copies
+        (duplicate_text) and near-duplicates (near_duplicate) of a document kept elsewhere,
+        quarantined with the kept document's location and the estimated Jaccard."""
+        clusters = by_partition(context, duplicate_clusters)
+        out = {}
+        for key, batches in by_partition(context, filtered_corpus).items():
+            label = f"{registry.DEDUPED} {'/'.join(hive(key).values())}"
+            result = stages.dedupe(batches, clusters[key], staged_sink(kun, registry.DEDUPED, key), label=label)
+            out[key] = report_stage(context, kun, registry.DEDUPED, key, result)
+        yield from checks.gate(context, kun, registry.DEDUPED, out)
+
+    return [minhash_signatures, duplicate_clusters, deduped_corpus]
