@@ -31,13 +31,8 @@ def corpus_spec(cfg: KunConfig, parts, name: str, *, checked: bool = True, role:
     )
 
 
-def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
-    parts = corpus_partitions(cfg)
-
-    def spec(name: str, **more) -> dict:
-        return corpus_spec(cfg, parts, name, **more)
-
-    @dg.asset(**spec(registry.RAW, deps=[SOURCE_FILES]))
+def _raw_corpus(cfg: KunConfig, parts) -> dg.AssetsDefinition:
+    @dg.asset(**corpus_spec(cfg, parts, registry.RAW, deps=[SOURCE_FILES]))
     def raw_corpus(context: dg.AssetExecutionContext, kun: KunResource):
         """Every document of the partition's files (a file's shard is a stable hash of its path),
         streamed in batches; unreadable rows go to the quarantine with a reason code, file and row.
@@ -60,10 +55,16 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             out[key] = report_stage(context, kun, registry.RAW, key, result)
         yield from checks.gate(context, kun, registry.RAW, out)
 
+    return raw_corpus
+
+
+def _filtered_corpus(cfg: KunConfig, parts) -> dg.AssetsDefinition:
     ppl_role = cfg.filter.perplexity_model if cfg.filter.perplexity_max is not None else None
 
     @dg.asset(
-        **spec(
+        **corpus_spec(
+            cfg,
+            parts,
             registry.FILTERED,
             role=ppl_role,
             pool=GPU_POOL,
@@ -104,4 +105,9 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             out[key] = report_stage(context, kun, registry.FILTERED, key, result, resumable)
         yield from checks.gate(context, kun, registry.FILTERED, out)
 
-    return [raw_corpus, filtered_corpus]
+    return filtered_corpus
+
+
+def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
+    parts = corpus_partitions(cfg)
+    return [_raw_corpus(cfg, parts), _filtered_corpus(cfg, parts)]

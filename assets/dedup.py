@@ -18,13 +18,8 @@ from .corpus import corpus_spec
 from .partitions import corpus_partitions
 
 
-def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
-    parts = corpus_partitions(cfg)
-
-    def spec(name: str, **more) -> dict:
-        return corpus_spec(cfg, parts, name, **more)
-
-    @dg.asset(**spec(SIGNATURES, checked=False, ins={registry.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
+def _signatures(cfg: KunConfig, parts) -> dg.AssetsDefinition:
+    @dg.asset(**corpus_spec(cfg, parts, SIGNATURES, checked=False, ins={registry.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
     def minhash_signatures(context: dg.AssetExecutionContext, kun: KunResource, filtered_corpus):
         """A MinHash signature (dedup.num_perm values over character dedup.ngram-grams of the
         normalised text) and an exact-text key per document: what duplicate_clusters compares
@@ -36,6 +31,10 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             out[key] = report_stage(context, kun, SIGNATURES, key, result)
         return out
 
+    return minhash_signatures
+
+
+def _clusters(cfg: KunConfig, parts) -> dg.AssetsDefinition:
     # Every partition of a source depends on the signatures of all its shards (scope: all, of every source).
     every_shard = (
         dg.AllPartitionMapping()
@@ -48,7 +47,11 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         )
     )
 
-    @dg.asset(**spec(CLUSTERS, checked=False, ins={SIGNATURES: dg.AssetIn(partition_mapping=every_shard, metadata={ARROW: True})}))
+    @dg.asset(
+        **corpus_spec(
+            cfg, parts, CLUSTERS, checked=False, ins={SIGNATURES: dg.AssetIn(partition_mapping=every_shard, metadata={ARROW: True})}
+        )
+    )
     def duplicate_clusters(context: dg.AssetExecutionContext, kun: KunResource, minhash_signatures):
         """Clusters of exact and near-duplicates (estimated Jaccard >= dedup.threshold, MinHash
         LSH) over every shard of the source (dedup.scope: all: of every source), computed once per
@@ -81,7 +84,11 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         content = storage.content_hash(found[name].rows for name in sorted(found))
         return dg.Output(out, data_version=dg.DataVersion(content))
 
-    @dg.asset(**spec(registry.DEDUPED, ins={registry.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
+    return duplicate_clusters
+
+
+def _deduped(cfg: KunConfig, parts) -> dg.AssetsDefinition:
+    @dg.asset(**corpus_spec(cfg, parts, registry.DEDUPED, ins={registry.FILTERED: dg.AssetIn(metadata={STREAM: True})}))
     def deduped_corpus(context: dg.AssetExecutionContext, kun: KunResource, filtered_corpus, duplicate_clusters):
         """filtered_corpus less every document that duplicate_clusters drops: exact copies
         (duplicate_text) and near-duplicates (near_duplicate) of a document kept elsewhere,
@@ -94,4 +101,9 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             out[key] = report_stage(context, kun, registry.DEDUPED, key, result)
         yield from checks.gate(context, kun, registry.DEDUPED, out)
 
-    return [minhash_signatures, duplicate_clusters, deduped_corpus]
+    return deduped_corpus
+
+
+def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
+    parts = corpus_partitions(cfg)
+    return [_signatures(cfg, parts), _clusters(cfg, parts), _deduped(cfg, parts)]

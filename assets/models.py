@@ -62,7 +62,7 @@ def _fine_tuned(
     return _versioned({**ref, "system": system} if system else ref)
 
 
-def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
+def _seed_data(cfg: KunConfig) -> dg.AssetsDefinition:
     @dg.asset(group_name=group(SEED_DATA), kinds=kinds(cfg, "json", "parquet", checked=False), code_version=code_version(SEED_DATA, cfg))
     def seed_data(context: dg.AssetExecutionContext, kun: KunResource) -> dg.Output[pd.DataFrame]:
         """COIG-CQIA seed records (instruction, input, output, ...); multiple-choice items dropped
@@ -86,6 +86,10 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         # stale, and re-reading an unchanged one (kun run does, every time) does not
         return dg.Output(kept, data_version=dg.DataVersion(storage.content_hash([kept])))
 
+    return seed_data
+
+
+def _base_model(cfg: KunConfig) -> dg.AssetsDefinition:
     @dg.asset(
         group_name=group(BASE_MODEL),
         kinds={"pytorch"},  # torch trains it
@@ -117,28 +121,34 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         )
         return _versioned(ref)
 
-    def _role_asset(role: str, examples, doc: str):
-        @dg.asset(
-            name=f"{role}_model",
-            group_name=group(f"{role}_model"),
-            kinds={"pytorch"},
-            pool=GPU_POOL,
-            retry_policy=GPU_RETRY,
-            io_manager_key=MODEL_IO,
-            description=doc,
-            op_tags=gpu_tags(cfg, None),
-            code_version=code_version(f"{role}_model", cfg),
-        )
-        def _asset(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dg.Output[dict]:
-            c = kun.config
-            rc = getattr(c.models, role)
-            if rc.path:
-                return _given(kun, role, c.resolve(rc.path))
-            return _fine_tuned(kun, context, role, rc.train, base_model, examples(seed_data))
+    return base_model
 
-        return _asset
 
+def _role_asset(cfg: KunConfig, role: str, examples, doc: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=f"{role}_model",
+        group_name=group(f"{role}_model"),
+        kinds={"pytorch"},
+        pool=GPU_POOL,
+        retry_policy=GPU_RETRY,
+        io_manager_key=MODEL_IO,
+        description=doc,
+        op_tags=gpu_tags(cfg, None),
+        code_version=code_version(f"{role}_model", cfg),
+    )
+    def _asset(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dg.Output[dict]:
+        c = kun.config
+        rc = getattr(c.models, role)
+        if rc.path:
+            return _given(kun, role, c.resolve(rc.path))
+        return _fine_tuned(kun, context, role, rc.train, base_model, examples(seed_data))
+
+    return _asset
+
+
+def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     label_model = _role_asset(
+        cfg,
         "label",
         lambda seeds: training.label_examples(seeds, cfg.seed.label_min_output_chars),
         "Backward model p(instruction | text): the base fine-tuned on seeds with the output as the "
@@ -146,12 +156,13 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         "Config: models.label (path, train, engine settings), seed.label_min_output_chars.",
     )
     chat_model = _role_asset(
+        cfg,
         "chat",
         training.chat_examples,
         "Forward chat model (instruction -> output on the seeds): scores instructions and polishes answers; or a given "
         "checkpoint. Config: models.chat (path, train, engine settings).",
     )
-    return [seed_data, base_model, label_model, chat_model] + [_chat_round(cfg, k) for k in range(2, cfg.iterations + 1)]
+    return [_seed_data(cfg), _base_model(cfg), label_model, chat_model] + [_chat_round(cfg, k) for k in range(2, cfg.iterations + 1)]
 
 
 def _chat_round(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
