@@ -103,28 +103,31 @@ def funnel(base: UPath, source: str, shards: list[str], threshold: float, round_
     return {"rows": rows, "kept_by_score": kept, "scored_by": dict(sorted(scored_by.items())), "quarantined": quarantined}
 
 
-def scored(base: UPath, source: str, shards: list[str], threshold: float, round_: int = 1) -> tuple[int, int, Counter]:
-    """Round `round_`'s scored rows of a source: how many, how many reach the threshold, and by which rule."""
-    n, kept, scored_by = 0, 0, Counter()
+def _scored_parts(base: UPath, source: str, shards: list[str], round_: int, columns: list[str]):
+    """Round `round_`'s published scored_pairs partitions of a source, each read with `columns`."""
     for shard in shards:
         d = storage.partition_dir(base, in_round(registry.SCORED, round_), {"source": source, "shard": shard})
         if storage.partition_rows(d):
-            part = storage.read_partition(d, ["score", "score_rule"])
-            n += len(part)
-            kept += int(scoring.keep(part["score"].to_numpy(dtype=float), threshold).sum())
-            scored_by.update(part["score_rule"])
+            yield storage.read_partition(d, columns)
+
+
+def scored(base: UPath, source: str, shards: list[str], threshold: float, round_: int = 1) -> tuple[int, int, Counter]:
+    """Round `round_`'s scored rows of a source: how many, how many reach the threshold, and by which rule."""
+    n, kept, scored_by = 0, 0, Counter()
+    for part in _scored_parts(base, source, shards, round_, ["score", "score_rule"]):
+        n += len(part)
+        kept += int(scoring.keep(part["score"].to_numpy(dtype=float), threshold).sum())
+        scored_by.update(part["score_rule"])
     return n, kept, scored_by
 
 
 def kept_pairs(base: UPath, source: str, shards: list[str], threshold: float, round_: int) -> pd.DataFrame:
     """Round `round_`'s scored pairs of a source that reach the threshold, (instruction, text): the
     curated set Humpback trains its next model on (round_data: segments)."""
-    frames = []
-    for shard in shards:
-        d = storage.partition_dir(base, in_round(registry.SCORED, round_), {"source": source, "shard": shard})
-        if storage.partition_rows(d):
-            part = storage.read_partition(d, ["instruction", "text", "score"])
-            frames.append(part[scoring.keep(part["score"].to_numpy(dtype=float), threshold)])
+    frames = [
+        part[scoring.keep(part["score"].to_numpy(dtype=float), threshold)]
+        for part in _scored_parts(base, source, shards, round_, ["instruction", "text", "score"])
+    ]
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"instruction": [], "text": [], "score": []})
     return out[["instruction", "text"]].astype(object)
 

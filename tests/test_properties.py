@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from kun_dagster import corpus, registry, schemas, stages, storage
 from kun_dagster.config import SourceConfig
-from kun_dagster.text import clean_text, has_content, has_text, starts_with_repeated_phrase
+from kun_dagster.text import clean_text, has_content, has_text, repair_instruction, starts_with_repeated_phrase
 
 from .test_schemas import GOOD
 from .test_stages import CFG
@@ -114,7 +114,7 @@ def test_text_rules_hold_their_invariants(text):
     assert has_content(text) == bool(cleaned)  # ingest's fast test means exactly "something is left after cleaning"
     assert bool(cleaned) == has_text(cleaned)  # a cleaned text is empty or holds a non-space character
     assert not any(c in cleaned for c in "\x00\x1b\r\ufeff\u200b")
-    instruction = stages.clean_instruction(text, 5)  # Kun's repair: a prefix of the text, its own line, or dropped
+    instruction = repair_instruction(text, 5)  # Kun's repair: a prefix of the text, its own line, or dropped
     if instruction is not None:
         assert instruction == instruction.strip() and text.strip().startswith(instruction)
         assert re.search(r"\s{5,}", instruction) is None

@@ -29,7 +29,7 @@ from .common import (
 )
 from .deduped import DedupError, cluster, dedupe, sign
 from .filtered import filter_corpus
-from .labeled import clean_instruction, label
+from .labeled import label
 from .polished import output_reason, polish
 from .raw import corpus_texts, ingest
 from .scored import score
@@ -53,7 +53,6 @@ __all__ = [
     "TOO_SHORT",
     "DedupError",
     "StageResult",
-    "clean_instruction",
     "cluster",
     "corpus_texts",
     "dedupe",

@@ -13,7 +13,7 @@ from ..registry import (
     EMPTY_GENERATION,
     LABELED,
 )
-from ..text import find_keyword, repair_instruction
+from ..text import find_keyword
 from .common import (
     REPLACEMENT_CHAR,
     StageResult,
@@ -23,14 +23,6 @@ from .common import (
     sampling_params,
     summary,
 )
-
-
-def clean_instruction(text: str, whitespace_run: int) -> str | None:
-    """Kun's instruction repair (text.repair_instruction): cut at a whitespace run, or the longest
-    repeated line where it opens the instruction; None: Kun drops the row. Kun cleans after
-    scoring (polish does it here), so the scorer sees what the point prompt's 【差】 examples teach
-    it to reject."""
-    return repair_instruction(text, whitespace_run)
 
 
 def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:

@@ -19,7 +19,7 @@ from ..registry import (
     REPEATED_PHRASE,
     TOO_SHORT,
 )
-from ..text import find_keyword, starts_with_repeated_phrase
+from ..text import find_keyword, repair_instruction, starts_with_repeated_phrase
 from .common import (
     REPLACEMENT_CHAR,
     StageResult,
@@ -30,7 +30,6 @@ from .common import (
     sampling_params,
     summary,
 )
-from .labeled import clean_instruction
 
 
 def output_reason(output: str, cfg: KunConfig) -> tuple[str, str] | None:
@@ -54,11 +53,13 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     """Rows whose score reaches score.threshold (applied here, so a new threshold re-runs only this
     stage, not the scorer); the chat model rewrites each kept text into an answer to its
     instruction (answer polishment). The answer is released as the model wrote it, stripped: Kun's
-    repeated-line repair is for instructions (clean_instruction); in an answer it would cut code's
+    repeated-line repair is for instructions (text.repair_instruction); in an answer it would cut code's
     second `}`, a poem's refrain, and shrink a loop that the repeated-phrase filter must drop."""
     keep = scoring.keep(scored["score"].to_numpy(dtype=float), cfg.score.threshold)
     df = scored[keep].drop(columns=["score_reply"], errors="ignore").reset_index(drop=True)
-    repaired = [clean_instruction(s, cfg.label.whitespace_run) for s in df["instruction"]]
+    # Kun's instruction repair, after scoring (the scorer saw what the point prompt's 【差】 examples
+    # teach it to reject) and before the answer prompt
+    repaired = [repair_instruction(s, cfg.label.whitespace_run) for s in df["instruction"]]
     reason, detail = no_reasons(df)
     for i, r in zip(df.index, repaired):
         if r is None:
