@@ -1,15 +1,16 @@
-"""instruction_dataset (one per round): the final COIG-CQIA records of one source, with provenance and a dataset card."""
+"""instruction_dataset (one per round): the final COIG-CQIA records of one source, with provenance; dataset_card: its release folder."""
 
 import dagster as dg
 import pandas as pd
 
 import checks
-from kun_dagster import dataset, registry, schemas, storage
+from kun_dagster import card, dataset, registry, schemas, storage
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.dagster_private import CODE_VERSION_TAG, INPUT_DATA_VERSION_TAG_PREFIX
+from kun_dagster.partitions import hive
 from kun_dagster.registry import CHAT_MODEL, MODELS, ROUND_STAGES, in_round
-from resources import KunResource
+from resources import ALL, TALLY, KunResource
 
 from . import evaluation
 from .common import SINGLE_RUN, kinds, schema_of, table
@@ -22,71 +23,140 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
         out.append(_release(cfg, k))
         if cfg.evaluation.enabled:
             out.append(evaluation.build(cfg, k))
+        out.append(_card(cfg, k))
     return out
 
 
+def _tallies(k: int) -> dict[str, dg.AssetIn]:
+    """Round k's stages as the release reads them: each of the source's partitions tallied (rows,
+    quarantine reasons; scored_pairs with its scores, polished_pairs whole), keyed by stage."""
+    shards = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=SOURCE)
+    columns = {registry.SCORED: ["score", "score_rule"], registry.POLISHED: ALL}
+    return {
+        stage: dg.AssetIn(
+            key=in_round(stage, k) if stage in ROUND_STAGES else stage, partition_mapping=shards, metadata={TALLY: columns.get(stage, [])}
+        )
+        for stage in registry.CORPUS
+    }
+
+
 def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
-    name, polished, chat = (in_round(s, k) for s in (registry.DATASET, registry.POLISHED, CHAT_MODEL))
-    where = "release/{source}" if k == cfg.iterations else f"release/round{k}/{{source}} (release/{{source}} is the last round's)"
+    name, chat = in_round(registry.DATASET, k), in_round(CHAT_MODEL, k)
 
     @dg.asset(
         name=name,
         group_name=registry.group(name),
         partitions_def=source_partitions(cfg),
         backfill_policy=SINGLE_RUN,
-        kinds=kinds(cfg, "parquet", "json"),
-        ins={
-            registry.POLISHED: dg.AssetIn(
-                key=polished, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=SOURCE)
-            ),
-            CHAT_MODEL: dg.AssetIn(key=chat),
-            registry.LABEL_MODEL: dg.AssetIn(),
-        },
+        kinds=kinds(cfg, "parquet"),
+        ins={**_tallies(k), CHAT_MODEL: dg.AssetIn(key=chat), registry.LABEL_MODEL: dg.AssetIn()},
         check_specs=checks.specs(name),
         output_required=False,
         code_version=code_version(name, cfg),
         description=(
             f"Round {k}'s COIG-CQIA records (instruction, input, output, task_type, domain, ...) with provenance "
-            "(source, doc_id, file, row, score, models), published and gated like every dataset version (Parquet under "
-            f"{name}/source=...), then released as {where}: train.jsonl and a dataset card (counts, stage funnel, "
-            "rounds, versions, config). Config: dataset, tags, and the retention bound checks.retention.instruction_dataset."
+            "(source, doc_id, file, row, score, models), as polishment made them, answers repeated across shards "
+            f"dropped; gated like every dataset version (Parquet under {name}/source=...), and refused when its inputs "
+            "were made under another config (dataset.mixed_versions). Records the source's funnel, read from each stage's "
+            "partitions. Config: dataset, tags, and the retention bound checks.retention.instruction_dataset."
         ),
     )
-    def instruction_dataset(context: dg.AssetExecutionContext, kun: KunResource, polished_pairs, label_model: dict, chat_model: dict):
+    def instruction_dataset(context: dg.AssetExecutionContext, kun: KunResource, label_model: dict, chat_model: dict, **stages):
         c = kun.config
-        frames = polished_pairs if isinstance(polished_pairs, dict) else {"all": polished_pairs}
-        polished_rows = pd.concat([schemas.empty_frame(registry.POLISHED), *frames.values()], ignore_index=True)
-        results, cards = {}, {}
+        by_source = _by_source(stages)
         current = {asset: code_version(asset, c) for asset in _partitioned(k)}
-        reports = dataset.read_reports(kun.base, k - 1)
+        results = {}
         for source in context.partition_keys:
-            made = _made_from(context.instance, source, c.shard_keys(), k)
-            results[source], cards[source] = dataset.release(
-                polished_rows, source, c, kun.base, label_model["name"], chat_model["name"], made, current, k, reports
+            mine = by_source.get(source, {})
+            polished = pd.concat(
+                [schemas.empty_frame(registry.POLISHED), *(t.frame for t in mine.get(registry.POLISHED, []))], ignore_index=True
             )
+            fun = dataset.funnel(mine, c.score.threshold)
+            made = _made_from(context.instance, source, c.shard_keys(), k)
+            results[source] = dataset.release(polished, source, c, label_model["name"], chat_model["name"], fun, made, current)
             for line in results[source].stats["mixed_versions"]:
                 context.log.warning(f"{name} {source}: mixed versions: {line}")
-            _report(context, kun, name, source, results[source], cards[source], k)
-        mixed = [f"{s}: {line}" for s, r in results.items() for line in r.stats["mixed_versions"]]
-        if mixed and c.dataset.mixed_versions == "block":  # what the card would flag, refused outright
-            raise dg.Failure(
-                f"{name} not released: its inputs were made under another config or model ("
-                + "; ".join(mixed[:5])
-                + (f"; and {len(mixed) - 5} more" if len(mixed) > 5 else "")
-                + "). Re-materialize the stale partitions (`kun run` does; the UI marks them), "
-                "or set dataset.mixed_versions: warn to release it flagged.",
-                allow_retries=False,
-            )
-        folders = {source: dataset.release_dir(kun.base, source, k, c.iterations) for source in results}
-
-        def publish() -> None:  # the JSONL copies and cards of every source, before the output is recorded
-            dataset.publish_releases({folders[s]: (r.rows, cards[s]) for s, r in results.items()}, context.run_id)
-            for source, result in results.items():
-                context.log.info(f"{name} {source}: {len(result.rows)} records -> {folders[source]}")
-
-        yield from checks.gate(context, kun, name, results, publish)  # all sources' records hold, or none is released
+            _report(context, kun, name, source, results[source])
+        _refuse_mixed(name, results, c.dataset.mixed_versions)
+        yield from checks.gate(context, kun, name, results)  # all sources' records hold, or none is released
 
     return instruction_dataset
+
+
+def _by_source(stages: dict[str, dict[str, storage.Tally]]) -> dict[str, dict[str, list[storage.Tally]]]:
+    """{stage: {partition key: tally}} as {source: {stage: [its shards' tallies]}}."""
+    out: dict[str, dict[str, list]] = {}
+    for stage, parts in stages.items():
+        for key, t in (parts or {}).items():
+            out.setdefault(hive(key)["source"], {}).setdefault(stage, []).append(t)
+    return out
+
+
+def _refuse_mixed(name: str, results: dict, mode: str) -> None:
+    mixed = [f"{s}: {line}" for s, r in results.items() for line in r.stats["mixed_versions"]]
+    if mixed and mode == "block":  # what the card would flag, refused outright
+        raise dg.Failure(
+            f"{name} not released: its inputs were made under another config or model ("
+            + "; ".join(mixed[:5])
+            + (f"; and {len(mixed) - 5} more" if len(mixed) > 5 else "")
+            + "). Re-materialize the stale partitions (`kun run` does; the UI marks them), "
+            "or set dataset.mixed_versions: warn to release it flagged.",
+            allow_retries=False,
+        )
+
+
+def _card(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
+    """Round k's release folders: the one writer of train.jsonl, README.md and manifest.json, from
+    what rounds 1..k's releases and evaluations recorded."""
+    name = in_round(registry.CARD, k)
+    where = "release/{source}" if k == cfg.iterations else f"release/round{k}/{{source}} (release/{{source}} is the last round's)"
+    releases = {in_round(registry.DATASET, j): dg.AssetIn(metadata={TALLY: ALL if j == k else []}) for j in range(1, k + 1)}
+    reports = {in_round(registry.EVALUATION, j): dg.AssetIn() for j in range(1, k + 1)} if cfg.evaluation.enabled else {}
+
+    @dg.asset(
+        name=name,
+        group_name=registry.group(name),
+        partitions_def=source_partitions(cfg),
+        backfill_policy=SINGLE_RUN,
+        kinds=kinds(cfg, "json", checked=False),
+        ins={**releases, **reports},
+        code_version=code_version(name, cfg),
+        description=(
+            f"Round {k}'s release, as users download it: {where} holds train.jsonl (the records in COIG-CQIA's nine "
+            "columns, provenance in `metadata`), README.md (the dataset card: counts, stage funnel, diversity, rounds, "
+            "evaluation, versions, config) and manifest.json, written together (all sources or none)."
+        ),
+    )
+    def dataset_card(context: dg.AssetExecutionContext, kun: KunResource, **inputs) -> None:
+        c = kun.config
+        folders = {}
+        for source in context.partition_keys:
+            recorded = {j: inputs[in_round(registry.DATASET, j)][source] for j in range(1, k + 1)}
+            now = recorded[k]
+            if now.stats is None:
+                raise dg.Failure(f"{in_round(registry.DATASET, k)} {source}: recorded no stats; re-materialize it", allow_retries=False)
+            ran = {j: inputs.get(in_round(registry.EVALUATION, j)) for j in range(1, k + 1)}
+            rounds = (
+                [card.round_row(j, recorded[j].stats, ran[j], source) for j in recorded] if c.iterations > 1 or any(ran.values()) else []
+            )
+            md = card.card(source, now.stats, c, rounds)
+            folders[card.release_dir(kun.base, source, k, c.iterations)] = (now.frame, md)
+            context.add_asset_metadata(_card_metadata(now, md, rounds), partition_key=source)
+        card.publish_releases(folders, context.run_id)
+        for out, (recs, _) in folders.items():
+            context.log.info(f"{name}: {len(recs)} records -> {out}")
+
+    return dataset_card
+
+
+def _card_metadata(now: storage.Tally, md: str, rounds: list[dict]) -> dict:
+    st = now.stats
+    return {
+        "records": now.rows,
+        "funnel": table(dataset.funnel_frame(st["funnel"], now.rows, st.get("dropped")), rows=None),
+        **({"rounds": table(pd.DataFrame(rounds), rows=None, width=200)} if rounds else {}),
+        "card": dg.MetadataValue.md(md),
+    }
 
 
 def _partitioned(k: int) -> tuple[str, ...]:
@@ -120,7 +190,7 @@ def _made_from(instance: dg.DagsterInstance, source: str, shards: list[str], k: 
     return made
 
 
-def _report(context: dg.AssetExecutionContext, kun: KunResource, name: str, source: str, result, card: str, k: int) -> None:
+def _report(context: dg.AssetExecutionContext, kun: KunResource, name: str, source: str, result) -> None:
     recs, st = result.rows, result.stats
     div = st["diversity"]
     context.add_asset_metadata(
@@ -128,15 +198,12 @@ def _report(context: dg.AssetExecutionContext, kun: KunResource, name: str, sour
             "dagster/row_count": len(recs),
             "dagster/column_schema": schema_of(storage.columns(recs)),
             "parquet": dg.MetadataValue.path(str(storage.partition_dir(kun.base, name, {"source": source}))),
-            "release": dg.MetadataValue.path(str(dataset.release_dir(kun.base, source, k, kun.config.iterations))),
             "funnel": table(dataset.funnel_frame(st["funnel"], len(recs), st["dropped"]), rows=None),
             "quarantined": len(result.dropped),
             "mixed_versions": len(st["mixed_versions"]),
             "distinct_instruction_ratio": dg.MetadataValue.float(div["distinct_ratio"]) if div["texts"] else dg.MetadataValue.text("-"),
             "instruction_clusters": div["near_duplicate_clusters"],
             **({"largest_instruction_clusters": table(pd.DataFrame(div["largest"]), rows=None)} if div["largest"] else {}),
-            **({"rounds": table(pd.DataFrame(st["rounds"]), rows=None, width=200)} if st["rounds"] else {}),
-            "card": dg.MetadataValue.md(card),
             **({"preview": table(recs[["instruction", "output", "doc_id", "score"]])} if len(recs) else {}),
         },
         partition_key=source,

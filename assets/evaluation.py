@@ -4,14 +4,14 @@ from pathlib import Path
 
 import dagster as dg
 
-from kun_dagster import dataset, registry, training
 from kun_dagster import evaluation as core
+from kun_dagster import registry, training
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.llm import load_engine
 from kun_dagster.llm.base import EngineSpec
 from kun_dagster.registry import EVALUATION, in_round
-from resources import KunResource, LLMResource
+from resources import TALLY, KunResource, LLMResource
 
 from .common import GPU_POOL, gpu_tags, table
 
@@ -27,21 +27,32 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         kinds={"pytorch", "json"},
         pool=GPU_POOL,
         io_manager_key=REPORT_IO,
-        deps=[release],  # read from what is published: every source's records that exist
-        ins={name: dg.AssetIn() for name in (registry.SEED_DATA, registry.BASE_MODEL, registry.CHAT_MODEL)},
+        ins={
+            registry.DATASET: dg.AssetIn(  # every source's records that exist
+                key=release, partition_mapping=dg.AllPartitionMapping(), metadata={TALLY: ["instruction", "input", "output"]}
+            ),
+            **{name: dg.AssetIn() for name in (registry.SEED_DATA, registry.BASE_MODEL, registry.CHAT_MODEL)},
+        },
         op_tags=gpu_tags(cfg, "chat"),
         code_version=code_version(name, cfg),
         description=(
             f"Does round {k}'s release help? The base fine-tuned (models.chat.train; LoRA per evaluation.lora) on the "
             "training seeds alone and on the seeds + the release (each source's, and all together), compared on the "
             "held-out seeds (seed.eval_fraction): loss of the held-out answers, and the chat model's pairwise judgement "
-            "(both orders, win rate with a bootstrap 95% interval). Adds its figures to the dataset cards. Config: evaluation."
+            "(both orders, win rate with a bootstrap 95% interval); the dataset cards show its figures. Config: evaluation."
         ),
     )
-    def evaluate(context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, seed_data, base_model: dict, chat_model: dict):
+    def evaluate(
+        context: dg.AssetExecutionContext,
+        kun: KunResource,
+        chat_llm: LLMResource,
+        instruction_dataset,
+        seed_data,
+        base_model: dict,
+        chat_model: dict,
+    ):
         c = kun.config
-        sources = [s.name for s in c.sources]
-        releases = dataset.read_records(kun.base, release, sources)
+        releases = {source: t.frame for source, t in (instruction_dataset or {}).items() if t.rows}
         if training.heldout_seeds(seed_data).empty:
             raise dg.Failure("no held-out seeds: set seed.eval_fraction above 0 to evaluate", allow_retries=False)
 
@@ -59,7 +70,6 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
             lambda: chat_llm.engine(chat_model),
         )
         report = {"round": k, "heldout": result.heldout, "models": result.models, "samples": result.samples}
-        dataset.add_evaluation(kun.base, c, k, {**dataset.read_reports(kun.base, k - 1), k: report}, releases)
         numbers = {}  # plotted across runs in the UI
         for row in result.models:
             numbers[f"{row['model']}/heldout_loss"] = float(row["heldout_loss"])

@@ -11,9 +11,10 @@ import pandas as pd
 from kun_dagster import dataset, model_store, stages, storage, training
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
+from kun_dagster.partitions import hive
 from kun_dagster.prompts import HUMPBACK_SEED_TAG
 from kun_dagster.registry import BASE_MODEL, CHAT_MODEL, DATASET, SCORED, SEED_DATA, group, in_round
-from resources import KunResource
+from resources import TALLY, KunResource
 
 from .common import GPU_POOL, GPU_RETRY, gpu_tags, kinds, table
 
@@ -173,6 +174,7 @@ def _chat_round(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
     name, previous = in_round(CHAT_MODEL, k), in_round(DATASET, k - 1)
     segments = cfg.round_data == "segments"
     curated = in_round(SCORED, k - 1)
+    everything = dg.AllPartitionMapping()
 
     @dg.asset(
         name=name,
@@ -181,7 +183,15 @@ def _chat_round(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         pool=GPU_POOL,
         retry_policy=GPU_RETRY,
         io_manager_key=MODEL_IO,
-        deps=[previous, curated] if segments else [previous],  # read from what is published: every source's
+        ins={  # every source's partitions that exist
+            "released": dg.AssetIn(key=previous, partition_mapping=everything, metadata={TALLY: ["instruction", "input", "output"]}),
+            **(
+                {"curated": dg.AssetIn(key=curated, partition_mapping=everything, metadata={TALLY: ["instruction", "text", "score"]})}
+                if segments
+                else {}
+            ),
+            **{n: dg.AssetIn() for n in (SEED_DATA, BASE_MODEL)},
+        },
         op_tags=gpu_tags(cfg, None),
         code_version=code_version(name, cfg),
         description=f"Round {k}'s chat model (Humpback's M{k - 1}): the base fine-tuned on the training seeds + "
@@ -192,16 +202,20 @@ def _chat_round(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         )
         + ", every source's; it re-scores and polishes the same labeled_pairs. Config: models.chat.train, round_data.",
     )
-    def chat_round(context: dg.AssetExecutionContext, kun: KunResource, seed_data: pd.DataFrame, base_model: dict) -> dg.Output[dict]:
+    def chat_round(
+        context: dg.AssetExecutionContext, kun: KunResource, released, seed_data: pd.DataFrame, base_model: dict, **curated
+    ) -> dg.Output[dict]:
         c = kun.config
-        sources = [s.name for s in c.sources]
         if segments:
-            kept = {s: dataset.kept_pairs(kun.base, s, c.shard_keys(), c.score.threshold, k - 1) for s in sources}
-            pairs = pd.concat(list(kept.values()), ignore_index=True)
+            kept: dict[str, list] = {}
+            for key, t in curated["curated"].items():
+                kept.setdefault(hive(key)["source"], []).append(t.frame)
+            kept = {s: dataset.kept_pairs(frames, c.score.threshold) for s, frames in kept.items()}
+            pairs = pd.concat([pd.DataFrame({"instruction": [], "text": []}), *kept.values()], ignore_index=True)
             examples, system = training.humpback_examples(seed_data, pairs), HUMPBACK_SEED_TAG
             counts = {"segments": len(pairs), "by_source": dg.MetadataValue.json({s: len(r) for s, r in kept.items()})}
         else:
-            released = dataset.read_records(kun.base, previous, sources)
+            released = {source: t.frame for source, t in released.items() if t.rows}
             records = pd.concat(list(released.values()), ignore_index=True) if released else None
             examples, system = training.chat_examples(seed_data, records), None
             counts = {

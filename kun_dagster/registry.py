@@ -54,7 +54,6 @@ NEAR_DUPLICATE = "near_duplicate"  # a MinHash near-duplicate of a document its 
 # the LLM stages and the release
 EMPTY_GENERATION = "empty_generation"
 BANNED_KEYWORD = "banned_keyword"
-BELOW_THRESHOLD = "below_threshold"  # the release re-applies score.threshold (its inputs may be older)
 PROMPT_OVER_BUDGET = "prompt_over_budget"
 TOO_SHORT = "too_short"
 REPEATED_PHRASE = "repeated_phrase"
@@ -80,6 +79,8 @@ RAW, FILTERED, DEDUPED, LABELED, SCORED, POLISHED, DATASET = (
 # source that deduped_corpus drops by. They hold data but are not dataset versions (no funnel row).
 SIGNATURES, CLUSTERS = "minhash_signatures", "duplicate_clusters"
 EVALUATION = "evaluation"
+# The release folder (release/{source}: train.jsonl, README.md, manifest.json), one writer for all of it.
+CARD = "dataset_card"
 # The source corpora's files, observed per source x shard (automation/sources.py): raw_corpus's input.
 SOURCE_FILES = "source_files"
 
@@ -419,20 +420,11 @@ SPECS: tuple[Spec, ...] = (
         "dataset",
         SOURCE,
         per_round=True,
-        shapes=(
-            "dataset",
-            "polish.dedup_outputs",
-            "score.threshold",
-            "score.method",
-            "dedup.threshold",
-            "dedup.num_perm",
-            "dedup.seed",
-            "iterations",  # where it is released: release/{source} is the last round's
-        ),
+        shapes=("dataset", "polish.dedup_outputs", "tags.task_types", "dedup.threshold", "dedup.num_perm", "dedup.seed"),
         automation="all",
-        what="COIG-CQIA records released (under the threshold and keywords now in force; answers repeated across shards dropped)",
+        what="COIG-CQIA records released (as polished; answers repeated across shards dropped)",
         schema="InstructionDataset",
-        reasons=(BELOW_THRESHOLD, BANNED_KEYWORD, DUPLICATE_OUTPUT),
+        reasons=(DUPLICATE_OUTPUT,),
         checks=(RELEASE_RETENTION, ONE_VERSION),
         retention=(0.01, 1.0),
     ),
@@ -443,6 +435,15 @@ SPECS: tuple[Spec, ...] = (
         shapes=("evaluation", "models.chat.train", "models.keep_default_system", "sampling.repetition_penalty"),
         prompts=("judge",),
         engine="chat",
+    ),
+    Spec(
+        CARD,
+        "dataset",
+        SOURCE,
+        per_round=True,
+        # where it is written (release/{source} is the last round's), and the card's own lines
+        shapes=("iterations", "score.method", "score.threshold", "score.min_answer_mass", "dedup.threshold"),
+        automation="all",
     ),
 )
 BY_NAME = {s.name: s for s in SPECS}
@@ -515,10 +516,11 @@ STEPS = (
     Step("corpus_tail", (DEDUPED, LABELED, SCORED, POLISHED), "dedupe, label, score and polish each shard"),
     Step("retrain", (CHAT_MODEL,), "round k's chat model (Humpback's M_{k-1}), trained on round k-1's data", rounds="later"),
     Step("rescore", (SCORED, POLISHED), "the same labeled pairs scored and polished by round k's chat model", rounds="later"),
-    Step("release", (DATASET,), "each source's release: records, card, manifest", rounds="each"),
+    Step("release", (DATASET,), "each source's records, gated", rounds="each"),
     Step(
         "evaluate", (EVALUATION,), "the release's worth: seeds-only and seeds + release models compared", rounds="each", when="evaluation"
     ),
+    Step("card", (CARD,), "each source's release folder: train.jsonl, the dataset card, the manifest", rounds="each"),
 )
 
 

@@ -210,7 +210,7 @@ def materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug: 
             r.clusters(job, head)
         elif step in ("corpus_tail", "rescore"):
             r.by_source(job, lambda sub, names, k=k: ("" if k == 1 else f"round {k}: ") + corpus(sub, names))
-        elif step == "release":
+        elif step in ("release", "card"):
             r.by_source(job, lambda sub, names, asset=job.assets[0]: f"{asset} ({', '.join(sub)})")
         elif step == "retrain":
             data = "kept segments, Humpback's tags" if cfg.round_data == "segments" else "release"
@@ -226,7 +226,7 @@ def _key(asset: str):
 
 
 def print_funnel(cfg, sources: list[str]) -> None:
-    from . import dataset, storage
+    from . import storage
     from .store import Store
 
     base = Store.from_env(cfg.storage, os.environ).path(cfg.base_uri)
@@ -238,9 +238,12 @@ def print_funnel(cfg, sources: list[str]) -> None:
         )
     head = f"{'source':<10}" + "".join(f"{s:>17}" for s in stages) + f"{'kept':>8}{'final':>8}{'quarantined':>13}"
     print("\nFunnel (rows per stage):\n" + head)
-    for name in sources:
-        f = dataset.funnel(base, name, cfg.shard_keys(), cfg.score.threshold, cfg.iterations)
-        final = storage.partition_rows(storage.partition_dir(base, last, {"source": name}))
+    for name in sources:  # as the release recorded it
+        stats = storage.read_stats(storage.partition_dir(base, last, {"source": name}))
+        if stats is None:
+            print(f"{name:<10}  not released")
+            continue
+        f, final = stats["funnel"], stats["rows_out"]
         q = sum(sum(v.values()) for v in f["quarantined"].values())
         print(f"{name:<10}" + "".join(f"{f['rows'][a]:>17}" for a in stages) + f"{f['kept_by_score']:>8}{final:>8}{q:>13}")
         for asset, reasons in f["quarantined"].items():

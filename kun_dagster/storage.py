@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -23,6 +24,7 @@ from upath import UPath
 
 PART_NAME = "part-0.parquet"
 QUARANTINE = "quarantine"  # {base}/quarantine/{asset}/source=.../shard=.../
+REPORTS = "reports"  # {base}/reports/{asset}.json: the evaluation's figures (resources/io.py writes them)
 STAGING = "_staging"  # {base}/_staging/{asset}/source=.../shard=.../: batch checkpoints of a partition
 # being computed; the leading underscore keeps pyarrow.dataset, DuckDB and Hive readers out of it.
 
@@ -389,3 +391,45 @@ def partition_rows(directory: UPath) -> int:
         with p.open("rb") as f:
             total += pq.ParquetFile(f).metadata.num_rows
     return total
+
+
+STATS = "_stats.json"  # beside a partition's part files: the figures its stage recorded (StageResult.stats)
+
+
+def plain(value):
+    """numpy scalars and arrays as JSON's numbers and lists."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 else value.tolist()
+
+
+def write_stats(directory: UPath, stats: dict) -> None:
+    write_atomic(directory / STATS, json.dumps(stats, ensure_ascii=False, default=plain).encode("utf-8"))
+
+
+def read_stats(directory: UPath) -> dict | None:
+    """What the partition's stage recorded; None where it recorded nothing (published before stats were kept)."""
+    try:
+        return json.loads((directory / STATS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class Tally:
+    """What a published partition holds, without its rows: how many, its quarantine's rows by
+    reason, the stats its stage recorded, and where asked for, a few of its columns."""
+
+    rows: int
+    quarantined: dict[str, int]
+    stats: dict | None = None
+    frame: pd.DataFrame | None = None
+
+
+def tally(directory: UPath, quarantine: UPath, columns: list[str] | None = None) -> Tally:
+    """The partition's Tally (zero where it was never published: a funnel counts what exists)."""
+    reasons: dict[str, int] = {}
+    if partition_rows(quarantine):
+        reasons = read_partition(quarantine, ["reason"])["reason"].value_counts().sort_index().to_dict()
+    frame = None
+    if columns is not None:
+        frame = read_partition(directory, columns or None) if partition_rows(directory) else pd.DataFrame(columns=columns or None)
+    return Tally(partition_rows(directory), {str(k): int(v) for k, v in reasons.items()}, read_stats(directory), frame)

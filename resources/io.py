@@ -16,7 +16,7 @@ import dagster as dg
 import pandas as pd
 from upath import UPath
 
-from kun_dagster import dataset, registry, schemas, storage
+from kun_dagster import registry, schemas, storage
 from kun_dagster.partitions import hive
 from kun_dagster.stages import StageResult
 
@@ -24,6 +24,10 @@ from .kun import KunResource
 
 STREAM = "kun/stream"  # AssetIn metadata: load the partition as record batches (storage.PartitionBatches)
 ARROW = "kun/arrow"  # AssetIn metadata: load the partition as Arrow, when read (storage.PartitionTable: the dedup signatures)
+# AssetIn metadata: load what the partition holds without its rows (storage.Tally: row count, quarantine
+# reasons, the stats its stage recorded), plus the columns listed (ALL: every column); what was never
+# published counts zero. How the release's funnel and the card read the stages: as declared inputs.
+TALLY, ALL = "kun/tally", "*"
 
 
 class _ParquetUPathIOManager(dg.UPathIOManager):
@@ -42,14 +46,19 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
         rows = result.rows if result is not None else obj
         # a staged file by one rename; a frame with its dataset version's schema
         storage.publish(rows, path, schemas.arrow_schema(asset) if schemas.known(asset) else None)
-        if result is not None:  # then the rows it dropped (what drops nothing has no quarantine)
+        if result is not None:  # then the rows it dropped (what drops nothing has no quarantine), and its figures
             version = registry.find(asset)
             if (version is not None and version.reasons) or storage.row_count(result.dropped):
                 storage.publish(result.dropped, storage.quarantine_dir(self._base_path, asset, part), schemas.QUARANTINE)
+            storage.write_stats(path, result.stats)
         # published: its batch checkpoints are done
         storage.remove_tree(storage.staging_dir(self._base_path, asset, part), prune_up_to=self._base_path / storage.STAGING)
 
-    def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame | storage.PartitionBatches:
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame | storage.PartitionBatches | storage.Tally:
+        if (columns := context.definition_metadata.get(TALLY)) is not None:
+            asset = "/".join(context.upstream_output.asset_key.path)
+            quarantine = storage.quarantine_dir(self._base_path, asset, storage.partition_of(path))
+            return storage.tally(path, quarantine, None if not columns else [] if columns == ALL else list(columns))
         try:
             if context.definition_metadata.get(STREAM):
                 return storage.PartitionBatches(path, self.batch_rows)
@@ -57,11 +66,20 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
                 return storage.PartitionTable(path)
             return storage.read_partition(path)
         except FileNotFoundError as e:  # e.g. one shard's signatures, which source-wide dedup needs
+            if context.definition_metadata.get("allow_missing_partitions"):  # UPathIOManager skips it
+                raise
             raise dg.Failure(
                 f"{context.upstream_output.asset_key.to_user_string()} {storage.partition_of(path)}: not materialized ({e}); "
                 "materialize it first (a backfill of the whole source does)",
                 allow_retries=False,
             ) from e
+
+    def load_partitions(self, context: dg.InputContext):
+        """A tally input as {partition key: Tally}, however many partitions (Dagster's own gives one bare)."""
+        if context.definition_metadata.get(TALLY) is None:
+            return super().load_partitions(context)
+        paths = self._get_paths_for_partitions(context)
+        return {key: self.load_from_path(context, paths[key]) for key in context.asset_partition_keys}
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
@@ -94,8 +112,14 @@ class _JsonUPathIOManager(dg.UPathIOManager):
         storage.write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8"))
 
     def load_from_path(self, context, path: UPath) -> dict:
-        with path.open("r", encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with path.open("r", encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError as e:
+            raise dg.Failure(
+                f"{context.upstream_output.asset_key.to_user_string()}: not materialized ({path}); materialize it first",
+                allow_retries=False,
+            ) from e
 
 
 class ReportIOManager(dg.ConfigurableIOManagerFactory):
@@ -104,7 +128,7 @@ class ReportIOManager(dg.ConfigurableIOManagerFactory):
     kun: KunResource
 
     def create_io_manager(self, context) -> _JsonUPathIOManager:
-        return _JsonUPathIOManager(base_path=self.kun.checked_base() / dataset.REPORTS)
+        return _JsonUPathIOManager(base_path=self.kun.checked_base() / storage.REPORTS)
 
 
 class ModelRefIOManager(dg.ConfigurableIOManagerFactory):

@@ -99,7 +99,7 @@ def world(models_run, tmp_path_factory):
     cfg = load_config(cfg_file)
     materialize_as_kun_run(defs, instance, cfg, CORPUS)
     assert len(last_observed(instance)) == 4  # the first observation: every partition
-    materialize(defs, instance, ["instruction_dataset"], SOURCES)
+    materialize(defs, instance, ["instruction_dataset", "dataset_card"], SOURCES)
     return {"tmp": tmp, "defs": defs, "instance": instance, "cfg": cfg, "models_run": models_run}
 
 
@@ -169,7 +169,11 @@ def test_after_a_run_nothing_is_stale_and_two_ticks_request_nothing(world):
 def test_a_changed_threshold_stales_the_stage_applying_it_and_the_release_not_the_scorer(world):
     defs = build_definitions(configure(world["tmp"], world["models_run"], "threshold", **{"score.threshold": 0.7}))
     view = stale_partitions(defs, world["instance"])
-    assert stale_keys(view) == {"polished_pairs": {"wudao|0", "wudao|1", "skypile|0", "skypile|1"}, "instruction_dataset": set(SOURCES)}
+    assert stale_keys(view) == {
+        "polished_pairs": {"wudao|0", "wudao|1", "skypile|0", "skypile|1"},
+        "instruction_dataset": set(SOURCES),
+        "dataset_card": set(SOURCES),
+    }
     assert view["polished_pairs"]["wudao|0"] == ["code version changed"]
     assert "scored_pairs" not in view  # nothing re-scores
     # automation corpus: a polish setting is the LLM stages', which the daemon leaves to the user
@@ -186,6 +190,7 @@ def test_a_changed_label_prompt_stales_labeling_and_everything_downstream(world,
         "scored_pairs": every,
         "polished_pairs": every,
         "instruction_dataset": set(SOURCES),
+        "dataset_card": set(SOURCES),
     }
     assert view["labeled_pairs"]["wudao|1"][0] == "code version changed"
     assert view["scored_pairs"]["wudao|1"] == ["upstream stale: labeled_pairs wudao|1"]
@@ -221,6 +226,7 @@ def test_a_new_file_stales_only_its_shard_and_automation_requests_only_that(worl
         **{a: {key} for a in shard_only},
         "duplicate_clusters": {key, other},  # the source-wide index: re-clustered with the new documents
         "instruction_dataset": {"wudao"},
+        "dataset_card": {"wudao"},
     }
 
     # Tick by tick, as the daemon goes (each tick's requests are one backfill; deploy.automation corpus
@@ -237,40 +243,62 @@ def test_a_new_file_stales_only_its_shard_and_automation_requests_only_that(worl
         tick = evaluate(defs, instance, tick.cursor)
         assert tick.total_requested == 0
     view = stale_partitions(defs, instance)
-    assert stale_keys(view) == {"labeled_pairs": {key}, "scored_pairs": {key}, "polished_pairs": {key}, "instruction_dataset": {"wudao"}}
+    assert stale_keys(view) == {
+        "labeled_pairs": {key},
+        "scored_pairs": {key},
+        "polished_pairs": {key},
+        "instruction_dataset": {"wudao"},
+        "dataset_card": {"wudao"},
+    }
     assert view["labeled_pairs"][key] == [f"upstream data changed: deduped_corpus {key}"]
 
 
 def test_the_card_records_the_versions_and_flags_a_release_of_mixed_versions(world):
-    """Runs after the new-file test: one partition re-polished under a new threshold, then released."""
+    """Runs after the new-file test: one partition re-polished under a new config, then released."""
     base, instance = Path(world["cfg"].base_uri), world["instance"]
     card = (base / "release" / "wudao" / "README.md").read_text()
     assert "## Versions" in card and "Every stage's partitions were made under one code version" in card
     before = {p.name: p.read_bytes() for p in (base / "release" / "wudao").iterdir()}
-    defs = build_definitions(configure(world["tmp"], world["models_run"], "threshold", **{"score.threshold": 0.7}))
+    budget = {"polish.prompt_token_budget": 1000}  # shapes polish, not what the release's schema verifies
+    defs = build_definitions(configure(world["tmp"], world["models_run"], "budget", **budget))
     materialize(defs, instance, ["polished_pairs"], ["wudao|0"])
     # the UI's single-asset materialization of the release over a stale shard: blocked, nothing written
-    failed = dg.materialize(
+    failed = release(defs, instance)
+    assert not failed.success and "not released" in str(failed.get_step_failure_events()[0].event_specific_data.error.message)
+    assert {p.name: p.read_bytes() for p in (base / "release" / "wudao").iterdir()} == before
+    # released flagged when the user says so, the records as polishment made them
+    defs = build_definitions(configure(world["tmp"], world["models_run"], "budget", **budget, **{"dataset.mixed_versions": "warn"}))
+    materialize(defs, instance, ["instruction_dataset", "dataset_card"], ["wudao"])
+    card = (base / "release" / "wudao" / "README.md").read_text()
+    assert "**Mixed registry.**" in card and "polished_pairs: 2 code versions" in card
+    records = [json.loads(line) for line in (base / "release" / "wudao" / "train.jsonl").read_text().splitlines()]
+    polished = pd.read_parquet(base / "polished_pairs" / "source=wudao")
+    assert sorted(json.loads(r["metadata"])["doc_id"] for r in records) == sorted(polished["doc_id"])  # none re-filtered
+    check = instance.get_latest_asset_check_evaluation_record(dg.AssetCheckKey(dg.AssetKey("instruction_dataset"), "one_version"))
+    assert check is not None and not check.event.asset_check_evaluation.passed
+    # the threshold is polish's alone: where a shard was polished under a lower one, the release's schema
+    # (the threshold now in force) refuses it, flagged or not, and nothing is released
+    polished_1 = pd.read_parquet(base / "polished_pairs" / "source=wudao" / "shard=1")["score"]
+    raised = min(float(polished_1.max()) + 1e-6, 1.0)  # wudao|1 holds rows under it
+    assert (polished_1 < raised).any()
+    threshold = {"score.threshold": raised, "dataset.mixed_versions": "warn"}
+    defs = build_definitions(configure(world["tmp"], world["models_run"], "threshold", **budget, **threshold))
+    released = {p.name: p.read_bytes() for p in (base / "release" / "wudao").iterdir()}
+    materialize(defs, instance, ["polished_pairs"], ["wudao|0"])
+    failed = release(defs, instance)
+    schema = instance.get_latest_asset_check_evaluation_record(dg.AssetCheckKey(dg.AssetKey("instruction_dataset"), "schema"))
+    assert not failed.success and not schema.event.asset_check_evaluation.passed
+    assert f"score: greater_than_or_equal_to({raised})" in json.dumps(schema.event.asset_check_evaluation.metadata["by_check"].value)
+    assert {p.name: p.read_bytes() for p in (base / "release" / "wudao").iterdir()} == released
+
+
+def release(defs, instance):
+    """The UI's materialization of wudao's release and card, as one run."""
+    return dg.materialize(
         defs.assets,
-        selection=["instruction_dataset"],
+        selection=["instruction_dataset", "dataset_card"],
         partition_key="wudao",
         instance=instance,
         resources=defs.resources,
         raise_on_error=False,
     )
-    assert not failed.success and "not released" in str(failed.get_step_failure_events()[0].event_specific_data.error.message)
-    assert {p.name: p.read_bytes() for p in (base / "release" / "wudao").iterdir()} == before
-    # released flagged when the user says so; every row under the threshold now in force is quarantined
-    defs = build_definitions(
-        configure(world["tmp"], world["models_run"], "threshold", **{"score.threshold": 0.7, "dataset.mixed_versions": "warn"})
-    )
-    materialize(defs, instance, ["instruction_dataset"], ["wudao"])
-    card = (base / "release" / "wudao" / "README.md").read_text()
-    assert "**Mixed registry.**" in card and "polished_pairs: 2 code versions" in card
-    records = [json.loads(line) for line in (base / "release" / "wudao" / "train.jsonl").read_text().splitlines()]
-    quarantined = pd.read_parquet(base / "quarantine" / "instruction_dataset" / "source=wudao")
-    polished = pd.read_parquet(base / "polished_pairs" / "source=wudao")  # wudao|1's rows were kept under 0.5
-    assert records and all(json.loads(r["metadata"])["score"] >= 0.7 for r in records)
-    assert (quarantined["reason"] == "below_threshold").sum() == (polished["score"] < 0.7).sum()
-    check = instance.get_latest_asset_check_evaluation_record(dg.AssetCheckKey(dg.AssetKey("instruction_dataset"), "one_version"))
-    assert check is not None and not check.event.asset_check_evaluation.passed

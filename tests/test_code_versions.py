@@ -34,16 +34,16 @@ def changed(**changes) -> set[str]:
 @pytest.mark.parametrize(
     "change,stale",
     [
-        ({"score__threshold": 0.7}, {"polished_pairs", "instruction_dataset"}),  # nothing re-scores
-        ({"score__method": "kun_freetext"}, {"scored_pairs", "instruction_dataset"}),
+        ({"score__threshold": 0.7}, {"polished_pairs", "dataset_card"}),  # nothing re-scores; the release follows by data
+        ({"score__method": "kun_freetext"}, {"scored_pairs", "dataset_card"}),
         ({"label__banned_keywords": ["新闻"]}, {"labeled_pairs"}),
         ({"sampling__temperature": 0.7}, {"labeled_pairs", "scored_pairs", "polished_pairs"}),
-        ({"dedup__threshold": 0.9}, {"duplicate_clusters", "instruction_dataset"}),
+        ({"dedup__threshold": 0.9}, {"duplicate_clusters", "instruction_dataset", "dataset_card"}),
         ({"dedup__ngram": 4}, {"minhash_signatures"}),
         ({"filter__max_tokens": 256}, {"filtered_corpus"}),
         ({"models__chat__dtype": "bfloat16"}, {"scored_pairs", "polished_pairs", "evaluation"}),
         ({"tags": {"domains": ["通用", "医学", "其他"]}}, {"polished_pairs"}),
-        ({"iterations": 2}, {"instruction_dataset"}),  # release/{source} is the last round's
+        ({"iterations": 2}, {"dataset_card"}),  # release/{source} is the last round's
         ({"evaluation__max_tokens": 64}, {"evaluation"}),
         ({"seed__eval_fraction": 0.2}, {"seed_data"}),  # the models follow by its data version
         ({"models__label__train": {"epochs": 3}}, {"label_model"}),

@@ -8,6 +8,7 @@ import sys
 import dagster as dg
 import pytest
 
+from kun_dagster import registry
 from kun_dagster.definitions import build_definitions
 
 from .conftest import REPO, write_config
@@ -70,7 +71,9 @@ def test_asset_graph_shape(defs):
     assert parents["deduped_corpus"] == ["duplicate_clusters", "filtered_corpus"]
     assert parents["labeled_pairs"] == ["deduped_corpus", "label_model"]
     assert parents["scored_pairs"] == ["chat_model", "labeled_pairs"]
-    assert parents["instruction_dataset"] == ["chat_model", "label_model", "polished_pairs"]
+    # the release reads every stage of the funnel as a declared input; the card reads the release
+    assert parents["instruction_dataset"] == sorted(["chat_model", "label_model", *registry.CORPUS])
+    assert parents["dataset_card"] == ["instruction_dataset"]
     assert parents["label_model"] == ["base_model", "seed_data"]
 
 
@@ -93,7 +96,8 @@ def test_asset_kinds_name_engine_schema_format_and_store(tmp_path):
     s3 = build_definitions(cfg).resolve_asset_graph()
     assert s3.get(dg.AssetKey("labeled_pairs")).kinds == {"vllm", "pandera", "parquet", "s3"}
     assert s3.get(dg.AssetKey("filtered_corpus")).kinds == {"pandera", "parquet", "s3"}  # no perplexity: no engine
-    assert s3.get(dg.AssetKey("instruction_dataset")).kinds == {"pandera", "parquet", "json", "s3"}
+    assert s3.get(dg.AssetKey("instruction_dataset")).kinds == {"pandera", "parquet", "s3"}
+    assert s3.get(dg.AssetKey("dataset_card")).kinds == {"json", "s3"}
     assert s3.get(dg.AssetKey("seed_data")).kinds == {"json", "parquet", "s3"}
 
 

@@ -274,15 +274,15 @@ def test_store_scrub_covers_storage_options_and_the_access_key_id():
 
 
 def test_a_release_that_fails_mid_write_changes_nothing_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    from kun_dagster import dataset, storage
+    from kun_dagster import card, dataset, storage
     from kun_dagster.store import upath
 
     coig = {"instruction": "问", "input": "", "output": "答", "task_type": {"major": ["问答"], "minor": ["其他"]}, "domain": ["其他"]}
     rec = {**coig, "answer_from": "llm", "human_verified": False, "copyright": "c", **dict.fromkeys(dataset.PROVENANCE_COLUMNS, "x")}
     recs = pd.DataFrame([rec])
     a, b = upath(str(tmp_path / "a")), upath(str(tmp_path / "b"))
-    dataset.publish_releases({a: (recs, "card a"), b: (recs, "card b")}, "run-1")
-    assert dataset.verify_release(a) == [] and json.loads((a / "manifest.json").read_text())["rows"] == 1
+    card.publish_releases({a: (recs, "card a"), b: (recs, "card b")}, "run-1")
+    assert card.verify_release(a) == [] and json.loads((a / "manifest.json").read_text())["rows"] == 1
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     real, calls = storage.write_staged, []
@@ -295,10 +295,10 @@ def test_a_release_that_fails_mid_write_changes_nothing_and_leaves_no_temporary_
 
     monkeypatch.setattr(storage, "write_staged", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        dataset.publish_releases({a: (pd.concat([recs] * 2), "card a2"), b: (recs, "card b2")}, "run-2")
+        card.publish_releases({a: (pd.concat([recs] * 2), "card a2"), b: (recs, "card b2")}, "run-2")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # a is untouched too
     (b / "train.jsonl").write_text("edited\n")
-    assert dataset.verify_release(b) == [f"{b / 'train.jsonl'}: not the bytes the manifest names"]
+    assert card.verify_release(b) == [f"{b / 'train.jsonl'}: not the bytes the manifest names"]
 
 
 def test_ids_stay_unique_per_source_when_a_file_that_sorts_first_repeats_one(tmp_path):

@@ -7,7 +7,6 @@ dataset version it makes (raw, filtered, deduped, labeled, scored, polished); co
 
 from ..registry import (
     BANNED_KEYWORD,
-    BELOW_THRESHOLD,
     BROKEN_TEXT,
     DUPLICATE_OUTPUT,
     DUPLICATE_TEXT,
@@ -36,7 +35,6 @@ from .scored import score
 
 __all__ = [
     "BANNED_KEYWORD",
-    "BELOW_THRESHOLD",
     "BROKEN_TEXT",
     "DUPLICATE_OUTPUT",
     "DUPLICATE_TEXT",
