@@ -8,11 +8,15 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 
+import checks
 from kun_dagster import registry, schemas, storage
-from kun_dagster.llm import resolve_backend
+from kun_dagster.corpus import CorpusError
+from kun_dagster.llm import EngineError, resolve_backend
+from kun_dagster.llm.base import Tally
 from kun_dagster.llm.checkpoint import Checkpointed
 from kun_dagster.partitions import hive
-from kun_dagster.stages import StageResult
+from kun_dagster.stages import StageContext, StageResult
+from kun_dagster.storage import FrameSink
 from kun_dagster.store import is_s3
 from ui import figures, table
 
@@ -51,6 +55,54 @@ def by_partition(context: dg.AssetExecutionContext, value) -> dict[str, pd.DataF
     if isinstance(value, dict):
         return {k: value[k] for k in keys}
     return {keys[0]: value}
+
+
+def run_stage(
+    context: dg.AssetExecutionContext,
+    kun,
+    asset: str,
+    inputs: dict,
+    stage,
+    *,
+    engine=None,
+    tokenizer=None,
+    stream: bool = False,
+    side: dict[str, dict] | None = None,
+    checked: bool = True,
+):
+    """The one driver of the partitioned stages: `stage(rows, StageContext)` on each partition of
+    the run (`inputs`: partition key -> its rows; `side`: other inputs by asset, by key), its result
+    reported; then the asset's checks, its output yielded only if the schema holds (`checked`).
+    `engine`: the stage's model, checkpointed per batch and partition; `stream`: rows (and the
+    ingest's quarantine) written into the partition's staging folder as they come. A model that
+    fails or a source that cannot be read fails the step at once: nothing of the run is published."""
+    tally = Tally(engine) if engine is not None else None
+    out = {}
+    for key, rows in inputs.items():
+        ctx = StageContext(
+            kun.config,
+            engine=checkpointed(kun, asset, key, tally) if tally is not None else None,
+            tokenizer=tokenizer,
+            sink=staged_sink(kun, asset, key) if stream else FrameSink(),
+            quarantine=staged_sink(kun, asset, key, quarantine=True) if stream else FrameSink(),
+            partition=hive(key),
+            inputs={name: by_key[key] for name, by_key in (side or {}).items()},
+            store=kun.store,
+        )
+        try:
+            result = stage(rows, ctx)
+        except (EngineError, CorpusError) as e:
+            raise dg.Failure(f"{asset} {key}: {e}", allow_retries=False) from e
+        out[key] = report_stage(context, kun, asset, key, result, ctx.engine)
+    try:
+        if tally is not None:
+            tally.require_text(asset)  # a model that answered nothing in the whole step failed
+    except EngineError as e:
+        raise dg.Failure(str(e), allow_retries=False) from e
+    if not checked:
+        yield dg.Output(out)
+        return
+    yield from checks.gate(context, kun, asset, out)
 
 
 def checkpointed(kun, asset: str, key, engine) -> Checkpointed:

@@ -7,12 +7,10 @@ import checks
 from kun_dagster import registry, stages
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
-from kun_dagster.corpus import CorpusError
-from kun_dagster.partitions import hive
 from kun_dagster.registry import SOURCE_FILES
 from resources import STREAM, KunResource, LLMResource
 
-from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage, staged_sink
+from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, gpu_tags, kinds, run_stage
 from .partitions import corpus_partitions
 
 
@@ -37,23 +35,7 @@ def _raw_corpus(cfg: KunConfig, parts) -> dg.AssetsDefinition:
         """Every document of the partition's files (a file's shard is a stable hash of its path),
         streamed in batches; unreadable rows go to the quarantine with a reason code, file and row.
         Config: sources (uri, format, encoding, fields), shards, ingest (size limits), storage.batch_rows."""
-        out = {}
-        for key in context.partition_keys:
-            part = hive(key)
-            source_name, shard = part["source"], int(part["shard"])
-            try:
-                result = stages.ingest(
-                    kun.config,
-                    source_name,
-                    shard,
-                    kun.store,
-                    staged_sink(kun, registry.RAW, key),
-                    quarantine=staged_sink(kun, registry.RAW, key, quarantine=True),
-                )
-            except CorpusError as e:
-                raise dg.Failure(str(e), allow_retries=False) from e
-            out[key] = report_stage(context, kun, registry.RAW, key, result)
-        yield from checks.gate(context, kun, registry.RAW, out)
+        yield from run_stage(context, kun, registry.RAW, dict.fromkeys(context.partition_keys), stages.ingest, stream=True)
 
     return raw_corpus
 
@@ -91,19 +73,8 @@ def _filtered_corpus(cfg: KunConfig, parts) -> dg.AssetsDefinition:
         tokenizer = AutoTokenizer.from_pretrained(kun.local_model(label_model["path"]))
         llm, reference = (base_llm, base_model) if c.filter.perplexity_model == "base" else (label_llm, label_model)
         engine = llm.engine(reference) if c.filter.perplexity_max is not None else None
-        out = {}
-        for key, batches in by_partition(context, raw_corpus).items():  # each partition streamed in, filtered and out
-            resumable = checkpointed(kun, registry.FILTERED, key, engine) if engine else None
-            result = stages.filter_corpus(
-                batches,
-                tokenizer,
-                resumable,
-                c,
-                staged_sink(kun, registry.FILTERED, key),
-                label=f"filtered_corpus {'/'.join(hive(key).values())}",
-            )
-            out[key] = report_stage(context, kun, registry.FILTERED, key, result, resumable)
-        yield from checks.gate(context, kun, registry.FILTERED, out)
+        inputs = by_partition(context, raw_corpus)  # each partition streamed in, filtered and out
+        yield from run_stage(context, kun, registry.FILTERED, inputs, stages.filter_corpus, engine=engine, tokenizer=tokenizer, stream=True)
 
     return filtered_corpus
 

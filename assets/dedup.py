@@ -6,14 +6,13 @@ the clusters' content to move before it re-runs (registry: awaits). The `cluster
 
 import dagster as dg
 
-import checks
 from kun_dagster import dedup, registry, stages, storage
 from kun_dagster.config import KunConfig
 from kun_dagster.partitions import SHARD, SOURCE, hive
 from kun_dagster.registry import CLUSTERS, SIGNATURES
 from resources import ARROW, STREAM, KunResource
 
-from .common import by_partition, report_stage, staged_sink
+from .common import by_partition, report_stage, run_stage
 from .corpus import corpus_spec
 from .partitions import corpus_partitions
 
@@ -24,12 +23,7 @@ def _signatures(cfg: KunConfig, parts) -> dg.AssetsDefinition:
         """A MinHash signature (dedup.num_perm values over character dedup.ngram-grams of the
         normalised text) and an exact-text key per document: what duplicate_clusters compares
         across shards. Config: dedup."""
-        out = {}
-        for key, batches in by_partition(context, filtered_corpus).items():
-            label = f"{SIGNATURES} {'/'.join(hive(key).values())}"
-            result = stages.sign(batches, kun.config, staged_sink(kun, SIGNATURES, key), label=label)
-            out[key] = report_stage(context, kun, SIGNATURES, key, result)
-        return out
+        yield from run_stage(context, kun, SIGNATURES, by_partition(context, filtered_corpus), stages.sign, stream=True, checked=False)
 
     return minhash_signatures
 
@@ -62,7 +56,7 @@ def _clusters(cfg: KunConfig, parts) -> dg.AssetsDefinition:
         found = {}
         for name in dict.fromkeys(group(k) for k in context.partition_keys):
             try:
-                found[name] = stages.cluster([t for k, t in tables.items() if group(k) == name], kun.config)
+                found[name] = stages.cluster([t for k, t in tables.items() if group(k) == name], stages.StageContext(kun.config))
             except stages.DedupError as e:
                 raise dg.Failure(str(e), allow_retries=False) from e
             st = found[name].stats
@@ -93,13 +87,8 @@ def _deduped(cfg: KunConfig, parts) -> dg.AssetsDefinition:
         """filtered_corpus less every document that duplicate_clusters drops: exact copies
         (duplicate_text) and near-duplicates (near_duplicate) of a document kept elsewhere,
         quarantined with the kept document's location and the estimated Jaccard."""
-        clusters = by_partition(context, duplicate_clusters)
-        out = {}
-        for key, batches in by_partition(context, filtered_corpus).items():
-            label = f"{registry.DEDUPED} {'/'.join(hive(key).values())}"
-            result = stages.dedupe(batches, clusters[key], staged_sink(kun, registry.DEDUPED, key), label=label)
-            out[key] = report_stage(context, kun, registry.DEDUPED, key, result)
-        yield from checks.gate(context, kun, registry.DEDUPED, out)
+        side = {CLUSTERS: by_partition(context, duplicate_clusters)}
+        yield from run_stage(context, kun, registry.DEDUPED, by_partition(context, filtered_corpus), stages.dedupe, stream=True, side=side)
 
     return deduped_corpus
 

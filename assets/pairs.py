@@ -6,30 +6,11 @@ import checks
 from kun_dagster import registry, stages
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
-from kun_dagster.llm import EngineError
-from kun_dagster.llm.base import Tally
 from kun_dagster.registry import CHAT_MODEL, in_round
 from resources import KunResource, LLMResource
 
-from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, checkpointed, gpu_tags, kinds, report_stage
+from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, gpu_tags, kinds, run_stage
 from .partitions import corpus_partitions
-
-
-def _run(context, kun, asset: str, frames: dict, stage, engine):
-    """The stage on each partition of the run, then the asset's checks (its output only if the schema holds)."""
-    out, tally = {}, Tally(engine)
-    for key, df in frames.items():
-        resumable = checkpointed(kun, asset, key, tally)
-        try:
-            result = stage(df, resumable, kun.config)
-        except EngineError as e:  # the model failed: nothing of this run is published
-            raise dg.Failure(f"{asset} {key}: {e}", allow_retries=False) from e
-        out[key] = report_stage(context, kun, asset, key, result, resumable)
-    try:
-        tally.require_text(asset)
-    except EngineError as e:
-        raise dg.Failure(str(e), allow_retries=False) from e
-    yield from checks.gate(context, kun, asset, out)
 
 
 def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
@@ -56,7 +37,9 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
     def labeled_pairs(context: dg.AssetExecutionContext, kun: KunResource, label_llm: LLMResource, deduped_corpus, label_model: dict):
         """The label model writes the instruction each text answers (Kun's label prompt), kept as
         written; instructions holding a banned keyword are quarantined. Config: label, sampling."""
-        yield from _run(context, kun, registry.LABELED, by_partition(context, deduped_corpus), stages.label, label_llm.engine(label_model))
+        yield from run_stage(
+            context, kun, registry.LABELED, by_partition(context, deduped_corpus), stages.label, engine=label_llm.engine(label_model)
+        )
 
     return [labeled_pairs] + [a for k in range(1, cfg.iterations + 1) for a in _round(cfg, k, spec)]
 
@@ -77,7 +60,7 @@ def _round(cfg: KunConfig, k: int, spec) -> list[dg.AssetsDefinition]:
         ),
     )
     def scored_pairs(context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, labeled_pairs, chat_model: dict):
-        yield from _run(context, kun, scored, by_partition(context, labeled_pairs), stages.score, chat_llm.engine(chat_model))
+        yield from run_stage(context, kun, scored, by_partition(context, labeled_pairs), stages.score, engine=chat_llm.engine(chat_model))
 
     @dg.asset(
         **spec(polished, "chat", k),
@@ -89,6 +72,6 @@ def _round(cfg: KunConfig, k: int, spec) -> list[dg.AssetsDefinition]:
         ),
     )
     def polished_pairs(context: dg.AssetExecutionContext, kun: KunResource, chat_llm: LLMResource, scored_pairs, chat_model: dict):
-        yield from _run(context, kun, polished, by_partition(context, scored_pairs), stages.polish, chat_llm.engine(chat_model))
+        yield from run_stage(context, kun, polished, by_partition(context, scored_pairs), stages.polish, engine=chat_llm.engine(chat_model))
 
     return [scored_pairs, polished_pairs]

@@ -37,6 +37,7 @@ from kun_dagster import dedup, stages, storage  # noqa: E402
 from kun_dagster.config import parse_config  # noqa: E402
 from kun_dagster.registry import SIGNATURES  # noqa: E402
 from kun_dagster.schemas import INDEXES  # noqa: E402
+from kun_dagster.stages import StageContext  # noqa: E402
 from kun_dagster.store import upath  # noqa: E402
 
 CFG = parse_config({"sources": [{"name": "web", "uri": "x", "format": "jsonl"}], "seed": {"uri": "s"}}, env={})
@@ -191,7 +192,7 @@ def _sign_phase(n: int, out: Path) -> dict:
     t0 = time.perf_counter()
     for k in range(SHARDS):
         sink = storage.ParquetSink(upath(str(out / f"source=web/shard={k}")) / storage.PART_NAME, INDEXES[SIGNATURES])
-        stages.sign(batches(k, n // SHARDS), CFG, sink)
+        stages.sign(batches(k, n // SHARDS), StageContext(CFG, sink=sink))
     seconds = time.perf_counter() - t0 - gen[0]
     size = sum(p.stat().st_size for p in out.rglob("*.parquet"))
     return {
@@ -207,7 +208,7 @@ def _cluster_phase(out: Path) -> dict:
     t0 = time.perf_counter()
     tables = [storage.PartitionTable(upath(str(d))) for d in sorted((out / "source=web").iterdir())]  # as the asset gets them
     read = time.perf_counter() - t0
-    result = stages.cluster(tables, CFG)
+    result = stages.cluster(tables, StageContext(CFG))
     st = result.stats
     return {
         "read_seconds": round(read, 1),

@@ -37,6 +37,7 @@ from kun_dagster import scoring, stages, storage  # noqa: E402
 from kun_dagster.config import ScoreConfig, load_config  # noqa: E402
 from kun_dagster.llm import load_engine  # noqa: E402
 from kun_dagster.llm.base import EngineSpec  # noqa: E402
+from kun_dagster.stages import StageContext  # noqa: E402
 from kun_dagster.store import upath
 
 
@@ -109,8 +110,8 @@ def main() -> None:
         threshold=None,
     )
     choice_cfg = cfg.model_copy(update={"sampling": free_cfg.sampling})  # its fallback rows generate at Kun's max_tokens too
-    stages.score(pairs.head(4), engine, choice_cfg)  # warm every path's kernels
-    stages.score(pairs.head(4), engine, free_cfg)
+    stages.score(pairs.head(4), StageContext(choice_cfg, engine=engine))  # warm every path's kernels
+    stages.score(pairs.head(4), StageContext(free_cfg, engine=engine))
 
     res = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
@@ -132,7 +133,7 @@ def main() -> None:
         for name, run_cfg in methods:
             reset_cache(engine)
             t = time.perf_counter()
-            out = stages.score(pairs, engine, run_cfg)
+            out = stages.score(pairs, StageContext(run_cfg, engine=engine))
             times[name].append(time.perf_counter() - t)
             runs[name] = (out, float(np.median(times[name])))
     for name, run_cfg in methods:

@@ -15,7 +15,7 @@ from . import scoring, storage
 from .code_versions import published_config
 from .config import KunConfig
 from .dataset import cqia, diversity_md, funnel_frame, instruction_diversity
-from .registry import CHAT_MODEL, in_round
+from .registry import CHAT_MODEL, SCORED, in_round
 
 MANIFEST = "manifest.json"  # written last in a release folder: its files' rows, bytes and sha256
 
@@ -40,7 +40,7 @@ def round_row(k: int, stats: dict | None, report: dict | None, source: str) -> d
     """Round k's row of the card: its chat model, keep rate, records (from what round k's release
     recorded) and, where the evaluation ran, its figures."""
     fun = (stats or {}).get("funnel") or {}
-    n_scored, kept = fun.get("rows", {}).get("scored_pairs", 0), fun.get("kept_by_score", 0)
+    n_scored, kept = fun.get("rows", {}).get(SCORED, 0), fun.get("kept_by_score", 0)
     ev, report = evaluated(report, source), report or {}
     base_row = next((r for r in report.get("models", []) if r["model"] == "seeds"), None)
     return {

@@ -8,6 +8,8 @@ value is parsed as YAML), e.g. `KUN__storage__base_uri=s3://bucket/kun`.
 from __future__ import annotations
 
 import codecs
+import functools
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -678,6 +680,30 @@ def parse_config(data: dict[str, Any], root: Path | str = ".", origin: str = "<m
 
 def config_path(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME).resolve()
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Which version of kun.yaml and of its KUN__ overrides a process would read: a hash of both
+    (the file's bytes, a few KB: exact where mtimes are coarse)."""
+    digest = hashlib.sha256()
+    try:
+        digest.update(Path(path).read_bytes())
+    except OSError:
+        pass  # load_config says what is wrong with it
+    digest.update(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("KUN__"))).encode())
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(path: str, version: str) -> KunConfig:
+    return load_config(path)
+
+
+def read_config(path: str | os.PathLike | None = None) -> KunConfig:
+    """kun.yaml as load_config reads it, parsed once per process for each version of the file and
+    its overrides (fingerprint): the definitions and every step read the same parse."""
+    p = str(config_path(path))
+    return _parsed(p, fingerprint(p))
 
 
 def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> KunConfig:

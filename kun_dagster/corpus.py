@@ -487,6 +487,48 @@ def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits
     return _ID_INDEX[key]
 
 
+@dataclass
+class _Batch:
+    """The documents and quarantine rows met since the last batch was yielded."""
+
+    source: str
+    shard: int
+    files: list[str]
+    docs: list[dict] = field(default_factory=list)
+    bad: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:  # quarantine rows count too: a file of bad lines is bounded alike
+        return len(self.docs) + len(self.bad)
+
+    def keep(self, rel: str, row: int, doc_id: str, title: str, text: str) -> None:
+        self.docs.append(
+            {"doc_id": doc_id, "source": self.source, "shard": self.shard, "file": rel, "row": row, "title": title, "text": text}
+        )
+
+    def reject(self, rel: str, row: int, reason: str, detail: str, raw: object, doc_id: str = "") -> None:
+        self.bad.append(
+            {
+                "source": self.source,
+                "shard": self.shard,
+                "file": rel,
+                "row": row,
+                "doc_id": doc_id,
+                "reason": reason,
+                "detail": _sample(detail, 500),
+                "sample": _sample(raw),
+            }
+        )
+
+    def take(self) -> Ingested:
+        out = Ingested(
+            docs=pd.DataFrame(self.docs, columns=DOC_COLUMNS).astype({"shard": "int64", "row": "int64"}),
+            quarantine=quarantine_frame(self.bad),
+            files=self.files,
+        )
+        self.docs, self.bad = [], []
+        return out
+
+
 def iter_shard(
     source: SourceConfig,
     uri: str,
@@ -507,51 +549,24 @@ def iter_shard(
     if not found:
         raise CorpusError(f"source {source.name}: no file matches {uri}")
     mine = [(p, rel) for p in found if shard_of(rel := _relative(p, root), shards) == shard]
-    names = [rel for _, rel in mine]
-    docs: list[dict] = []
-    bad: list[dict] = []
-
-    def reject(rel: str, row: int, reason: str, detail: str, raw: object, doc_id: str = "") -> None:
-        bad.append(
-            {
-                "source": source.name,
-                "shard": shard,
-                "file": rel,
-                "row": row,
-                "doc_id": doc_id,
-                "reason": reason,
-                "detail": _sample(detail, 500),
-                "sample": _sample(raw),
-            }
-        )
-
-    def batch() -> Ingested:
-        out = Ingested(
-            docs=pd.DataFrame(docs, columns=DOC_COLUMNS).astype({"shard": "int64", "row": "int64"}),
-            quarantine=quarantine_frame(bad),
-            files=names,
-        )
-        docs.clear()
-        bad.clear()
-        return out
-
+    batch = _Batch(source.name, shard, [rel for _, rel in mine])
     for path, rel in mine:
         if found[path].get("size") == 0:
-            reject(rel, 0, EMPTY_FILE, "the file has zero bytes", b"")
+            batch.reject(rel, 0, EMPTY_FILE, "the file has zero bytes", b"")
             continue
         for kind, row, *item in documents(fs, path, rel, source, limits):
-            if len(docs) + len(bad) >= batch_rows:  # quarantine rows count too: a file of bad lines is bounded alike
-                yield batch()
+            if len(batch) >= batch_rows:
+                yield batch.take()
             if kind == "bad":
-                reject(rel, row, *item)
+                batch.reject(rel, row, *item)
                 continue
             doc_id, title, text = item
             if kept_at.get(doc_id, (rel, row)) != (rel, row):
                 kf, kr = kept_at[doc_id]
-                reject(rel, row, DUPLICATE_ID, f"doc id {doc_id!r} is kept at {kf}:{kr} (first in the source)", text, doc_id)
+                batch.reject(rel, row, DUPLICATE_ID, f"doc id {doc_id!r} is kept at {kf}:{kr} (first in the source)", text, doc_id)
                 continue
-            docs.append({"doc_id": doc_id, "source": source.name, "shard": shard, "file": rel, "row": row, "title": title, "text": text})
-    yield batch()
+            batch.keep(rel, row, doc_id, title, text)
+    yield batch.take()
 
 
 def quarantine_frame(rows: list[dict]) -> pd.DataFrame:

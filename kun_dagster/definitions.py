@@ -15,12 +15,13 @@ from automation import apply_automation, automation_sensors, observe_sources, so
 from checks import check_failure_alerts, dead_run_recovery, run_failure_alerts
 from resources import KunResource, LLMResource, ModelRefIOManager, ParquetIOManager, ReportIOManager
 
-from .config import config_path, load_config
+from .config import config_path, fingerprint, read_config
 
 
 def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
     cfg_file = config_path(path)
-    cfg = load_config(cfg_file)
+    version = fingerprint(cfg_file)
+    cfg = read_config(cfg_file)
     s3 = cfg.storage.s3
     secrets = {
         field: dg.EnvVar(name)
@@ -31,7 +32,7 @@ def build_definitions(path: str | os.PathLike | None = None) -> dg.Definitions:
         )
         if os.environ.get(name)
     }
-    kun = KunResource(config_path=str(cfg_file), **secrets)
+    kun = KunResource(config_path=str(cfg_file), config_version=version, **secrets)  # read once, by both
     llm = {f"{role}_llm": LLMResource(kun=kun, role=role) for role in ("base", "label", "chat")}
     all_assets = [source_files(cfg)] + models.build(cfg) + corpus.build(cfg) + dedup.build(cfg) + pairs.build(cfg) + dataset.build(cfg)
     all_assets = dg.map_asset_specs(lambda spec: spec.replace_attributes(owners=cfg.deploy.owners), all_assets)

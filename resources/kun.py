@@ -1,32 +1,11 @@
 """The Kun config as a resource: assets read stage settings from it, the UI shows its path."""
 
-import hashlib
-import os
-from functools import lru_cache
-
 import dagster as dg
 from upath import UPath
 
 from kun_dagster import model_store
-from kun_dagster.config import KunConfig, load_config
+from kun_dagster.config import ConfigError, KunConfig, fingerprint, read_config
 from kun_dagster.store import Store
-
-
-@lru_cache(maxsize=8)
-def _load_version(path: str, stamp: str, env: tuple) -> KunConfig:
-    return load_config(path)
-
-
-def _load(path: str) -> KunConfig:
-    """kun.yaml, parsed once per process for each version of the file and of its KUN__ overrides:
-    a process that goes on after the file changed (a notebook, a test, a second `kun run` in one
-    process) reads the new one, never a stale copy."""
-    try:
-        with open(path, "rb") as f:
-            stamp = hashlib.sha256(f.read()).hexdigest()  # a few KB: exact where mtimes are coarse
-    except OSError:
-        stamp = ""  # load_config says what is wrong with it
-    return _load_version(path, stamp, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("KUN__"))))
 
 
 class KunResource(dg.ConfigurableResource):
@@ -38,10 +17,19 @@ class KunResource(dg.ConfigurableResource):
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
     s3_session_token: str | None = None
+    # the version of kun.yaml the definitions were built from (config.fingerprint); a step that
+    # finds another refuses to run: its graph, code versions and checks are the old file's
+    config_version: str | None = None
 
     @property
     def config(self) -> KunConfig:
-        return _load(self.config_path)
+        if self.config_version is not None and fingerprint(self.config_path) != self.config_version:
+            raise ConfigError(
+                f"{self.config_path} (or a KUN__ override) changed after this code location was loaded: the graph, its "
+                "code versions and checks are the old file's. Reload the code location (the UI's Reload, or restart "
+                "`dagster dev`) and launch again; `kun run` reloads by itself."
+            )
+        return read_config(self.config_path)
 
     @property
     def store(self) -> Store:

@@ -125,3 +125,25 @@ def test_the_resource_reads_the_config_as_it_is_now(tmp_path, monkeypatch):
     assert kun.config.score.threshold == 0.9
     monkeypatch.setenv("KUN__score__threshold", "0.7")
     assert kun.config.score.threshold == 0.7
+
+
+def test_a_step_refuses_a_config_changed_after_its_code_location_loaded(tmp_path):
+    """The definitions and their resource read one version of kun.yaml: a step that finds another
+    (the file edited mid-run, or before a launch without a reload) fails saying so, rather than
+    making data under a config its graph and code versions were not built from."""
+    import yaml
+
+    from kun_dagster.config import ConfigError
+    from kun_dagster.definitions import build_definitions
+
+    from .conftest import write_config
+
+    path = write_config(tmp_path)
+    kun = build_definitions(path).resources["kun"]
+    assert kun.config.score.threshold == 0.5 and kun.config_version
+    doc = yaml.safe_load(path.read_text())
+    doc.setdefault("score", {})["threshold"] = 0.9
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    with pytest.raises(ConfigError, match="changed after this code location was loaded"):
+        _ = kun.config
+    assert build_definitions(path).resources["kun"].config.score.threshold == 0.9  # reloaded: the new one

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from kun_dagster import dedup, stages
 from kun_dagster.config import parse_config
-from kun_dagster.registry import SIGNATURES
+from kun_dagster.registry import CLUSTERS, SIGNATURES
 from kun_dagster.schemas import INDEXES
+from kun_dagster.stages import StageContext
 
 
 def config(**dedup_cfg):
@@ -63,11 +64,11 @@ def frame(texts: list[str], source="web", shard=0, file="a.jsonl", start=0) -> p
 
 
 def signed(df: pd.DataFrame, cfg=CFG) -> pa.Table:
-    return pa.Table.from_pandas(stages.sign(df, cfg).rows, schema=INDEXES[SIGNATURES], preserve_index=False)
+    return pa.Table.from_pandas(stages.sign(df, StageContext(cfg)).rows, schema=INDEXES[SIGNATURES], preserve_index=False)
 
 
 def members(partitions: list[pd.DataFrame], cfg=CFG) -> pd.DataFrame:
-    return stages.cluster([signed(p, cfg) for p in partitions], cfg).rows
+    return stages.cluster([signed(p, cfg) for p in partitions], StageContext(cfg)).rows
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_exact_copies_across_shards_keep_the_first_location_and_name_it():
     m = members(parts)
     assert list(m["role"]) == ["kept", "duplicate_text", "duplicate_text"]
     assert m.iloc[0]["doc_id"] == "web-a.jsonl-5" and (m["kept_file"] == "a.jsonl").all() and (m["kept_row"] == 5).all()
-    res = stages.dedupe(parts[0], m[m["shard"] == 1])
+    res = stages.dedupe(parts[0], StageContext(CFG, inputs={CLUSTERS: m[m["shard"] == 1]}))
     assert res.rows["doc_id"].tolist() == ["web-b.jsonl-0"]
     q = res.dropped.iloc[0]
     assert q["reason"] == "duplicate_text" and "same text as web-a.jsonl-5 (web shard 3, a.jsonl row 5)" in q["detail"]
@@ -158,7 +159,7 @@ def test_near_duplicates_go_to_the_quarantine_with_location_and_jaccard():
     t = _random_text(400)
     parts = [frame([t], shard=0, file="a.jsonl"), frame([variant(t, 0.9), _random_text(400)], shard=1, file="b.jsonl")]
     m = members(parts)
-    res = stages.dedupe(parts[1], m[m["shard"] == 1])
+    res = stages.dedupe(parts[1], StageContext(CFG, inputs={CLUSTERS: m[m["shard"] == 1]}))
     assert res.rows["doc_id"].tolist() == ["web-b.jsonl-1"]
     q = res.dropped.iloc[0]
     assert q["reason"] == "near_duplicate" and q["file"] == "b.jsonl" and q["row"] == 0
@@ -183,15 +184,15 @@ def test_switches_empty_partitions_and_texts_without_shingles():
     assert sorted(members(parts, config(exact=False, near=False))["role"]) == []
     copies = [frame([t], shard=0), frame([" " + t], shard=1, file="b.jsonl")]  # one text, twice: nothing else to compare
     assert sorted(members(copies, config(exact=False))["role"]) == ["duplicate_text", "kept"]  # Jaccard 1 is near too
-    assert members([frame([], shard=0)]).empty and stages.cluster([], CFG).rows.empty
-    res = stages.dedupe(frame([]), members([frame([])]))
+    assert members([frame([], shard=0)]).empty and stages.cluster([], StageContext(CFG)).rows.empty
+    res = stages.dedupe(frame([]), StageContext(CFG, inputs={CLUSTERS: members([frame([])])}))
     assert res.rows.empty and res.stats["rows_in"] == 0
 
 
 def test_signatures_of_another_configuration_are_refused():
     parts = [signed(frame(["一段文字，足够长了吧，真的。"])), signed(frame(["另一段文字，也够长。"], shard=1), config(ngram=3))]
     with pytest.raises(stages.DedupError, match="re-materialize minhash_signatures"):
-        stages.cluster(parts, CFG)
+        stages.cluster(parts, StageContext(CFG))
 
 
 def test_bands_catch_a_pair_at_the_threshold_with_probability_099():
@@ -237,10 +238,10 @@ def test_the_batch_normalisation_is_normalise_text_by_text(texts):
     assert got == "".join(map(dedup.normalise, texts)) and lens.tolist() == [len(dedup.normalise(t)) for t in texts]
 
 
-def test_the_release_drops_answers_repeated_across_shards_and_its_card_reports_instruction_diversity(tmp_path):
+def test_the_release_drops_answers_repeated_across_shards_and_its_card_reports_instruction_diversity():
+    from kun_dagster import card as kun_card
     from kun_dagster import dataset, schemas
     from kun_dagster.registry import POLISHED
-    from kun_dagster.store import upath
 
     answer = "复利是指在计算利息时，把上一期的利息加入本金，再计算下一期的利息。"
     rows = [  # (shard, file, row, instruction, output)
@@ -263,7 +264,9 @@ def test_the_release_drops_answers_repeated_across_shards_and_its_card_reports_i
     polished[["score", "score_rule", "score_method"]] = [0.9, "probability", "kun_choice"]
     polished["task_minor"] = [["kun:web"]] * len(rows)  # tags off: the constants polish writes
     polished[["domain", "task_minor_rule", "domain_rule"]] = ["通用", "off", "off"]
-    result, card = dataset.release(polished, "web", CFG, upath(str(tmp_path)), "kun-label", "kun-chat")
+    fun = dataset.funnel({}, CFG.score.threshold)
+    result = dataset.release(polished, "web", CFG, "kun-label", "kun-chat", fun)
+    card = kun_card.card("web", result.stats, CFG)
     assert result.rows["doc_id"].tolist() == ["d1", "d2", "d3"]  # d0 repeats d1's answer; a.jsonl row 3 comes first
     q = result.dropped.iloc[0]
     assert q["reason"] == "duplicate_output" and q["doc_id"] == "d0" and "same output as d1" in q["detail"]

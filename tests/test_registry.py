@@ -137,10 +137,12 @@ def test_the_step_groups_are_declared_jobs_in_the_order_kun_run_walks_them(tmp_p
         "corpus_tail",
         "release",
         "evaluate",
+        "card",
         "retrain_round2",
         "rescore_round2",
         "release_round2",
         "evaluate_round2",
+        "card_round2",
     ]
     assert set(declared) == {j.name for j in walked}
     for j in walked:
@@ -155,7 +157,7 @@ def test_the_step_groups_are_declared_jobs_in_the_order_kun_run_walks_them(tmp_p
         "wanjuan",
         "skypile",
     ]
-    assert [j.name for j in registry.jobs(1, False)] == ["models", "corpus_head", "clusters", "corpus_tail", "release"]
+    assert [j.name for j in registry.jobs(1, False)] == ["models", "corpus_head", "clusters", "corpus_tail", "release", "card"]
 
 
 def test_cli_names_no_asset_and_stays_short():

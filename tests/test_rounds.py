@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from kun_dagster import dataset, evaluation, prompts, schemas, tagging, training
 from kun_dagster.config import COIG_DOMAINS, COIG_TASK_TYPES, ConfigError, parse_config
+from kun_dagster.stages import StageContext
 
 from .conftest import REPO, assert_fresh, given_models, write_config
 from .fakes import ScriptedEngine
@@ -198,13 +199,13 @@ def test_polish_tags_each_kept_answer_or_keeps_the_constants_with_tags_off():
     good = "这句话可以译为：天气很好，我们去公园散步吧。"
     cfg = config(tags={"task_types": ["百科问答", "翻译", "其他"], "domains": ["通用", "文学", "其他"]})
     eng = ScriptedEngine(replies=[good], probs=[[0.1, 0.85, 0.0], [0.9, 0.05, 0.0]])
-    res = stages.polish(scored, eng, cfg)
+    res = stages.polish(scored, StageContext(cfg, engine=eng))
     assert res.rows[["doc_id", "task_minor", "domain", "task_minor_rule", "domain_rule"]].values.tolist() == [
         ["d0", ["翻译"], "通用", "probability", "probability"]
     ]
     assert res.stats["task_minor_by_rule"] == {"probability": 1} and res.stats["domain_tags"] == {"通用": 1}
     assert schemas.validate("polished_pairs", res.rows, cfg).passed
-    off = stages.polish(scored, ScriptedEngine(replies=[good]), config(tags="off"))
+    off = stages.polish(scored, StageContext(config(tags="off"), engine=ScriptedEngine(replies=[good])))
     assert off.rows[["task_minor", "domain", "task_minor_rule"]].values.tolist() == [[["kun:web"], "通用", "off"]]
     assert not schemas.validate("polished_pairs", off.rows, cfg).passed  # kun:web is not in the taxonomy
     assert schemas.validate("polished_pairs", off.rows, config(tags="off")).passed
@@ -260,7 +261,6 @@ def test_the_schemas_hold_every_tag_to_the_taxonomy():
 
 # -- Humpback's rounds (round_data: segments) ------------------------------------------------------
 def test_humpback_tags_are_system_messages_in_training_and_inference(tmp_path):
-    from kun_dagster import storage
 
     from .fakes import tokenizer
 
@@ -291,15 +291,13 @@ def test_humpback_tags_are_system_messages_in_training_and_inference(tmp_path):
 
     from .test_schemas import labeled
 
-    stages.score(labeled(1), scored, cfg)
+    stages.score(labeled(1), StageContext(cfg, engine=scored))
     assert scored.prompts[0].startswith(
         "<|im_start|>system\nAnswer in the style of an AI Assistant.<|im_end|>\n<|im_start|>user\n评价指令质量"
     )
     # the curated set: round k's scored pairs that reach the threshold, every shard
-    base = upath(tmp_path)
     rows = labeled(3).assign(score=[0.9, 0.2, float("nan")])
-    storage.write_partition(storage.partition_dir(base, "scored_pairs", {"source": "web", "shard": "0"}), rows)
-    got = dataset.kept_pairs(base, "web", ["0", "1"], 0.5, 1)
+    got = dataset.kept_pairs([rows, rows.iloc[:0]], 0.5)
     assert got.to_dict("records") == [{"instruction": rows.at[0, "instruction"], "text": rows.at[0, "text"]}]
 
 

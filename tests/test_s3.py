@@ -185,7 +185,7 @@ def s3_run(moto, models_run, tmp_path_factory):
     assert dg.materialize(assets, selection=MODELS, resources=defs.resources, instance=instance).success
     assert dg.materialize(assets, selection=CORPUS, resources=defs.resources, instance=instance, tags=_range("wudao|0", "wudao|1")).success
     assert dg.materialize(
-        assets, selection=["instruction_dataset"], resources=defs.resources, instance=instance, partition_key="wudao"
+        assets, selection=["instruction_dataset", "dataset_card"], resources=defs.resources, instance=instance, partition_key="wudao"
     ).success
     import s3fs
 

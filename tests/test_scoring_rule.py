@@ -8,6 +8,7 @@ import pytest
 
 from kun_dagster import scoring, stages
 from kun_dagster.config import parse_config
+from kun_dagster.stages import StageContext
 
 from .test_stages import CFG, docs
 
@@ -62,14 +63,15 @@ def _cfg(**changes):
 
 
 def test_a_model_that_answers_in_the_format_is_scored_by_probability_as_kuns_rule_decides(chat_engine):
-    choice = stages.score(_pairs(), chat_engine, _cfg(**{"sampling.max_tokens": 16}))
+    choice = stages.score(_pairs(), StageContext(_cfg(**{"sampling.max_tokens": 16}), engine=chat_engine))
     rows = choice.rows
     assert (rows["score_rule"] == "probability").all() and choice.stats["fallback_rate"] == 0
     keep = _kept(rows)
     assert rows["answer_mass"].min() >= 0.5 and keep.any() and not keep.all()
     # greedy free text opens with the more likely answer: the same decision on every row it parses
     greedy = stages.score(
-        _pairs(), chat_engine, _cfg(**{"score.method": "kun_freetext", "sampling.temperature": 0.0, "sampling.max_tokens": 16})
+        _pairs(),
+        StageContext(_cfg(**{"score.method": "kun_freetext", "sampling.temperature": 0.0, "sampling.max_tokens": 16}), engine=chat_engine),
     ).rows
     parsed = greedy["score"].notna()
     assert parsed.mean() >= 0.9
@@ -77,7 +79,9 @@ def test_a_model_that_answers_in_the_format_is_scored_by_probability_as_kuns_rul
     same = (keep == _kept(greedy))[parsed & ~ties]
     assert same.all(), rows.loc[same.index[~same], ["instruction", "p_good", "p_bad"]]
     # Kun's own setting samples one reply at temperature 0.5: agreement near what that noise predicts
-    sampled = stages.score(_pairs(), chat_engine, _cfg(**{"score.method": "kun_freetext", "sampling.max_tokens": 16})).rows
+    sampled = stages.score(
+        _pairs(), StageContext(_cfg(**{"score.method": "kun_freetext", "sampling.max_tokens": 16}), engine=chat_engine)
+    ).rows
     ok = sampled["score"].notna()
     g, b = rows["p_good"] ** 2, rows["p_bad"] ** 2
     predicted = np.maximum(g, b) / (g + b)
@@ -89,6 +93,6 @@ def test_rows_under_min_answer_mass_fall_back_to_free_text_on_a_real_model(chat_
     """The fallback on a real engine: with the bound above every row's mass, every row is generated
     and parsed in the same step, and still records the mass that sent it there."""
     cfg = _cfg(**{"score.min_answer_mass": 1.0, "sampling.max_tokens": 16})  # no row can reach it
-    res = stages.score(_pairs(), chat_engine, cfg)
+    res = stages.score(_pairs(), StageContext(cfg, engine=chat_engine))
     assert (res.rows["score_rule"] == "freetext").all() and res.stats["fallback_rate"] == 1.0
     assert res.rows["score_reply"].notna().all() and res.rows["answer_mass"].notna().all()

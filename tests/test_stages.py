@@ -7,6 +7,7 @@ import pytest
 from kun_dagster import prompts, scoring, stages
 from kun_dagster.config import parse_config
 from kun_dagster.llm import EngineError
+from kun_dagster.stages import StageContext
 
 from .fakes import ScriptedEngine
 
@@ -43,7 +44,7 @@ def docs(texts):
 def test_filter_corpus_drops_with_reasons_and_keeps_order():
     eng = ScriptedEngine(ppl=[5.0, 80.0, math.nan])
     df = docs(["复利是指利息计入本金。", "\x00  \n", "复利是指利息计入本金。 ", "长" * 300, "蜜蜂的分工很细。", "乱码乱码。"])
-    res = stages.filter_corpus(df, eng.tokenizer, eng, CFG)
+    res = stages.filter_corpus(df, StageContext(CFG, engine=eng, tokenizer=eng.tokenizer))
     assert res.rows["doc_id"].tolist() == ["d0"]
     assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {
         "d1": "empty_after_clean",
@@ -59,7 +60,7 @@ def test_filter_corpus_drops_with_reasons_and_keeps_order():
 
 def test_label_uses_kun_prompt_keeps_the_raw_instruction_and_filters_keywords():
     eng = ScriptedEngine(replies=["什么是复利？  ", "请总结这篇文章的摘要。", "", "什么是蜜蜂？     \n -> 什么是", "坏\ufffd字"])
-    res = stages.label(docs(["甲", "乙", "丙", "丁", "戊"]), eng, CFG)
+    res = stages.label(docs(["甲", "乙", "丙", "丁", "戊"]), StageContext(CFG, engine=eng))
     # as written, less trailing whitespace: Kun scores before it cuts whitespace runs and repeated lines
     assert res.rows["instruction"].tolist() == ["什么是复利？", "什么是蜜蜂？     \n -> 什么是"]
     assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {
@@ -74,18 +75,18 @@ def test_label_uses_kun_prompt_keeps_the_raw_instruction_and_filters_keywords():
 def test_stage_fails_loudly_when_the_model_returns_nothing():
     n = stages.common.ALL_EMPTY_MIN
     with pytest.raises(EngineError, match=f"empty text for all {n} prompts"):
-        stages.label(docs([f"文{i}" for i in range(n)]), ScriptedEngine(replies=[""] * n), CFG)
+        stages.label(docs([f"文{i}" for i in range(n)]), StageContext(CFG, engine=ScriptedEngine(replies=[""] * n)))
     # two empty replies in a small partition are a weak model's chance: quarantined, counted; the
     # step's tally (every partition it serves) is what fails when nothing at all had text
-    res = stages.label(docs(["甲", "乙"]), ScriptedEngine(replies=["", ""]), CFG)
+    res = stages.label(docs(["甲", "乙"]), StageContext(CFG, engine=ScriptedEngine(replies=["", ""])))
     assert res.dropped["reason"].tolist() == ["empty_generation"] * 2 and not len(res.rows)
     from kun_dagster.llm.base import Tally
 
     tally = Tally(ScriptedEngine(replies=["", "", "", "什么是复利？"]))
-    stages.label(docs(["甲", "乙"]), tally, CFG)
+    stages.label(docs(["甲", "乙"]), StageContext(CFG, engine=tally))
     with pytest.raises(EngineError, match="empty text for all 2 prompts of the step"):
         tally.require_text("labeled_pairs")
-    stages.label(docs(["丙", "丁"]), tally, CFG)
+    stages.label(docs(["丙", "丁"]), StageContext(CFG, engine=tally))
     tally.require_text("labeled_pairs")  # one generation of the step had text
     assert (tally.generations, tally.with_text) == (4, 1)
 
@@ -93,7 +94,7 @@ def test_stage_fails_loudly_when_the_model_returns_nothing():
 def test_score_reads_probabilities_where_the_model_answers_in_the_format():
     pairs = docs(["甲", "乙", "丙"]).assign(instruction=["好指令", "坏指令", "中指令"])
     eng = ScriptedEngine(probs=[[0.81, 0.09], [0.14, 0.56], [0.3, 0.3]])  # answer mass 0.9, 0.7, 0.6
-    res = stages.score(pairs, eng, CFG)
+    res = stages.score(pairs, StageContext(CFG, engine=eng))
     rows = res.rows
     assert rows["score"].round(6).tolist() == [0.9, 0.2, 0.5] and kept(rows) == [True, False, True] and "keep" not in rows
     assert rows["answer_mass"].round(6).tolist() == [0.9, 0.7, 0.6] and rows["p_good"].round(6).tolist() == [0.81, 0.14, 0.3]
@@ -110,7 +111,7 @@ def test_rows_the_model_would_not_answer_in_the_format_are_scored_by_kuns_free_t
     pairs = docs(["甲", "乙", "丙", "丁"]).assign(instruction=["a", "b", "c", "d"])
     little = [math.exp(-59), math.exp(-79)]  # normalised over the two answers this would be 1.0
     eng = ScriptedEngine(probs=[little, [0.7, 0.2], little, little], replies=["【差】这条指令含糊。", "嗯【好】", "随便说说"])
-    res = stages.score(pairs, eng, CFG)
+    res = stages.score(pairs, StageContext(CFG, engine=eng))
     rows = res.rows
     assert rows["score_rule"].tolist() == ["freetext", "probability", "freetext", "freetext"]
     assert rows["score"].tolist()[0] == 0.0 and rows["score"].tolist()[2] == 1.0 and math.isnan(rows["score"].tolist()[3])
@@ -125,7 +126,7 @@ def test_rows_the_model_would_not_answer_in_the_format_are_scored_by_kuns_free_t
 def test_min_answer_mass_zero_scores_every_row_by_probability():
     pairs = docs(["甲"]).assign(instruction=["a"])
     cfg = parse_config({**CFG.model_dump(), "score": {"min_answer_mass": 0.0}}, env={})
-    res = stages.score(pairs, ScriptedEngine(probs=[[math.exp(-59), math.exp(-79)]]), cfg)
+    res = stages.score(pairs, StageContext(cfg, engine=ScriptedEngine(probs=[[math.exp(-59), math.exp(-79)]])))
     assert res.rows["score_rule"].tolist() == ["probability"] and res.rows["score"].tolist()[0] == pytest.approx(1.0)
 
 
@@ -137,20 +138,20 @@ def test_the_sampled_decision_is_kuns_rule_in_distribution():
     pairs = docs(["文"] * n).assign(instruction=[f"指令{i}" for i in range(n)])
     probs = [[0.54, 0.36]] * n
     cfg = parse_config({**CFG.model_dump(), "score": {"decision": "sampled"}}, env={})
-    rows = stages.score(pairs, ScriptedEngine(probs=probs), cfg).rows
+    rows = stages.score(pairs, StageContext(cfg, engine=ScriptedEngine(probs=probs))).rows
     assert set(rows["score"]) == {0.0, 1.0} and set(rows["score_rule"]) == {"probability"}
     assert abs(rows["score"].mean() - 0.36 / 0.52) < 0.03  # sd 0.008
     assert rows["p_good"].round(6).eq(0.54).all()  # the probabilities stay on the row
-    mode = stages.score(pairs, ScriptedEngine(probs=probs), CFG).rows
+    mode = stages.score(pairs, StageContext(CFG, engine=ScriptedEngine(probs=probs))).rows
     assert all(kept(mode)) and (mode["score"].round(6) == 0.6).all()
     # seeded per row by its prompt: the same verdicts in another batch, and another seed draws others
-    again = stages.score(pairs.iloc[::-1].reset_index(drop=True), ScriptedEngine(probs=probs), cfg).rows
+    again = stages.score(pairs.iloc[::-1].reset_index(drop=True), StageContext(cfg, engine=ScriptedEngine(probs=probs))).rows
     assert again["score"].tolist()[::-1] == rows["score"].tolist()
     other = parse_config({**cfg.model_dump(), "sampling": {"seed": 1}}, env={})
-    assert stages.score(pairs, ScriptedEngine(probs=probs), other).rows["score"].tolist() != rows["score"].tolist()
+    assert stages.score(pairs, StageContext(other, engine=ScriptedEngine(probs=probs))).rows["score"].tolist() != rows["score"].tolist()
     # humpback: a digit drawn from the five, at T 0.5 (p^2): 5 then 4 about 64% / 36% of the time
     cfg_h = parse_config({**CFG.model_dump(), "score": {"method": "humpback_choice", "decision": "sampled"}}, env={})
-    got = stages.score(pairs, ScriptedEngine(probs=[[0.0, 0.0, 0.0, 0.3, 0.4]] * n), cfg_h).rows["score"]
+    got = stages.score(pairs, StageContext(cfg_h, engine=ScriptedEngine(probs=[[0.0, 0.0, 0.0, 0.3, 0.4]] * n))).rows["score"]
     assert set(got) == {4.0, 5.0} and abs((got == 5.0).mean() - 0.16 / 0.25) < 0.03
 
 
@@ -166,7 +167,7 @@ def test_a_draw_from_vanishing_probabilities_still_follows_their_ratio():
 def test_free_text_scoring_counts_parse_failures():
     pairs = docs(["甲", "乙", "丙"]).assign(instruction=["a", "b", "c"])
     cfg = parse_config({**CFG.model_dump(), "score": {"method": "kun_freetext"}}, env={})
-    res = stages.score(pairs, ScriptedEngine(replies=["【好】", "【差】", "我不知道"]), cfg)
+    res = stages.score(pairs, StageContext(cfg, engine=ScriptedEngine(replies=["【好】", "【差】", "我不知道"])))
     assert kept(res.rows, cfg) == [True, False, False] and res.stats["parse_failures"] == 1
     assert res.stats["fallback_rate"] is None and res.rows["answer_mass"].isna().all()
 
@@ -180,16 +181,16 @@ def test_the_scorer_sees_the_raw_instruction_and_polish_cleans_it_after():
         "什么是排他性许可？ \n \n   -> 什么是  \n     什么是  \n",
     ]
     labeler = ScriptedEngine(replies=raw)
-    labeled = stages.label(docs(["甲文", "乙文", "丙文"]), labeler, CFG)
+    labeled = stages.label(docs(["甲文", "乙文", "丙文"]), StageContext(CFG, engine=labeler))
     assert labeled.rows["instruction"].tolist() == [r.rstrip() for r in raw]
     scorer = ScriptedEngine(probs=[[0.3, 0.6]] * 2 + [[0.6, 0.3]])
-    scored = stages.score(labeled.rows, scorer, CFG)
+    scored = stages.score(labeled.rows, StageContext(CFG, engine=scorer))
     for prompt, r in zip(scorer.prompts, raw):
         assert f"指令: 【{r.rstrip()}】 回复：" in prompt
     assert kept(scored.rows) == [False, False, True]
     answer = "排他性许可是指在约定范围内只许可一家被许可人使用的许可方式。"
     polisher = ScriptedEngine(replies=[answer])
-    polished = stages.polish(scored.rows, polisher, CFG)
+    polished = stages.polish(scored.rows, StageContext(CFG, engine=polisher))
     assert polished.rows["instruction"].tolist() == ["什么是排他性许可？"]  # cut at the whitespace run, after scoring
     assert polisher.prompts[0] == prompts.render(polisher.tokenizer, " 已知：\n丙文,请回答:什么是排他性许可？")
 
@@ -205,7 +206,7 @@ def test_polish_repairs_instructions_as_kun_does_before_the_answer_prompt():
         score_rule="probability",
     )
     eng = ScriptedEngine(replies=[answer, answer.replace("复利", "单利")])
-    res = stages.polish(scored, eng, CFG)
+    res = stages.polish(scored, StageContext(CFG, engine=eng))
     assert res.rows["instruction"].tolist() == ["什么是复利？", "什么是单利？"]
     assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {"d1": "repeated_instruction"}
     assert res.dropped["detail"].tolist() == ["its longest repeated line does not open it (Kun drops it)"]
@@ -220,7 +221,7 @@ def test_humpback_scores_the_pair_with_its_prompt_and_keeps_at_five():
     four = [0.0, 0.05, 0.1, 0.45, 0.3]
     tiny = [1e-9] * 5
     eng = ScriptedEngine(probs=[five, four, tiny, tiny], replies=["理由：答案完整清晰，专业。\n得分：5", "写得不错。\n得分：4"])
-    res = stages.score(pairs, eng, cfg)
+    res = stages.score(pairs, StageContext(cfg, engine=eng))
     rows = res.rows
     assert rows["score"].tolist() == [5.0, 4.0, 5.0, 4.0] and kept(rows, cfg) == [True, False, True, False]
     assert rows["score_rule"].tolist() == ["probability", "probability", "freetext", "freetext"]
@@ -246,7 +247,7 @@ def test_polish_applies_output_filters_and_dedup():
     )
     good = "复利是把每一期的利息计入本金，下一期一起计息。"
     eng = ScriptedEngine(replies=[good, "太短了", "作为一个AI，" + good, good, "好的" * 8 + good])
-    res = stages.polish(scored, eng, CFG)
+    res = stages.polish(scored, StageContext(CFG, engine=eng))
     assert res.rows[["doc_id", "output"]].values.tolist() == [["d0", good]]
     assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {
         "d1": "too_short",
@@ -257,7 +258,7 @@ def test_polish_applies_output_filters_and_dedup():
     assert res.stats["not_kept_by_score"] == 1 and res.stats["keep_rate"] == round(5 / 6, 4)
     # a new threshold changes what polish keeps, from the same scores: nothing is re-scored
     strict = parse_config({**CFG.model_dump(), "score": {"threshold": 0.95}}, env={})
-    assert stages.polish(scored, ScriptedEngine(), strict).stats["not_kept_by_score"] == 6
+    assert stages.polish(scored, StageContext(strict, engine=ScriptedEngine())).stats["not_kept_by_score"] == 6
     assert eng.prompts[0] == prompts.render(eng.tokenizer, " 已知：\n甲文,请回答:问题")
 
 
@@ -271,7 +272,7 @@ def test_answers_are_released_as_generated_and_a_looping_one_is_dropped():
     scored = docs(["甲文", "乙文", "丙文", "丁文"]).assign(
         instruction="问题", score=0.9, score_method="kun_choice", score_rule="probability"
     )
-    res = stages.polish(scored, ScriptedEngine(replies=["\n" + code + "\n", js, poem, loop]), CFG)
+    res = stages.polish(scored, StageContext(CFG, engine=ScriptedEngine(replies=["\n" + code + "\n", js, poem, loop])))
     assert dict(zip(res.rows["doc_id"], res.rows["output"])) == {"d0": code, "d1": js, "d2": poem}
     assert dict(zip(res.dropped["doc_id"], res.dropped["reason"])) == {"d3": "repeated_phrase"}
 
@@ -279,10 +280,10 @@ def test_answers_are_released_as_generated_and_a_looping_one_is_dropped():
 def test_an_empty_partition_flows_through_every_stage():
     eng = ScriptedEngine()
     empty = docs([])
-    filtered = stages.filter_corpus(empty, eng.tokenizer, eng, CFG)
-    labeled = stages.label(filtered.rows, eng, CFG)
-    scored = stages.score(labeled.rows, eng, CFG)
-    polished = stages.polish(scored.rows, eng, CFG)
+    filtered = stages.filter_corpus(empty, StageContext(CFG, engine=eng, tokenizer=eng.tokenizer))
+    labeled = stages.label(filtered.rows, StageContext(CFG, engine=eng))
+    scored = stages.score(labeled.rows, StageContext(CFG, engine=eng))
+    polished = stages.polish(scored.rows, StageContext(CFG, engine=eng))
     for res in (filtered, labeled, scored, polished):
         assert res.rows.empty and res.dropped.empty
     assert {"instruction", "score", "answer_mass", "score_rule"} <= set(scored.rows.columns)

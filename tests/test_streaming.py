@@ -11,6 +11,7 @@ from upath import UPath
 from kun_dagster import stages, storage
 from kun_dagster.config import SourceConfig
 from kun_dagster.corpus import iter_shard
+from kun_dagster.stages import StageContext
 
 from .fakes import ScriptedEngine
 from .test_stages import CFG, docs
@@ -35,10 +36,12 @@ def test_batched_filter_equals_the_whole_frame_and_finds_duplicates_across_batch
         "蜜蜂的分工很细。",
     ]
     frame = docs(texts)
-    whole = stages.filter_corpus(frame, PerplexityByText().tokenizer, PerplexityByText(), CFG)
+    whole = stages.filter_corpus(frame, StageContext(CFG, engine=PerplexityByText(), tokenizer=PerplexityByText().tokenizer))
     eng = PerplexityByText()
     sink = storage.ParquetSink(UPath(tmp_path) / "_staging" / "f" / "source=web" / "shard=0" / "rows.parquet")
-    streamed = stages.filter_corpus([frame.iloc[:3], frame.iloc[3:5], frame.iloc[5:]], eng.tokenizer, eng, CFG, sink)
+    streamed = stages.filter_corpus(
+        [frame.iloc[:3], frame.iloc[3:5], frame.iloc[5:]], StageContext(CFG, engine=eng, tokenizer=eng.tokenizer, sink=sink)
+    )
     assert streamed.stats == whole.stats and streamed.stats["dropped"]["duplicate_text"] == 2  # d4 and d6 duplicate batch 1
     assert streamed.dropped.reset_index(drop=True).equals(whole.dropped.reset_index(drop=True))
     final = storage.partition_dir(UPath(tmp_path), "f", {"source": "web", "shard": "0"})

@@ -263,7 +263,7 @@ def test_the_whole_graph_on_vllm_for_two_partitions(tmp_path, models_run):
     assert dg.materialize(assets, selection=MODELS, resources=defs.resources, instance=instance).success
     assert dg.materialize(assets, selection=CORPUS, resources=defs.resources, instance=instance, tags=tags).success
     assert dg.materialize(
-        assets, selection=["instruction_dataset"], resources=defs.resources, instance=instance, partition_key="wudao"
+        assets, selection=["instruction_dataset", "dataset_card"], resources=defs.resources, instance=instance, partition_key="wudao"
     ).success
 
     base = upath(load_config(cfg_file).base_uri)

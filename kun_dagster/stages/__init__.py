@@ -1,4 +1,5 @@
-"""The Kun stages as plain functions over DataFrames: rows in, (rows kept, rows dropped, stats) out.
+"""The Kun stages as plain functions, one protocol: stage(rows, StageContext) -> StageResult (rows
+kept, rows dropped with their reasons, stats); filters are lists of Rules with their reason codes.
 
 No Dagster here: assets/ calls these once per partition. Every dropped row carries a reason code
 (and its doc id), so nothing disappears without a count. One module per stage, named after the
@@ -23,6 +24,8 @@ from ..registry import (
     TOO_SHORT,
 )
 from .common import (
+    Rule,
+    StageContext,
     StageResult,
     sampling_params,
 )
@@ -50,6 +53,8 @@ __all__ = [
     "TOO_MANY_TOKENS",
     "TOO_SHORT",
     "DedupError",
+    "Rule",
+    "StageContext",
     "StageResult",
     "cluster",
     "corpus_texts",

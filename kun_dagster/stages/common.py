@@ -1,19 +1,21 @@
-"""What every stage shares: the reason codes, StageResult, and the bookkeeping of dropped rows."""
+"""What every stage shares: the protocol (rows, StageContext) -> StageResult, filter rules with
+their reason codes, and the bookkeeping of dropped rows."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..config import KunConfig
 from ..corpus import QUARANTINE_COLUMNS
-from ..llm.base import EngineError, SamplingParams
-from ..storage import Rows
-from ..text import text_key
+from ..llm.base import Engine, EngineError, SamplingParams
+from ..storage import FrameSink, Rows, Sink
+from ..text import find_keyword, text_key
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -25,6 +27,74 @@ class StageResult:
     rows: Rows  # a frame, or the file a streaming stage wrote into staging
     dropped: pd.DataFrame
     stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """What a stage needs besides its rows. Every stage is `stage(rows, ctx) -> StageResult`: rows
+    are a frame, or batches of one streamed from storage (a raw partition reads its files instead);
+    the asset side (assets/common.py: run_stage) builds the context per partition."""
+
+    cfg: KunConfig
+    engine: Engine | None = None  # the stage's model role, checkpointed per batch
+    tokenizer: Any = None  # what the corpus filter counts tokens with (the label model's)
+    sink: Sink = field(default_factory=FrameSink)  # where a streaming stage writes its rows
+    quarantine: Sink = field(default_factory=FrameSink)  # ... and its quarantine rows (the ingest)
+    partition: dict[str, str] = field(default_factory=dict)  # {"source": ..., "shard": ...}
+    inputs: dict[str, Any] = field(default_factory=dict)  # its other inputs, by asset (deduped_corpus: the clusters)
+    store: Any = None  # where the source files are (the ingest); None: the config's
+    label: str = ""  # for progress lines
+
+    def named(self, what: str) -> str:
+        """The progress line's name: `what` (or the context's label) and the partition."""
+        return f"{self.label or what} {'/'.join(self.partition.values())}".strip()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A filter, as datatrove's: a row whose `column` fails is dropped as `code`. `test(value, cfg)`
+    gives the drop's detail (a string, maybe empty), or None to keep the row."""
+
+    code: str
+    column: str
+    test: Callable[[Any, KunConfig], str | None]
+
+
+def apply_rules(df: pd.DataFrame, rules: Iterable[Rule], cfg: KunConfig, reason: pd.Series, detail: pd.Series) -> None:
+    """Each rule in order over the rows no rule has dropped yet: the first that fires names the reason."""
+    for rule in rules:
+        alive = df.index[reason.isna()]
+        for i, value in zip(alive, df.loc[alive, rule.column].tolist()):
+            why = rule.test(value, cfg)
+            if why is not None:
+                reason[i], detail[i] = rule.code, why
+
+
+def banned(column: str, key: str):
+    """A rule's test: the text holds one of cfg.<key>.banned_keywords."""
+
+    def test(text: str, cfg: KunConfig) -> str | None:
+        kw = find_keyword(text, getattr(cfg, key).banned_keywords)
+        return f"{column} contains {kw!r}" if kw else None
+
+    return test
+
+
+def empty(text: str, cfg: KunConfig) -> str | None:
+    return "" if not text else None
+
+
+def broken(column: str):
+    return lambda text, cfg: f"{column} holds U+FFFD (bytes that are not UTF-8)" if REPLACEMENT_CHAR in text else None
+
+
+def first_reason(rules: Iterable[Rule], row: dict, cfg: KunConfig) -> tuple[str, str] | None:
+    """(reason, detail) of the first rule a row fails, None if it passes them all."""
+    for rule in rules:
+        why = rule.test(row[rule.column], cfg)
+        if why is not None:
+            return rule.code, why
+    return None
 
 
 def sampling_params(cfg: KunConfig) -> SamplingParams:

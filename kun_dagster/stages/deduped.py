@@ -16,9 +16,9 @@ from ..config import KunConfig
 from ..corpus import quarantine_frame
 from ..registry import CLUSTERS, DEDUPED, DUPLICATE_TEXT, NEAR_DUPLICATE, SIGNATURES
 from ..schemas import INDEXES, LOCATION
-from ..storage import FrameSink, PartitionTable, Sink
+from ..storage import PartitionTable
 from ..text import text_key
-from .common import StageResult, batches, dropped_rows, no_reasons, stage_stats, summary
+from .common import StageContext, StageResult, batches, dropped_rows, no_reasons, stage_stats, summary
 
 
 class DedupError(ValueError):
@@ -31,12 +31,12 @@ def params(cfg: KunConfig) -> str:
     return f"{dedup.ALGORITHM} ngram={d.ngram} num_perm={d.num_perm} seed={d.seed}"
 
 
-def sign(docs: pd.DataFrame | Iterable[pd.DataFrame], cfg: KunConfig, sink: Sink | None = None, label: str = SIGNATURES) -> StageResult:
+def sign(docs: pd.DataFrame | Iterable[pd.DataFrame], ctx: StageContext) -> StageResult:
     """A MinHash signature and an exact-text key per document, batch by batch."""
-    d, sink, made = cfg.dedup, sink or FrameSink(), params(cfg)
+    d, sink, made = ctx.cfg.dedup, ctx.sink, params(ctx.cfg)
     n, shingles, t0 = 0, [], time.perf_counter()
     stream, total = batches(docs)
-    with progress.task(label, total=total, unit="docs") as bar:
+    with progress.task(ctx.named(SIGNATURES), total=total, unit="docs") as bar:
         for batch in stream:
             texts = batch["text"].astype(str).tolist()
             sig, count = dedup.signatures(texts, d.ngram, d.num_perm, d.seed)
@@ -82,11 +82,12 @@ def _fixed(column: pa.ChunkedArray, width: int, what: str) -> np.ndarray:
     return out
 
 
-def cluster(parts: Iterable[pa.Table | PartitionTable], cfg: KunConfig) -> StageResult:
+def cluster(parts: Iterable[pa.Table | PartitionTable], ctx: StageContext) -> StageResult:
     """Clusters of exact and near-duplicates over every signature partition given (all shards of a
     source, or of every source): the members of each cluster with more than one, the kept one first,
     each dropped one with the kept one's location and its estimated Jaccard to it. Partitions are
     read one at a time into one signature matrix; locations stay Arrow (bench/README.md: memory)."""
+    cfg = ctx.cfg
     t0, d, want = time.perf_counter(), cfg.dedup, params(cfg)
     parts = list(parts)
     n = sum(p.num_rows for p in parts)
@@ -155,12 +156,10 @@ def _kept_at(m: pd.DataFrame) -> pd.Series:
     )
 
 
-def dedupe(
-    docs: pd.DataFrame | Iterable[pd.DataFrame], members: pd.DataFrame, sink: Sink | None = None, label: str = DEDUPED
-) -> StageResult:
-    """The partition less every document its cluster drops (duplicate_clusters' rows for it),
-    quarantined as duplicate_text or near_duplicate with the kept document's location."""
-    sink = sink or FrameSink()
+def dedupe(docs: pd.DataFrame | Iterable[pd.DataFrame], ctx: StageContext) -> StageResult:
+    """The partition less every document its cluster drops (its duplicate_clusters rows, the
+    context's input), quarantined as duplicate_text or near_duplicate with the kept document's location."""
+    members, sink = ctx.inputs[CLUSTERS], ctx.sink
     gone = members[members["role"] != dedup.KEPT]
     kept = _kept_at(gone)
     detail = np.where(
@@ -171,7 +170,7 @@ def dedupe(
     why: Mapping[str, tuple[str, str]] = dict(zip(gone["doc_id"], zip(gone["role"], detail, strict=True), strict=True))
     n_in, reasons, dropped = 0, [], []
     stream, total = batches(docs)
-    with progress.task(label, total=total, unit="docs") as bar:
+    with progress.task(ctx.named(DEDUPED), total=total, unit="docs") as bar:
         for batch in stream:
             df = batch.reset_index(drop=True)
             reason, detail = no_reasons(df)

@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 
 from .. import progress
-from ..config import KunConfig
 from ..corpus import quarantine_frame
-from ..llm.base import Engine, encode
+from ..llm.base import encode
 from ..registry import (
     DUPLICATE_TEXT,
     EMPTY_AFTER_CLEAN,
@@ -21,12 +20,15 @@ from ..registry import (
     TEXT_TOO_LONG,
     TOO_MANY_TOKENS,
 )
-from ..storage import FrameSink, Sink
 from ..text import clean_text
 from .common import (
+    Rule,
+    StageContext,
     StageResult,
+    apply_rules,
     batches,
     dropped_rows,
+    empty,
     mark_duplicates,
     no_reasons,
     stage_stats,
@@ -34,26 +36,19 @@ from .common import (
 )
 
 
-def filter_corpus(
-    docs: pd.DataFrame | Iterable[pd.DataFrame],
-    tokenizer,
-    ppl_engine: Engine | None,
-    cfg: KunConfig,
-    sink: Sink | None = None,
-    label: str = FILTERED,
-) -> StageResult:
-    """Clean, then drop: empty, over the token limit (label model's tokenizer), exact duplicates,
-    perplexity above the threshold (reference model). Dedup runs before perplexity to save work.
-    `docs` may be batches (a partition streamed from storage): each is filtered and written to
-    `sink` in turn, duplicates found across batches; memory holds one batch and a hash per text."""
-    sink = sink or FrameSink()
+def filter_corpus(docs: pd.DataFrame | Iterable[pd.DataFrame], ctx: StageContext) -> StageResult:
+    """Clean, then drop: empty, over the token limit (the context's tokenizer: the label model's),
+    exact duplicates, perplexity above the threshold (the context's engine: the reference model).
+    Dedup runs before perplexity to save work. `docs` may be batches (a partition streamed from
+    storage): each is filtered and written to the sink in turn, duplicates found across batches;
+    memory holds one batch and a hash per text."""
     seen: dict[bytes, str] = {}
     n_in, counts, tokens, ppls, dropped = 0, Counter(), [], [], []
     stream, total = batches(docs)
-    with progress.task(label, total=total, unit="docs") as bar:
+    with progress.task(ctx.named(FILTERED), total=total, unit="docs") as bar:
         for batch in stream:
-            kept, reason, out = _filter_batch(batch, tokenizer, ppl_engine, cfg, seen)
-            sink.write(kept)
+            kept, reason, out = _filter_batch(batch, ctx, seen)
+            ctx.sink.write(kept)
             n_in += len(batch)
             counts.update(r for r in reason if isinstance(r, str))
             tokens.append(kept["n_tokens"].to_numpy())
@@ -61,7 +56,7 @@ def filter_corpus(
             dropped.append(out)
             bar.update(len(batch))
     return StageResult(
-        rows=sink.close(),
+        rows=ctx.sink.close(),
         dropped=pd.concat(dropped, ignore_index=True) if dropped else quarantine_frame([]),
         stats=stage_stats(
             n_in,
@@ -79,36 +74,45 @@ def _token_counts(tokenizer, texts: list[str], chunk: int = 1000) -> list[int]:
     return [len(ids) for i in range(0, len(texts), chunk) for ids in encode(tokenizer, texts[i : i + chunk], special=False)]
 
 
-def _filter_batch(
-    docs: pd.DataFrame, tokenizer, ppl_engine: Engine | None, cfg: KunConfig, seen: dict
-) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
-    df = docs.copy()
+# The corpus filters, each over what the step before it computed: the cleaned text, its tokens
+# (a text over max_doc_chars is never tokenized: a tokenizer's memory grows with it), its perplexity.
+TEXT_RULES = (
+    Rule(EMPTY_AFTER_CLEAN, "text", empty),
+    Rule(
+        TEXT_TOO_LONG,
+        "text",
+        lambda t, cfg: (
+            f"{len(t):,} characters > filter.max_doc_chars {cfg.filter.max_doc_chars:,}" if len(t) > cfg.filter.max_doc_chars else None
+        ),
+    ),
+)
+TOKEN_RULES = (
+    Rule(TOO_MANY_TOKENS, "n_tokens", lambda n, cfg: f"{n} tokens > {cfg.filter.max_tokens}" if n > cfg.filter.max_tokens else None),
+)
+PERPLEXITY_RULES = (
+    Rule(PERPLEXITY_UNDEFINED, "perplexity", lambda p, cfg: "" if p != p else None),  # NaN
+    Rule(
+        HIGH_PERPLEXITY,
+        "perplexity",
+        lambda p, cfg: f"perplexity {p:.1f} > {cfg.filter.perplexity_max}" if p > cfg.filter.perplexity_max else None,
+    ),
+)
+
+
+def _filter_batch(docs: pd.DataFrame, ctx: StageContext, seen: dict) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
+    cfg, df = ctx.cfg, docs.copy()
     df["text"] = df["text"].map(clean_text).astype(object)  # object even when empty, for .str
     reason, detail = no_reasons(df)
-    chars = df["text"].str.len()
-    reason[chars == 0] = EMPTY_AFTER_CLEAN
-    long = chars > cfg.filter.max_doc_chars
-    reason[long] = TEXT_TOO_LONG
-    detail[long] = chars[long].map(lambda n: f"{n:,} characters > filter.max_doc_chars {cfg.filter.max_doc_chars:,}")
-
-    texts = df["text"].where(~long, "").tolist()  # a text over the limit is never tokenized (a tokenizer's memory grows with it)
-    df["n_tokens"] = pd.Series(_token_counts(tokenizer, texts), index=df.index, dtype="int64")
-    over = reason.isna() & (df["n_tokens"] > cfg.filter.max_tokens)
-    reason[over] = TOO_MANY_TOKENS
-    detail[over] = df.loc[over, "n_tokens"].map(lambda n: f"{n} tokens > {cfg.filter.max_tokens}")
-
+    apply_rules(df, TEXT_RULES, cfg, reason, detail)
+    texts = df["text"].where(reason != TEXT_TOO_LONG, "").tolist()
+    df["n_tokens"] = pd.Series(_token_counts(ctx.tokenizer, texts), index=df.index, dtype="int64")
+    apply_rules(df, TOKEN_RULES, cfg, reason, detail)
     if cfg.dedup.exact:  # within the partition, before perplexity; deduped_corpus does it across shards
         mark_duplicates(df, "text", reason, detail, DUPLICATE_TEXT, seen)
-
     df["perplexity"] = np.nan
-    if cfg.filter.perplexity_max is not None and ppl_engine is not None:
+    if cfg.filter.perplexity_max is not None and ctx.engine is not None:
         alive = df.index[reason.isna()]
         if len(alive):
-            df.loc[alive, "perplexity"] = ppl_engine.perplexity(df.loc[alive, "text"].tolist())
-        ppl = df.loc[alive, "perplexity"]
-        undefined = alive[ppl.isna().to_numpy()]
-        high = alive[(ppl > cfg.filter.perplexity_max).to_numpy()]
-        reason[undefined] = PERPLEXITY_UNDEFINED
-        reason[high] = HIGH_PERPLEXITY
-        detail[high] = df.loc[high, "perplexity"].map(lambda p: f"perplexity {p:.1f} > {cfg.filter.perplexity_max}")
+            df.loc[alive, "perplexity"] = ctx.engine.perplexity(df.loc[alive, "text"].tolist())
+        apply_rules(df, PERPLEXITY_RULES, cfg, reason, detail)
     return df[reason.isna()].reset_index(drop=True), reason, dropped_rows(df, reason, detail, "text")

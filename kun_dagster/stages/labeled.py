@@ -5,18 +5,20 @@ from __future__ import annotations
 import pandas as pd
 
 from .. import prompts
-from ..config import KunConfig
-from ..llm.base import Engine
 from ..registry import (
     BANNED_KEYWORD,
     BROKEN_TEXT,
     EMPTY_GENERATION,
     LABELED,
 )
-from ..text import find_keyword
 from .common import (
-    REPLACEMENT_CHAR,
+    Rule,
+    StageContext,
     StageResult,
+    apply_rules,
+    banned,
+    broken,
+    empty,
     finish,
     no_reasons,
     require_text,
@@ -24,12 +26,19 @@ from .common import (
     summary,
 )
 
+# Kun's instruction filter, in order: the first rule a row fails names its reason.
+INSTRUCTION_RULES = (
+    Rule(EMPTY_GENERATION, "instruction", empty),
+    Rule(BROKEN_TEXT, "instruction", broken("instruction")),
+    Rule(BANNED_KEYWORD, "instruction", banned("instruction", "label")),  # context the reader will not have
+)
 
-def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
+
+def label(docs: pd.DataFrame, ctx: StageContext) -> StageResult:
     """The label model writes the instruction each text answers; instructions that point at
     context the reader will not have (banned keywords) are dropped. The instruction is kept as the
     model wrote it, less trailing whitespace (Kun's instruction filter): scoring reads it raw."""
-    df = docs.copy()
+    df, engine, cfg = docs.copy(), ctx.engine, ctx.cfg
     keep_system = prompts.system_of(engine, cfg)
     gens = engine.generate(
         [prompts.render(engine.tokenizer, prompts.label_user(t), keep_system=keep_system) for t in df["text"]], sampling_params(cfg)
@@ -39,13 +48,7 @@ def label(docs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     df["label_tokens"] = [g.num_tokens for g in gens]
     df["label_finish"] = [g.finish_reason for g in gens]
     reason, detail = no_reasons(df)
-    reason[df["instruction"].str.len() == 0] = EMPTY_GENERATION
-    broken = reason.isna() & df["instruction"].str.contains(REPLACEMENT_CHAR, regex=False)
-    reason[broken], detail[broken] = BROKEN_TEXT, "instruction holds U+FFFD (bytes that are not UTF-8)"
-    for i in df.index[reason.isna()]:
-        kw = find_keyword(df.at[i, "instruction"], cfg.label.banned_keywords)
-        if kw:
-            reason[i], detail[i] = BANNED_KEYWORD, f"instruction contains {kw!r}"
+    apply_rules(df, INSTRUCTION_RULES, cfg, reason, detail)
     return finish(
         df,
         reason,

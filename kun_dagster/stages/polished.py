@@ -19,11 +19,17 @@ from ..registry import (
     REPEATED_PHRASE,
     TOO_SHORT,
 )
-from ..text import find_keyword, repair_instruction, starts_with_repeated_phrase
+from ..text import repair_instruction, starts_with_repeated_phrase
 from .common import (
-    REPLACEMENT_CHAR,
+    Rule,
+    StageContext,
     StageResult,
+    apply_rules,
+    banned,
+    broken,
+    empty,
     finish,
+    first_reason,
     mark_duplicates,
     no_reasons,
     require_text,
@@ -31,30 +37,40 @@ from .common import (
     summary,
 )
 
+# Kun's output filter, in order, over the answer as generated.
+OUTPUT_RULES = (
+    Rule(EMPTY_GENERATION, "output", empty),
+    Rule(BROKEN_TEXT, "output", broken("output")),
+    Rule(BANNED_KEYWORD, "output", banned("output", "polish")),
+    Rule(
+        TOO_SHORT,
+        "output",
+        lambda s, cfg: f"{len(s)} characters < {cfg.polish.min_output_chars}" if len(s) < cfg.polish.min_output_chars else None,
+    ),
+    Rule(
+        REPEATED_PHRASE,
+        "output",
+        lambda s, cfg: (
+            f"opens with a phrase repeated {cfg.polish.max_phrase_repeats}+ times"
+            if starts_with_repeated_phrase(s, cfg.polish.max_phrase_repeats, cfg.polish.min_phrase_chars)
+            else None
+        ),
+    ),
+)
+
 
 def output_reason(output: str, cfg: KunConfig) -> tuple[str, str] | None:
     """Kun's output filter: (reason, detail) to drop, or None to keep."""
-    p = cfg.polish
-    if not output:
-        return EMPTY_GENERATION, ""
-    if REPLACEMENT_CHAR in output:
-        return BROKEN_TEXT, "output holds U+FFFD (bytes that are not UTF-8)"
-    kw = find_keyword(output, p.banned_keywords)
-    if kw:
-        return BANNED_KEYWORD, f"output contains {kw!r}"
-    if len(output) < p.min_output_chars:
-        return TOO_SHORT, f"{len(output)} characters < {p.min_output_chars}"
-    if starts_with_repeated_phrase(output, p.max_phrase_repeats, p.min_phrase_chars):
-        return REPEATED_PHRASE, f"opens with a phrase repeated {p.max_phrase_repeats}+ times"
-    return None
+    return first_reason(OUTPUT_RULES, {"output": output}, cfg)
 
 
-def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
+def polish(scored: pd.DataFrame, ctx: StageContext) -> StageResult:
     """Rows whose score reaches score.threshold (applied here, so a new threshold re-runs only this
     stage, not the scorer); the chat model rewrites each kept text into an answer to its
     instruction (answer polishment). The answer is released as the model wrote it, stripped: Kun's
     repeated-line repair is for instructions (text.repair_instruction); in an answer it would cut code's
     second `}`, a poem's refrain, and shrink a loop that the repeated-phrase filter must drop."""
+    engine, cfg = ctx.engine, ctx.cfg
     keep = scoring.keep(scored["score"].to_numpy(dtype=float), cfg.score.threshold)
     df = scored[keep].drop(columns=["score_reply"], errors="ignore").reset_index(drop=True)
     # Kun's instruction repair, after scoring (the scorer saw what the point prompt's 【差】 examples
@@ -88,9 +104,7 @@ def polish(scored: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
         df.at[i, "instruction_truncated"] = built[i][1]
         df.at[i, "polish_tokens"] = g.num_tokens
         df.at[i, "polish_finish"] = g.finish_reason
-        why = output_reason(df.at[i, "output"], cfg)
-        if why:
-            reason[i], detail[i] = why
+    apply_rules(df, OUTPUT_RULES, cfg, reason, detail)
     if cfg.polish.dedup_outputs:
         mark_duplicates(df, "output", reason, detail, DUPLICATE_OUTPUT)
     tag_stats = _tag(df, reason, engine, cfg)

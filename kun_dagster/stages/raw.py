@@ -8,41 +8,35 @@ from .. import progress
 from ..config import KunConfig
 from ..corpus import iter_shard
 from ..registry import RAW
-from ..storage import FrameSink, Sink
 from ..store import Store
 from .common import (
+    StageContext,
     StageResult,
     stage_stats,
 )
 
 
-def ingest(
-    cfg: KunConfig,
-    source_name: str,
-    shard: int,
-    store: Store | None = None,
-    sink: Sink | None = None,
-    label: str = RAW,
-    quarantine: Sink | None = None,
-) -> StageResult:
-    """Every document of the source's files that fall in `shard`, read and written `batch_rows` at a
-    time into `sink`, its unreadable rows into `quarantine` alike (default: in-memory frames): a
-    shard of a million bad lines holds one batch of them."""
+def ingest(rows: None, ctx: StageContext) -> StageResult:
+    """Every document of the source's files that fall in the partition's shard (`rows`: none, the
+    partition reads its files), read and written `batch_rows` at a time into the context's sink,
+    its unreadable rows into its quarantine alike: a shard of a million bad lines holds one batch of them."""
+    cfg, source_name, shard = ctx.cfg, ctx.partition["source"], int(ctx.partition["shard"])
     source = cfg.source(source_name)
     uri = cfg.resolve(source.uri)
-    sink, quarantine = sink or FrameSink(), quarantine or FrameSink()
     n_docs, reasons, files = 0, Counter(), []
-    with progress.task(f"{label} {source_name}/{shard}", unit="docs") as bar:
-        options = (store or Store(cfg.storage)).options(uri)
+    with progress.task(ctx.named(RAW), unit="docs") as bar:
+        options = (ctx.store or Store(cfg.storage)).options(uri)
         for got in iter_shard(source, uri, shard, cfg.shards, options, cfg.storage.batch_rows, cfg.ingest):
-            sink.write(got.docs)
-            quarantine.write(got.quarantine)
+            ctx.sink.write(got.docs)
+            ctx.quarantine.write(got.quarantine)
             n_docs, files = n_docs + len(got.docs), got.files
             reasons.update(got.quarantine["reason"])
             bar.update(len(got.docs) + len(got.quarantine))
     n_bad = sum(reasons.values())
     return StageResult(
-        rows=sink.close(), dropped=quarantine.close(), stats=stage_stats(n_docs + n_bad, n_docs, reasons.elements(), files=len(files))
+        rows=ctx.sink.close(),
+        dropped=ctx.quarantine.close(),
+        stats=stage_stats(n_docs + n_bad, n_docs, reasons.elements(), files=len(files)),
     )
 
 
@@ -51,7 +45,8 @@ def corpus_texts(cfg: KunConfig, limit: int, store: Store | None = None) -> list
     texts: list[str] = []
     for source in cfg.sources:
         for shard in range(cfg.shards):
-            texts += ingest(cfg, source.name, shard, store, label="base_model texts").rows["text"].tolist()
+            ctx = StageContext(cfg, store=store, partition={"source": source.name, "shard": str(shard)}, label="base_model texts")
+            texts += ingest(None, ctx).rows["text"].tolist()
             if len(texts) >= limit:
                 return texts[:limit]
     return texts

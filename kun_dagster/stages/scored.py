@@ -6,11 +6,10 @@ import numpy as np
 import pandas as pd
 
 from .. import prompts, scoring
-from ..config import KunConfig
 from ..corpus import quarantine_frame
-from ..llm.base import Engine
 from ..registry import SCORED
 from .common import (
+    StageContext,
     StageResult,
     require_text,
     sampling_params,
@@ -18,7 +17,7 @@ from .common import (
 )
 
 
-def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
+def score(pairs: pd.DataFrame, ctx: StageContext) -> StageResult:
     """Every row comes out with its score and the rule that scored it (scoring.py); no keep flag:
     polish applies score.threshold, so a new threshold needs no re-scoring.
 
@@ -26,6 +25,7 @@ def score(pairs: pd.DataFrame, engine: Engine, cfg: KunConfig) -> StageResult:
     they differ); rows where the model puts less than min_answer_mass on the answers are scored by
     the method's own free-text rule, generated in the same step. *_freetext: every row generated
     and parsed."""
+    engine, cfg = ctx.engine, ctx.cfg
     sc, tok, keep_system = cfg.score, engine.tokenizer, prompts.system_of(engine, cfg)
     rule = scoring.rule(sc.method)
     df = pairs.copy().reset_index(drop=True)
