@@ -166,3 +166,27 @@ def test_cli_names_no_asset_and_stays_short():
     names = {s.name for s in registry.SPECS}
     assert [n.value for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Constant) and n.value in names] == []
     assert "registry" not in text and "dagster_private" not in text
+
+
+def test_the_release_and_the_card_read_only_what_they_declare():
+    """The funnel, the card and the rounds come from declared inputs (their tallies and stats), not
+    from other assets' storage: the modules that make them call no reader of a partition."""
+    reads = ("quarantine_dir", "read_partition", "read_table", "partition_rows", "read_stats", "PartitionBatches", "tally")
+    for rel in ("kun_dagster/dataset.py", "kun_dagster/card.py", "assets/dataset.py", "assets/evaluation.py"):
+        tree = ast.parse((ROOT / rel).read_text(encoding="utf-8"))
+        called = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {
+            n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+        }
+        assert called.isdisjoint(reads), (rel, sorted(called & set(reads)))
+
+
+def test_every_per_partition_stage_runs_through_the_one_driver():
+    """Each partitioned asset's body hands its stage to assets/common.run_stage (duplicate_clusters,
+    made for a whole source at once, reports through the same report_stage)."""
+    driven = {}
+    for rel in ("assets/corpus.py", "assets/dedup.py", "assets/pairs.py"):
+        for fn in ast.walk(ast.parse((ROOT / rel).read_text(encoding="utf-8"))):
+            if isinstance(fn, ast.FunctionDef) and fn.name in registry.PARTITIONED:
+                driven[fn.name] = any(isinstance(n, ast.Name) and n.id == "run_stage" for n in ast.walk(fn))
+    assert set(driven) == set(registry.PARTITIONED)
+    assert {a for a, uses in driven.items() if not uses} == {registry.CLUSTERS}
