@@ -4,7 +4,7 @@ import dagster as dg
 import pandas as pd
 
 import checks
-from kun_dagster import card, dataset, registry, schemas, storage
+from kun_dagster import card, dataset, registry, schemas, storage, training
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.dagster_private import CODE_VERSION_TAG, INPUT_DATA_VERSION_TAG_PREFIX
@@ -49,7 +49,7 @@ def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         partitions_def=source_partitions(cfg),
         backfill_policy=SINGLE_RUN,
         kinds=kinds(cfg, "parquet"),
-        ins={**_tallies(k), CHAT_MODEL: dg.AssetIn(key=chat), registry.LABEL_MODEL: dg.AssetIn()},
+        ins={**_tallies(k), CHAT_MODEL: dg.AssetIn(key=chat), registry.LABEL_MODEL: dg.AssetIn(), registry.SEED_DATA: dg.AssetIn()},
         check_specs=checks.specs(name),
         output_required=False,
         code_version=code_version(name, cfg),
@@ -57,11 +57,14 @@ def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
             f"Round {k}'s COIG-CQIA records (instruction, input, output, task_type, domain, ...) with provenance "
             "(source, doc_id, file, row, score, models), as polishment made them, answers repeated across shards "
             f"dropped; gated like every dataset version (Parquet under {name}/source=...), and refused when its inputs "
-            "were made under another config (dataset.mixed_versions). Records the source's funnel, read from each stage's "
-            "partitions. Config: dataset, tags, and the retention bound checks.retention.instruction_dataset."
+            "were made under another config (dataset.mixed_versions); records that carry a held-out seed's answer are "
+            "quarantined (dataset.heldout_overlap). Records the source's funnel, read from each stage's partitions. "
+            "Config: dataset, tags, and the retention bound checks.retention.instruction_dataset."
         ),
     )
-    def instruction_dataset(context: dg.AssetExecutionContext, kun: KunResource, label_model: dict, chat_model: dict, **stages):
+    def instruction_dataset(
+        context: dg.AssetExecutionContext, kun: KunResource, label_model: dict, chat_model: dict, seed_data: pd.DataFrame, **stages
+    ):
         c = kun.config
         by_source = _by_source(stages)
         current = {asset: code_version(asset, c) for asset in _partitioned(k)}
@@ -73,7 +76,8 @@ def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
             )
             fun = dataset.funnel(mine, c.score.threshold)
             made = _made_from(context.instance, source, c.shard_keys(), k)
-            results[source] = dataset.release(polished, source, c, label_model["name"], chat_model["name"], fun, made, current)
+            heldout = training.heldout_seeds(seed_data)
+            results[source] = dataset.release(polished, source, c, label_model["name"], chat_model["name"], fun, made, current, heldout)
             for line in results[source].stats["mixed_versions"]:
                 context.log.warning(f"{name} {source}: mixed versions: {line}")
             _report(context, kun, name, source, results[source])

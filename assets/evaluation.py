@@ -1,5 +1,6 @@
 """evaluation (one per round, with `evaluation` on): what the round's release is worth, next to it in the UI."""
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -9,9 +10,9 @@ from kun_dagster import registry, training
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.llm import load_engine
-from kun_dagster.llm.base import EngineSpec
+from kun_dagster.llm.base import EngineError, EngineSpec
 from kun_dagster.registry import EVALUATION, in_round
-from resources import TALLY, KunResource, LLMResource
+from resources import TALLY, KunResource
 
 from .common import GPU_POOL, gpu_tags, table
 
@@ -38,14 +39,15 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         description=(
             f"Does round {k}'s release help? The base fine-tuned (models.chat.train; LoRA per evaluation.lora) on the "
             "training seeds alone and on the seeds + the release (each source's, and all together), compared on the "
-            "held-out seeds (seed.eval_fraction): loss of the held-out answers, and the chat model's pairwise judgement "
-            "(both orders, win rate with a bootstrap 95% interval); the dataset cards show its figures. Config: evaluation."
+            "held-out seeds (seed.eval_fraction: answers only, near-duplicates together): loss of the held-out answers "
+            "(fit to the seeds), and an independent judge's pairwise judgement (evaluation.judge; both orders, win rate "
+            "with a bootstrap 95% interval, undetermined where most verdicts are ties; no judge, no win rate). The "
+            "seeds-only model is the chat model where it was trained so. The dataset cards show its figures. Config: evaluation."
         ),
     )
     def evaluate(
         context: dg.AssetExecutionContext,
         kun: KunResource,
-        chat_llm: LLMResource,
         instruction_dataset,
         seed_data,
         base_model: dict,
@@ -59,17 +61,22 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         def load(path: str, model_name: str):
             return load_engine(EngineSpec(path=path, model_name=model_name, settings=c.models.chat))
 
-        result = core.run(
-            seed_data,
-            releases,
-            base_model,
-            kun.local_model(base_model["path"]),
-            c,
-            Path(c.model_cache) / EVALUATION,
-            load,
-            lambda: chat_llm.engine(chat_model),
-        )
-        report = {"round": k, "heldout": result.heldout, "models": result.models, "samples": result.samples}
+        base_dir = kun.local_model(base_model["path"])
+        try:
+            result = core.run(
+                seed_data,
+                releases,
+                base_model,
+                base_dir,
+                c,
+                Path(c.model_cache) / EVALUATION,
+                load,
+                _judge(kun, load),
+                _seeds_only(kun, chat_model, base_dir),
+            )
+        except (core.EvaluationError, EngineError) as e:
+            raise dg.Failure(str(e), allow_retries=False) from e
+        report = {"round": k, "heldout": result.heldout, "judge": result.judge, "models": result.models, "samples": result.samples}
         numbers = {}  # plotted across runs in the UI
         for row in result.models:
             numbers[f"{row['model']}/heldout_loss"] = float(row["heldout_loss"])
@@ -78,6 +85,7 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         context.add_output_metadata(
             {
                 "heldout_seeds": result.heldout,
+                "judge": result.judge or "none: no win rate (evaluation.judge)",
                 "models": table(result.frame(), rows=None, width=200),
                 **numbers,
                 "samples": dg.MetadataValue.json(result.samples),
@@ -86,3 +94,25 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         return report
 
     return evaluate
+
+
+def _judge(kun: KunResource, load) -> core.Judge | None:
+    """evaluation.judge as the core takes it: a checkpoint opened with the chat role's engine
+    settings, or an endpoint (its key from the environment); None when none is configured."""
+    j = kun.config.evaluation.judge
+    if j.path:
+        local = kun.local_model(j.path)
+        return core.Judge(j.path, local, lambda: load(local, "judge"))
+    if j.endpoint:
+        return core.Judge(
+            f"{j.model} at {j.endpoint}", None, lambda: core.EndpointJudge(j.endpoint, j.model, os.environ.get(j.api_key_env), j.timeout)
+        )
+    return None
+
+
+def _seeds_only(kun: KunResource, chat_model: dict, base_dir: str) -> str | None:
+    """The chat model's checkpoint where it is the seeds-only model the evaluation would train:
+    fine-tuned here from this base on the training seeds, with the evaluation's settings."""
+    c = kun.config
+    same = core.train_settings(c, base_dir) == c.models.chat.train and not chat_model.get("system")
+    return kun.local_model(chat_model["path"]) if chat_model.get("origin") == "trained" and same else None

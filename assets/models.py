@@ -71,7 +71,8 @@ def _seed_data(cfg: KunConfig) -> dg.AssetsDefinition:
         c = kun.config
         uri = c.resolve(c.seed.uri)
         try:
-            kept, n_mc = training.load_seeds(uri, kun.store.options(uri), c.seed.drop_multiple_choice, c.seed.eval_fraction)
+            s = c.seed
+            kept, n_mc = training.load_seeds(uri, kun.store.options(uri), s.drop_multiple_choice, s.eval_fraction, s.eval_min_output_chars)
         except ValueError as e:
             raise dg.Failure(str(e), allow_retries=False) from e
         context.add_output_metadata(

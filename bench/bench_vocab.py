@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from kun_dagster import prompts, scoring  # noqa: E402
-from kun_dagster.evaluation import JUDGE_CHOICES, JUDGE_PREFIX, judge_user  # noqa: E402
+from kun_dagster.evaluation import JUDGE_CHOICES, judge_user  # noqa: E402
 from kun_dagster.llm import load_engine  # noqa: E402
 from kun_dagster.llm.base import Answers, EngineSpec, encode  # noqa: E402
 from kun_dagster.tagging import letters  # noqa: E402
@@ -48,7 +48,7 @@ def asks(tok, instructions: list[str]) -> dict[str, tuple[list[str], list[str]]]
         "tag (26 letters)": prompts.choice_prompts(
             tok, [prompts.tag_user("domain", s, "答。", [f"领域{i}" for i in range(26)]) for s in instructions], letters(26)
         ),
-        "judge": prompts.choice_prompts(tok, [judge_user(s, "一", "二") for s in instructions], JUDGE_CHOICES, JUDGE_PREFIX),
+        "judge": prompts.choice_prompts(tok, [judge_user(s, "一", "二") for s in instructions], JUDGE_CHOICES),
     }
 
 

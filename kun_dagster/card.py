@@ -52,11 +52,19 @@ def round_row(k: int, stats: dict | None, report: dict | None, source: str) -> d
         "held-out loss (seeds only -> + release)": f"{base_row['heldout_loss']:.3f} -> {ev['heldout_loss']:.3f}"
         if ev and base_row
         else "-",
-        "win rate vs seeds only [95% CI]": f"{ev['win_rate']:.1%} [{ev['win_ci_low']:.1%}, {ev['win_ci_high']:.1%}] "
-        f"on {report['heldout']} ({ev.get('judged_by') or '-'})"
-        if ev and ev.get("win_rate") is not None
-        else "-",
+        "win rate vs seeds only [95% CI]": _win(ev, report),
     }
+
+
+def _win(ev: dict | None, report: dict) -> str:
+    """The win rate with its interval, "undetermined" where most verdicts were ties, '-' where not judged."""
+    if not ev:
+        return "-"
+    if ev.get("win_rate") is not None:
+        return (
+            f"{ev['win_rate']:.1%} [{ev['win_ci_low']:.1%}, {ev['win_ci_high']:.1%}] on {report['heldout']} ({ev.get('judged_by') or '-'})"
+        )
+    return ev.get("verdict") or "-"  # undetermined: how many ties, never a zero-width interval
 
 
 def rounds_md(rows: list[dict]) -> list[str]:
@@ -71,9 +79,12 @@ def rounds_md(rows: list[dict]) -> list[str]:
         "release and re-scores the same labeled pairs (Humpback's self-curation). Evaluation: the base fine-tuned on "
         "the training seeds alone and on the seeds + this source's release (evaluation.per_source off: every source's), "
         "compared on the held-out seeds "
-        "(seed.eval_fraction): loss of the held-out answers, and the chat model's pairwise judgement (both orders; "
-        "win rate against the seeds-only model with a bootstrap 95% interval; in brackets how the verdicts were read: "
-        "by probability, from a free-text reply, or a tie when the judge named neither answer). '-': not evaluated.",
+        "(seed.eval_fraction: answers only, near-duplicates of them in no training set, and no record of this release "
+        "carrying one): the loss of the held-out answers (how well a model fits the seeds; it favours the seeds-only model "
+        "by construction), and an independent judge's pairwise judgement (evaluation.judge, none of the compared "
+        "models; both orders; win rate against the seeds-only model with a bootstrap 95% interval; in brackets how the "
+        "verdicts were read: by probability, from a free-text reply, or a tie when the judge named neither answer; "
+        "undetermined where ties are most of them). '-': not evaluated or not judged.",
         "",
         pd.DataFrame(rows).to_markdown(index=False),
         "",

@@ -39,7 +39,7 @@ def _prompts() -> dict[str, str]:
         "answer": prompts.answer_user("{text}", "{instruction}"),
         "tag_task_type": prompts.tag_user("task_type", "{instruction}", "{answer}", ["{options}"]),
         "tag_domain": prompts.tag_user("domain", "{instruction}", "{answer}", ["{options}"]),
-        "judge": evaluation.judge_user("{instruction}", "{first}", "{second}") + evaluation.JUDGE_PREFIX,
+        "judge": evaluation.judge_user("{instruction}", "{first}", "{second}"),
     }
 
 

@@ -296,8 +296,11 @@ class SeedConfig(_Section):
         0.1,
         ge=0,
         lt=1,
-        description="seeds held out of every training set (a hash of the record: the same ones whatever the file's order); "
-        "the evaluation asset compares models on them",
+        description="seeds held out of every training set (a hash of the record: the same ones whatever the file's order; "
+        "near-duplicate seeds together); the evaluation asset compares models on them, and the release is checked against them",
+    )
+    eval_min_output_chars: int = Field(
+        20, ge=0, description="only answers of at least this many characters are held out: a verdict or an option letter measures nothing"
     )
 
 
@@ -469,6 +472,29 @@ class TagsConfig(_Switched):
         return self
 
 
+class JudgeConfig(_Section):
+    """The evaluation's judge: a model that is none of the compared ones (a checkpoint, or a model
+    behind an OpenAI-compatible endpoint, such as a hosted judge or `vllm serve`). None: no win rate."""
+
+    path: str | None = Field(None, description="a checkpoint (local or s3://), run with models.chat's engine settings")
+    endpoint: str | None = Field(None, description="an OpenAI-compatible base URL, e.g. http://judge:8000/v1")
+    model: str | None = Field(None, description="the model name the endpoint serves")
+    api_key_env: str = Field("KUN_JUDGE_API_KEY", description="the environment variable that holds the endpoint's key")
+    timeout: float = Field(120.0, gt=0, description="seconds per request to the endpoint")
+
+    @model_validator(mode="after")
+    def _one(self) -> JudgeConfig:
+        if self.path and self.endpoint:
+            raise ValueError("evaluation.judge: give a path or an endpoint, not both")
+        if self.endpoint and not self.model:
+            raise ValueError("evaluation.judge: an endpoint needs the model name it serves (model)")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.path or self.endpoint)
+
+
 class EvaluationConfig(_Switched):
     """The evaluation asset (evaluation.py): the base fine-tuned on the seeds alone and on the seeds +
     each release, compared on the held-out seeds (seed.eval_fraction) by loss and by the chat model's
@@ -481,6 +507,7 @@ class EvaluationConfig(_Switched):
         "auto", description="auto: LoRA (models.chat.train.lora or r=16) for bases over 3B parameters"
     )
     bootstrap: int = Field(2000, ge=100, description="resamples of the held-out items for the win rate's 95% interval")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
     seed: int = 0
 
 
@@ -490,6 +517,14 @@ class DatasetConfig(_Section):
     )
     answer_from: str = "llm"
     copyright: str = Field("暂无版权及作者信息", description="as COIG-CQIA writes it where no author is known; the card names the source")
+    heldout_overlap: float | None = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="a record whose answer, or the document it was made from, holds at least this share of a held-out seed "
+        "answer's character 8-grams is quarantined (heldout_overlap): a model trained on it would be measured on its own "
+        "test item. null: not checked",
+    )
     mixed_versions: Literal["block", "warn"] = Field(
         "block",
         description="a release over partitions made under another config or model (a single-asset materialization after a "

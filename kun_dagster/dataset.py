@@ -9,7 +9,8 @@ import pandas as pd
 
 from . import dedup, registry, scoring, storage, tagging
 from .config import KunConfig
-from .stages import DUPLICATE_OUTPUT, StageResult
+from .registry import DUPLICATE_OUTPUT, HELDOUT_OVERLAP
+from .stages import StageResult
 from .stages.common import dropped_rows, mark_duplicates, no_reasons
 
 COIG_COLUMNS = ["instruction", "input", "output", "task_type", "domain", "answer_from", "human_verified", "copyright"]
@@ -105,6 +106,27 @@ def kept_pairs(scored: list[pd.DataFrame], threshold: float) -> pd.DataFrame:
     return out[["instruction", "text"]].astype(object)
 
 
+OVERLAP_NGRAM = 8  # characters of the normalised text: a clause, specific enough in Chinese
+
+
+def mark_heldout(rows: pd.DataFrame, heldout: pd.DataFrame | None, bound: float | None, reason: pd.Series, detail: pd.Series) -> int:
+    """Quarantine (heldout_overlap) the rows whose answer, or the document it was made from, holds
+    at least `bound` of one held-out seed answer's character 8-grams: the web text the corpus came
+    from may hold the very answers the seeds were taken from (Zhihu, encyclopedias), and a model
+    trained on them would be measured on its own test items. Returns the held-out answers checked."""
+    answers = [] if heldout is None or bound is None else heldout["output"].astype(str).tolist()
+    for column, what in (("output", "answer"), ("text", "source document")):
+        alive = rows.index[reason.isna()]
+        if not answers or not len(alive) or column not in rows:
+            break
+        share, which = dedup.containment(rows.loc[alive, column].astype(str).tolist(), answers, OVERLAP_NGRAM)
+        for i, s, w in zip(alive, share, which):
+            if s >= bound:
+                reason[i] = HELDOUT_OVERLAP
+                detail[i] = f"its {what} holds {s:.0%} of the {OVERLAP_NGRAM}-grams of held-out seed answer {answers[w][:40]!r}"
+    return len(answers)
+
+
 def funnel_frame(fun: dict, n_records: int, dropped: dict | None = None) -> pd.DataFrame:
     """The funnel as rows: each stage (what it did), its rows, what it dropped; then kept and final."""
     rows = [
@@ -179,17 +201,20 @@ def release(
     fun: dict,
     made: list[dict] | None = None,
     current: dict[str, str] | None = None,
+    heldout: pd.DataFrame | None = None,
 ) -> StageResult:
     """One source's release as a stage result: its records, as polishment made them (the threshold
     and the keyword lists were applied there), answers that repeat one of another shard quarantined
     as duplicate_output, the first by (file, row) kept, as Humpback dedups its outputs. A source with
     no rows left gets empty records: an empty result is a result. Its stats carry what the card says:
     `fun`, the funnel (funnel()); the instructions' diversity; `made` and `current`, the versions
-    its partitions were made under (made_under); the models."""
+    its partitions were made under (made_under); the models. `heldout`: the held-out seeds, whose
+    answers no record may carry (mark_heldout)."""
     mine = polished[polished["source"] == source].sort_values(["file", "row"], kind="stable").reset_index(drop=True)
     reason, detail = no_reasons(mine)
     if cfg.polish.dedup_outputs:
         mark_duplicates(mine, "output", reason, detail, DUPLICATE_OUTPUT)
+    checked = mark_heldout(mine, heldout, cfg.dataset.heldout_overlap, reason, detail)
     recs = records(mine[reason.isna()], cfg, label_model, chat_model)
     div = instruction_diversity(recs["instruction"].tolist(), cfg)
     docs = fun["rows"][registry.RAW]
@@ -206,5 +231,6 @@ def release(
         "versions": versions_md,
         "mixed_versions": mixed,
         "models": {"label": label_model, "chat": chat_model},
+        "heldout_answers_checked": checked,
     }
     return StageResult(rows=recs, dropped=dropped_rows(mine, reason, detail, "output"), stats=stats)

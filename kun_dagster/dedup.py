@@ -317,15 +317,52 @@ def _kept_first(col: pd.Series) -> pd.Series:
     return col.map({KEPT: 0, DUPLICATE_TEXT: 1, NEAR_DUPLICATE: 2}) if col.name == "role" else col
 
 
+def keepers(
+    texts: list[str], threshold: float, rank: np.ndarray | None = None, ngram: int = 5, num_perm: int = 128, seed: int = 1
+) -> np.ndarray:
+    """Each text's cluster keeper (its index): exact and near-duplicates (the corpus dedup's rule,
+    estimated Jaccard of character `ngram`-grams >= threshold) share one, the member of lowest rank."""
+    if not texts:
+        return np.zeros(0, dtype=np.int64)
+    sig, count = signatures(texts, ngram, num_perm, seed)
+    rank = np.arange(len(texts)) if rank is None else np.asarray(rank)
+    return cluster(sig, text_keys(texts), count, rank, exact=True, near=True, threshold=threshold).keeper
+
+
+def containment(texts: list[str], references: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each text, the largest share of one reference's character n-grams (of the normalised
+    text) that the text holds, and which reference (-1: none shares any): how much of a held-out
+    answer a record carries, however it was reworded around it."""
+    best, which = np.zeros(len(texts)), np.full(len(texts), -1, dtype=np.int64)
+    if not texts or not references:
+        return best, which
+    ref_hashes, ref_offsets = shingle_hashes(references, n)
+    sizes = np.diff(ref_offsets).astype(np.int64)
+    owner = np.repeat(np.arange(len(references)), sizes)
+    pairs = pd.DataFrame({"h": ref_hashes, "ref": owner}).drop_duplicates()
+    distinct = pairs.groupby("ref").size().reindex(range(len(references)), fill_value=0).to_numpy()
+    index = pairs.groupby("h")["ref"].apply(list).to_dict()
+    for i in range(0, len(texts), _CHUNK):
+        hashes, offsets = shingle_hashes(texts[i : i + _CHUNK], n)
+        offsets = offsets.astype(np.int64)
+        for j in range(len(offsets) - 1):
+            shared: dict[int, int] = {}
+            for h in set(hashes[offsets[j] : offsets[j + 1]].tolist()):
+                for ref in index.get(h, ()):
+                    shared[ref] = shared.get(ref, 0) + 1
+            if shared:
+                ref, k = max(shared.items(), key=lambda kv: (kv[1] / distinct[kv[0]], -kv[0]))
+                best[i + j], which[i + j] = k / distinct[ref], ref
+    return best, which
+
+
 def diversity(texts: list[str], ngram: int, num_perm: int, threshold: float, seed: int = 1, top: int = 5) -> dict:
     """How varied a set of texts (a release's instructions) is: the share of distinct texts (up to
     whitespace), and the largest clusters of near-duplicates (the same rule as the corpus dedup)."""
     if not texts:
         return {"texts": 0, "distinct_ratio": None, "near_duplicate_clusters": 0, "largest": []}
     keys = text_keys(texts)
-    sig, count = signatures(texts, ngram, num_perm, seed)
-    c = cluster(sig, keys, count, np.arange(len(texts)), exact=True, near=True, threshold=threshold)
-    members = np.bincount(c.keeper, minlength=len(texts))
+    members = np.bincount(keepers(texts, threshold, None, ngram, num_perm, seed), minlength=len(texts))
     biggest = [int(k) for k in np.argsort(-members, kind="stable")[:top] if members[k] > 1]
     return {
         "texts": len(texts),

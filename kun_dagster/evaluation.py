@@ -7,16 +7,21 @@ set):
 
 - loss: the mean negative log-likelihood of the held-out answers' tokens given their instructions
   (the SFT loss, prompt masked), and its perplexity;
-- a pairwise judgement by the chat model: for each held-out instruction, the candidate's answer and
-  the baseline's, in both orders; the judge's probability that the first is better is read from
-  the answers 1 / 2 (one decode step), by the scorer's rule: where the judge puts under
-  score.min_answer_mass on them, its free-text verdict is parsed instead, and a reply naming
-  neither is a tie (0.5). A position bias (the judge preferring whichever comes first) cancels in
+- a pairwise judgement by an independent judge (evaluation.judge: a checkpoint, or a model behind
+  an OpenAI-compatible endpoint; never one of the compared models, whose self-preference would
+  favour its own answers): for each held-out instruction, the candidate's answer and the
+  baseline's, in both orders; the judge's probability that the first is better is read from the
+  replies 1 / 2 at its reply's opening (one decode step), by the scorer's rule: where the judge
+  puts under score.min_answer_mass on them, its free-text verdict is parsed instead, and a reply
+  naming neither is a tie. A position bias (the judge preferring whichever comes first) cancels in
   the mean of the two orders: win = (P(first | B, A) + 1 - P(first | A, B)) / 2. The win rate is
-  the mean over items, with a bootstrap 95% interval over items.
+  the mean over items (a tie counting half), with a bootstrap 95% interval over items; where ties
+  are most of the verdicts, the result is undetermined. No judge configured: no win rate.
 
-Trained models are cached by their content (base fingerprint, examples, settings): a second round
-or a rerun re-trains only what changed (the baseline is trained once for every round).
+The baseline is the chat model when it was trained here on the training seeds with the same
+settings (no duplicate fine-tune); otherwise the base is fine-tuned on them. Trained models are
+cached by their content (base fingerprint, examples, settings): a second round or a rerun
+re-trains only what changed.
 """
 
 from __future__ import annotations
@@ -26,22 +31,23 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from . import prompts, training
 from .config import KunConfig, LoraSettings, TrainSettings
-from .llm.base import Engine, EngineSpec, SamplingParams
+from .llm.base import Engine, EngineError, EngineSpec, SamplingParams
 
 log = logging.getLogger(__name__)
 
 BASELINE = "seeds"
 PROBABILITY, FREETEXT, TIE = "probability", "freetext", "tie"  # how a verdict was read
-JUDGE_CHOICES = ("1", "2")
-JUDGE_PREFIX = "更好的回答是："
+JUDGE_CHOICES = ("1", "2")  # read at the reply's opening, as the prompt asks ("只回答 1 或 2")
 LORA_ABOVE = 3e9  # parameters: evaluation.lora auto trains LoRA adapters on larger bases
 
 
@@ -66,8 +72,10 @@ def first_better(judge: Engine, items: list[tuple[str, str, str]], cfg: KunConfi
     or a tie when it names neither (`tie`). Also the mass on the two answers."""
     if not items:
         return np.zeros(0), np.zeros(0), []
+    if isinstance(judge, EndpointJudge):
+        return judge.first_better(items, cfg)
     keep_system = prompts.system_of(judge, cfg)  # a Humpback-tagged round model is prompted as it was trained
-    rendered, answers = prompts.choice_prompts(judge.tokenizer, [judge_user(*it) for it in items], JUDGE_CHOICES, JUDGE_PREFIX, keep_system)
+    rendered, answers = prompts.choice_prompts(judge.tokenizer, [judge_user(*it) for it in items], JUDGE_CHOICES, "", keep_system)
     p = np.exp(np.asarray(judge.choice_logprobs(rendered, answers), dtype=float))
     mass = p.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -82,6 +90,102 @@ def first_better(judge: Engine, items: list[tuple[str, str, str]], cfg: KunConfi
     return first, mass, rules
 
 
+class EndpointJudge:
+    """A judge behind an OpenAI-compatible chat endpoint (a hosted judge, `vllm serve`): the reply's
+    first token's top log-probabilities give P(1) and P(2); where their mass is under
+    score.min_answer_mass, a short greedy reply is parsed. Requests run a few at a time, each
+    retried on a dropped connection or a 5xx; the key is read from the environment, never logged."""
+
+    def __init__(self, endpoint: str, model: str, api_key: str | None, timeout: float, workers: int = 8, retries: int = 3):
+        self.url, self.model, self.timeout, self.workers, self.retries = (
+            endpoint.rstrip("/") + "/chat/completions",
+            model,
+            timeout,
+            workers,
+            retries,
+        )
+        self._key = api_key
+
+    def _ask(self, user: str, max_tokens: int, logprobs: bool) -> dict:
+        import time
+        import urllib.error
+        import urllib.request
+
+        body = {"model": self.model, "messages": [{"role": "user", "content": user}], "max_tokens": max_tokens, "temperature": 0}
+        if logprobs:
+            body.update(logprobs=True, top_logprobs=20)
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self._key}"} if self._key else {})}
+        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                if e.code < 500 or attempt == self.retries:
+                    raise EngineError(f"judge endpoint {self.url} ({self.model}): HTTP {e.code}") from None
+            except (urllib.error.URLError, OSError) as e:
+                if attempt == self.retries:
+                    raise EngineError(f"judge endpoint {self.url} ({self.model}): {getattr(e, 'reason', e)}") from None
+            time.sleep(min(2**attempt, 10))
+        raise AssertionError("unreachable")
+
+    def _probabilities(self, user: str) -> tuple[float, float]:
+        top = self._ask(user, 1, True)["choices"][0].get("logprobs") or {}
+        first = (top.get("content") or [{}])[0].get("top_logprobs") or []
+        p = {c: 0.0 for c in JUDGE_CHOICES}
+        for t in first:
+            if t.get("token", "").strip() in p:
+                p[t["token"].strip()] += float(np.exp(t["logprob"]))
+        return p["1"], p["2"]
+
+    def first_better(self, items: list[tuple[str, str, str]], cfg: KunConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        users = [judge_user(*it) for it in items]
+        with ThreadPoolExecutor(self.workers) as pool:
+            p = np.asarray(list(pool.map(self._probabilities, users)), dtype=float).reshape(-1, 2)
+            mass = p.sum(axis=1)
+            first = np.where(mass > 0, p[:, 0] / np.where(mass > 0, mass, 1), 0.5)
+            rules = [PROBABILITY if m >= cfg.score.min_answer_mass else FREETEXT for m in mass]
+            low = [i for i, r in enumerate(rules) if r == FREETEXT]
+            replies = pool.map(lambda i: self._ask(users[i], 16, False)["choices"][0]["message"]["content"] or "", low)
+            for i, text in zip(low, replies):
+                first[i] = parse_verdict(text)
+                rules[i] = FREETEXT if first[i] != 0.5 else TIE
+        return first, mass, rules
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Judge:
+    """The evaluation's judge as the asset hands it over: its name for the report, its checkpoint
+    (None behind an endpoint: it is not one of the compared models by construction), and how to open it."""
+
+    name: str
+    path: str | None
+    open: Callable[[], Any]
+
+
+def independent(judge: Judge, compared: dict[str, str]) -> None:
+    """A judge must be none of the compared models: judging its own answers against another's, a
+    model prefers its own (the baseline was the judge before, so every win rate leaned to it)."""
+    if judge.path is None:
+        return
+    mine = Path(judge.path).resolve()
+    same = [name for name, path in compared.items() if Path(path).resolve() == mine]
+    if same:
+        raise EvaluationError(
+            f"evaluation.judge ({judge.path}) is the compared model {same[0]}: a model judging its own answers "
+            "favours them. Name a model that is none of them (evaluation.judge.path or .endpoint)."
+        )
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot mean what it says (its judge is one of the compared models)."""
+
+
 @dataclass
 class Comparison:
     wins: np.ndarray  # per item: the candidate's win probability, both orders averaged
@@ -90,6 +194,16 @@ class Comparison:
     judged_by: dict  # rule -> verdicts read by it (probability, freetext, tie)
     win_rate: float = 0.0
     ci: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def ties(self) -> int:
+        return self.judged_by.get(TIE, 0)
+
+    @property
+    def undetermined(self) -> bool:
+        """Most verdicts name neither answer: their 0.5s would read as a precise null, so no win rate."""
+        verdicts = sum(self.judged_by.values())
+        return not verdicts or 2 * self.ties > verdicts
 
 
 def compare(judge: Engine, instructions: list[str], candidate: list[str], baseline: list[str], cfg: KunConfig) -> Comparison:
@@ -104,7 +218,10 @@ def compare(judge: Engine, instructions: list[str], candidate: list[str], baseli
         judge_mass=float(np.median(np.concatenate([mass_ab, mass_ba]))) if n else 0.0,
         judged_by=dict(Counter(rules_ab + rules_ba)),
     )
-    out.win_rate, out.ci = win_rate(wins, cfg.evaluation.bootstrap, cfg.evaluation.seed)
+    if not out.undetermined:
+        out.win_rate, out.ci = win_rate(wins, cfg.evaluation.bootstrap, cfg.evaluation.seed)
+    else:
+        out.win_rate, out.ci = float("nan"), (float("nan"), float("nan"))
     return out
 
 
@@ -191,11 +308,51 @@ def answers(engine: Engine, users: list[str], cfg: KunConfig) -> list[str]:
 @dataclass
 class Result:
     heldout: int
+    judge: str | None = None  # the judge's checkpoint or endpoint model; None: no win rates
     models: list[dict] = field(default_factory=list)  # one row per model: name, examples, loss, win rate, ...
     samples: list[dict] = field(default_factory=list)  # a few held-out items with each model's answer
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.models)
+
+
+def _candidates(releases: dict[str, pd.DataFrame], cfg: KunConfig) -> dict[str, pd.DataFrame | None]:
+    """The models to train: the baseline (seeds only), each source's release and all together."""
+    releases = {s: r for s, r in releases.items() if len(r)}  # a source with no records adds nothing to evaluate
+    out: dict[str, pd.DataFrame | None] = {BASELINE: None}
+    if cfg.evaluation.per_source and len(releases) > 1:
+        out.update({f"seeds+{s}": r for s, r in releases.items()})
+    if releases:
+        out["seeds+" + ("all" if len(releases) > 1 else next(iter(releases)))] = pd.concat(list(releases.values()), ignore_index=True)
+    return out
+
+
+def _judged(result: Result, judge: Judge | None, users: list[str], written: dict[str, list[str]], cfg: KunConfig) -> None:
+    """Each candidate's answers against the baseline's, by the judge; without one, no win rate."""
+    engine = judge.open() if judge is not None and users else None
+    try:
+        for row in result.models:
+            row.update(win_rate=None, win_ci_low=None, win_ci_high=None, position_bias=None, judge_mass=None, judged_by=None)
+            if row["model"] == BASELINE:
+                row["verdict"] = None
+                continue
+            if engine is None:
+                row["verdict"] = "not judged: no evaluation.judge" if judge is None else "not judged: no held-out seeds"
+                continue
+            c = compare(engine, users, written[row["model"]], written[BASELINE], cfg)
+            row.update(
+                verdict="decided"
+                if not c.undetermined
+                else f"undetermined: {c.ties} of {sum(c.judged_by.values())} verdicts name neither answer",
+                position_bias=round(c.position_bias, 4),
+                judge_mass=round(c.judge_mass, 6),
+                judged_by=", ".join(f"{r}: {n}" for r, n in sorted(c.judged_by.items())),
+            )
+            if not c.undetermined:
+                row.update(win_rate=round(c.win_rate, 4), win_ci_low=round(c.ci[0], 4), win_ci_high=round(c.ci[1], 4))
+    finally:
+        if engine is not None:
+            engine.close()
 
 
 def run(
@@ -206,30 +363,31 @@ def run(
     cfg: KunConfig,
     cache: Path,
     load,
-    judge,
+    judge: Judge | None,
+    baseline_dir: str | None = None,
 ) -> Result:
     """Train (or reuse) the baseline and one model per release, measure each on the held-out seeds
-    and judge each against the baseline. `releases`: records per source (instruction, input,
-    output); `load(path, name)` opens an engine for a model folder; `judge()` the chat model's."""
+    and have the judge compare each with the baseline. `releases`: records per source
+    (instruction, input, output); `load(path, name)` opens an engine for a model folder;
+    `baseline_dir`: the chat model, where it is the seeds-only fine-tune (no second one is trained)."""
     held = training.heldout_seeds(seeds)
     users = [training.prompt_of(i, inp) for i, inp in zip(held["instruction"], held["input"])]
     pairs = list(zip(users, held["output"]))
     settings = train_settings(cfg, base_dir)
-    releases = {s: r for s, r in releases.items() if len(r)}  # a source with no records adds nothing to evaluate
-    candidates = {BASELINE: None}
-    if cfg.evaluation.per_source and len(releases) > 1:
-        candidates.update({f"seeds+{s}": r for s, r in releases.items()})
-    if releases:
-        candidates["seeds+" + ("all" if len(releases) > 1 else next(iter(releases)))] = pd.concat(
-            list(releases.values()), ignore_index=True
-        )
-    result = Result(heldout=len(held))
+    result = Result(heldout=len(held), judge=judge.name if judge is not None else None)
     written: dict[str, list[str]] = {}
-    for name, records in candidates.items():
+    paths: dict[str, str] = {}
+    for name, records in _candidates(releases, cfg).items():
         examples = training.chat_examples(seeds, records)
-        path, trained = fine_tuned(base_dir, base["fingerprint"], examples, settings, cfg, cache, name.replace("+", "_"))
-        loss, tokens = heldout_loss(path, pairs, cfg)
-        engine = load(path, f"eval-{name}")
+        if name == BASELINE and baseline_dir is not None:
+            paths[name], trained = baseline_dir, "the chat model"
+        else:
+            paths[name], now = fine_tuned(base_dir, base["fingerprint"], examples, settings, cfg, cache, name.replace("+", "_"))
+            trained = "now" if now else "cached"
+        if judge is not None:
+            independent(judge, paths)  # before any generation: fail at once
+        loss, tokens = heldout_loss(paths[name], pairs, cfg)
+        engine = load(paths[name], f"eval-{name}")
         try:
             written[name] = answers(engine, users, cfg)
         finally:
@@ -243,23 +401,9 @@ def run(
                 "heldout_perplexity": round(float(np.exp(loss)), 3) if np.isfinite(loss) else float("nan"),
                 "answer_tokens": tokens,
                 "lora": settings.lora is not None,
-                "trained": "now" if trained else "cached",
+                "trained": trained,
             }
         )
-    if len(held):
-        engine = judge()
-        for row in result.models:
-            if row["model"] == BASELINE:
-                row.update(win_rate=None, win_ci_low=None, win_ci_high=None, position_bias=None, judge_mass=None, judged_by=None)
-                continue
-            c = compare(engine, users, written[row["model"]], written[BASELINE], cfg)
-            row.update(
-                win_rate=round(c.win_rate, 4),
-                win_ci_low=round(c.ci[0], 4),
-                win_ci_high=round(c.ci[1], 4),
-                position_bias=round(c.position_bias, 4),
-                judge_mass=round(c.judge_mass, 6),
-                judged_by=", ".join(f"{r}: {n}" for r, n in sorted(c.judged_by.items())),
-            )
+    _judged(result, judge, users, written, cfg)
     result.samples = [{"instruction": u, **{m: written[m][i] for m in written}} for i, u in enumerate(users[:3])]
     return result

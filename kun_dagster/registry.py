@@ -60,6 +60,7 @@ REPEATED_PHRASE = "repeated_phrase"
 REPEATED_INSTRUCTION = "repeated_instruction"  # a repeated line that does not open the instruction: Kun drops it
 DUPLICATE_OUTPUT = "duplicate_output"
 BROKEN_TEXT = "broken_text"  # U+FFFD: the model emitted bytes that are not UTF-8
+HELDOUT_OVERLAP = "heldout_overlap"  # the record (or its document) holds a held-out seed's answer: the evaluation's test item
 # Every code above (the constants defined so far are exactly they): what the specs' `reasons` draw on.
 REASONS = frozenset(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and v == k.lower())
 
@@ -422,9 +423,9 @@ SPECS: tuple[Spec, ...] = (
         per_round=True,
         shapes=("dataset", "polish.dedup_outputs", "tags.task_types", "dedup.threshold", "dedup.num_perm", "dedup.seed"),
         automation="all",
-        what="COIG-CQIA records released (as polished; answers repeated across shards dropped)",
+        what="COIG-CQIA records released (as polished; answers repeated across shards and held-out seed answers dropped)",
         schema="InstructionDataset",
-        reasons=(DUPLICATE_OUTPUT,),
+        reasons=(DUPLICATE_OUTPUT, HELDOUT_OVERLAP),
         checks=(RELEASE_RETENTION, ONE_VERSION),
         retention=(0.01, 1.0),
     ),

@@ -21,9 +21,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from . import progress
+from . import dedup, progress
 from .config import TinyBaseSettings, TrainSettings
 from .model_store import MODEL_CARD, fingerprint
 from .prompts import HUMPBACK_SEED_TAG, HUMPBACK_WEB_TAG, chat, label_user
@@ -299,10 +300,13 @@ def build_tiny_base(texts: list[str], out_dir: str | Path, settings: TinyBaseSet
 TRAIN, EVAL = "train", "eval"  # the seeds' split (column `split`)
 
 
-def load_seeds(uri: str, storage_options: dict | None, drop_multiple_choice: bool, eval_fraction: float = 0.0) -> tuple[pd.DataFrame, int]:
+def load_seeds(
+    uri: str, storage_options: dict | None, drop_multiple_choice: bool, eval_fraction: float = 0.0, min_output_chars: int = 0
+) -> tuple[pd.DataFrame, int]:
     """COIG-CQIA seed records (instruction, input, output, ...) from JSONL, with `input` filled in
     ("" when absent); multiple-choice items dropped (Kun); `split` eval for the held-out share
-    (seed_split), train for the rest. Returns (seeds, items dropped)."""
+    (seed_split: answers of at least `min_output_chars`, whole near-duplicate clusters), train for
+    the rest. Returns (seeds, items dropped)."""
     seeds = pd.read_json(uri, lines=True, dtype=False, storage_options=storage_options or None)  # None for a local file
     missing = {"instruction", "output"} - set(seeds.columns)
     if missing:
@@ -310,26 +314,37 @@ def load_seeds(uri: str, storage_options: dict | None, drop_multiple_choice: boo
     seeds["input"] = seeds.get("input", pd.Series([""] * len(seeds))).fillna("").astype(str)
     mc = seeds["input"].map(is_multiple_choice) if drop_multiple_choice else pd.Series(False, index=seeds.index)
     kept = seeds[~mc].reset_index(drop=True)
-    kept["split"] = seed_split(kept, eval_fraction)
+    kept["split"] = seed_split(kept, eval_fraction, min_output_chars)
     return kept, int(mc.sum())
 
 
-def seed_split(seeds: pd.DataFrame, eval_fraction: float) -> pd.Series:
-    """eval for the held-out seeds, train for the rest: a record is held out when the hash of its
-    instruction, input and output falls under eval_fraction, so the split is the same whatever the
-    file's order or the seeds added beside it. At least one is held out when the fraction is not 0."""
-    u = pd.Series(
+SEED_NEAR = 0.8  # estimated Jaccard at which two seeds are one item (the corpus dedup's default)
+
+
+def seed_split(seeds: pd.DataFrame, eval_fraction: float, min_output_chars: int = 0) -> pd.Series:
+    """eval for the held-out seeds, train for the rest, so that the evaluation measures what no
+    model trained on: near-duplicate seeds (template-built ones, the same item twice) are one
+    cluster and fall on one side together, and only answers are held out (an output of at least
+    `min_output_chars`: a 【好】 verdict or an option letter measures nothing). A cluster is held out
+    when the hash of its first record (instruction, input, output; the lowest hash) falls under
+    eval_fraction, so the split is the same whatever the file's order or the seeds added beside it.
+    At least one is held out when the fraction is not 0 and an answer exists."""
+    u = np.array(
         [
             int.from_bytes(hashlib.blake2b(f"{i}\0{inp}\0{o}".encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") / 2**64
             for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])
         ],
-        index=seeds.index,
         dtype=float,
     )
-    held = u < eval_fraction
-    if eval_fraction > 0 and not held.any() and len(seeds) > 1:
-        held[u.idxmin()] = True
-    return held.map({True: EVAL, False: TRAIN}).astype(object)
+    records = [f"{i}\n{inp}\n{o}" for i, inp, o in zip(seeds["instruction"], seeds["input"], seeds["output"])]
+    keeper = dedup.keepers(records, SEED_NEAR, rank=np.argsort(np.argsort(u, kind="stable"), kind="stable"))
+    answer = seeds["output"].astype(str).str.len().to_numpy() >= min_output_chars
+    eligible = answer[keeper] if len(seeds) else np.zeros(0, dtype=bool)
+    held = eligible & (u[keeper] < eval_fraction) if len(seeds) else np.zeros(0, dtype=bool)
+    if eval_fraction > 0 and not held.any() and len(seeds) > 1 and eligible.any():
+        first = keeper[np.flatnonzero(eligible)[np.argmin(u[eligible])]]
+        held = keeper == first
+    return pd.Series(np.where(held, EVAL, TRAIN), index=seeds.index, dtype=object)
 
 
 def training_seeds(seeds: pd.DataFrame) -> pd.DataFrame:

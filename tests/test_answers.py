@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kun_dagster import prompts, scoring
-from kun_dagster.evaluation import JUDGE_CHOICES, JUDGE_PREFIX, judge_user
+from kun_dagster.evaluation import JUDGE_CHOICES, judge_user
 from kun_dagster.llm import load_engine
 from kun_dagster.llm.base import Answers, EngineSpec, encode
 from kun_dagster.tagging import letters
@@ -32,7 +32,7 @@ def _asks(tok):
         user = prompts.humpback_user(s, "答案。")
         out.append((prompts.render(tok, user), prompts.replies(tok, prompts.HUMPBACK_ANSWERS)))
         out.append((prompts.render(tok, prompts.tag_user("domain", s, "答。", ["通用", "医学", "其他"])), prompts.replies(tok, letters(3))))
-        out.append((prompts.render(tok, judge_user(s, "一", "二"), JUDGE_PREFIX), prompts.replies(tok, JUDGE_CHOICES, JUDGE_PREFIX)))
+        out.append((prompts.render(tok, judge_user(s, "一", "二")), prompts.replies(tok, JUDGE_CHOICES)))
     return out
 
 
@@ -60,7 +60,7 @@ def test_a_dummy_prefix_is_not_read_as_the_answer(tokenizers):
     assert prompts.reply_lead(chatml) == "" and prompts.reply_lead(llama2) == " "
     b = Answers.after(llama2, prompts.render(llama2, prompts.point_user("什么是复利？")), prompts.replies(llama2, scoring.KUN.choices))
     assert llama2.convert_ids_to_tokens(b.ids[0]) == ["▁【", "好", "】"]
-    assert prompts.render(llama2, "问", JUDGE_PREFIX).endswith("[/INST] " + JUDGE_PREFIX)  # a prefix opens the reply
+    assert prompts.render(llama2, "问", "得分：").endswith("[/INST] 得分：")  # a prefix opens the reply
 
 
 def test_the_fast_path_only_where_each_first_differing_token_stands_for_its_answer(tokenizers):

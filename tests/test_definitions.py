@@ -72,7 +72,7 @@ def test_asset_graph_shape(defs):
     assert parents["labeled_pairs"] == ["deduped_corpus", "label_model"]
     assert parents["scored_pairs"] == ["chat_model", "labeled_pairs"]
     # the release reads every stage of the funnel as a declared input; the card reads the release
-    assert parents["instruction_dataset"] == sorted(["chat_model", "label_model", *registry.CORPUS])
+    assert parents["instruction_dataset"] == sorted(["chat_model", "label_model", "seed_data", *registry.CORPUS])
     assert parents["dataset_card"] == ["instruction_dataset"]
     assert parents["label_model"] == ["base_model", "seed_data"]
 

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kun_dagster import dataset, evaluation, prompts, schemas, tagging, training
+from kun_dagster import dataset, dedup, evaluation, prompts, schemas, tagging, training
 from kun_dagster.config import COIG_DOMAINS, COIG_TASK_TYPES, ConfigError, parse_config
+from kun_dagster.llm import EngineError
 from kun_dagster.stages import StageContext
 
 from .conftest import REPO, assert_fresh, given_models, write_config
@@ -53,6 +54,74 @@ def test_a_fraction_above_zero_holds_out_at_least_one_and_never_all_by_chance(te
     split = training.seed_split(seeds, fraction)
     assert (split == training.EVAL).sum() >= 1
     assert split.equals(training.seed_split(seeds.iloc[::-1], fraction).sort_index())
+
+
+def test_near_duplicate_seeds_fall_on_one_side_and_only_answers_are_held_out():
+    """Template-built seeds (one answer with a word changed) are one item: a split by exact hash put
+    some on each side, so the evaluation measured answers the models had trained on."""
+    answers = [f"第{i}个问题的答案：复利是指在计算利息时，把上一期的利息加入本金，再计算下一期的利息，第{i}项。" for i in range(60)]
+    rows = []
+    for i, a in enumerate(answers):
+        rows.append((f"什么是复利？（第{i}题）", a))
+        rows.append((f"什么是复利？（第{i}题）", a.replace("本金", "本钱")))  # its near-duplicate
+        rows.append((f"这条指令写得好吗？第{i}条", "【好】"))  # a verdict: measures nothing
+    seeds = pd.DataFrame(rows, columns=["instruction", "output"]).assign(input="")
+    records = [f"{i}\n\n{o}" for i, o in zip(seeds["instruction"], seeds["output"])]
+    keeper = dedup.keepers(records, training.SEED_NEAR)
+    for fraction in (0.05, 0.2, 0.5):
+        split = training.seed_split(seeds, fraction, min_output_chars=20)
+        held = split == training.EVAL
+        assert held.any() and not seeds.loc[held, "output"].eq("【好】").any()  # answers only
+        clusters = pd.Series(keeper).groupby(keeper).size()
+        assert (clusters > 1).sum() >= 30  # the near-duplicates do cluster
+        assert pd.Series(split.to_numpy()).groupby(keeper).nunique().eq(1).all()  # never split apart
+        shuffled = seeds.sample(frac=1, random_state=5)
+        assert training.seed_split(shuffled, fraction, min_output_chars=20).sort_index().equals(split)
+    # the exact-hash split put pairs on both sides: the check above can fail
+    u = [hash((i, o)) % 100 < 20 for i, o in zip(seeds["instruction"], seeds["output"])]
+    assert pd.Series(u).groupby(keeper).nunique().gt(1).any()
+
+
+def test_a_held_out_answer_in_the_corpus_is_quarantined_at_release():
+    """The web holds the very answers the seeds were taken from; a record made from such a page (or
+    answering with it) would be the evaluation's test item in its training set."""
+    from kun_dagster import card as kun_card
+    from kun_dagster.registry import POLISHED
+
+    cfg = config(tags="off")
+    held = "复利是指在计算利息时，把上一期的利息加入本金，再计算下一期的利息，俗称利滚利。它使财富按指数增长，时间越长效果越明显。"
+    heldout = pd.DataFrame({"instruction": ["什么是复利？"], "input": [""], "output": [held]})
+    texts = [
+        "理财专栏：" + held[:40] + "更多内容请关注本站。",  # the planted page: most of the held-out answer
+        "今天天气很好，我们去公园散步，看到许多人在放风筝，孩子们在草地上奔跑。",
+        "利息的计算有单利和复利两种方式，银行存款通常按单利计算，贷款则不同。",
+    ]
+    polished = schemas.empty_frame(POLISHED).reindex(range(3))
+    polished[["source", "shard", "file", "row", "doc_id"]] = [["web", 0, "a.jsonl", i, f"d{i}"] for i in range(3)]
+    polished["text"] = texts
+    polished["instruction"] = ["解释复利", "描述公园", "利息怎么算"]
+    polished["output"] = ["复利就是利滚利，本金和利息一起计算下一期利息。", "公园里人们散步、放风筝。", "分单利和复利，存款多按单利。"]
+    polished[["score", "score_rule", "score_method"]] = [0.9, "probability", "kun_choice"]
+    polished["task_minor"] = [["kun:web"]] * 3
+    polished[["domain", "task_minor_rule", "domain_rule"]] = ["通用", "off", "off"]
+    fun = dataset.funnel({}, cfg.score.threshold)
+    result = dataset.release(polished, "web", cfg, "label", "chat", fun, heldout=heldout)
+    assert result.rows["doc_id"].tolist() == ["d1", "d2"]  # d2 shares words with it, not its answer
+    q = result.dropped.iloc[0]
+    assert q["reason"] == "heldout_overlap" and q["doc_id"] == "d0" and "source document" in q["detail"]
+    assert result.stats["dropped"] == {"heldout_overlap": 1} and result.stats["heldout_answers_checked"] == 1
+    assert "heldout_overlap: 1" in kun_card.card("web", result.stats, cfg)  # counted in the card's funnel
+    # off, or no held-out seeds: nothing is checked
+    off = config(tags="off", dataset={**config().dataset.model_dump(), "heldout_overlap": None})
+    assert len(dataset.release(polished, "web", off, "label", "chat", fun, heldout=heldout).rows) == 3
+    assert len(dataset.release(polished, "web", cfg, "label", "chat", fun, heldout=heldout.iloc[:0]).rows) == 3
+
+
+def test_containment_is_the_share_of_a_references_ngrams_a_text_holds():
+    refs = ["甲乙丙丁戊己庚辛壬癸", "子丑寅卯辰巳午未申酉"]
+    share, which = dedup.containment(["前言甲乙丙丁戊己庚辛壬癸后记", "子丑寅卯", "无关的文字内容", "甲乙丙丁戊己"], refs, 4)
+    assert which.tolist() == [0, 1, -1, 0] and share[0] == 1.0 and share[1] == pytest.approx(1 / 7) and share[2] == 0.0
+    assert share[3] == pytest.approx(3 / 7)  # 甲乙丙丁, 乙丙丁戊, 丙丁戊己 of its seven
 
 
 # -- the pairwise judge ------------------------------------------------------------------------------
@@ -99,6 +168,96 @@ def test_a_judge_that_does_not_answer_in_the_format_is_read_from_its_reply_or_co
     judge = ScriptedEngine(replies=["回答2更好", "我不知道"], probs=[[1e-4, 1e-4], [1e-4, 1e-4]])
     first, mass, rules = evaluation.first_better(judge, [("问", "甲", "乙"), ("问", "丙", "丁")], cfg)
     assert list(first) == [0.0, 0.5] and rules == ["freetext", "tie"] and np.allclose(mass, 2e-4)
+
+
+def test_a_judge_that_names_neither_answer_gives_undetermined_not_a_precise_null():
+    """Before, every tie counted 0.5 and a judge that never chose read as "50.0% [50.0%, 50.0%]"."""
+    from kun_dagster import card as kun_card
+
+    cfg, n = config(), 12
+    mute = ScriptedEngine(replies=["我不知道"] * (2 * n), probs=[[1e-4, 1e-4]] * (2 * n))
+    c = evaluation.compare(mute, [f"问{i}" for i in range(n)], ["甲"] * n, ["乙"] * n, cfg)
+    assert c.undetermined and c.ties == 2 * n and np.isnan(c.win_rate)
+    # a few ties among clear verdicts: decided, the ties counted as such
+    mixed = ScriptedEngine(replies=["我不知道"] * 4, probs=[[1e-4, 1e-4]] * 4 + [[0.8, 0.1]] * (2 * n - 4))
+    d = evaluation.compare(mixed, [f"问{i}" for i in range(n)], ["甲"] * n, ["乙"] * n, cfg)
+    assert not d.undetermined and d.ties == 4 and d.judged_by["probability"] == 2 * n - 4
+    row = {
+        "model": "seeds+web",
+        "heldout_loss": 1.0,
+        "win_rate": None,
+        "verdict": f"undetermined: {2 * n} of {2 * n} verdicts name neither answer",
+    }
+    report = {"heldout": n, "models": [{"model": "seeds", "heldout_loss": 1.1}, row]}
+    assert kun_card.round_row(1, None, report, "web")["win rate vs seeds only [95% CI]"].startswith("undetermined: 24 of 24")
+
+
+def test_the_judge_is_none_of_the_compared_models(tmp_path):
+    """Before, the judge was the round-1 chat model, which is also the seeds-only baseline: every
+    win rate asked a model to rank its own answer against another."""
+    (tmp_path / "chat").mkdir()
+    compared = {"seeds": str(tmp_path / "chat"), "seeds+web": str(tmp_path / "cache" / "abc")}
+    with pytest.raises(evaluation.EvaluationError, match="is the compared model seeds"):
+        evaluation.independent(evaluation.Judge("chat", str(tmp_path / "chat" / ".." / "chat"), lambda: None), compared)
+    evaluation.independent(evaluation.Judge("other", str(tmp_path / "judge"), lambda: None), compared)  # another model: fine
+    evaluation.independent(evaluation.Judge("gpt at x", None, lambda: None), compared)  # an endpoint is none of them
+
+
+class OpenAIJudge:
+    """An OpenAI-compatible /v1/chat/completions on loopback: prefers answer 2 when it holds 好答案,
+    answers with top log-probabilities when asked, and in free text otherwise; fails the first call."""
+
+    def __init__(self):
+        import http.server
+        import json as _json
+        import threading
+
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({**body, "auth": self.headers.get("Authorization")})
+                if len(outer.requests) == 1:  # a dropped first request: retried
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                text = body["messages"][0]["content"]
+                second = "好答案" in text.split("回答2：")[1]
+                if body.get("logprobs"):
+                    p2 = 0.8 if second else 0.15
+                    top = [{"token": "2", "logprob": np.log(p2)}, {"token": "1", "logprob": np.log(0.95 - p2)}]
+                    reply = {"message": {"content": "2" if second else "1"}, "logprobs": {"content": [{"token": "2", "top_logprobs": top}]}}
+                else:
+                    reply = {"message": {"content": "回答2更好" if second else "回答1更好"}}
+                data = _json.dumps({"choices": [reply]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+def test_a_judge_behind_an_openai_compatible_endpoint():
+    server = OpenAIJudge()
+    judge = evaluation.EndpointJudge(server.url, "judge-model", "sk-test", timeout=10, workers=2)
+    n = 6
+    c = evaluation.compare(judge, [f"问{i}" for i in range(n)], ["好答案"] * n, ["一般"] * n, config())
+    assert c.win_rate > 0.8 and c.judged_by == {"probability": 2 * n} and abs(c.position_bias) < 0.2
+    asked = server.requests[1:]
+    assert len(asked) == 2 * n and {r["model"] for r in asked} == {"judge-model"} and all(r["auth"] == "Bearer sk-test" for r in asked)
+    assert all(r["max_tokens"] == 1 and r["top_logprobs"] == 20 for r in asked)
+    server.server.shutdown()
+    down = evaluation.EndpointJudge(server.url, "judge-model", None, timeout=1, retries=1)
+    with pytest.raises(EngineError, match="judge endpoint"):
+        down.first_better([("问", "甲", "乙")], config())
 
 
 def test_the_win_rate_interval_is_a_bootstrap_over_items_and_repeatable():
@@ -309,10 +468,11 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
     from kun_dagster import cli, storage
     from kun_dagster.config import load_config
 
+    judge = models_run["refs"]["label_model"]["path"]  # a model that is none of the compared ones
     overrides = dict(
         shards=1,
         iterations=2,
-        evaluation={"enabled": True, "per_source": False, "max_tokens": 24},
+        evaluation={"enabled": True, "per_source": False, "max_tokens": 24, "judge": {"path": judge}},
         # held out of every model trained here (the given session models saw them: a given model is as it is)
         **{"seed.eval_fraction": 0.1},
         # the test's weak models keep few answers by Kun's bounds: keep every scored row, and short answers
@@ -363,12 +523,18 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
 
     # the evaluation: a baseline and the seeds + release model per round, each measured and judged
     reports = {k: json.loads((data / "reports" / f"evaluation{'' if k == 1 else '_round2'}.json").read_text()) for k in (1, 2)}
+    compared = {d.resolve() for d in Path(f"{cfg.model_cache}/evaluation").iterdir()}
     for k, rep in reports.items():
         rows = {r["model"]: r for r in rep["models"]}
         assert set(rows) == {"seeds", "seeds+wudao"} and rep["heldout"] == int((seeds["split"] == "eval").sum())
         assert rows["seeds"]["examples"] == n_train and rows["seeds+wudao"]["examples"] == n_train + len(round1 if k == 1 else final)
-        assert np.isfinite(rows["seeds+wudao"]["heldout_loss"]) and 0 <= rows["seeds+wudao"]["win_rate"] <= 1
-        assert rows["seeds+wudao"]["win_ci_low"] <= rows["seeds+wudao"]["win_rate"] <= rows["seeds+wudao"]["win_ci_high"]
+        assert rep["judge"] == judge and Path(judge).resolve() not in compared  # the judge is neither compared model
+        assert np.isfinite(rows["seeds+wudao"]["heldout_loss"])
+        row = rows["seeds+wudao"]
+        if row["win_rate"] is None:  # the test's weak judge may name neither answer most of the time: said so
+            assert row["verdict"].startswith("undetermined") and "tie" in row["judged_by"]
+        else:
+            assert row["verdict"] == "decided" and row["win_ci_low"] <= row["win_rate"] <= row["win_ci_high"]
     assert reports[2]["models"][0]["trained"] == "cached"  # the baseline is trained once for every round
     assert reports[1]["models"][0]["heldout_loss"] == reports[2]["models"][0]["heldout_loss"]
 
@@ -378,7 +544,8 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
     for k, rep in reports.items():
         row = next(r for r in rep["models"] if r["model"] == "seeds+wudao")
         line = next(ln for ln in rounds.splitlines() if ln.startswith(f"|       {k} |"))
-        assert f"{row['heldout_loss']:.3f}" in line and f"{row['win_rate']:.1%}" in line
+        assert f"{row['heldout_loss']:.3f}" in line
+        assert (f"{row['win_rate']:.1%}" if row["win_rate"] is not None else "undetermined") in line
     assert "## Versions" in card and "scored_pairs_round2" in card
 
     # tags come from the taxonomy, each with the rule that chose it
