@@ -5,8 +5,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from kun_dagster import benchmarks, registry, training
 from kun_dagster import evaluation as core
-from kun_dagster import registry, training
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.llm import load_engine
@@ -42,7 +42,8 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
             "held-out seeds (seed.eval_fraction: answers only, near-duplicates together): loss of the held-out answers "
             "(fit to the seeds), and an independent judge's pairwise judgement (evaluation.judge; both orders, win rate "
             "with a bootstrap 95% interval, undetermined where most verdicts are ties; no judge, no win rate). The "
-            "seeds-only model is the chat model where it was trained so. The dataset cards show its figures. Config: evaluation."
+            "seeds-only model is the chat model where it was trained so. With evaluation.benchmarks, lm-evaluation-harness "
+            "tasks (C-Eval, CMMLU, ...) from local disk on each model. The dataset cards show its figures. Config: evaluation."
         ),
     )
     def evaluate(
@@ -74,7 +75,7 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
                 _judge(kun, load),
                 _seeds_only(kun, chat_model, base_dir),
             )
-        except (core.EvaluationError, EngineError) as e:
+        except (core.EvaluationError, EngineError, benchmarks.BenchmarkError) as e:
             raise dg.Failure(str(e), allow_retries=False) from e
         report = {"round": k, "heldout": result.heldout, "judge": result.judge, "models": result.models, "samples": result.samples}
         numbers = {}  # plotted across runs in the UI
@@ -82,6 +83,8 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
             numbers[f"{row['model']}/heldout_loss"] = float(row["heldout_loss"])
             if row.get("win_rate") is not None:
                 numbers[f"{row['model']}/win_rate"] = float(row["win_rate"])
+            for task, got in (row.get("benchmarks") or {}).items():
+                numbers.update({f"{row['model']}/{task}/{m}": float(v) for m, v in got.items() if m in benchmarks.METRICS})
         context.add_output_metadata(
             {
                 "heldout_seeds": result.heldout,

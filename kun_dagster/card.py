@@ -53,7 +53,22 @@ def round_row(k: int, stats: dict | None, report: dict | None, source: str) -> d
         if ev and base_row
         else "-",
         "win rate vs seeds only [95% CI]": _win(ev, report),
+        **({"benchmarks (seeds only -> + release)": _benchmarks(base_row, ev)} if ev and ev.get("benchmarks") else {}),
     }
+
+
+def _benchmarks(base_row: dict | None, ev: dict) -> str:
+    """Each task's accuracy (lm-evaluation-harness), the seeds-only model's then the release's, with its stderr."""
+    out = []
+    for task, got in sorted(ev["benchmarks"].items()):
+        before = ((base_row or {}).get("benchmarks") or {}).get(task, {})
+        metric = "acc" if "acc" in got else next((m for m in got if m != "n" and not m.endswith("_stderr")), None)
+        if metric is None:
+            continue
+        was = f"{before[metric]:.3f} -> " if metric in before else ""
+        err = f" ± {got[metric + '_stderr']:.3f}" if metric + "_stderr" in got else ""
+        out.append(f"{task} {metric} {was}{got[metric]:.3f}{err} (n={got.get('n')})")
+    return "; ".join(out) or "-"
 
 
 def _win(ev: dict | None, report: dict) -> str:

@@ -495,6 +495,17 @@ class JudgeConfig(_Section):
         return bool(self.path or self.endpoint)
 
 
+class BenchmarksConfig(_Section):
+    """lm-evaluation-harness tasks run on the evaluation's models (benchmarks.py), from local disk."""
+
+    tasks: list[str] = Field(default_factory=list, description="e.g. [ceval-valid, cmmlu]; empty: none")
+    include_path: str | None = Field(None, description="a folder of task YAMLs in the harness's format, their data on local disk")
+    num_fewshot: int | None = Field(None, ge=0, description="None: each task's own")
+    limit: int | None = Field(None, ge=1, description="questions per task (None: all)")
+    batch_size: int = Field(8, ge=1)
+    dtype: str = "auto"
+
+
 class EvaluationConfig(_Switched):
     """The evaluation asset (evaluation.py): the base fine-tuned on the seeds alone and on the seeds +
     each release, compared on the held-out seeds (seed.eval_fraction) by loss and by the chat model's
@@ -508,6 +519,7 @@ class EvaluationConfig(_Switched):
     )
     bootstrap: int = Field(2000, ge=100, description="resamples of the held-out items for the win rate's 95% interval")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
     seed: int = 0
 
 

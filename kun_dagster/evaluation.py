@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import prompts, training
+from . import benchmarks, prompts, training
 from .config import KunConfig, LoraSettings, TrainSettings
 from .llm.base import Engine, EngineError, EngineSpec, SamplingParams
 
@@ -387,6 +387,7 @@ def run(
         if judge is not None:
             independent(judge, paths)  # before any generation: fail at once
         loss, tokens = heldout_loss(paths[name], pairs, cfg)
+        scores = benchmarks.run(paths[name], cfg) if cfg.evaluation.benchmarks.tasks else {}
         engine = load(paths[name], f"eval-{name}")
         try:
             written[name] = answers(engine, users, cfg)
@@ -402,6 +403,7 @@ def run(
                 "answer_tokens": tokens,
                 "lora": settings.lora is not None,
                 "trained": trained,
+                **({"benchmarks": scores} if scores else {}),
             }
         )
     _judged(result, judge, users, written, cfg)

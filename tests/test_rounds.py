@@ -468,11 +468,14 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
     from kun_dagster import cli, storage
     from kun_dagster.config import load_config
 
+    from .test_benchmarks import local_task
+
     judge = models_run["refs"]["label_model"]["path"]  # a model that is none of the compared ones
+    bench = {"tasks": ["kun_mc"], "include_path": str(local_task(tmp_path)), "batch_size": 4}  # a C-Eval-shaped local task
     overrides = dict(
         shards=1,
         iterations=2,
-        evaluation={"enabled": True, "per_source": False, "max_tokens": 24, "judge": {"path": judge}},
+        evaluation={"enabled": True, "per_source": False, "max_tokens": 24, "judge": {"path": judge}, "benchmarks": bench},
         # held out of every model trained here (the given session models saw them: a given model is as it is)
         **{"seed.eval_fraction": 0.1},
         # the test's weak models keep few answers by Kun's bounds: keep every scored row, and short answers
@@ -529,6 +532,7 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
         assert set(rows) == {"seeds", "seeds+wudao"} and rep["heldout"] == int((seeds["split"] == "eval").sum())
         assert rows["seeds"]["examples"] == n_train and rows["seeds+wudao"]["examples"] == n_train + len(round1 if k == 1 else final)
         assert rep["judge"] == judge and Path(judge).resolve() not in compared  # the judge is neither compared model
+        assert all(r["benchmarks"]["kun_mc"]["n"] == 6 for r in rep["models"])  # the harness's task on both models
         assert np.isfinite(rows["seeds+wudao"]["heldout_loss"])
         row = rows["seeds+wudao"]
         if row["win_rate"] is None:  # the test's weak judge may name neither answer most of the time: said so
@@ -546,6 +550,7 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
         line = next(ln for ln in rounds.splitlines() if ln.startswith(f"|       {k} |"))
         assert f"{row['heldout_loss']:.3f}" in line
         assert (f"{row['win_rate']:.1%}" if row["win_rate"] is not None else "undetermined") in line
+        assert f"kun_mc acc {rows_of(rep)['seeds']['benchmarks']['kun_mc']['acc']:.3f} -> {row['benchmarks']['kun_mc']['acc']:.3f}" in line
     assert "## Versions" in card and "scored_pairs_round2" in card
 
     # tags come from the taxonomy, each with the rule that chose it
@@ -584,6 +589,10 @@ def test_kun_run_with_two_rounds_and_the_evaluation(models_run, tmp_path, monkey
     assert meta["examples"].value == n_train + len(kept) and meta["segments"].value == len(kept) > 0
     m1 = json.loads((data / "models" / "refs" / "chat_model_round2.json").read_text())
     assert m1["system"] == prompts.HUMPBACK_SEED_TAG and m1["fingerprint"] != chat2["fingerprint"]
+
+
+def rows_of(report: dict) -> dict:
+    return {r["model"]: r for r in report["models"]}
 
 
 def upath(p):
