@@ -49,7 +49,7 @@ def round_row(k: int, stats: dict | None, report: dict | None, source: str) -> d
         "keep rate": f"{kept / n_scored:.1%}" if n_scored else "-",
         "kept by score": kept,
         "records": (stats or {}).get("rows_out", "-"),
-        "held-out loss (seeds only -> + release)": f"{base_row['heldout_loss']:.3f} -> {ev['heldout_loss']:.3f}"
+        "held-out loss (seeds only -> + release)": f"{base_row['heldout_loss']:.3f} -> {ev['heldout_loss']:.3f}" + _spread(base_row, ev)
         if ev and base_row
         else "-",
         "win rate vs seeds only [95% CI]": _win(ev, report),
@@ -69,6 +69,12 @@ def _benchmarks(base_row: dict | None, ev: dict) -> str:
         err = f" ± {got[metric + '_stderr']:.3f}" if metric + "_stderr" in got else ""
         out.append(f"{task} {metric} {was}{got[metric]:.3f}{err} (n={got.get('n')})")
     return "; ".join(out) or "-"
+
+
+def _spread(base_row: dict, ev: dict) -> str:
+    """How far the loss moved over evaluation.repeats training seeds (the larger of the two models')."""
+    spreads = [r["heldout_loss_spread"] for r in (base_row, ev) if "heldout_loss_spread" in r]
+    return f" (seed spread {max(spreads):.3f} over {len(ev['heldout_loss_runs'])} seeds)" if spreads and "heldout_loss_runs" in ev else ""
 
 
 def _win(ev: dict | None, report: dict) -> str:

@@ -518,6 +518,12 @@ class EvaluationConfig(_Switched):
         "auto", description="auto: LoRA (models.chat.train.lora or r=16) for bases over 3B parameters"
     )
     bootstrap: int = Field(2000, ge=100, description="resamples of the held-out items for the win rate's 95% interval")
+    repeats: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="fine-tunes of each model with training seeds seed, seed+1, ...: how far the loss moves with the seed alone",
+    )
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
     seed: int = 0

@@ -316,6 +316,17 @@ class Result:
         return pd.DataFrame(self.models)
 
 
+def _repeats(base_dir, fingerprint, examples, settings, cfg: KunConfig, cache: Path, name: str, pairs) -> list[float]:
+    """The held-out loss of `evaluation.repeats` - 1 more fine-tunes on the same examples, each with
+    the next training seed: the spread says how much of a difference the seed alone makes."""
+    out = []
+    for r in range(1, cfg.evaluation.repeats):
+        again = settings.model_copy(update={"seed": settings.seed + r})
+        path, _ = fine_tuned(base_dir, fingerprint, examples, again, cfg, cache, f"{name.replace('+', '_')}_seed{again.seed}")
+        out.append(heldout_loss(path, pairs, cfg)[0])
+    return out
+
+
 def _candidates(releases: dict[str, pd.DataFrame], cfg: KunConfig) -> dict[str, pd.DataFrame | None]:
     """The models to train: the baseline (seeds only), each source's release and all together."""
     releases = {s: r for s, r in releases.items() if len(r)}  # a source with no records adds nothing to evaluate
@@ -387,6 +398,7 @@ def run(
         if judge is not None:
             independent(judge, paths)  # before any generation: fail at once
         loss, tokens = heldout_loss(paths[name], pairs, cfg)
+        runs = [loss] + _repeats(base_dir, base["fingerprint"], examples, settings, cfg, cache, name, pairs)
         scores = benchmarks.run(paths[name], cfg) if cfg.evaluation.benchmarks.tasks else {}
         engine = load(paths[name], f"eval-{name}")
         try:
@@ -400,6 +412,11 @@ def run(
                 "release_records": 0 if records is None else len(records),
                 "heldout_loss": round(loss, 4),
                 "heldout_perplexity": round(float(np.exp(loss)), 3) if np.isfinite(loss) else float("nan"),
+                **(
+                    {"heldout_loss_runs": [round(x, 4) for x in runs], "heldout_loss_spread": round(max(runs) - min(runs), 4)}
+                    if len(runs) > 1
+                    else {}
+                ),
                 "answer_tokens": tokens,
                 "lora": settings.lora is not None,
                 "trained": trained,

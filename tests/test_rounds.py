@@ -260,6 +260,29 @@ def test_a_judge_behind_an_openai_compatible_endpoint():
         down.first_better([("问", "甲", "乙")], config())
 
 
+def test_repeats_fine_tune_again_with_the_next_seeds_and_the_card_gives_the_spread(monkeypatch, tmp_path):
+    """How far the loss moves with the training seed alone: each repeat is the same examples and
+    settings but the seed (a cache entry of its own), and the card says the spread beside the loss."""
+    from kun_dagster import card as kun_card
+
+    seen = []
+
+    def fine_tuned(base_dir, fingerprint, examples, settings, cfg, cache, name):
+        seen.append((settings.seed, name, settings.model_copy(update={"seed": 0}) == cfg.models.chat.train))
+        return str(tmp_path / f"m{settings.seed}"), True
+
+    monkeypatch.setattr(evaluation, "fine_tuned", fine_tuned)
+    monkeypatch.setattr(evaluation, "heldout_loss", lambda path, pairs, cfg: (2.0 + int(path[-1]) / 10, 100))
+    cfg = config(evaluation={"enabled": True, "repeats": 3})
+    runs = evaluation._repeats("base", "fp", [("问", "答")], cfg.models.chat.train, cfg, tmp_path, "seeds+web", [("问", "答")])
+    assert runs == [2.1, 2.2] and seen == [(1, "seeds_web_seed1", True), (2, "seeds_web_seed2", True)]
+    assert evaluation._repeats("base", "fp", [], cfg.models.chat.train, config(), tmp_path, "seeds", []) == []  # 1: none
+    base = {"model": "seeds", "heldout_loss": 2.0, "heldout_loss_runs": [2.0, 2.1, 2.2], "heldout_loss_spread": 0.2}
+    ev = {"model": "seeds+web", "heldout_loss": 1.9, "heldout_loss_runs": [1.9, 1.95, 2.0], "heldout_loss_spread": 0.1, "win_rate": None}
+    row = kun_card.round_row(1, None, {"heldout": 8, "models": [base, ev]}, "web")
+    assert row["held-out loss (seeds only -> + release)"] == "2.000 -> 1.900 (seed spread 0.200 over 3 seeds)"
+
+
 def test_the_win_rate_interval_is_a_bootstrap_over_items_and_repeatable():
     wins = np.array([1.0] * 30 + [0.0] * 10)
     rate, (lo, hi) = evaluation.win_rate(wins, 2000, 0)
