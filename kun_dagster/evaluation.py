@@ -316,6 +316,34 @@ class Result:
         return pd.DataFrame(self.models)
 
 
+def benchmarked(model_dir: str, cfg: KunConfig, cache: Path) -> dict:
+    """benchmarks.run, kept under the evaluation's cache by the model folder (its path and when it
+    was written), the tasks' settings and their files: the seeds-only model is benchmarked once for
+    every round, as it is trained once (C-Eval on a large model is hours)."""
+    b = cfg.evaluation.benchmarks
+    if not b.tasks:
+        return {}
+    folder = Path(model_dir).resolve()
+    written = (folder / "config.json").stat().st_mtime_ns if (folder / "config.json").exists() else 0
+    tasks = (
+        sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in Path(b.include_path).rglob("*") if f.is_file())
+        if b.include_path
+        else []
+    )
+    key = hashlib.sha256(json.dumps([str(folder), written, b.model_dump(mode="json"), tasks, cfg.evaluation.seed]).encode()).hexdigest()[
+        :16
+    ]
+    kept = cache / "benchmarks" / f"{key}.json"
+    if kept.is_file():
+        return json.loads(kept.read_text(encoding="utf-8"))
+    got = benchmarks.run(str(folder), cfg)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    tmp = kept.with_suffix(".tmp")
+    tmp.write_text(json.dumps(got), encoding="utf-8")
+    tmp.replace(kept)
+    return got
+
+
 def _repeats(base_dir, fingerprint, examples, settings, cfg: KunConfig, cache: Path, name: str, pairs) -> list[float]:
     """The held-out loss of `evaluation.repeats` - 1 more fine-tunes on the same examples, each with
     the next training seed: the spread says how much of a difference the seed alone makes."""
@@ -399,7 +427,7 @@ def run(
             independent(judge, paths)  # before any generation: fail at once
         loss, tokens = heldout_loss(paths[name], pairs, cfg)
         runs = [loss] + _repeats(base_dir, base["fingerprint"], examples, settings, cfg, cache, name, pairs)
-        scores = benchmarks.run(paths[name], cfg) if cfg.evaluation.benchmarks.tasks else {}
+        scores = benchmarked(paths[name], cfg, cache)
         engine = load(paths[name], f"eval-{name}")
         try:
             written[name] = answers(engine, users, cfg)

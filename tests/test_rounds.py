@@ -283,6 +283,25 @@ def test_repeats_fine_tune_again_with_the_next_seeds_and_the_card_gives_the_spre
     assert row["held-out loss (seeds only -> + release)"] == "2.000 -> 1.900 (seed spread 0.200 over 3 seeds)"
 
 
+def test_a_models_benchmarks_are_run_once_until_it_or_the_tasks_change(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(evaluation.benchmarks, "run", lambda path, cfg: calls.append(path) or {"t": {"acc": 0.5, "n": 4}})
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text("task: t\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = config(evaluation={"enabled": True, "benchmarks": {"tasks": ["t"], "include_path": str(tasks)}})
+    assert evaluation.benchmarked(str(model), config(), tmp_path / "cache") == {}  # no tasks: nothing run
+    for _ in range(2):
+        assert evaluation.benchmarked(str(model), cfg, tmp_path / "cache") == {"t": {"acc": 0.5, "n": 4}}
+    assert len(calls) == 1  # the second round's seeds-only model: from the cache
+    (tasks / "t.yaml").write_text("task: t\nlimit: 2\n")  # an edited task is run again
+    evaluation.benchmarked(str(model), cfg, tmp_path / "cache")
+    assert len(calls) == 2
+
+
 def test_the_win_rate_interval_is_a_bootstrap_over_items_and_repeatable():
     wins = np.array([1.0] * 30 + [0.0] * 10)
     rate, (lo, hi) = evaluation.win_rate(wins, 2000, 0)
