@@ -686,6 +686,14 @@ class KunConfig(_Section):
         return [str(i) for i in range(self.shards)]
 
 
+def _section(value: Any) -> Any:
+    """A switched section written as on / off (YAML reads a bool) as the mapping it stands for, so
+    that a key set inside it (KUN__evaluation__repeats beside `evaluation: on`) keeps the switch."""
+    if isinstance(value, str) and value.lower() in ("on", "off"):
+        return {"enabled": value.lower() == "on"}
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
 def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, raw in sorted(env.items()):
@@ -693,16 +701,24 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
             continue
         parts = [p for p in key[5:].split("__") if p]
         node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        for i, p in enumerate(parts[:-1]):
+            node[p] = _section(node.get(p, {}))
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"{key}: {'.'.join(parts[: i + 1])} is a value, not a section with keys")
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(raw)  # sorted: a section's on / off comes before the keys set inside it
     return out
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for k, v in over.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        if isinstance(v, dict) and isinstance(_section(merged.get(k)), dict):
+            merged[k] = _merge(_section(merged[k]), v)
+        elif isinstance(v, bool) and isinstance(merged.get(k), dict):
+            merged[k] = {**merged[k], "enabled": v}  # on / off over a section written out in full
+        else:
+            merged[k] = v
     return merged
 
 

@@ -147,3 +147,19 @@ def test_a_step_refuses_a_config_changed_after_its_code_location_loaded(tmp_path
     with pytest.raises(ConfigError, match="changed after this code location was loaded"):
         _ = kun.config
     assert build_definitions(path).resources["kun"].config.score.threshold == 0.9  # reloaded: the new one
+
+
+def test_a_key_set_inside_a_switched_section_keeps_its_switch():
+    """`kun demo --full` sets KUN__evaluation=on; a key set inside it beside (KUN__evaluation__repeats)
+    used to crash the parse, and over `evaluation: on` in kun.yaml it silently turned it off."""
+    from kun_dagster.config import ConfigError
+
+    env = {"KUN__evaluation": "on", "KUN__evaluation__repeats": "2"}
+    cfg = parse_config(MINIMAL, env=env)
+    assert cfg.evaluation.enabled and cfg.evaluation.repeats == 2
+    on = parse_config({**MINIMAL, "evaluation": "on"}, env={"KUN__evaluation__repeats": "3"})
+    assert on.evaluation.enabled and on.evaluation.repeats == 3
+    written = parse_config({**MINIMAL, "evaluation": {"per_source": False}}, env={"KUN__evaluation": "on"})
+    assert written.evaluation.enabled and not written.evaluation.per_source
+    with pytest.raises(ConfigError, match="shards is a value"):
+        parse_config(MINIMAL, env={"KUN__shards": "2", "KUN__shards__x": "1"})
