@@ -641,3 +641,53 @@ def upath(p):
     from upath import UPath
 
     return UPath(str(p))
+
+
+def test_the_release_asset_quarantines_a_record_made_from_a_page_holding_a_held_out_answer(tmp_path):
+    """Through Dagster: seed_data holds its answers out; a page of the corpus carries one of them;
+    the row made from it reaches the release, which reads the seeds as a declared input, quarantines
+    it (heldout_overlap) and releases the rest; the card counts it."""
+    import dagster as dg
+
+    from kun_dagster import storage
+    from kun_dagster.definitions import build_definitions
+    from kun_dagster.registry import POLISHED
+
+    from .conftest import write_config
+
+    defs = build_definitions(write_config(tmp_path, tags={"enabled": False}, **{"seed.eval_fraction": 0.1}))  # tags off: the constants
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize(list(defs.assets), selection=["seed_data"], resources=defs.resources, instance=instance).success
+    data = upath(tmp_path / "data")
+    seeds = storage.read_partition(data / "seed_data")
+    held = seeds.loc[seeds["split"] == "eval", "output"].iloc[0]
+    for role in ("label", "chat"):  # the model references the release names (no model runs here)
+        (tmp_path / "data" / "models" / "refs").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "models" / "refs" / f"{role}_model.json").write_text(json.dumps({"name": f"kun-{role}", "path": "x"}))
+    page = "转载自问答网站：" + held + "（完）"
+    rows = schemas.empty_frame(POLISHED).reindex(range(2))
+    rows[["source", "shard", "file", "row", "doc_id"]] = [["wudao", 0, "a.jsonl", i, f"d{i}"] for i in range(2)]
+    rows["text"] = [page, "今天天气很好，我们去公园散步，看到许多人在放风筝，孩子们在草地上奔跑。"]
+    rows[["instruction", "output"]] = [
+        ["请解释这个问题", "这是一个关于该问题的回答，内容来自网页，经过整理。"],
+        ["描述公园", "公园里很多人在散步和放风筝，孩子们在奔跑。"],
+    ]
+    rows[["score", "score_rule", "score_method", "task_minor_rule", "domain_rule"]] = [0.9, "probability", "kun_choice", "off", "off"]
+    rows["task_minor"], rows["domain"] = [["kun:wudao"]] * 2, "通用"
+    storage.write_partition(
+        storage.partition_dir(data, POLISHED, {"source": "wudao", "shard": "0"}), rows.drop(columns=["source", "shard"])
+    )
+    result = dg.materialize(
+        list(defs.assets),
+        selection=["instruction_dataset", "dataset_card"],
+        partition_key="wudao",
+        resources=defs.resources,
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert result.success
+    q = storage.read_partition(storage.quarantine_dir(data, "instruction_dataset", {"source": "wudao"}))
+    assert q["doc_id"].tolist() == ["d0"] and q["reason"].tolist() == ["heldout_overlap"] and "source document" in q["detail"].iloc[0]
+    released = [json.loads(x) for x in (tmp_path / "data" / "release" / "wudao" / "train.jsonl").read_text().splitlines()]
+    assert [json.loads(r["metadata"])["doc_id"] for r in released] == ["d1"]
+    assert "heldout_overlap: 1" in (tmp_path / "data" / "release" / "wudao" / "README.md").read_text()
