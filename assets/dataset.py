@@ -68,6 +68,7 @@ def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         c = kun.config
         by_source = _by_source(stages)
         current = {asset: code_version(asset, c) for asset in _partitioned(k)}
+        heldout = training.heldout_seeds(seed_data)  # what no record may carry
         results = {}
         for source in context.partition_keys:
             mine = by_source.get(source, {})
@@ -76,7 +77,6 @@ def _release(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
             )
             fun = dataset.funnel(mine, c.score.threshold)
             made = _made_from(context.instance, source, c.shard_keys(), k)
-            heldout = training.heldout_seeds(seed_data)
             results[source] = dataset.release(polished, source, c, label_model["name"], chat_model["name"], fun, made, current, heldout)
             for line in results[source].stats["mixed_versions"]:
                 context.log.warning(f"{name} {source}: mixed versions: {line}")
