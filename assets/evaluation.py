@@ -12,6 +12,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.llm import load_engine
 from kun_dagster.llm.base import EngineError, EngineSpec
 from kun_dagster.registry import EVALUATION, in_round
+from kun_dagster.secrets import mask_uris
 from resources import TALLY, KunResource
 
 from .common import GPU_POOL, gpu_tags, table
@@ -108,7 +109,9 @@ def _judge(kun: KunResource, load) -> core.Judge | None:
         return core.Judge(j.path, local, lambda: load(local, "judge"))
     if j.endpoint:
         return core.Judge(
-            f"{j.model} at {j.endpoint}", None, lambda: core.EndpointJudge(j.endpoint, j.model, os.environ.get(j.api_key_env), j.timeout)
+            f"{j.model} at {mask_uris(j.endpoint)}",
+            None,
+            lambda: core.EndpointJudge(j.endpoint, j.model, os.environ.get(j.api_key_env), j.timeout),
         )
     return None
 

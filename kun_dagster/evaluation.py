@@ -42,6 +42,7 @@ import pandas as pd
 from . import benchmarks, prompts, training
 from .config import KunConfig, LoraSettings, TrainSettings
 from .llm.base import Engine, EngineError, EngineSpec, SamplingParams
+from .secrets import mask_uris
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,10 @@ class EndpointJudge:
                     return json.loads(r.read())
             except urllib.error.HTTPError as e:
                 if e.code < 500 or attempt == self.retries:
-                    raise EngineError(f"judge endpoint {self.url} ({self.model}): HTTP {e.code}") from None
+                    raise EngineError(f"judge endpoint {mask_uris(self.url)} ({self.model}): HTTP {e.code}") from None
             except (urllib.error.URLError, OSError) as e:
                 if attempt == self.retries:
-                    raise EngineError(f"judge endpoint {self.url} ({self.model}): {getattr(e, 'reason', e)}") from None
+                    raise EngineError(f"judge endpoint {mask_uris(self.url)} ({self.model}): {getattr(e, 'reason', e)}") from None
             time.sleep(min(2**attempt, 10))
         raise AssertionError("unreachable")
 

@@ -68,6 +68,8 @@ def secret_values(cfg: KunConfig, env: Mapping[str, str] | None = None) -> set[s
         found |= values_under(tree["models"][role]["vllm"]["engine_kwargs"])
     s3 = cfg.storage.s3
     found |= {env[n] for n in (s3.access_key_id_env, s3.secret_access_key_env, s3.session_token_env) if env.get(n)}
+    if env.get(cfg.evaluation.judge.api_key_env):  # the judge endpoint's key
+        found.add(env[cfg.evaluation.judge.api_key_env])
     found |= {m["password"] for text in _walk(tree, secret=True) for m in _USERINFO.finditer(text)}
     return {v for v in found if len(v) >= 4}
 

@@ -255,9 +255,14 @@ def test_a_judge_behind_an_openai_compatible_endpoint():
     assert len(asked) == 2 * n and {r["model"] for r in asked} == {"judge-model"} and all(r["auth"] == "Bearer sk-test" for r in asked)
     assert all(r["max_tokens"] == 1 and r["top_logprobs"] == 20 for r in asked)
     server.server.shutdown()
-    down = evaluation.EndpointJudge(server.url, "judge-model", None, timeout=1, retries=1)
-    with pytest.raises(EngineError, match="judge endpoint"):
+    down = evaluation.EndpointJudge(server.url.replace("http://", "http://kun:hunter2pass@"), "judge-model", None, timeout=1, retries=1)
+    with pytest.raises(EngineError, match="judge endpoint") as failed:
         down.first_better([("问", "甲", "乙")], config())
+    assert "hunter2pass" not in str(failed.value)  # a password in the endpoint's URI is masked
+    # the endpoint's key is one of the secrets every message and card is redacted of
+    from kun_dagster.secrets import secret_values
+
+    assert "sk-judge-0123" in secret_values(config(), env={"KUN_JUDGE_API_KEY": "sk-judge-0123"})
 
 
 def test_repeats_fine_tune_again_with_the_next_seeds_and_the_card_gives_the_spread(monkeypatch, tmp_path):
