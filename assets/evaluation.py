@@ -78,26 +78,28 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
             )
         except (core.EvaluationError, EngineError, benchmarks.BenchmarkError) as e:
             raise dg.Failure(str(e), allow_retries=False) from e
-        report = {"round": k, "heldout": result.heldout, "judge": result.judge, "models": result.models, "samples": result.samples}
-        numbers = {}  # plotted across runs in the UI
-        for row in result.models:
-            numbers[f"{row['model']}/heldout_loss"] = float(row["heldout_loss"])
-            if row.get("win_rate") is not None:
-                numbers[f"{row['model']}/win_rate"] = float(row["win_rate"])
-            for task, got in (row.get("benchmarks") or {}).items():
-                numbers.update({f"{row['model']}/{task}/{m}": float(v) for m, v in got.items() if m in benchmarks.METRICS})
-        context.add_output_metadata(
-            {
-                "heldout_seeds": result.heldout,
-                "judge": result.judge or "none: no win rate (evaluation.judge)",
-                "models": table(result.frame(), rows=None, width=200),
-                **numbers,
-                "samples": dg.MetadataValue.json(result.samples),
-            }
-        )
-        return report
+        context.add_output_metadata(_metadata(result))
+        return {"round": k, "heldout": result.heldout, "judge": result.judge, "models": result.models, "samples": result.samples}
 
     return evaluate
+
+
+def _metadata(result: core.Result) -> dict:
+    """The evaluation's page: its table, and each figure as a number plotted across runs."""
+    numbers = {}
+    for row in result.models:
+        numbers[f"{row['model']}/heldout_loss"] = float(row["heldout_loss"])
+        if row.get("win_rate") is not None:
+            numbers[f"{row['model']}/win_rate"] = float(row["win_rate"])
+        for task, got in (row.get("benchmarks") or {}).items():
+            numbers.update({f"{row['model']}/{task}/{m}": float(v) for m, v in got.items() if m in benchmarks.METRICS})
+    return {
+        "heldout_seeds": result.heldout,
+        "judge": result.judge or "none: no win rate (evaluation.judge)",
+        "models": table(result.frame(), rows=None, width=200),
+        **numbers,
+        "samples": dg.MetadataValue.json(result.samples),
+    }
 
 
 def _judge(kun: KunResource, load) -> core.Judge | None:
