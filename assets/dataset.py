@@ -9,7 +9,7 @@ from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.dagster_private import CODE_VERSION_TAG, INPUT_DATA_VERSION_TAG_PREFIX
 from kun_dagster.partitions import hive
-from kun_dagster.registry import CHAT_MODEL, MODELS, ROUND_STAGES, in_round
+from kun_dagster.registry import CHAT_MODEL, MODELS, in_round
 from resources import ALL, TALLY, KunResource
 
 from . import evaluation
@@ -33,9 +33,7 @@ def _tallies(k: int) -> dict[str, dg.AssetIn]:
     shards = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=SOURCE)
     columns = {registry.SCORED: ["score", "score_rule"], registry.POLISHED: ALL}
     return {
-        stage: dg.AssetIn(
-            key=in_round(stage, k) if stage in ROUND_STAGES else stage, partition_mapping=shards, metadata={TALLY: columns.get(stage, [])}
-        )
+        stage: dg.AssetIn(key=registry.round_asset(stage, k), partition_mapping=shards, metadata={TALLY: columns.get(stage, [])})
         for stage in registry.CORPUS
     }
 
@@ -165,7 +163,7 @@ def _card_metadata(now: storage.Tally, md: str, rounds: list[dict]) -> dict:
 
 def _partitioned(k: int) -> tuple[str, ...]:
     """The source x shard assets round k's release is made from."""
-    return tuple(in_round(a, k) if a in ROUND_STAGES else a for a in registry.PARTITIONED)
+    return tuple(registry.round_asset(a, k) for a in registry.PARTITIONED)
 
 
 def _made_from(instance: dg.DagsterInstance, source: str, shards: list[str], k: int = 1) -> list[dict]:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import benchmarks, prompts, training
+from . import benchmarks, prompts, storage, training
 from .config import KunConfig, LoraSettings, TrainSettings
 from .llm.base import Engine, EngineError, EngineSpec, SamplingParams
 from .secrets import mask_uris
@@ -338,10 +338,7 @@ def benchmarked(model_dir: str, cfg: KunConfig, cache: Path) -> dict:
     if kept.is_file():
         return json.loads(kept.read_text(encoding="utf-8"))
     got = benchmarks.run(str(folder), cfg)
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    tmp = kept.with_suffix(".tmp")
-    tmp.write_text(json.dumps(got), encoding="utf-8")
-    tmp.replace(kept)
+    storage.write_atomic(kept, json.dumps(got).encode("utf-8"))
     return got
 
 

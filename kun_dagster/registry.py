@@ -479,6 +479,11 @@ def in_round(stage: str, k: int) -> str:
     return stage if k == 1 else f"{stage}{_ROUND}{k}"
 
 
+def round_asset(asset: str, k: int) -> str:
+    """An asset as round k reads or makes it: a per-round stage's round-k name, any other as it is."""
+    return in_round(asset, k) if asset in ROUND_STAGES else asset
+
+
 def split_round(asset: str) -> tuple[str, int]:
     """(stage, round) of an asset name: scored_pairs_round2 -> (scored_pairs, 2); others round 1."""
     stage, sep, k = asset.rpartition(_ROUND)
@@ -544,7 +549,7 @@ def jobs(iterations: int, evaluation: bool) -> list[Job]:
             if {"first": k != 1, "later": k == 1, "each": False}[step.rounds] or (step.when == "evaluation" and not evaluation):
                 continue
             name = step.job if k == 1 else f"{step.job}_round{k}"
-            out.append(Job(name, tuple(in_round(a, k) if a in ROUND_STAGES else a for a in step.stages), step, k))
+            out.append(Job(name, tuple(round_asset(a, k) for a in step.stages), step, k))
     return out
 
 

@@ -424,12 +424,17 @@ class Tally:
     frame: pd.DataFrame | None = None
 
 
-def tally(directory: UPath, quarantine: UPath, columns: list[str] | None = None) -> Tally:
-    """The partition's Tally (zero where it was never published: a funnel counts what exists)."""
+ALL_COLUMNS = "*"  # a Tally's columns: every one
+
+
+def tally(directory: UPath, quarantine: UPath, columns: list[str] | str = ()) -> Tally:
+    """The partition's Tally, with `columns` read (none; ALL_COLUMNS: every one); zero where it was
+    never published: a funnel counts what exists."""
     reasons: dict[str, int] = {}
     if partition_rows(quarantine):
         reasons = read_partition(quarantine, ["reason"])["reason"].value_counts().sort_index().to_dict()
-    frame = None
-    if columns is not None:
-        frame = read_partition(directory, columns or None) if partition_rows(directory) else pd.DataFrame(columns=columns or None)
-    return Tally(partition_rows(directory), {str(k): int(v) for k, v in reasons.items()}, read_stats(directory), frame)
+    rows, frame = partition_rows(directory), None
+    if columns:
+        wanted = None if columns == ALL_COLUMNS else list(columns)
+        frame = read_partition(directory, wanted) if rows else pd.DataFrame(columns=wanted)
+    return Tally(rows, {str(k): int(v) for k, v in reasons.items()}, read_stats(directory), frame)

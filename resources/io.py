@@ -27,7 +27,7 @@ ARROW = "kun/arrow"  # AssetIn metadata: load the partition as Arrow, when read 
 # AssetIn metadata: load what the partition holds without its rows (storage.Tally: row count, quarantine
 # reasons, the stats its stage recorded), plus the columns listed (ALL: every column); what was never
 # published counts zero. How the release's funnel and the card read the stages: as declared inputs.
-TALLY, ALL = "kun/tally", "*"
+TALLY, ALL = "kun/tally", storage.ALL_COLUMNS
 
 
 class _ParquetUPathIOManager(dg.UPathIOManager):
@@ -58,7 +58,7 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
         if (columns := context.definition_metadata.get(TALLY)) is not None:
             asset = "/".join(context.upstream_output.asset_key.path)
             quarantine = storage.quarantine_dir(self._base_path, asset, storage.partition_of(path))
-            return storage.tally(path, quarantine, None if not columns else [] if columns == ALL else list(columns))
+            return storage.tally(path, quarantine, columns)
         try:
             if context.definition_metadata.get(STREAM):
                 return storage.PartitionBatches(path, self.batch_rows)
@@ -66,8 +66,6 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
                 return storage.PartitionTable(path)
             return storage.read_partition(path)
         except FileNotFoundError as e:  # e.g. one shard's signatures, which source-wide dedup needs
-            if context.definition_metadata.get("allow_missing_partitions"):  # UPathIOManager skips it
-                raise
             raise dg.Failure(
                 f"{context.upstream_output.asset_key.to_user_string()} {storage.partition_of(path)}: not materialized ({e}); "
                 "materialize it first (a backfill of the whole source does)",
