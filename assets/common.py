@@ -11,6 +11,7 @@ import pyarrow as pa
 import checks
 from kun_dagster import registry, schemas, storage
 from kun_dagster.corpus import CorpusError
+from kun_dagster.dagster_private import add_partition_metadata
 from kun_dagster.llm import EngineError, resolve_backend
 from kun_dagster.llm.base import Tally
 from kun_dagster.llm.checkpoint import Checkpointed
@@ -77,7 +78,7 @@ def run_stage(
     ingest's quarantine) written into the partition's staging folder as they come. A model that
     fails or a source that cannot be read fails the step at once: nothing of the run is published."""
     tally = Tally(engine) if engine is not None else None
-    out = {}
+    out, metadata = {}, {}
     for key, rows in inputs.items():
         ctx = StageContext(
             kun.config,
@@ -93,7 +94,8 @@ def run_stage(
             result = stage(rows, ctx)
         except (EngineError, CorpusError) as e:
             raise dg.Failure(f"{asset} {key}: {e}", allow_retries=False) from e
-        out[key] = report_stage(context, kun, asset, key, result, ctx.engine)
+        out[key], metadata[key] = result, report_stage(context, kun, asset, key, result, ctx.engine)
+    add_partition_metadata(context, metadata)
     try:
         if tally is not None:
             tally.require_text(asset)  # a model that answered nothing in the whole step failed
@@ -149,9 +151,10 @@ def _flat(stats: dict) -> dict:
     return out
 
 
-def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, result: StageResult, engine=None) -> StageResult:
-    """Log the partition's quarantine and attach its metadata; the IO manager then publishes the
-    rows and the quarantine together, after the whole step has succeeded."""
+def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, result: StageResult, engine=None) -> dict:
+    """Log the partition's quarantine and return its metadata, which the step attaches for all its
+    partitions at once (add_partition_metadata); the IO manager then publishes the rows and the
+    quarantine together, after the whole step has succeeded."""
     part = hive(key)
     source, shard = part["source"], part["shard"]
     qdir = storage.quarantine_dir(kun.base, asset, part)
@@ -178,5 +181,4 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
         md["preview"] = table(head)
     # no log line per partition: its materialization shows these counts, and a run over a thousand
     # partitions would write a thousand more event-log rows
-    context.add_asset_metadata(md, partition_key=key)
-    return result
+    return md

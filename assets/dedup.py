@@ -8,6 +8,7 @@ import dagster as dg
 
 from kun_dagster import dedup, registry, stages, storage
 from kun_dagster.config import KunConfig
+from kun_dagster.dagster_private import add_partition_metadata
 from kun_dagster.partitions import SHARD, SOURCE, hive
 from kun_dagster.registry import CLUSTERS, SIGNATURES
 from resources import ARROW, STREAM, KunResource
@@ -64,13 +65,17 @@ def _clusters(cfg: KunConfig, parts) -> dg.AssetsDefinition:
                 f"{CLUSTERS} {name}: {st['documents']} documents, {st['clusters']} clusters (largest {st['largest_cluster']}), "
                 f"dropping {st['duplicates']} in {st['seconds']}s"
             )
-        out = {}
-        for key in context.partition_keys:
-            part, result = hive(key), found[group(key)]
+        out, metadata = {}, {}
+        for name, result in found.items():
             rows = result.rows
-            mine = rows[(rows["source"] == part["source"]) & (rows["shard"].astype(str) == part["shard"])].reset_index(drop=True)
-            stats = {**result.stats, "dropped_here": int((mine["role"] != "kept").sum())}
-            out[key] = report_stage(context, kun, CLUSTERS, key, stages.StageResult(mine, result.dropped, stats))
+            shards = {(str(s), str(n)): g.reset_index(drop=True) for (s, n), g in rows.groupby(["source", "shard"], sort=False)}
+            for key in (k for k in context.partition_keys if group(k) == name):
+                part = hive(key)
+                mine = shards.get((part["source"], part["shard"]), rows.iloc[:0])
+                stats = {**result.stats, "dropped_here": int((mine["role"] != "kept").sum())}
+                out[key] = stages.StageResult(mine, result.dropped, stats)
+                metadata[key] = report_stage(context, kun, CLUSTERS, key, out[key])
+        add_partition_metadata(context, metadata)
         # The clusters' content as the data version: a new file that duplicates nothing re-clusters its
         # source to the same clusters, and deduped_corpus of the other shards stays fresh. Dagster 1.13
         # gives every partition of a run one version: a run of one source (what a new file, a

@@ -1,6 +1,7 @@
 """The Kun config as a resource: assets read stage settings from it, the UI shows its path."""
 
 import dagster as dg
+from pydantic import PrivateAttr
 from upath import UPath
 
 from kun_dagster import model_store
@@ -21,8 +22,18 @@ class KunResource(dg.ConfigurableResource):
     # finds another refuses to run: its graph, code versions and checks are the old file's
     config_version: str | None = None
 
+    _checked: KunConfig | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # once per run (per step process): a step reads `config` per partition, and hashing
+        # kun.yaml and the environment each time cost 10% of a run over 300 empty shards
+        self._checked = None
+        self._checked = self.config
+
     @property
     def config(self) -> KunConfig:
+        if self._checked is not None:
+            return self._checked
         if self.config_version is not None and fingerprint(self.config_path) != self.config_version:
             raise ConfigError(
                 f"{self.config_path} (or a KUN__ override) changed after this code location was loaded: the graph, its "

@@ -13,6 +13,9 @@ def test_the_private_names_are_those_of_the_pinned_dagster():
     assert importlib.metadata.version("dagster") == private.PINNED == dg.__version__
     assert private.CODE_VERSION_TAG == "dagster/code_version" and private.DATA_VERSION_TAG == "dagster/data_version"
     assert private.INPUT_DATA_VERSION_TAG_PREFIX == "dagster/input_data_version"
+    assert (private.DEFAULT_DATA_VERSION.value, private.NULL_DATA_VERSION.value) == ("INITIAL", "NULL")
+    for fn in (private.extract_data_provenance_from_entry, private.extract_data_version_from_entry):
+        assert list(inspect.signature(fn).parameters) == ["entry"]
     assert (private.ASSET_PARTITION_RANGE_START_TAG, private.ASSET_PARTITION_RANGE_END_TAG) == (
         "dagster/asset_partition_range_start",
         "dagster/asset_partition_range_end",
