@@ -102,6 +102,10 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
     print(f"kun {cmd}: config {cfg_file}, sources {', '.join(sources)}, storage {mask_uris(cfg.base_uri)}, DAGSTER_HOME {home}", flush=True)
     t0 = time.time()
     with DagsterInstance.get() as instance:
+        # Every step runs in this process and writes thousands of events: hold the instance's
+        # connections open (dagster-postgres opens one per query by default: 21 ms an event against
+        # 11 ms pooled, bench/README.md). SQLite storages ignore it.
+        instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=4)
         from checks.recovery import recover  # runs of this host killed earlier: failed, their gpu slots freed
 
         recover(instance, lambda line: print(f"kun {cmd}: {line}", flush=True))

@@ -3,10 +3,12 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import warnings
@@ -325,3 +327,28 @@ def chat_engine(models_run):
 
     ref = models_run["refs"]["chat_model"]
     return load_engine(EngineSpec.of(ref["path"], ref["name"], backend="transformers", batch_size=8))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for this test session (tests/postgres.py); CI requires one
+    (KUN_REQUIRE_POSTGRES=1: .ci/run installs Debian's postgresql), elsewhere its tests skip without."""
+    from .postgres import Postgres, binaries, wait_ready
+
+    if binaries() is None:
+        if os.environ.get("KUN_REQUIRE_POSTGRES"):
+            pytest.fail("KUN_REQUIRE_POSTGRES is set but PostgreSQL is not installed (apt-get install postgresql)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="kun-postgres-"))  # pytest's own tmp is closed to the postgres user
+    pg = Postgres(root, free_port())
+    wait_ready(pg)
+    yield pg
+    pg.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def storage_url(request):
+    """Each instance-storage backend a deployment uses: None for SQLite (one machine), a new
+    database's URL on the session's PostgreSQL server (production)."""
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres").database()

@@ -6,7 +6,6 @@ source's clusters, one source per run, and nothing else; then it is quiet again.
 off, the same file is observed and nothing runs."""
 
 import json
-import shutil
 import time
 from datetime import datetime
 
@@ -18,7 +17,8 @@ from kun_dagster.config import load_config
 from kun_dagster.definitions import build_definitions
 from kun_dagster.store import Store
 
-from .conftest import CORPUS, MODELS, REPO, dagster_dev, free_port, graphql, wait_for
+from .conftest import CORPUS, MODELS, dagster_dev, free_port, graphql, wait_for
+from .postgres import instance_yaml
 from .test_automation import add_file, configure, corpora, materialize_as_kun_run
 
 pytestmark = pytest.mark.slow
@@ -46,14 +46,14 @@ def materialized_since(instance: dg.DagsterInstance, since: float) -> dict[str, 
     return out
 
 
-@pytest.mark.parametrize("mode", ["corpus", "off"])
-def test_the_daemon_keeps_the_corpus_fresh_and_only_where_files_changed(mode, models_run, tmp_path):
+# automation on, on PostgreSQL (production's instance storage); off, on SQLite
+@pytest.mark.parametrize("mode,storage_url", [("corpus", "postgres"), ("off", "sqlite")], indirect=["storage_url"])
+def test_the_daemon_keeps_the_corpus_fresh_and_only_where_files_changed(mode, storage_url, models_run, tmp_path):
     (tmp_path / "sources.json").write_text(json.dumps(corpora(tmp_path)))
     cfg_file = configure(tmp_path, models_run, "cfg", **{"deploy.automation": mode, "deploy.observe_interval": 3})
     cfg = load_config(cfg_file)
     home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    instance_yaml(home, storage_url)
     defs = build_definitions(cfg_file)
     with dg.DagsterInstance.from_config(str(home)) as instance:  # as `kun run` leaves it: observed, then materialized
         materialize_as_kun_run(defs, instance, cfg, GROUP)

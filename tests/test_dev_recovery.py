@@ -24,6 +24,7 @@ from kun_dagster import storage
 from kun_dagster.store import upath
 
 from .conftest import CORPUS, MODELS, REPO, dagster_dev, free_port, given_models, wait_for, write_config
+from .postgres import instance_yaml
 
 pytestmark = pytest.mark.slow
 KEY = "wudao|0"
@@ -64,13 +65,16 @@ def _tree(pid: int) -> list[int]:
     return [d for k in kids for d in _tree(k)] + [pid]
 
 
-# (engine, what dies): the whole run worker with its step process (a preempted node, the run's
-# container OOM-killed), or only the step process (the OOM killer's pick: the one holding the model).
-CASES = [("transformers", "run worker"), ("vllm", "step process")]
+# (engine, what dies, the instance's storage): the whole run worker with its step process (a
+# preempted node, the run's container OOM-killed) on PostgreSQL, as production runs it, or only the
+# step process (the OOM killer's pick: the one holding the model) on SQLite.
+CASES = [("transformers", "run worker", "postgres"), ("vllm", "step process", "sqlite")]
 
 
-@pytest.mark.parametrize("backend,killed", CASES, ids=[f"{b}-{k.replace(' ', '-')}" for b, k in CASES])
-def test_a_killed_run_is_failed_freed_retried_and_resumed(backend, killed, models_run, tmp_path):
+@pytest.mark.parametrize(
+    "backend,killed,storage_url", CASES, ids=[f"{b}-{k.replace(' ', '-')}-{s}" for b, k, s in CASES], indirect=["storage_url"]
+)
+def test_a_killed_run_is_failed_freed_retried_and_resumed(backend, killed, storage_url, models_run, tmp_path):
     if backend == "vllm" and os.environ.get("KUN_REQUIRE_VLLM") != "1":
         pytest.importorskip("vllm")
     cfg = _config(tmp_path / "killed", models_run, backend)
@@ -81,10 +85,10 @@ def test_a_killed_run_is_failed_freed_retried_and_resumed(backend, killed, model
     _in_subprocess(clean_cfg, (["labeled_pairs"], KEY))  # the uninterrupted run
 
     home = tmp_path / "home"
-    home.mkdir()
-    instance_cfg = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    instance_file = instance_yaml(home, storage_url)
+    instance_cfg = yaml.safe_load(instance_file.read_text())
     instance_cfg["run_monitoring"].update(poll_interval_seconds=2, free_slots_after_run_end_seconds=2)  # test pace
-    (home / "dagster.yaml").write_text(yaml.safe_dump(instance_cfg))
+    instance_file.write_text(yaml.safe_dump(instance_cfg))
     port, log = free_port(), tmp_path / "dagster-dev.log"
     with dagster_dev({"DAGSTER_HOME": str(home), "KUN_CONFIG": str(cfg)}, log, port):
         from dagster_graphql import DagsterGraphQLClient
