@@ -101,7 +101,6 @@ class Runner:
         self.run_config = {"loggers": {"console": {"config": {"log_level": log_level if debug else "CRITICAL"}}}}
         self.store = Store.from_env(cfg.storage, os.environ)
         self.base = self.store.path(cfg.base_uri)
-        self.made: set[tuple[str, object]] = set()  # (asset, partition key) made by this kun run
 
     def keys(self, asset: str) -> list:
         return self.graph.get(_key(asset)).partitions_def.get_partition_keys()
@@ -122,20 +121,15 @@ class Runner:
             print(f"kun: {what} failed (run {result.run_id[:8]}):", file=sys.stderr)
             report(result, self.cfg, self.base, self.home, self.debug)
             raise RunFailed(what)
-        self.made.update((a, pk) for a in assets for pk in keys_range or [None])
         print(f"  {what}: done in {time.time() - t0:.0f}s", flush=True)
 
     def make(self, job: str, assets: list[str], what: str, keys: list | None = None, whole: bool = False) -> None:
         """Run `assets` over `keys` (None: unpartitioned) where they are missing or stale, each
-        contiguous range of those keys in one run; `whole`: over all of `keys` once any is, or once
-        this kun run made any of their inputs (a source-wide step, whose inputs Dagster's resolver
-        stops reading at 100 partitions)."""
+        contiguous range of those keys in one run; `whole`: over all of `keys` once any is (a
+        source-wide step)."""
         from automation.stale import to_make
 
-        inputs_made = whole and any(
-            (p.to_user_string(), k) in self.made for a in assets for p in self.graph.get(_key(a)).parent_keys for k in keys
-        )
-        if self.force or inputs_made:
+        if self.force:
             return self.run(job, assets, what, keys)
         chosen, where = to_make(self.graph, self.instance, assets, keys)
         if not chosen:

@@ -7,6 +7,7 @@ import sys
 
 import dagster as dg
 import pytest
+import yaml
 
 from kun_dagster import registry
 from kun_dagster.definitions import build_definitions
@@ -112,6 +113,38 @@ def test_the_instance_yaml_limits_the_gpu_pool_queues_runs_and_retries(tmp_path)
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
     assert not instance.run_retries_retry_on_asset_or_op_failure
+
+
+def test_the_production_instance_file_is_the_repos_on_postgresql(postgres, tmp_path, monkeypatch):
+    """deploy/dagster.postgres.yaml: the repo's instance settings, its storage on PostgreSQL from
+    the environment; an instance made from it runs, queues and limits as the repo's does."""
+    import shutil
+    from urllib.parse import urlparse
+
+    prod = yaml.safe_load((REPO / "deploy" / "dagster.postgres.yaml").read_text())
+    assert {k: v for k, v in prod.items() if k != "storage"} == yaml.safe_load((REPO / "dagster.yaml").read_text())
+    assert "password: {env: DAGSTER_PG_PASSWORD}" in (REPO / "deploy" / "dagster.postgres.yaml").read_text()
+    url = urlparse(postgres.dsn(urlparse(postgres.database()).path.lstrip("/")))
+    for var, value in {
+        "HOST": url.hostname,
+        "DB": url.path.lstrip("/"),
+        "USER": url.username,
+        "PASSWORD": "unused",
+        "PORT": url.port,
+    }.items():
+        monkeypatch.setenv(f"DAGSTER_PG_{var}", str(value))  # trust auth on the test server: the password is not checked
+    shutil.copy(REPO / "deploy" / "dagster.postgres.yaml", tmp_path / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        assert instance.run_retries_enabled and type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+
+        @dg.asset
+        def one():
+            return 1
+
+        assert dg.materialize([one], instance=instance).success
+        assert instance.fetch_materializations(dg.AssetKey("one"), limit=1).records
 
 
 def test_definitions_build_with_the_kubernetes_executor_and_gpu_requests(tmp_path):
