@@ -126,6 +126,13 @@ def staged_sink(kun, asset: str, key, quarantine: bool = False) -> storage.Parqu
     return storage.ParquetSink(storage.staging_dir(kun.base, asset, hive(key)) / f"{what}-{uuid.uuid4().hex[:12]}.parquet", schema)
 
 
+def columns(asset: str) -> dict:
+    """The asset's columns as definition metadata (the UI's Columns tab), where its schema is
+    declared: not repeated in each partition's materialization, where 3,000 copies of it made most
+    of what a run writes to the event log and every status read parses."""
+    return {"dagster/column_schema": schema_of(schemas.arrow_schema(asset))} if schemas.known(asset) else {}
+
+
 def schema_of(df: pd.DataFrame | pa.Schema) -> dg.TableSchema:
     schema = df if isinstance(df, pa.Schema) else storage.to_table(df).schema
     return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in schema])
@@ -144,6 +151,8 @@ def _flat(stats: dict) -> dict:
             out[k] = dg.MetadataValue.text(str(v))
         elif isinstance(v, (int, float)):
             out[k] = v
+        elif isinstance(v, dict) and not v:
+            continue  # no rows dropped, no tokens counted: an empty table says nothing
         elif isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()):
             out[k] = figures(v, _FIGURE_KEYS.get(k, "statistic"), "rows" if k in _FIGURE_KEYS else k, bars=k == "histogram")
         else:
@@ -168,7 +177,7 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
     head = storage.preview(rows)
     md = {
         "dagster/row_count": storage.row_count(rows),
-        "dagster/column_schema": schema_of(storage.columns(rows)),
+        **({} if schemas.known(asset) else {"dagster/column_schema": schema_of(storage.columns(rows))}),
         "path": dg.MetadataValue.path(str(storage.partition_dir(kun.base, asset, part))),
         **_flat(result.stats),
     }

@@ -10,7 +10,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.registry import SOURCE_FILES
 from resources import STREAM, KunResource, LLMResource
 
-from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, gpu_tags, kinds, run_stage
+from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, columns, gpu_tags, kinds, run_stage
 from .partitions import corpus_partitions
 
 
@@ -24,6 +24,7 @@ def corpus_spec(cfg: KunConfig, parts, name: str, *, checked: bool = True, role:
         kinds=kinds(cfg, "parquet", role=role, checked=checked),
         backfill_policy=SINGLE_RUN,
         code_version=code_version(name, cfg),
+        metadata=columns(name),
         **checks_of,
         **more,
     )

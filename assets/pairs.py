@@ -9,7 +9,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.registry import CHAT_MODEL, in_round
 from resources import KunResource, LLMResource
 
-from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, gpu_tags, kinds, run_stage
+from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, columns, gpu_tags, kinds, run_stage
 from .partitions import corpus_partitions
 
 
@@ -31,6 +31,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             kinds=kinds(cfg, "parquet", role=role),
             op_tags=gpu_tags(cfg, role),
             code_version=code_version(name, cfg),
+            metadata=columns(name),
         )
 
     @dg.asset(**spec(registry.LABELED, "label", 1))

@@ -93,7 +93,11 @@ def test_metadata_reports_rows_schema_and_stage_figures(graph):
     rows = storage.partition_rows(storage.partition_dir(graph["base"], "filtered_corpus", {"source": "skypile", "shard": "0"}))
     assert md["dagster/row_count"].value == rows and md["quarantined"].value == 1
     assert figures(md["dropped"]) == {"duplicate_text": 1}  # a table in the UI
-    assert {"doc_id", "text", "n_tokens", "perplexity"} <= {c.name for c in md["dagster/column_schema"].schema.columns}
+    assert "dagster/column_schema" not in md  # declared once, on the asset: the UI's Columns tab
+    declared = graph["defs"].resolve_asset_graph().get(dg.AssetKey("filtered_corpus")).metadata["dagster/column_schema"]
+    assert {"doc_id", "text", "n_tokens", "perplexity"} <= {c.name for c in declared.columns}
+    read = pads.dataset(str(graph["base"] / "filtered_corpus"), partitioning="hive").schema.names  # as a reader sees it
+    assert sorted(c.name for c in declared.columns) == sorted(read)
     assert records[0].asset_materialization.partition == key
     scored = inst.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("scored_pairs"), asset_partitions=[key]), limit=1
