@@ -82,7 +82,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="kun-scale-"))
     pg = None
     if "postgres" in a.storage:
-        pg = Postgres(root / "postgres", 55400 + (int(time.time()) % 100), fast=False)
+        pg = Postgres(55400 + (int(time.time()) % 100), fast=False)
         wait_ready(pg)
     results = []
     try:

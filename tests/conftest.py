@@ -3,12 +3,10 @@
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import warnings
@@ -47,6 +45,7 @@ WEIGHT = {
     "test_automation_daemon": 180,
     "test_dev_recovery": 160,
     "test_ui": 145,
+    "test_ui_scale": 100,
     "test_rounds": 130,
     "test_training_resume": 85,
     "test_cli": 70,
@@ -339,12 +338,10 @@ def postgres():
         if os.environ.get("KUN_REQUIRE_POSTGRES"):
             pytest.fail("KUN_REQUIRE_POSTGRES is set but PostgreSQL is not installed (apt-get install postgresql)")
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    root = Path(tempfile.mkdtemp(prefix="kun-postgres-"))  # pytest's own tmp is closed to the postgres user
-    pg = Postgres(root, free_port())
+    pg = Postgres(free_port())
     wait_ready(pg)
     yield pg
     pg.stop()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

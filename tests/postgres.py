@@ -10,6 +10,7 @@ import glob
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +29,9 @@ def binaries() -> Path | None:
 class Postgres:
     """One server: `url(db)` for a database on it, `database()` for a new empty one."""
 
-    def __init__(self, root: Path, port: int, fast: bool = True):
+    def __init__(self, port: int, fast: bool = True):
+        # its own folder under /tmp: the postgres user must reach it (pytest's tmp and mkdtemp's parents are root's alone)
+        root = Path(tempfile.mkdtemp(prefix="kun-postgres-"))
         self.root, self.port = root, port
         self.data, self.log = root / "data", root / "server.log"
         bin_dir = binaries()
@@ -78,6 +81,7 @@ class Postgres:
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         except RuntimeError:
             pass
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def instance_yaml(home: Path, url: str | None) -> Path:
