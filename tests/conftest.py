@@ -41,23 +41,24 @@ warnings.filterwarnings("ignore", module="dagster")
 # modules that need no model, then the rest heaviest first (seconds on one worker, measured:
 # bench/README.md, "CI"), so that the two end together rather than one running a slow module alone.
 WEIGHT = {
-    "test_wild": 220,
-    "test_automation_daemon": 180,
-    "test_dev_recovery": 160,
+    "test_dev_recovery": 170,
+    "test_wild": 150,
     "test_ui": 145,
-    "test_ui_scale": 100,
     "test_rounds": 130,
+    "test_automation_daemon": 125,
+    "test_ui_scale": 115,
     "test_training_resume": 85,
     "test_cli": 70,
     "test_vllm": 60,
     "test_automation": 55,
     "test_s3": 33,
+    "test_stale": 32,
+    "test_recovery": 30,
     "test_pipeline": 20,
     "test_resume": 16,
-    "test_recovery": 15,
     "test_dedup_graph": 10,
 }
-SPLIT = {"test_wild": 3, "test_dev_recovery": 2, "test_automation_daemon": 2}
+SPLIT = {"test_wild": 2, "test_dev_recovery": 2, "test_automation_daemon": 2}
 
 
 def _module(nodeid: str) -> str:
