@@ -50,7 +50,7 @@ WEIGHT = {
     "test_training_resume": 85,
     "test_cli": 70,
     "test_vllm": 60,
-    "test_automation": 55,
+    "test_automation": 85,
     "test_s3": 33,
     "test_stale": 32,
     "test_recovery": 30,

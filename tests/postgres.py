@@ -38,7 +38,6 @@ class Postgres:
         if bin_dir is None:
             raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
         self.bin = bin_dir
-        root.mkdir(parents=True, exist_ok=True)
         self._as_user = os.geteuid() == 0
         if self._as_user:
             shutil.chown(root, "postgres", "postgres")

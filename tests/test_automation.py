@@ -3,6 +3,7 @@ demo sources, then a kun.yaml change, a prompt change or a new source file, and 
 the graph-wide view in automation/stale.py) calls stale, and what the automation conditions
 request. tests/test_automation_daemon.py runs the same under `dagster dev`'s daemon."""
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -88,19 +89,25 @@ def materialize_as_kun_run(defs, instance, cfg, assets: list[str]) -> None:
     materialize(defs, instance, assets[signed + 1 :], keys)
 
 
-@pytest.fixture(scope="module")
-def world(models_run, tmp_path_factory):
-    """The whole graph of two sources x two shards materialized once, as `kun run` does it."""
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def world(request, models_run, tmp_path_factory):
+    """The whole graph of two sources x two shards materialized once, as `kun run` does it, on an
+    instance in memory (SQLite) and on PostgreSQL: the conditions read the same from both."""
     tmp = tmp_path_factory.mktemp("automation")
     (tmp / "sources.json").write_text(json.dumps(corpora(tmp)))
     cfg_file = configure(tmp, models_run, "world")
     defs = build_definitions(cfg_file)
-    instance = dg.DagsterInstance.ephemeral()
-    cfg = load_config(cfg_file)
-    materialize_as_kun_run(defs, instance, cfg, CORPUS)
-    assert len(last_observed(instance)) == 4  # the first observation: every partition
-    materialize(defs, instance, ["instruction_dataset", "dataset_card"], SOURCES)
-    return {"tmp": tmp, "defs": defs, "instance": instance, "cfg": cfg, "models_run": models_run}
+    if request.param == "sqlite":
+        instance = contextlib.nullcontext(dg.DagsterInstance.ephemeral())
+    else:
+        url = request.getfixturevalue("postgres").database()
+        instance = dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": url}}})
+    with instance as instance:
+        cfg = load_config(cfg_file)
+        materialize_as_kun_run(defs, instance, cfg, CORPUS)
+        assert len(last_observed(instance)) == 4  # the first observation: every partition
+        materialize(defs, instance, ["instruction_dataset", "dataset_card"], SOURCES)
+        yield {"tmp": tmp, "defs": defs, "instance": instance, "cfg": cfg, "models_run": models_run}
 
 
 def stale_keys(view: dict) -> dict[str, set]:
