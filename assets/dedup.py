@@ -52,10 +52,11 @@ def _clusters(cfg: KunConfig, parts) -> dg.AssetsDefinition:
         LSH) over every shard of the source (dedup.scope: all: of every source), computed once per
         source of the run. A partition holds the cluster members that live in it: each kept or
         dropped, with the kept document's location. Config: dedup."""
-        tables = minhash_signatures if isinstance(minhash_signatures, dict) else {context.partition_keys[0]: minhash_signatures}
+        keys = context.partition_keys  # listed once: Dagster lists the run's whole range on each call
+        tables = minhash_signatures if isinstance(minhash_signatures, dict) else {keys[0]: minhash_signatures}
         group = lambda k: dedup.cluster_group(kun.config, hive(k)["source"])  # noqa: E731
         found = {}
-        for name in dict.fromkeys(group(k) for k in context.partition_keys):
+        for name in dict.fromkeys(group(k) for k in keys):
             try:
                 found[name] = stages.cluster([t for k, t in tables.items() if group(k) == name], stages.StageContext(kun.config))
             except stages.DedupError as e:
@@ -69,7 +70,7 @@ def _clusters(cfg: KunConfig, parts) -> dg.AssetsDefinition:
         for name, result in found.items():
             rows = result.rows
             shards = {(str(s), str(n)): g.reset_index(drop=True) for (s, n), g in rows.groupby(["source", "shard"], sort=False)}
-            for key in (k for k in context.partition_keys if group(k) == name):
+            for key in (k for k in keys if group(k) == name):
                 part = hive(key)
                 mine = shards.get((part["source"], part["shard"]), rows.iloc[:0])
                 stats = {**result.stats, "dropped_here": int((mine["role"] != "kept").sum())}

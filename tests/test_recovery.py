@@ -45,7 +45,7 @@ def test_the_repo_instance_monitors_runs_frees_slots_and_retries():
 @pytest.fixture
 def instance(tmp_path, monkeypatch, storage_url):
     """An instance on the repo's dagster.yaml (gpu pool of 1), in a fresh DAGSTER_HOME, its
-    storage SQLite (one machine) or PostgreSQL (shared: `local` is False)."""
+    storage SQLite (one machine) or PostgreSQL (shared: is_local is False)."""
     home = tmp_path / "home"
     instance_yaml(home, storage_url)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
@@ -53,11 +53,9 @@ def instance(tmp_path, monkeypatch, storage_url):
         yield inst
 
 
-def local(instance) -> bool:
-    """SQLite: every run worker is on this host, so an untagged run (the daemon's) is judged by its
-    RUN_START pid. On PostgreSQL another host may run it: only kun's tagged runs are judged, the
-    rest is run monitoring's."""
-    return is_local(instance)
+# is_local: on SQLite every run worker is on this host, so an untagged run (the daemon's) is judged
+# by its RUN_START pid; on PostgreSQL another host may run it: only kun's tagged runs are judged,
+# the rest is run monitoring's.
 
 
 def _hold_gpu(kind: str) -> subprocess.Popen:
@@ -96,14 +94,14 @@ def test_killed_runs_are_failed_their_slots_freed_and_the_gpu_is_usable_again(in
 
     failed = recover(instance)  # what `kun run` does when it starts
     said = capsys.readouterr().out
-    if not local(instance):  # shared instance: the untagged run is left to run monitoring, which fails it
+    if not is_local(instance):  # shared instance: the untagged run is left to run monitoring, which fails it
         assert failed == [r.run_id for r in runs if r.tags.get("kun/pid")] and said.count("is gone") == 1
         assert _slots(instance) == (0, 1)  # the holder's slot is free; the dead waiter still queues
         instance.report_run_failed(next(r for r in instance.get_runs() if r.status == dg.DagsterRunStatus.STARTED), "run monitoring")
         failed += recover(instance)
         said += capsys.readouterr().out
-    assert sorted(failed) == sorted(r.run_id for r in runs if local(instance) or r.tags.get("kun/pid"))
-    assert said.count("is gone: marked failed, its pool slots freed") == (2 if local(instance) else 1)
+    assert sorted(failed) == sorted(r.run_id for r in runs if is_local(instance) or r.tags.get("kun/pid"))
+    assert said.count("is gone: marked failed, its pool slots freed") == (2 if is_local(instance) else 1)
     assert {r.status for r in instance.get_runs()} == {dg.DagsterRunStatus.FAILURE}
     assert _slots(instance) == (0, 0)
     assert recover(instance) == []  # nothing left to do, nothing said twice
@@ -125,7 +123,7 @@ def test_the_daemon_sensor_fails_dead_runs_and_frees_the_slots_of_ended_ones(ins
     _wait("the second run waits for the slot", lambda: _slots(instance) == (1, 2))
     _kill(second)
     result = dead_run_recovery(dg.build_sensor_context(instance=instance))
-    if not local(instance):  # shared: the untagged dead run is run monitoring's; the ended run's slot is freed
+    if not is_local(instance):  # shared: the untagged dead run is run monitoring's; the ended run's slot is freed
         assert isinstance(result, dg.SkipReason) and result.skip_message == "no dead run"
         assert [r.status for r in instance.get_runs()] == [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.FAILURE]
         assert _slots(instance) == (0, 1)

@@ -18,8 +18,6 @@ from kun_dagster.dagster_private import (
     StaleStatus,
 )
 
-from .postgres import instance_yaml
-
 VERSIONS: dict[str, str] = {}  # asset -> the data version its next materialization records
 
 
@@ -94,7 +92,6 @@ def stale(view, which=0):
 
 @pytest.fixture
 def instance(storage_url, tmp_path):
-    instance_yaml(tmp_path, storage_url)
     with dg.instance_for_test(
         temp_dir=str(tmp_path), overrides=None if storage_url is None else {"storage": {"postgres": {"postgres_url": storage_url}}}
     ) as inst:
