@@ -654,10 +654,13 @@ class KunConfig(_Section):
         return self._origin
 
     def resolve(self, uri: str) -> str:
-        """A path in the config, made absolute against the config file's folder (URLs pass through)."""
-        if "://" in uri or Path(uri).is_absolute():
+        """A path in the config, made absolute against the config file's folder (URLs pass through;
+        `~` is the running process's home: a per-pod cache under Kubernetes, where the config's own
+        folder is the image's, read-only or shared)."""
+        if "://" in uri:
             return uri
-        return str((self._root / uri).resolve())
+        path = Path(uri).expanduser()
+        return str(path if path.is_absolute() else (self._root / path).resolve())
 
     @property
     def base_uri(self) -> str:

@@ -67,6 +67,8 @@ def _module(nodeid: str) -> str:
 
 def pytest_collection_modifyitems(config, items):
     modules = sorted({_module(item.nodeid) for item in items})  # sorted: every worker collects one order
+    if not modules:
+        return
     modelled = {_module(item.nodeid) for item in items if "models_run" in getattr(item, "fixturenames", ())}
     share = {m: WEIGHT.get(m, 0) / SPLIT.get(m, 1) for m in modules}
     first = max(modules, key=share.get)

@@ -70,7 +70,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "bad.yaml", env={})
 
 
-def test_env_overrides_and_relative_paths(tmp_path):
+def test_env_overrides_and_relative_paths(tmp_path, monkeypatch):
     (tmp_path / "kun.yaml").write_text(yaml.safe_dump(MINIMAL))
     cfg = load_config(
         tmp_path / "kun.yaml", env={"KUN__shards": "64", "KUN__storage__base_uri": "s3://bucket/kun", "KUN__storage__models_dir": "/models"}
@@ -81,6 +81,8 @@ def test_env_overrides_and_relative_paths(tmp_path):
     assert remote.models_dir == "s3://bucket/kun/models" and remote.model_cache == str(tmp_path / ".kun" / "model-cache")
     with pytest.raises(ConfigError, match="model_cache must be a local folder"):
         _ = load_config(tmp_path / "kun.yaml", env={"KUN__storage__model_cache": "s3://bucket/cache"}).model_cache
+    monkeypatch.setenv("HOME", str(tmp_path / "pod"))  # `~`: the process's home (a pod's own disk), not the config's folder
+    assert load_config(tmp_path / "kun.yaml", env={"KUN__storage__model_cache": "~/.cache/kun"}).model_cache == str(tmp_path / "pod/.cache/kun")
 
 
 def test_a_role_keeps_its_defaults_under_partial_overrides():

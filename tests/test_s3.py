@@ -3,6 +3,8 @@ s3fs's own tests use): partitions, quarantine, model references and the release 
 corpus read from S3; and the faults a long backfill meets: the endpoint down at start, restarted
 mid-run, and wrong credentials."""
 
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -19,7 +21,9 @@ import yaml
 from kun_dagster.dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from kun_dagster.definitions import build_definitions
 
+from . import share_nothing
 from .conftest import CORPUS, MODELS, REPO, free_port, given_models, write_config
+from .postgres import instance_yaml
 
 pytestmark = pytest.mark.slow
 SECRET = "kun-test-secret"
@@ -324,3 +328,75 @@ def test_wrong_credentials_fail_clearly_and_the_secret_appears_nowhere(models_ru
         assert logs and not any(wrong in line for line in logs) and wrong not in error and wrong not in out + err
     finally:
         server.stop()
+
+
+def _tables(fs, base: str) -> dict[str, list[dict]]:
+    """Every stage's rows and quarantine under `base`, in a stable order."""
+    out = {}
+    for asset in CORPUS + ["instruction_dataset"]:
+        for name, path in ((asset, f"{base}/{asset}"), (f"quarantine/{asset}", f"{base}/quarantine/{asset}")):
+            if fs.exists(path):
+                rows = pads.dataset(path, filesystem=fs, partitioning="hive").to_table().to_pylist()
+                out[name] = sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+    return out
+
+
+def test_steps_that_share_nothing_but_s3_and_postgres_make_the_same_release(s3_run, moto, postgres, tmp_path):
+    """The graph as Kubernetes runs it: every step a fresh `dagster api execute_step` process in its
+    own empty working folder, HOME and TMPDIR (tests/share_nothing.py), the run worker another, the
+    instance on PostgreSQL, and everything else on S3: corpus, seeds, given models, partitions,
+    checkpoints; each step copies the models it needs into its own `~` cache. It makes what the
+    single-process run of s3_run made."""
+    s3, fs = moto.client("s3"), s3_run["fs"]
+    cfg = yaml.safe_load((s3_run["tmp"] / "kun.yaml").read_text())
+    seed = Path(cfg["seed"]["uri"])
+    s3.upload_file(str(seed), "kun", f"seed/{seed.name}")
+    cfg["seed"]["uri"] = f"s3://kun/seed/{seed.name}"
+    for role in ("base", "chat"):
+        local = Path(cfg["models"][role]["path"])
+        for f in sorted(p for p in local.rglob("*") if p.is_file()):
+            s3.upload_file(str(f), "kun", f"given/{role}/{f.relative_to(local).as_posix()}")
+        cfg["models"][role]["path"] = f"s3://kun/given/{role}"
+    cfg["storage"] |= {"base_uri": "s3://kun/pods", "models_dir": "s3://kun/pods/models", "model_cache": "~/.cache/kun/models"}
+    uris = [s["uri"] for s in cfg["sources"] if s["name"] == "wudao"] + [cfg["seed"]["uri"]]
+    uris += [cfg["models"][r]["path"] for r in ("base", "label", "chat")] + [cfg["storage"][k] for k in ("base_uri", "models_dir")]
+    assert all(u.startswith("s3://") for u in uris), uris  # no local path is left for a step to lean on
+    image = tmp_path / "image"  # what the container image holds beside the code: the config
+    image.mkdir()
+    (image / "kun.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    home = tmp_path / "dagster_home"
+    settings = yaml.safe_load(instance_yaml(home, postgres.database()).read_text())
+    noop = {"module": "dagster._core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"}
+    (home / "dagster.yaml").write_text(yaml.safe_dump({**settings, "compute_logs": noop}))  # as the Helm chart's default
+    runner = tmp_path / "runner"  # the run worker: a pod too
+    (runner / "home").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k in share_nothing.PASSED}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the image's Python, whose `dagster` runs each step
+    env |= {"PYTHONPATH": str(REPO), "KUN_CONFIG": str(image / "kun.yaml"), "DAGSTER_HOME": str(home), "HOME": str(runner / "home")}
+    env |= {"KUN_TEST_PODS": str(tmp_path / "pods"), "HF_HUB_OFFLINE": "1", **CREDS}
+    dagster = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "tests.share_nothing", "--select"]
+    for what in (
+        [",".join(MODELS)],
+        [",".join(CORPUS), "--partition-range", "wudao|0...wudao|1"],
+        ["instruction_dataset,dataset_card", "--partition", "wudao"],
+    ):
+        done = subprocess.run(dagster + what, cwd=runner, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    pods = sorted((tmp_path / "pods").iterdir())
+    assert len(pods) == len(MODELS) + len(CORPUS) + 2, [p.name for p in pods]  # one process per step
+    for pod in pods:  # each step copied the models it used into its own home, and into no other folder
+        assert not list((pod / "work").iterdir()), pod
+    cached = {pod.name.split("-", 1)[1]: sorted(p.name for p in (pod / "home/.cache/kun/models").glob("*")) for pod in pods}
+    assert [n.split("-")[0] for n in cached["labeled_pairs"]] == ["label"] and cached["raw_corpus"] == []
+    assert sorted(p.name for p in image.iterdir()) == ["kun.yaml"]  # nothing written beside the config
+    assert sorted(p.name for p in home.iterdir()) == ["dagster.yaml"]  # nor in the instance's folder
+    instance = dg.DagsterInstance.from_config(str(home))
+    runs = instance.get_runs()
+    assert len(runs) == 3 and {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
+
+    ours, single = _tables(fs, "kun/pods"), _tables(fs, "kun/data")
+    assert ours.keys() == single.keys() and ours["instruction_dataset"]
+    for name in single:
+        assert ours[name] == single[name], name
+    assert fs.cat("kun/pods/release/wudao/train.jsonl") == fs.cat("kun/data/release/wudao/train.jsonl")
