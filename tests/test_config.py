@@ -82,7 +82,8 @@ def test_env_overrides_and_relative_paths(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="model_cache must be a local folder"):
         _ = load_config(tmp_path / "kun.yaml", env={"KUN__storage__model_cache": "s3://bucket/cache"}).model_cache
     monkeypatch.setenv("HOME", str(tmp_path / "pod"))  # `~`: the process's home (a pod's own disk), not the config's folder
-    assert load_config(tmp_path / "kun.yaml", env={"KUN__storage__model_cache": "~/.cache/kun"}).model_cache == str(tmp_path / "pod/.cache/kun")
+    pod = load_config(tmp_path / "kun.yaml", env={"KUN__storage__model_cache": "~/.cache/kun"})
+    assert pod.model_cache == str(tmp_path / "pod/.cache/kun")
 
 
 def test_a_role_keeps_its_defaults_under_partial_overrides():
