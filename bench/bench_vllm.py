@@ -3,7 +3,7 @@
 On the same labeling prompts, output tokens/s of
   (a) a bare vllm.LLM.generate call,
   (b) our VLLMEngine.generate,
-  (c) the labeled_pairs materialization (Dagster step: read filtered_corpus, label, write Parquet
+  (c) the labeled_pairs materialization (Dagster step: read deduped_corpus, label, write Parquet
       and quarantine), with and without the engine's start-up,
   (d) the transformers engine.
 Scoring is bench_scoring.py's.
@@ -112,7 +112,7 @@ def materialize_labeled_pairs(cfg_file: Path, cfg, docs: pd.DataFrame, label_ref
     bench_cfg.write_text(yaml.safe_dump(raw, allow_unicode=True))
     source = cfg.sources[0].name
     storage.write_partition(
-        storage.partition_dir(upath(str(tmp)), "filtered_corpus", {"source": source, "shard": "0"}), docs.assign(source=source, shard=0)
+        storage.partition_dir(upath(str(tmp)), "deduped_corpus", {"source": source, "shard": "0"}), docs.assign(source=source, shard=0)
     )
     (tmp / "models" / "refs").mkdir(parents=True)
     (tmp / "models" / "refs" / "label_model.json").write_text(json.dumps(label_ref))

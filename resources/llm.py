@@ -4,6 +4,7 @@ GPU assets run all their partitions in one step (single-run backfill), so one ba
 model once; the engine is closed when the step ends.
 """
 
+import time
 from typing import Literal
 
 import dagster as dg
@@ -38,10 +39,12 @@ class LLMResource(dg.ConfigurableResource):
             dg.get_dagster_logger().info(
                 f"loading {self.role} model {model['name']} from {path} on {backend} (backend: {settings.backend})"
             )
+            started = time.perf_counter()
             try:
                 engine = load_engine(spec)
             except EngineError as e:  # a model that cannot load will not load on a retry either
                 raise dg.Failure(str(e), allow_retries=False) from e
+            dg.get_dagster_logger().info(f"{self.role} model {model['name']} ready in {time.perf_counter() - started:.1f} s")
             engine.fingerprint = fingerprint  # batch checkpoints are keyed by it (llm.checkpoint)
             engine.system = model.get("system")  # a Humpback-tagged model is prompted as it was trained (prompts.system_of)
             self._engines[(path, fingerprint)] = engine
@@ -49,5 +52,7 @@ class LLMResource(dg.ConfigurableResource):
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         for engine in self._engines.values():
+            started = time.perf_counter()
             engine.close()
+            dg.get_dagster_logger().info(f"{self.role} model {engine.model_name} closed in {time.perf_counter() - started:.1f} s")
         self._engines.clear()

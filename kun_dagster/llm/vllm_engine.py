@@ -63,6 +63,44 @@ def _short(err: BaseException, limit: int = 600) -> str:
     return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
+def llm_args(spec: EngineSpec) -> dict:
+    """vllm.LLM's arguments for a model as the config runs it (bench/bench_fixed_cost.py starts a
+    bare vLLM process with the same)."""
+    from vllm.platforms import current_platform
+
+    s = spec.settings.vllm
+    kv_gib = s.kv_cache_gib
+    if kv_gib is None and current_platform.is_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        kv_gib = CPU_KV_CACHE_GIB
+    args = dict(
+        model=spec.path,
+        tokenizer=spec.path,
+        dtype=spec.settings.dtype,
+        seed=s.seed,
+        tensor_parallel_size=s.tensor_parallel_size,
+        gpu_memory_utilization=s.gpu_memory_utilization,
+        enable_prefix_caching=s.enable_prefix_caching,
+        enforce_eager=s.enforce_eager,
+        disable_log_stats=True,
+    )
+    optional = dict(
+        max_model_len=s.max_model_len,
+        max_num_seqs=s.max_num_seqs,
+        max_num_batched_tokens=s.max_num_batched_tokens,
+        quantization=s.quantization,
+        kv_cache_memory_bytes=int(kv_gib * 2**30) if kv_gib else None,
+    )
+    args.update({k: v for k, v in optional.items() if v is not None})
+    if s.seed_per_request and current_platform.is_cpu():
+        # vLLM 0.32's CPU backend cannot rewind a seeded request's generator after a partial
+        # prefill chunk ("CPU Generator does not use offset"): prefill each prompt whole there
+        args["enable_chunked_prefill"] = False
+        if s.max_model_len:  # a whole prompt must fit one scheduler step
+            args["max_num_batched_tokens"] = max(s.max_num_batched_tokens or 0, s.max_model_len)
+    args.update(s.engine_kwargs)
+    return args
+
+
 class VLLMEngine:
     backend = "vllm"
 
@@ -70,8 +108,7 @@ class VLLMEngine:
         vllm = _import_vllm()
         self.model_name = spec.model_name
         self.settings = s = spec.settings.vllm
-        kwargs = dict(s.engine_kwargs)
-        if "model_impl" not in kwargs:  # vLLM's own transformers fallback is opt-in, through engine_kwargs
+        if "model_impl" not in s.engine_kwargs:  # vLLM's own transformers fallback is opt-in, through engine_kwargs
             supported = set(vllm.ModelRegistry.get_supported_archs())
             unserved = [a for a in _architectures(spec.path) if a not in supported]
             if unserved:
@@ -85,37 +122,7 @@ class VLLMEngine:
         except Exception as e:  # noqa: BLE001
             raise EngineError(f"could not load the tokenizer of model {spec.model_name} from {spec.path}: {_short(e)}") from e
 
-        from vllm.platforms import current_platform
-
-        kv_gib = s.kv_cache_gib
-        if kv_gib is None and current_platform.is_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            kv_gib = CPU_KV_CACHE_GIB
-        args = dict(
-            model=spec.path,
-            tokenizer=spec.path,
-            dtype=spec.settings.dtype,
-            seed=s.seed,
-            tensor_parallel_size=s.tensor_parallel_size,
-            gpu_memory_utilization=s.gpu_memory_utilization,
-            enable_prefix_caching=s.enable_prefix_caching,
-            enforce_eager=s.enforce_eager,
-            disable_log_stats=True,
-        )
-        optional = dict(
-            max_model_len=s.max_model_len,
-            max_num_seqs=s.max_num_seqs,
-            max_num_batched_tokens=s.max_num_batched_tokens,
-            quantization=s.quantization,
-            kv_cache_memory_bytes=int(kv_gib * 2**30) if kv_gib else None,
-        )
-        args.update({k: v for k, v in optional.items() if v is not None})
-        if s.seed_per_request and current_platform.is_cpu():
-            # vLLM 0.32's CPU backend cannot rewind a seeded request's generator after a partial
-            # prefill chunk ("CPU Generator does not use offset"): prefill each prompt whole there
-            args["enable_chunked_prefill"] = False
-            if s.max_model_len:  # a whole prompt must fit one scheduler step
-                args["max_num_batched_tokens"] = max(s.max_num_batched_tokens or 0, s.max_model_len)
-        args.update(kwargs)
+        args = llm_args(spec)
         try:
             self.llm = vllm.LLM(**args)
         except Exception as e:  # noqa: BLE001
