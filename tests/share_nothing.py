@@ -56,9 +56,9 @@ class PodLikeStepHandler(StepHandler):
         env = {k: os.environ[k] for k in PASSED if k in os.environ}
         env |= {"HOME": str(pod / "home"), "TMPDIR": str(pod / "tmp")}
         env |= {e["name"]: e["value"] for e in ctx.execute_step_args.get_command_env()}
-        log = open(pod / "step.log", "wb")  # noqa: SIM115 (the process holds it)
         args = ctx.execute_step_args.get_command_args(skip_serialized_namedtuple=True)
-        self.procs[key] = subprocess.Popen(args, cwd=pod / "work", env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(pod / "step.log", "wb") as log:  # the process keeps its own descriptor
+            self.procs[key] = subprocess.Popen(args, cwd=pod / "work", env=env, stdout=log, stderr=subprocess.STDOUT)
         yield DagsterEvent.step_worker_starting(ctx.get_step_context(key), message=f'Step "{key}" in {pod}', metadata={})
 
     def check_step_health(self, ctx: StepHandlerContext) -> CheckStepHealthResult:
