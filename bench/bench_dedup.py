@@ -12,9 +12,12 @@ Documents are Chinese text made from the demo paragraphs' sentences (6-12 senten
   scale:   the stages as the assets run them: stages.sign streaming --docs documents into 8 shard
            files (Parquet, like minhash_signatures), then stages.cluster over all of them, each
            phase in its own process for its peak RSS.
+  banded:  on the same signatures, stages.deduped.band once per LSH band and stages.deduped.merge,
+           each in its own process (peak RSS), against stages.cluster in one step: same rows?
 
   .venv/bin/python bench/bench_dedup.py compare --docs 20000 --out bench/results/dedup_compare.json
   .venv/bin/python bench/bench_dedup.py scale --docs 100000 1000000 --out bench/results/dedup_scale.json
+  .venv/bin/python bench/bench_dedup.py banded --docs 1000000 --out bench/results/dedup_banded.json
 """
 
 import argparse
@@ -37,7 +40,7 @@ from kun_dagster import dedup, stages, storage  # noqa: E402
 from kun_dagster.config import parse_config  # noqa: E402
 from kun_dagster.registry import SIGNATURES  # noqa: E402
 from kun_dagster.schemas import INDEXES  # noqa: E402
-from kun_dagster.stages import StageContext  # noqa: E402
+from kun_dagster.stages import StageContext, deduped  # noqa: E402
 from kun_dagster.store import upath  # noqa: E402
 
 CFG = parse_config({"sources": [{"name": "web", "uri": "x", "format": "jsonl"}], "seed": {"uri": "s"}}, env={})
@@ -204,11 +207,13 @@ def _sign_phase(n: int, out: Path) -> dict:
     }
 
 
-def _cluster_phase(out: Path) -> dict:
+def _cluster_phase(out: Path, keep: bool = False) -> dict:
     t0 = time.perf_counter()
     tables = [storage.PartitionTable(upath(str(d))) for d in sorted((out / "source=web").iterdir())]  # as the asset gets them
     read = time.perf_counter() - t0
     result = stages.cluster(tables, StageContext(CFG))
+    if keep:  # for the banded path's merge to compare with
+        result.rows.to_parquet(out / "one_step.parquet")
     st = result.stats
     return {
         "read_seconds": round(read, 1),
@@ -221,15 +226,66 @@ def _cluster_phase(out: Path) -> dict:
     }
 
 
-def _phase(mode: str, n: int, tmp: str) -> dict:
+def _tables(out: Path) -> list:
+    return [storage.PartitionTable(upath(str(d))) for d in sorted((out / "source=web").iterdir())]
+
+
+def _band_phase(out: Path, k: int) -> dict:
+    """One band's step (stages.deduped.band) over every shard, its pairs written for the merge."""
+    t0 = time.perf_counter()
+    pairs = deduped.band(_tables(out), k, StageContext(CFG))
+    seconds = time.perf_counter() - t0
+    (out / "bands").mkdir(exist_ok=True)
+    pairs.to_parquet(out / "bands" / f"{k}.parquet")
+    return {"band": k, "seconds": round(seconds, 2), "pairs": len(pairs), "peak_rss_mib": _rss_mib()}
+
+
+def _merge_phase(out: Path) -> dict:
+    t0 = time.perf_counter()
+    bands = [pd.read_parquet(f) for f in sorted((out / "bands").glob("*.parquet"))]
+    result = deduped.merge(_tables(out), bands, StageContext(CFG))
+    seconds = time.perf_counter() - t0
+    one = pd.read_parquet(out / "one_step.parquet")
+    return {
+        "seconds": round(seconds, 2),
+        "peak_rss_mib": _rss_mib(),
+        "same_rows_as_one_step": bool(one.equals(result.rows.reset_index(drop=True))),
+        "rows": len(result.rows),
+    }
+
+
+def _phase(mode: str, n: int, tmp: str, *extra: str) -> dict:
     """One phase in a process of its own: its peak RSS is its own."""
-    cmd = [sys.executable, __file__, mode, "--docs", str(n), "--dir", tmp]
+    cmd = [sys.executable, __file__, mode, "--docs", str(n), "--dir", tmp, *extra]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def banded(n: int) -> dict:
+    """The banded path against the one-step one on the same signatures: each band's step and the
+    merge in processes of their own (peak RSS each), and whether the clusters are the same."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sign = _phase("_sign", n, tmp)
+        one = _phase("_cluster", n, tmp, "--keep")
+        n_bands, _ = dedup.bands(CFG.dedup.threshold, CFG.dedup.num_perm)
+        steps = [_phase("_band", n, tmp, "--band", str(k)) for k in range(n_bands)]
+        merge = _phase("_merge", n, tmp)
+    return {
+        "docs": n,
+        "sign": sign,
+        "one_step": one,
+        "bands": n_bands,
+        "band_step_seconds": {"max": max(s["seconds"] for s in steps), "sum": round(sum(s["seconds"] for s in steps), 1)},
+        "band_step_peak_rss_mib": {"max": max(s["peak_rss_mib"] for s in steps), "min": min(s["peak_rss_mib"] for s in steps)},
+        "band_pairs": sum(s["pairs"] for s in steps),
+        "merge": merge,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["compare", "scale", "_sign", "_cluster"])
+    ap.add_argument("mode", choices=["compare", "scale", "banded", "_sign", "_cluster", "_band", "_merge"])
+    ap.add_argument("--band", type=int)
+    ap.add_argument("--keep", action="store_true")
     ap.add_argument("--docs", type=int, nargs="+", default=[20000])
     ap.add_argument("--dir")
     ap.add_argument("--out")
@@ -238,10 +294,18 @@ def main() -> None:
         print(json.dumps(_sign_phase(a.docs[0], Path(a.dir))))
         return
     if a.mode == "_cluster":
-        print(json.dumps(_cluster_phase(Path(a.dir))))
+        print(json.dumps(_cluster_phase(Path(a.dir), a.keep)))
+        return
+    if a.mode == "_band":
+        print(json.dumps(_band_phase(Path(a.dir), a.band)))
+        return
+    if a.mode == "_merge":
+        print(json.dumps(_merge_phase(Path(a.dir))))
         return
     if a.mode == "compare":
         results = compare(a.docs[0])
+    elif a.mode == "banded":
+        results = [banded(n) for n in a.docs]
     else:
         results = []
         for n in a.docs:

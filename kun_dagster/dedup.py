@@ -199,9 +199,7 @@ def candidate_pairs(sig: np.ndarray, idx: np.ndarray, rank: np.ndarray, n_bands:
         a, b = _star_edges([_band_key(sig[idx, k * rows : (k + 1) * rows])], rank[idx])
         heads.append(a)
         members.append(b)
-    a, b = np.concatenate(heads), np.concatenate(members)
-    pairs = np.unique(np.stack([a, b], axis=1), axis=0) if len(a) else np.zeros((0, 2), dtype=np.int64)
-    return pairs[:, 0], pairs[:, 1]
+    return unique_pairs(np.concatenate(heads), np.concatenate(members))
 
 
 @dataclass
@@ -242,6 +240,73 @@ def components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return parent
 
 
+def exact_edges(keys: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Star edges between documents of equal text key, from each group's first by rank."""
+    if not len(rank):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return _star_edges([keys[:, 0], keys[:, 1]], rank)
+
+
+def lsh_alive(n: int, followers: np.ndarray, shingles: np.ndarray) -> np.ndarray:
+    """Which documents go through LSH: one per exact text (its lowest rank; equal texts follow it),
+    and none without a shingle."""
+    alive = np.ones(n, dtype=bool)
+    alive[followers] = False
+    return alive & (shingles > 0)
+
+
+def band_key(sig: np.ndarray, band: int, rows: int) -> np.ndarray:
+    """Each document's bucket in one band: a 64-bit hash of that band's `rows` signature values."""
+    return _band_key(sig[:, band * rows : (band + 1) * rows])
+
+
+def band_keys(sig: np.ndarray, n_bands: int, rows: int) -> np.ndarray:
+    """Each document's bucket in every band, (n, n_bands) uint64: all a band's step needs of the
+    signatures to find its candidates (8 bytes a document and band, against 4 x num_perm)."""
+    out = np.empty((len(sig), n_bands), dtype=np.uint64)
+    for k in range(n_bands):
+        out[:, k] = band_key(sig, k, rows)
+    return out
+
+
+def band_candidates(band_key: np.ndarray, rank: np.ndarray, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One band's candidate pairs among the alive documents (star edges per bucket), as document
+    indices, the first of each pair the lower-ranked."""
+    idx = np.flatnonzero(alive)
+    if len(idx) < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    a, b = _star_edges([band_key[idx]], rank[idx])
+    return idx[a], idx[b]
+
+
+def unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pair once (a pair may share several bands)."""
+    if not len(a):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    pairs = np.unique(np.stack([a, b], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def rows_jaccard(signatures_of, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Estimated Jaccard of the pairs (a[i], b[i]), reading only their documents' signatures:
+    `signatures_of(docs)` gives the rows of the sorted document indices `docs`."""
+    if not len(a):
+        return np.zeros(0)
+    docs = np.unique(np.r_[a, b])
+    return jaccard(signatures_of(docs), np.searchsorted(docs, a), np.searchsorted(docs, b))
+
+
+def band_step(band_key: np.ndarray, keys: np.ndarray, shingles: np.ndarray, rank: np.ndarray, signatures_of, threshold: float):
+    """One band's share of the clustering, as a step of its own: its candidate pairs (a, b) and
+    which are near-duplicates (estimated Jaccard >= threshold). It holds, per document, the band's
+    bucket, the text key, the shingle count and the rank (40 bytes), and the signatures of its
+    candidates only (`signatures_of`, rows_jaccard). merge() over every band's output gives what
+    cluster() gives in one step."""
+    _, followers = exact_edges(keys, rank)
+    a, b = band_candidates(band_key, rank, lsh_alive(len(rank), followers, shingles))
+    return a, b, rows_jaccard(signatures_of, a, b) >= threshold
+
+
 def cluster(
     sig: np.ndarray,
     keys: np.ndarray,
@@ -253,26 +318,41 @@ def cluster(
     threshold: float,
 ) -> Clusters:
     """Connected components of exact duplicates (equal text keys) and near-duplicates (LSH
-    candidates with estimated Jaccard >= threshold); each keeps its member of lowest rank."""
+    candidates with estimated Jaccard >= threshold); each keeps its member of lowest rank. The
+    whole signature matrix in one step; merge() is the same rule from per-band steps."""
     n = len(rank)
     b, r = bands(threshold, sig.shape[1])
-    src, dst, n_candidates = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], 0
-    a, d = _star_edges([keys[:, 0], keys[:, 1]], rank) if n else (np.zeros(0, dtype=np.int64),) * 2
-    if exact or near:  # equal texts are also near-duplicates (Jaccard 1); named duplicate_text below
-        src.append(a)
-        dst.append(d)
+    a, d = exact_edges(keys, rank)
+    ca, cb = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     if near:
-        # one document per exact text (its lowest rank) goes through LSH; equal texts follow it
-        alive = np.ones(n, dtype=bool)
-        alive[d] = False
-        alive &= shingles > 0
-        idx = np.flatnonzero(alive)
+        idx = np.flatnonzero(lsh_alive(n, d, shingles))
         if len(idx) > 1:
-            ca, cb = candidate_pairs(sig, idx, rank, b, r)
-            n_candidates = len(ca)
-            ok = jaccard(sig, idx[ca], idx[cb]) >= threshold
-            src.append(idx[ca][ok])
-            dst.append(idx[cb][ok])
+            pa_, pb_ = candidate_pairs(sig, idx, rank, b, r)
+            ca, cb = idx[pa_], idx[pb_]
+    ok = jaccard(sig, ca, cb) >= threshold
+    return merge(n, keys, rank, (a, d) if exact or near else None, (ca, cb, ok), (b, r), lambda i, j: jaccard(sig, i, j))
+
+
+def merge(
+    n: int,
+    keys: np.ndarray,
+    rank: np.ndarray,
+    exact_pairs: tuple[np.ndarray, np.ndarray] | None,
+    candidates: tuple[np.ndarray, np.ndarray, np.ndarray],
+    banding: tuple[int, int],
+    similarity,
+) -> Clusters:
+    """Clusters from their edges: the exact pairs (None: exact duplicates are not looked for) and the
+    LSH candidates (a, b, verified: estimated Jaccard >= threshold), from one step or from every
+    band's (a pair met in several bands counts once). `similarity(i, j)` is the estimated Jaccard of
+    documents i and j (for the dropped near-duplicates and their keepers only)."""
+    ca, cb, ok = candidates
+    src, dst = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    if exact_pairs is not None:  # equal texts are also near-duplicates (Jaccard 1); named duplicate_text below
+        src.append(exact_pairs[0])
+        dst.append(exact_pairs[1])
+    src.append(ca[ok])
+    dst.append(cb[ok])
     label = components(n, np.concatenate(src), np.concatenate(dst))
     first = np.lexsort((rank, label))  # by component, then rank: the first of each component keeps
     keeper_of = np.empty(n, dtype=np.int64)
@@ -285,8 +365,8 @@ def cluster(
     reason[dropped & ~same_text] = NEAR_DUPLICATE
     sim = np.ones(n)
     near_rows = np.flatnonzero(dropped & ~same_text)
-    sim[near_rows] = jaccard(sig, near_rows, keeper_of[near_rows])
-    return Clusters(keeper_of, reason, sim, n_candidates, (b, r))
+    sim[near_rows] = similarity(near_rows, keeper_of[near_rows])
+    return Clusters(keeper_of, reason, sim, len(unique_pairs(ca, cb)[0]), banding)
 
 
 def sizes(keeper: np.ndarray) -> np.ndarray:

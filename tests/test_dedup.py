@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kun_dagster import dedup, stages
+from kun_dagster import dedup, stages, storage
 from kun_dagster.config import parse_config
 from kun_dagster.registry import CLUSTERS, SIGNATURES
 from kun_dagster.schemas import INDEXES
-from kun_dagster.stages import StageContext
+from kun_dagster.stages import StageContext, deduped
+from kun_dagster.store import upath
 
 
 def config(**dedup_cfg):
@@ -316,3 +317,91 @@ def test_connected_components_of_long_chains_in_any_order():
     assert (dedup.components(n, np.r_[src, dst[::-1]], np.r_[dst, src[::-1]]) == 0).all()
     src = RNG.permutation(n - 2)  # i - i+2: the even nodes and the odd ones, two chains
     assert dedup.components(n, src, src + 2).tolist() == (np.arange(n) % 2).tolist()
+
+
+def _banded(sig, keys, shingles, rank, threshold, asked=None):
+    """dedup.cluster's result rebuilt as the banded path makes it: one band_step per band (given
+    only that band's bucket of each document, and the signatures it asks for), then merge."""
+    b, r = dedup.bands(threshold, sig.shape[1])
+    per_band = dedup.band_keys(sig, b, r)
+
+    def signatures_of(docs):
+        if asked is not None:
+            asked.append(len(docs))
+        return sig[docs]
+
+    got = [dedup.band_step(per_band[:, k], keys, shingles, rank, signatures_of, threshold) for k in range(b)]
+    a, c, ok = (np.concatenate(x) for x in zip(*got, strict=True))
+    exact = dedup.exact_edges(keys, rank)
+    return dedup.merge(len(rank), keys, rank, exact, (a, c, ok), (b, r), lambda i, j: dedup.rows_jaccard(signatures_of, i, j))
+
+
+def _same(one: dedup.Clusters, banded: dedup.Clusters) -> None:
+    assert one.keeper.tolist() == banded.keeper.tolist()
+    assert one.reason.tolist() == banded.reason.tolist()
+    assert np.allclose(one.jaccard, banded.jaccard) and one.candidates == banded.candidates and one.bands == banded.bands
+
+
+def test_the_banded_path_makes_the_clusters_of_one_step_on_planted_text(planted):
+    texts = pd.concat(planted["parts"])["text"].tolist()
+    texts += texts[:40] + ["", "。。。"]  # exact copies, and two texts without a shingle
+    sig, count = dedup.signatures(texts, 5, 128, 1)
+    keys, rank = dedup.text_keys(texts), RNG.permutation(len(texts))
+    one = dedup.cluster(sig, keys, count, rank, exact=True, near=True, threshold=0.8)
+    asked = []
+    banded = _banded(sig, keys, count, rank, 0.8, asked)
+    _same(one, banded)
+    assert (one.reason == "near_duplicate").sum() >= 390 and (one.reason == "duplicate_text").sum() == 40
+    # a band's step reads the signatures of its candidates, not of every document (the 300
+    # unrelated texts are nobody's candidate)
+    assert asked and max(asked) <= len(texts) - planted["base"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 120), st.sampled_from([0.5, 0.7, 0.9]))
+def test_the_banded_path_makes_the_clusters_of_one_step(seed, n, threshold):
+    """Random signatures with planted copies (whole, or with some values changed), exact texts
+    repeated, texts without shingles, and ranks in any order."""
+    rng = np.random.default_rng(seed)
+    text = rng.integers(0, max(n // 2, 1), size=n)  # repeated texts: exact duplicates, equal signatures
+    sig = rng.integers(0, 2**32, size=(n, 64), dtype=np.uint64).astype(np.uint32)[text]
+    for i in rng.integers(0, n, size=n // 3):  # near copies: another text, some values changed
+        j = rng.integers(0, n)
+        text[j] = n + j
+        changed = rng.random(64) < rng.choice([0.05, 0.2, 0.4])
+        sig[j] = np.where(changed, rng.integers(0, 2**32, size=64, dtype=np.uint64).astype(np.uint32), sig[i])
+    keys = np.stack([text.astype(np.uint64), np.zeros(n, dtype=np.uint64)], axis=1)
+    shingles = np.where(rng.random(n) < 0.1, 0, 50)
+    rank = rng.permutation(n)
+    one = dedup.cluster(sig, keys, shingles, rank, exact=True, near=True, threshold=threshold)
+    _same(one, _banded(sig, keys, shingles, rank, threshold))
+
+
+def _banded_stage(partitions: list[pd.DataFrame], cfg=CFG, tables=None):
+    tables = tables or [signed(p, cfg) for p in partitions]
+    n_bands, _ = dedup.bands(cfg.dedup.threshold, cfg.dedup.num_perm)
+    pairs = [deduped.band(tables[::-1], k, StageContext(cfg)) for k in range(n_bands)]  # any partition order
+    return deduped.merge(tables, pairs, StageContext(cfg))
+
+
+def test_banded_steps_over_partitions_give_the_one_step_clusters_and_stats(planted, tmp_path):
+    parts = planted["parts"] + [frame(pd.concat(planted["parts"])["text"].tolist()[:30], shard=2, file="c.jsonl")]  # exact copies
+    parts += [frame([], shard=3, file="d.jsonl"), frame(["", "   "], source="news", shard=0, file="e.jsonl")]
+    one = stages.cluster([signed(p) for p in parts], StageContext(CFG))
+    banded = _banded_stage(parts)
+    pd.testing.assert_frame_equal(one.rows, banded.rows)
+    assert {k: v for k, v in one.stats.items() if k != "seconds"} == {k: v for k, v in banded.stats.items() if k != "seconds"}
+    assert one.stats["duplicates"]["near_duplicate"] >= 390 and one.stats["duplicates"]["duplicate_text"] >= 30
+    published = []  # as the assets get them: published partitions, source and shard in their path only
+    for p, table in zip(parts, [signed(p) for p in parts], strict=True):
+        where = storage.partition_dir(
+            upath(str(tmp_path)),
+            SIGNATURES,
+            {"source": p["source"].iat[0] if len(p) else "web", "shard": str(p["shard"].iat[0] if len(p) else 3)},
+        )
+        storage.write_partition(where, table.to_pandas(), INDEXES[SIGNATURES])
+        published.append(storage.PartitionTable(where))
+    pd.testing.assert_frame_equal(one.rows, _banded_stage(parts, tables=published).rows)
+    for cfg in (config(near=False), config(exact=False), config(scope="all")):
+        tables = [signed(p, cfg) for p in parts]
+        pd.testing.assert_frame_equal(stages.cluster(tables, StageContext(cfg)).rows, _banded_stage(parts, cfg).rows)

@@ -126,6 +126,138 @@ def cluster(parts: Iterable[pa.Table | PartitionTable], ctx: StageContext) -> St
     return StageResult(rows=dedup.frame(loc, rank, found), dropped=quarantine_frame([]), stats=_stats(n, found, t0))
 
 
+# -- the banded path: the same clusters from one step per LSH band and a merge -------------------------
+# cluster() above holds every signature of a cluster group (512 bytes a document at num_perm 128). A
+# band's step holds 8 bytes of its bucket, 16 of text key, 8 of shingle count and ~20 of order per
+# document, and the signatures of its candidates; the merge holds the keys, the order and every
+# band's pairs. Documents are indexed by rank (source as listed, file, row), so a band's pairs mean
+# the same documents to the merge whatever order the partitions come in.
+
+
+def _read(part: pa.Table | PartitionTable, columns: list[str]) -> pa.Table:
+    if isinstance(part, pa.Table):
+        return part.select(columns)
+    # source and shard live in the partition's path, not its files (storage.read_table appends them)
+    return part.read([c for c in columns if c not in ("source", "shard")]).select(columns)
+
+
+def _checked(table: pa.Table, want: str) -> None:
+    made = set(table.column("params").unique().to_pylist())
+    if len(table) and made != {want}:
+        raise DedupError(
+            f"{CLUSTERS}: signatures were made with {sorted(made)}, kun.yaml asks for {want!r}: "
+            f"re-materialize {SIGNATURES} for these partitions"
+        )
+
+
+class _Ranked:
+    """The documents of every part, in rank order: which part and row each rank is, read from the
+    location columns one part at a time."""
+
+    def __init__(self, parts: list[pa.Table | PartitionTable], cfg: KunConfig):
+        self.parts = parts
+        listed = pa.array([s.name for s in cfg.sources])
+        sources, files, rows, names = [], [], [], {}
+        for part in parts:
+            t = _read(part, ["source", "file", "row"])
+            sources.append(
+                pc.index_in(t.column("source").cast(pa.string()), value_set=listed).to_numpy(zero_copy_only=False).astype(np.int64)
+            )
+            coded = pc.dictionary_encode(t.column("file")).combine_chunks() if len(t) else None
+            if coded is None:
+                files.append(np.zeros(0, dtype=np.int64))
+            else:
+                ids = np.array([names.setdefault(f, len(names)) for f in coded.dictionary.to_pylist()], dtype=np.int64)
+                files.append(ids[coded.indices.to_numpy(zero_copy_only=False)])
+            rows.append(t.column("row").to_numpy())
+        by_name = np.empty(len(names), dtype=np.int64)
+        by_name[[names[f] for f in sorted(names)]] = np.arange(len(names))  # file names in sorted order
+        self.sizes = np.array([len(r) for r in rows], dtype=np.int64)
+        self.n = int(self.sizes.sum())
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
+        # order[rank] = the document's index over the parts in the order given
+        self.order = np.lexsort((cat(rows), by_name[cat(files)] if names else cat(files), cat(sources)))
+
+    def column(self, name: str, read) -> np.ndarray:
+        """`read(table)` of each part, concatenated, in rank order."""
+        got = [read(_read(part, [name])) for part in self.parts]
+        return np.concatenate(got)[self.order] if got else np.zeros(0)
+
+    def signatures(self, ranks: np.ndarray, num_perm: int) -> np.ndarray:
+        """The signature rows of the documents of these (sorted) ranks, reading one part at a time."""
+        where = self.order[ranks]
+        part_of = np.searchsorted(np.cumsum(self.sizes), where, side="right")
+        out = np.empty((len(ranks), num_perm), dtype=np.uint32)
+        starts = np.r_[0, np.cumsum(self.sizes)[:-1]]
+        for p in np.unique(part_of):
+            mine = np.flatnonzero(part_of == p)
+            col = _read(self.parts[p], ["signature"]).column("signature").take(pa.array(where[mine] - starts[p]))
+            out[mine] = _fixed(col, 4 * num_perm, "signature").view("<u4")
+        return out
+
+
+def _keys(table: pa.Table) -> np.ndarray:
+    return _fixed(table.column("text_key"), 16, "text_key").view(">u8").astype(np.uint64)
+
+
+def band(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageContext) -> pd.DataFrame:
+    """Band k's share of the clustering over every signature partition given: its LSH candidate
+    pairs, as ranks (a < b in rank), and which are near-duplicates (`ok`)."""
+    d, want = ctx.cfg.dedup, params(ctx.cfg)
+    parts = list(parts)
+    for part in parts:
+        _checked(_read(part, ["params"]), want)
+    n_bands, rows = dedup.bands(d.threshold, d.num_perm)
+    if not 0 <= k < n_bands:
+        raise DedupError(f"{CLUSTERS}: band {k} of {n_bands} (dedup.threshold {d.threshold}, num_perm {d.num_perm})")
+    ranked = _Ranked(parts, ctx.cfg)
+    bucket = ranked.column(
+        "signature", lambda t: dedup.band_key(_fixed(t.column("signature"), 4 * d.num_perm, "signature").view("<u4"), k, rows)
+    )
+    keys = ranked.column("text_key", _keys).reshape(-1, 2) if ranked.n else np.zeros((0, 2), dtype=np.uint64)
+    shingles = ranked.column("shingles", lambda t: t.column("shingles").to_numpy())
+    rank = np.arange(ranked.n)
+    if not d.near:
+        return pd.DataFrame({"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "ok": np.zeros(0, bool)})
+    a, b, ok = dedup.band_step(bucket, keys, shingles, rank, lambda docs: ranked.signatures(docs, d.num_perm), d.threshold)
+    return pd.DataFrame({"a": a, "b": b, "ok": ok})
+
+
+def merge(parts: Iterable[pa.Table | PartitionTable], bands: Iterable[pd.DataFrame], ctx: StageContext) -> StageResult:
+    """The clusters cluster() makes, from every band's pairs (band()) and the partitions' keys."""
+    cfg = ctx.cfg
+    t0, d = time.perf_counter(), cfg.dedup
+    parts = list(parts)
+    ranked = _Ranked(parts, cfg)
+    n = ranked.n
+    if not n:
+        return StageResult(rows=pd.DataFrame(columns=INDEXES[CLUSTERS].names), dropped=quarantine_frame([]), stats=_stats(0, None, t0))
+    keys = ranked.column("text_key", _keys).reshape(-1, 2)
+    rank = np.arange(n)
+    pairs = [b for b in bands if len(b)]
+    a, b, ok = (
+        np.concatenate([p[c].to_numpy() for p in pairs]) if pairs else np.zeros(0, t)
+        for c, t in (("a", np.int64), ("b", np.int64), ("ok", bool))
+    )
+    exact = dedup.exact_edges(keys, rank) if d.exact or d.near else None
+    sim = lambda i, j: dedup.rows_jaccard(lambda docs: ranked.signatures(docs, d.num_perm), i, j)  # noqa: E731
+    found = dedup.merge(n, keys, rank, exact, (a, b, ok), dedup.bands(d.threshold, d.num_perm), sim)
+    members = np.flatnonzero(np.bincount(found.keeper, minlength=n)[found.keeper] > 1)
+    where = ranked.order[members]  # the members' locations only, read part by part
+    starts = np.r_[0, np.cumsum(ranked.sizes)[:-1]]
+    part_of = np.searchsorted(np.cumsum(ranked.sizes), where, side="right")
+    pieces, at = [], np.empty(len(members), dtype=np.int64)
+    done = 0
+    for p in np.unique(part_of):
+        mine = np.flatnonzero(part_of == p)
+        pieces.append(_read(parts[p], LOCATION.names).cast(LOCATION).take(pa.array(where[mine] - starts[p])))
+        at[mine] = np.arange(done, done + len(mine))
+        done += len(mine)
+    loc = pa.concat_tables(pieces).take(pa.array(at)) if pieces else LOCATION.empty_table()
+    compact = dedup.Clusters(np.searchsorted(members, found.keeper[members]), found.reason[members], found.jaccard[members], 0, found.bands)
+    return StageResult(rows=dedup.frame(loc, members, compact), dropped=quarantine_frame([]), stats=_stats(n, found, t0))
+
+
 def _stats(n: int, found: dedup.Clusters | None, t0: float) -> dict:
     sizes = dedup.sizes(found.keeper) if found is not None else np.zeros(0, dtype=np.int64)
     reasons = pd.Series(found.reason if found is not None else [], dtype=object).value_counts()
