@@ -4,7 +4,7 @@ every shard of a source (or every source), deduped_corpus dropping all but one m
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -70,7 +70,7 @@ def _fixed(column: pa.ChunkedArray, width: int, what: str) -> np.ndarray:
     chunk from the Arrow buffers (no Python object per value; no 2 GiB limit of one binary array)."""
     out = np.empty((len(column), width), dtype=np.uint8)
     at = 0
-    for chunk in column.chunks:
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
         if chunk.null_count:
             raise DedupError(f"{SIGNATURES}: {chunk.null_count} empty {what} value(s)")
         offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
@@ -141,6 +141,16 @@ def _read(part: pa.Table | PartitionTable, columns: list[str]) -> pa.Table:
     return part.read([c for c in columns if c not in ("source", "shard")]).select(columns)
 
 
+_BATCH = 16384  # signature rows read at a time (8 MiB at num_perm 128): a step never holds a shard's
+
+
+def _batches(part: pa.Table | PartitionTable, column: str) -> Iterator[pa.Array]:
+    """A column stored in the partition's files, _BATCH rows at a time."""
+    got = part.select([column]).to_batches(_BATCH) if isinstance(part, pa.Table) else part.batches([column], _BATCH)
+    for batch in got:
+        yield batch.column(0)
+
+
 def _checked(table: pa.Table, want: str) -> None:
     made = set(table.column("params").unique().to_pylist())
     if len(table) and made != {want}:
@@ -179,25 +189,26 @@ class _Ranked:
         self.order = np.lexsort((cat(rows), by_name[cat(files)] if names else cat(files), cat(sources)))
 
     def column(self, name: str, read) -> np.ndarray:
-        """`read(table)` of each part, concatenated, in rank order."""
-        got = [read(_read(part, [name])) for part in self.parts]
+        """`read(array)` of each batch of a column stored in the parts, concatenated, in rank order."""
+        got = [read(values) for part in self.parts for values in _batches(part, name)]
         return np.concatenate(got)[self.order] if got else np.zeros(0)
 
     def signatures(self, ranks: np.ndarray, num_perm: int) -> np.ndarray:
-        """The signature rows of the documents of these (sorted) ranks, reading one part at a time."""
+        """The signature rows of the documents of these (sorted) ranks, one batch at a time."""
         where = self.order[ranks]
-        part_of = np.searchsorted(np.cumsum(self.sizes), where, side="right")
         out = np.empty((len(ranks), num_perm), dtype=np.uint32)
-        starts = np.r_[0, np.cumsum(self.sizes)[:-1]]
-        for p in np.unique(part_of):
-            mine = np.flatnonzero(part_of == p)
-            col = _read(self.parts[p], ["signature"]).column("signature").take(pa.array(where[mine] - starts[p]))
-            out[mine] = _fixed(col, 4 * num_perm, "signature").view("<u4")
+        start = 0
+        for part in self.parts:
+            for values in _batches(part, "signature"):
+                mine = np.flatnonzero((where >= start) & (where < start + len(values)))
+                if len(mine):
+                    out[mine] = _fixed(values.take(pa.array(where[mine] - start)), 4 * num_perm, "signature").view("<u4")
+                start += len(values)
         return out
 
 
-def _keys(table: pa.Table) -> np.ndarray:
-    return _fixed(table.column("text_key"), 16, "text_key").view(">u8").astype(np.uint64)
+def _keys(values: pa.Array) -> np.ndarray:
+    return _fixed(values, 16, "text_key").view(">u8").astype(np.uint64)
 
 
 def band(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageContext) -> pd.DataFrame:
@@ -211,11 +222,9 @@ def band(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageContext) 
     if not 0 <= k < n_bands:
         raise DedupError(f"{CLUSTERS}: band {k} of {n_bands} (dedup.threshold {d.threshold}, num_perm {d.num_perm})")
     ranked = _Ranked(parts, ctx.cfg)
-    bucket = ranked.column(
-        "signature", lambda t: dedup.band_key(_fixed(t.column("signature"), 4 * d.num_perm, "signature").view("<u4"), k, rows)
-    )
+    bucket = ranked.column("signature", lambda v: dedup.band_key(_fixed(v, 4 * d.num_perm, "signature").view("<u4"), k, rows))
     keys = ranked.column("text_key", _keys).reshape(-1, 2) if ranked.n else np.zeros((0, 2), dtype=np.uint64)
-    shingles = ranked.column("shingles", lambda t: t.column("shingles").to_numpy())
+    shingles = ranked.column("shingles", lambda v: v.to_numpy(zero_copy_only=False))
     rank = np.arange(ranked.n)
     if not d.near:
         return pd.DataFrame({"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "ok": np.zeros(0, bool)})
