@@ -8,6 +8,7 @@ from kun_dagster import registry, stages
 from kun_dagster.code_versions import code_version
 from kun_dagster.config import KunConfig
 from kun_dagster.registry import SOURCE_FILES
+from kun_dagster.stages.raw import LISTINGS
 from resources import STREAM, KunResource, LLMResource
 
 from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, columns, gpu_tags, kinds, run_stage
@@ -36,7 +37,11 @@ def _raw_corpus(cfg: KunConfig, parts) -> dg.AssetsDefinition:
         """Every document of the partition's files (a file's shard is a stable hash of its path),
         streamed in batches; unreadable rows go to the quarantine with a reason code, file and row.
         Config: sources (uri, format, encoding, fields), shards, ingest (size limits), storage.batch_rows."""
-        yield from run_stage(context, kun, registry.RAW, dict.fromkeys(context.partition_keys), stages.ingest, stream=True)
+        keys = context.partition_keys
+        listings = {}  # one dict for every key: each source is listed once in the step, however many shards it runs
+        yield from run_stage(
+            context, kun, registry.RAW, dict.fromkeys(keys), stages.ingest, stream=True, side={LISTINGS: dict.fromkeys(keys, listings)}
+        )
 
     return raw_corpus
 

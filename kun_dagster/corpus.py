@@ -529,6 +529,22 @@ class _Batch:
         return out
 
 
+@dataclass(frozen=True)
+class Listing:
+    """A source's files from one listing: a step over many shards of the source lists it once."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+    found: dict[str, dict]
+
+
+def listing(source: SourceConfig, uri: str, storage_options: dict | None = None) -> Listing:
+    try:
+        return Listing(*_glob(uri, storage_options))
+    except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
+        raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e
+
+
 def iter_shard(
     source: SourceConfig,
     uri: str,
@@ -537,12 +553,15 @@ def iter_shard(
     storage_options: dict | None = None,
     batch_rows: int = 20000,
     limits: IngestConfig | None = None,
+    listed: Listing | None = None,
 ) -> Iterator[Ingested]:
     """Read every file of `source` that falls in `shard`, as batches of at most `batch_rows`
     documents (each with the quarantined rows met since the last): memory holds one batch, not
-    the shard. Always yields at least one batch."""
+    the shard. Always yields at least one batch. `listed`: the source's listing, made once for
+    every shard of a step (else listed here)."""
+    lst = listed or listing(source, uri, storage_options)
+    fs, root, found = lst.fs, lst.root, lst.found
     try:
-        fs, root, found = _glob(uri, storage_options)
         kept_at = id_index(source, fs, root, found, limits).kept_at
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
         raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e

@@ -123,3 +123,29 @@ def test_demo_corpora_ingest_quarantines_exactly_the_planted_rows(planted):
     expected = sorted((p["source"], p["file"], p["row"], p["reason"]) for p in planted if p["stage"] == "raw_corpus")
     assert sorted(bad) == expected
     assert rows >= 150
+
+
+def test_a_step_over_many_shards_lists_its_source_once(tmp_path, monkeypatch):
+    """raw_corpus over a source's 8 shards in one run (a one-source backfill): one listing of the
+    source for the step, not one per shard (a million keys on S3 take minutes to list)."""
+    import dagster as dg
+
+    from kun_dagster import corpus
+    from kun_dagster.dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+    from kun_dagster.definitions import build_definitions
+
+    from .conftest import write_config
+
+    (tmp_path / "web").mkdir()
+    for i in range(40):
+        (tmp_path / "web" / f"f{i:02d}.jsonl").write_text(json.dumps({"text": f"第{i}篇。" * 20}, ensure_ascii=False) + "\n")
+    source = {"name": "web", "uri": str(tmp_path / "web" / "*.jsonl"), "format": "jsonl", "text_field": "text"}
+    defs = build_definitions(write_config(tmp_path, sources=[source], shards=8))
+    calls = []
+    real = corpus._glob
+    monkeypatch.setattr(corpus, "_glob", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    tags = {ASSET_PARTITION_RANGE_START_TAG: "web|0", ASSET_PARTITION_RANGE_END_TAG: "web|7"}
+    result = dg.materialize(list(defs.assets), selection=["raw_corpus"], resources=defs.resources, tags=tags)
+    assert result.success and calls == [source["uri"]]
+    rows = sum(m.metadata["dagster/row_count"].value for m in result.asset_materializations_for_node("raw_corpus"))
+    assert rows == 40  # every file read, each in its own shard
