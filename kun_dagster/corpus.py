@@ -13,10 +13,13 @@ import hashlib
 import io
 import json
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -108,9 +111,9 @@ def shard_versions(
         rel = _relative(path, root)
         files[shard_of(rel, shards)].append((rel, info.get("size"), _stamp(info)))
     kept: dict[int, list] = {shard: [] for shard in range(shards)}
-    for doc_id, where in index.files.items():
+    for h, where in index.files.items():
         for shard in {shard_of(rel, shards) for rel in where}:
-            kept[shard].append((doc_id, *index.kept_at[doc_id]))
+            kept[shard].append((h.hex(), *index.kept_at[h]))
     return {
         shard: hashlib.sha256(
             json.dumps([sorted(fs), sorted(kept[shard])] if kept[shard] else sorted(fs), default=str).encode()
@@ -449,21 +452,36 @@ def documents(fs, path: str, rel: str, source: SourceConfig, limits: IngestConfi
 # -- ids unique per source ------------------------------------------------------------------------------
 @dataclass
 class IdIndex:
-    """The ids more than one document of a source carries: where each is kept (the first valid
-    document in (file, row) order) and every file it occurs in."""
+    """The ids more than one document of a source carries, by id_hash: where each is kept (the
+    first valid document in (file, row) order) and every file it occurs in."""
 
-    kept_at: dict[str, tuple[str, int]] = field(default_factory=dict)
-    files: dict[str, set[str]] = field(default_factory=dict)
+    kept_at: dict[bytes, tuple[str, int]] = field(default_factory=dict)
+    files: dict[bytes, set[str]] = field(default_factory=dict)
+
+    def kept(self, doc_id: str) -> tuple[str, int] | None:
+        """Where a repeated id is kept; None for an id no other document carries."""
+        return self.kept_at.get(id_hash(doc_id)) if self.kept_at else None
+
+
+def id_hash(doc_id: str) -> bytes:
+    """16 bytes standing for an id (a collision is as unlikely as text_key's, ~1e-21 at 1e9 ids)."""
+    return hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 _ID_INDEX: dict[tuple, IdIndex] = {}  # per process: one index per source listing
+_ID_RECORD = np.dtype([("h", "V16"), ("file", "<i4"), ("row", "<i8")])
+ID_BUCKETS, ID_BUFFER = 256, 1 << 16  # spill files (a bucket read back holds 1/256 of the records), records held between spills
 
 
 def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits: IngestConfig | None = None) -> IdIndex:
     """The source's repeated ids. Ingest of any shard quarantines every copy but the kept one as
     duplicate_id, naming that place, so ids are unique per source (what the release requires)
     whatever the shard count. Empty when ids are file:row (unique by construction). Computed
-    once per process for a given listing (`_glob`'s: paths, sizes, modification)."""
+    once per process for a given listing (`_glob`'s: paths, sizes, modification).
+
+    Memory holds the repeated ids only: every document's (id_hash, file, row) is spilled to one of
+    ID_BUCKETS temporary files by its hash, and the buckets are read back one at a time; an id's
+    copies all land in one bucket (28 bytes a document on disk, under $TMPDIR)."""
     if not source.id_field:
         return IdIndex()
     key = (
@@ -472,18 +490,44 @@ def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits
         tuple((p, info.get("size"), _stamp(info)) for p, info in found.items()),
     )
     if key not in _ID_INDEX:
-        first: dict[str, tuple[str, int]] = {}
-        files: dict[str, set[str]] = {}
-        for path in found:
-            rel = _relative(path, root)
-            for kind, row, doc_id, *_ in documents(fs, path, rel, source, limits):
-                if kind == "doc":
-                    if doc_id in first:
-                        files.setdefault(doc_id, {first[doc_id][0]}).add(rel)
-                    else:
-                        first[doc_id] = (rel, row)
-        _ID_INDEX.clear()  # one source's index at a time: it can be large
-        _ID_INDEX[key] = IdIndex({i: first[i] for i in files}, files)
+        rels = [_relative(path, root) for path in found]
+        index = IdIndex()
+        with tempfile.TemporaryDirectory(prefix="kun-ids-") as tmp:
+            spills = [Path(tmp) / f"{b}.bin" for b in range(ID_BUCKETS)]
+            buffer, held = np.empty(ID_BUFFER, dtype=_ID_RECORD), 0
+
+            def spill() -> None:  # the buffer's records, each to its bucket's file
+                records = buffer[:held]
+                bucket = np.frombuffer(records["h"].tobytes(), dtype=np.uint8)[::16].astype(np.intp) % ID_BUCKETS
+                for b in np.unique(bucket):
+                    with spills[b].open("ab") as f:
+                        records[bucket == b].tofile(f)
+
+            for i, path in enumerate(found):
+                for kind, row, doc_id, *_ in documents(fs, path, rels[i], source, limits):
+                    if kind == "doc":
+                        buffer[held] = (id_hash(doc_id), i, row)
+                        held += 1
+                        if held == ID_BUFFER:
+                            spill()
+                            held = 0
+            spill()
+            for b in range(ID_BUCKETS):
+                if not spills[b].exists():
+                    continue
+                records = np.fromfile(spills[b], dtype=_ID_RECORD)
+                hashes, counts = np.unique(records["h"], return_counts=True)
+                if not (counts > 1).any():
+                    continue
+                repeated = records[np.isin(records["h"], hashes[counts > 1])]
+                repeated.sort(order=["h", "file", "row"])  # each id's copies together, the kept (first) one first
+                for r in repeated:
+                    h = r["h"].tobytes()
+                    if h not in index.kept_at:
+                        index.kept_at[h] = (rels[r["file"]], int(r["row"]))
+                    index.files.setdefault(h, set()).add(rels[r["file"]])
+        _ID_INDEX.clear()  # one source's index at a time
+        _ID_INDEX[key] = index
     return _ID_INDEX[key]
 
 
@@ -562,7 +606,7 @@ def iter_shard(
     lst = listed or listing(source, uri, storage_options)
     fs, root, found = lst.fs, lst.root, lst.found
     try:
-        kept_at = id_index(source, fs, root, found, limits).kept_at
+        index = id_index(source, fs, root, found, limits)
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
         raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e
     if not found:
@@ -580,8 +624,8 @@ def iter_shard(
                 batch.reject(rel, row, *item)
                 continue
             doc_id, title, text = item
-            if kept_at.get(doc_id, (rel, row)) != (rel, row):
-                kf, kr = kept_at[doc_id]
+            if (kept := index.kept(doc_id)) is not None and kept != (rel, row):
+                kf, kr = kept
                 batch.reject(rel, row, DUPLICATE_ID, f"doc id {doc_id!r} is kept at {kf}:{kr} (first in the source)", text, doc_id)
                 continue
             batch.keep(rel, row, doc_id, title, text)

@@ -3,10 +3,14 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kun_dagster.config import SourceConfig, load_config
 from kun_dagster.corpus import CorpusError, list_files, shard_of
@@ -149,3 +153,30 @@ def test_a_step_over_many_shards_lists_its_source_once(tmp_path, monkeypatch):
     assert result.success and calls == [source["uri"]]
     rows = sum(m.metadata["dagster/row_count"].value for m in result.asset_materializations_for_node("raw_corpus"))
     assert rows == 40  # every file read, each in its own shard
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["a", "b", "文", "a ", "x" * 300, "7"]), max_size=8), min_size=1, max_size=5))
+def test_the_id_index_spilled_to_disk_keeps_the_first_copy_of_every_repeated_id(files):
+    """corpus.id_index spills (id hash, file, row) to bucket files and reads them back one at a
+    time; with tiny buffers and few buckets (every spill path taken) it equals the rule written
+    plainly: the first (file, row) of each id that occurs more than once, and every file it is in."""
+    import tempfile
+    from unittest import mock
+
+    from kun_dagster import corpus
+
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(corpus, "ID_BUFFER", 2), mock.patch.object(corpus, "ID_BUCKETS", 3):
+        for i, ids in enumerate(files):
+            lines = [json.dumps({"id": x, "text": "正文"}, ensure_ascii=False) for x in ids]
+            (Path(tmp) / f"f{i}.jsonl").write_text("\n".join(lines) + "\n" if lines else "")
+        fs, root, found = corpus._glob(f"{tmp}/*.jsonl", None)
+        index = corpus.id_index(_src("jsonl", id_field="id"), fs, root, found)
+    first, where, count = {}, {}, Counter(x for ids in files for x in ids)
+    for i, ids in enumerate(files):
+        for row, x in enumerate(ids):
+            first.setdefault(x, (f"f{i}.jsonl", row + 1))  # a JSONL row is its line number
+            where.setdefault(x, set()).add(f"f{i}.jsonl")
+    repeated = [x for x in first if count[x] > 1]
+    assert index.kept_at == {corpus.id_hash(d): first[d] for d in repeated}
+    assert index.files == {corpus.id_hash(d): where[d] for d in repeated}
