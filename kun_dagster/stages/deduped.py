@@ -221,13 +221,13 @@ def band(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageContext) 
     n_bands, rows = dedup.bands(d.threshold, d.num_perm)
     if not 0 <= k < n_bands:
         raise DedupError(f"{CLUSTERS}: band {k} of {n_bands} (dedup.threshold {d.threshold}, num_perm {d.num_perm})")
+    if not d.near:  # exact duplicates alone need no band
+        return pd.DataFrame({"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "ok": np.zeros(0, bool)})
     ranked = _Ranked(parts, ctx.cfg)
     bucket = ranked.column("signature", lambda v: dedup.band_key(_fixed(v, 4 * d.num_perm, "signature").view("<u4"), k, rows))
     keys = ranked.column("text_key", _keys).reshape(-1, 2) if ranked.n else np.zeros((0, 2), dtype=np.uint64)
     shingles = ranked.column("shingles", lambda v: v.to_numpy(zero_copy_only=False))
     rank = np.arange(ranked.n)
-    if not d.near:
-        return pd.DataFrame({"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "ok": np.zeros(0, bool)})
     a, b, ok = dedup.band_step(bucket, keys, shingles, rank, lambda docs: ranked.signatures(docs, d.num_perm), d.threshold)
     return pd.DataFrame({"a": a, "b": b, "ok": ok})
 
@@ -237,6 +237,8 @@ def merge(parts: Iterable[pa.Table | PartitionTable], bands: Iterable[pd.DataFra
     cfg = ctx.cfg
     t0, d = time.perf_counter(), cfg.dedup
     parts = list(parts)
+    for part in parts:
+        _checked(_read(part, ["params"]), params(cfg))
     ranked = _Ranked(parts, cfg)
     n = ranked.n
     if not n:
