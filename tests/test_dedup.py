@@ -194,6 +194,10 @@ def test_signatures_of_another_configuration_are_refused():
     parts = [signed(frame(["一段文字，足够长了吧，真的。"])), signed(frame(["另一段文字，也够长。"], shard=1), config(ngram=3))]
     with pytest.raises(stages.DedupError, match="re-materialize minhash_signatures"):
         stages.cluster(parts, StageContext(CFG))
+    with pytest.raises(stages.DedupError, match="re-materialize minhash_signatures"):
+        deduped.band(parts, 0, StageContext(CFG))  # the banded path's steps, alike
+    with pytest.raises(stages.DedupError, match="re-materialize minhash_signatures"):
+        deduped.merge(parts, [], StageContext(CFG))
 
 
 def test_bands_catch_a_pair_at_the_threshold_with_probability_099():
