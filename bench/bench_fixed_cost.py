@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,13 +28,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
 
-from bench.bench_vllm import workload  # noqa: E402
-from kun_dagster import model_store, prompts, stages, storage  # noqa: E402
+from bench.bench_vllm import labeling_base, workload  # noqa: E402
+from kun_dagster import model_store, prompts, stages  # noqa: E402
 from kun_dagster.config import load_config  # noqa: E402
 from kun_dagster.llm.base import EngineSpec, encode, request_seed  # noqa: E402
-from kun_dagster.store import upath  # noqa: E402
 
 BARE = """
 import json, sys, time
@@ -63,22 +60,9 @@ def prepare(cfg_file: Path, n: int) -> tuple[Path, dict]:
     partition of n documents, the label model's reference, and the bare process's job."""
     cfg = load_config(cfg_file)
     docs = workload(cfg, n)
-    tmp = Path(tempfile.mkdtemp(prefix="kun-fixed-"))
-    raw = yaml.safe_load(cfg_file.read_text())
-    raw["storage"] = {"base_uri": str(tmp / "data")}
-    for s in raw["sources"]:
-        s["uri"] = cfg.resolve(s["uri"])
-    raw["seed"]["uri"] = cfg.resolve(raw["seed"]["uri"])
-    raw["models"]["label"]["backend"] = "vllm"
-    (tmp / "kun.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True))
-    source = cfg.sources[0].name
-    base = upath(str(tmp / "data"))
-    storage.write_partition(
-        storage.partition_dir(base, "deduped_corpus", {"source": source, "shard": "0"}), docs.assign(source=source, shard=0)
-    )
     label = str(Path(cfg.models_dir) / "label")
-    (tmp / "data/models/refs").mkdir(parents=True)
-    (tmp / "data/models/refs/label_model.json").write_text(json.dumps(model_store.ref("label", label, label, "trained")))
+    tmp = labeling_base(cfg_file, cfg, docs, model_store.ref("label", label, label, "trained"), "kun-fixed-")
+    source = cfg.sources[0].name
 
     from transformers import AutoTokenizer
 

@@ -94,6 +94,28 @@ def bare_vllm(path: str, vllm_settings: dict, dtype: str, prompt_texts: list[str
     return tokens, seconds, start
 
 
+def labeling_base(cfg_file: Path, cfg, docs: pd.DataFrame, label_ref: dict, prefix: str) -> Path:
+    """A scratch folder for the labeled_pairs step alone: its kun.yaml (cfg_file's, the label model
+    on vLLM, storage under data/), one deduped_corpus partition holding `docs` (the first source's
+    shard 0) and the label model's reference."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    raw = yaml.safe_load(cfg_file.read_text())
+    raw["storage"] = {"base_uri": str(tmp / "data")}
+    for s in raw["sources"]:
+        s["uri"] = cfg.resolve(s["uri"])
+    raw["seed"]["uri"] = cfg.resolve(raw["seed"]["uri"])
+    raw["models"]["label"]["backend"] = "vllm"
+    (tmp / "kun.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True))
+    source = cfg.sources[0].name
+    base = upath(str(tmp / "data"))
+    storage.write_partition(
+        storage.partition_dir(base, "deduped_corpus", {"source": source, "shard": "0"}), docs.assign(source=source, shard=0)
+    )
+    (tmp / "data/models/refs").mkdir(parents=True)
+    (tmp / "data/models/refs/label_model.json").write_text(json.dumps(label_ref))
+    return tmp
+
+
 def materialize_labeled_pairs(cfg_file: Path, cfg, docs: pd.DataFrame, label_ref: dict) -> dict:
     """(c): the labeled_pairs step over one partition holding the workload, in a scratch base."""
     import dagster as dg
@@ -101,21 +123,8 @@ def materialize_labeled_pairs(cfg_file: Path, cfg, docs: pd.DataFrame, label_ref
     import resources.llm as llm_resource
     from kun_dagster.definitions import build_definitions
 
-    tmp = Path(tempfile.mkdtemp(prefix="kun-bench-"))
-    raw = yaml.safe_load(cfg_file.read_text())
-    raw["storage"] = {"base_uri": str(tmp)}
-    for s in raw["sources"]:
-        s["uri"] = cfg.resolve(s["uri"])
-    raw["seed"]["uri"] = cfg.resolve(raw["seed"]["uri"])
-    raw["models"]["label"]["backend"] = "vllm"
-    bench_cfg = tmp / "kun.yaml"
-    bench_cfg.write_text(yaml.safe_dump(raw, allow_unicode=True))
-    source = cfg.sources[0].name
-    storage.write_partition(
-        storage.partition_dir(upath(str(tmp)), "deduped_corpus", {"source": source, "shard": "0"}), docs.assign(source=source, shard=0)
-    )
-    (tmp / "models" / "refs").mkdir(parents=True)
-    (tmp / "models" / "refs" / "label_model.json").write_text(json.dumps(label_ref))
+    tmp = labeling_base(cfg_file, cfg, docs, label_ref, "kun-bench-")
+    bench_cfg, source = tmp / "kun.yaml", cfg.sources[0].name
 
     starts, closes, produced, generating = [], [], [], []
     real_load = llm_resource.load_engine
@@ -152,7 +161,7 @@ def materialize_labeled_pairs(cfg_file: Path, cfg, docs: pd.DataFrame, label_ref
         )
     finally:
         llm_resource.load_engine = real_load
-    labeled = storage.partition_rows(storage.partition_dir(upath(str(tmp)), "labeled_pairs", {"source": source, "shard": "0"}))
+    labeled = storage.partition_rows(storage.partition_dir(upath(str(tmp / "data")), "labeled_pairs", {"source": source, "shard": "0"}))
     return {
         "ok": result.success,
         "seconds": seconds,
