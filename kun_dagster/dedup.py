@@ -260,15 +260,6 @@ def band_key(sig: np.ndarray, band: int, rows: int) -> np.ndarray:
     return _band_key(sig[:, band * rows : (band + 1) * rows])
 
 
-def band_keys(sig: np.ndarray, n_bands: int, rows: int) -> np.ndarray:
-    """Each document's bucket in every band, (n, n_bands) uint64: all a band's step needs of the
-    signatures to find its candidates (8 bytes a document and band, against 4 x num_perm)."""
-    out = np.empty((len(sig), n_bands), dtype=np.uint64)
-    for k in range(n_bands):
-        out[:, k] = band_key(sig, k, rows)
-    return out
-
-
 def band_candidates(band_key: np.ndarray, rank: np.ndarray, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One band's candidate pairs among the alive documents (star edges per bucket), as document
     indices, the first of each pair the lower-ranked."""

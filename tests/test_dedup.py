@@ -327,14 +327,13 @@ def _banded(sig, keys, shingles, rank, threshold, asked=None):
     """dedup.cluster's result rebuilt as the banded path makes it: one band_step per band (given
     only that band's bucket of each document, and the signatures it asks for), then merge."""
     b, r = dedup.bands(threshold, sig.shape[1])
-    per_band = dedup.band_keys(sig, b, r)
 
     def signatures_of(docs):
         if asked is not None:
             asked.append(len(docs))
         return sig[docs]
 
-    got = [dedup.band_step(per_band[:, k], keys, shingles, rank, signatures_of, threshold) for k in range(b)]
+    got = [dedup.band_step(dedup.band_key(sig, k, r), keys, shingles, rank, signatures_of, threshold) for k in range(b)]
     a, c, ok = (np.concatenate(x) for x in zip(*got, strict=True))
     exact = dedup.exact_edges(keys, rank)
     return dedup.merge(len(rank), keys, rank, exact, (a, c, ok), (b, r), lambda i, j: dedup.rows_jaccard(signatures_of, i, j))
