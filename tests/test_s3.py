@@ -164,6 +164,12 @@ def _s3_config(tmp: Path, models_run, endpoint: str, base: str = "s3://kun/data"
     return cfg_file
 
 
+def _upload_folder(s3, folder: Path, prefix: str) -> None:
+    """Every file under `folder` to s3://kun/<prefix>/, at its relative path (a checkpoint given on S3)."""
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        s3.upload_file(str(f), "kun", f"{prefix}/{f.relative_to(folder).as_posix()}")
+
+
 def _range(first: str, last: str) -> dict:
     return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
 
@@ -174,8 +180,7 @@ def s3_run(moto, models_run, tmp_path_factory):
     for f in sorted((REPO / "demo/corpora/wudao").glob("*.json")):  # the wudao source is read from S3
         s3.upload_file(str(f), "kun", f"corpora/wudao/{f.name}")
     label_dir = Path(models_run["refs"]["label_model"]["path"])
-    for f in sorted(p for p in label_dir.rglob("*") if p.is_file()):  # the label model is given on S3
-        s3.upload_file(str(f), "kun", f"given/label/{f.relative_to(label_dir).as_posix()}")
+    _upload_folder(s3, label_dir, "given/label")  # the label model is given on S3
     tmp = tmp_path_factory.mktemp("s3")
     cfg_file = _s3_config(tmp, models_run, moto.url)
     cfg = yaml.safe_load(cfg_file.read_text())
@@ -359,8 +364,7 @@ def test_steps_that_share_nothing_but_s3_and_postgres_make_the_same_release(s3_r
     cfg["seed"]["uri"] = f"s3://kun/seed/{seed.name}"
     for role in ("base", "chat"):
         local = Path(cfg["models"][role]["path"])
-        for f in sorted(p for p in local.rglob("*") if p.is_file()):
-            s3.upload_file(str(f), "kun", f"given/{role}/{f.relative_to(local).as_posix()}")
+        _upload_folder(s3, local, f"given/{role}")
         cfg["models"][role]["path"] = f"s3://kun/given/{role}"
     cfg["storage"] |= {"base_uri": "s3://kun/pods", "models_dir": "s3://kun/pods/models", "model_cache": "~/.cache/kun/models"}
     uris = [s["uri"] for s in cfg["sources"] if s["name"] == "wudao"] + [cfg["seed"]["uri"]]
