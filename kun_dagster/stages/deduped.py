@@ -193,6 +193,19 @@ class _Ranked:
         got = [read(values) for part in self.parts for values in _batches(part, name)]
         return np.concatenate(got)[self.order] if got else np.zeros(0)
 
+    def locations(self, ranks: np.ndarray) -> pa.Table:
+        """The LOCATION rows of the documents of these ranks, in their order, reading one part at a time."""
+        where = self.order[ranks]
+        starts = np.r_[0, np.cumsum(self.sizes)[:-1]]
+        part_of = np.searchsorted(np.cumsum(self.sizes), where, side="right")
+        pieces, at, done = [], np.empty(len(ranks), dtype=np.int64), 0
+        for p in np.unique(part_of):
+            mine = np.flatnonzero(part_of == p)
+            pieces.append(_read(self.parts[p], LOCATION.names).cast(LOCATION).take(pa.array(where[mine] - starts[p])))
+            at[mine] = np.arange(done, done + len(mine))
+            done += len(mine)
+        return pa.concat_tables(pieces).take(pa.array(at)) if pieces else LOCATION.empty_table()
+
     def signatures(self, ranks: np.ndarray, num_perm: int) -> np.ndarray:
         """The signature rows of the documents of these (sorted) ranks, one batch at a time."""
         where = self.order[ranks]
@@ -254,17 +267,7 @@ def merge(parts: Iterable[pa.Table | PartitionTable], bands: Iterable[pd.DataFra
     sim = lambda i, j: dedup.rows_jaccard(lambda docs: ranked.signatures(docs, d.num_perm), i, j)  # noqa: E731
     found = dedup.merge(n, keys, rank, exact, (a, b, ok), dedup.bands(d.threshold, d.num_perm), sim)
     members = np.flatnonzero(np.bincount(found.keeper, minlength=n)[found.keeper] > 1)
-    where = ranked.order[members]  # the members' locations only, read part by part
-    starts = np.r_[0, np.cumsum(ranked.sizes)[:-1]]
-    part_of = np.searchsorted(np.cumsum(ranked.sizes), where, side="right")
-    pieces, at = [], np.empty(len(members), dtype=np.int64)
-    done = 0
-    for p in np.unique(part_of):
-        mine = np.flatnonzero(part_of == p)
-        pieces.append(_read(parts[p], LOCATION.names).cast(LOCATION).take(pa.array(where[mine] - starts[p])))
-        at[mine] = np.arange(done, done + len(mine))
-        done += len(mine)
-    loc = pa.concat_tables(pieces).take(pa.array(at)) if pieces else LOCATION.empty_table()
+    loc = ranked.locations(members)  # the members' only
     compact = dedup.Clusters(np.searchsorted(members, found.keeper[members]), found.reason[members], found.jaccard[members], 0, found.bands)
     return StageResult(rows=dedup.frame(loc, members, compact), dropped=quarantine_frame([]), stats=_stats(n, found, t0))
 
