@@ -207,9 +207,14 @@ def _sign_phase(n: int, out: Path) -> dict:
     }
 
 
+def _tables(out: Path) -> list:
+    """The signature partitions, as the clustering asset gets them."""
+    return [storage.PartitionTable(upath(str(d))) for d in sorted((out / "source=web").iterdir())]
+
+
 def _cluster_phase(out: Path, keep: bool = False) -> dict:
     t0 = time.perf_counter()
-    tables = [storage.PartitionTable(upath(str(d))) for d in sorted((out / "source=web").iterdir())]  # as the asset gets them
+    tables = _tables(out)
     read = time.perf_counter() - t0
     result = stages.cluster(tables, StageContext(CFG))
     if keep:  # for the banded path's merge to compare with
@@ -224,10 +229,6 @@ def _cluster_phase(out: Path, keep: bool = False) -> dict:
         "candidate_pairs": st["candidate_pairs"],
         "peak_rss_mib": _rss_mib(),
     }
-
-
-def _tables(out: Path) -> list:
-    return [storage.PartitionTable(upath(str(d))) for d in sorted((out / "source=web").iterdir())]
 
 
 def _band_phase(out: Path, k: int) -> dict:
