@@ -380,8 +380,7 @@ def test_the_banded_path_makes_the_clusters_of_one_step(seed, n, threshold):
     _same(one, _banded(sig, keys, shingles, rank, threshold))
 
 
-def _banded_stage(partitions: list[pd.DataFrame], cfg=CFG, tables=None):
-    tables = tables or [signed(p, cfg) for p in partitions]
+def _banded_stage(tables: list, cfg=CFG):
     n_bands, _ = dedup.bands(cfg.dedup.threshold, cfg.dedup.num_perm)
     pairs = [deduped.band(tables[::-1], k, StageContext(cfg)) for k in range(n_bands)]  # any partition order
     return deduped.merge(tables, pairs, StageContext(cfg))
@@ -390,21 +389,17 @@ def _banded_stage(partitions: list[pd.DataFrame], cfg=CFG, tables=None):
 def test_banded_steps_over_partitions_give_the_one_step_clusters_and_stats(planted, tmp_path):
     parts = planted["parts"] + [frame(pd.concat(planted["parts"])["text"].tolist()[:30], shard=2, file="c.jsonl")]  # exact copies
     parts += [frame([], shard=3, file="d.jsonl"), frame(["", "   "], source="news", shard=0, file="e.jsonl")]
-    one = stages.cluster([signed(p) for p in parts], StageContext(CFG))
-    banded = _banded_stage(parts)
+    tables = [signed(p) for p in parts]  # the switches below leave the signatures as they are
+    one = stages.cluster(tables, StageContext(CFG))
+    banded = _banded_stage(tables)
     pd.testing.assert_frame_equal(one.rows, banded.rows)
     assert {k: v for k, v in one.stats.items() if k != "seconds"} == {k: v for k, v in banded.stats.items() if k != "seconds"}
     assert one.stats["duplicates"]["near_duplicate"] >= 390 and one.stats["duplicates"]["duplicate_text"] >= 30
     published = []  # as the assets get them: published partitions, source and shard in their path only
-    for p, table in zip(parts, [signed(p) for p in parts], strict=True):
-        where = storage.partition_dir(
-            upath(str(tmp_path)),
-            SIGNATURES,
-            {"source": p["source"].iat[0] if len(p) else "web", "shard": str(p["shard"].iat[0] if len(p) else 3)},
-        )
+    for (source, shard), table in zip([("web", 0), ("web", 1), ("web", 2), ("web", 3), ("news", 0)], tables, strict=True):
+        where = storage.partition_dir(upath(str(tmp_path)), SIGNATURES, {"source": source, "shard": str(shard)})
         storage.write_partition(where, table.to_pandas(), INDEXES[SIGNATURES])
         published.append(storage.PartitionTable(where))
-    pd.testing.assert_frame_equal(one.rows, _banded_stage(parts, tables=published).rows)
+    pd.testing.assert_frame_equal(one.rows, _banded_stage(published).rows)
     for cfg in (config(near=False), config(exact=False), config(scope="all")):
-        tables = [signed(p, cfg) for p in parts]
-        pd.testing.assert_frame_equal(stages.cluster(tables, StageContext(cfg)).rows, _banded_stage(parts, cfg).rows)
+        pd.testing.assert_frame_equal(stages.cluster(tables, StageContext(cfg)).rows, _banded_stage(tables, cfg).rows)
