@@ -22,6 +22,9 @@ from kun_dagster.store import is_s3
 from ui import figures, table
 
 GPU_POOL = "gpu"
+# Steps whose model role runs on vLLM servers: they hold no local GPU, and this pool (default limit 1,
+# like every pool: dagster.yaml) bounds how many steps of an instance share the servers at once.
+SERVER_POOL = "llm_servers"
 SINGLE_RUN = dg.BackfillPolicy.single_run()
 # A GPU step whose process dies (OOM kill, a CUDA fault) or whose code raises is retried in the same
 # run, and an LLM stage resumes from its batch checkpoints. What cannot succeed on a retry (a
@@ -35,7 +38,7 @@ def kinds(cfg, *formats: str, role: str | None = None, checked: bool = True) -> 
     here), pandera when a schema guards it, its formats, and s3 when it lives there."""
     out = set(formats)
     if role:
-        out.add("vllm" if resolve_backend(getattr(cfg.models, role).backend) == "vllm" else "pytorch")
+        out.add("pytorch" if resolve_backend(getattr(cfg.models, role).backend) == "transformers" else "vllm")
     if checked:
         out.add("pandera")
     if is_s3(cfg.base_uri):
@@ -43,9 +46,21 @@ def kinds(cfg, *formats: str, role: str | None = None, checked: bool = True) -> 
     return out
 
 
+def on_servers(cfg, role: str | None) -> bool:
+    return bool(role) and getattr(cfg.models, role).backend == "server"
+
+
+def llm_pool(cfg, role: str | None) -> str:
+    """The pool of a step that runs a model role: the GPU's, or the servers' where the role is on them."""
+    return SERVER_POOL if on_servers(cfg, role) else GPU_POOL
+
+
 def gpu_tags(cfg, role: str | None) -> dict:
     """Op tags asking Kubernetes (dagster-k8s) for the GPUs a step's engine uses: its role's vLLM
-    tensor_parallel_size, one for a step that only trains; ignored by local executors."""
+    tensor_parallel_size, one for a step that only trains, none for a role on vLLM servers; ignored
+    by local executors."""
+    if on_servers(cfg, role):
+        return {}
     gpus = getattr(cfg.models, role).vllm.tensor_parallel_size if role else 1
     return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}}}
 

@@ -11,7 +11,7 @@ from kun_dagster.registry import SOURCE_FILES
 from kun_dagster.stages.raw import LISTINGS
 from resources import STREAM, KunResource, LLMResource
 
-from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, columns, gpu_tags, kinds, run_stage
+from .common import GPU_RETRY, SINGLE_RUN, by_partition, columns, gpu_tags, kinds, llm_pool, run_stage
 from .partitions import corpus_partitions
 
 
@@ -55,7 +55,7 @@ def _filtered_corpus(cfg: KunConfig, parts) -> dg.AssetsDefinition:
             parts,
             registry.FILTERED,
             role=ppl_role,
-            pool=GPU_POOL,
+            pool=llm_pool(cfg, ppl_role),
             retry_policy=GPU_RETRY,
             op_tags=gpu_tags(cfg, ppl_role),
             ins={registry.RAW: dg.AssetIn(metadata={STREAM: True})},

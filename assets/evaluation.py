@@ -60,8 +60,11 @@ def build(cfg: KunConfig, k: int) -> dg.AssetsDefinition:
         if training.heldout_seeds(seed_data).empty:
             raise dg.Failure("no held-out seeds: set seed.eval_fraction above 0 to evaluate", allow_retries=False)
 
+        # the models it compares are trained here, so they run here: never on the chat role's servers
+        local = c.models.chat if c.models.chat.backend != "server" else c.models.chat.model_copy(update={"backend": "auto"})
+
         def load(path: str, model_name: str):
-            return load_engine(EngineSpec(path=path, model_name=model_name, settings=c.models.chat))
+            return load_engine(EngineSpec(path=path, model_name=model_name, settings=local))
 
         base_dir = kun.local_model(base_model["path"])
         try:

