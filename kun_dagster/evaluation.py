@@ -41,8 +41,8 @@ import pandas as pd
 
 from . import benchmarks, prompts, storage, training
 from .config import KunConfig, LoraSettings, TrainSettings
-from .llm.base import Engine, EngineError, EngineSpec, SamplingParams
-from .secrets import mask_uris
+from .llm.base import Engine, EngineSpec, SamplingParams
+from .llm.endpoints import Endpoints
 
 log = logging.getLogger(__name__)
 
@@ -95,43 +95,20 @@ class EndpointJudge:
     """A judge behind an OpenAI-compatible chat endpoint (a hosted judge, `vllm serve`): the reply's
     first token's top log-probabilities give P(1) and P(2); where their mass is under
     score.min_answer_mass, a short greedy reply is parsed. Requests run a few at a time, each
-    retried on a dropped connection or a 5xx; the key is read from the environment, never logged."""
+    retried on a dropped connection or a 5xx (llm.endpoints); the key is read from the environment,
+    never logged."""
 
     def __init__(self, endpoint: str, model: str, api_key: str | None, timeout: float, workers: int = 8, retries: int = 3):
-        self.url, self.model, self.timeout, self.workers, self.retries = (
-            endpoint.rstrip("/") + "/chat/completions",
-            model,
-            timeout,
-            workers,
-            retries,
-        )
-        self._key = api_key
+        self.model = model
+        self.endpoint = Endpoints([endpoint], f"judge endpoint ({model})", api_key, timeout, retries, max_in_flight=workers)
 
-    def _ask(self, user: str, max_tokens: int, logprobs: bool) -> dict:
-        import time
-        import urllib.error
-        import urllib.request
-
+    def _body(self, user: str, max_tokens: int, logprobs: bool) -> dict:
         body = {"model": self.model, "messages": [{"role": "user", "content": user}], "max_tokens": max_tokens, "temperature": 0}
-        if logprobs:
-            body.update(logprobs=True, top_logprobs=20)
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self._key}"} if self._key else {})}
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
-        for attempt in range(self.retries + 1):
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as r:
-                    return json.loads(r.read())
-            except urllib.error.HTTPError as e:
-                if e.code < 500 or attempt == self.retries:
-                    raise EngineError(f"judge endpoint {mask_uris(self.url)} ({self.model}): HTTP {e.code}") from None
-            except (urllib.error.URLError, OSError) as e:
-                if attempt == self.retries:
-                    raise EngineError(f"judge endpoint {mask_uris(self.url)} ({self.model}): {getattr(e, 'reason', e)}") from None
-            time.sleep(min(2**attempt, 10))
-        raise AssertionError("unreachable")
+        return body | ({"logprobs": True, "top_logprobs": 20} if logprobs else {})
 
-    def _probabilities(self, user: str) -> tuple[float, float]:
-        top = self._ask(user, 1, True)["choices"][0].get("logprobs") or {}
+    @staticmethod
+    def _probabilities(reply: dict) -> tuple[float, float]:
+        top = reply["choices"][0].get("logprobs") or {}
         first = (top.get("content") or [{}])[0].get("top_logprobs") or []
         p = {c: 0.0 for c in JUDGE_CHOICES}
         for t in first:
@@ -140,23 +117,23 @@ class EndpointJudge:
         return p["1"], p["2"]
 
     def first_better(self, items: list[tuple[str, str, str]], cfg: KunConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        from concurrent.futures import ThreadPoolExecutor
-
         users = [judge_user(*it) for it in items]
-        with ThreadPoolExecutor(self.workers) as pool:
-            p = np.asarray(list(pool.map(self._probabilities, users)), dtype=float).reshape(-1, 2)
-            mass = p.sum(axis=1)
-            first = np.where(mass > 0, p[:, 0] / np.where(mass > 0, mass, 1), 0.5)
-            rules = [PROBABILITY if m >= cfg.score.min_answer_mass else FREETEXT for m in mass]
-            low = [i for i, r in enumerate(rules) if r == FREETEXT]
-            replies = pool.map(lambda i: self._ask(users[i], 16, False)["choices"][0]["message"]["content"] or "", low)
-            for i, text in zip(low, replies):
-                first[i] = parse_verdict(text)
-                rules[i] = FREETEXT if first[i] != 0.5 else TIE
+        asked = self.endpoint.map("/chat/completions", [self._body(u, 1, True) for u in users], self._probabilities)
+        p = np.asarray(asked, dtype=float).reshape(-1, 2)
+        mass = p.sum(axis=1)
+        first = np.where(mass > 0, p[:, 0] / np.where(mass > 0, mass, 1), 0.5)
+        rules = [PROBABILITY if m >= cfg.score.min_answer_mass else FREETEXT for m in mass]
+        low = [i for i, r in enumerate(rules) if r == FREETEXT]
+        replies = self.endpoint.map(
+            "/chat/completions", [self._body(users[i], 16, False) for i in low], lambda r: r["choices"][0]["message"]["content"] or ""
+        )
+        for i, text in zip(low, replies):
+            first[i] = parse_verdict(text)
+            rules[i] = FREETEXT if first[i] != 0.5 else TIE
         return first, mass, rules
 
     def close(self) -> None:
-        pass
+        self.endpoint.close()
 
 
 @dataclass

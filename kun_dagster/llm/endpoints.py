@@ -41,8 +41,10 @@ class Endpoints:
         self.urls, self.what = [u.rstrip("/") for u in urls], what
         self.timeout, self.retries, self.backoff, self.max_in_flight = timeout, retries, backoff, max_in_flight
         self._busy = dict.fromkeys(self.urls, 0)
-        self._resting: dict[str, float] = {}  # URL -> until when it is passed over (its connection dropped)
+        self._resting: dict[str, float] = {}  # URL -> until when it is passed over (its connections dropped)
+        self._drops: dict[str, int] = {}  # URL -> connections dropped in a row
         self._lock, self._stop = threading.Lock(), threading.Event()
+        self._room = threading.Condition(self._lock)  # a URL's request slot came free
         self._session = requests.Session()
         self._session.headers["Content-Type"] = "application/json"
         if api_key:
@@ -52,18 +54,24 @@ class Endpoints:
         self._pool = ThreadPoolExecutor(max_in_flight * len(self.urls), thread_name_prefix="kun-endpoint")
 
     def _pick(self, avoid: str | None) -> str:
-        """The least busy URL, other than the one that just failed and those resting after a dropped
-        connection (while any other is left)."""
-        with self._lock:
-            now = time.monotonic()
-            others = [u for u in self.urls if u != avoid] or self.urls
-            url = min([u for u in others if self._resting.get(u, 0) <= now] or others, key=self._busy.__getitem__)
-            self._busy[url] += 1
-            return url
+        """A URL with a free slot (under max_in_flight), among those not resting after dropped
+        connections (all of them when every one rests): one other than the URL that just failed
+        first, then the least busy. Waits for a slot; a dead URL's free slots draw no request."""
+        with self._room:
+            while True:
+                now = time.monotonic()
+                up = [u for u in self.urls if self._resting.get(u, 0) <= now] or self.urls
+                free = [u for u in up if self._busy[u] < self.max_in_flight]
+                if free:
+                    url = min(free, key=lambda u: (u == avoid, self._busy[u]))
+                    self._busy[url] += 1
+                    return url
+                self._room.wait(timeout=1.0)  # a slot comes free, or a URL's rest ends
 
     def _done(self, url: str) -> None:
-        with self._lock:
+        with self._room:
             self._busy[url] -= 1
+            self._room.notify()
 
     def request(self, path: str, body: dict | None = None, url: str | None = None) -> dict:
         """One request (POST with a body, else GET) to `url` or the least busy one, retried; its JSON reply."""
@@ -80,12 +88,17 @@ class Endpoints:
                     r = self._session.post(at + path, json=body, timeout=self.timeout)
             except requests.RequestException as e:  # refused, reset, dropped mid-reply, timed out
                 last, error = at, f"{type(e).__name__}: {e}"
-                with self._lock:
-                    self._resting[at] = time.monotonic() + min(self.backoff * 2**attempt, MAX_BACKOFF_S)
+                with self._lock:  # each drop in a row doubles the URL's rest
+                    self._drops[at] = self._drops.get(at, 0) + 1
+                    self._resting[at] = time.monotonic() + min(self.backoff * 2 ** (self._drops[at] - 1), MAX_BACKOFF_S)
                 continue
             finally:
                 if url is None:
                     self._done(at)
+            if self._drops.get(at):
+                with self._lock:  # it answers again
+                    self._drops.pop(at, None)
+                    self._resting.pop(at, None)
             if r.status_code == 200:
                 return r.json()
             last, error = at, f"HTTP {r.status_code}: {_reason(r)}"
