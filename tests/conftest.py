@@ -51,7 +51,7 @@ WEIGHT = {
     "test_training_resume": 85,
     "test_automation": 85,
     "test_cli": 70,
-    "test_vllm": 60,
+    "test_vllm": 100,
     "test_stale": 32,
     "test_recovery": 30,
     "test_pipeline": 20,
