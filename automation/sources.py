@@ -30,7 +30,7 @@ def observe(cfg: KunConfig, store: Store, sources: list[str] | None = None, erro
             continue
         uri = cfg.resolve(source.uri)
         try:
-            found = shard_versions(source, uri, cfg.shards, store.options(uri), cfg.ingest)
+            found = shard_versions(source, uri, cfg.shards, store.options(uri), cfg.ingest, cfg.manifest(source))
         except CorpusError as e:
             if errors is None:
                 raise

@@ -104,6 +104,11 @@ class SourceConfig(_Section):
     title_field: str | None = None
     compression: Literal["infer", "gzip", "zstd", "none"] = "infer"
     encoding: str = Field("utf-8", description="of jsonl / json / txt files: utf-8, gb18030, utf-16, ... (Python codec names)")
+    manifest: str | None = Field(
+        None,
+        description="the source's files read from this listing instead of the store's: an S3 Inventory manifest.json, or a "
+        "JSONL/CSV/Parquet file with path (and size, etag or mtime); only the entries `uri` matches are the source's",
+    )
 
     @field_validator("encoding")
     @classmethod
@@ -724,6 +729,10 @@ class KunConfig(_Section):
             if s.name == name:
                 return s
         raise KeyError(f"no source named {name!r} in {self._origin}; known: {[s.name for s in self.sources]}")
+
+    def manifest(self, source: SourceConfig) -> str | None:
+        """The source's manifest, resolved as its uri is (None: the store is listed)."""
+        return self.resolve(source.manifest) if source.manifest else None
 
     def shard_keys(self) -> list[str]:
         return [str(i) for i in range(self.shards)]

@@ -24,7 +24,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.utils import glob_translate
 
+from . import manifest as manifests
 from .config import IngestConfig, SourceConfig
 from .registry import (  # noqa: F401 (ingest's reason codes, named here for its callers)
     DUPLICATE_ID,
@@ -76,13 +78,25 @@ def _glob(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSy
     return fs, _glob_root(pattern), {p: info for p, info in sorted(found.items()) if info.get("type") != "directory"}
 
 
+def _list(uri: str, storage_options: dict | None, manifest: str | None = None) -> tuple[fsspec.AbstractFileSystem, str, dict[str, dict]]:
+    """The source's files: globbed from the store, or the entries of its manifest that the glob matches."""
+    if manifest is None:
+        return _glob(uri, storage_options)
+    fs, pattern = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    root, matches = _glob_root(pattern), re.compile(glob_translate(pattern)).match
+    found = {p: {**info, "type": "file"} for p, info in manifests.entries(manifest, storage_options, fs, _glob_root(pattern)) if matches(p)}
+    return fs, root, dict(sorted(found.items()))
+
+
 def _relative(path: str, root: str) -> str:
     return path[len(root) :].lstrip("/") if root and path.startswith(root) else path
 
 
-def list_files(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[tuple[str, str]]]:
+def list_files(
+    uri: str, storage_options: dict | None = None, manifest: str | None = None
+) -> tuple[fsspec.AbstractFileSystem, list[tuple[str, str]]]:
     """(filesystem, [(path, path relative to the glob root)]) for a source's URI glob, sorted."""
-    fs, root, found = _glob(uri, storage_options)
+    fs, root, found = _list(uri, storage_options, manifest)
     return fs, [(p, _relative(p, root)) for p in found]
 
 
@@ -93,7 +107,12 @@ def _stamp(info: dict) -> str:
 
 
 def shard_versions(
-    source: SourceConfig, uri: str, shards: int, storage_options: dict | None = None, limits: IngestConfig | None = None
+    source: SourceConfig,
+    uri: str,
+    shards: int,
+    storage_options: dict | None = None,
+    limits: IngestConfig | None = None,
+    manifest: str | None = None,
 ) -> dict[int, str]:
     """Each shard's data version: a hash of (relative path, size, ETag or mtime) over its files, from
     one listing. A new, changed or removed file changes only its own shard's version; a shard with
@@ -102,7 +121,7 @@ def shard_versions(
     version of the shard that kept it before, which is ingested again and drops its copy, so ids
     stay unique per source under incremental adds (this reads the source, once per listing)."""
     try:
-        fs, root, found = _glob(uri, storage_options)
+        fs, root, found = _list(uri, storage_options, manifest)
         index = id_index(source, fs, root, found, limits)
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
         raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e
@@ -468,7 +487,9 @@ def id_hash(doc_id: str) -> bytes:
     return hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-_ID_INDEX: dict[tuple, IdIndex] = {}  # per process: one index per source listing
+# per process, each source's index of its last listing: the sensor, which observes every source in
+# one long-lived process, re-reads a source only when its files change
+_ID_INDEX: dict[str, tuple[tuple, IdIndex]] = {}
 _ID_RECORD = np.dtype([("h", "V16"), ("file", "<i4"), ("row", "<i8")])
 ID_BUCKETS, ID_BUFFER = 256, 1 << 16  # spill files (a bucket read back holds 1/256 of the records), records held between spills
 
@@ -477,7 +498,7 @@ def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits
     """The source's repeated ids. Ingest of any shard quarantines every copy but the kept one as
     duplicate_id, naming that place, so ids are unique per source (what the release requires)
     whatever the shard count. Empty when ids are file:row (unique by construction). Computed
-    once per process for a given listing (`_glob`'s: paths, sizes, modification).
+    once per process for a given listing of the source (paths, sizes, modification).
 
     Memory holds the repeated ids only: every document's (id_hash, file, row) is spilled to one of
     ID_BUCKETS temporary files by its hash, and the buckets are read back one at a time; an id's
@@ -489,7 +510,7 @@ def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits
         (limits or IngestConfig()).model_dump_json(),
         tuple((p, info.get("size"), _stamp(info)) for p, info in found.items()),
     )
-    if key not in _ID_INDEX:
+    if _ID_INDEX.get(source.name, ((),))[0] != key:
         rels = [_relative(path, root) for path in found]
         index = IdIndex()
         with tempfile.TemporaryDirectory(prefix="kun-ids-") as tmp:
@@ -526,9 +547,8 @@ def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits
                     if h not in index.kept_at:
                         index.kept_at[h] = (rels[r["file"]], int(r["row"]))
                     index.files.setdefault(h, set()).add(rels[r["file"]])
-        _ID_INDEX.clear()  # one source's index at a time
-        _ID_INDEX[key] = index
-    return _ID_INDEX[key]
+        _ID_INDEX[source.name] = (key, index)
+    return _ID_INDEX[source.name][1]
 
 
 @dataclass
@@ -582,9 +602,9 @@ class Listing:
     found: dict[str, dict]
 
 
-def listing(source: SourceConfig, uri: str, storage_options: dict | None = None) -> Listing:
+def listing(source: SourceConfig, uri: str, storage_options: dict | None = None, manifest: str | None = None) -> Listing:
     try:
-        return Listing(*_glob(uri, storage_options))
+        return Listing(*_list(uri, storage_options, manifest))
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
         raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e
 

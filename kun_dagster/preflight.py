@@ -33,7 +33,7 @@ def problems(cfg: KunConfig, offline: bool = False, env: Mapping[str, str] | Non
         if skip(uri):
             continue
         try:
-            fs, files = list_files(uri, store.options(uri))
+            fs, files = list_files(uri, store.options(uri), cfg.manifest(s))
         except Exception as e:  # noqa: BLE001 - unreachable store, bad URL: said plainly
             found.append(f"sources[{i}] ({s.name}): cannot list {uri}: {store.scrub(f'{type(e).__name__}: {e}')}")
             continue

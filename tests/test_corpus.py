@@ -155,6 +155,53 @@ def test_a_step_over_many_shards_lists_its_source_once(tmp_path, monkeypatch):
     assert rows == 40  # every file read, each in its own shard
 
 
+def test_a_source_with_a_manifest_reads_the_files_it_names_and_lists_nothing(tmp_path, monkeypatch):
+    """sources[].manifest: the files come from the manifest (paths under the glob's folder, or
+    whole), only those the glob matches; the store is never listed; a file the manifest leaves out
+    is not read. A changed entry (its etag) makes only its own shard stale."""
+    import dagster as dg
+
+    from kun_dagster import corpus
+    from kun_dagster.corpus import shard_versions
+    from kun_dagster.dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+    from kun_dagster.definitions import build_definitions
+
+    from .conftest import write_config
+
+    web = tmp_path / "web"
+    (web / "2026-12").mkdir(parents=True)
+    names = [f"2026-12/f{i:02d}.jsonl" for i in range(12)] + ["2026-12/文 件.jsonl"]
+    for name in names + ["2026-12/unlisted.jsonl"]:
+        (web / name).write_text(json.dumps({"text": f"{name}的正文。" * 20}, ensure_ascii=False) + "\n")
+    entries = [{"path": n, "size": (web / n).stat().st_size, "etag": f"e-{n}"} for n in names[:-1]]
+    entries += [
+        {"path": str(web / names[-1]), "etag": "e-last"},
+        {"path": "2026-12/notes.txt"},
+        {"path": str(tmp_path / "elsewhere.jsonl")},
+    ]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    source = {"name": "web", "uri": str(web / "*/*.jsonl"), "format": "jsonl", "manifest": "manifest.jsonl"}  # beside kun.yaml
+    cfg_file = write_config(tmp_path, sources=[source], shards=4)
+    defs = build_definitions(cfg_file)
+    monkeypatch.setattr(corpus, "_glob", lambda *a, **k: pytest.fail("the store was listed"))
+    tags = {ASSET_PARTITION_RANGE_START_TAG: "web|0", ASSET_PARTITION_RANGE_END_TAG: "web|3"}
+    result = dg.materialize(list(defs.assets), selection=["raw_corpus"], resources=defs.resources, tags=tags)
+    assert result.success
+    rows = sum(m.metadata["dagster/row_count"].value for m in result.asset_materializations_for_node("raw_corpus"))
+    assert rows == len(names)  # the 13 it names under the glob: not notes.txt, elsewhere.jsonl or unlisted.jsonl
+
+    src = load_config(cfg_file).sources[0]
+    manifest = str(tmp_path / "manifest.jsonl")
+    before = shard_versions(src, src.uri, 4, manifest=manifest)
+    entries[3]["etag"] = "changed"
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    after = shard_versions(src, src.uri, 4, manifest=manifest)
+    assert {k for k in before if before[k] != after[k]} == {shard_of(names[3], 4)}
+    (tmp_path / "bad.csv").write_text("file,size\na.jsonl,1\n")
+    with pytest.raises(CorpusError, match="bad.csv: no 'path' column"):
+        shard_versions(src, src.uri, 4, manifest=str(tmp_path / "bad.csv"))
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.sampled_from(["a", "b", "文", "a ", "x" * 300, "7"]), max_size=8), min_size=1, max_size=5))
 def test_the_id_index_spilled_to_disk_keeps_the_first_copy_of_every_repeated_id(files):

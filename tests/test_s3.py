@@ -247,6 +247,100 @@ def test_credentials_come_from_the_environment_by_name_and_never_appear(s3_run):
             assert SECRET not in str(entry), entry.dagster_event_type
 
 
+@pytest.mark.parametrize("kind", ["CSV", "Parquet"])
+def test_a_source_listed_from_its_s3_inventory_reads_what_listing_the_bucket_reads(moto, kind):
+    """An S3 Inventory report (manifest.json and its data files, as AWS writes them: CSV gzipped
+    without a header and keys URL-encoded, or Parquet in snake_case) stands for the bucket's listing:
+    the same files, sizes and ETags, so the same shard versions and documents; delete markers,
+    older versions and keys outside the glob are left out. No LIST request is made for the source."""
+    import gzip
+    import io
+    import urllib.parse
+
+    import pandas as pd
+
+    from kun_dagster import corpus
+    from kun_dagster.config import SourceConfig
+
+    s3 = moto.client("s3")
+    prefix = f"inventory-{kind.lower()}"
+    names = [f"corpus/{d}/f{i}.jsonl" for d in ("a", "b") for i in range(5)] + ["corpus/a/文 件+1.jsonl", "corpus/b/readme.txt"]
+    for n in names:
+        s3.put_object(
+            Bucket="kun", Key=f"{prefix}/{n}", Body=json.dumps({"id": n, "text": f"{n} 的正文。" * 10}, ensure_ascii=False).encode()
+        )
+    objects = s3.list_objects_v2(Bucket="kun", Prefix=f"{prefix}/")["Contents"]
+    rows = [
+        {
+            "Bucket": "kun",
+            "Key": o["Key"],
+            "Size": o["Size"],
+            "LastModifiedDate": o["LastModified"].isoformat(),
+            "ETag": o["ETag"].strip('"'),
+            "IsLatest": "true",
+            "IsDeleteMarker": "false",
+        }
+        for o in objects
+    ]
+    rows += [
+        {
+            "Bucket": "kun",
+            "Key": f"{prefix}/corpus/a/gone.jsonl",
+            "Size": None,
+            "LastModifiedDate": None,
+            "ETag": None,
+            "IsLatest": "true",
+            "IsDeleteMarker": "true",
+        },
+        {
+            "Bucket": "kun",
+            "Key": f"{prefix}/corpus/a/f0.jsonl",
+            "Size": 1,
+            "LastModifiedDate": None,
+            "ETag": "old",
+            "IsLatest": "false",
+            "IsDeleteMarker": "false",
+        },
+    ]
+    schema = list(rows[0])
+    frame = pd.DataFrame(rows, columns=schema)
+    if kind == "CSV":
+        encoded = frame.assign(Key=frame["Key"].map(urllib.parse.quote_plus))
+        body, data_key = gzip.compress(encoded.to_csv(header=False, index=False).encode()), f"reports/{prefix}/data/part-0.csv.gz"
+    else:
+        buffer = io.BytesIO()
+        frame.rename(columns=lambda c: corpus.manifests._snake(c)).to_parquet(buffer)
+        body, data_key = buffer.getvalue(), f"reports/{prefix}/data/part-0.parquet"
+    s3.put_object(Bucket="kun", Key=data_key, Body=body)
+    manifest = {
+        "sourceBucket": "kun",
+        "destinationBucket": "arn:aws:s3:::kun",
+        "fileFormat": kind,
+        "fileSchema": ", ".join(schema),
+        "files": [{"key": data_key}],
+    }
+    s3.put_object(Bucket="kun", Key=f"reports/{prefix}/manifest.json", Body=json.dumps(manifest).encode())
+
+    source = SourceConfig(name="web", uri=f"s3://kun/{prefix}/corpus/*/*.jsonl", format="jsonl", id_field="id")
+    options, inventory = {"client_kwargs": {"endpoint_url": moto.url}}, f"s3://kun/reports/{prefix}/manifest.json"
+    listed = corpus.listing(source, source.uri, options)
+    from_inventory = corpus.listing(source, source.uri, options, inventory)
+    assert len(listed.found) == 11 and sorted(from_inventory.found) == sorted(listed.found)
+    assert all(
+        (from_inventory.found[p]["size"], from_inventory.found[p]["ETag"]) == (i["size"], i["ETag"]) for p, i in listed.found.items()
+    )
+    assert corpus.shard_versions(source, source.uri, 3, options, manifest=inventory) == corpus.shard_versions(
+        source, source.uri, 3, options
+    )
+    docs = [
+        sorted(
+            d for shard in range(3) for b in corpus.iter_shard(source, source.uri, shard, 3, options, listed=lst) for d in b.docs["doc_id"]
+        )
+        for lst in (listed, from_inventory)
+    ]
+    assert docs[0] == docs[1] and len(docs[0]) == 11
+
+
 def test_endpoint_unreachable_at_start_fails_naming_the_endpoint(models_run, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     cfg_file = _s3_config(tmp_path, models_run, dead, **{"storage.s3": {"max_attempts": 2, "connect_timeout": 1}})

@@ -31,7 +31,7 @@ def ingest(rows: None, ctx: StageContext) -> StageResult:
         options = (ctx.store or Store(cfg.storage)).options(uri)
         listings = ctx.inputs.get(LISTINGS, {})
         if source_name not in listings:
-            listings[source_name] = listing(source, uri, options)
+            listings[source_name] = listing(source, uri, options, cfg.manifest(source))
         listed = listings[source_name]
         for got in iter_shard(source, uri, shard, cfg.shards, options, cfg.storage.batch_rows, cfg.ingest, listed):
             ctx.sink.write(got.docs)
