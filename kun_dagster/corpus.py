@@ -14,7 +14,9 @@ import io
 import json
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,8 +74,18 @@ def _glob_root(pattern: str) -> str:
     return "/".join(parts[:-1])
 
 
+def _fs(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a URI, its listings cache emptied: fsspec shares one instance per
+    set of options in a process, and s3fs keeps each folder's listing with no expiry, so the
+    sensor's process would never see a file added under a folder it had walked (nor a new size of
+    a manifest it had read)."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs.invalidate_cache()
+    return fs, path
+
+
 def _glob(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str, dict[str, dict]]:
-    fs, pattern = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, pattern = _fs(uri, storage_options)
     found = fs.glob(pattern, detail=True)
     return fs, _glob_root(pattern), {p: info for p, info in sorted(found.items()) if info.get("type") != "directory"}
 
@@ -82,7 +94,7 @@ def _list(uri: str, storage_options: dict | None, manifest: str | None = None) -
     """The source's files: globbed from the store, or the entries of its manifest that the glob matches."""
     if manifest is None:
         return _glob(uri, storage_options)
-    fs, pattern = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, pattern = _fs(uri, storage_options)
     root, matches = _glob_root(pattern), re.compile(glob_translate(pattern)).match
     found = {p: {**info, "type": "file"} for p, info in manifests.entries(manifest, storage_options, fs, _glob_root(pattern)) if matches(p)}
     return fs, root, dict(sorted(found.items()))
@@ -491,7 +503,52 @@ def id_hash(doc_id: str) -> bytes:
 # one long-lived process, re-reads a source only when its files change
 _ID_INDEX: dict[str, tuple[tuple, IdIndex]] = {}
 _ID_RECORD = np.dtype([("h", "V16"), ("file", "<i4"), ("row", "<i8")])
+_FILE_IDS = np.dtype([("h", "V16"), ("row", "<i8")])
 ID_BUCKETS, ID_BUFFER = 256, 1 << 16  # spill files (a bucket read back holds 1/256 of the records), records held between spills
+ID_READERS = 16  # files read at once
+
+
+class _IdCache:
+    """Each file's (id hash, row) records, kept on local disk by what the file is (its path, size
+    and ETag or mtime, and the source's reading settings): when a file is added, the next index
+    reads that file alone, not the source again. 24 bytes a document, under $TMPDIR/kun-ids/<source>-<settings>;
+    the entries of files gone from the listing are removed after each index."""
+
+    def __init__(self, folder: Path, settings: str):
+        self.folder, self.settings = folder, settings
+
+    def _name(self, path: str, info: dict) -> str:
+        what = json.dumps([path, info.get("size"), _stamp(info), self.settings], default=str)
+        return hashlib.blake2b(what.encode(), digest_size=16).hexdigest() + ".npy"
+
+    def ids(self, fs, path: str, rel: str, found: dict[str, dict], source: SourceConfig, limits: IngestConfig | None) -> np.ndarray:
+        kept = self.folder / self._name(path, found[path])
+        try:
+            return np.load(kept)
+        except (OSError, ValueError):
+            pass
+        got = [(id_hash(doc_id), row) for kind, row, doc_id, *_ in documents(fs, path, rel, source, limits) if kind == "doc"]
+        ids = np.array(got, dtype=_FILE_IDS)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = kept.with_name(f"{kept.stem}.{threading.get_ident()}.tmp.npy")
+            np.save(tmp, ids)
+            tmp.replace(kept)  # whole or not at all
+        except OSError:
+            pass  # a full or read-only disk costs a re-read next time, nothing else
+        return ids
+
+    def keep_only(self, found: dict[str, dict]) -> None:
+        wanted = {self._name(p, info) for p, info in found.items()}
+        for f in self.folder.glob("*.npy") if self.folder.exists() else ():
+            if f.name not in wanted:
+                f.unlink(missing_ok=True)
+
+
+def _id_cache(source: SourceConfig, limits: IngestConfig | None) -> _IdCache:
+    settings = source.model_dump_json() + (limits or IngestConfig()).model_dump_json()
+    folder = f"{source.name}-{hashlib.blake2b(settings.encode(), digest_size=4).hexdigest()}"  # two configs' sources of one name apart
+    return _IdCache(Path(tempfile.gettempdir()) / "kun-ids" / folder, settings)
 
 
 def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits: IngestConfig | None = None) -> IdIndex:
@@ -502,7 +559,9 @@ def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits
 
     Memory holds the repeated ids only: every document's (id_hash, file, row) is spilled to one of
     ID_BUCKETS temporary files by its hash, and the buckets are read back one at a time; an id's
-    copies all land in one bucket (28 bytes a document on disk, under $TMPDIR)."""
+    copies all land in one bucket (28 bytes a document on disk, under $TMPDIR). Files are read
+    ID_READERS at a time, and each file's records are kept (_IdCache): a new listing reads only
+    the files that are new or changed."""
     if not source.id_field:
         return IdIndex()
     key = (
@@ -515,23 +574,29 @@ def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits
         index = IdIndex()
         with tempfile.TemporaryDirectory(prefix="kun-ids-") as tmp:
             spills = [Path(tmp) / f"{b}.bin" for b in range(ID_BUCKETS)]
-            buffer, held = np.empty(ID_BUFFER, dtype=_ID_RECORD), 0
+            held: list[np.ndarray] = []
 
-            def spill() -> None:  # the buffer's records, each to its bucket's file
-                records = buffer[:held]
+            def spill() -> None:  # the held records, each to its bucket's file
+                if not held:
+                    return
+                records = np.concatenate(held)
+                held.clear()
                 bucket = np.frombuffer(records["h"].tobytes(), dtype=np.uint8)[::16].astype(np.intp) % ID_BUCKETS
                 for b in np.unique(bucket):
                     with spills[b].open("ab") as f:
                         records[bucket == b].tofile(f)
 
-            for i, path in enumerate(found):
-                for kind, row, doc_id, *_ in documents(fs, path, rels[i], source, limits):
-                    if kind == "doc":
-                        buffer[held] = (id_hash(doc_id), i, row)
-                        held += 1
-                        if held == ID_BUFFER:
-                            spill()
-                            held = 0
+            cache, paths, count = _id_cache(source, limits), list(found), 0
+            with ThreadPoolExecutor(ID_READERS) as pool:  # an object store's GETs overlap; each file's ids are cached
+                for i, ids in enumerate(pool.map(lambda i: cache.ids(fs, paths[i], rels[i], found, source, limits), range(len(paths)))):
+                    records = np.empty(len(ids), dtype=_ID_RECORD)
+                    records["h"], records["file"], records["row"] = ids["h"], i, ids["row"]
+                    held.append(records)
+                    count += len(records)
+                    if count >= ID_BUFFER:
+                        spill()
+                        count = 0
+            cache.keep_only(found)
             spill()
             for b in range(ID_BUCKETS):
                 if not spills[b].exists():

@@ -33,6 +33,7 @@ class ManifestError(ValueError):
 def entries(manifest: str, storage_options: dict | None, fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, dict]]:
     """(path in `fs`'s terms, listing info) of every file the manifest names."""
     mfs, mpath = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
+    mfs.invalidate_cache()  # a manifest rewritten since this process last read it (corpus._fs)
     if mpath.endswith(".json"):
         with mfs.open(mpath, "rb") as f:
             doc = json.load(f)
@@ -76,6 +77,7 @@ def _inventory(doc: dict, manifest: str, storage_options: dict | None) -> Iterat
     for part in doc["files"]:
         uri = f"s3://{bucket}/{part['key']}"
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs.invalidate_cache(path)
         with fs.open(path, "rb", compression="gzip" if kind == "CSV" else None) as f:
             if kind == "CSV":  # no header, keys URL-encoded
                 frame = pd.read_csv(f, header=None, names=schema, dtype=str, keep_default_na=False)

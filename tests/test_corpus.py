@@ -202,6 +202,45 @@ def test_a_source_with_a_manifest_reads_the_files_it_names_and_lists_nothing(tmp
         shard_versions(src, src.uri, 4, manifest=str(tmp_path / "bad.csv"))
 
 
+def test_a_new_file_is_the_only_one_the_next_id_index_reads(tmp_path, monkeypatch):
+    """Each file's ids are kept by what the file is (path, size, mtime): a source with one new file
+    is indexed by reading that file alone, to the index a fresh read of every file gives; the entry
+    of a removed file goes."""
+    import tempfile
+
+    from kun_dagster import corpus
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "src").mkdir()
+    for i in range(6):
+        (tmp_path / "src" / f"f{i}.jsonl").write_text(
+            "".join(json.dumps({"id": f"d{(i * 3 + r) % 10}", "text": "正文"}) + "\n" for r in range(3))
+        )
+    src = SourceConfig(name="ids", uri=str(tmp_path / "src" / "*.jsonl"), format="jsonl", id_field="id")
+    read = []
+    real = corpus.documents
+    monkeypatch.setattr(corpus, "documents", lambda fs, path, *a: read.append(Path(path).name) or real(fs, path, *a))
+
+    def index():
+        return corpus.id_index(src, *corpus._glob(src.uri, None))
+
+    first = index()
+    assert sorted(read) == [f"f{i}.jsonl" for i in range(6)] and first.kept_at
+    read.clear()
+    (tmp_path / "src" / "e.jsonl").write_text(json.dumps({"id": "d1", "text": "新的"}) + "\n")  # sorts first: it now keeps d1
+    (tmp_path / "src" / "f5.jsonl").unlink()
+    second = index()
+    assert read == ["e.jsonl"]
+    cached = len(list((tmp_path / "tmp" / "kun-ids").glob("*/*.npy")))
+    assert cached == 6  # e and f0-f4: f5's entry went with it
+    for f in (tmp_path / "tmp" / "kun-ids").glob("*/*.npy"):
+        f.unlink()
+    corpus._ID_INDEX.clear()
+    fresh = index()
+    assert (second.kept_at, second.files) == (fresh.kept_at, fresh.files) and second.kept_at != first.kept_at
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.sampled_from(["a", "b", "文", "a ", "x" * 300, "7"]), max_size=8), min_size=1, max_size=5))
 def test_the_id_index_spilled_to_disk_keeps_the_first_copy_of_every_repeated_id(files):

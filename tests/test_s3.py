@@ -247,6 +247,24 @@ def test_credentials_come_from_the_environment_by_name_and_never_appear(s3_run):
             assert SECRET not in str(entry), entry.dagster_event_type
 
 
+def test_a_new_object_is_seen_by_the_next_listing_in_the_same_process(moto):
+    """The sensor lists every source each tick in one long-lived process: s3fs keeps a listing of
+    each folder it walked (its dircache, no expiry), so without a fresh listing a new file under an
+    already-walked folder was never seen."""
+    from kun_dagster import corpus
+    from kun_dagster.config import SourceConfig
+
+    s3 = moto.client("s3")
+    s3.put_object(Bucket="kun", Key="fresh/corpus/a/f0.jsonl", Body=b'{"text": "x"}')
+    source = SourceConfig(name="web", uri="s3://kun/fresh/corpus/*/*.jsonl", format="jsonl")
+    options = {"client_kwargs": {"endpoint_url": moto.url}}
+    before = corpus.shard_versions(source, source.uri, 4, options)
+    s3.put_object(Bucket="kun", Key="fresh/corpus/a/f1.jsonl", Body=b'{"text": "y"}')
+    after = corpus.shard_versions(source, source.uri, 4, options)
+    assert {k for k in before if before[k] != after[k]} == {corpus.shard_of("a/f1.jsonl", 4)}
+    assert len(corpus.listing(source, source.uri, options).found) == 2
+
+
 @pytest.mark.parametrize("kind", ["CSV", "Parquet"])
 def test_a_source_listed_from_its_s3_inventory_reads_what_listing_the_bucket_reads(moto, kind):
     """An S3 Inventory report (manifest.json and its data files, as AWS writes them: CSV gzipped

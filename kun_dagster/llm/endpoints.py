@@ -43,7 +43,7 @@ class Endpoints:
         self._busy = dict.fromkeys(self.urls, 0)
         self._resting: dict[str, float] = {}  # URL -> until when it is passed over (its connections dropped)
         self._drops: dict[str, int] = {}  # URL -> connections dropped in a row
-        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # a URL's request slot came free
         self._session = requests.Session()
         self._session.headers["Content-Type"] = "application/json"
@@ -73,12 +73,13 @@ class Endpoints:
             self._busy[url] -= 1
             self._room.notify()
 
-    def request(self, path: str, body: dict | None = None, url: str | None = None) -> dict:
-        """One request (POST with a body, else GET) to `url` or the least busy one, retried; its JSON reply."""
-        last, error = None, ""
+    def request(self, path: str, body: dict | None = None, url: str | None = None, stop: threading.Event | None = None) -> dict:
+        """One request (POST with a body, else GET) to `url` or the least busy one, retried (until
+        `stop` is set: another request of its call failed for good); its JSON reply."""
+        last, error, stop = None, "", stop or threading.Event()
         for attempt in range(self.retries + 1):
             if attempt:
-                if self._stop.wait(min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF_S) * random.uniform(0.5, 1.0)):
+                if stop.wait(min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF_S) * random.uniform(0.5, 1.0)):
                     break  # another request of the call failed for good
             at = url or self._pick(avoid=last)
             try:
@@ -111,12 +112,12 @@ class Endpoints:
     def map(self, path: str, bodies: list[dict], each: Callable[[dict], object] = lambda reply: reply) -> list:
         """`each(reply)` of every body's request, in order. The first request that fails for good
         stops the rest (none is retried after it) and its error is raised."""
-        self._stop.clear()
-        futures = [self._pool.submit(lambda b: each(self.request(path, b)), b) for b in bodies]
+        stop = threading.Event()
+        futures = [self._pool.submit(lambda b: each(self.request(path, b, stop=stop)), b) for b in bodies]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         failed = next((f for f in futures if f in done and f.exception() is not None), None)
         if failed is not None:
-            self._stop.set()
+            stop.set()
             for f in pending:
                 f.cancel()
             wait(pending)
@@ -124,7 +125,6 @@ class Endpoints:
         return [f.result() for f in futures]
 
     def close(self) -> None:
-        self._stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._session.close()
 
