@@ -3,9 +3,11 @@ of N objects on a real S3 endpoint (moto's server on loopback), listed from the 
 keys a request) or read from an S3 Inventory report (manifest.json and its CSV.gz data file), with
 and without ids (a source with `id_field` reads every file once per listing for its id index).
 
-Each case runs `corpus.shard_versions` (what the sensor calls per source) in a fresh process, twice
-in a row: the first call as a tick that finds the source changed, the second as a tick that finds
-it unchanged (the id index is kept per source in the sensor's process). Peak RSS is the process's.
+Each case runs `corpus.shard_versions` (what the sensor calls per source) in a fresh process with
+its own $TMPDIR: a first tick (nothing known: every file read for the id index), a tick with
+nothing changed (the index kept per source in the sensor's process), and, when the bucket is
+listed, a tick after one object was added (a new listing: the id index reads that file alone,
+the others' ids kept on local disk). Peak RSS is the process's.
 
     python bench/bench_listing.py --objects 100000 --out bench/results/listing_100k.json
 """
@@ -17,8 +19,10 @@ import gzip
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -39,12 +43,22 @@ job = json.loads(sys.argv[1])
 source = SourceConfig(name="web", uri=job["uri"], format="jsonl", id_field=job["id_field"])
 options = {"client_kwargs": {"endpoint_url": job["endpoint"]}}
 times = []
-for _ in range(2):
+def tick():
     t = time.perf_counter()
     versions = corpus.shard_versions(source, source.uri, job["shards"], options, manifest=job["manifest"])
-    times.append(time.perf_counter() - t)
-print(json.dumps({"first_s": round(times[0], 2), "unchanged_s": round(times[1], 2),
-                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "shards": len(versions)}))
+    times.append(round(time.perf_counter() - t, 2))
+    return versions
+before = tick()
+tick()
+out = {"first_s": times[0], "unchanged_s": times[1]}
+if not job["manifest"]:  # one object added: a new listing, the id index reads that file alone
+    import boto3
+    boto3.client("s3", endpoint_url=job["endpoint"], region_name="us-east-1").put_object(
+        Bucket="kun", Key=f"corpus/00/new-{job['id_field']}.jsonl", Body=b'{"id": "d1", "text": "new"}')
+    after = tick()
+    out["one_new_file_s"] = times[2]
+    out["shards_changed"] = sum(before[k] != after[k] for k in before)
+print(json.dumps({**out, "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 """
 
 
@@ -111,12 +125,10 @@ def main() -> None:
                     "id_field": ids,
                     "manifest": "s3://kun/inventory/manifest.json" if listing == "inventory" else None,
                 }
-                got = subprocess.run(
-                    [sys.executable, "-c", CASE, json.dumps(job)],
-                    capture_output=True,
-                    text=True,
-                    env={**os.environ, "PYTHONPATH": str(ROOT)},
-                )
+                tmp = tempfile.mkdtemp(prefix="kun-bench-listing-")  # each case its own id cache: none starts warm
+                env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": tmp}
+                got = subprocess.run([sys.executable, "-c", CASE, json.dumps(job)], capture_output=True, text=True, env=env)
+                shutil.rmtree(tmp, ignore_errors=True)
                 if got.returncode:
                     sys.exit(got.stderr[-3000:])
                 row = json.loads(got.stdout.strip().splitlines()[-1])

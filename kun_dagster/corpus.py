@@ -15,6 +15,7 @@ import json
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -125,16 +126,20 @@ def shard_versions(
     storage_options: dict | None = None,
     limits: IngestConfig | None = None,
     manifest: str | None = None,
+    budget_s: float | None = None,
 ) -> dict[int, str]:
     """Each shard's data version: a hash of (relative path, size, ETag or mtime) over its files, from
     one listing. A new, changed or removed file changes only its own shard's version; a shard with
     no files has the version of the empty list. A source with ids adds, per shard, where each id
     its files repeat is kept: a new file that now keeps an id (it sorts first) also changes the
     version of the shard that kept it before, which is ingested again and drops its copy, so ids
-    stay unique per source under incremental adds (this reads the source, once per listing)."""
+    stay unique per source under incremental adds (this reads the files new since the last
+    listing; `budget_s`: for that long at most, else IndexIncomplete)."""
     try:
         fs, root, found = _list(uri, storage_options, manifest)
-        index = id_index(source, fs, root, found, limits)
+        index = id_index(source, fs, root, found, limits, budget_s)
+    except IndexIncomplete:
+        raise
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
         raise CorpusError(f"source {source.name}: cannot list {uri}: {type(e).__name__}: {e}") from e
     files: dict[int, list] = {shard: [] for shard in range(shards)}
@@ -521,12 +526,17 @@ class _IdCache:
         what = json.dumps([path, info.get("size"), _stamp(info), self.settings], default=str)
         return hashlib.blake2b(what.encode(), digest_size=16).hexdigest() + ".npy"
 
-    def ids(self, fs, path: str, rel: str, found: dict[str, dict], source: SourceConfig, limits: IngestConfig | None) -> np.ndarray:
+    def ids(
+        self, fs, path: str, rel: str, found: dict[str, dict], source: SourceConfig, limits: IngestConfig | None, until: float | None = None
+    ) -> np.ndarray:
+        """The file's records, read (and kept) unless kept already; past `until` only kept ones are given."""
         kept = self.folder / self._name(path, found[path])
         try:
             return np.load(kept)
         except (OSError, ValueError):
             pass
+        if until is not None and time.monotonic() > until:
+            raise _OutOfTime
         got = [(id_hash(doc_id), row) for kind, row, doc_id, *_ in documents(fs, path, rel, source, limits) if kind == "doc"]
         ids = np.array(got, dtype=_FILE_IDS)
         try:
@@ -551,7 +561,21 @@ def _id_cache(source: SourceConfig, limits: IngestConfig | None) -> _IdCache:
     return _IdCache(Path(tempfile.gettempdir()) / "kun-ids" / folder, settings)
 
 
-def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits: IngestConfig | None = None) -> IdIndex:
+class _OutOfTime(Exception):
+    pass
+
+
+class IndexIncomplete(CorpusError):
+    """The id index's reading ran out of its time; what was read is kept and the next call goes on."""
+
+    def __init__(self, source: str, read: int, files: int):
+        super().__init__(f"source {source}: reading its ids, {read:,} of {files:,} files so far")
+        self.read, self.files = read, files
+
+
+def id_index(
+    source: SourceConfig, fs, root: str, found: dict[str, dict], limits: IngestConfig | None = None, budget_s: float | None = None
+) -> IdIndex:
     """The source's repeated ids. Ingest of any shard quarantines every copy but the kept one as
     duplicate_id, naming that place, so ids are unique per source (what the release requires)
     whatever the shard count. Empty when ids are file:row (unique by construction). Computed
@@ -561,7 +585,8 @@ def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits
     ID_BUCKETS temporary files by its hash, and the buckets are read back one at a time; an id's
     copies all land in one bucket (28 bytes a document on disk, under $TMPDIR). Files are read
     ID_READERS at a time, and each file's records are kept (_IdCache): a new listing reads only
-    the files that are new or changed."""
+    the files that are new or changed. With `budget_s` (the sensor's tick), files are read for that
+    long at most and IndexIncomplete is raised if some are left: the next call goes on from there."""
     if not source.id_field:
         return IdIndex()
     key = (
@@ -587,8 +612,20 @@ def id_index(source: SourceConfig, fs, root: str, found: dict[str, dict], limits
                         records[bucket == b].tofile(f)
 
             cache, paths, count = _id_cache(source, limits), list(found), 0
+            until = time.monotonic() + budget_s if budget_s is not None else None
+
+            def file_ids(i: int) -> np.ndarray | None:
+                try:
+                    return cache.ids(fs, paths[i], rels[i], found, source, limits, until)
+                except _OutOfTime:
+                    return None
+
             with ThreadPoolExecutor(ID_READERS) as pool:  # an object store's GETs overlap; each file's ids are cached
-                for i, ids in enumerate(pool.map(lambda i: cache.ids(fs, paths[i], rels[i], found, source, limits), range(len(paths)))):
+                if until is not None:  # first every file read and kept (or the time out), holding none
+                    read = sum(pool.map(lambda i: file_ids(i) is not None, range(len(paths))))
+                    if read < len(paths):
+                        raise IndexIncomplete(source.name, read, len(paths))
+                for i, ids in enumerate(pool.map(file_ids, range(len(paths)))):
                     records = np.empty(len(ids), dtype=_ID_RECORD)
                     records["h"], records["file"], records["row"] = ids["h"], i, ids["row"]
                     held.append(records)

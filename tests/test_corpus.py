@@ -241,6 +241,39 @@ def test_a_new_file_is_the_only_one_the_next_id_index_reads(tmp_path, monkeypatc
     assert (second.kept_at, second.files) == (fresh.kept_at, fresh.files) and second.kept_at != first.kept_at
 
 
+def test_a_tick_out_of_time_reads_what_it_can_and_the_next_goes_on(tmp_path, monkeypatch):
+    """The sensor's tick reads ids for a budget: past it, the source is left for the next tick
+    (said, not recorded), which starts from the files already read; the versions it then records
+    are those of an unbudgeted read."""
+    import tempfile
+
+    from kun_dagster import corpus
+    from kun_dagster.corpus import IndexIncomplete, shard_versions
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "src").mkdir()
+    for i in range(8):
+        (tmp_path / "src" / f"f{i}.jsonl").write_text(json.dumps({"id": f"d{i % 3}", "text": "正文"}) + "\n")
+    src = SourceConfig(name="ids", uri=str(tmp_path / "src" / "*.jsonl"), format="jsonl", id_field="id")
+    with pytest.raises(IndexIncomplete, match="reading its ids, 0 of 8 files so far"):
+        shard_versions(src, src.uri, 4, budget_s=0)
+    real, calls = corpus.documents, []
+    monkeypatch.setattr(corpus, "documents", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(corpus, "ID_READERS", 1)
+    clock = iter(range(1000))  # each look at the clock a second later: the first file read, then out of time
+    monkeypatch.setattr(corpus.time, "monotonic", lambda: next(clock))
+    with pytest.raises(IndexIncomplete, match="1 of 8"):
+        shard_versions(src, src.uri, 4, budget_s=1.5)
+    monkeypatch.undo()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    got = shard_versions(src, src.uri, 4, budget_s=60)
+    corpus._ID_INDEX.clear()
+    for f in (tmp_path / "tmp" / "kun-ids").glob("*/*.npy"):
+        f.unlink()
+    assert got == shard_versions(src, src.uri, 4)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.sampled_from(["a", "b", "文", "a ", "x" * 300, "7"]), max_size=8), min_size=1, max_size=5))
 def test_the_id_index_spilled_to_disk_keeps_the_first_copy_of_every_repeated_id(files):
