@@ -50,7 +50,8 @@ def _clusters(cfg: KunConfig, parts) -> dg.AssetsDefinition:
     def duplicate_clusters(context: dg.AssetExecutionContext, kun: KunResource, minhash_signatures):
         """Clusters of exact and near-duplicates (estimated Jaccard >= dedup.threshold, MinHash
         LSH) over every shard of the source (dedup.scope: all: of every source), computed once per
-        source of the run. A partition holds the cluster members that live in it: each kept or
+        source of the run, in one step or band by band (dedup.mode: the same clusters, a third of
+        the memory). A partition holds the cluster members that live in it: each kept or
         dropped, with the kept document's location. Config: dedup."""
         keys = context.partition_keys  # listed once: Dagster lists the run's whole range on each call
         tables = minhash_signatures if isinstance(minhash_signatures, dict) else {keys[0]: minhash_signatures}
@@ -58,13 +59,13 @@ def _clusters(cfg: KunConfig, parts) -> dg.AssetsDefinition:
         found = {}
         for name in dict.fromkeys(group(k) for k in keys):
             try:
-                found[name] = stages.cluster([t for k, t in tables.items() if group(k) == name], stages.StageContext(kun.config))
+                found[name] = stages.clusters([t for k, t in tables.items() if group(k) == name], stages.StageContext(kun.config))
             except stages.DedupError as e:
                 raise dg.Failure(str(e), allow_retries=False) from e
             st = found[name].stats
             context.log.info(
                 f"{CLUSTERS} {name}: {st['documents']} documents, {st['clusters']} clusters (largest {st['largest_cluster']}), "
-                f"dropping {st['duplicates']} in {st['seconds']}s"
+                f"dropping {st['duplicates']} in {st['seconds']}s ({st['mode'].replace('_', ' ')})"
             )
         out, metadata = {}, {}
         for name, result in found.items():

@@ -241,6 +241,19 @@ def _band_phase(out: Path, k: int) -> dict:
     return {"band": k, "seconds": round(seconds, 2), "pairs": len(pairs), "peak_rss_mib": _rss_mib()}
 
 
+def _banded_step_phase(out: Path) -> dict:
+    """duplicate_clusters' step under dedup.mode: banded (stages.clusters): every band, then the
+    merge, in this one process."""
+    cfg = CFG.model_copy(update={"dedup": CFG.dedup.model_copy(update={"mode": "banded"})})
+    result = deduped.clusters(_tables(out), StageContext(cfg))
+    one = pd.read_parquet(out / "one_step.parquet")
+    return {
+        "seconds": result.stats["seconds"],
+        "peak_rss_mib": _rss_mib(),
+        "same_rows_as_one_step": bool(one.equals(result.rows.reset_index(drop=True))),
+    }
+
+
 def _merge_phase(out: Path) -> dict:
     t0 = time.perf_counter()
     bands = [pd.read_parquet(f) for f in sorted((out / "bands").glob("*.parquet"))]
@@ -270,6 +283,7 @@ def banded(n: int) -> dict:
         n_bands, _ = dedup.bands(CFG.dedup.threshold, CFG.dedup.num_perm)
         steps = [_phase("_band", n, tmp, "--band", str(k)) for k in range(n_bands)]
         merge = _phase("_merge", n, tmp)
+        in_one_step = _phase("_banded_step", n, tmp)
     return {
         "docs": n,
         "sign": sign,
@@ -279,12 +293,13 @@ def banded(n: int) -> dict:
         "band_step_peak_rss_mib": {"max": max(s["peak_rss_mib"] for s in steps), "min": min(s["peak_rss_mib"] for s in steps)},
         "band_pairs": sum(s["pairs"] for s in steps),
         "merge": merge,
+        "banded_in_one_process": in_one_step,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["compare", "scale", "banded", "_sign", "_cluster", "_band", "_merge"])
+    ap.add_argument("mode", choices=["compare", "scale", "banded", "_sign", "_cluster", "_band", "_merge", "_banded_step"])
     ap.add_argument("--band", type=int)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--docs", type=int, nargs="+", default=[20000])
@@ -302,6 +317,9 @@ def main() -> None:
         return
     if a.mode == "_merge":
         print(json.dumps(_merge_phase(Path(a.dir))))
+        return
+    if a.mode == "_banded_step":
+        print(json.dumps(_banded_step_phase(Path(a.dir))))
         return
     if a.mode == "compare":
         results = compare(a.docs[0])

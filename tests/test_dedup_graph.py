@@ -35,14 +35,15 @@ def _source(tmp, name: str, texts: list[str]) -> dict:
     return {"name": name, "uri": str(folder / "*.jsonl"), "format": "jsonl"}
 
 
-def _config(tmp_path, models_run, scope: str):
+def _config(tmp_path, models_run, scope: str, mode: str = "auto"):
     web = [_filler(i) for i in range(6)]
     news = [_filler(10 + i) for i in range(6)]
     web[4] = PAGE  # web_1.jsonl row 2
     news[1] = "转载：" + PAGE + "（完）"  # news_0.jsonl row 2: a near-duplicate
     news[5] = "  " + PAGE.replace("，", " ，") + "\n"  # news_1.jsonl row 3: the same text up to whitespace
     sources = [_source(tmp_path, "web", web), _source(tmp_path, "news", news)]
-    overrides = {**given_models(models_run), "sources": sources, "shards": 2, "dedup.scope": scope, "filter.perplexity_max": None}
+    overrides = {**given_models(models_run), "sources": sources, "shards": 2, "dedup.scope": scope, "dedup.mode": mode}
+    overrides["filter.perplexity_max"] = None
     return write_config(tmp_path, **overrides)
 
 
@@ -52,8 +53,8 @@ def _quarantine(cfg_file):
     return q.sort_values(["source", "file", "row"]).reset_index(drop=True)
 
 
-def _run(tmp_path, models_run, scope: str):
-    cfg_file = _config(tmp_path, models_run, scope)
+def _run(tmp_path, models_run, scope: str, mode: str = "auto"):
+    cfg_file = _config(tmp_path, models_run, scope, mode)
     defs = build_definitions(cfg_file)
     instance = dg.DagsterInstance.ephemeral()
     assert dg.materialize(
@@ -72,8 +73,10 @@ def _metadata(instance, key: str) -> dict:
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
-def test_scope_all_drops_copies_across_sources_and_the_first_source_listed_keeps(tmp_path, models_run):
-    instance, q = _run(tmp_path, models_run, "all")
+@pytest.mark.parametrize("mode", ["auto", "banded"])
+def test_scope_all_drops_copies_across_sources_and_the_first_source_listed_keeps(tmp_path, models_run, mode):
+    """The same clusters in one step (auto, at this size) and band by band (dedup.mode: banded)."""
+    instance, q = _run(tmp_path, models_run, "all", mode)
     assert q[["source", "file", "row", "reason"]].values.tolist() == [
         ["news", "news_0.jsonl", 2, "near_duplicate"],
         ["news", "news_1.jsonl", 3, "duplicate_text"],
@@ -82,6 +85,7 @@ def test_scope_all_drops_copies_across_sources_and_the_first_source_listed_keeps
     for key in ("web|0", "web|1", "news|0", "news|1"):  # each partition shows the whole clustering's figures
         md = _metadata(instance, key)
         assert (md["documents"], md["clusters"], md["largest_cluster"]) == (12, 1, 3)
+        assert md["mode"] == ("one_step" if mode == "auto" else "banded")
 
 
 def test_scope_source_keeps_each_sources_first_copy(tmp_path, models_run):

@@ -29,7 +29,7 @@ from .common import (
     StageResult,
     sampling_params,
 )
-from .deduped import DedupError, cluster, dedupe, sign
+from .deduped import DedupError, cluster, clusters, dedupe, sign
 from .filtered import filter_corpus
 from .labeled import label
 from .polished import output_reason, polish
@@ -57,6 +57,7 @@ __all__ = [
     "StageContext",
     "StageResult",
     "cluster",
+    "clusters",
     "corpus_texts",
     "dedupe",
     "filter_corpus",

@@ -272,6 +272,25 @@ def merge(parts: Iterable[pa.Table | PartitionTable], bands: Iterable[pd.DataFra
     return StageResult(rows=dedup.frame(loc, members, compact), dropped=quarantine_frame([]), stats=_stats(n, found, t0))
 
 
+def clusters(parts: Iterable[pa.Table | PartitionTable], ctx: StageContext) -> StageResult:
+    """A cluster group's clusters, by dedup.mode: in one step (cluster(): the group's signatures in
+    one matrix, ~0.9 KB a document at its peak), or band by band and then merged (band() for each
+    band, merge(): the same clusters, each phase ~0.26 KB a document, about 4x the CPU;
+    bench/README.md). auto: banded past dedup.one_step_max_docs documents."""
+    parts, d = list(parts), ctx.cfg.dedup
+    n = sum(p.num_rows for p in parts)
+    banded = d.mode == "banded" or (d.mode == "auto" and n > d.one_step_max_docs)
+    if banded:
+        t0 = time.perf_counter()
+        n_bands, _ = dedup.bands(d.threshold, d.num_perm)
+        result = merge(parts, [band(parts, k, ctx) for k in range(n_bands)], ctx)  # one band's arrays at a time
+        result.stats["seconds"] = round(time.perf_counter() - t0, 2)
+    else:
+        result = cluster(parts, ctx)
+    result.stats["mode"] = "banded" if banded else "one_step"
+    return result
+
+
 def _stats(n: int, found: dedup.Clusters | None, t0: float) -> dict:
     sizes = dedup.sizes(found.keeper) if found is not None else np.zeros(0, dtype=np.int64)
     reasons = pd.Series(found.reason if found is not None else [], dtype=object).value_counts()
