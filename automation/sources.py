@@ -3,8 +3,8 @@ corpus (source x shard). A partition's data version hashes (path, size, ETag or 
 files that fall in that shard, so a new, changed or removed file makes exactly its shard's
 raw_corpus partition stale ("has a new dependency data version"). The `observe_sources` sensor
 records versions every deploy.observe_interval seconds, and only those that changed; `kun run`
-records them before it ingests. A tick reads new files' ids (sources with id_field) for
-ID_BUDGET_S at most: a source with more to read is observed on a later tick, which goes on
+records them before it ingests. A tick lists and reads new files' ids (sources with id_field)
+for TICK_BUDGET_S at most: a source with more to read is observed on a later tick, which goes on
 where this one stopped (corpus._IdCache), so no tick overruns Dagster's limit.
 """
 
@@ -25,9 +25,10 @@ from resources import KunResource
 KEY = dg.AssetKey(SOURCE_FILES)
 
 
-# Of the sensor's 60 s (Dagster's gRPC limit on a sensor's evaluation), how long a tick spends
-# reading new files' ids; a source whose reading is left over is observed on a later tick.
-ID_BUDGET_S = 30.0
+# Of the sensor's 60 s (Dagster's gRPC limit on a sensor's evaluation), how long a tick may spend
+# listing sources and reading new files' ids; a source whose reading is left over is observed on a
+# later tick (a listing under way is finished: at 100k objects on S3, ~28 s; bench/README.md).
+TICK_BUDGET_S = 40.0
 
 
 def observe(
@@ -35,16 +36,15 @@ def observe(
 ) -> dict[str, str]:
     """{corpus partition key: data version} of every shard of the given sources (default: all).
     A source that cannot be listed is left out and said in `errors` (or raised when errors is None),
-    as is one whose ids are still being read when `budget_s` (for all sources) runs out."""
+    as is one whose ids are still being read when `budget_s` (the whole call's) runs out."""
     out = {}
     until = time.monotonic() + budget_s if budget_s is not None else None
     for source in cfg.sources:
         if sources is not None and source.name not in sources:
             continue
         uri = cfg.resolve(source.uri)
-        left = None if until is None else max(0.0, until - time.monotonic())
         try:
-            found = shard_versions(source, uri, cfg.shards, store.options(uri), cfg.ingest, cfg.manifest(source), left)
+            found = shard_versions(source, uri, cfg.shards, store.options(uri), cfg.ingest, cfg.manifest(source), until)
         except CorpusError as e:
             if errors is None:
                 raise
@@ -109,7 +109,7 @@ def observe_sources(cfg: KunConfig) -> dg.SensorDefinition:
     )
     def _sensor(context: dg.SensorEvaluationContext, kun: KunResource):
         errors: list[str] = []
-        now = observe(kun.config, kun.store, errors=errors, budget_s=ID_BUDGET_S)
+        now = observe(kun.config, kun.store, errors=errors, budget_s=TICK_BUDGET_S)
         for e in errors:
             context.log.warning(f"observe_sources: {e}")
         changed = changes(context.instance, now)

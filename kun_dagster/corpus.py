@@ -126,7 +126,7 @@ def shard_versions(
     storage_options: dict | None = None,
     limits: IngestConfig | None = None,
     manifest: str | None = None,
-    budget_s: float | None = None,
+    until: float | None = None,
 ) -> dict[int, str]:
     """Each shard's data version: a hash of (relative path, size, ETag or mtime) over its files, from
     one listing. A new, changed or removed file changes only its own shard's version; a shard with
@@ -134,10 +134,10 @@ def shard_versions(
     its files repeat is kept: a new file that now keeps an id (it sorts first) also changes the
     version of the shard that kept it before, which is ingested again and drops its copy, so ids
     stay unique per source under incremental adds (this reads the files new since the last
-    listing; `budget_s`: for that long at most, else IndexIncomplete)."""
+    listing; `until`: a time.monotonic() by which to stop reading, else IndexIncomplete)."""
     try:
         fs, root, found = _list(uri, storage_options, manifest)
-        index = id_index(source, fs, root, found, limits, budget_s)
+        index = id_index(source, fs, root, found, limits, until)
     except IndexIncomplete:
         raise
     except Exception as e:  # noqa: BLE001 - an unreachable store is a source error, said plainly
@@ -574,7 +574,7 @@ class IndexIncomplete(CorpusError):
 
 
 def id_index(
-    source: SourceConfig, fs, root: str, found: dict[str, dict], limits: IngestConfig | None = None, budget_s: float | None = None
+    source: SourceConfig, fs, root: str, found: dict[str, dict], limits: IngestConfig | None = None, until: float | None = None
 ) -> IdIndex:
     """The source's repeated ids. Ingest of any shard quarantines every copy but the kept one as
     duplicate_id, naming that place, so ids are unique per source (what the release requires)
@@ -585,8 +585,9 @@ def id_index(
     ID_BUCKETS temporary files by its hash, and the buckets are read back one at a time; an id's
     copies all land in one bucket (28 bytes a document on disk, under $TMPDIR). Files are read
     ID_READERS at a time, and each file's records are kept (_IdCache): a new listing reads only
-    the files that are new or changed. With `budget_s` (the sensor's tick), files are read for that
-    long at most and IndexIncomplete is raised if some are left: the next call goes on from there."""
+    the files that are new or changed. With `until` (the sensor's tick's end, a time.monotonic()),
+    files are read until then at most and IndexIncomplete is raised if some are left: the next call
+    goes on from there."""
     if not source.id_field:
         return IdIndex()
     key = (
@@ -612,7 +613,6 @@ def id_index(
                         records[bucket == b].tofile(f)
 
             cache, paths, count = _id_cache(source, limits), list(found), 0
-            until = time.monotonic() + budget_s if budget_s is not None else None
 
             def file_ids(i: int) -> np.ndarray | None:
                 try:

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -257,17 +258,17 @@ def test_a_tick_out_of_time_reads_what_it_can_and_the_next_goes_on(tmp_path, mon
         (tmp_path / "src" / f"f{i}.jsonl").write_text(json.dumps({"id": f"d{i % 3}", "text": "正文"}) + "\n")
     src = SourceConfig(name="ids", uri=str(tmp_path / "src" / "*.jsonl"), format="jsonl", id_field="id")
     with pytest.raises(IndexIncomplete, match="reading its ids, 0 of 8 files so far"):
-        shard_versions(src, src.uri, 4, budget_s=0)
+        shard_versions(src, src.uri, 4, until=0)
     real, calls = corpus.documents, []
     monkeypatch.setattr(corpus, "documents", lambda *a: calls.append(a[1]) or real(*a))
     monkeypatch.setattr(corpus, "ID_READERS", 1)
-    clock = iter(range(1000))  # each look at the clock a second later: the first file read, then out of time
+    clock = iter(range(1000))  # each look at the clock a second later: files read at 0 and 1, then out of time
     monkeypatch.setattr(corpus.time, "monotonic", lambda: next(clock))
-    with pytest.raises(IndexIncomplete, match="1 of 8"):
-        shard_versions(src, src.uri, 4, budget_s=1.5)
+    with pytest.raises(IndexIncomplete, match="2 of 8"):
+        shard_versions(src, src.uri, 4, until=1.5)
     monkeypatch.undo()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    got = shard_versions(src, src.uri, 4, budget_s=60)
+    got = shard_versions(src, src.uri, 4, until=time.monotonic() + 60)
     corpus._ID_INDEX.clear()
     for f in (tmp_path / "tmp" / "kun-ids").glob("*/*.npy"):
         f.unlink()
