@@ -36,13 +36,20 @@ def observe(
 ) -> dict[str, str]:
     """{corpus partition key: data version} of every shard of the given sources (default: all).
     A source that cannot be listed is left out and said in `errors` (or raised when errors is None),
-    as is one whose ids are still being read when `budget_s` (the whole call's) runs out."""
+    as is one whose ids are still being read when `budget_s` (the whole call's) runs out, and one
+    not reached by then; with a budget the sources are taken from a start that moves each minute,
+    so a large one does not keep the others waiting for ever."""
     out = {}
     until = time.monotonic() + budget_s if budget_s is not None else None
-    for source in cfg.sources:
-        if sources is not None and source.name not in sources:
-            continue
+    todo = [s for s in cfg.sources if sources is None or s.name in sources]
+    if until is not None and todo:
+        turn = int(time.time() // 60) % len(todo)
+        todo = todo[turn:] + todo[:turn]
+    for source in todo:
         uri = cfg.resolve(source.uri)
+        if until is not None and time.monotonic() > until and errors is not None:
+            errors.append(f"source {source.name}: not listed in this tick ({budget_s:.0f} s spent); the next one will")
+            continue
         try:
             found = shard_versions(source, uri, cfg.shards, store.options(uri), cfg.ingest, cfg.manifest(source), until)
         except CorpusError as e:

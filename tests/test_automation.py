@@ -149,6 +149,27 @@ def test_a_new_file_changes_only_its_shards_version(tmp_path_factory, names, new
     assert {s for s, v in shard_versions(source, source.uri, shards).items() if v != after[s]} == {shard_of(new, shards)}
 
 
+def test_a_tick_out_of_time_leaves_the_sources_it_did_not_reach_to_the_next(tmp_path, monkeypatch):
+    """The sensor's tick has TICK_BUDGET_S in all: past it, a source is not listed and is said; the
+    sources are taken from a start that moves each minute, so each is first in turn."""
+    import automation.sources as sources
+
+    cfg = load_config(write_config(tmp_path))
+    store = Store(cfg.storage)
+    errors: list[str] = []
+    assert observe(cfg, store, errors=errors, budget_s=0) == {}
+    assert sorted(e.split(":")[0] for e in errors) == sorted(f"source {s.name}" for s in cfg.sources)
+    assert all("not listed in this tick" in e for e in errors)
+    assert len(observe(cfg, store, errors=[], budget_s=60)) == len(cfg.sources) * cfg.shards
+    firsts = []
+    for minute in range(len(cfg.sources)):
+        monkeypatch.setattr(sources.time, "time", lambda m=minute: 60.0 * m)
+        errors = []
+        observe(cfg, store, errors=errors, budget_s=0)
+        firsts.append(errors[0].split(":")[0])
+    assert sorted(firsts) == sorted(f"source {s.name}" for s in cfg.sources)
+
+
 def test_the_sensor_records_only_the_partitions_whose_files_changed(world, tmp_path):
     cfg, instance = world["cfg"], dg.DagsterInstance.ephemeral()
     kun = KunResource(config_path=str(cfg.origin))
