@@ -97,7 +97,7 @@ def _list(uri: str, storage_options: dict | None, manifest: str | None = None) -
         return _glob(uri, storage_options)
     fs, pattern = _fs(uri, storage_options)
     root, matches = _glob_root(pattern), re.compile(glob_translate(pattern)).match
-    found = {p: {**info, "type": "file"} for p, info in manifests.entries(manifest, storage_options, fs, _glob_root(pattern)) if matches(p)}
+    found = {p: {**info, "type": "file"} for p, info in manifests.entries(manifest, storage_options, fs, root) if matches(p)}
     return fs, root, dict(sorted(found.items()))
 
 

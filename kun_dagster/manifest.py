@@ -31,7 +31,12 @@ class ManifestError(ValueError):
 
 
 def entries(manifest: str, storage_options: dict | None, fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, dict]]:
-    """(path in `fs`'s terms, listing info) of every file the manifest names."""
+    """(path in `fs`'s terms, listing info) of every file the manifest names. `storage_options`
+    are the source's store's: they go with a manifest on that kind of store only (a local manifest
+    of an S3 source is read as a local file)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    scheme = manifest.split("://", 1)[0] if "://" in manifest else "file"
+    storage_options = storage_options if scheme in protocols else None
     mfs, mpath = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
     mfs.invalidate_cache()  # a manifest rewritten since this process last read it (corpus._fs)
     if mpath.endswith(".json"):
@@ -39,7 +44,7 @@ def entries(manifest: str, storage_options: dict | None, fs: fsspec.AbstractFile
             doc = json.load(f)
         if not isinstance(doc, dict) or "files" not in doc or "fileSchema" not in doc:
             raise ManifestError(f"{manifest}: a .json manifest must be an S3 Inventory manifest.json (files, fileSchema)")
-        yield from _inventory(doc, manifest, storage_options)
+        yield from _inventory(doc, manifest, storage_options if "s3" in protocols else None)
         return
     frame = _table(mfs, mpath, manifest)
     if "path" not in frame.columns:

@@ -1,9 +1,9 @@
 """OpenAI-compatible servers behind one or more base URLs (`vllm serve` replicas, a load balancer,
 a hosted judge): JSON requests in parallel, a bounded number in flight per URL, each sent to the
 least busy URL and retried with backoff on a dropped connection, a timeout or a busy or failing
-server (408, 429, 5xx), on another URL where there is one; a URL whose connection dropped is
-passed over for the backoff's time. Any other reply (a 4xx: a bad request)
-fails at once: retrying it would fail the same way. The key is sent as a bearer token and never
+server (408, 429, 5xx), on another URL where there is one; a URL whose connections drop is passed
+over for a rest that doubles with each drop in a row. Any other reply (a 4xx: a bad request) fails
+at once: retrying it would fail the same way. The key is sent as a bearer token and never
 appears in an error; URL passwords are masked in them.
 """
 
