@@ -50,7 +50,7 @@ def _clusters(cfg: KunConfig, parts) -> dg.AssetsDefinition:
     def duplicate_clusters(context: dg.AssetExecutionContext, kun: KunResource, minhash_signatures):
         """Clusters of exact and near-duplicates (estimated Jaccard >= dedup.threshold, MinHash
         LSH) over every shard of the source (dedup.scope: all: of every source), computed once per
-        source of the run, in one step or band by band (dedup.mode: the same clusters, a third of
+        source of the run, in one step or band by band (dedup.mode: the same clusters, under half
         the memory). A partition holds the cluster members that live in it: each kept or
         dropped, with the kept document's location. Config: dedup."""
         keys = context.partition_keys  # listed once: Dagster lists the run's whole range on each call
