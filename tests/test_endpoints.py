@@ -2,7 +2,6 @@
 fail as real ones do, and the config of the server backend. The server engine itself is tested
 against a real vLLM server in tests/test_vllm.py."""
 
-import http.server
 import json
 import socket
 import threading
@@ -18,9 +17,10 @@ from kun_dagster.llm.endpoints import Endpoints
 from kun_dagster.secrets import secret_values
 
 from .conftest import write_config
+from .loopback import DROP, JSONServer
 
 
-class Flaky:
+class Flaky(JSONServer):
     """A JSON server whose `plan` says what each request in turn gets: 200 (its body echoed with
     the request's number), another status, or "drop" (the connection closed without a reply)."""
 
@@ -28,43 +28,23 @@ class Flaky:
         self.plan, self.delay, self.seen, self.auth = list(plan), delay, [], []
         self.in_flight = self.most_in_flight = 0
         lock = threading.Lock()
-        outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as requests' pool uses it
+        def respond(body: dict, headers: dict):
+            with lock:
+                n = len(self.seen)
+                self.seen.append(body)
+                self.auth.append(headers.get("Authorization"))
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                what = self.plan[n] if n < len(self.plan) else 200
+            time.sleep(self.delay)
+            with lock:
+                self.in_flight -= 1
+            if what == "drop":
+                return DROP
+            return what, {"n": n, **body} if what == 200 else {"error": {"message": f"planned {what}"}}
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with lock:
-                    n = len(outer.seen)
-                    outer.seen.append(body)
-                    outer.auth.append(self.headers.get("Authorization"))
-                    outer.in_flight += 1
-                    outer.most_in_flight = max(outer.most_in_flight, outer.in_flight)
-                    what = outer.plan[n] if n < len(outer.plan) else 200
-                time.sleep(outer.delay)
-                with lock:
-                    outer.in_flight -= 1
-                if what == "drop":
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                data = json.dumps({"n": n, **body} if what == 200 else {"error": {"message": f"planned {what}"}}).encode()
-                self.send_response(what)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(respond)
 
 
 def _closed_port() -> str:

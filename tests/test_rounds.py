@@ -19,6 +19,7 @@ from kun_dagster.stages import StageContext
 
 from .conftest import REPO, assert_fresh, given_models, write_config
 from .fakes import ScriptedEngine
+from .loopback import JSONServer
 
 SEEDS = REPO / "demo" / "seed" / "coig_cqia_seed.jsonl"
 
@@ -203,46 +204,28 @@ def test_the_judge_is_none_of_the_compared_models(tmp_path):
     evaluation.independent(evaluation.Judge("gpt at x", None, lambda: None), compared)  # an endpoint is none of them
 
 
-class OpenAIJudge:
+class OpenAIJudge(JSONServer):
     """An OpenAI-compatible /v1/chat/completions on loopback: prefers answer 2 when it holds 好答案,
     answers with top log-probabilities when asked, and in free text otherwise; fails the first call."""
 
     def __init__(self):
-        import http.server
-        import json as _json
-        import threading
-
         self.requests: list[dict] = []
-        outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({**body, "auth": self.headers.get("Authorization")})
-                if len(outer.requests) == 1:  # a dropped first request: retried
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                text = body["messages"][0]["content"]
-                second = "好答案" in text.split("回答2：")[1]
-                if body.get("logprobs"):
-                    p2 = 0.8 if second else 0.15
-                    top = [{"token": "2", "logprob": np.log(p2)}, {"token": "1", "logprob": np.log(0.95 - p2)}]
-                    reply = {"message": {"content": "2" if second else "1"}, "logprobs": {"content": [{"token": "2", "top_logprobs": top}]}}
-                else:
-                    reply = {"message": {"content": "回答2更好" if second else "回答1更好"}}
-                data = _json.dumps({"choices": [reply]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        def respond(body: dict, headers: dict):
+            self.requests.append({**body, "auth": headers.get("Authorization")})
+            if len(self.requests) == 1:  # a failing first request: retried
+                return 503, {}
+            text = body["messages"][0]["content"]
+            second = "好答案" in text.split("回答2：")[1]
+            if body.get("logprobs"):
+                p2 = 0.8 if second else 0.15
+                top = [{"token": "2", "logprob": np.log(p2)}, {"token": "1", "logprob": np.log(0.95 - p2)}]
+                reply = {"message": {"content": "2" if second else "1"}, "logprobs": {"content": [{"token": "2", "top_logprobs": top}]}}
+            else:
+                reply = {"message": {"content": "回答2更好" if second else "回答1更好"}}
+            return 200, {"choices": [reply]}
 
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        super().__init__(respond)
 
 
 def test_a_judge_behind_an_openai_compatible_endpoint():
