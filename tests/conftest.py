@@ -42,7 +42,7 @@ warnings.filterwarnings("ignore", module="dagster")
 # bench/README.md, "CI"), so that the two end together rather than one running a slow module alone.
 WEIGHT = {
     "test_dev_recovery": 170,
-    "test_wild": 150,
+    "test_wild": 115,
     "test_ui": 145,
     "test_rounds": 130,
     "test_automation_daemon": 125,
