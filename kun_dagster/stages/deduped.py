@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -188,6 +189,15 @@ class _Ranked:
         # order[rank] = the document's index over the parts in the order given
         self.order = np.lexsort((cat(rows), by_name[cat(files)] if names else cat(files), cat(sources)))
 
+    @cached_property
+    def keys(self) -> np.ndarray:
+        """Each document's exact-text key (two uint64), in rank order."""
+        return self.column("text_key", _keys).reshape(-1, 2) if self.n else np.zeros((0, 2), dtype=np.uint64)
+
+    @cached_property
+    def shingles(self) -> np.ndarray:
+        return self.column("shingles", lambda v: v.to_numpy(zero_copy_only=False))
+
     def column(self, name: str, read) -> np.ndarray:
         """`read(array)` of each batch of a column stored in the parts, concatenated, in rank order."""
         got = [read(values) for part in self.parts for values in _batches(part, name)]
@@ -224,39 +234,43 @@ def _keys(values: pa.Array) -> np.ndarray:
     return _fixed(values, 16, "text_key").view(">u8").astype(np.uint64)
 
 
-def band(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageContext) -> pd.DataFrame:
-    """Band k's share of the clustering over every signature partition given: its LSH candidate
-    pairs, as ranks (a < b in rank), and which are near-duplicates (`ok`)."""
-    d, want = ctx.cfg.dedup, params(ctx.cfg)
+def _prepared(parts: Iterable[pa.Table | PartitionTable], ctx: StageContext) -> _Ranked:
+    """The parts checked against the config's signature parameters, in rank order: what every band
+    and the merge of a cluster group start from (made once where they run in one step)."""
     parts = list(parts)
     for part in parts:
-        _checked(_read(part, ["params"]), want)
+        _checked(_read(part, ["params"]), params(ctx.cfg))
+    return _Ranked(parts, ctx.cfg)
+
+
+def band(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageContext, ranked: _Ranked | None = None) -> pd.DataFrame:
+    """Band k's share of the clustering over every signature partition given: its LSH candidate
+    pairs, as ranks (a < b in rank), and which are near-duplicates (`ok`). `ranked`: the parts
+    already _prepared (the step's other bands share it)."""
+    d = ctx.cfg.dedup
+    ranked = ranked or _prepared(parts, ctx)
     n_bands, rows = dedup.bands(d.threshold, d.num_perm)
     if not 0 <= k < n_bands:
         raise DedupError(f"{CLUSTERS}: band {k} of {n_bands} (dedup.threshold {d.threshold}, num_perm {d.num_perm})")
     if not d.near:  # exact duplicates alone need no band
         return pd.DataFrame({"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "ok": np.zeros(0, bool)})
-    ranked = _Ranked(parts, ctx.cfg)
     bucket = ranked.column("signature", lambda v: dedup.band_key(_fixed(v, 4 * d.num_perm, "signature").view("<u4"), k, rows))
-    keys = ranked.column("text_key", _keys).reshape(-1, 2) if ranked.n else np.zeros((0, 2), dtype=np.uint64)
-    shingles = ranked.column("shingles", lambda v: v.to_numpy(zero_copy_only=False))
     rank = np.arange(ranked.n)
-    a, b, ok = dedup.band_step(bucket, keys, shingles, rank, lambda docs: ranked.signatures(docs, d.num_perm), d.threshold)
+    a, b, ok = dedup.band_step(bucket, ranked.keys, ranked.shingles, rank, lambda docs: ranked.signatures(docs, d.num_perm), d.threshold)
     return pd.DataFrame({"a": a, "b": b, "ok": ok})
 
 
-def merge(parts: Iterable[pa.Table | PartitionTable], bands: Iterable[pd.DataFrame], ctx: StageContext) -> StageResult:
+def merge(
+    parts: Iterable[pa.Table | PartitionTable], bands: Iterable[pd.DataFrame], ctx: StageContext, ranked: _Ranked | None = None
+) -> StageResult:
     """The clusters cluster() makes, from every band's pairs (band()) and the partitions' keys."""
     cfg = ctx.cfg
     t0, d = time.perf_counter(), cfg.dedup
-    parts = list(parts)
-    for part in parts:
-        _checked(_read(part, ["params"]), params(cfg))
-    ranked = _Ranked(parts, cfg)
+    ranked = ranked or _prepared(parts, ctx)
     n = ranked.n
     if not n:
         return StageResult(rows=pd.DataFrame(columns=INDEXES[CLUSTERS].names), dropped=quarantine_frame([]), stats=_stats(0, None, t0))
-    keys = ranked.column("text_key", _keys).reshape(-1, 2)
+    keys = ranked.keys
     rank = np.arange(n)
     pairs = [b for b in bands if len(b)]
     a, b, ok = (
@@ -281,9 +295,11 @@ def clusters(parts: Iterable[pa.Table | PartitionTable], ctx: StageContext) -> S
     n = sum(p.num_rows for p in parts)
     banded = d.mode == "banded" or (d.mode == "auto" and n > d.one_step_max_docs)
     if banded:
-        t0 = time.perf_counter()
+        t0, ranked = time.perf_counter(), _prepared(parts, ctx)  # checked and ranked once for every band
         n_bands, _ = dedup.bands(d.threshold, d.num_perm)
-        result = merge(parts, [band(parts, k, ctx) for k in range(n_bands)], ctx)  # one band's arrays at a time
+        pairs = [band(parts, k, ctx, ranked) for k in range(n_bands)]  # one band's bucket at a time
+        ranked.__dict__.pop("shingles", None)  # the merge needs only the keys
+        result = merge(parts, pairs, ctx, ranked)
         result.stats["seconds"] = round(time.perf_counter() - t0, 2)
     else:
         result = cluster(parts, ctx)
