@@ -179,13 +179,12 @@ def report_stage(context: dg.AssetExecutionContext, kun, asset: str, key: str, r
     """Log the partition's quarantine and return its metadata, which the step attaches for all its
     partitions at once (add_partition_metadata); the IO manager then publishes the rows and the
     quarantine together, after the whole step has succeeded."""
-    part = hive(key)
-    source, shard = part["source"], part["shard"]
+    part = hive(key, bands=registry.spec(asset).partitions == registry.GROUP_BAND)
     qdir = storage.quarantine_dir(kun.base, asset, part)
     n_dropped = storage.row_count(result.dropped)
     for reason, (n, sample) in storage.by_reason(result.dropped).items():
         context.log.warning(
-            f"{asset} {source}/{shard}: quarantined {n} row(s) as {reason}, e.g. "
+            f"{asset} {'/'.join(part.values())}: quarantined {n} row(s) as {reason}, e.g. "
             f"file {sample['file']} row {sample['row']}: {sample['detail']}"
         )
     rows = result.rows

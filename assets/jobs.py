@@ -3,7 +3,7 @@ UI, where each can be launched or backfilled on its own (one source's clusters, 
 
 import dagster as dg
 
-from kun_dagster import registry
+from kun_dagster import dedup, registry
 from kun_dagster.config import KunConfig
 
 
@@ -14,5 +14,5 @@ def build(cfg: KunConfig) -> list:
             selection=dg.AssetSelection.assets(*job.assets),
             description=job.step.what + (f" (round {job.round})" if job.round > 1 else ""),
         )
-        for job in registry.jobs(cfg.iterations, cfg.evaluation.enabled)
+        for job in registry.jobs(cfg.iterations, cfg.evaluation.enabled, dedup.band_steps(cfg))
     ]

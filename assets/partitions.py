@@ -9,8 +9,9 @@ Storage still names the column `shard` (source=.../shard=...).
 
 import dagster as dg
 
+from kun_dagster import dedup
 from kun_dagster.config import KunConfig
-from kun_dagster.partitions import SHARD, SOURCE
+from kun_dagster.partitions import BAND, GROUP, SHARD, SOURCE
 
 
 def corpus_partitions(cfg: KunConfig) -> dg.MultiPartitionsDefinition:
@@ -24,3 +25,12 @@ def corpus_partitions(cfg: KunConfig) -> dg.MultiPartitionsDefinition:
 
 def source_partitions(cfg: KunConfig) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition([s.name for s in cfg.sources])
+
+
+def band_partitions(cfg: KunConfig) -> dg.MultiPartitionsDefinition:
+    """lsh_band_pairs' (dedup.mode: band_steps): cluster group x LSH band. `cluster_group` sorts
+    before `lsh_band`, so a group's bands are one contiguous key range."""
+    n_bands, _ = dedup.bands(cfg.dedup.threshold, cfg.dedup.num_perm)
+    return dg.MultiPartitionsDefinition(
+        {GROUP: dg.StaticPartitionsDefinition(dedup.group_keys(cfg)), BAND: dg.StaticPartitionsDefinition([str(k) for k in range(n_bands)])}
+    )

@@ -361,11 +361,12 @@ class DedupConfig(_Section):
         "source", description="source: within each source; all: across sources (first source listed wins)"
     )
     seed: int = 1
-    mode: Literal["auto", "one_step", "banded"] = Field(
+    mode: Literal["auto", "one_step", "banded", "band_steps"] = Field(
         "auto",
         description="how a cluster group is clustered, to the same clusters: one_step holds its signatures in one matrix "
-        "(~0.9 KB a document); banded goes band by band, then merges (~0.26 KB a document, ~4x the CPU); "
-        "auto: banded past one_step_max_docs",
+        "(~0.9 KB a document); banded goes band by band in the clusters step, then merges (~0.26 KB a document, ~4x "
+        "the CPU); band_steps makes each band a partition of lsh_band_pairs (a step of its own, wherever the executor "
+        "puts it) and the clusters step merges them; auto: banded past one_step_max_docs",
     )
     one_step_max_docs: int = Field(5_000_000, ge=0, description="auto: the largest cluster group clustered in one step")
 

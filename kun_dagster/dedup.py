@@ -48,6 +48,24 @@ def cluster_group(cfg, source: str) -> str:
     return EVERY_SOURCE if across_sources(cfg) else source
 
 
+def band_steps(cfg) -> bool:
+    """dedup.mode: band_steps: each LSH band of a cluster group is a partition (lsh_band_pairs)."""
+    return cfg.dedup.mode == "band_steps"
+
+
+GROUP_ALL = "all"  # EVERY_SOURCE as a partition key of lsh_band_pairs (scope: all has no other group)
+
+
+def group_key(group: str) -> str:
+    """A cluster group's partition key (the source's name, or GROUP_ALL)."""
+    return GROUP_ALL if group == EVERY_SOURCE else group
+
+
+def group_keys(cfg) -> list[str]:
+    """Every cluster group's partition key, in config order."""
+    return [GROUP_ALL] if across_sources(cfg) else [s.name for s in cfg.sources]
+
+
 def cluster_groups(cfg, sources: list[str]) -> dict[str, list[str]]:
     """The cluster groups the given sources fall in, each with every source it holds (config order):
     clustering a group needs the signatures of all of them."""

@@ -79,6 +79,9 @@ RAW, FILTERED, DEDUPED, LABELED, SCORED, POLISHED, DATASET = (
 # The dedup indices (dedup.py): a MinHash signature per document, and the clusters over a whole
 # source that deduped_corpus drops by. They hold data but are not dataset versions (no funnel row).
 SIGNATURES, CLUSTERS = "minhash_signatures", "duplicate_clusters"
+# dedup.mode: band_steps: one LSH band's candidate pairs of a cluster group per partition, which
+# duplicate_clusters merges (stages.deduped.band and merge)
+LSH_BANDS = "lsh_band_pairs"
 EVALUATION = "evaluation"
 # The release folder (release/{source}: train.jsonl, README.md, manifest.json), one writer for all of it.
 CARD = "dataset_card"
@@ -86,7 +89,7 @@ CARD = "dataset_card"
 SOURCE_FILES = "source_files"
 
 # How an asset is partitioned (assets/partitions.py builds the definitions).
-SOURCE_SHARD, SOURCE = "source x shard", "source"
+SOURCE_SHARD, SOURCE, GROUP_BAND = "source x shard", "source", "cluster group x band"
 
 
 # -- the WARN checks ---------------------------------------------------------------------------------
@@ -263,7 +266,7 @@ ONE_VERSION = WarnCheck(
 class Spec:
     name: str
     group: str  # the UI's asset group (a later round's stages are one group, round<k>)
-    partitions: str | None = None  # SOURCE_SHARD, SOURCE, or None (one output)
+    partitions: str | None = None  # SOURCE_SHARD, SOURCE, GROUP_BAND, or None (one output)
     per_round: bool = False  # exists once per round (<name>_round<k> for k >= 2)
     # kun.yaml keys and prompt names that shape its output (code_versions.py); a later round's
     # chat model has its own keys (it is always trained)
@@ -345,6 +348,13 @@ SPECS: tuple[Spec, ...] = (
         retention=(0.3, 1.0),
     ),
     Spec(SIGNATURES, "corpus", SOURCE_SHARD, shapes=("dedup.ngram", "dedup.num_perm", "dedup.seed"), automation="corpus"),
+    Spec(
+        LSH_BANDS,
+        "corpus",
+        GROUP_BAND,  # only under dedup.mode: band_steps
+        shapes=("dedup.exact", "dedup.near", "dedup.threshold", "dedup.scope", "sources"),
+        automation="corpus",
+    ),
     Spec(
         CLUSTERS,
         "corpus",
@@ -512,12 +522,18 @@ class Step:
     what: str
     rounds: str = "first"  # "first": round 1 only; "later": rounds 2.. (one job each); "each": every round
     whole_source: bool = False  # made over every shard of a source at once (dedup's clusters)
-    when: str | None = None  # a config switch it needs ("evaluation")
+    when: str | None = None  # a config switch it needs ("evaluation", "band_steps")
 
 
 STEPS = (
     Step("models", (SEED_DATA, BASE_MODEL, LABEL_MODEL, CHAT_MODEL), "the seed data, the base, the label and the chat model"),
     Step("corpus_head", (RAW, FILTERED, SIGNATURES), "ingest, filter and sign each shard"),
+    Step(
+        "bands",
+        (LSH_BANDS,),
+        "each LSH band's candidate pairs over every shard of a source (dedup.scope all: of every source)",
+        when="band_steps",
+    ),
     Step("clusters", (CLUSTERS,), "duplicate clusters over every shard of a source (dedup.scope all: of every source)", whole_source=True),
     Step("corpus_tail", (DEDUPED, LABELED, SCORED, POLISHED), "dedupe, label, score and polish each shard"),
     Step("retrain", (CHAT_MODEL,), "round k's chat model (Humpback's M_{k-1}), trained on round k-1's data", rounds="later"),
@@ -540,13 +556,15 @@ class Job:
     round: int
 
 
-def jobs(iterations: int, evaluation: bool) -> list[Job]:
+def jobs(iterations: int, evaluation: bool, band_steps: bool = False) -> list[Job]:
     """Every step's job, rounds expanded, in the order `kun run` makes them: the models and the
-    corpus, round 1's release (and evaluation), then each later round's model, pairs, release."""
+    corpus, round 1's release (and evaluation), then each later round's model, pairs, release.
+    The evaluation's and the bands' jobs exist where their switch is on."""
+    switches = {"evaluation": evaluation, "band_steps": band_steps}
     out = []
     for k in range(1, iterations + 1):
         for step in STEPS:
-            if {"first": k != 1, "later": k == 1, "each": False}[step.rounds] or (step.when == "evaluation" and not evaluation):
+            if {"first": k != 1, "later": k == 1, "each": False}[step.rounds] or (step.when and not switches[step.when]):
                 continue
             name = step.job if k == 1 else f"{step.job}_round{k}"
             out.append(Job(name, tuple(round_asset(a, k) for a in step.stages), step, k))

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from . import dedup, registry
+from .partitions import GROUP
 
 SAMPLE_ROWS = 5
 
@@ -170,16 +171,30 @@ class Runner:
             names = sorted({source(k) for k in sub}, key=self.sources.index)
             self.make(job.name, list(job.assets), what(sub, names), sub)
 
-    def clusters(self, job: registry.Job, head: registry.Job) -> None:
-        """Each cluster group (dedup.cluster_groups: a source, or every source) over all its shards;
-        a group's sources that this run does not make have their signatures made first."""
+    def signatures(self, members: list[str], head: registry.Job) -> None:
+        """A cluster group's sources that this run does not make: their signatures made first."""
+        keys = self.keys(head.assets[0])
+        others = {s for s in members if s not in self.sources}
+        for sub in ranges(keys, lambda k: k.keys_by_dimension["source"] in others):
+            self.make(head.name, list(head.assets), f"signatures of {', '.join(sorted({k.keys_by_dimension['source'] for k in sub}))}", sub)
+
+    def bands(self, job: registry.Job, head: registry.Job) -> None:
+        """dedup.mode: band_steps: each cluster group's LSH bands, those missing or stale in one run
+        per range (one ranking of the group for all of them); a band made before a kill is kept."""
         keys = self.keys(job.assets[0])
         for name, members in dedup.cluster_groups(self.cfg, self.sources).items():
-            others = {s for s in members if s not in self.sources}
-            for sub in ranges(keys, lambda k, others=others: k.keys_by_dimension["source"] in others):
-                self.make(
-                    head.name, list(head.assets), f"signatures of {', '.join(sorted({k.keys_by_dimension['source'] for k in sub}))}", sub
-                )
+            self.signatures(members, head)
+            mine = [k for k in keys if k.keys_by_dimension[GROUP] == dedup.group_key(name)]
+            self.make(job.name, list(job.assets), f"{job.assets[0]} ({name})", mine)
+
+    def clusters(self, job: registry.Job, head: registry.Job) -> None:
+        """Each cluster group (dedup.cluster_groups: a source, or every source) over all its shards;
+        a group's sources that this run does not make have their signatures made first (by the
+        bands' step, where there is one)."""
+        keys = self.keys(job.assets[0])
+        for name, members in dedup.cluster_groups(self.cfg, self.sources).items():
+            if not dedup.band_steps(self.cfg):
+                self.signatures(members, head)
             mine = [k for k in keys if k.keys_by_dimension["source"] in members]
             self.make(job.name, list(job.assets), f"{job.assets[0]} ({name})", mine, whole=True)
 
@@ -190,7 +205,7 @@ def materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug: 
     made (Dagster's code and data versions), unless `force`: a run after a kill, a new threshold
     or a new file re-makes what they touched and nothing else. Raises RunFailed after printing."""
     r = Runner(defs, instance, cfg, home, sources, debug, log_level, force)
-    jobs = registry.jobs(cfg.iterations, cfg.evaluation.enabled)
+    jobs = registry.jobs(cfg.iterations, cfg.evaluation.enabled, dedup.band_steps(cfg))
     head = next(j for j in jobs if j.step.job == "corpus_head")
     corpus = lambda sub, names: f"{len(sub)} corpus partition(s) ({', '.join(names)})"  # noqa: E731
     for job in jobs:
@@ -200,6 +215,8 @@ def materialize_all(defs, instance, cfg, home: Path, sources: list[str], debug: 
             r.observe()
         elif step == "corpus_head":
             r.by_source(job, lambda sub, names: corpus(sub, names) + ": ingest, filter, sign")
+        elif step == "bands":
+            r.bands(job, head)
         elif job.step.whole_source:
             r.clusters(job, head)
         elif step in ("corpus_tail", "rescore"):

@@ -38,7 +38,9 @@ class _ParquetUPathIOManager(dg.UPathIOManager):
         self.batch_rows = batch_rows  # rows per batch of an input read as a stream
 
     def get_path_for_partition(self, context, path: UPath, partition: str) -> UPath:
-        return storage.partition_dir(path, "", hive(partition, sep="/"))
+        spec = registry.BY_NAME.get(registry.stage_of(context.asset_key.path[-1]))
+        bands = spec is not None and spec.partitions == registry.GROUP_BAND  # group=/band=, not source=/shard=
+        return storage.partition_dir(path, "", hive(partition, sep="/", bands=bands))
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame | StageResult, path: UPath) -> None:
         asset, part = "/".join(context.asset_key.path), storage.partition_of(path)

@@ -380,10 +380,39 @@ def test_the_banded_path_makes_the_clusters_of_one_step(seed, n, threshold):
     _same(one, _banded(sig, keys, shingles, rank, threshold))
 
 
-def _banded_stage(tables: list, cfg=CFG):
+def _band_steps(tables: list, cfg=CFG) -> dict:
+    """Every band as lsh_band_pairs makes it (its own step, each ranking the group), as {band: (pairs, stats)}."""
     n_bands, _ = dedup.bands(cfg.dedup.threshold, cfg.dedup.num_perm)
-    pairs = [deduped.band(tables[::-1], k, StageContext(cfg)) for k in range(n_bands)]  # any partition order
-    return deduped.merge(tables, pairs, StageContext(cfg))
+    made = {k: deduped.band_pairs(tables[::-1], k, StageContext(cfg)) for k in range(n_bands)}  # any partition order
+    return {k: (r.rows, r.stats) for k, r in made.items()}
+
+
+def _banded_stage(tables: list, cfg=CFG):
+    result = deduped.merge_bands(tables, _band_steps(tables, cfg), StageContext(cfg))
+    assert result.stats.pop("mode") == "band_steps"
+    return result
+
+
+def test_bands_made_from_other_documents_or_missing_are_refused_by_the_merge(planted):
+    tables = [signed(p) for p in planted["parts"]]
+    bands = _band_steps(tables)
+    assert len({stats["documents_fingerprint"] for _, stats in bands.values()}) == 1
+    assert sum(stats["near_pairs"] for _, stats in bands.values()) > 0
+    with pytest.raises(stages.DedupError, match=r"lsh_band_pairs bands \[3\] of \d+ not given"):
+        deduped.merge_bands(tables, {k: v for k, v in bands.items() if k != 3}, StageContext(CFG))
+    # a shard re-signed since the bands were made: one more document (ranks shift), or one text
+    # changed (the same ranks, other content); a change of whitespace alone keeps the bands valid
+    more = [signed(pd.concat([planted["parts"][0], frame(["另一篇文章" * 20], start=1000)])), *tables[1:]]
+    edited = planted["parts"][1].copy()
+    edited.loc[0, "text"] = edited.loc[0, "text"] + "。补充一句。"
+    for other in (more, [tables[0], signed(edited), *tables[2:]]):
+        with pytest.raises(stages.DedupError, match=r"bands \[0, 1, .*\] were made from other signatures .* re-materialize lsh_band_pairs"):
+            deduped.merge_bands(other, bands, StageContext(CFG))
+    spaced = planted["parts"][1].copy()
+    spaced["text"] = " " + spaced["text"] + "\n"  # whitespace: the same keys, the same signatures
+    assert deduped.merge_bands([tables[0], signed(spaced), *tables[2:]], bands, StageContext(CFG)).stats["documents"] == sum(
+        len(p) for p in planted["parts"]
+    )
 
 
 def test_banded_steps_over_partitions_give_the_one_step_clusters_and_stats(planted, tmp_path):

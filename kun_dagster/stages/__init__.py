@@ -29,7 +29,7 @@ from .common import (
     StageResult,
     sampling_params,
 )
-from .deduped import DedupError, cluster, clusters, dedupe, sign
+from .deduped import DedupError, band_pairs, cluster, clusters, dedupe, merge_bands, sign
 from .filtered import filter_corpus
 from .labeled import label
 from .polished import output_reason, polish
@@ -56,6 +56,7 @@ __all__ = [
     "Rule",
     "StageContext",
     "StageResult",
+    "band_pairs",
     "cluster",
     "clusters",
     "corpus_texts",
@@ -63,6 +64,7 @@ __all__ = [
     "filter_corpus",
     "ingest",
     "label",
+    "merge_bands",
     "output_reason",
     "polish",
     "sampling_params",

@@ -3,6 +3,7 @@ every shard of a source (or every source), deduped_corpus dropping all but one m
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
@@ -15,7 +16,7 @@ import pyarrow.compute as pc
 from .. import dedup, progress
 from ..config import KunConfig
 from ..corpus import quarantine_frame
-from ..registry import CLUSTERS, DEDUPED, DUPLICATE_TEXT, NEAR_DUPLICATE, SIGNATURES
+from ..registry import CLUSTERS, DEDUPED, DUPLICATE_TEXT, LSH_BANDS, NEAR_DUPLICATE, SIGNATURES
 from ..schemas import INDEXES, LOCATION
 from ..storage import PartitionTable
 from ..text import text_key
@@ -198,6 +199,16 @@ class _Ranked:
     def shingles(self) -> np.ndarray:
         return self.column("shingles", lambda v: v.to_numpy(zero_copy_only=False))
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """What a band's pairs are valid for: the documents in rank order, by their text keys and
+        shingle counts. A key is the text less its whitespace, which the shingles drop too, so the
+        same keys mean the same signatures (under the same params, checked apart)."""
+        h = hashlib.sha256(f"{self.n}".encode())
+        h.update(np.ascontiguousarray(self.keys).tobytes())
+        h.update(np.ascontiguousarray(self.shingles, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
     def column(self, name: str, read) -> np.ndarray:
         """`read(array)` of each batch of a column stored in the parts, concatenated, in rank order."""
         got = [read(values) for part in self.parts for values in _batches(part, name)]
@@ -234,7 +245,7 @@ def _keys(values: pa.Array) -> np.ndarray:
     return _fixed(values, 16, "text_key").view(">u8").astype(np.uint64)
 
 
-def _prepared(parts: Iterable[pa.Table | PartitionTable], ctx: StageContext) -> _Ranked:
+def prepare(parts: Iterable[pa.Table | PartitionTable], ctx: StageContext) -> _Ranked:
     """The parts checked against the config's signature parameters, in rank order: what every band
     and the merge of a cluster group start from (made once where they run in one step)."""
     parts = list(parts)
@@ -246,9 +257,9 @@ def _prepared(parts: Iterable[pa.Table | PartitionTable], ctx: StageContext) -> 
 def band(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageContext, ranked: _Ranked | None = None) -> pd.DataFrame:
     """Band k's share of the clustering over every signature partition given: its LSH candidate
     pairs, as ranks (a < b in rank), and which are near-duplicates (`ok`). `ranked`: the parts
-    already _prepared (the step's other bands share it)."""
+    already prepared (the step's other bands share it)."""
     d = ctx.cfg.dedup
-    ranked = ranked or _prepared(parts, ctx)
+    ranked = ranked or prepare(parts, ctx)
     n_bands, rows = dedup.bands(d.threshold, d.num_perm)
     if not 0 <= k < n_bands:
         raise DedupError(f"{CLUSTERS}: band {k} of {n_bands} (dedup.threshold {d.threshold}, num_perm {d.num_perm})")
@@ -260,13 +271,60 @@ def band(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageContext, 
     return pd.DataFrame({"a": a, "b": b, "ok": ok})
 
 
+def band_pairs(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageContext, ranked: _Ranked | None = None) -> StageResult:
+    """Band k as a partition of its own (dedup.mode: band_steps): band()'s pairs, with the
+    fingerprint of the documents they index (merge_bands checks it) and the band's figures."""
+    t0, d = time.perf_counter(), ctx.cfg.dedup
+    ranked = ranked or prepare(parts, ctx)
+    pairs = band(parts, k, ctx, ranked)
+    n_bands, rows = dedup.bands(d.threshold, d.num_perm)
+    stats = {
+        "band": k,
+        "bands": n_bands,
+        "rows_per_band": rows,
+        "documents": ranked.n,
+        "candidate_pairs": len(pairs),
+        "near_pairs": int(pairs["ok"].sum()),
+        "documents_fingerprint": ranked.fingerprint,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return StageResult(rows=pairs, dropped=quarantine_frame([]), stats=stats)
+
+
+def merge_bands(
+    parts: Iterable[pa.Table | PartitionTable], bands: Mapping[int, tuple[pd.DataFrame, dict | None]], ctx: StageContext
+) -> StageResult:
+    """The clusters from every band's published pairs (band_pairs: {band: (pairs, its stats)}),
+    once each band is checked to be there and made from these documents: ranks index documents,
+    so pairs made from other signatures (a shard re-signed since) would join other documents."""
+    t0, d = time.perf_counter(), ctx.cfg.dedup
+    parts = list(parts)
+    ranked = prepare(parts, ctx)
+    n_bands, _ = dedup.bands(d.threshold, d.num_perm)
+    missing = sorted(set(range(n_bands)) - set(bands))
+    if missing:
+        raise DedupError(f"{CLUSTERS}: {LSH_BANDS} bands {missing} of {n_bands} not given: materialize {LSH_BANDS} for this cluster group")
+    made = {k: (stats or {}).get("documents_fingerprint") for k, (_, stats) in bands.items()}
+    stale = sorted(k for k, fp in made.items() if fp != ranked.fingerprint)
+    if stale:
+        raise DedupError(
+            f"{CLUSTERS}: {LSH_BANDS} bands {stale} were made from other signatures than the {ranked.n} documents there are now "
+            f"(a shard re-signed since): re-materialize {LSH_BANDS} for this cluster group, then {CLUSTERS}"
+        )
+    ranked.__dict__.pop("shingles", None)  # the merge needs only the keys
+    result = merge(parts, [bands[k][0] for k in range(n_bands)], ctx, ranked)
+    result.stats["seconds"] = round(time.perf_counter() - t0, 2)
+    result.stats["mode"] = "band_steps"
+    return result
+
+
 def merge(
     parts: Iterable[pa.Table | PartitionTable], bands: Iterable[pd.DataFrame], ctx: StageContext, ranked: _Ranked | None = None
 ) -> StageResult:
     """The clusters cluster() makes, from every band's pairs (band()) and the partitions' keys."""
     cfg = ctx.cfg
     t0, d = time.perf_counter(), cfg.dedup
-    ranked = ranked or _prepared(parts, ctx)
+    ranked = ranked or prepare(parts, ctx)
     n = ranked.n
     if not n:
         return StageResult(rows=pd.DataFrame(columns=INDEXES[CLUSTERS].names), dropped=quarantine_frame([]), stats=_stats(0, None, t0))
@@ -290,12 +348,13 @@ def clusters(parts: Iterable[pa.Table | PartitionTable], ctx: StageContext) -> S
     """A cluster group's clusters, by dedup.mode: in one step (cluster(): the group's signatures in
     one matrix, ~0.9 KB a document at its peak), or band by band and then merged (band() for each
     band, merge(): the same clusters, each phase ~0.26 KB a document, about 4x the CPU;
-    bench/README.md). auto: banded past dedup.one_step_max_docs documents."""
+    bench/README.md). auto: banded past dedup.one_step_max_docs documents. (band_steps: each band
+    is a partition of its own, band_pairs, and merge_bands the clusters step.)"""
     parts, d = list(parts), ctx.cfg.dedup
     n = sum(p.num_rows for p in parts)
     banded = d.mode == "banded" or (d.mode == "auto" and n > d.one_step_max_docs)
     if banded:
-        t0, ranked = time.perf_counter(), _prepared(parts, ctx)  # checked and ranked once for every band
+        t0, ranked = time.perf_counter(), prepare(parts, ctx)  # checked and ranked once for every band
         n_bands, _ = dedup.bands(d.threshold, d.num_perm)
         pairs = [band(parts, k, ctx, ranked) for k in range(n_bands)]  # one band's bucket at a time
         ranked.__dict__.pop("shingles", None)  # the merge needs only the keys
