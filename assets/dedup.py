@@ -64,7 +64,8 @@ def _bands(cfg: KunConfig) -> dg.AssetsDefinition:
         matrix; duplicate_clusters merges every band. Only under dedup.mode: band_steps."""
         tables = _keyed(context, SIGNATURES, minhash_signatures)
         out, metadata, ranked = {}, {}, {}
-        for key in context.partition_keys:  # one band per run from a backfill; `kun run` runs a group's bands in one
+        keys = context.partition_keys  # one from a backfill or `kun run`; a run launched over a range ranks its group once
+        for key in keys:
             part = hive(key, bands=True)
             if part["group"] not in ranked:  # the group checked and ranked once for all its bands in the step
                 mine = [t for k, t in tables.items() if _group_of(kun.config, k) == part["group"]]
@@ -80,7 +81,7 @@ def _bands(cfg: KunConfig) -> dg.AssetsDefinition:
                 f"{st['candidate_pairs']} candidate pairs, {st['near_pairs']} near-duplicates, in {st['seconds']}s"
             )
         add_partition_metadata(context, metadata)
-        content = storage.content_hash(out[k].rows for k in context.partition_keys)
+        content = storage.content_hash(out[k].rows for k in keys)
         return dg.Output(out, data_version=dg.DataVersion(content))
 
     return lsh_band_pairs

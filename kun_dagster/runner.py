@@ -106,7 +106,7 @@ class Runner:
     def keys(self, asset: str) -> list:
         return self.graph.get(_key(asset)).partitions_def.get_partition_keys()
 
-    def run(self, job: str, assets: list[str], what: str, keys_range: list | None = None) -> None:
+    def run(self, job: str, assets: list[str], what: str, keys_range: list | None = None, say: bool = True) -> None:
         from checks.recovery import worker_tags
 
         from .dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
@@ -122,12 +122,13 @@ class Runner:
             print(f"kun: {what} failed (run {result.run_id[:8]}):", file=sys.stderr)
             report(result, self.cfg, self.base, self.home, self.debug)
             raise RunFailed(what)
-        print(f"  {what}: done in {time.time() - t0:.0f}s", flush=True)
+        if say:
+            print(f"  {what}: done in {time.time() - t0:.0f}s", flush=True)
 
-    def make(self, job: str, assets: list[str], what: str, keys: list | None = None, whole: bool = False) -> None:
+    def make(self, job: str, assets: list[str], what: str, keys: list | None = None, whole: bool = False, each: bool = False) -> None:
         """Run `assets` over `keys` (None: unpartitioned) where they are missing or stale, each
         contiguous range of those keys in one run; `whole`: over all of `keys` once any is (a
-        source-wide step)."""
+        source-wide step); `each`: one run per key, so each is kept as soon as it is made."""
         from automation.stale import to_make
 
         if self.force:
@@ -139,6 +140,13 @@ class Runner:
         only = "" if chosen == assets else f" [{', '.join(chosen)}]"
         if keys is None or whole:
             return self.run(job, chosen, what + only, keys)
+        if each:
+            t0 = time.time()
+            for k in where:
+                self.run(job, chosen, f"{what}{only} [{k}]", [k], say=False)
+            part = "" if len(where) == len(keys) else f" [{len(where)} of {len(keys)} partitions]"
+            print(f"  {what}{only}{part}, a run each: done in {time.time() - t0:.0f}s", flush=True)
+            return None
         stale = set(where)
         for sub in ranges(keys, stale.__contains__):
             part = "" if len(sub) == len(keys) else f" [{len(sub)} of {len(keys)} partitions: {sub[0]}..{sub[-1]}]"
@@ -179,13 +187,13 @@ class Runner:
             self.make(head.name, list(head.assets), f"signatures of {', '.join(sorted({k.keys_by_dimension['source'] for k in sub}))}", sub)
 
     def bands(self, job: registry.Job, head: registry.Job) -> None:
-        """dedup.mode: band_steps: each cluster group's LSH bands, those missing or stale in one run
-        per range (one ranking of the group for all of them); a band made before a kill is kept."""
+        """dedup.mode: band_steps: each cluster group's LSH bands that are missing or stale, a run
+        each as a backfill makes them: a band made before a kill is kept, the next run makes the rest."""
         keys = self.keys(job.assets[0])
         for name, members in dedup.cluster_groups(self.cfg, self.sources).items():
             self.signatures(members, head)
             mine = [k for k in keys if k.keys_by_dimension[GROUP] == dedup.group_key(name)]
-            self.make(job.name, list(job.assets), f"{job.assets[0]} ({name})", mine)
+            self.make(job.name, list(job.assets), f"{job.assets[0]} ({name})", mine, each=True)
 
     def clusters(self, job: registry.Job, head: registry.Job) -> None:
         """Each cluster group (dedup.cluster_groups: a source, or every source) over all its shards;

@@ -38,7 +38,7 @@ def changed(**changes) -> set[str]:
         ({"score__method": "kun_freetext"}, {"scored_pairs", "dataset_card"}),
         ({"label__banned_keywords": ["新闻"]}, {"labeled_pairs"}),
         ({"sampling__temperature": 0.7}, {"labeled_pairs", "scored_pairs", "polished_pairs"}),
-        ({"dedup__threshold": 0.9}, {"duplicate_clusters", "instruction_dataset", "dataset_card"}),
+        ({"dedup__threshold": 0.9}, {"lsh_band_pairs", "duplicate_clusters", "instruction_dataset", "dataset_card"}),
         ({"dedup__ngram": 4}, {"minhash_signatures"}),
         ({"filter__max_tokens": 256}, {"filtered_corpus"}),
         ({"models__chat__dtype": "bfloat16"}, {"scored_pairs", "polished_pairs", "evaluation"}),
@@ -74,7 +74,7 @@ def test_a_changed_prompt_text_changes_its_stages(monkeypatch):
 
 
 def test_every_asset_of_the_graph_carries_its_code_version(tmp_path):
-    graph = build_definitions(write_config(tmp_path, iterations=2, evaluation="on")).resolve_asset_graph()
+    graph = build_definitions(write_config(tmp_path, iterations=2, evaluation="on", **{"dedup.mode": "band_steps"})).resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()} - {SOURCE_FILES}  # observed: its data version is the files'
     assert {split_round(k)[0] for k in keys} == set(registry.BY_NAME)
     assert {k for k in keys if split_round(k)[1] == 2} == {f"{s}_round2" for s in ROUND_STAGES}

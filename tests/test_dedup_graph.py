@@ -3,16 +3,18 @@ mapping (with dedup.scope: all, every source's), its metadata says what it found
 deduped_corpus quarantines the copies naming the kept location."""
 
 import json
+import re
 
 import dagster as dg
 import pyarrow.dataset as pads
 import pytest
 
-from kun_dagster import cli
+from automation import record_observations
+from kun_dagster import cli, stages
 from kun_dagster.config import load_config
 from kun_dagster.dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from kun_dagster.definitions import build_definitions
-from kun_dagster.store import upath
+from kun_dagster.store import Store, upath
 
 from .conftest import MODELS, given_models, write_config
 
@@ -35,14 +37,14 @@ def _source(tmp, name: str, texts: list[str]) -> dict:
     return {"name": name, "uri": str(folder / "*.jsonl"), "format": "jsonl"}
 
 
-def _config(tmp_path, models_run, scope: str, mode: str = "auto"):
+def _config(tmp_path, models_run, scope: str, mode: str = "auto", **more):
     web = [_filler(i) for i in range(6)]
     news = [_filler(10 + i) for i in range(6)]
     web[4] = PAGE  # web_1.jsonl row 2
     news[1] = "转载：" + PAGE + "（完）"  # news_0.jsonl row 2: a near-duplicate
     news[5] = "  " + PAGE.replace("，", " ，") + "\n"  # news_1.jsonl row 3: the same text up to whitespace
     sources = [_source(tmp_path, "web", web), _source(tmp_path, "news", news)]
-    overrides = {**given_models(models_run), "sources": sources, "shards": 2, "dedup.scope": scope, "dedup.mode": mode}
+    overrides = {**given_models(models_run), "sources": sources, "shards": 2, "dedup.scope": scope, "dedup.mode": mode, **more}
     overrides["filter.perplexity_max"] = None
     return write_config(tmp_path, **overrides)
 
@@ -118,3 +120,79 @@ def test_kun_run_of_one_source_under_scope_all_signs_the_other_sources_first(tmp
     assert q[["source", "reason"]].values.tolist() == [["news", "near_duplicate"], ["news", "duplicate_text"]]
     base = upath(load_config(cfg_file).base_uri)
     assert (base / "minhash_signatures" / "source=web").exists() and not (base / "deduped_corpus" / "source=web").exists()
+
+
+def _web_keys(defs, asset: str) -> list:
+    return [k for k in defs.resolve_asset_graph().get(dg.AssetKey(asset)).partitions_def.get_partition_keys() if str(k).startswith("web|")]
+
+
+def test_band_steps_resume_after_a_kill_and_refuse_clusters_of_stale_bands(tmp_path, models_run, monkeypatch, capsys):
+    """dedup.mode: band_steps end to end: `kun run` makes each source's bands, a run each, then
+    the clusters. After a new file, a run killed at web's sixth band keeps the five made; a
+    clusters step given bands of other signatures fails naming what to re-run; the next `kun run`
+    makes the other 4 bands alone and finds the new copy (num_perm 32: 9 bands)."""
+    cfg_file = _config(tmp_path, models_run, "source", "band_steps", **{"dedup.num_perm": 32})
+    monkeypatch.setenv("KUN_CONFIG", str(cfg_file))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    run = lambda: cli.main(["run", "--config", str(cfg_file), "--progress", "off"])  # noqa: E731
+    assert run() == cli.OK, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "lsh_band_pairs (web), a run each: done" in out and "lsh_band_pairs (news), a run each: done" in out
+    assert _quarantine(cfg_file)[["source", "file", "row", "reason"]].values.tolist() == [["news", "news_1.jsonl", 3, "near_duplicate"]]
+    instance = dg.DagsterInstance.get()
+    assert _metadata(instance, "news|0")["mode"] == "band_steps"
+
+    (tmp_path / "web" / "web_2.jsonl").write_text(json.dumps({"text": "转载：" + PAGE}, ensure_ascii=False) + "\n")
+    made = stages.band_pairs
+
+    def killed(parts, k, ctx, ranked=None):
+        if k == 5 and ranked.n == 7:  # web's sixth band, once web has its new document
+            raise KeyboardInterrupt  # what a kill leaves: the run dead mid-step
+        return made(parts, k, ctx, ranked)
+
+    monkeypatch.setattr(stages, "band_pairs", killed)
+    assert run() != cli.OK
+    assert "lsh_band_pairs (web) [web|5] failed" in capsys.readouterr().err
+    monkeypatch.setattr(stages, "band_pairs", made)
+
+    defs = build_definitions(cfg_file)
+    failed = _materialize(defs, instance, ["duplicate_clusters"], "raw_corpus", _web_keys(defs, "raw_corpus"))
+    (failure,) = [e.event_specific_data.user_failure_data.description for e in failed.all_events if e.is_step_failure]
+    assert re.search(r"lsh_band_pairs bands \[5, 6, 7, 8\] were made from other signatures .* re-materialize lsh_band_pairs", failure)
+
+    assert run() == cli.OK, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "lsh_band_pairs (web) [4 of 9 partitions], a run each: done" in out and "lsh_band_pairs (news): up to date" in out
+    assert _quarantine(cfg_file)[["source", "file", "row", "reason"]].values.tolist() == [
+        ["news", "news_1.jsonl", 3, "near_duplicate"],
+        ["web", "web_2.jsonl", 1, "near_duplicate"],
+    ]
+    assert run() == cli.OK
+    out = capsys.readouterr().out
+    assert "done in" not in out.replace("(read every run): done", "")  # everything else up to date
+
+    # the daemon, tick by tick: a new news file's shard; then news' bands, its clusters and the
+    # shard's deduped_corpus in one backfill, which runs them in that order (Dagster holds a child of
+    # another partitions definition or backfill policy until its parents are made); then nothing
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    (tmp_path / "news" / "news_2.jsonl").write_text(json.dumps({"text": _filler(99)}, ensure_ascii=False) + "\n")
+    cfg = load_config(cfg_file)
+    (key,) = record_observations(instance, cfg, Store(cfg.storage))
+    seen = []
+    for _ in range(4):
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+        asked = {r.key.to_user_string(): sorted(map(str, tick.get_requested_partitions(r.key))) for r in tick.results if r.true_subset.size}
+        seen.append(asked)
+        for asset in DEDUP[:3] + ["lsh_band_pairs"] + DEDUP[3:]:  # in graph order, each band its own run as a backfill makes it
+            for sub in [[k] for k in asked.get(asset, [])] if asset == "lsh_band_pairs" else [asked[asset]] if asset in asked else []:
+                assert _materialize(defs, instance, [asset], asset, sub).success
+    news = [
+        k for k in map(str, defs.resolve_asset_graph().get(dg.AssetKey("raw_corpus")).partitions_def.get_partition_keys()) if "news" in k
+    ]
+    head = {a: [key] for a in DEDUP[:3]}
+    assert seen == [head, {"lsh_band_pairs": [f"news|{b}" for b in range(9)], "duplicate_clusters": news, "deduped_corpus": [key]}, {}, {}]
+
+
+def _web_keys(defs, asset: str) -> list:
+    return [k for k in defs.resolve_asset_graph().get(dg.AssetKey(asset)).partitions_def.get_partition_keys() if str(k).startswith("web|")]

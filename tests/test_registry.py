@@ -5,6 +5,7 @@ import ast
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from kun_dagster import corpus, registry, stages
 from kun_dagster.definitions import build_definitions
@@ -126,13 +127,16 @@ def test_each_asset_name_is_written_in_the_registry_alone():
     assert [f for f in found if not f.startswith("kun_dagster/registry.py")] == []
 
 
-def test_the_step_groups_are_declared_jobs_in_the_order_kun_run_walks_them(tmp_path):
-    defs = build_definitions(write_config(tmp_path, iterations=2, evaluation="on"))
+@pytest.mark.parametrize("band_steps", [False, True])
+def test_the_step_groups_are_declared_jobs_in_the_order_kun_run_walks_them(tmp_path, band_steps):
+    mode = {"dedup.mode": "band_steps"} if band_steps else {}
+    defs = build_definitions(write_config(tmp_path, iterations=2, evaluation="on", **mode))
     declared = {j.name: j for j in defs.resolve_all_job_defs() if not j.name.startswith("__")}
-    walked = registry.jobs(2, True)
+    walked = registry.jobs(2, True, band_steps)
     assert [j.name for j in walked] == [
         "models",
         "corpus_head",
+        *(["bands"] if band_steps else []),
         "clusters",
         "corpus_tail",
         "release",
@@ -158,6 +162,9 @@ def test_the_step_groups_are_declared_jobs_in_the_order_kun_run_walks_them(tmp_p
         "skypile",
     ]
     assert [j.name for j in registry.jobs(1, False)] == ["models", "corpus_head", "clusters", "corpus_tail", "release", "card"]
+    if band_steps:  # each source's 19 bands (threshold 0.8, num_perm 128), a source's bands one key range
+        keys = [str(k) for k in declared["bands"].partitions_def.get_partition_keys()]
+        assert keys == [f"{s}|{b}" for s in ("wudao", "wanjuan", "skypile") for b in range(19)]
 
 
 def test_cli_names_no_asset_and_stays_short():
