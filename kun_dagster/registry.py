@@ -352,7 +352,7 @@ SPECS: tuple[Spec, ...] = (
         LSH_BANDS,
         "corpus",
         GROUP_BAND,  # only under dedup.mode: band_steps
-        shapes=("dedup.exact", "dedup.near", "dedup.threshold", "dedup.scope", "sources"),
+        shapes=("dedup.near", "dedup.threshold", "dedup.scope", "sources"),  # exact copies leave LSH whatever dedup.exact says
         automation="corpus",
     ),
     Spec(
