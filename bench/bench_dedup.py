@@ -12,12 +12,18 @@ Documents are Chinese text made from the demo paragraphs' sentences (6-12 senten
   scale:   the stages as the assets run them: stages.sign streaming --docs documents into 8 shard
            files (Parquet, like minhash_signatures), then stages.cluster over all of them, each
            phase in its own process for its peak RSS.
-  banded:  on the same signatures, stages.deduped.band once per LSH band and stages.deduped.merge,
-           each in its own process (peak RSS), against stages.cluster in one step: same rows?
+  banded:  on the same signatures, the dedup.mode: band_steps path: stages.band_pairs once per LSH
+           band (lsh_band_pairs' step) and stages.merge_bands (duplicate_clusters' under band_steps),
+           each in its own process (peak RSS), against stages.cluster in one step: same rows? Then
+           dedup.mode: banded, every band and the merge in one process.
+  assets:  on the same signatures, the band_steps path through Dagster as users run it: each
+           lsh_band_pairs partition materialized in a process of its own, then duplicate_clusters
+           over every shard (the merge); each process's peak RSS, Dagster's own included.
 
   .venv/bin/python bench/bench_dedup.py compare --docs 20000 --out bench/results/dedup_compare.json
   .venv/bin/python bench/bench_dedup.py scale --docs 100000 1000000 --out bench/results/dedup_scale.json
   .venv/bin/python bench/bench_dedup.py banded --docs 1000000 --out bench/results/dedup_banded.json
+  .venv/bin/python bench/bench_dedup.py assets --docs 1000000 --out bench/results/dedup_band_steps.json
 """
 
 import argparse
@@ -232,13 +238,15 @@ def _cluster_phase(out: Path, keep: bool = False) -> dict:
 
 
 def _band_phase(out: Path, k: int) -> dict:
-    """One band's step (stages.deduped.band) over every shard, its pairs written for the merge."""
+    """One band's step (stages.band_pairs, as lsh_band_pairs runs it) over every shard, its pairs
+    and stats written for the merge."""
     t0 = time.perf_counter()
-    pairs = deduped.band(_tables(out), k, StageContext(CFG))
+    result = deduped.band_pairs(_tables(out), k, StageContext(CFG))
     seconds = time.perf_counter() - t0
     (out / "bands").mkdir(exist_ok=True)
-    pairs.to_parquet(out / "bands" / f"{k}.parquet")
-    return {"band": k, "seconds": round(seconds, 2), "pairs": len(pairs), "peak_rss_mib": _rss_mib()}
+    result.rows.to_parquet(out / "bands" / f"{k}.parquet")
+    (out / "bands" / f"{k}.json").write_text(json.dumps(result.stats))
+    return {"band": k, "seconds": round(seconds, 2), "pairs": len(result.rows), "peak_rss_mib": _rss_mib()}
 
 
 def _banded_step_phase(out: Path) -> dict:
@@ -256,8 +264,8 @@ def _banded_step_phase(out: Path) -> dict:
 
 def _merge_phase(out: Path) -> dict:
     t0 = time.perf_counter()
-    bands = [pd.read_parquet(f) for f in sorted((out / "bands").glob("*.parquet"))]
-    result = deduped.merge(_tables(out), bands, StageContext(CFG))
+    bands = {int(f.stem): (pd.read_parquet(f), json.loads(f.with_suffix(".json").read_text())) for f in (out / "bands").glob("*.parquet")}
+    result = deduped.merge_bands(_tables(out), bands, StageContext(CFG))  # as duplicate_clusters runs it under band_steps
     seconds = time.perf_counter() - t0
     one = pd.read_parquet(out / "one_step.parquet")
     return {
@@ -265,6 +273,87 @@ def _merge_phase(out: Path) -> dict:
         "peak_rss_mib": _rss_mib(),
         "same_rows_as_one_step": bool(one.equals(result.rows.reset_index(drop=True))),
         "rows": len(result.rows),
+    }
+
+
+def _kun_yaml(out: Path) -> Path:
+    """A kun.yaml whose minhash_signatures are the bench's (web, SHARDS shards), under band_steps."""
+    base = out / "kun"
+    if not base.exists():
+        base.mkdir()
+        (base / SIGNATURES).symlink_to(out, target_is_directory=True)  # {base}/minhash_signatures/source=web/shard=k
+    cfg = {
+        "sources": [{"name": "web", "uri": str(out / "none" / "*.jsonl"), "format": "jsonl"}],
+        "seed": {"uri": str(out / "seed.jsonl")},
+        "shards": SHARDS,
+        "storage": {"base_uri": str(base)},
+        "dedup": {"mode": "band_steps"},
+    }
+    path = out / "kun.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def _vm_rss_mib() -> float:
+    return round(int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024, 1)
+
+
+def _asset_phase(out: Path, asset: str, band: int | None) -> dict:
+    """One materialization as Dagster runs it (in this process): one band of lsh_band_pairs, or
+    duplicate_clusters over every shard."""
+    import dagster as dg
+
+    from kun_dagster.dagster_private import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+    from kun_dagster.definitions import build_definitions
+
+    defs = build_definitions(_kun_yaml(out))
+    keys = [f"web|{band}"] if band is not None else [f"web|{k}" for k in range(SHARDS)]
+    baseline = _vm_rss_mib()  # Dagster, the code location and its imports
+    t0 = time.perf_counter()
+    result = dg.materialize(
+        list(defs.assets),
+        selection=[asset],
+        resources=defs.resources,
+        instance=dg.DagsterInstance.ephemeral(),
+        tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]},
+    )
+    got = {
+        "asset": asset,
+        "band": band,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "baseline_rss_mib": baseline,
+        "peak_rss_mib": _rss_mib(),
+    }
+    assert result.success
+    if band is None:
+        base = out / "kun" / "duplicate_clusters" / "source=web"
+        rows = pd.concat([storage.read_partition(upath(str(d))) for d in sorted(base.iterdir())], ignore_index=True)
+        one = pd.read_parquet(out / "one_step.parquet")
+        by = ["file", "row"]
+        same = rows.sort_values(by).reset_index(drop=True)[one.columns].astype(one.dtypes.to_dict())
+        got["same_rows_as_one_step"] = bool(same.equals(one.sort_values(by).reset_index(drop=True)))
+        got["rows"] = len(rows)
+    return got
+
+
+def assets(n: int) -> dict:
+    """The band_steps path through Dagster: every band a materialization in its own process, then the
+    clusters (the merge); peak RSS per step, against the one step on the same signatures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sign = _phase("_sign", n, tmp)
+        one = _phase("_cluster", n, tmp, "--keep")
+        n_bands, _ = dedup.bands(CFG.dedup.threshold, CFG.dedup.num_perm)
+        steps = [_phase("_asset", n, tmp, "--band", str(k)) for k in range(n_bands)]
+        merge = _phase("_asset", n, tmp)
+    return {
+        "docs": n,
+        "sign": sign,
+        "one_step": one,
+        "bands": n_bands,
+        "band_step_seconds": {"max": max(s["seconds"] for s in steps), "sum": round(sum(s["seconds"] for s in steps), 1)},
+        "band_step_peak_rss_mib": {"max": max(s["peak_rss_mib"] for s in steps), "min": min(s["peak_rss_mib"] for s in steps)},
+        "dagster_baseline_rss_mib": max(s["baseline_rss_mib"] for s in steps),
+        "merge": merge,
     }
 
 
@@ -299,7 +388,9 @@ def banded(n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["compare", "scale", "banded", "_sign", "_cluster", "_band", "_merge", "_banded_step"])
+    ap.add_argument(
+        "mode", choices=["compare", "scale", "banded", "assets", "_sign", "_cluster", "_band", "_merge", "_banded_step", "_asset"]
+    )
     ap.add_argument("--band", type=int)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--docs", type=int, nargs="+", default=[20000])
@@ -321,10 +412,15 @@ def main() -> None:
     if a.mode == "_banded_step":
         print(json.dumps(_banded_step_phase(Path(a.dir))))
         return
+    if a.mode == "_asset":
+        print(json.dumps(_asset_phase(Path(a.dir), "lsh_band_pairs" if a.band is not None else "duplicate_clusters", a.band)))
+        return
     if a.mode == "compare":
         results = compare(a.docs[0])
     elif a.mode == "banded":
         results = [banded(n) for n in a.docs]
+    elif a.mode == "assets":
+        results = [assets(n) for n in a.docs]
     else:
         results = []
         for n in a.docs:

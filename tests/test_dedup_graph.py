@@ -110,12 +110,18 @@ def test_scope_source_keeps_each_sources_first_copy(tmp_path, models_run):
     assert (_metadata(instance, "web|0")["clusters"], _metadata(instance, "news|0")["clusters"]) == (0, 1)
 
 
-def test_kun_run_of_one_source_under_scope_all_signs_the_other_sources_first(tmp_path, models_run, monkeypatch, capsys):
-    cfg_file = _config(tmp_path, models_run, "all")
+@pytest.mark.parametrize("mode", ["auto", "band_steps"])
+def test_kun_run_of_one_source_under_scope_all_signs_the_other_sources_first(tmp_path, models_run, monkeypatch, capsys, mode):
+    cfg_file = _config(tmp_path, models_run, "all", mode, **({"dedup.num_perm": 32} if mode == "band_steps" else {}))  # 9 bands
     monkeypatch.setenv("KUN_CONFIG", str(cfg_file))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     assert cli.main(["run", "--config", str(cfg_file), "--source", "news", "--progress", "off"]) == cli.OK, capsys.readouterr().err
-    assert "signatures of web: done" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "signatures of web: done" in out
+    if mode == "band_steps":  # the one group's bands, over both sources
+        assert "lsh_band_pairs (every source), a run each: done" in out
+        bands = upath(load_config(cfg_file).base_uri) / "lsh_band_pairs" / "group=all"
+        assert sorted(p.name for p in bands.iterdir()) == [f"band={k}" for k in range(9)]
     q = _quarantine(cfg_file)
     assert q[["source", "reason"]].values.tolist() == [["news", "near_duplicate"], ["news", "duplicate_text"]]
     base = upath(load_config(cfg_file).base_uri)
