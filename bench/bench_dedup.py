@@ -336,54 +336,49 @@ def _asset_phase(out: Path, asset: str, band: int | None) -> dict:
     return got
 
 
-def assets(n: int) -> dict:
-    """The band_steps path through Dagster: every band a materialization in its own process, then the
-    clusters (the merge); peak RSS per step, against the one step on the same signatures."""
-    with tempfile.TemporaryDirectory() as tmp:
-        sign = _phase("_sign", n, tmp)
-        one = _phase("_cluster", n, tmp, "--keep")
-        n_bands, _ = dedup.bands(CFG.dedup.threshold, CFG.dedup.num_perm)
-        steps = [_phase("_asset", n, tmp, "--band", str(k)) for k in range(n_bands)]
-        merge = _phase("_asset", n, tmp)
-    return {
-        "docs": n,
-        "sign": sign,
-        "one_step": one,
-        "bands": n_bands,
-        "band_step_seconds": {"max": max(s["seconds"] for s in steps), "sum": round(sum(s["seconds"] for s in steps), 1)},
-        "band_step_peak_rss_mib": {"max": max(s["peak_rss_mib"] for s in steps), "min": min(s["peak_rss_mib"] for s in steps)},
-        "dagster_baseline_rss_mib": max(s["baseline_rss_mib"] for s in steps),
-        "merge": merge,
-    }
-
-
 def _phase(mode: str, n: int, tmp: str, *extra: str) -> dict:
     """One phase in a process of its own: its peak RSS is its own."""
     cmd = [sys.executable, __file__, mode, "--docs", str(n), "--dir", tmp, *extra]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
-def banded(n: int) -> dict:
-    """The banded path against the one-step one on the same signatures: each band's step and the
-    merge in processes of their own (peak RSS each), and whether the clusters are the same."""
+def _band_path(n: int, band: str, merge: str, also: str | None = None) -> dict:
+    """The signatures and the one step, then each band's phase and the merge's on them, each in a
+    process of its own (peak RSS each); `also`: one more phase on the same signatures."""
     with tempfile.TemporaryDirectory() as tmp:
         sign = _phase("_sign", n, tmp)
         one = _phase("_cluster", n, tmp, "--keep")
         n_bands, _ = dedup.bands(CFG.dedup.threshold, CFG.dedup.num_perm)
-        steps = [_phase("_band", n, tmp, "--band", str(k)) for k in range(n_bands)]
-        merge = _phase("_merge", n, tmp)
-        in_one_step = _phase("_banded_step", n, tmp)
-    return {
+        steps = [_phase(band, n, tmp, "--band", str(k)) for k in range(n_bands)]
+        merged = _phase(merge, n, tmp)
+        extra = {"banded_in_one_process": _phase(also, n, tmp)} if also else {}
+    out = {
         "docs": n,
         "sign": sign,
         "one_step": one,
         "bands": n_bands,
         "band_step_seconds": {"max": max(s["seconds"] for s in steps), "sum": round(sum(s["seconds"] for s in steps), 1)},
         "band_step_peak_rss_mib": {"max": max(s["peak_rss_mib"] for s in steps), "min": min(s["peak_rss_mib"] for s in steps)},
-        "band_pairs": sum(s["pairs"] for s in steps),
-        "merge": merge,
-        "banded_in_one_process": in_one_step,
+        "merge": merged,
+        **extra,
     }
+    if "pairs" in steps[0]:
+        out["band_pairs"] = sum(s["pairs"] for s in steps)
+    if "baseline_rss_mib" in steps[0]:
+        out["dagster_baseline_rss_mib"] = max(s["baseline_rss_mib"] for s in steps)
+    return out
+
+
+def banded(n: int) -> dict:
+    """The banded path against the one-step one on the same signatures: each band's step and the
+    merge in processes of their own, whether the clusters are the same, then banded in one process."""
+    return _band_path(n, "_band", "_merge", "_banded_step")
+
+
+def assets(n: int) -> dict:
+    """The band_steps path through Dagster: every band a materialization in its own process, then the
+    clusters (the merge); peak RSS per step, against the one step on the same signatures."""
+    return _band_path(n, "_asset", "_asset")
 
 
 def main() -> None:
