@@ -408,6 +408,11 @@ def test_bands_made_from_other_documents_or_missing_are_refused_by_the_merge(pla
     for other in (more, [tables[0], signed(edited), *tables[2:]]):
         with pytest.raises(stages.DedupError, match=r"bands \[0, 1, .*\] were made from other signatures .* re-materialize lsh_band_pairs"):
             deduped.merge_bands(other, bands, StageContext(CFG))
+    # bands found under another threshold: their `ok` means another rule (the same bands and rows)
+    higher = config(threshold=0.805)
+    assert dedup.bands(0.805, 128) == dedup.bands(0.8, 128)
+    with pytest.raises(stages.DedupError, match=r"were made under another rule than kun.yaml's \(near=True threshold=0.805 "):
+        deduped.merge_bands(tables, bands, StageContext(higher))
     spaced = planted["parts"][1].copy()
     spaced["text"] = " " + spaced["text"] + "\n"  # whitespace: the same keys, the same signatures
     assert deduped.merge_bands([tables[0], signed(spaced), *tables[2:]], bands, StageContext(CFG)).stats["documents"] == sum(

@@ -271,9 +271,17 @@ def band(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageContext, 
     return pd.DataFrame({"a": a, "b": b, "ok": ok})
 
 
+def _band_rule(cfg: KunConfig) -> str:
+    """What decides a band's pairs besides its documents: which pairs are near-duplicates."""
+    d = cfg.dedup
+    n_bands, rows = dedup.bands(d.threshold, d.num_perm)
+    return f"near={d.near} threshold={d.threshold} bands={n_bands}x{rows}"
+
+
 def band_pairs(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageContext, ranked: _Ranked | None = None) -> StageResult:
     """Band k as a partition of its own (dedup.mode: band_steps): band()'s pairs, with the
-    fingerprint of the documents they index (merge_bands checks it) and the band's figures."""
+    fingerprint of the documents they index and the rule they were found by (merge_bands checks
+    both), and the band's figures."""
     t0, d = time.perf_counter(), ctx.cfg.dedup
     ranked = ranked or prepare(parts, ctx)
     pairs = band(parts, k, ctx, ranked)
@@ -286,6 +294,7 @@ def band_pairs(parts: Iterable[pa.Table | PartitionTable], k: int, ctx: StageCon
         "candidate_pairs": len(pairs),
         "near_pairs": int(pairs["ok"].sum()),
         "documents_fingerprint": ranked.fingerprint,
+        "rule": _band_rule(ctx.cfg),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return StageResult(rows=pairs, dropped=quarantine_frame([]), stats=stats)
@@ -295,8 +304,9 @@ def merge_bands(
     parts: Iterable[pa.Table | PartitionTable], bands: Mapping[int, tuple[pd.DataFrame, dict | None]], ctx: StageContext
 ) -> StageResult:
     """The clusters from every band's published pairs (band_pairs: {band: (pairs, its stats)}),
-    once each band is checked to be there and made from these documents: ranks index documents,
-    so pairs made from other signatures (a shard re-signed since) would join other documents."""
+    once each band is checked to be there, made from these documents (ranks index documents, so
+    pairs made from other signatures, a shard re-signed since, would join other documents) and by
+    this config's rule (a pair's `ok` is its Jaccard against dedup.threshold)."""
     t0, d = time.perf_counter(), ctx.cfg.dedup
     parts = list(parts)
     ranked = prepare(parts, ctx)
@@ -304,6 +314,13 @@ def merge_bands(
     missing = sorted(set(range(n_bands)) - set(bands))
     if missing:
         raise DedupError(f"{CLUSTERS}: {LSH_BANDS} bands {missing} of {n_bands} not given: materialize {LSH_BANDS} for this cluster group")
+    rule = _band_rule(ctx.cfg)
+    other = sorted(k for k, (_, stats) in bands.items() if (stats or {}).get("rule") != rule)
+    if other:
+        raise DedupError(
+            f"{CLUSTERS}: {LSH_BANDS} bands {other} were made under another rule than kun.yaml's ({rule}): "
+            f"re-materialize {LSH_BANDS} for this cluster group, then {CLUSTERS}"
+        )
     made = {k: (stats or {}).get("documents_fingerprint") for k, (_, stats) in bands.items()}
     stale = sorted(k for k, fp in made.items() if fp != ranked.fingerprint)
     if stale:
