@@ -1,5 +1,10 @@
+import tracemalloc
+
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from upath import UPath
 
@@ -162,3 +167,29 @@ def test_one_reading_of_partition_keys_for_assets_and_the_io_manager():
     key = dg.MultiPartitionKey({"source_shard": "3", "source": "wudao"})
     assert hive(key) == hive("wudao/3", sep="/") == {"source": "wudao", "shard": "3"}  # storage order, storage names
     assert hive("skypile") == {"source": "skypile"}
+
+
+def test_a_streamed_partition_holds_a_batch_not_the_file(tmp_path):
+    """PartitionBatches (the streamed stages' input) and PartitionTable.batches (the dedup steps')
+    read a part file a batch at a time: pyarrow's default pre-buffered every row group's columns
+    first, so the Python file object held the whole shard's bytes."""
+    directory = UPath(tmp_path) / "filtered_corpus" / "source=web" / "shard=0"
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with pq.ParquetWriter(str(directory / "part-0.parquet"), pa.schema([("doc_id", pa.string()), ("text", pa.string())])) as w:
+        for g in range(16):  # 16 row groups of ~0.5 MB of random CJK text: little for zstd to save
+            texts = ["".join(map(chr, rng.integers(0x4E00, 0x9FFF, 400))) for _ in range(400)]
+            w.write_table(pa.table({"doc_id": [f"{g}-{i}" for i in range(400)], "text": texts}))
+    size = (directory / "part-0.parquet").stat().st_size
+    assert size > 6 * 2**20
+    for read in (
+        lambda: [len(df) for df in storage.PartitionBatches(directory, 200)],
+        lambda: [b.num_rows for b in storage.PartitionTable(directory).batches(["text"], 200)],
+    ):
+        tracemalloc.start()
+        try:
+            assert sum(read()) == 16 * 400
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < size / 4, f"{peak:,} bytes held reading a {size:,}-byte file"
