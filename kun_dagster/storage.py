@@ -315,7 +315,7 @@ READ_BUFFER = 1 << 20  # bytes read at a time from a part file's column chunk wh
 def _streamed(f) -> pq.ParquetFile:
     """A part file to be read a batch at a time. pyarrow's default pre-buffers the columns of every
     row group of the file before the first batch, so a streamed shard was held whole (213 MB of
-    Python bytes for a 209 MB file); read through a buffer, a reader holds about one page."""
+    Python bytes for a 209 MB file); read through a buffer, a reader holds about one batch (4 MB)."""
     return pq.ParquetFile(f, pre_buffer=False, buffer_size=READ_BUFFER)
 
 
