@@ -159,7 +159,7 @@ def _merged(cfg: KunConfig, group: str, parts: list, bands: dict) -> stages.Stag
 
 def _cluster(context: dg.AssetExecutionContext, kun: KunResource, minhash_signatures, bands: dict | None) -> dg.Output:
     keys = context.partition_keys  # listed once: Dagster lists the run's whole range on each call
-    tables = minhash_signatures if isinstance(minhash_signatures, dict) else {keys[0]: minhash_signatures}
+    tables = _keyed(context, SIGNATURES, minhash_signatures)
     group = lambda k: dedup.cluster_group(kun.config, hive(k)["source"])  # noqa: E731
     found = {}
     for name in dict.fromkeys(group(k) for k in keys):

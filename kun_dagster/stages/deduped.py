@@ -101,12 +101,7 @@ def cluster(parts: Iterable[pa.Table | PartitionTable], ctx: StageContext) -> St
         table = part if isinstance(part, pa.Table) else part.read()
         if not len(table):
             continue
-        made = set(table.column("params").unique().to_pylist())
-        if made != {want}:
-            raise DedupError(
-                f"{CLUSTERS}: signatures were made with {sorted(made)}, kun.yaml asks for {want!r}: "
-                f"re-materialize {SIGNATURES} for these partitions"
-            )
+        _checked(table, want)
         k = len(table)
         sig[at : at + k] = _fixed(table.column("signature"), 4 * d.num_perm, "signature").view("<u4")
         keys[at : at + k] = _fixed(table.column("text_key"), 16, "text_key").view(">u8")
@@ -328,7 +323,6 @@ def merge_bands(
             f"{CLUSTERS}: {LSH_BANDS} bands {stale} were made from other signatures than the {ranked.n} documents there are now "
             f"(a shard re-signed since): re-materialize {LSH_BANDS} for this cluster group, then {CLUSTERS}"
         )
-    ranked.__dict__.pop("shingles", None)  # the merge needs only the keys
     result = merge(parts, [bands[k][0] for k in range(n_bands)], ctx, ranked)
     result.stats["seconds"] = round(time.perf_counter() - t0, 2)
     result.stats["mode"] = "band_steps"
@@ -342,6 +336,7 @@ def merge(
     cfg = ctx.cfg
     t0, d = time.perf_counter(), cfg.dedup
     ranked = ranked or prepare(parts, ctx)
+    ranked.__dict__.pop("shingles", None)  # the bands' (and the fingerprint's): the merge needs only the keys
     n = ranked.n
     if not n:
         return StageResult(rows=pd.DataFrame(columns=INDEXES[CLUSTERS].names), dropped=quarantine_frame([]), stats=_stats(0, None, t0))
@@ -374,7 +369,6 @@ def clusters(parts: Iterable[pa.Table | PartitionTable], ctx: StageContext) -> S
         t0, ranked = time.perf_counter(), prepare(parts, ctx)  # checked and ranked once for every band
         n_bands, _ = dedup.bands(d.threshold, d.num_perm)
         pairs = [band(parts, k, ctx, ranked) for k in range(n_bands)]  # one band's bucket at a time
-        ranked.__dict__.pop("shingles", None)  # the merge needs only the keys
         result = merge(parts, pairs, ctx, ranked)
         result.stats["seconds"] = round(time.perf_counter() - t0, 2)
     else:
